@@ -1,0 +1,189 @@
+//! The plugin configuration (JSON in the Envoy Wasm filter's `configuration`).
+//!
+//! Validated completely in `on_configure`: a bad configuration is refused with
+//! one clear log line, so Envoy rejects it instead of routing with half a config.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use router_core::{BlockHasher, BlockSize, HashSeed};
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Default request body limit; large enough for a 128k-token chat.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: usize,
+    models: Vec<RawModel>,
+}
+
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    #[serde(default = "default_block_size")]
+    block_size: u32,
+    endpoints: Vec<String>,
+}
+
+fn default_block_size() -> u32 {
+    BlockSize::VLLM_DEFAULT.get()
+}
+
+/// A model this gateway serves and the endpoints of its pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub name: String,
+    pub hasher: BlockHasher,
+    /// `ip:port` of each worker, exactly as the pool cluster lists it.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    pub max_body_bytes: usize,
+    models: HashMap<String, ModelConfig>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("plugin configuration is not valid JSON for kvmesh: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("models: at least one model is required")]
+    NoModels,
+    #[error("max_body_bytes: must be at least 1")]
+    ZeroBodyLimit,
+    #[error("models[{index}].name: must not be empty")]
+    EmptyModelName { index: usize },
+    #[error("models[{index}].name: model '{name}' is configured twice")]
+    DuplicateModel { index: usize, name: String },
+    #[error("models[{index}].block_size: {source}")]
+    BlockSize {
+        index: usize,
+        source: router_core::hashing::BlockSizeError,
+    },
+    #[error("models[{index}].endpoints[{endpoint}]: '{value}' is not an ip:port address")]
+    Endpoint {
+        index: usize,
+        endpoint: usize,
+        value: String,
+    },
+}
+
+impl PluginConfig {
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(bytes)?;
+        if raw.max_body_bytes == 0 {
+            return Err(ConfigError::ZeroBodyLimit);
+        }
+        if raw.models.is_empty() {
+            return Err(ConfigError::NoModels);
+        }
+        let mut models = HashMap::with_capacity(raw.models.len());
+        for (index, model) in raw.models.into_iter().enumerate() {
+            let parsed = Self::parse_model(index, model)?;
+            if models.contains_key(&parsed.name) {
+                return Err(ConfigError::DuplicateModel {
+                    index,
+                    name: parsed.name,
+                });
+            }
+            models.insert(parsed.name.clone(), parsed);
+        }
+        Ok(Self {
+            max_body_bytes: raw.max_body_bytes,
+            models,
+        })
+    }
+
+    fn parse_model(index: usize, raw: RawModel) -> Result<ModelConfig, ConfigError> {
+        if raw.name.is_empty() {
+            return Err(ConfigError::EmptyModelName { index });
+        }
+        let block_size = BlockSize::new(raw.block_size)
+            .map_err(|source| ConfigError::BlockSize { index, source })?;
+        for (endpoint, value) in raw.endpoints.iter().enumerate() {
+            if value.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Endpoint {
+                    index,
+                    endpoint,
+                    value: value.clone(),
+                });
+            }
+        }
+        let hasher = BlockHasher::new(block_size, HashSeed::for_model(&raw.name, None));
+        Ok(ModelConfig {
+            name: raw.name,
+            hasher,
+            endpoints: raw.endpoints,
+        })
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults() {
+        let config = PluginConfig::parse(
+            br#"{"models":[{"name":"qwen3","endpoints":["127.0.0.1:8000","[::1]:9000"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        let model = config.model("qwen3").unwrap();
+        assert_eq!(model.hasher.block_size().get(), 16);
+        assert_eq!(model.endpoints.len(), 2);
+        assert!(config.model("other").is_none());
+    }
+
+    #[test]
+    fn each_invalid_config_names_its_field() {
+        let cases = [
+            (r#"{"models":[]}"#, "models"),
+            (
+                r#"{"models":[{"name":"m","endpoints":[]}],"bogus":1}"#,
+                "unknown field `bogus`",
+            ),
+            (
+                r#"{"max_body_bytes":0,"models":[{"name":"m","endpoints":[]}]}"#,
+                "max_body_bytes",
+            ),
+            (
+                r#"{"models":[{"name":"","endpoints":[]}]}"#,
+                "models[0].name",
+            ),
+            (
+                r#"{"models":[{"name":"m","block_size":0,"endpoints":[]}]}"#,
+                "models[0].block_size",
+            ),
+            (
+                r#"{"models":[{"name":"m","endpoints":["host:1"]}]}"#,
+                "models[0].endpoints[0]",
+            ),
+            (
+                r#"{"models":[{"name":"m","endpoints":[]},{"name":"m","endpoints":[]}]}"#,
+                "models[1].name",
+            ),
+            ("not json", "not valid JSON"),
+        ];
+        for (json, expected) in cases {
+            let err = PluginConfig::parse(json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! kvmesh proxy-wasm filter: picks the GPU worker for each OpenAI inference
+//! request inside Envoy and tells Envoy's `override_host` load balancer through
+//! the `x-gateway-destination-endpoint` header.
+//!
+//! Request-path code never panics: a trapped VM would hand every stream on its
+//! worker thread to the failure policy. Host calls go through [`host`], which
+//! returns errors where the SDK would panic.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod config;
+mod host;
+mod metrics;
+mod root;
+pub mod stand_in_policy;
+mod stream;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(root::KvmeshRoot::default())
+    });
+}}

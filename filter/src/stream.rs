@@ -1,0 +1,210 @@
+//! One HTTP request through the filter: strip forged routing headers, buffer
+//! the body of inference calls, parse it, and choose the endpoint.
+
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+use router_core::openai_error::{error_body, ErrorKind};
+use router_core::request::{parse_request, Endpoint, RequestError};
+
+use crate::config::PluginConfig;
+use crate::host;
+use crate::metrics::FilterMetrics;
+use crate::stand_in_policy;
+
+/// Header read by Envoy's `override_host` load balancer.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Prefix of kvmesh's internal headers; never accepted from clients.
+pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
+
+pub struct InferenceStream {
+    config: Rc<PluginConfig>,
+    metrics: FilterMetrics,
+    /// Set once the headers show an inference call whose body we buffer.
+    endpoint: Option<Endpoint>,
+}
+
+impl InferenceStream {
+    pub fn new(config: Rc<PluginConfig>, metrics: FilterMetrics) -> Self {
+        Self {
+            config,
+            metrics,
+            endpoint: None,
+        }
+    }
+
+    /// Removes every client-supplied routing header, so only this filter's
+    /// decision can steer the load balancer.
+    fn strip_reserved_headers(&self) {
+        let pairs = match host::header_pairs(MapType::HttpRequestHeaders) {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                self.host_error(err);
+                return;
+            }
+        };
+        for (name, _) in pairs {
+            if is_reserved(&name) {
+                self.metrics.forged_headers_removed.inc();
+                if let Err(err) = host::remove_header(MapType::HttpRequestHeaders, &name) {
+                    self.host_error(err);
+                }
+            }
+        }
+    }
+
+    fn request_header(&self, name: &str) -> Option<String> {
+        match host::header(MapType::HttpRequestHeaders, name) {
+            Ok(value) => value.and_then(|v| String::from_utf8(v).ok()),
+            Err(err) => {
+                self.host_error(err);
+                None
+            }
+        }
+    }
+
+    fn host_error(&self, err: host::HostError) {
+        self.metrics.host_errors.inc();
+        log::warn!("{err}");
+    }
+
+    /// Answers the client with an OpenAI error and stops the request.
+    fn reject(&self, kind: ErrorKind, body: &str) -> Action {
+        let counter = match kind {
+            ErrorKind::RequestTooLarge => self.metrics.rejected_too_large,
+            ErrorKind::ModelNotFound => self.metrics.rejected_unknown_model,
+            ErrorKind::InvalidRequest | ErrorKind::NoWorkerAvailable => {
+                self.metrics.rejected_invalid
+            }
+        };
+        counter.inc();
+        let headers = [("content-type", "application/json")];
+        if let Err(err) = host::send_response(u32::from(kind.status()), &headers, body.as_bytes()) {
+            self.host_error(err);
+        }
+        Action::Pause
+    }
+
+    fn reject_request(&self, err: &RequestError) -> Action {
+        let (_, body) = err.to_response();
+        self.reject(err.kind(), &body)
+    }
+
+    fn too_large(&self, size: usize) -> Action {
+        self.reject_request(&RequestError::TooLarge {
+            size,
+            limit: self.config.max_body_bytes,
+        })
+    }
+
+    /// Parses the complete body and sets the destination header.
+    fn route(&self, endpoint: Endpoint, body_size: usize) -> Action {
+        let body = match host::buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(body) => body,
+            Err(err) => {
+                // Without the body there is nothing to route on: fail open.
+                self.host_error(err);
+                self.metrics.unrouted.inc();
+                return Action::Continue;
+            }
+        };
+        let request = match parse_request(endpoint, &body, self.config.max_body_bytes) {
+            Ok(request) => request,
+            Err(err) => return self.reject_request(&err),
+        };
+        let Some(model) = self.config.model(&request.model) else {
+            let message = format!("The model '{}' does not exist.", request.model);
+            return self.reject(
+                ErrorKind::ModelNotFound,
+                &error_body(ErrorKind::ModelNotFound, &message, Some("model")),
+            );
+        };
+        let first_block = request
+            .prompt
+            .token_ids()
+            .and_then(|tokens| tokens.get(..model.hasher.block_size().as_usize()))
+            .and_then(|block| model.hasher.sequence_hashes(block).first().copied());
+        let choice = first_block.and_then(|hash| stand_in_policy::pick(hash, &model.endpoints));
+        match choice {
+            Some(address) => {
+                match host::set_header(MapType::HttpRequestHeaders, DESTINATION_HEADER, address) {
+                    Ok(()) => self.metrics.routed.inc(),
+                    Err(err) => {
+                        self.host_error(err);
+                        self.metrics.unrouted.inc();
+                    }
+                }
+            }
+            None => self.metrics.unrouted.inc(),
+        }
+        Action::Continue
+    }
+}
+
+fn is_reserved(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(DESTINATION_HEADER.as_bytes())
+        || name
+            .get(..RESERVED_PREFIX.len())
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
+}
+
+impl Context for InferenceStream {}
+
+impl HttpContext for InferenceStream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.strip_reserved_headers();
+        let is_post = self.request_header(":method").as_deref() == Some("POST");
+        let endpoint = self
+            .request_header(":path")
+            .as_deref()
+            .and_then(Endpoint::from_path);
+        let Some(endpoint) = endpoint.filter(|_| is_post) else {
+            self.metrics.passthrough.inc();
+            return Action::Continue;
+        };
+        if end_of_stream {
+            return self.reject_request(&RequestError::EmptyBody);
+        }
+        let declared = self
+            .request_header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(size) = declared.filter(|&size| size > self.config.max_body_bytes) {
+            return self.too_large(size);
+        }
+        self.endpoint = Some(endpoint);
+        // Hold the headers until the body is parsed; requires
+        // `allow_on_headers_stop_iteration` in the Wasm filter config.
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(endpoint) = self.endpoint else {
+            return Action::Continue;
+        };
+        if body_size > self.config.max_body_bytes {
+            self.endpoint = None;
+            return self.too_large(body_size);
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.endpoint = None;
+        self.route(endpoint, body_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_headers() {
+        assert!(is_reserved(b"x-gateway-destination-endpoint"));
+        assert!(is_reserved(b"X-Gateway-Destination-Endpoint"));
+        assert!(is_reserved(b"x-kvmesh-mode"));
+        assert!(is_reserved(b"X-KVMESH-anything"));
+        assert!(!is_reserved(b"x-kvmes"));
+        assert!(!is_reserved(b"x-request-id"));
+    }
+}

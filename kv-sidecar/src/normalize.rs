@@ -1,0 +1,303 @@
+//! Turns one worker's engine events into kvmesh block events (DESIGN §3.5).
+//!
+//! Engines name blocks by hashes kvmesh cannot reproduce, so the normalizer
+//! recomputes kvmesh seq hashes from token ids and keeps, per worker, the map
+//! engine hash → seq hash that later removals and child blocks refer to.
+//! Whatever it cannot hash exactly (unknown parent, foreign block size, LoRA
+//! without a name) it leaves out and counts: a view that misses a block costs
+//! a cache hit; a view with a wrongly hashed block misroutes.
+//!
+//! Two engine blocks can map to one seq hash (engine hashes also cover inputs
+//! kvmesh does not see, such as multimodal keys); a reference count per seq
+//! hash makes the published set exact: `Removed` only when the last goes.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};
+
+use crate::decode::{BlockRemoved, BlockStored, EngineEvent, EngineHash, Medium};
+
+/// A normalized event, ready to be sequenced and published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NormEvent {
+    /// `hashes` chain on from `parent`; some may already have been present.
+    Stored {
+        parent: Option<u64>,
+        hashes: Vec<u64>,
+    },
+    /// Seq hashes no longer held by any engine block.
+    Removed {
+        hashes: Vec<u64>,
+    },
+    Cleared,
+}
+
+/// What happened while normalizing, for metrics and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NormStats {
+    pub blocks_stored: u64,
+    pub blocks_removed: u64,
+    pub clears: u64,
+    /// Stored events whose parent the relay never saw: events were lost.
+    pub unknown_parent: u64,
+    /// Removals of engine hashes the relay never saw stored.
+    pub unknown_removed: u64,
+    /// Blocks of a block size other than the configured one.
+    pub block_size_mismatch: u64,
+    /// Stored events whose token count is not blocks × block size.
+    pub token_count_mismatch: u64,
+    /// Blocks under a LoRA adapter the event names only by id.
+    pub lora_without_name: u64,
+    /// Blocks on a medium the relay does not index (CPU, disk, …).
+    pub ignored_medium: u64,
+}
+
+impl NormStats {
+    /// True when the view lost exactness because events went missing.
+    pub fn lost_events(&self) -> bool {
+        self.unknown_parent > 0
+    }
+}
+
+/// Which media count as cached: GPU always, others only if configured
+/// (blocks offloaded to CPU still save prefill, but cost a reload).
+#[derive(Debug, Clone, Default)]
+pub struct MediaPolicy {
+    extra: Vec<String>,
+}
+
+impl MediaPolicy {
+    pub fn with_extra(extra: Vec<String>) -> Self {
+        Self { extra }
+    }
+
+    /// Slot 0 is the GPU; a block on two media is two engine blocks.
+    fn slot(&self, medium: &Medium) -> Option<u8> {
+        match medium {
+            Medium::Gpu => Some(0),
+            Medium::Other(name) => self
+                .extra
+                .iter()
+                .position(|m| m.eq_ignore_ascii_case(name))
+                .and_then(|i| u8::try_from(i + 1).ok()),
+        }
+    }
+}
+
+type Key = (EngineHash, u8);
+
+/// Keys are hashes already; a multiply-xor mix is enough and several times
+/// cheaper than SipHash on the relay's hot path.
+#[derive(Default)]
+pub struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Fast = BuildHasherDefault<MixHasher>;
+
+/// Blocks the normalizer left out are remembered so that their children and
+/// removals are recognised rather than counted again; past this many the set
+/// is dropped (its only cost is recounting).
+const MAX_UNRESOLVED: usize = 1 << 20;
+
+pub struct Normalizer {
+    model: String,
+    block_size: BlockSize,
+    base: BlockHasher,
+    lora_hashers: HashMap<String, BlockHasher>,
+    media: MediaPolicy,
+    engine_to_seq: HashMap<Key, SeqHash, Fast>,
+    refcount: HashMap<SeqHash, u32, Fast>,
+    unresolved: HashSet<Key, Fast>,
+}
+
+impl Normalizer {
+    pub fn new(model: &str, block_size: BlockSize, media: MediaPolicy) -> Self {
+        Self {
+            model: model.to_owned(),
+            block_size,
+            base: BlockHasher::new(block_size, HashSeed::for_model(model, None)),
+            lora_hashers: HashMap::new(),
+            media,
+            engine_to_seq: HashMap::default(),
+            refcount: HashMap::default(),
+            unresolved: HashSet::default(),
+        }
+    }
+
+    /// Forgets everything (engine restart, unrecoverable gap).
+    pub fn reset(&mut self) {
+        self.engine_to_seq.clear();
+        self.refcount.clear();
+        self.unresolved.clear();
+    }
+
+    /// Seq hashes the worker holds, for full-state snapshots.
+    pub fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.refcount.keys().map(|h| h.0)
+    }
+
+    pub fn block_count(&self) -> usize {
+        self.refcount.len()
+    }
+
+    pub fn apply(&mut self, event: &EngineEvent, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
+        match event {
+            EngineEvent::Stored(stored) => self.stored(stored, out, stats),
+            EngineEvent::Removed(removed) => self.removed(removed, out, stats),
+            EngineEvent::AllCleared => {
+                self.reset();
+                stats.clears += 1;
+                out.push(NormEvent::Cleared);
+            }
+        }
+    }
+
+    fn hasher(&mut self, lora: Option<&str>) -> BlockHasher {
+        match lora {
+            None => self.base,
+            Some(name) => {
+                if let Some(h) = self.lora_hashers.get(name) {
+                    return *h;
+                }
+                let h = BlockHasher::new(
+                    self.block_size,
+                    HashSeed::for_model(&self.model, Some(name)),
+                );
+                self.lora_hashers.insert(name.to_owned(), h);
+                h
+            }
+        }
+    }
+
+    fn leave_out(&mut self, slot: u8, hashes: &[EngineHash]) {
+        if self.unresolved.len() + hashes.len() > MAX_UNRESOLVED {
+            self.unresolved.clear();
+        }
+        self.unresolved.extend(hashes.iter().map(|h| (*h, slot)));
+    }
+
+    fn stored(&mut self, event: &BlockStored, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
+        let blocks = event.block_hashes.len() as u64;
+        let Some(slot) = self.media.slot(&event.medium) else {
+            stats.ignored_medium += blocks;
+            return;
+        };
+        if event.lora_id.is_some() && event.lora_name.is_none() {
+            stats.lora_without_name += blocks;
+            self.leave_out(slot, &event.block_hashes);
+            return;
+        }
+        if event.block_size != self.block_size.get() {
+            stats.block_size_mismatch += blocks;
+            self.leave_out(slot, &event.block_hashes);
+            return;
+        }
+        let expected_tokens = event
+            .block_hashes
+            .len()
+            .checked_mul(self.block_size.as_usize());
+        if expected_tokens != Some(event.token_ids.len()) {
+            stats.token_count_mismatch += 1;
+            self.leave_out(slot, &event.block_hashes);
+            return;
+        }
+        let parent = match event.parent {
+            None => None,
+            Some(engine_parent) => match self.engine_to_seq.get(&(engine_parent, slot)) {
+                Some(seq) => Some(*seq),
+                None => {
+                    // A parent left out earlier was already counted.
+                    if !self.unresolved.contains(&(engine_parent, slot)) {
+                        stats.unknown_parent += 1;
+                    }
+                    self.leave_out(slot, &event.block_hashes);
+                    return;
+                }
+            },
+        };
+        let hasher = self.hasher(event.lora_name.as_deref());
+        let mut hashes = Vec::with_capacity(event.block_hashes.len());
+        let mut previous = parent;
+        for (engine_hash, tokens) in event
+            .block_hashes
+            .iter()
+            .zip(event.token_ids.chunks_exact(self.block_size.as_usize()))
+        {
+            let seq = hasher.chain(previous, hasher.local_hash(tokens));
+            previous = Some(seq);
+            hashes.push(seq.0);
+            let key = (*engine_hash, slot);
+            self.unresolved.remove(&key);
+            match self.engine_to_seq.insert(key, seq) {
+                // Re-stored without a removal in between: nothing changes.
+                Some(old) if old == seq => continue,
+                Some(old) => {
+                    if let Some(gone) = self.release(old) {
+                        out.push(NormEvent::Removed { hashes: vec![gone] });
+                    }
+                }
+                None => {}
+            }
+            *self.refcount.entry(seq).or_insert(0) += 1;
+        }
+        stats.blocks_stored += blocks;
+        out.push(NormEvent::Stored {
+            parent: parent.map(|p| p.0),
+            hashes,
+        });
+    }
+
+    /// Drops one reference; returns the hash if no engine block holds it now.
+    fn release(&mut self, seq: SeqHash) -> Option<u64> {
+        let count = self.refcount.get_mut(&seq)?;
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.refcount.remove(&seq);
+            Some(seq.0)
+        } else {
+            None
+        }
+    }
+
+    fn removed(&mut self, event: &BlockRemoved, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
+        let Some(slot) = self.media.slot(&event.medium) else {
+            stats.ignored_medium += event.block_hashes.len() as u64;
+            return;
+        };
+        let mut gone = Vec::new();
+        for engine_hash in &event.block_hashes {
+            let key = (*engine_hash, slot);
+            match self.engine_to_seq.remove(&key) {
+                Some(seq) => {
+                    stats.blocks_removed += 1;
+                    gone.extend(self.release(seq));
+                }
+                None => {
+                    if !self.unresolved.remove(&key) {
+                        stats.unknown_removed += 1;
+                    }
+                }
+            }
+        }
+        if !gone.is_empty() {
+            out.push(NormEvent::Removed { hashes: gone });
+        }
+    }
+}

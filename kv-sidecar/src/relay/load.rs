@@ -1,0 +1,188 @@
+//! Worker load from the engine's Prometheus metrics (DESIGN §3.3), published
+//! on `<prefix>.load.<model>.<worker_id>`.
+
+use std::time::Duration;
+
+use prost::Message;
+use router_core::protocol::WorkerLoad;
+
+use crate::relay::args::Engine;
+use crate::relay::metrics::{unix_ms, RelayMetrics};
+
+/// Metric names per engine: running, waiting, KV usage (0..1). vLLM renamed
+/// its usage gauge; the older name is a fallback.
+fn names(engine: Engine) -> (&'static str, &'static str, &'static [&'static str]) {
+    match engine {
+        Engine::Vllm => (
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+        ),
+        Engine::Sglang => ("sglang:num_running_reqs", "sglang:num_queue_reqs", &["sglang:token_usage"]),
+        Engine::Trtllm => (
+            "trtllm_num_requests_running",
+            "trtllm_num_requests_waiting",
+            &["trtllm_kv_cache_utilization"],
+        ),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Load {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_usage: f64,
+}
+
+/// Reads the three load figures from Prometheus text exposition, summing
+/// series that differ only in labels (one engine may report per-rank series).
+/// `None` when none of the metrics is present: that is a misconfiguration,
+/// not an idle engine.
+pub fn parse(engine: Engine, text: &str) -> Option<Load> {
+    let (running_name, waiting_name, usage_names) = names(engine);
+    let (mut running, mut waiting) = (None::<f64>, None::<f64>);
+    let mut usage: Vec<Option<f64>> = vec![None; usage_names.len()];
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((name, value)) = sample(line) else { continue };
+        let add = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + value);
+        if name == running_name {
+            add(&mut running);
+        } else if name == waiting_name {
+            add(&mut waiting);
+        } else if let Some(i) = usage_names.iter().position(|n| *n == name) {
+            // A fraction per rank: the fullest rank bounds what still fits.
+            usage[i] = Some(usage[i].map_or(value, |u: f64| u.max(value)));
+        }
+    }
+    let kv_usage = usage.into_iter().flatten().next();
+    if running.is_none() && waiting.is_none() && kv_usage.is_none() {
+        return None;
+    }
+    let count = |v: Option<f64>| v.unwrap_or(0.0).clamp(0.0, f64::from(u32::MAX)) as u32;
+    Some(Load {
+        running: count(running),
+        waiting: count(waiting),
+        kv_usage: kv_usage.unwrap_or(0.0).clamp(0.0, 1.0),
+    })
+}
+
+/// `name{labels} value [ts]` → (name, value).
+fn sample(line: &str) -> Option<(&str, f64)> {
+    let name_end = line.find(['{', ' ', '\t'])?;
+    let name = &line[..name_end];
+    let rest = &line[name_end..];
+    let rest = match rest.strip_prefix('{') {
+        Some(labels) => &labels[labels.rfind('}')? + 1..],
+        None => rest,
+    };
+    let value = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+    value.is_finite().then_some((name, value))
+}
+
+pub struct LoadReporter {
+    pub engine: Engine,
+    pub url: String,
+    pub interval: Duration,
+    pub subject: String,
+    pub worker_id: String,
+    pub model: String,
+    pub client: async_nats::Client,
+    pub metrics: RelayMetrics,
+}
+
+impl LoadReporter {
+    pub async fn run(self) {
+        let http = reqwest::Client::new();
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let text = match self.scrape(&http).await {
+                Ok(text) => text,
+                Err(error) => {
+                    self.metrics.load_scrape_errors.inc();
+                    tracing::debug!(%error, url = %self.url, "scraping engine metrics failed");
+                    continue;
+                }
+            };
+            let Some(load) = parse(self.engine, &text) else {
+                self.metrics.load_scrape_errors.inc();
+                tracing::warn!(url = %self.url, "engine metrics lack the load series of this engine kind");
+                continue;
+            };
+            let message = WorkerLoad {
+                worker_id: self.worker_id.clone(),
+                model: self.model.clone(),
+                running: load.running,
+                waiting: load.waiting,
+                kv_usage: load.kv_usage,
+                timestamp_ms: unix_ms(),
+            };
+            if let Err(error) = self
+                .client
+                .publish(self.subject.clone(), message.encode_to_vec().into())
+                .await
+            {
+                self.metrics.publish_error("load");
+                tracing::debug!(%error, "publishing load failed");
+            }
+        }
+    }
+
+    async fn scrape(&self, http: &reqwest::Client) -> Result<String, reqwest::Error> {
+        http.get(&self.url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_metrics() {
+        let text = "# HELP vllm:num_requests_running x\n\
+            vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
+            vllm:num_requests_waiting{model_name=\"m\"} 2\n\
+            vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25 1700000000\n\
+            vllm:prefix_cache_hits_total{model_name=\"m\"} 10\n";
+        assert_eq!(
+            parse(Engine::Vllm, text),
+            Some(Load {
+                running: 3,
+                waiting: 2,
+                kv_usage: 0.25
+            })
+        );
+    }
+
+    #[test]
+    fn sglang_and_trtllm_and_missing() {
+        let sglang = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 4\nsglang:token_usage 0.5\n";
+        assert_eq!(
+            parse(Engine::Sglang, sglang),
+            Some(Load {
+                running: 1,
+                waiting: 4,
+                kv_usage: 0.5
+            })
+        );
+        let trt = "trtllm_num_requests_running 2\ntrtllm_num_requests_waiting 0\ntrtllm_kv_cache_utilization 0.9\n";
+        assert_eq!(parse(Engine::Trtllm, trt).map(|l| l.running), Some(2));
+        assert_eq!(parse(Engine::Vllm, sglang), None);
+        // Label values may contain braces and spaces.
+        assert_eq!(
+            sample("vllm:num_requests_running{model_name=\"a} b\"} 7"),
+            Some(("vllm:num_requests_running", 7.0))
+        );
+    }
+}

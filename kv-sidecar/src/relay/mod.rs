@@ -1,0 +1,173 @@
+//! `kv-sidecar relay`: engine KV events and load → normalized, sequenced
+//! NATS messages (DESIGN §3.3, §3.7). One relay runs beside each engine.
+//!
+//! Tasks: an engine source (ZMQ or TensorRT-LLM HTTP) feeds the pipeline,
+//! which owns the view and numbers events into a bounded outbox drained by
+//! the NATS publisher; heartbeat, load reporter, sync responder and the HTTP
+//! endpoints run beside them.
+
+pub mod args;
+mod backoff;
+mod engine_trtllm;
+mod engine_zmq;
+mod http;
+pub mod load;
+pub mod metrics;
+mod nats;
+pub mod pipeline;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use router_core::protocol::{subjects, WorkerInfo};
+use router_core::BlockSize;
+use tokio::sync::{mpsc, Notify};
+
+use crate::normalize::{MediaPolicy, Normalizer};
+use args::{Engine, RelayArgs};
+use metrics::RelayMetrics;
+use pipeline::Pipeline;
+
+/// Engine batches waiting for the pipeline. The ZMQ source waits when this is
+/// full; ZMQ then drops at its own high-water mark and the gap is replayed.
+const SOURCE_QUEUE: usize = 1024;
+/// NATS messages waiting for the publisher; overflow is dropped and counted,
+/// then repaired with a snapshot.
+const OUTBOX_QUEUE: usize = 4096;
+
+pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
+    let block_size = BlockSize::new(args.block_size).context("--block-size")?;
+    let prefix = args.subject_prefix.trim_end_matches('.').to_owned();
+    anyhow::ensure!(!prefix.is_empty(), "--subject-prefix must not be empty");
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
+
+    let mut registry = Registry::default();
+    let metrics = RelayMetrics::new(&mut registry);
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let registration = Arc::new(Notify::new());
+    let client = nats::connect(&args, metrics.clone(), control_tx.clone(), registration.clone()).await?;
+
+    let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_QUEUE);
+    let (source_tx, source_rx) = mpsc::channel(SOURCE_QUEUE);
+    let last_seq = Arc::new(AtomicU64::new(0));
+    let normalizer = Normalizer::new(&args.model, block_size, MediaPolicy::with_extra(args.index_media.clone()));
+    let pipeline = Pipeline::new(
+        normalizer,
+        args.worker_id.clone(),
+        args.model.clone(),
+        subjects::events(&prefix, &args.model, &args.worker_id),
+        epoch,
+        outbox_tx,
+        metrics.clone(),
+        last_seq.clone(),
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pipeline.run(source_rx, control_rx));
+    tasks.spawn(nats::publish_outbox(client.clone(), outbox_rx, metrics.clone()));
+    tasks.spawn(
+        nats::Heartbeat {
+            client: client.clone(),
+            subject: subjects::workers(&prefix, &args.model),
+            info: WorkerInfo {
+                worker_id: args.worker_id.clone(),
+                model: args.model.clone(),
+                address: args.address.to_string(),
+                role: args.role.wire() as i32,
+                engine: args.engine.kind() as i32,
+                block_size: block_size.get(),
+                epoch,
+                last_seq: 0,
+                heartbeat_interval_ms: nats::HEARTBEAT.as_millis() as u32,
+                timestamp_ms: 0,
+            },
+            last_seq,
+            registration,
+            metrics: metrics.clone(),
+        }
+        .run(),
+    );
+    tasks.spawn(nats::serve_sync(
+        client.clone(),
+        subjects::sync(&prefix, &args.model, &args.worker_id),
+        control_tx,
+    ));
+    if let Some(url) = &args.metrics_url {
+        tasks.spawn(
+            load::LoadReporter {
+                engine: args.engine,
+                url: url.clone(),
+                interval: args.load_interval,
+                subject: subjects::load(&prefix, &args.model, &args.worker_id),
+                worker_id: args.worker_id.clone(),
+                model: args.model.clone(),
+                client: client.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        );
+    }
+    match args.engine {
+        Engine::Vllm | Engine::Sglang => {
+            let endpoint = args
+                .zmq_endpoint
+                .clone()
+                .context("--zmq-endpoint is required for vllm and sglang")?;
+            tasks.spawn(
+                engine_zmq::ZmqSource {
+                    endpoint,
+                    replay_endpoint: args.zmq_replay_endpoint.clone(),
+                    topic: args.zmq_topic.clone(),
+                    metrics: metrics.clone(),
+                    tx: source_tx,
+                }
+                .run(),
+            );
+        }
+        Engine::Trtllm => {
+            let url = args.trtllm_url.clone().context("--trtllm-url is required for trtllm")?;
+            tasks.spawn(
+                engine_trtllm::TrtllmSource {
+                    url,
+                    interval: args.trtllm_poll_interval,
+                    metrics: metrics.clone(),
+                    tx: source_tx,
+                }
+                .run(),
+            );
+        }
+    }
+
+    tokio::select! {
+        served = http::serve(args.listen, registry, metrics) => served,
+        _ = tasks.join_next() => anyhow::bail!("a relay task ended unexpectedly"),
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            // Pending publishes reach the server before the process exits.
+            let _ = client.flush().await;
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,139 @@
+//! NATS side of the relay: connection with auth/TLS and reconnect handling,
+//! the publisher task draining the bounded outbox, registration heartbeats,
+//! and the sync responder.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use prost::Message;
+use router_core::protocol::WorkerInfo;
+use tokio::sync::{mpsc, Notify};
+
+use crate::relay::args::RelayArgs;
+use crate::relay::metrics::{unix_ms, RelayMetrics};
+use crate::relay::pipeline::{Control, Outgoing};
+
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Connects (retrying in the background if NATS is not up yet) and wires
+/// reconnects to a snapshot and a re-registration.
+pub async fn connect(
+    args: &RelayArgs,
+    metrics: RelayMetrics,
+    control: mpsc::Sender<Control>,
+    registration: Arc<Notify>,
+) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("kvmesh-relay-{}", args.worker_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(3))
+        // Reconnect quickly at first, then at most every 5 s.
+        .reconnect_delay_callback(|attempts| {
+            let exponent = u32::try_from(attempts.min(6)).unwrap_or(6);
+            Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(5))
+        })
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            let control = control.clone();
+            let registration = registration.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        metrics.set_nats_up(true);
+                        // Anything published while disconnected may be lost:
+                        // re-register and send the whole view.
+                        registration.notify_one();
+                        let _ = control.send(Control::FullState { reply: None }).await;
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS");
+                        metrics.set_nats_up(false);
+                    }
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+            }
+        });
+    if let Some(token) = &args.nats_token {
+        options = options.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(creds) = &args.nats_creds {
+        options = options
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+    }
+    if let Some(ca) = &args.nats_tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&args.nats_tls_cert, &args.nats_tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+    }
+    options
+        .connect(&args.nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats_url))
+}
+
+/// Drains the outbox into NATS.
+pub async fn publish_outbox(client: async_nats::Client, mut outbox: mpsc::Receiver<Outgoing>, metrics: RelayMetrics) {
+    while let Some(message) = outbox.recv().await {
+        if let Err(error) = client.publish(message.subject, message.payload).await {
+            metrics.publish_error(message.kind);
+            tracing::warn!(%error, kind = message.kind, "NATS publish failed");
+        }
+    }
+}
+
+/// Registration, repeated every second and at once after a reconnect.
+pub struct Heartbeat {
+    pub client: async_nats::Client,
+    pub subject: String,
+    pub info: WorkerInfo,
+    pub last_seq: Arc<AtomicU64>,
+    pub registration: Arc<Notify>,
+    pub metrics: RelayMetrics,
+}
+
+impl Heartbeat {
+    pub async fn run(mut self) {
+        let mut ticker = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.registration.notified() => {}
+            }
+            self.info.last_seq = self.last_seq.load(Ordering::Relaxed);
+            self.info.timestamp_ms = unix_ms();
+            let payload = self.info.encode_to_vec();
+            if let Err(error) = self.client.publish(self.subject.clone(), payload.into()).await {
+                self.metrics.publish_error("worker");
+                tracing::debug!(%error, "publishing heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Answers `<prefix>.sync.<model>.<worker>` requests with a fresh snapshot.
+pub async fn serve_sync(client: async_nats::Client, subject: String, control: mpsc::Sender<Control>) {
+    let mut subscription = match client.subscribe(subject.clone()).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(%error, %subject, "cannot subscribe to sync requests");
+            return;
+        }
+    };
+    while let Some(request) = subscription.next().await {
+        let reply = request.reply;
+        if control.send(Control::FullState { reply }).await.is_err() {
+            return;
+        }
+    }
+}

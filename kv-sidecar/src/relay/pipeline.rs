@@ -1,0 +1,314 @@
+//! The single owner of a worker's view: normalizes engine batches, numbers
+//! the resulting events, batches them into NATS messages, and publishes full
+//! snapshots when subscribers may have missed something.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use router_core::protocol::{
+    kv_event::Kind, AllBlocksCleared, BlocksRemoved, BlocksStored, FullState, KvEvent,
+    KvEventBatch, ResetReason, WorkerReset,
+};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::Instant;
+
+use crate::decode::EngineEvent;
+use crate::normalize::{NormEvent, NormStats, Normalizer};
+use crate::relay::metrics::{unix_ms, RelayMetrics};
+
+/// From the engine-facing sources, in engine order.
+#[derive(Debug)]
+pub enum SourceMsg {
+    Batch(Vec<EngineEvent>),
+    /// History was lost or the engine restarted: forget the view.
+    Reset(ResetReason),
+}
+
+/// Requests from the NATS side.
+#[derive(Debug)]
+pub enum Control {
+    /// Publish a full snapshot; answer `reply` with the seq of its first part.
+    FullState { reply: Option<async_nats::Subject> },
+}
+
+/// A message ready for the NATS publisher task.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub payload: Bytes,
+    pub kind: &'static str,
+}
+
+/// Small events are coalesced for at most this long, keeping NATS message
+/// rates near one per engine step rather than one per block.
+const LINGER: Duration = Duration::from_millis(5);
+/// Flush once a message would carry this many hashes (~33 KB).
+const MAX_BATCH_HASHES: usize = 4096;
+/// Hashes per full-state part: 512 KB, under NATS's default 1 MB payload cap.
+const FULL_STATE_PART: usize = 65_536;
+/// How often to retry a snapshot that did not fit in the outbox.
+const SNAPSHOT_RETRY: Duration = Duration::from_millis(100);
+
+pub struct Pipeline {
+    normalizer: Normalizer,
+    worker_id: String,
+    model: String,
+    subject: String,
+    epoch: u64,
+    next_seq: u64,
+    pending: Vec<KvEvent>,
+    pending_hashes: usize,
+    linger_until: Option<Instant>,
+    needs_full_state: bool,
+    outbox: mpsc::Sender<Outgoing>,
+    metrics: RelayMetrics,
+    last_seq: Arc<AtomicU64>,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        normalizer: Normalizer,
+        worker_id: String,
+        model: String,
+        subject: String,
+        epoch: u64,
+        outbox: mpsc::Sender<Outgoing>,
+        metrics: RelayMetrics,
+        last_seq: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            normalizer,
+            worker_id,
+            model,
+            subject,
+            epoch,
+            next_seq: 1,
+            pending: Vec::new(),
+            pending_hashes: 0,
+            linger_until: None,
+            needs_full_state: false,
+            outbox,
+            metrics,
+            last_seq,
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        mut sources: mpsc::Receiver<SourceMsg>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        // Every incarnation starts from an empty view, so subscribers drop
+        // whatever an earlier relay of this worker told them.
+        self.reset(ResetReason::RelayStarted);
+        self.flush();
+        loop {
+            let wake = match (self.linger_until, self.needs_full_state) {
+                (Some(at), _) => Some(at),
+                (None, true) => Some(Instant::now() + SNAPSHOT_RETRY),
+                (None, false) => None,
+            };
+            tokio::select! {
+                msg = sources.recv() => match msg {
+                    Some(SourceMsg::Batch(events)) => self.apply(&events),
+                    Some(SourceMsg::Reset(reason)) => self.reset(reason),
+                    None => break,
+                },
+                Some(Control::FullState { reply }) = control.recv() => {
+                    self.flush();
+                    let first = self.full_state();
+                    if let Some(reply) = reply {
+                        let answer = Outgoing {
+                            subject: reply.to_string(),
+                            payload: Bytes::from(first.to_string()),
+                            kind: "sync_reply",
+                        };
+                        self.send(answer);
+                    }
+                }
+                _ = sleep_until_opt(wake) => {
+                    if self.linger_until.is_some() {
+                        self.flush();
+                    } else if self.needs_full_state {
+                        self.full_state();
+                    }
+                }
+            }
+        }
+        self.flush();
+    }
+
+    /// Normalizes one engine batch into pending events.
+    pub fn apply(&mut self, events: &[EngineEvent]) {
+        let mut normalized = Vec::with_capacity(events.len());
+        let mut stats = NormStats::default();
+        for event in events {
+            self.normalizer.apply(event, &mut normalized, &mut stats);
+        }
+        self.metrics.record_norm_stats(&stats);
+        if stats.lost_events() {
+            tracing::warn!(
+                unknown_parents = stats.unknown_parent,
+                "stored blocks whose parent was never seen: engine events were lost \
+                 before this relay saw them; those blocks stay out of the view"
+            );
+        }
+        if stats.block_size_mismatch > 0 {
+            tracing::error!(
+                blocks = stats.block_size_mismatch,
+                "engine block size differs from --block-size; blocks refused"
+            );
+        }
+        for event in normalized {
+            let kind = match event {
+                NormEvent::Stored { parent, hashes } => {
+                    self.pending_hashes += hashes.len();
+                    Kind::Stored(BlocksStored { parent, hashes })
+                }
+                NormEvent::Removed { hashes } => {
+                    self.pending_hashes += hashes.len();
+                    Kind::Removed(BlocksRemoved { hashes })
+                }
+                NormEvent::Cleared => Kind::Cleared(AllBlocksCleared {}),
+            };
+            self.push(kind);
+        }
+        self.metrics.blocks.set(self.normalizer.block_count() as i64);
+    }
+
+    pub fn reset(&mut self, reason: ResetReason) {
+        self.normalizer.reset();
+        self.metrics.reset(reason_name(reason));
+        self.metrics.blocks.set(0);
+        self.push(Kind::Reset(WorkerReset {
+            reason: reason as i32,
+        }));
+    }
+
+    fn push(&mut self, kind: Kind) {
+        self.metrics.published(kind_name(&kind));
+        self.pending.push(KvEvent {
+            seq: self.next_seq,
+            kind: Some(kind),
+        });
+        self.next_seq += 1;
+        if self.pending_hashes >= MAX_BATCH_HASHES {
+            self.flush();
+        } else if self.linger_until.is_none() {
+            self.linger_until = Some(Instant::now() + LINGER);
+        }
+    }
+
+    /// Hands pending events to the publisher; if its buffer is full the
+    /// events are dropped and a snapshot follows once there is room, because
+    /// subscribers can rebuild from a snapshot but not from a hole.
+    pub fn flush(&mut self) {
+        self.linger_until = None;
+        self.pending_hashes = 0;
+        if self.pending.is_empty() {
+            return;
+        }
+        let events = std::mem::take(&mut self.pending);
+        let last = events.last().map(|e| e.seq).unwrap_or(0);
+        if self.send_batch(events, "events") {
+            self.last_seq.store(last, Ordering::Relaxed);
+            if self.needs_full_state {
+                self.full_state();
+            }
+        } else {
+            self.needs_full_state = true;
+        }
+    }
+
+    /// Publishes the whole view as numbered parts; returns the first part's seq.
+    pub fn full_state(&mut self) -> u64 {
+        // Cleared first so that flush does not start a second snapshot.
+        self.needs_full_state = false;
+        self.flush();
+        let first = self.next_seq;
+        let hashes: Vec<u64> = self.normalizer.blocks().collect();
+        let parts: Vec<&[u64]> = if hashes.is_empty() {
+            vec![&[]]
+        } else {
+            hashes.chunks(FULL_STATE_PART).collect()
+        };
+        let count = parts.len();
+        let mut delivered = true;
+        for (index, part) in parts.into_iter().enumerate() {
+            let event = KvEvent {
+                seq: self.next_seq,
+                kind: Some(Kind::FullState(FullState {
+                    part: u32::try_from(index).unwrap_or(u32::MAX),
+                    last: index + 1 == count,
+                    hashes: part.to_vec(),
+                })),
+            };
+            self.next_seq += 1;
+            self.metrics.published("full_state");
+            delivered &= self.send_batch(vec![event], "full_state");
+        }
+        self.needs_full_state = !delivered;
+        if delivered {
+            self.metrics.full_states.inc();
+            self.last_seq.store(self.next_seq - 1, Ordering::Relaxed);
+        }
+        first
+    }
+
+    fn send_batch(&mut self, events: Vec<KvEvent>, kind: &'static str) -> bool {
+        let batch = KvEventBatch {
+            worker_id: self.worker_id.clone(),
+            model: self.model.clone(),
+            epoch: self.epoch,
+            events,
+            timestamp_ms: unix_ms(),
+        };
+        self.send(Outgoing {
+            subject: self.subject.clone(),
+            payload: Bytes::from(batch.encode_to_vec()),
+            kind,
+        })
+    }
+
+    fn send(&mut self, message: Outgoing) -> bool {
+        match self.outbox.try_send(message) {
+            Ok(()) => true,
+            Err(TrySendError::Full(message)) => {
+                self.metrics.drop_message("outbox");
+                tracing::warn!(kind = message.kind, "NATS outbox full; message dropped");
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+fn reason_name(reason: ResetReason) -> &'static str {
+    match reason {
+        ResetReason::Unspecified => "unspecified",
+        ResetReason::RelayStarted => "relay_started",
+        ResetReason::EngineRestarted => "engine_restarted",
+        ResetReason::EventsLost => "events_lost",
+    }
+}
+
+fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::Stored(_) => "stored",
+        Kind::Removed(_) => "removed",
+        Kind::Cleared(_) => "cleared",
+        Kind::Reset(_) => "reset",
+        Kind::FullState(_) => "full_state",
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,486 @@
+//! `kvmesh.yaml`: what `kv-sidecar serve` connects to, listens on and routes.
+//! Unknown keys are errors (a typo must not silently fall back to a default),
+//! and every validation problem names its field, e.g.
+//! `models[0].block_size: must be between 1 and 4096`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub const MAX_BLOCK_SIZE: u32 = 4096;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub tokenize: TokenizeConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    #[serde(default = "default_prefix")]
+    pub subject_prefix: String,
+    #[serde(default)]
+    pub auth: Option<NatsAuth>,
+    #[serde(default)]
+    pub tls: Option<NatsTls>,
+}
+
+/// Exactly one way to authenticate.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuth {
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub creds_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Health, metrics, tokenization, debug.
+    pub http: String,
+    /// The state stream into the filters.
+    pub grpc: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// A worker whose heartbeats stop is removed after this long.
+    pub worker_timeout_ms: u64,
+    /// Upper bound on (block, worker) entries per model.
+    pub max_index_entries: usize,
+    pub max_workers: usize,
+    /// Routing decisions tracked per model until their completion arrives.
+    pub max_inflight_requests: usize,
+    /// A decision whose completion never arrives stops counting after this.
+    pub inflight_ttl_ms: u64,
+    /// Updates queued per stream subscriber before it gets a fresh snapshot.
+    pub subscriber_buffer: usize,
+    /// Minimum time between two full-state requests to the same relay.
+    pub sync_retry_ms: u64,
+    /// `/readyz` waits at most this long for relays' initial full states.
+    pub initial_sync_timeout_ms: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            // Relays heartbeat every second: tolerate one lost heartbeat and
+            // still remove a dead worker within 3 s.
+            worker_timeout_ms: 2500,
+            max_index_entries: 20_000_000,
+            max_workers: 4096,
+            max_inflight_requests: 100_000,
+            inflight_ttl_ms: 600_000,
+            subscriber_buffer: 1024,
+            sync_retry_ms: 1000,
+            initial_sync_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizeConfig {
+    /// Cached text segments (between special tokens) per model.
+    pub cache_entries: usize,
+    /// Largest request body accepted by `/v1/tokenize` and `/debug/route`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for TokenizeConfig {
+    fn default() -> Self {
+        Self {
+            cache_entries: 4096,
+            max_body_bytes: 8 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    /// `tokenizer.json`; without it the model has no tokenization service.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// A `tokenizer_config.json`-shaped file whose `chat_template` replaces
+    /// the one beside `tokenizer`.
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+    pub block_size: u32,
+    pub backend: Backend,
+    pub decode_cluster: String,
+    #[serde(default)]
+    pub prefill_cluster: Option<String>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub disaggregation: DisaggregationConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Vllm,
+    Sglang,
+    Trtllm,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub overlap_weight: f64,
+    pub temperature: f64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        let weights = router_core::selection::CostWeights::default();
+        Self {
+            overlap_weight: weights.overlap_weight,
+            temperature: weights.temperature,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisaggregationPolicy {
+    Never,
+    Always,
+    /// Prefill remotely when the uncached prompt exceeds `threshold_tokens`.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisaggregationConfig {
+    pub policy: DisaggregationPolicy,
+    #[serde(default)]
+    pub threshold_tokens: Option<u32>,
+}
+
+impl Default for DisaggregationConfig {
+    fn default() -> Self {
+        Self {
+            policy: DisaggregationPolicy::Never,
+            threshold_tokens: None,
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "kvmesh".to_owned()
+}
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{}", join_lines(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join_lines(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    pub fn http_addr(&self) -> Result<SocketAddr, FieldError> {
+        parse_addr("listen.http", &self.listen.http)
+    }
+
+    pub fn grpc_addr(&self) -> Result<SocketAddr, FieldError> {
+        parse_addr("listen.grpc", &self.listen.grpc)
+    }
+
+    /// Every problem, not just the first: fixing a config should take one round.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut fail = |field: &str, problem: &str| {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                problem: problem.to_owned(),
+            })
+        };
+        if !(self.nats.url.starts_with("nats://")
+            || self.nats.url.starts_with("tls://")
+            || self.nats.url.starts_with("ws://")
+            || self.nats.url.starts_with("wss://"))
+        {
+            fail("nats.url", "must start with nats://, tls://, ws:// or wss://");
+        }
+        let prefix = &self.nats.subject_prefix;
+        if prefix.is_empty()
+            || prefix.split('.').any(str::is_empty)
+            || prefix
+                .chars()
+                .any(|c| c == '*' || c == '>' || c.is_whitespace())
+        {
+            fail(
+                "nats.subject_prefix",
+                "must be non-empty dot-separated tokens without '*', '>' or whitespace",
+            );
+        }
+        if let Some(auth) = &self.nats.auth {
+            let ways = usize::from(auth.token.is_some())
+                + usize::from(auth.user.is_some() || auth.password.is_some())
+                + usize::from(auth.creds_file.is_some());
+            if ways != 1 {
+                fail(
+                    "nats.auth",
+                    "set exactly one of token, user+password, creds_file",
+                );
+            }
+            if auth.user.is_some() != auth.password.is_some() {
+                fail("nats.auth", "user and password go together");
+            }
+            if let Some(creds) = &auth.creds_file {
+                if !creds.is_file() {
+                    fail("nats.auth.creds_file", "file does not exist");
+                }
+            }
+        }
+        if let Some(tls) = &self.nats.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                fail("nats.tls", "cert and key go together");
+            }
+            for (field, path) in [
+                ("nats.tls.ca", &tls.ca),
+                ("nats.tls.cert", &tls.cert),
+                ("nats.tls.key", &tls.key),
+            ] {
+                if path.as_ref().is_some_and(|p| !p.is_file()) {
+                    fail(field, "file does not exist");
+                }
+            }
+        }
+        for result in [self.http_addr(), self.grpc_addr()] {
+            if let Err(e) = result {
+                fail(&e.field, &e.problem);
+            }
+        }
+        if self.listen.http == self.listen.grpc {
+            fail("listen.grpc", "must differ from listen.http");
+        }
+        let state = &self.state;
+        for (field, value) in [
+            ("state.worker_timeout_ms", state.worker_timeout_ms as usize),
+            ("state.max_index_entries", state.max_index_entries),
+            ("state.max_workers", state.max_workers),
+            ("state.max_inflight_requests", state.max_inflight_requests),
+            ("state.inflight_ttl_ms", state.inflight_ttl_ms as usize),
+            ("state.subscriber_buffer", state.subscriber_buffer),
+            ("state.sync_retry_ms", state.sync_retry_ms as usize),
+        ] {
+            if value == 0 {
+                fail(field, "must be greater than 0");
+            }
+        }
+        if self.tokenize.cache_entries == 0 {
+            fail("tokenize.cache_entries", "must be greater than 0");
+        }
+        if self.tokenize.max_body_bytes == 0 {
+            fail("tokenize.max_body_bytes", "must be greater than 0");
+        }
+        if self.models.is_empty() {
+            fail("models", "must list at least one model");
+        }
+        let mut names = HashSet::new();
+        let mut subject_tokens = HashSet::new();
+        for (i, model) in self.models.iter().enumerate() {
+            let at = |field: &str| format!("models[{i}].{field}");
+            if model.name.is_empty() {
+                fail(&at("name"), "must not be empty");
+            } else if !names.insert(model.name.as_str()) {
+                fail(&at("name"), "is listed twice");
+            } else if !subject_tokens.insert(router_core::protocol::subjects::token(&model.name)) {
+                fail(
+                    &at("name"),
+                    "maps to the same NATS subject token as another model",
+                );
+            }
+            if !(1..=MAX_BLOCK_SIZE).contains(&model.block_size) {
+                fail(&at("block_size"), "must be between 1 and 4096");
+            }
+            if let Some(tokenizer) = &model.tokenizer {
+                if !tokenizer.is_file() {
+                    fail(&at("tokenizer"), "file does not exist");
+                }
+            }
+            if let Some(template) = &model.chat_template {
+                if model.tokenizer.is_none() {
+                    fail(&at("chat_template"), "needs models[].tokenizer");
+                }
+                if !template.is_file() {
+                    fail(&at("chat_template"), "file does not exist");
+                }
+            }
+            if model.decode_cluster.is_empty() {
+                fail(&at("decode_cluster"), "must not be empty");
+            }
+            if model.prefill_cluster.as_deref() == Some("") {
+                fail(&at("prefill_cluster"), "must not be empty when set");
+            }
+            let routing = model.routing;
+            if !(routing.overlap_weight.is_finite() && routing.overlap_weight >= 0.0) {
+                fail(&at("routing.overlap_weight"), "must be a finite number >= 0");
+            }
+            if !(routing.temperature.is_finite() && routing.temperature >= 0.0) {
+                fail(&at("routing.temperature"), "must be a finite number >= 0");
+            }
+            let disagg = model.disaggregation;
+            if disagg.policy != DisaggregationPolicy::Never && model.prefill_cluster.is_none() {
+                fail(
+                    &at("disaggregation.policy"),
+                    "needs models[].prefill_cluster unless it is 'never'",
+                );
+            }
+            match (disagg.policy, disagg.threshold_tokens) {
+                (DisaggregationPolicy::Auto, None) => fail(
+                    &at("disaggregation.threshold_tokens"),
+                    "is required when policy is 'auto'",
+                ),
+                (DisaggregationPolicy::Auto, Some(0)) => fail(
+                    &at("disaggregation.threshold_tokens"),
+                    "must be greater than 0",
+                ),
+                (DisaggregationPolicy::Never | DisaggregationPolicy::Always, Some(_)) => fail(
+                    &at("disaggregation.threshold_tokens"),
+                    "only applies when policy is 'auto'",
+                ),
+                _ => {}
+            }
+        }
+        errors
+    }
+}
+
+fn parse_addr(field: &str, value: &str) -> Result<SocketAddr, FieldError> {
+    value.parse().map_err(|_| FieldError {
+        field: field.to_owned(),
+        problem: format!("'{value}' is not an ip:port socket address"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+nats: {url: 'nats://127.0.0.1:4222'}
+listen: {http: '127.0.0.1:9100', grpc: '127.0.0.1:9101'}
+models:
+  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}
+";
+
+    fn errors(text: &str) -> String {
+        match Config::parse(text, "kvmesh.yaml") {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL, "x").unwrap();
+        assert_eq!(config.nats.subject_prefix, "kvmesh");
+        assert_eq!(config.state.worker_timeout_ms, 2500);
+        assert_eq!(config.models[0].routing.overlap_weight, 1.0);
+        assert_eq!(
+            config.models[0].disaggregation.policy,
+            DisaggregationPolicy::Never
+        );
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        assert_eq!(
+            errors(&MINIMAL.replace("block_size: 16", "block_size: 0")),
+            "models[0].block_size: must be between 1 and 4096"
+        );
+        assert!(errors(&MINIMAL.replace("backend: vllm", "backend: vlm")).contains("vlm"));
+        assert!(errors(&MINIMAL.replace("decode_cluster:", "decode_clustr:"))
+            .contains("unknown field `decode_clustr`"));
+        assert_eq!(
+            errors(&MINIMAL.replace("9101", "x")),
+            "listen.grpc: '127.0.0.1:x' is not an ip:port socket address"
+        );
+        assert_eq!(
+            errors(&MINIMAL.replace(
+                "decode_pool}",
+                "decode_pool, disaggregation: {policy: auto}}"
+            )),
+            "models[0].disaggregation.policy: needs models[].prefill_cluster unless it is 'never'\n\
+             models[0].disaggregation.threshold_tokens: is required when policy is 'auto'"
+        );
+    }
+}

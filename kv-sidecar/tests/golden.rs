@@ -1,0 +1,569 @@
+//! Golden vectors for every engine format, built by hand from the documented
+//! wire formats (DESIGN §3.3) with `rmp` primitives or literal bytes, so they
+//! do not share code with the decoders; plus normalization edge cases.
+
+use kv_sidecar::decode::trtllm::{decode_events, NumberedEvent};
+use kv_sidecar::decode::vllm::decode_batch;
+use kv_sidecar::decode::{
+    BlockRemoved, BlockStored, DecodeError, EngineEvent, EngineHash, EventBatch, Medium,
+};
+use kv_sidecar::normalize::{MediaPolicy, NormEvent, NormStats, Normalizer};
+use rmp::encode;
+use router_core::{BlockHasher, BlockSize, HashSeed};
+
+type Buf = Vec<u8>;
+
+fn tokens(range: std::ops::Range<u32>) -> Vec<u32> {
+    range.collect()
+}
+
+fn w_str(buf: &mut Buf, s: &str) {
+    encode::write_str(buf, s).unwrap();
+}
+
+fn w_tokens(buf: &mut Buf, ids: &[u32]) {
+    encode::write_array_len(buf, ids.len() as u32).unwrap();
+    for id in ids {
+        encode::write_uint(buf, u64::from(*id)).unwrap();
+    }
+}
+
+const BIG_VLLM_HASH: u64 = 0xF000_0000_0000_0001; // above 2^63
+
+#[test]
+fn vllm_array_encoding() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1712.5).unwrap();
+    encode::write_array_len(&mut b, 3).unwrap();
+    // BlockStored with every documented field plus one from the future.
+    encode::write_array_len(&mut b, 11).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 2).unwrap();
+    encode::write_u64(&mut b, BIG_VLLM_HASH).unwrap();
+    encode::write_uint(&mut b, 7).unwrap();
+    encode::write_nil(&mut b).unwrap(); // parent
+    w_tokens(&mut b, &tokens(0..32));
+    encode::write_uint(&mut b, 16).unwrap(); // block_size
+    encode::write_nil(&mut b).unwrap(); // lora_id
+    w_str(&mut b, "GPU"); // medium
+    encode::write_nil(&mut b).unwrap(); // lora_name
+    encode::write_nil(&mut b).unwrap(); // extra_keys
+    encode::write_uint(&mut b, 0).unwrap(); // group_idx
+    w_str(&mut b, "a field vLLM may add later");
+    // BlockRemoved
+    encode::write_array_len(&mut b, 3).unwrap();
+    w_str(&mut b, "BlockRemoved");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_u64(&mut b, BIG_VLLM_HASH).unwrap();
+    w_str(&mut b, "GPU");
+    // AllBlocksCleared
+    encode::write_array_len(&mut b, 1).unwrap();
+    w_str(&mut b, "AllBlocksCleared");
+    encode::write_uint(&mut b, 0).unwrap(); // dp rank
+
+    let batch = decode_batch(&b).unwrap();
+    assert_eq!(
+        batch,
+        EventBatch {
+            timestamp: 1712.5,
+            events: vec![
+                EngineEvent::Stored(BlockStored {
+                    block_hashes: vec![EngineHash(BIG_VLLM_HASH), EngineHash(7)],
+                    parent: None,
+                    token_ids: tokens(0..32),
+                    block_size: 16,
+                    lora_id: None,
+                    lora_name: None,
+                    medium: Medium::Gpu,
+                }),
+                EngineEvent::Removed(BlockRemoved {
+                    block_hashes: vec![EngineHash(BIG_VLLM_HASH)],
+                    medium: Medium::Gpu,
+                }),
+                EngineEvent::AllCleared,
+            ],
+            dp_rank: Some(0),
+            ignored_events: 0,
+        }
+    );
+}
+
+#[test]
+fn vllm_literal_bytes_minimal_batch() {
+    // [0, [["AllBlocksCleared"]], nil] written out byte by byte.
+    let mut b = vec![0x93, 0x00, 0x91, 0x91, 0xb0];
+    b.extend_from_slice(b"AllBlocksCleared");
+    b.push(0xc0);
+    let batch = decode_batch(&b).unwrap();
+    assert_eq!(batch.events, vec![EngineEvent::AllCleared]);
+    assert_eq!(batch.dp_rank, None);
+    // An older two-element batch without dp rank: [0, []].
+    assert_eq!(decode_batch(&[0x92, 0x00, 0x90]).unwrap().events, vec![]);
+}
+
+#[test]
+fn vllm_older_array_events_stop_early() {
+    // vLLM 0.8-era BlockStored: no medium, lora_name, extra keys.
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 2).unwrap();
+    encode::write_f64(&mut b, 0.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 6).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_uint(&mut b, 3).unwrap();
+    encode::write_uint(&mut b, 2).unwrap(); // parent
+    w_tokens(&mut b, &tokens(100..116));
+    encode::write_uint(&mut b, 16).unwrap();
+    encode::write_nil(&mut b).unwrap();
+    let batch = decode_batch(&b).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored, got {batch:?}")
+    };
+    assert_eq!(stored.parent, Some(EngineHash(2)));
+    assert_eq!(stored.medium, Medium::Gpu);
+}
+
+#[test]
+fn vllm_map_encoding_with_byte_hashes_defaults_and_unknown_fields() {
+    let hash_a = [0xabu8; 32];
+    let hash_parent = [0x01u8; 32];
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 2.0).unwrap();
+    encode::write_array_len(&mut b, 3).unwrap();
+    // Map event: "type" not first, an unknown nested field, lora_id omitted.
+    encode::write_map_len(&mut b, 6).unwrap();
+    w_str(&mut b, "block_hashes");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_bin(&mut b, &hash_a).unwrap();
+    w_str(&mut b, "extra_keys");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_map_len(&mut b, 1).unwrap();
+    w_str(&mut b, "mm");
+    encode::write_bin(&mut b, b"x").unwrap();
+    w_str(&mut b, "type");
+    w_str(&mut b, "BlockStored");
+    w_str(&mut b, "parent_block_hash");
+    encode::write_bin(&mut b, &hash_parent).unwrap();
+    w_str(&mut b, "token_ids");
+    w_tokens(&mut b, &tokens(0..16));
+    w_str(&mut b, "block_size");
+    encode::write_uint(&mut b, 16).unwrap();
+    // BlockRemoved on CPU.
+    encode::write_map_len(&mut b, 3).unwrap();
+    w_str(&mut b, "type");
+    w_str(&mut b, "BlockRemoved");
+    w_str(&mut b, "block_hashes");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_bin(&mut b, &hash_a).unwrap();
+    w_str(&mut b, "medium");
+    w_str(&mut b, "CPU");
+    // An event type this relay does not know.
+    encode::write_map_len(&mut b, 1).unwrap();
+    w_str(&mut b, "type");
+    w_str(&mut b, "BlockPromoted");
+    encode::write_nil(&mut b).unwrap();
+
+    let batch = decode_batch(&b).unwrap();
+    let a = EngineHash(xxhash_rust::xxh3::xxh3_64(&hash_a));
+    let parent = EngineHash(xxhash_rust::xxh3::xxh3_64(&hash_parent));
+    assert_eq!(
+        batch.events,
+        vec![
+            EngineEvent::Stored(BlockStored {
+                block_hashes: vec![a],
+                parent: Some(parent),
+                token_ids: tokens(0..16),
+                block_size: 16,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Gpu,
+            }),
+            EngineEvent::Removed(BlockRemoved {
+                block_hashes: vec![a],
+                medium: Medium::Other("CPU".into()),
+            }),
+        ]
+    );
+    assert_eq!(batch.ignored_events, 1);
+}
+
+#[test]
+fn sglang_signed_hashes_and_page_size_one() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 3.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 5).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_i64(&mut b, -5).unwrap();
+    encode::write_i64(&mut b, i64::MIN).unwrap();
+    encode::write_sint(&mut b, -1).unwrap(); // negative fixint
+    encode::write_i64(&mut b, -9).unwrap(); // parent
+    w_tokens(&mut b, &[11, 12, 13]);
+    encode::write_uint(&mut b, 1).unwrap();
+    encode::write_nil(&mut b).unwrap(); // dp rank
+
+    let batch = decode_batch(&b).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored, got {batch:?}")
+    };
+    assert_eq!(
+        stored.block_hashes,
+        vec![
+            EngineHash(u64::MAX - 4),
+            EngineHash(1 << 63),
+            EngineHash(u64::MAX)
+        ]
+    );
+    assert_eq!(stored.parent, Some(EngineHash((-9i64) as u64)));
+    assert_eq!(stored.block_size, 1);
+    assert_eq!(stored.token_ids, vec![11, 12, 13]);
+}
+
+#[test]
+fn malformed_msgpack_is_an_error_never_a_panic() {
+    let cases: &[&[u8]] = &[
+        &[],
+        &[0xc1],
+        &[0x93, 0x00],
+        &[0x93, 0x00, 0x91, 0x91],
+        &[0x93, 0x00, 0x91, 0x90, 0xc0], // event without tag
+        &[0x92, 0x00, 0x91, 0x91, 0xa3, b'B', b'a'], // cut string
+        &[0x92, 0x00, 0x90, 0x00],       // trailing byte
+        &[0x92, 0x00, 0xdd, 0xff, 0xff, 0xff, 0xff], // huge claimed array
+        b"not msgpack at all",
+    ];
+    for case in cases {
+        assert!(decode_batch(case).is_err(), "accepted {case:?}");
+    }
+    // Missing required field is named.
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 2).unwrap();
+    encode::write_f64(&mut b, 0.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 2).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 0).unwrap();
+    assert_eq!(
+        decode_batch(&b),
+        Err(DecodeError::MissingField("token_ids"))
+    );
+    // A token id beyond u32.
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 2).unwrap();
+    encode::write_f64(&mut b, 0.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 5).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_uint(&mut b, 1).unwrap();
+    encode::write_nil(&mut b).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_sint(&mut b, -3).unwrap();
+    assert!(matches!(
+        decode_batch(&b),
+        Err(DecodeError::OutOfRange { what: "u32", .. })
+    ));
+}
+
+#[test]
+fn trtllm_json_with_hashes_above_2_pow_53() {
+    // 2^53 + 1 is the first integer an f64 cannot hold.
+    let body = br#"[
+      {"event_id": 1, "data": {"type": "created", "num_blocks_per_cache_level": [100, 0]}, "window_size": 32},
+      {"event_id": 2, "data": {"type": "stored", "parent_hash": null, "blocks": [
+          {"type": "stored_block", "block_hash": 9007199254740993,
+           "tokens": [{"type": "unique_token", "token_id": 1, "token_extra_id": 0},
+                      {"type": "unique_token", "token_id": 2, "token_extra_id": 0}],
+           "lora_id": null, "cache_level": 0, "priority": 35, "mm_keys": []},
+          {"type": "stored_block", "block_hash": 18446744073709551615,
+           "tokens": [{"token_id": 3}, {"token_id": 4}], "cache_level": 0}]},
+       "window_size": 32},
+      {"event_id": 3, "data": {"type": "updated", "block_hash": 5,
+          "cache_level": {"old_value": 0, "new_value": 1}, "priority": null}, "window_size": 32},
+      {"event_id": 4, "data": {"type": "removed", "block_hashes": [9007199254740993]}, "window_size": 32},
+      {"event_id": 5, "data": {"type": "stored", "parent_hash": 18446744073709551615, "blocks": [
+          {"block_hash": -2, "tokens": [{"token_id": 5}, {"token_id": 6}], "cache_level": 1}]}}
+    ]"#;
+    let events = decode_events(body).unwrap();
+    let expected = vec![
+        NumberedEvent {
+            event_id: 1,
+            event: Some(EngineEvent::AllCleared),
+        },
+        NumberedEvent {
+            event_id: 2,
+            event: Some(EngineEvent::Stored(BlockStored {
+                block_hashes: vec![EngineHash(9_007_199_254_740_993), EngineHash(u64::MAX)],
+                parent: None,
+                token_ids: vec![1, 2, 3, 4],
+                block_size: 2,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Gpu,
+            })),
+        },
+        NumberedEvent {
+            event_id: 3,
+            event: None,
+        },
+        NumberedEvent {
+            event_id: 4,
+            event: Some(EngineEvent::Removed(BlockRemoved {
+                block_hashes: vec![EngineHash(9_007_199_254_740_993)],
+                medium: Medium::Gpu,
+            })),
+        },
+        NumberedEvent {
+            event_id: 5,
+            event: Some(EngineEvent::Stored(BlockStored {
+                block_hashes: vec![EngineHash(u64::MAX - 1)],
+                parent: Some(EngineHash(u64::MAX)),
+                token_ids: vec![5, 6],
+                block_size: 2,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Other("cache_level_1".into()),
+            })),
+        },
+    ];
+    assert_eq!(events, expected);
+}
+
+#[test]
+fn trtllm_malformed_is_an_error() {
+    for body in [
+        &b"{"[..],
+        br#"[{"event_id": 1}]"#,
+        br#"[{"event_id": 1, "data": {"type": "stored", "blocks": []}}]"#,
+        br#"[{"event_id": 1, "data": {"type": "removed", "block_hashes": [1.5]}}]"#,
+        br#"[{"event_id": 1, "data": {"type": "stored", "blocks": [
+            {"block_hash": 1, "tokens": [{"token_id": 1}]},
+            {"block_hash": 2, "tokens": [{"token_id": 1}, {"token_id": 2}]}]}}]"#,
+    ] {
+        assert!(
+            decode_events(body).is_err(),
+            "accepted {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+// ---- normalization ----
+
+const MODEL: &str = "qwen3";
+
+fn normalizer(block: u32) -> Normalizer {
+    Normalizer::new(
+        MODEL,
+        BlockSize::new(block).unwrap(),
+        MediaPolicy::default(),
+    )
+}
+
+fn hasher(block: u32, lora: Option<&str>) -> BlockHasher {
+    BlockHasher::new(
+        BlockSize::new(block).unwrap(),
+        HashSeed::for_model(MODEL, lora),
+    )
+}
+
+fn stored(
+    hashes: &[u64],
+    parent: Option<u64>,
+    token_ids: Vec<u32>,
+    block_size: u32,
+) -> EngineEvent {
+    EngineEvent::Stored(BlockStored {
+        block_hashes: hashes.iter().map(|h| EngineHash(*h)).collect(),
+        parent: parent.map(EngineHash),
+        token_ids,
+        block_size,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    })
+}
+
+fn removed(hashes: &[u64]) -> EngineEvent {
+    EngineEvent::Removed(BlockRemoved {
+        block_hashes: hashes.iter().map(|h| EngineHash(*h)).collect(),
+        medium: Medium::Gpu,
+    })
+}
+
+fn run(n: &mut Normalizer, events: &[EngineEvent]) -> (Vec<NormEvent>, NormStats) {
+    let mut out = Vec::new();
+    let mut stats = NormStats::default();
+    for e in events {
+        n.apply(e, &mut out, &mut stats);
+    }
+    (out, stats)
+}
+
+fn seqs(block: u32, tokens: &[u32]) -> Vec<u64> {
+    hasher(block, None)
+        .sequence_hashes(tokens)
+        .iter()
+        .map(|s| s.0)
+        .collect()
+}
+
+#[test]
+fn chained_stores_hash_like_the_filter() {
+    let mut n = normalizer(4);
+    let all = tokens(0..12);
+    let want = seqs(4, &all);
+    let (out, stats) = run(
+        &mut n,
+        &[
+            stored(&[100, 101], None, all[..8].to_vec(), 4),
+            stored(&[102], Some(101), all[8..].to_vec(), 4),
+        ],
+    );
+    assert_eq!(
+        out,
+        vec![
+            NormEvent::Stored {
+                parent: None,
+                hashes: want[..2].to_vec()
+            },
+            NormEvent::Stored {
+                parent: Some(want[1]),
+                hashes: want[2..].to_vec()
+            },
+        ]
+    );
+    assert_eq!(stats.blocks_stored, 3);
+    let (out, _) = run(&mut n, &[removed(&[101, 102])]);
+    assert_eq!(
+        out,
+        vec![NormEvent::Removed {
+            hashes: want[1..].to_vec()
+        }]
+    );
+    assert_eq!(n.blocks().collect::<Vec<_>>(), vec![want[0]]);
+}
+
+#[test]
+fn two_engine_blocks_with_one_content_are_reference_counted() {
+    let mut n = normalizer(4);
+    let t = tokens(0..4);
+    let h = seqs(4, &t)[0];
+    run(
+        &mut n,
+        &[stored(&[1], None, t.clone(), 4), stored(&[2], None, t, 4)],
+    );
+    let (out, _) = run(&mut n, &[removed(&[1])]);
+    assert!(out.is_empty(), "block still held by engine hash 2: {out:?}");
+    let (out, _) = run(&mut n, &[removed(&[2])]);
+    assert_eq!(out, vec![NormEvent::Removed { hashes: vec![h] }]);
+}
+
+#[test]
+fn unknown_parent_is_counted_once_and_never_mis_hashed() {
+    let mut n = normalizer(4);
+    let (out, stats) = run(
+        &mut n,
+        &[
+            stored(&[10], Some(999), tokens(0..4), 4),
+            // Child of the left-out block: recognised, not counted again.
+            stored(&[11], Some(10), tokens(4..8), 4),
+            removed(&[10, 11]),
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!(stats.unknown_parent, 1);
+    assert_eq!(stats.unknown_removed, 0);
+    assert!(stats.lost_events());
+    let (_, stats) = run(&mut n, &[removed(&[12])]);
+    assert_eq!(stats.unknown_removed, 1);
+}
+
+#[test]
+fn foreign_block_size_is_an_error_not_a_wrong_hash() {
+    let mut n = normalizer(16);
+    let (out, stats) = run(&mut n, &[stored(&[1, 2], None, tokens(0..64), 32)]);
+    assert!(out.is_empty());
+    assert_eq!(stats.block_size_mismatch, 2);
+    let (out, stats) = run(&mut n, &[stored(&[3], None, tokens(0..15), 16)]);
+    assert!(out.is_empty());
+    assert_eq!(stats.token_count_mismatch, 1);
+    assert_eq!(n.block_count(), 0);
+}
+
+#[test]
+fn all_blocks_cleared_and_media() {
+    let mut n = normalizer(4);
+    let mut cpu = stored(&[5], None, tokens(0..4), 4);
+    if let EngineEvent::Stored(s) = &mut cpu {
+        s.medium = Medium::Other("CPU".into());
+    }
+    let (out, stats) = run(&mut n, &[cpu.clone()]);
+    assert!(out.is_empty());
+    assert_eq!(stats.ignored_medium, 1);
+
+    let mut with_cpu = Normalizer::new(
+        MODEL,
+        BlockSize::new(4).unwrap(),
+        MediaPolicy::with_extra(vec!["cpu".into()]),
+    );
+    let (out, _) = run(
+        &mut with_cpu,
+        &[
+            cpu,
+            stored(&[5], None, tokens(0..4), 4),
+            EngineEvent::AllCleared,
+        ],
+    );
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[2], NormEvent::Cleared);
+    assert_eq!(with_cpu.block_count(), 0);
+}
+
+#[test]
+fn lora_blocks_use_the_adapter_seed_and_bare_lora_ids_are_refused() {
+    let mut n = normalizer(4);
+    let t = tokens(0..4);
+    let mut lora = stored(&[1], None, t.clone(), 4);
+    if let EngineEvent::Stored(s) = &mut lora {
+        s.lora_id = Some(3);
+        s.lora_name = Some("sql".into());
+    }
+    let (out, _) = run(&mut n, &[lora.clone()]);
+    let want = hasher(4, Some("sql")).sequence_hashes(&t)[0].0;
+    assert_eq!(
+        out,
+        vec![NormEvent::Stored {
+            parent: None,
+            hashes: vec![want]
+        }]
+    );
+    if let EngineEvent::Stored(s) = &mut lora {
+        s.lora_name = None;
+        s.block_hashes = vec![EngineHash(2)];
+    }
+    let (out, stats) = run(&mut n, &[lora]);
+    assert!(out.is_empty());
+    assert_eq!(stats.lora_without_name, 1);
+}
+
+#[test]
+fn engine_hash_reused_for_other_content_replaces_the_old_block() {
+    let mut n = normalizer(4);
+    let old = seqs(4, &tokens(0..4))[0];
+    let new = seqs(4, &tokens(4..8))[0];
+    let (out, _) = run(
+        &mut n,
+        &[
+            stored(&[1], None, tokens(0..4), 4),
+            stored(&[1], None, tokens(4..8), 4),
+        ],
+    );
+    assert_eq!(out[1], NormEvent::Removed { hashes: vec![old] });
+    assert_eq!(n.blocks().collect::<Vec<_>>(), vec![new]);
+}

@@ -1,0 +1,18 @@
+//! Routing logic that must behave identically inside the Envoy wasm VM (32-bit
+//! `usize`) and in the native sidecar: block hashing and request parsing. No I/O.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod fleet;
+pub mod gateway_report;
+pub mod hashing;
+pub mod index;
+pub mod openai_error;
+pub mod protocol;
+pub mod request;
+pub mod selection;
+pub mod state_stream;
+
+pub use hashing::{BlockHasher, BlockSize, HashSeed, LocalBlockHash, SeqHash};

@@ -1,0 +1,274 @@
+//! The cost function that picks a worker (DESIGN §3.6).
+//!
+//! For each candidate `w`:
+//! `logit(w) = overlap_weight × prefill_blocks(w) + decode_blocks(w)`, where
+//! `prefill_blocks(w)` is the prompt blocks `w` must compute (not cached) plus
+//! the prefill work already queued on it, and `decode_blocks(w)` is the KV
+//! blocks active on `w` once this request runs. The lowest logit wins; with a
+//! temperature > 0 the choice is sampled with `p ∝ exp(−normalized_logit / T)`.
+//! Ties go to the least-loaded worker, then to a random one.
+//!
+//! The load term is what keeps a cache-affine router from herding: every
+//! request routed to the worker holding a popular prefix raises its queued
+//! prefill and active blocks until another worker becomes cheaper.
+
+use crate::index::WorkerSlot;
+
+/// What the router knows of one worker's current load.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkerLoad {
+    /// KV blocks held by running requests.
+    pub active_blocks: u64,
+    /// Prompt tokens admitted or queued but not yet prefilled.
+    pub queued_prefill_tokens: u64,
+}
+
+/// One worker that may serve the request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub worker: WorkerSlot,
+    /// Leading prompt blocks already cached on the worker.
+    pub cached_blocks: u32,
+    pub load: WorkerLoad,
+}
+
+/// Tunables of the cost function.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostWeights {
+    /// How much a block of prefill counts against a block of decode load.
+    pub overlap_weight: f64,
+    /// 0 picks the lowest cost; larger values spread load by sampling.
+    pub temperature: f64,
+}
+
+impl Default for CostWeights {
+    fn default() -> Self {
+        Self {
+            overlap_weight: 1.0,
+            temperature: 0.0,
+        }
+    }
+}
+
+/// The prompt being routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptShape {
+    /// Full blocks in the prompt.
+    pub blocks: u32,
+    pub block_size: u32,
+}
+
+/// The chosen worker and why.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Selection {
+    pub worker: WorkerSlot,
+    pub cached_blocks: u32,
+    pub logit: f64,
+}
+
+/// Cost of sending the prompt to one candidate.
+pub fn logit(prompt: PromptShape, candidate: &Candidate, weights: CostWeights) -> f64 {
+    let block_size = f64::from(prompt.block_size.max(1));
+    let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
+    let queued = candidate.load.queued_prefill_tokens as f64 / block_size;
+    let prefill_blocks = uncached + queued;
+    let decode_blocks = candidate.load.active_blocks as f64 + f64::from(prompt.blocks);
+    weights.overlap_weight * prefill_blocks + decode_blocks
+}
+
+/// Picks a worker; `None` only when there are no candidates. `random` is a
+/// uniformly random value supplied by the caller (no I/O here).
+pub fn select(
+    prompt: PromptShape,
+    candidates: &[Candidate],
+    weights: CostWeights,
+    random: u64,
+) -> Option<Selection> {
+    let scored: Vec<(f64, &Candidate)> = candidates
+        .iter()
+        .map(|c| (logit(prompt, c, weights), c))
+        .collect();
+    let index = if weights.temperature > 0.0 {
+        sample(&scored, weights.temperature, random)?
+    } else {
+        argmin(&scored, random)?
+    };
+    let (logit, candidate) = scored.get(index)?;
+    Some(Selection {
+        worker: candidate.worker,
+        cached_blocks: candidate.cached_blocks,
+        logit: *logit,
+    })
+}
+
+fn load_of(candidate: &Candidate) -> u64 {
+    candidate
+        .load
+        .active_blocks
+        .saturating_add(candidate.load.queued_prefill_tokens)
+}
+
+/// Lowest logit; ties by least load, then uniformly at random.
+fn argmin(scored: &[(f64, &Candidate)], random: u64) -> Option<usize> {
+    let best = scored.iter().map(|(l, _)| *l).fold(f64::INFINITY, f64::min);
+    let least_load = scored
+        .iter()
+        .filter(|(l, _)| *l == best)
+        .map(|(_, c)| load_of(c))
+        .min()?;
+    let ties: Vec<usize> = scored
+        .iter()
+        .enumerate()
+        .filter(|(_, (l, c))| *l == best && load_of(c) == least_load)
+        .map(|(i, _)| i)
+        .collect();
+    ties.get((random % ties.len() as u64) as usize).copied()
+}
+
+/// Softmax sampling over min-max normalized logits.
+fn sample(scored: &[(f64, &Candidate)], temperature: f64, random: u64) -> Option<usize> {
+    let min = scored.iter().map(|(l, _)| *l).fold(f64::INFINITY, f64::min);
+    let max = scored
+        .iter()
+        .map(|(l, _)| *l)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let range = if max > min { max - min } else { 1.0 };
+    let weights: Vec<f64> = scored
+        .iter()
+        .map(|(l, _)| (-((l - min) / range) / temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        return argmin(scored, random);
+    }
+    // 53 random bits → uniform in [0, 1).
+    let mut point = (random >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for (i, weight) in weights.iter().enumerate() {
+        if point < *weight {
+            return Some(i);
+        }
+        point -= weight;
+    }
+    scored.len().checked_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROMPT: PromptShape = PromptShape {
+        blocks: 100,
+        block_size: 16,
+    };
+
+    fn candidate(worker: u32, cached: u32, active: u64, queued: u64) -> Candidate {
+        Candidate {
+            worker: WorkerSlot(worker),
+            cached_blocks: cached,
+            load: WorkerLoad {
+                active_blocks: active,
+                queued_prefill_tokens: queued,
+            },
+        }
+    }
+
+    fn pick(candidates: &[Candidate], weights: CostWeights, random: u64) -> u32 {
+        select(PROMPT, candidates, weights, random)
+            .unwrap()
+            .worker
+            .0
+    }
+
+    #[test]
+    fn cache_wins_when_load_is_equal() {
+        let c = [
+            candidate(0, 0, 10, 0),
+            candidate(1, 80, 10, 0),
+            candidate(2, 40, 10, 0),
+        ];
+        assert_eq!(pick(&c, CostWeights::default(), 0), 1);
+    }
+
+    #[test]
+    fn load_beats_cache_when_the_cached_worker_is_overloaded() {
+        // Worker 1 holds the prefix but has 2000 prompt tokens queued (125 blocks).
+        let c = [candidate(0, 0, 10, 0), candidate(1, 80, 10, 2000)];
+        assert_eq!(pick(&c, CostWeights::default(), 0), 0);
+    }
+
+    #[test]
+    fn logit_follows_the_formula() {
+        let weights = CostWeights {
+            overlap_weight: 2.0,
+            temperature: 0.0,
+        };
+        // uncached 60 + queued 32/16=2 → prefill 62; decode = 5 + 100.
+        let l = logit(PROMPT, &candidate(0, 40, 5, 32), weights);
+        assert!((l - (2.0 * 62.0 + 105.0)).abs() < 1e-9, "{l}");
+    }
+
+    #[test]
+    fn ties_go_to_least_loaded_then_random() {
+        // Equal logits: (100-50) + 0 + 10 + 100 = 160 and (100-60) + 0 + 20 + 100 = 160.
+        let c = [candidate(0, 50, 10, 0), candidate(1, 60, 20, 0)];
+        assert_eq!(pick(&c, CostWeights::default(), 7), 0);
+        let same = [
+            candidate(0, 0, 0, 0),
+            candidate(1, 0, 0, 0),
+            candidate(2, 0, 0, 0),
+        ];
+        let chosen: std::collections::HashSet<u32> = (0..30)
+            .map(|r| pick(&same, CostWeights::default(), r))
+            .collect();
+        assert_eq!(chosen.len(), 3);
+    }
+
+    #[test]
+    fn temperature_spreads_choices_and_prefers_cheap() {
+        let c = [candidate(0, 90, 0, 0), candidate(1, 0, 0, 0)];
+        let weights = CostWeights {
+            overlap_weight: 1.0,
+            temperature: 0.5,
+        };
+        let mut counts = [0u32; 2];
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for _ in 0..2000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            counts[pick(&c, weights, state) as usize] += 1;
+        }
+        // p(worker 1) = e^-2 / (1 + e^-2) ≈ 0.12
+        assert!(counts[0] > counts[1] && counts[1] > 100, "{counts:?}");
+    }
+
+    #[test]
+    fn no_candidates_no_choice() {
+        assert!(select(PROMPT, &[], CostWeights::default(), 0).is_none());
+    }
+
+    #[test]
+    fn herding_is_bounded_by_the_load_term() {
+        // Every request shares a 64-block system prompt cached on worker 0.
+        // Simulate in-flight accounting: each routed request adds its prompt
+        // to the chosen worker's queue and active blocks.
+        let prompt = PromptShape {
+            blocks: 80,
+            block_size: 16,
+        };
+        let mut workers: Vec<Candidate> = (0..4).map(|w| candidate(w, 0, 0, 0)).collect();
+        workers[0].cached_blocks = 64;
+        let mut routed = [0u32; 4];
+        for request in 0..40u64 {
+            let chosen = select(prompt, &workers, CostWeights::default(), request).unwrap();
+            let w = &mut workers[chosen.worker.0 as usize];
+            routed[chosen.worker.0 as usize] += 1;
+            let uncached = prompt.blocks - w.cached_blocks;
+            w.load.queued_prefill_tokens += u64::from(uncached * prompt.block_size);
+            w.load.active_blocks += u64::from(prompt.blocks);
+            w.cached_blocks = prompt.blocks.min(64);
+        }
+        assert!(routed.iter().all(|&n| n > 0), "{routed:?}");
+        assert!(routed[0] < 20, "worker 0 took {routed:?}");
+    }
+}

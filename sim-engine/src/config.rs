@@ -1,0 +1,107 @@
+//! Command-line flags. Names follow vLLM's where vLLM has the same knob, so a
+//! script can swap `vllm serve` for `sim-engine` with few edits.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::faults::FaultSettings;
+use crate::timing::TimingModel;
+
+/// How KV events are encoded inside a batch (DESIGN §3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventFormat {
+    /// Each event a msgpack array `[tag, field, ...]` (vLLM ≤ 0.23, SGLang).
+    Array,
+    /// Each event a msgpack map with `"type"` and non-default fields (newer vLLM).
+    Map,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sim-engine", version, about = "Simulated GPU worker speaking vLLM's protocols")]
+pub struct Config {
+    /// Address to listen on for the OpenAI API, /metrics and /sim/*.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Model name served (`model` in requests, `model_name` metric label).
+    #[arg(long, default_value = "sim-model")]
+    pub model: String,
+    /// A Hugging Face `tokenizer.json`; the chat template comes from the sibling
+    /// `tokenizer_config.json`. Without it: byte-level fallback (token id = byte).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Identity reported in the `x-sim-worker-id` response header.
+    #[arg(long, default_value = "sim-0")]
+    pub worker_id: String,
+
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// KV blocks on the simulated GPU (default ≈ an 8B model on an 80 GB H100).
+    #[arg(long, default_value_t = 30_000)]
+    pub num_gpu_blocks: usize,
+    /// Most requests in one batch.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks + decodes) in one iteration.
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + output accepted.
+    #[arg(long, default_value_t = 32_768)]
+    pub max_model_len: usize,
+    /// `max_tokens` when a request gives none. vLLM would use the rest of the
+    /// context window; a simulator defaults to something short.
+    #[arg(long, default_value_t = 64)]
+    pub default_max_tokens: usize,
+    /// Simulated time runs this many times faster than real time.
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+
+    /// ZMQ PUB endpoint to bind for KV events, e.g. `tcp://127.0.0.1:5557`.
+    #[arg(long)]
+    pub kv_events_endpoint: Option<String>,
+    /// ZMQ ROUTER endpoint to bind for replaying buffered event batches.
+    #[arg(long)]
+    pub kv_events_replay_endpoint: Option<String>,
+    #[arg(long, default_value = "kv-events")]
+    pub kv_events_topic: String,
+    #[arg(long, value_enum, default_value_t = EventFormat::Array)]
+    pub kv_events_format: EventFormat,
+    /// Event batches kept for replay.
+    #[arg(long, default_value_t = 10_000)]
+    pub kv_events_replay_buffer: usize,
+    /// Seed of the engine's block hash chain (vLLM: `PYTHONHASHSEED`).
+    #[arg(long, default_value = "0")]
+    pub engine_hash_seed: String,
+
+    #[command(flatten)]
+    pub timing: TimingModel,
+    #[command(flatten)]
+    pub faults: FaultSettings,
+}
+
+impl Config {
+    /// Checks the combinations clap cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.block_size >= 1, "--block-size must be at least 1");
+        anyhow::ensure!(self.num_gpu_blocks >= 1, "--num-gpu-blocks must be at least 1");
+        anyhow::ensure!(self.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
+        anyhow::ensure!(
+            self.max_num_batched_tokens >= 1,
+            "--max-num-batched-tokens must be at least 1"
+        );
+        anyhow::ensure!(
+            self.speedup.is_finite() && self.speedup > 0.0,
+            "--speedup must be a positive number"
+        );
+        anyhow::ensure!(
+            self.kv_events_replay_endpoint.is_none() || self.kv_events_endpoint.is_some(),
+            "--kv-events-replay-endpoint needs --kv-events-endpoint"
+        );
+        self.timing.validate()?;
+        self.faults.validate()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,159 @@
+//! sim-engine: a simulated GPU inference worker that speaks vLLM's protocols
+//! (OpenAI API, ZMQ KV events with replay, Prometheus metrics, ORCA load
+//! headers) with a paged prefix-caching KV cache, continuous batching and a
+//! roofline timing model. See README.md and docs/sim-engine.md.
+
+mod api;
+mod chat_template;
+mod config;
+mod determinism;
+mod engine;
+mod engine_hash;
+mod faults;
+mod kv_cache;
+mod kv_events;
+mod metrics;
+mod scheduler;
+mod timing;
+mod tokenizer;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Parser;
+use router_core::{BlockHasher, BlockSize, HashSeed};
+
+use crate::api::{AppState, ServedModel};
+use crate::chat_template::ChatTemplate;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::engine_hash::EngineHasher;
+use crate::faults::Faults;
+use crate::kv_cache::KvCache;
+use crate::kv_events::publisher::{self, PublisherSettings};
+use crate::metrics::EngineMetrics;
+use crate::scheduler::{Scheduler, SchedulerLimits};
+use crate::tokenizer::TextCodec;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config::parse();
+    config.validate()?;
+
+    let codec = TextCodec::load(config.tokenizer.as_deref())?;
+    let template = match &config.tokenizer {
+        Some(path) => ChatTemplate::for_tokenizer(path)?,
+        None => ChatTemplate::fallback()?,
+    };
+    let block_size = BlockSize::new(config.block_size).context("--block-size")?;
+    let kvmesh_hasher = BlockHasher::new(block_size, HashSeed::for_model(&config.model, None));
+    let cache = KvCache::new(
+        config.num_gpu_blocks,
+        EngineHasher::new(&config.engine_hash_seed),
+        kvmesh_hasher,
+    );
+    let scheduler = Scheduler::new(
+        cache,
+        SchedulerLimits {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        },
+    );
+    let faults = Arc::new(Faults::new(config.faults.clone()));
+    let metrics = Arc::new(EngineMetrics::new(&config.model));
+    let events = match &config.kv_events_endpoint {
+        Some(endpoint) => Some(
+            publisher::start(
+                PublisherSettings {
+                    endpoint: endpoint.clone(),
+                    replay_endpoint: config.kv_events_replay_endpoint.clone(),
+                    topic: config.kv_events_topic.clone(),
+                    format: config.kv_events_format,
+                    block_size: config.block_size,
+                    replay_capacity: config.kv_events_replay_buffer,
+                },
+                Arc::clone(&faults),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let engine = Arc::new(Engine::new(
+        scheduler,
+        config.timing.clone(),
+        config.speedup,
+        Arc::clone(&metrics),
+        events,
+    ));
+    tokio::spawn(Arc::clone(&engine).run());
+
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let state = AppState::new(
+        ServedModel {
+            name: config.model.clone(),
+            max_model_len: config.max_model_len,
+            default_max_tokens: config.default_max_tokens,
+            block_size: config.block_size as usize,
+            num_gpu_blocks: config.num_gpu_blocks,
+        },
+        &config.worker_id,
+        codec,
+        template,
+        engine,
+        metrics,
+        faults,
+        started_unix,
+    )?;
+    let address = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    tracing::info!(
+        %address,
+        model = %config.model,
+        worker_id = %config.worker_id,
+        blocks = config.num_gpu_blocks,
+        block_size = config.block_size,
+        speedup = config.speedup,
+        "sim-engine listening"
+    );
+    axum::serve(listener, api::router(Arc::new(state)))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutting down");
+}

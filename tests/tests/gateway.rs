@@ -1,0 +1,267 @@
+//! Walking skeleton through the real Envoy with the real compiled filter and
+//! real sim-engine workers: routing by prompt, forged headers, request errors,
+//! metrics, and config validation.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+
+use kvmesh_tests::harness::client::{http_client, post, post_json, JsonResponse};
+use kvmesh_tests::harness::sim::SimEngineOptions;
+use kvmesh_tests::harness::{paths, Envoy, GatewayConfig, ModelRoute, SimEngine};
+use serde_json::json;
+
+const MODEL: &str = "qwen3";
+const WORKER_HEADER: &str = "x-sim-worker-id";
+
+struct Fleet {
+    workers: Vec<SimEngine>,
+    envoy: Envoy,
+}
+
+impl Fleet {
+    fn start(workers: usize, max_body_bytes: Option<u64>) -> Self {
+        let workers: Vec<SimEngine> = (0..workers)
+            .map(|i| SimEngine::start(SimEngineOptions::new(MODEL, &format!("w{i}"))).unwrap())
+            .collect();
+        let mut config = GatewayConfig::new(vec![ModelRoute {
+            name: MODEL.to_owned(),
+            block_size: 16,
+            endpoints: workers.iter().map(SimEngine::address).collect(),
+        }])
+        .unwrap();
+        config.max_body_bytes = max_body_bytes;
+        let envoy = Envoy::start(config).unwrap();
+        Self { workers, envoy }
+    }
+
+    fn completions(&self) -> String {
+        format!("{}/v1/completions", self.envoy.gateway_url())
+    }
+}
+
+/// A 48-token prompt (three full blocks) unique to `seed`.
+fn token_prompt(seed: u32) -> Vec<u32> {
+    (0..48).map(|i| 1000 + seed * 97 + i).collect()
+}
+
+fn served_by(response: &JsonResponse) -> String {
+    assert_eq!(response.status, 200, "{}", response.text);
+    response
+        .header(WORKER_HEADER)
+        .expect("sim-engine names itself")
+        .to_owned()
+}
+
+fn assert_openai_error(response: &JsonResponse, status: u16) {
+    assert_eq!(response.status, status, "{}", response.text);
+    let body = response.json().unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
+    assert!(
+        response.header(WORKER_HEADER).is_none(),
+        "the filter must answer, not a worker"
+    );
+}
+
+fn counter(envoy: &Envoy, name: &str) -> u64 {
+    envoy.stat(&format!("wasmcustom.{name}")).unwrap()
+}
+
+#[test]
+fn same_token_prompt_same_endpoint_and_prompts_spread_over_all() {
+    let fleet = Fleet::start(3, None);
+    let client = http_client();
+    let mut first_choice = HashMap::new();
+    for round in 0..2 {
+        for seed in 0..30 {
+            let body = json!({"model": MODEL, "prompt": token_prompt(seed), "max_tokens": 1});
+            let worker = served_by(&post_json(&client, &fleet.completions(), &body).unwrap());
+            let first = first_choice.entry(seed).or_insert_with(|| worker.clone());
+            assert_eq!(*first, worker, "prompt {seed} moved in round {round}");
+        }
+    }
+    let used: HashSet<&String> = first_choice.values().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "30 prompts should reach all 3 workers: {first_choice:?}"
+    );
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_routed"), 60);
+}
+
+#[test]
+fn forged_routing_headers_are_ignored() {
+    let fleet = Fleet::start(3, None);
+    let client = http_client();
+    for seed in 0..6 {
+        let body =
+            json!({"model": MODEL, "prompt": token_prompt(seed), "max_tokens": 1}).to_string();
+        let chosen = served_by(&post(&client, &fleet.completions(), body.clone(), &[]).unwrap());
+        let other = fleet
+            .workers
+            .iter()
+            .find(|w| w.worker_id() != chosen)
+            .unwrap()
+            .address();
+        let forged = post(
+            &client,
+            &fleet.completions(),
+            body,
+            &[
+                ("x-gateway-destination-endpoint", other.as_str()),
+                ("x-kvmesh-worker", other.as_str()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            served_by(&forged),
+            chosen,
+            "a forged header steered prompt {seed}"
+        );
+    }
+    assert_eq!(counter(&fleet.envoy, "kvmesh_forged_headers_removed"), 12);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_never_crash_the_vm() {
+    let limit = 64 * 1024;
+    let fleet = Fleet::start(2, Some(limit));
+    let client = http_client();
+    let url = fleet.completions();
+    let chat_url = format!("{}/v1/chat/completions", fleet.envoy.gateway_url());
+
+    assert_openai_error(&post(&client, &url, "{not json", &[]).unwrap(), 400);
+    let invalid_utf8 = b"{\"model\":\"\xff\xfe\",\"prompt\":[1]}".to_vec();
+    assert_openai_error(&post(&client, &url, invalid_utf8, &[]).unwrap(), 400);
+    let nested = format!(
+        "{{\"model\":\"{MODEL}\",\"prompt\":{}1{}}}",
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    );
+    assert_openai_error(&post(&client, &url, nested, &[]).unwrap(), 400);
+    assert_openai_error(&post(&client, &url, "", &[]).unwrap(), 400);
+    let no_messages = r#"{"model":"qwen3","messages":[]}"#;
+    assert_openai_error(&post(&client, &chat_url, no_messages, &[]).unwrap(), 400);
+    let unknown = json!({"model": "no-such-model", "prompt": [1, 2, 3]});
+    assert_openai_error(&post_json(&client, &url, &unknown).unwrap(), 404);
+
+    // Over the limit with a Content-Length, and streamed (chunked) without one.
+    let huge = format!(
+        "{{\"model\":\"{MODEL}\",\"prompt\":\"{}\"}}",
+        "a".repeat(limit as usize * 2)
+    );
+    assert_openai_error(&post(&client, &url, huge.clone(), &[]).unwrap(), 413);
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(huge.into_bytes()));
+    assert_openai_error(&post(&client, &url, chunked, &[]).unwrap(), 413);
+
+    // The VMs survived: routing still works and Envoy saw no Wasm failure.
+    let body = json!({"model": MODEL, "prompt": token_prompt(1), "max_tokens": 1});
+    served_by(&post_json(&client, &url, &body).unwrap());
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_routed"), 1);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_rejected_invalid"), 5);
+    assert_eq!(
+        counter(&fleet.envoy, "kvmesh_requests_rejected_unknown_model"),
+        1
+    );
+    assert_eq!(
+        counter(&fleet.envoy, "kvmesh_requests_rejected_too_large"),
+        2
+    );
+    assert_eq!(counter(&fleet.envoy, "kvmesh_host_call_errors"), 0);
+    assert_eq!(fleet.envoy.stat("wasm.kvmesh.vm_reload").unwrap(), 0);
+    let logs = fleet.envoy.logs();
+    for failure in [
+        "Wasm VM failed",
+        "Function: proxy_on",
+        "panicked at",
+        "wasm trap",
+    ] {
+        assert!(
+            !logs.contains(failure),
+            "Envoy logged a VM failure ({failure}):\n{logs}"
+        );
+    }
+}
+
+#[test]
+fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
+    let fleet = Fleet::start(1, None);
+    let client = http_client();
+    let models = client
+        .get(format!("{}/v1/models", fleet.envoy.gateway_url()))
+        .send()
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    let text = fleet.envoy.prometheus_stats().unwrap();
+    for name in [
+        "kvmesh_requests_routed",
+        "kvmesh_requests_unrouted",
+        "kvmesh_requests_passthrough",
+        "kvmesh_requests_rejected_invalid",
+        "kvmesh_requests_rejected_too_large",
+        "kvmesh_requests_rejected_unknown_model",
+        "kvmesh_forged_headers_removed",
+        "kvmesh_host_call_errors",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+            "{name} missing from /stats/prometheus:\n{text}"
+        );
+    }
+    let passthrough = text
+        .lines()
+        .find(|l| l.starts_with("kvmesh_requests_passthrough{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(passthrough, Some(1));
+}
+
+#[test]
+fn prompts_without_a_full_block_fall_back_to_envoy_balancing() {
+    let fleet = Fleet::start(2, None);
+    let client = http_client();
+    let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1});
+    served_by(&post_json(&client, &fleet.completions(), &body).unwrap());
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_unrouted"), 1);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_routed"), 0);
+}
+
+#[test]
+fn envoy_validates_every_config_in_envoy_dir() {
+    let endpoints = vec!["127.0.0.1:18001".to_owned(), "127.0.0.1:18002".to_owned()];
+    let config = GatewayConfig::new(vec![ModelRoute {
+        name: MODEL.to_owned(),
+        block_size: 16,
+        endpoints,
+    }])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut validated = 0;
+    for entry in std::fs::read_dir(paths::envoy_config_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let rendered = if name.ends_with(".yaml.j2") {
+            config.render(&path).unwrap()
+        } else if name.ends_with(".yaml") {
+            std::fs::read_to_string(&path).unwrap()
+        } else {
+            continue;
+        };
+        let out = dir.path().join(name.trim_end_matches(".j2"));
+        std::fs::write(&out, rendered).unwrap();
+        let result = Command::new(paths::envoy_binary().unwrap())
+            .args(["--mode", "validate", "--config-path"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "envoy rejected {name}:\n{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        validated += 1;
+    }
+    assert!(validated >= 1, "no Envoy configs found in envoy/");
+}

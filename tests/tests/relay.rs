@@ -1,0 +1,363 @@
+//! End to end: real nats-server, real `kv-sidecar relay`, real sim-engine.
+//! A NATS subscriber rebuilds each worker's block set from the relay's
+//! messages only, and it must equal the engine's own `/sim/cache`, through
+//! evictions, dropped batches, engine restarts and NATS restarts.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kvmesh_tests::harness::relay::{NatsTap, Relay, RelayOptions};
+use kvmesh_tests::harness::sim::SimEngineOptions;
+use kvmesh_tests::harness::{free_port, paths, readiness, ManagedProcess, NatsServer, SimEngine};
+use router_core::protocol::{
+    kv_event::Kind, subjects, ApplyOutcome, KvEventBatch, Message, WorkerInfo, WorkerLoad, WorkerView,
+};
+use serde_json::{json, Value};
+
+const MODEL: &str = "sim-model";
+const BLOCK: u32 = 16;
+const SETTLE: Duration = Duration::from_secs(20);
+
+struct Worker {
+    sim: SimEngine,
+    relay: Relay,
+    view: WorkerView,
+    resets: u64,
+    full_states: u64,
+}
+
+fn start_worker(nats: &NatsServer, id: &str, extra_sim_args: &[&str]) -> Worker {
+    let events = free_port();
+    let replay = free_port();
+    let mut args = vec![
+        "--kv-events-endpoint".to_owned(),
+        format!("tcp://127.0.0.1:{events}"),
+        "--kv-events-replay-endpoint".to_owned(),
+        format!("tcp://127.0.0.1:{replay}"),
+        "--num-gpu-blocks".to_owned(),
+        "48".to_owned(),
+        "--block-size".to_owned(),
+        BLOCK.to_string(),
+        "--speedup".to_owned(),
+        "200".to_owned(),
+    ];
+    args.extend(extra_sim_args.iter().map(|s| s.to_string()));
+    let sim = SimEngine::start(SimEngineOptions::new(MODEL, id).args(args)).expect("sim-engine starts");
+    let relay = Relay::start(&RelayOptions {
+        engine: "vllm".into(),
+        nats_url: nats.url(),
+        worker_id: id.into(),
+        model: MODEL.into(),
+        address: sim.address(),
+        block_size: BLOCK,
+        zmq_endpoint: Some(format!("tcp://127.0.0.1:{events}")),
+        zmq_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
+        metrics_url: Some(format!("{}/metrics", sim.url())),
+        extra_args: vec!["--load-interval".into(), "200ms".into()],
+    })
+    .expect("relay starts");
+    Worker {
+        sim,
+        relay,
+        view: WorkerView::new(),
+        resets: 0,
+        full_states: 0,
+    }
+}
+
+/// Requests sharing a few prefixes, long enough to overflow a 48-block cache.
+fn workload(sim: &SimEngine, round: u32, requests: u32) {
+    let client = reqwest::blocking::Client::new();
+    for i in 0..requests {
+        let prefix = (i % 3) * 1000 + round * 10_000;
+        let mut prompt: Vec<u32> = (prefix..prefix + 48).collect();
+        prompt.extend((0..(20 + (i * 7) % 40)).map(|t| 500_000 + round * 10_000 + i * 100 + t));
+        let response = client
+            .post(format!("{}/v1/completions", sim.url()))
+            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .expect("completion request");
+        assert!(response.status().is_success(), "sim answered {}", response.status());
+    }
+}
+
+fn sim_cache(sim: &SimEngine) -> HashSet<u64> {
+    let body: Value = reqwest::blocking::get(format!("{}/sim/cache", sim.url()))
+        .and_then(|r| r.json())
+        .expect("/sim/cache");
+    body["blocks"]
+        .as_array()
+        .expect("blocks array")
+        .iter()
+        .filter_map(|b| b["seq_hash"].as_u64())
+        .collect()
+}
+
+fn apply(tap: &NatsTap, workers: &mut [&mut Worker]) {
+    for message in tap.drain() {
+        if !message.subject.contains(".events.") {
+            continue;
+        }
+        let batch = KvEventBatch::decode(message.payload.as_slice()).expect("relay publishes valid protobuf");
+        let Some(worker) = workers.iter_mut().find(|w| w.sim.worker_id() == batch.worker_id) else {
+            continue;
+        };
+        for event in &batch.events {
+            match &event.kind {
+                Some(Kind::Reset(_)) => worker.resets += 1,
+                Some(Kind::FullState(part)) if part.part == 0 => worker.full_states += 1,
+                _ => {}
+            }
+        }
+        worker.view.apply(&batch);
+    }
+}
+
+/// Waits until every worker's rebuilt view is in sync and equals its cache.
+fn assert_views_converge(tap: &NatsTap, workers: &mut [&mut Worker]) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        apply(tap, workers);
+        let mismatched: Vec<String> = workers
+            .iter()
+            .filter_map(|w| {
+                let truth = sim_cache(&w.sim);
+                let ok = w.view.outcome() == ApplyOutcome::InSync && w.view.blocks() == &truth;
+                (!ok).then(|| {
+                    format!(
+                        "{}: view {} blocks ({:?}), engine {} blocks, missing {}, extra {}",
+                        w.sim.worker_id(),
+                        w.view.blocks().len(),
+                        w.view.outcome(),
+                        truth.len(),
+                        truth.difference(w.view.blocks()).count(),
+                        w.view.blocks().difference(&truth).count()
+                    )
+                })
+            })
+            .collect();
+        if mismatched.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "views did not converge: {mismatched:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn set_faults(sim: &SimEngine, faults: Value) {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/sim/faults", sim.url()))
+        .json(&faults)
+        .send()
+        .expect("POST /sim/faults");
+    assert!(response.status().is_success());
+}
+
+#[test]
+fn subscriber_rebuilds_each_worker_through_evictions_and_dropped_batches() {
+    let nats = NatsServer::start().expect("nats-server starts");
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
+    let mut a = start_worker(&nats, "w-a", &["--kv-events-format", "array"]);
+    let mut b = start_worker(&nats, "w-b", &["--kv-events-format", "map"]);
+
+    workload(&a.sim, 0, 30);
+    workload(&b.sim, 1, 30);
+    assert_views_converge(&tap, &mut [&mut a, &mut b]);
+    assert!(a.view.blocks().len() > 20, "the workload should fill the cache");
+
+    // Every third batch is withheld from the PUB socket; the relay must see
+    // the holes and fill them from the replay socket.
+    set_faults(&a.sim, json!({"drop_every": 3}));
+    workload(&a.sim, 2, 30);
+    set_faults(&a.sim, json!({"drop_every": null}));
+    workload(&a.sim, 3, 3);
+    assert_views_converge(&tap, &mut [&mut a, &mut b]);
+    assert!(a.relay.metric("kvmesh_relay_gaps_total", "") > 0.0, "gaps counted");
+    assert!(a.relay.metric("kvmesh_relay_replays_total", "result=\"ok\"") > 0.0, "replays succeeded");
+    assert_eq!(a.relay.metric("kvmesh_relay_resets_total", "events_lost"), 0.0, "no reset needed");
+    assert_eq!(a.relay.metric("kvmesh_relay_decode_errors_total", ""), 0.0);
+
+    // Registration, heartbeats and load arrive on their subjects.
+    let seen: Vec<_> = std::iter::from_fn(|| {
+        std::thread::sleep(Duration::from_millis(1200));
+        None::<()>
+    })
+    .take(0)
+    .collect();
+    drop(seen);
+    std::thread::sleep(Duration::from_millis(1200));
+    let messages = tap.drain();
+    let info = messages
+        .iter()
+        .filter(|m| m.subject == subjects::workers("kvmesh", MODEL))
+        .filter_map(|m| WorkerInfo::decode(m.payload.as_slice()).ok())
+        .find(|i| i.worker_id == "w-b")
+        .expect("heartbeat of w-b");
+    assert_eq!(info.address, b.sim.address());
+    assert_eq!(info.block_size, BLOCK);
+    let load = messages
+        .iter()
+        .filter(|m| m.subject == subjects::load("kvmesh", MODEL, "w-a"))
+        .filter_map(|m| WorkerLoad::decode(m.payload.as_slice()).ok())
+        .last()
+        .expect("load of w-a");
+    assert!((0.0..=1.0).contains(&load.kv_usage));
+}
+
+#[test]
+fn engine_restart_yields_a_reset_and_a_correct_view() {
+    let nats = NatsServer::start().expect("nats-server starts");
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
+    let mut w = start_worker(&nats, "w-r", &[]);
+    workload(&w.sim, 0, 12);
+    assert_views_converge(&tap, &mut [&mut w]);
+    let resets_before = w.resets;
+
+    w.sim.restart().expect("sim restarts");
+    workload(&w.sim, 1, 12);
+    assert_views_converge(&tap, &mut [&mut w]);
+    assert!(w.resets > resets_before, "a restart must publish a reset");
+    assert!(w.relay.metric("kvmesh_relay_resets_total", "engine_restarted") >= 1.0);
+}
+
+#[test]
+fn nats_restart_is_survived_with_a_correct_view() {
+    let mut nats = NatsServer::start().expect("nats-server starts");
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
+    let mut w = start_worker(&nats, "w-n", &[]);
+    workload(&w.sim, 0, 12);
+    assert_views_converge(&tap, &mut [&mut w]);
+
+    // Same port, new server: subscribers and the relay both reconnect.
+    let port = nats.url().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
+    nats.process().kill();
+    workload(&w.sim, 1, 8); // events while NATS is down
+    let monitor = free_port();
+    let mut command = Command::new(paths::nats_server_binary().expect("nats-server"));
+    command.args(["--addr", "127.0.0.1", "--port", &port.to_string(), "--http_port", &monitor.to_string()]);
+    let mut restarted = ManagedProcess::spawn("nats-server-restarted", command).expect("nats restarts");
+    readiness::wait_http_ok(&mut restarted, &format!("http://127.0.0.1:{monitor}/healthz"), Duration::from_secs(15))
+        .expect("nats ready");
+    *nats.process() = restarted;
+
+    let deadline = Instant::now() + SETTLE;
+    while tap.connects() < 2 {
+        assert!(Instant::now() < deadline, "tap did not reconnect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The relay re-announces itself with a full state after reconnecting; ask
+    // once more in case it did before the tap was back.
+    std::thread::sleep(Duration::from_millis(500));
+    tap.publish(&subjects::sync("kvmesh", MODEL, "w-n"), b"").expect("sync request");
+    workload(&w.sim, 2, 4);
+    assert_views_converge(&tap, &mut [&mut w]);
+    assert!(w.full_states >= 1, "a full state rebuilt the view");
+}
+
+/// A hand-written ZMQ PUB peer (ZMTP 3.0 over TCP, NULL mechanism) that sends
+/// whatever frames the test wants, garbage included.
+struct FakePublisher {
+    stream: std::net::TcpStream,
+}
+
+impl FakePublisher {
+    fn accept(listener: &TcpListener) -> Self {
+        let (mut stream, _) = listener.accept().expect("relay connects");
+        let mut greeting = [0u8; 64];
+        greeting[0] = 0xff;
+        greeting[9] = 0x7f;
+        greeting[10] = 3; // version 3.0
+        greeting[12..16].copy_from_slice(b"NULL");
+        stream.write_all(&greeting).expect("greeting");
+        let mut peer = [0u8; 64];
+        stream.read_exact(&mut peer).expect("peer greeting");
+        let mut ready = vec![5u8];
+        ready.extend_from_slice(b"READY");
+        ready.push(11);
+        ready.extend_from_slice(b"Socket-Type");
+        ready.extend_from_slice(&3u32.to_be_bytes());
+        ready.extend_from_slice(b"PUB");
+        stream.write_all(&[0x04, ready.len() as u8]).expect("command");
+        stream.write_all(&ready).expect("ready");
+        // Read the peer's READY and subscription, whatever their size.
+        stream.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        let mut sink = [0u8; 256];
+        let _ = stream.read(&mut sink);
+        Self { stream }
+    }
+
+    fn send(&mut self, frames: &[&[u8]]) {
+        for (i, frame) in frames.iter().enumerate() {
+            let more = if i + 1 < frames.len() { 0x01 } else { 0x00 };
+            if frame.len() < 256 {
+                self.stream.write_all(&[more, frame.len() as u8]).expect("frame header");
+            } else {
+                self.stream.write_all(&[more | 0x02]).expect("frame header");
+                self.stream.write_all(&(frame.len() as u64).to_be_bytes()).expect("frame size");
+            }
+            self.stream.write_all(frame).expect("frame");
+        }
+    }
+}
+
+#[test]
+fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
+    let nats = NatsServer::start().expect("nats-server starts");
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake engine");
+    let port = listener.local_addr().expect("addr").port();
+    let accept = std::thread::spawn(move || FakePublisher::accept(&listener));
+    let relay = Relay::start(&RelayOptions {
+        engine: "sglang".into(),
+        nats_url: nats.url(),
+        worker_id: "w-g".into(),
+        model: MODEL.into(),
+        address: "127.0.0.1:9".into(),
+        block_size: 2,
+        zmq_endpoint: Some(format!("tcp://127.0.0.1:{port}")),
+        zmq_replay_endpoint: None,
+        metrics_url: None,
+        extra_args: vec![],
+    })
+    .expect("relay starts");
+    let mut engine = accept.join().expect("fake engine accepted");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let seq = |n: u64| n.to_be_bytes();
+    engine.send(&[b"kv-events", b"short seq", b"\x93"]); // no valid seq frame
+    engine.send(&[b"only one frame"]);
+    engine.send(&[b"kv-events", &seq(0), b"\xc1\xc1 not msgpack"]);
+    // A valid batch: [0, [["BlockStored", [-1], nil, [1, 2], 2]], nil]
+    let valid: &[u8] = &[
+        0x93, 0x00, 0x91, 0x95, 0xab, b'B', b'l', b'o', b'c', b'k', b'S', b't', b'o', b'r', b'e', b'd', 0x91, 0xff,
+        0xc0, 0x92, 0x01, 0x02, 0x02, 0xc0,
+    ];
+    engine.send(&[b"kv-events", &seq(1), valid]);
+
+    let expected = router_core::BlockHasher::new(
+        router_core::BlockSize::new(2).expect("block size"),
+        router_core::HashSeed::for_model(MODEL, None),
+    )
+    .sequence_hashes(&[1, 2])[0]
+    .0;
+    let mut view = WorkerView::new();
+    let deadline = Instant::now() + SETTLE;
+    while !view.blocks().contains(&expected) {
+        assert!(Instant::now() < deadline, "valid batch after garbage never arrived");
+        for message in tap.drain() {
+            if let Ok(batch) = KvEventBatch::decode(message.payload.as_slice()) {
+                if message.subject.contains(".events.") {
+                    view.apply(&batch);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(view.outcome(), ApplyOutcome::InSync);
+    assert!(relay.metric("kvmesh_relay_decode_errors_total", "") >= 3.0);
+    assert!(readiness::http_ok(&reqwest::blocking::Client::new(), &relay.metrics_url()));
+}
