@@ -6,7 +6,7 @@ fn main() {
     let subscribe = tonic_build::manual::Method::builder()
         .name("subscribe")
         .route_name("Subscribe")
-        .input_type("router_core::gateway_report::GatewayReport")
+        .input_type("router_core::gateway::GatewayReport")
         .output_type("router_core::state_stream::StateUpdate")
         .codec_path("tonic_prost::ProstCodec")
         .client_streaming()

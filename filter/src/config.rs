@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use router_core::selection::CostWeights;
 use router_core::{BlockHasher, BlockSize, HashSeed};
 use serde::Deserialize;
 use thiserror::Error;
@@ -18,7 +19,28 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 struct RawConfig {
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: usize,
+    #[serde(default)]
+    sidecar: Option<RawSidecar>,
     models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSidecar {
+    /// Envoy cluster (HTTP/2) of `kv-sidecar serve`'s gRPC port.
+    cluster: String,
+    #[serde(default = "default_stale_after_ms")]
+    stale_after_ms: u64,
+    #[serde(default = "default_max_index_entries")]
+    max_index_entries: usize,
+}
+
+fn default_stale_after_ms() -> u64 {
+    5_000
+}
+
+fn default_max_index_entries() -> usize {
+    4_000_000
 }
 
 fn default_max_body_bytes() -> usize {
@@ -31,7 +53,16 @@ struct RawModel {
     name: String,
     #[serde(default = "default_block_size")]
     block_size: u32,
+    #[serde(default)]
     endpoints: Vec<String>,
+    #[serde(default = "default_overlap_weight")]
+    overlap_weight: f64,
+    #[serde(default)]
+    temperature: f64,
+}
+
+fn default_overlap_weight() -> f64 {
+    1.0
 }
 
 fn default_block_size() -> u32 {
@@ -43,13 +74,26 @@ fn default_block_size() -> u32 {
 pub struct ModelConfig {
     pub name: String,
     pub hasher: BlockHasher,
-    /// `ip:port` of each worker, exactly as the pool cluster lists it.
+    /// `ip:port` of each worker, exactly as the pool cluster lists it; used
+    /// only while no fleet state is available.
     pub endpoints: Vec<String>,
+    pub weights: CostWeights,
+}
+
+/// Where the fleet state comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SidecarConfig {
+    pub cluster: String,
+    /// With no state update for this long, the replica counts as stale and
+    /// routing falls back.
+    pub stale_after_ms: u64,
+    pub max_index_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
     pub max_body_bytes: usize,
+    pub sidecar: Option<SidecarConfig>,
     models: HashMap<String, ModelConfig>,
 }
 
@@ -70,6 +114,14 @@ pub enum ConfigError {
         index: usize,
         source: router_core::hashing::BlockSizeError,
     },
+    #[error("sidecar.cluster: must not be empty")]
+    EmptySidecarCluster,
+    #[error("sidecar.stale_after_ms: must be at least 1")]
+    ZeroStaleAfter,
+    #[error("models[{index}].overlap_weight: must be a finite number >= 0")]
+    OverlapWeight { index: usize },
+    #[error("models[{index}].temperature: must be a finite number >= 0")]
+    Temperature { index: usize },
     #[error("models[{index}].endpoints[{endpoint}]: '{value}' is not an ip:port address")]
     Endpoint {
         index: usize,
@@ -87,6 +139,7 @@ impl PluginConfig {
         if raw.models.is_empty() {
             return Err(ConfigError::NoModels);
         }
+        let sidecar = raw.sidecar.map(Self::parse_sidecar).transpose()?;
         let mut models = HashMap::with_capacity(raw.models.len());
         for (index, model) in raw.models.into_iter().enumerate() {
             let parsed = Self::parse_model(index, model)?;
@@ -100,7 +153,22 @@ impl PluginConfig {
         }
         Ok(Self {
             max_body_bytes: raw.max_body_bytes,
+            sidecar,
             models,
+        })
+    }
+
+    fn parse_sidecar(raw: RawSidecar) -> Result<SidecarConfig, ConfigError> {
+        if raw.cluster.is_empty() {
+            return Err(ConfigError::EmptySidecarCluster);
+        }
+        if raw.stale_after_ms == 0 {
+            return Err(ConfigError::ZeroStaleAfter);
+        }
+        Ok(SidecarConfig {
+            cluster: raw.cluster,
+            stale_after_ms: raw.stale_after_ms,
+            max_index_entries: raw.max_index_entries,
         })
     }
 
@@ -119,16 +187,31 @@ impl PluginConfig {
                 });
             }
         }
+        let valid = |x: f64| x.is_finite() && x >= 0.0;
+        if !valid(raw.overlap_weight) {
+            return Err(ConfigError::OverlapWeight { index });
+        }
+        if !valid(raw.temperature) {
+            return Err(ConfigError::Temperature { index });
+        }
         let hasher = BlockHasher::new(block_size, HashSeed::for_model(&raw.name, None));
         Ok(ModelConfig {
             name: raw.name,
             hasher,
             endpoints: raw.endpoints,
+            weights: CostWeights {
+                overlap_weight: raw.overlap_weight,
+                temperature: raw.temperature,
+            },
         })
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.get(name)
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &ModelConfig> {
+        self.models.values()
     }
 }
 
@@ -146,7 +229,16 @@ mod tests {
         let model = config.model("qwen3").unwrap();
         assert_eq!(model.hasher.block_size().get(), 16);
         assert_eq!(model.endpoints.len(), 2);
+        assert_eq!(model.weights, CostWeights::default());
+        assert!(config.sidecar.is_none());
         assert!(config.model("other").is_none());
+        let with_sidecar = PluginConfig::parse(
+            br#"{"sidecar":{"cluster":"kv_sidecar"},"models":[{"name":"m","temperature":0.2}]}"#,
+        )
+        .unwrap();
+        let sidecar = with_sidecar.sidecar.unwrap();
+        assert_eq!(sidecar.cluster, "kv_sidecar");
+        assert_eq!(sidecar.stale_after_ms, 5_000);
     }
 
     #[test]
@@ -178,6 +270,22 @@ mod tests {
                 "models[1].name",
             ),
             ("not json", "not valid JSON"),
+            (
+                r#"{"sidecar":{"cluster":""},"models":[{"name":"m"}]}"#,
+                "sidecar.cluster",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","stale_after_ms":0},"models":[{"name":"m"}]}"#,
+                "sidecar.stale_after_ms",
+            ),
+            (
+                r#"{"models":[{"name":"m","overlap_weight":-1}]}"#,
+                "models[0].overlap_weight",
+            ),
+            (
+                r#"{"models":[{"name":"m","temperature":-0.5}]}"#,
+                "models[0].temperature",
+            ),
         ];
         for (json, expected) in cases {
             let err = PluginConfig::parse(json.as_bytes())

@@ -78,6 +78,8 @@ mod abi {
             return_id: *mut u32,
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     }
 }
 
@@ -201,6 +203,22 @@ pub fn increment_metric(id: u32, offset: i64) -> Result<(), HostError> {
     // SAFETY: plain value call.
     let status = unsafe { abi::proxy_increment_metric(id, offset) };
     check("proxy_increment_metric", status)
+}
+
+/// Asks the host to call `on_tick` every `period_ms` milliseconds.
+pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
+    // SAFETY: plain value call.
+    let status = unsafe { abi::proxy_set_tick_period_milliseconds(period_ms) };
+    check("proxy_set_tick_period_milliseconds", status)
+}
+
+/// Host wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> Result<u64, HostError> {
+    let mut nanos = 0u64;
+    // SAFETY: out-pointer is valid.
+    let status = unsafe { abi::proxy_get_current_time_nanoseconds(&mut nanos) };
+    check("proxy_get_current_time_nanoseconds", status)?;
+    Ok(nanos / 1_000_000)
 }
 
 /// Serializes header pairs in the proxy-wasm map format:

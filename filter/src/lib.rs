@@ -12,14 +12,18 @@
 
 pub mod config;
 mod host;
+pub mod inflight;
 mod metrics;
+pub mod replica;
 mod root;
+pub mod routing;
 pub mod stand_in_policy;
 mod stream;
+mod vm_state;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(root::KvmeshRoot::default())
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(root::KvmeshRoot::new(context_id))
     });
 }}

@@ -16,7 +16,12 @@ impl Counter {
 
     /// Counting is best effort: a failed increment must never fail a request.
     pub fn inc(self) {
-        if let Err(err) = host::increment_metric(self.0, 1) {
+        self.add(1);
+    }
+
+    pub fn add(self, value: u64) {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        if let Err(err) = host::increment_metric(self.0, value) {
             log::debug!("{err}");
         }
     }
@@ -25,10 +30,18 @@ impl Counter {
 /// Every counter the filter maintains.
 #[derive(Debug, Clone, Copy)]
 pub struct FilterMetrics {
-    /// Inference requests sent to a chosen endpoint.
-    pub routed: Counter,
+    /// Inference requests routed by KV overlap and load from fleet state.
+    pub precise: Counter,
+    /// Inference requests routed by the stand-in prefix affinity (no state).
+    pub stand_in: Counter,
     /// Inference requests left to Envoy's fallback balancing (no decision).
-    pub unrouted: Counter,
+    pub fallback: Counter,
+    /// Decisions taken while a sidecar is configured but its state is stale.
+    pub stale_state: Counter,
+    /// Sum over routed requests of prompt blocks already cached on the chosen
+    /// worker; divided by `prompt_blocks` it is the predicted hit rate.
+    pub cached_blocks: Counter,
+    pub prompt_blocks: Counter,
     /// Requests that are not inference calls and pass through untouched.
     pub passthrough: Counter,
     pub rejected_invalid: Counter,
@@ -38,19 +51,33 @@ pub struct FilterMetrics {
     pub forged_headers_removed: Counter,
     /// Host calls that returned an error status on the request path.
     pub host_errors: Counter,
+    pub state_updates_applied: Counter,
+    /// State updates that could not be decoded or applied (the stream is
+    /// reopened for a fresh snapshot).
+    pub state_update_errors: Counter,
+    pub state_stream_opened: Counter,
+    pub state_stream_closed: Counter,
 }
 
 impl FilterMetrics {
     pub fn define() -> Result<Self, HostError> {
         Ok(Self {
-            routed: Counter::define("kvmesh_requests_routed")?,
-            unrouted: Counter::define("kvmesh_requests_unrouted")?,
+            precise: Counter::define("kvmesh_requests_precise")?,
+            stand_in: Counter::define("kvmesh_requests_stand_in")?,
+            fallback: Counter::define("kvmesh_requests_fallback")?,
+            stale_state: Counter::define("kvmesh_requests_stale_state")?,
+            cached_blocks: Counter::define("kvmesh_routed_cached_blocks")?,
+            prompt_blocks: Counter::define("kvmesh_routed_prompt_blocks")?,
             passthrough: Counter::define("kvmesh_requests_passthrough")?,
             rejected_invalid: Counter::define("kvmesh_requests_rejected_invalid")?,
             rejected_too_large: Counter::define("kvmesh_requests_rejected_too_large")?,
             rejected_unknown_model: Counter::define("kvmesh_requests_rejected_unknown_model")?,
             forged_headers_removed: Counter::define("kvmesh_forged_headers_removed")?,
             host_errors: Counter::define("kvmesh_host_call_errors")?,
+            state_updates_applied: Counter::define("kvmesh_state_updates_applied")?,
+            state_update_errors: Counter::define("kvmesh_state_update_errors")?,
+            state_stream_opened: Counter::define("kvmesh_state_stream_opened")?,
+            state_stream_closed: Counter::define("kvmesh_state_stream_closed")?,
         })
     }
 }

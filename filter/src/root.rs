@@ -1,26 +1,153 @@
-//! Per-VM root context: loads and validates the plugin configuration and
-//! creates one stream context per HTTP request.
+//! Per-VM root context: validates the plugin configuration, keeps the fleet
+//! state stream from the sidecar open (reconnecting with backoff), and creates
+//! one stream context per HTTP request.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
+use prost::Message;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
+use router_core::state_stream::StateUpdate;
 
 use crate::config::PluginConfig;
 use crate::host;
 use crate::metrics::FilterMetrics;
+use crate::replica::FleetReplica;
 use crate::stream::InferenceStream;
+use crate::vm_state::{SharedVmState, VmState};
 
 /// Upper bound on the plugin configuration read from the host.
 const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+const TICK_MS: u32 = 250;
+const RECONNECT_MIN_MS: u64 = 250;
+const RECONNECT_MAX_MS: u64 = 5_000;
+const STATE_SERVICE: &str = "kvmesh.v1.StateStream";
+const STATE_METHOD: &str = "Subscribe";
 
-#[derive(Default)]
-pub struct KvmeshRoot {
-    config: Option<Rc<PluginConfig>>,
-    metrics: Option<FilterMetrics>,
+enum Subscription {
+    Closed { retry_at_ms: u64, backoff_ms: u64 },
+    Open { token: u32, backoff_ms: u64 },
 }
 
-impl Context for KvmeshRoot {}
+pub struct KvmeshRoot {
+    context_id: u32,
+    config: Option<Rc<PluginConfig>>,
+    metrics: Option<FilterMetrics>,
+    state: Option<SharedVmState>,
+    subscription: Subscription,
+}
+
+impl KvmeshRoot {
+    pub fn new(context_id: u32) -> Self {
+        Self {
+            context_id,
+            config: None,
+            metrics: None,
+            state: None,
+            subscription: Subscription::Closed {
+                retry_at_ms: 0,
+                backoff_ms: RECONNECT_MIN_MS,
+            },
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        host::now_ms().unwrap_or(0)
+    }
+
+    fn open_stream(&mut self, now_ms: u64, backoff_ms: u64) {
+        let (Some(config), Some(metrics)) = (&self.config, self.metrics) else {
+            return;
+        };
+        let Some(sidecar) = &config.sidecar else {
+            return;
+        };
+        match hostcalls::open_grpc_stream(&sidecar.cluster, STATE_SERVICE, STATE_METHOD, Vec::new())
+        {
+            Ok(token) => {
+                metrics.state_stream_opened.inc();
+                self.subscription = Subscription::Open { token, backoff_ms };
+            }
+            Err(status) => {
+                log::warn!(
+                    "cannot open the state stream to cluster {}: {status:?}",
+                    sidecar.cluster
+                );
+                self.retry_later(now_ms, backoff_ms);
+            }
+        }
+    }
+
+    fn retry_later(&mut self, now_ms: u64, backoff_ms: u64) {
+        self.subscription = Subscription::Closed {
+            retry_at_ms: now_ms + backoff_ms,
+            backoff_ms: (backoff_ms * 2).min(RECONNECT_MAX_MS),
+        };
+    }
+
+    /// Applies one state update; on failure the stream is dropped so the next
+    /// one starts with a fresh snapshot.
+    fn receive(&mut self, token: u32, size: usize) {
+        let (Some(metrics), Some(state)) = (self.metrics, &self.state) else {
+            return;
+        };
+        let now = self.now_ms();
+        let applied = host::buffer(BufferType::GrpcReceiveBuffer, 0, size)
+            .map_err(|err| err.to_string())
+            .and_then(|bytes| StateUpdate::decode(bytes.as_slice()).map_err(|err| err.to_string()))
+            .and_then(|update| {
+                let mut state = state.borrow_mut();
+                let replica = state.replica.as_mut().ok_or("no replica configured")?;
+                replica.apply(&update, now).map_err(|err| err.to_string())
+            });
+        match applied {
+            Ok(_) => {
+                metrics.state_updates_applied.inc();
+                if let Subscription::Open { backoff_ms, .. } = &mut self.subscription {
+                    *backoff_ms = RECONNECT_MIN_MS;
+                }
+            }
+            Err(err) => {
+                metrics.state_update_errors.inc();
+                log::warn!("dropping the state stream after a bad update: {err}");
+                if let Err(status) = hostcalls::cancel_grpc_stream(token) {
+                    log::debug!("cancelling the state stream: {status:?}");
+                }
+                self.retry_later(now, RECONNECT_MIN_MS);
+            }
+        }
+    }
+}
+
+impl Context for KvmeshRoot {
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        match self.subscription {
+            Subscription::Open { token, .. } if token == token_id => {
+                self.receive(token, message_size)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        let Subscription::Open { token, backoff_ms } = self.subscription else {
+            return;
+        };
+        if token != token_id {
+            return;
+        }
+        if let Some(metrics) = self.metrics {
+            metrics.state_stream_closed.inc();
+        }
+        log::info!(
+            "state stream closed (grpc status {status_code}); reconnecting in {backoff_ms} ms"
+        );
+        let now = self.now_ms();
+        self.retry_later(now, backoff_ms);
+    }
+}
 
 impl RootContext for KvmeshRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -45,10 +172,43 @@ impl RootContext for KvmeshRoot {
                 return false;
             }
         };
-        log::info!("configured, body limit {} bytes", config.max_body_bytes);
+        let replica = config
+            .sidecar
+            .as_ref()
+            .map(|sidecar| FleetReplica::new(&config, sidecar));
+        if replica.is_some() {
+            if let Err(err) = host::set_tick_period_ms(TICK_MS) {
+                log::error!("cannot start the state stream timer: {err}");
+                return false;
+            }
+        }
+        let seed = host::now_ms().unwrap_or(0) ^ (u64::from(self.context_id) << 32);
+        log::info!(
+            "configured: {} model(s), body limit {} bytes, fleet state from {}",
+            config.models().count(),
+            config.max_body_bytes,
+            config
+                .sidecar
+                .as_ref()
+                .map_or("nowhere (stand-in routing)", |s| s.cluster.as_str())
+        );
+        self.state = Some(Rc::new(RefCell::new(VmState::new(replica, seed))));
         self.config = Some(Rc::new(config));
         self.metrics = Some(metrics);
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Subscription::Closed {
+            retry_at_ms,
+            backoff_ms,
+        } = self.subscription
+        {
+            let now = self.now_ms();
+            if now >= retry_at_ms {
+                self.open_stream(now, backoff_ms);
+            }
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -56,7 +216,8 @@ impl RootContext for KvmeshRoot {
         // ever does otherwise, no context means the request passes untouched.
         let config = self.config.clone()?;
         let metrics = self.metrics?;
-        Some(Box::new(InferenceStream::new(config, metrics)))
+        let state = self.state.clone()?;
+        Some(Box::new(InferenceStream::new(config, metrics, state)))
     }
 
     fn get_type(&self) -> Option<ContextType> {

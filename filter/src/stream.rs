@@ -10,8 +10,10 @@ use router_core::request::{parse_request, Endpoint, RequestError};
 
 use crate::config::PluginConfig;
 use crate::host;
+use crate::inflight::Ticket;
 use crate::metrics::FilterMetrics;
-use crate::stand_in_policy;
+use crate::routing::{decide, Decision, Mode};
+use crate::vm_state::SharedVmState;
 
 /// Header read by Envoy's `override_host` load balancer.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -21,16 +23,21 @@ pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
 pub struct InferenceStream {
     config: Rc<PluginConfig>,
     metrics: FilterMetrics,
+    state: SharedVmState,
     /// Set once the headers show an inference call whose body we buffer.
     endpoint: Option<Endpoint>,
+    /// This request's share of the chosen worker's in-flight load.
+    ticket: Option<Ticket>,
 }
 
 impl InferenceStream {
-    pub fn new(config: Rc<PluginConfig>, metrics: FilterMetrics) -> Self {
+    pub fn new(config: Rc<PluginConfig>, metrics: FilterMetrics, state: SharedVmState) -> Self {
         Self {
             config,
             metrics,
+            state,
             endpoint: None,
+            ticket: None,
         }
     }
 
@@ -99,13 +106,13 @@ impl InferenceStream {
     }
 
     /// Parses the complete body and sets the destination header.
-    fn route(&self, endpoint: Endpoint, body_size: usize) -> Action {
+    fn route(&mut self, endpoint: Endpoint, body_size: usize) -> Action {
         let body = match host::buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body,
             Err(err) => {
                 // Without the body there is nothing to route on: fail open.
                 self.host_error(err);
-                self.metrics.unrouted.inc();
+                self.metrics.fallback.inc();
                 return Action::Continue;
             }
         };
@@ -120,25 +127,71 @@ impl InferenceStream {
                 &error_body(ErrorKind::ModelNotFound, &message, Some("model")),
             );
         };
-        let first_block = request
+        let prompt = request
             .prompt
             .token_ids()
-            .and_then(|tokens| tokens.get(..model.hasher.block_size().as_usize()))
-            .and_then(|block| model.hasher.sequence_hashes(block).first().copied());
-        let choice = first_block.and_then(|hash| stand_in_policy::pick(hash, &model.endpoints));
-        match choice {
-            Some(address) => {
-                match host::set_header(MapType::HttpRequestHeaders, DESTINATION_HEADER, address) {
-                    Ok(()) => self.metrics.routed.inc(),
-                    Err(err) => {
-                        self.host_error(err);
-                        self.metrics.unrouted.inc();
-                    }
-                }
+            .map(|tokens| model.hasher.sequence_hashes(tokens))
+            .unwrap_or_default();
+        let now = host::now_ms().unwrap_or(0);
+        let decision = {
+            let mut guard = self.state.borrow_mut();
+            let state = &mut *guard;
+            let stale = state.replica.as_ref().is_some_and(|r| r.is_stale(now));
+            if stale {
+                self.metrics.stale_state.inc();
             }
-            None => self.metrics.unrouted.inc(),
-        }
+            let random = state.next_random();
+            let view = state
+                .replica
+                .as_ref()
+                .and_then(|r| r.fresh_view(&model.name, now));
+            decide(
+                model,
+                &prompt,
+                view,
+                &state.inflight,
+                &mut state.scratch,
+                random,
+            )
+        };
+        self.apply_decision(&decision, u64::from(model.hasher.block_size().get()));
         Action::Continue
+    }
+
+    /// Steers the load balancer and records the request's in-flight load.
+    fn apply_decision(&mut self, decision: &Decision, block_size: u64) {
+        let Some(address) = &decision.address else {
+            self.metrics.fallback.inc();
+            return;
+        };
+        if let Err(err) = host::set_header(MapType::HttpRequestHeaders, DESTINATION_HEADER, address)
+        {
+            self.host_error(err);
+            self.metrics.fallback.inc();
+            return;
+        }
+        match decision.mode {
+            Mode::Precise => self.metrics.precise.inc(),
+            Mode::StandIn => self.metrics.stand_in.inc(),
+            Mode::Fallback => self.metrics.fallback.inc(),
+        }
+        self.metrics
+            .cached_blocks
+            .add(u64::from(decision.cached_blocks));
+        self.metrics
+            .prompt_blocks
+            .add(u64::from(decision.prompt_blocks));
+        let uncached = u64::from(
+            decision
+                .prompt_blocks
+                .saturating_sub(decision.cached_blocks),
+        );
+        let ticket = self.state.borrow_mut().inflight.admit(
+            address,
+            uncached * block_size,
+            u64::from(decision.prompt_blocks),
+        );
+        self.ticket = Some(ticket);
     }
 }
 
@@ -191,6 +244,19 @@ impl HttpContext for InferenceStream {
         }
         self.endpoint = None;
         self.route(endpoint, body_size)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(ticket) = &mut self.ticket {
+            self.state.borrow_mut().inflight.prefill_done(ticket);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.state.borrow_mut().inflight.finish(ticket);
+        }
     }
 }
 

@@ -4,3 +4,5 @@
 pub mod decode;
 pub mod normalize;
 pub mod relay;
+pub mod serve;
+pub mod tokenize;

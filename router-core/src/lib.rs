@@ -6,7 +6,7 @@
 )]
 
 pub mod fleet;
-pub mod gateway_report;
+pub mod gateway;
 pub mod hashing;
 pub mod index;
 pub mod openai_error;

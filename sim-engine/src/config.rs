@@ -18,7 +18,11 @@ pub enum EventFormat {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sim-engine", version, about = "Simulated GPU worker speaking vLLM's protocols")]
+#[command(
+    name = "sim-engine",
+    version,
+    about = "Simulated GPU worker speaking vLLM's protocols"
+)]
 pub struct Config {
     /// Address to listen on for the OpenAI API, /metrics and /sim/*.
     #[arg(long, default_value = "127.0.0.1")]
@@ -86,7 +90,10 @@ impl Config {
     /// Checks the combinations clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.block_size >= 1, "--block-size must be at least 1");
-        anyhow::ensure!(self.num_gpu_blocks >= 1, "--num-gpu-blocks must be at least 1");
+        anyhow::ensure!(
+            self.num_gpu_blocks >= 1,
+            "--num-gpu-blocks must be at least 1"
+        );
         anyhow::ensure!(self.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
         anyhow::ensure!(
             self.max_num_batched_tokens >= 1,

@@ -28,7 +28,11 @@ impl EngineHasher {
 
     /// Hash of a full block given its parent's hash (`None` for the first block).
     pub fn block_hash(&self, parent: Option<u64>, tokens: &[u32]) -> u64 {
-        low_64(&cbor_sha256(&HashInput(parent.unwrap_or(self.root), tokens, None)))
+        low_64(&cbor_sha256(&HashInput(
+            parent.unwrap_or(self.root),
+            tokens,
+            None,
+        )))
     }
 
     /// Hashes of every full block of `tokens`, chained from the root.

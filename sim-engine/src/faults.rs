@@ -61,7 +61,10 @@ impl FaultSettings {
             (0.0..=1.0).contains(&self.error_rate),
             "fault error rate must be within 0..=1"
         );
-        anyhow::ensure!(self.drop_every != Some(0), "fault drop-every must be at least 1");
+        anyhow::ensure!(
+            self.drop_every != Some(0),
+            "fault drop-every must be at least 1"
+        );
         Ok(())
     }
 
@@ -167,7 +170,10 @@ mod tests {
         });
         let update: FaultUpdate = serde_json::from_str(r#"{"error_rate":0.5}"#).unwrap();
         let s = faults.update(update).unwrap();
-        assert_eq!((s.error_rate, s.drop_every, s.added_latency_ms), (0.5, Some(3), 5));
+        assert_eq!(
+            (s.error_rate, s.drop_every, s.added_latency_ms),
+            (0.5, Some(3), 5)
+        );
         let update: FaultUpdate = serde_json::from_str(r#"{"drop_every":null}"#).unwrap();
         assert_eq!(faults.update(update).unwrap().drop_every, None);
         let bad: FaultUpdate = serde_json::from_str(r#"{"error_rate":2}"#).unwrap();

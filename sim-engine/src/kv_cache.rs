@@ -84,11 +84,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(
-        num_blocks: usize,
-        engine_hasher: EngineHasher,
-        kvmesh_hasher: BlockHasher,
-    ) -> Self {
+    pub fn new(num_blocks: usize, engine_hasher: EngineHasher, kvmesh_hasher: BlockHasher) -> Self {
         let mut cache = Self {
             blocks: (0..num_blocks).map(|_| Block::default()).collect(),
             free_queue: BTreeMap::new(),
@@ -181,9 +177,10 @@ impl KvCache {
             ids.push(id);
         }
         // vLLM reports one BlockRemoved per evicted block.
-        self.events.extend(evicted.into_iter().map(|hash| CacheEvent::Removed {
-            block_hashes: vec![hash],
-        }));
+        self.events
+            .extend(evicted.into_iter().map(|hash| CacheEvent::Removed {
+                block_hashes: vec![hash],
+            }));
         Some(ids)
     }
 
@@ -316,7 +313,10 @@ mod tests {
         KvCache::new(
             blocks,
             EngineHasher::new("0"),
-            BlockHasher::new(BlockSize::new(BS as u32).unwrap(), HashSeed::for_model("m", None)),
+            BlockHasher::new(
+                BlockSize::new(BS as u32).unwrap(),
+                HashSeed::for_model("m", None),
+            ),
         )
     }
 
@@ -346,12 +346,21 @@ mod tests {
             }]
         );
         let hashes = c.engine_hasher().chain(&tokens, BS);
-        assert_eq!(hashes, links.iter().map(|l| l.engine_hash).collect::<Vec<_>>());
+        assert_eq!(
+            hashes,
+            links.iter().map(|l| l.engine_hash).collect::<Vec<_>>()
+        );
         let hit = c.lookup_prefix(&hashes);
         assert_eq!(hit.iter().map(|h| h.0).collect::<Vec<_>>(), ids);
         // kvmesh seq hashes agree with router-core's own chain.
-        let hasher = BlockHasher::new(BlockSize::new(BS as u32).unwrap(), HashSeed::for_model("m", None));
-        assert_eq!(hasher.sequence_hashes(&tokens), links.iter().map(|l| l.seq_hash).collect::<Vec<_>>());
+        let hasher = BlockHasher::new(
+            BlockSize::new(BS as u32).unwrap(),
+            HashSeed::for_model("m", None),
+        );
+        assert_eq!(
+            hasher.sequence_hashes(&tokens),
+            links.iter().map(|l| l.seq_hash).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -396,9 +405,15 @@ mod tests {
         assert_eq!(
             c.take_events(),
             vec![
-                CacheEvent::Removed { block_hashes: vec![links_a[1].engine_hash] },
-                CacheEvent::Removed { block_hashes: vec![links_a[0].engine_hash] },
-                CacheEvent::Removed { block_hashes: vec![links_b[1].engine_hash] },
+                CacheEvent::Removed {
+                    block_hashes: vec![links_a[1].engine_hash]
+                },
+                CacheEvent::Removed {
+                    block_hashes: vec![links_a[0].engine_hash]
+                },
+                CacheEvent::Removed {
+                    block_hashes: vec![links_b[1].engine_hash]
+                },
             ]
         );
         let survivors: Vec<u64> = c.cached_blocks().iter().map(|b| b.engine_hash).collect();
@@ -416,7 +431,10 @@ mod tests {
         c.release(&ids_b);
         c.acquire(&ids_a);
         c.release(&ids_a); // a used again: now b is older
-        assert_eq!(c.eviction_order(), vec![links_b[0].engine_hash, links_a[0].engine_hash]);
+        assert_eq!(
+            c.eviction_order(),
+            vec![links_b[0].engine_hash, links_a[0].engine_hash]
+        );
     }
 
     #[test]

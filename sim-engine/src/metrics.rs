@@ -116,16 +116,38 @@ impl EngineMetrics {
 
     /// Publishes the scheduler's current state and new first-token times.
     pub fn record(&self, load: LoadSnapshot, counters: SchedulerCounters, first_tokens: &[f64]) {
-        self.running.set(i64::try_from(load.running).unwrap_or(i64::MAX));
-        self.waiting.set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
+        self.running
+            .set(i64::try_from(load.running).unwrap_or(i64::MAX));
+        self.waiting
+            .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
         self.kv_cache_usage.set(load.kv_cache_usage);
         let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
         let pairs = [
-            (&self.prefix_cache_queries, counters.prefix_cache_queries, exported.prefix_cache_queries),
-            (&self.prefix_cache_hits, counters.prefix_cache_hits, exported.prefix_cache_hits),
-            (&self.prompt_tokens, counters.prompt_tokens, exported.prompt_tokens),
-            (&self.generation_tokens, counters.generation_tokens, exported.generation_tokens),
-            (&self.preemptions, counters.preemptions, exported.preemptions),
+            (
+                &self.prefix_cache_queries,
+                counters.prefix_cache_queries,
+                exported.prefix_cache_queries,
+            ),
+            (
+                &self.prefix_cache_hits,
+                counters.prefix_cache_hits,
+                exported.prefix_cache_hits,
+            ),
+            (
+                &self.prompt_tokens,
+                counters.prompt_tokens,
+                exported.prompt_tokens,
+            ),
+            (
+                &self.generation_tokens,
+                counters.generation_tokens,
+                exported.generation_tokens,
+            ),
+            (
+                &self.preemptions,
+                counters.preemptions,
+                exported.preemptions,
+            ),
         ];
         for (counter, now, before) in pairs {
             counter.inc_by(now.saturating_sub(before));

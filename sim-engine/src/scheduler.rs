@@ -257,9 +257,7 @@ impl Scheduler {
                 prompt_tokens: seq.prompt_len,
                 completion_tokens: seq.generated(),
                 cached_tokens: seq.cached_tokens.unwrap_or(0),
-                time_to_first_token: seq
-                    .first_token_at
-                    .map_or(0.0, |first| first - seq.arrival),
+                time_to_first_token: seq.first_token_at.map_or(0.0, |first| first - seq.arrival),
             };
             // The receiver may be gone already; nothing more to do then.
             let _ = seq.updates.send(SequenceUpdate::Finished(summary));
@@ -283,12 +281,11 @@ impl Scheduler {
     /// prompt still recomputes its last block.
     fn admit_from_cache(&mut self, seq: &mut Sequence) {
         let block_size = self.cache.block_size();
-        let hashes = self
-            .cache
-            .engine_hasher()
-            .chain(&seq.tokens, block_size);
+        let hashes = self.cache.engine_hasher().chain(&seq.tokens, block_size);
         let usable = (seq.tokens.len().saturating_sub(1)) / block_size;
-        let mut hits = self.cache.lookup_prefix(&hashes[..usable.min(hashes.len())]);
+        let mut hits = self
+            .cache
+            .lookup_prefix(&hashes[..usable.min(hashes.len())]);
         hits.truncate(usable);
         let ids: Vec<BlockId> = hits.iter().map(|h| h.0).collect();
         self.cache.acquire(&ids);
@@ -395,7 +392,11 @@ mod tests {
         )
     }
 
-    fn submit(s: &mut Scheduler, prompt: Vec<u32>, outputs: usize) -> UnboundedReceiver<SequenceUpdate> {
+    fn submit(
+        s: &mut Scheduler,
+        prompt: Vec<u32>,
+        outputs: usize,
+    ) -> UnboundedReceiver<SequenceUpdate> {
         let (tx, rx) = unbounded_channel();
         s.submit(
             NewSequence {
@@ -498,7 +499,11 @@ mod tests {
         let (ta, _) = summary(&mut a);
         let (tb, _) = summary(&mut b);
         assert_eq!(ta.len(), 6);
-        assert_eq!(tb, (1000..1006).collect::<Vec<u32>>(), "recomputation keeps outputs");
+        assert_eq!(
+            tb,
+            (1000..1006).collect::<Vec<u32>>(),
+            "recomputation keeps outputs"
+        );
         assert_eq!(s.cache().num_free(), 4, "everything released at the end");
     }
 

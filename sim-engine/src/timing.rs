@@ -130,7 +130,10 @@ mod tests {
 
     #[test]
     fn empty_batch_costs_nothing() {
-        assert_eq!(TimingModel::default().iteration_seconds(&BatchShape::default()), 0.0);
+        assert_eq!(
+            TimingModel::default().iteration_seconds(&BatchShape::default()),
+            0.0
+        );
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn same_token_prompt_same_endpoint_and_prompts_spread_over_all() {
         3,
         "30 prompts should reach all 3 workers: {first_choice:?}"
     );
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_routed"), 60);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 60);
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn bad_requests_get_openai_errors_and_never_crash_the_vm() {
     // The VMs survived: routing still works and Envoy saw no Wasm failure.
     let body = json!({"model": MODEL, "prompt": token_prompt(1), "max_tokens": 1});
     served_by(&post_json(&client, &url, &body).unwrap());
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_routed"), 1);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 1);
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_rejected_invalid"), 5);
     assert_eq!(
         counter(&fleet.envoy, "kvmesh_requests_rejected_unknown_model"),
@@ -196,8 +196,16 @@ fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
     assert_eq!(models.status(), 200);
     let text = fleet.envoy.prometheus_stats().unwrap();
     for name in [
-        "kvmesh_requests_routed",
-        "kvmesh_requests_unrouted",
+        "kvmesh_requests_precise",
+        "kvmesh_requests_stand_in",
+        "kvmesh_requests_fallback",
+        "kvmesh_requests_stale_state",
+        "kvmesh_routed_cached_blocks",
+        "kvmesh_routed_prompt_blocks",
+        "kvmesh_state_updates_applied",
+        "kvmesh_state_update_errors",
+        "kvmesh_state_stream_opened",
+        "kvmesh_state_stream_closed",
         "kvmesh_requests_passthrough",
         "kvmesh_requests_rejected_invalid",
         "kvmesh_requests_rejected_too_large",
@@ -224,32 +232,41 @@ fn prompts_without_a_full_block_fall_back_to_envoy_balancing() {
     let client = http_client();
     let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1});
     served_by(&post_json(&client, &fleet.completions(), &body).unwrap());
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_unrouted"), 1);
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_routed"), 0);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_fallback"), 1);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 0);
 }
 
 #[test]
 fn envoy_validates_every_config_in_envoy_dir() {
     let endpoints = vec!["127.0.0.1:18001".to_owned(), "127.0.0.1:18002".to_owned()];
-    let config = GatewayConfig::new(vec![ModelRoute {
+    let standalone = GatewayConfig::new(vec![ModelRoute {
         name: MODEL.to_owned(),
         block_size: 16,
         endpoints,
     }])
     .unwrap();
+    let mut with_sidecar = standalone.clone();
+    with_sidecar.sidecar_grpc = Some("127.0.0.1:18100".to_owned());
     let dir = tempfile::tempdir().unwrap();
     let mut validated = 0;
-    for entry in std::fs::read_dir(paths::envoy_config_dir()).unwrap() {
-        let path = entry.unwrap().path();
+    let entries: Vec<_> = std::fs::read_dir(paths::envoy_config_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let variants = [("standalone", &standalone), ("sidecar", &with_sidecar)];
+    for (path, (variant, config)) in entries
+        .iter()
+        .flat_map(|p| variants.iter().map(move |v| (p, v)))
+    {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let rendered = if name.ends_with(".yaml.j2") {
-            config.render(&path).unwrap()
+            config.render(path).unwrap()
         } else if name.ends_with(".yaml") {
-            std::fs::read_to_string(&path).unwrap()
+            std::fs::read_to_string(path).unwrap()
         } else {
             continue;
         };
-        let out = dir.path().join(name.trim_end_matches(".j2"));
+        let out = dir.path().join(format!("{variant}-{}", name.trim_end_matches(".j2")));
         std::fs::write(&out, rendered).unwrap();
         let result = Command::new(paths::envoy_binary().unwrap())
             .args(["--mode", "validate", "--config-path"])
@@ -258,10 +275,42 @@ fn envoy_validates_every_config_in_envoy_dir() {
             .unwrap();
         assert!(
             result.status.success(),
-            "envoy rejected {name}:\n{}",
+            "envoy rejected {name} ({variant}):\n{}",
             String::from_utf8_lossy(&result.stderr)
         );
         validated += 1;
     }
     assert!(validated >= 1, "no Envoy configs found in envoy/");
+}
+
+#[test]
+fn unreachable_sidecar_fails_open() {
+    let workers: Vec<SimEngine> = (0..2)
+        .map(|i| SimEngine::start(SimEngineOptions::new(MODEL, &format!("w{i}"))).unwrap())
+        .collect();
+    let mut config = GatewayConfig::new(vec![ModelRoute {
+        name: MODEL.to_owned(),
+        block_size: 16,
+        endpoints: workers.iter().map(SimEngine::address).collect(),
+    }])
+    .unwrap();
+    // Nothing listens there: the state stream can never open.
+    config.sidecar_grpc = Some(format!("127.0.0.1:{}", kvmesh_tests::harness::free_port()));
+    let envoy = Envoy::start(config).unwrap();
+    let client = http_client();
+    let url = format!("{}/v1/completions", envoy.gateway_url());
+    for seed in 0..5 {
+        let body = json!({"model": MODEL, "prompt": token_prompt(seed), "max_tokens": 1});
+        served_by(&post_json(&client, &url, &body).unwrap());
+    }
+    assert_eq!(counter(&envoy, "kvmesh_requests_precise"), 0);
+    assert_eq!(counter(&envoy, "kvmesh_requests_stand_in"), 5);
+    assert_eq!(counter(&envoy, "kvmesh_requests_stale_state"), 5);
+    // The filter keeps trying to reach the sidecar with backoff.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while counter(&envoy, "kvmesh_state_stream_closed") < 2 {
+        assert!(std::time::Instant::now() < deadline, "no reconnect attempts seen");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(counter(&envoy, "kvmesh_state_stream_opened") >= 2);
 }

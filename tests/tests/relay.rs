@@ -13,7 +13,8 @@ use kvmesh_tests::harness::relay::{NatsTap, Relay, RelayOptions};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{free_port, paths, readiness, ManagedProcess, NatsServer, SimEngine};
 use router_core::protocol::{
-    kv_event::Kind, subjects, ApplyOutcome, KvEventBatch, Message, WorkerInfo, WorkerLoad, WorkerView,
+    kv_event::Kind, subjects, ApplyOutcome, KvEventBatch, Message, WorkerInfo, WorkerLoad,
+    WorkerView,
 };
 use serde_json::{json, Value};
 
@@ -45,7 +46,8 @@ fn start_worker(nats: &NatsServer, id: &str, extra_sim_args: &[&str]) -> Worker 
         "200".to_owned(),
     ];
     args.extend(extra_sim_args.iter().map(|s| s.to_string()));
-    let sim = SimEngine::start(SimEngineOptions::new(MODEL, id).args(args)).expect("sim-engine starts");
+    let sim =
+        SimEngine::start(SimEngineOptions::new(MODEL, id).args(args)).expect("sim-engine starts");
     let relay = Relay::start(&RelayOptions {
         engine: "vllm".into(),
         nats_url: nats.url(),
@@ -81,7 +83,11 @@ fn workload(sim: &SimEngine, round: u32, requests: u32) {
             .timeout(Duration::from_secs(20))
             .send()
             .expect("completion request");
-        assert!(response.status().is_success(), "sim answered {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "sim answered {}",
+            response.status()
+        );
     }
 }
 
@@ -102,8 +108,12 @@ fn apply(tap: &NatsTap, workers: &mut [&mut Worker]) {
         if !message.subject.contains(".events.") {
             continue;
         }
-        let batch = KvEventBatch::decode(message.payload.as_slice()).expect("relay publishes valid protobuf");
-        let Some(worker) = workers.iter_mut().find(|w| w.sim.worker_id() == batch.worker_id) else {
+        let batch = KvEventBatch::decode(message.payload.as_slice())
+            .expect("relay publishes valid protobuf");
+        let Some(worker) = workers
+            .iter_mut()
+            .find(|w| w.sim.worker_id() == batch.worker_id)
+        else {
             continue;
         };
         for event in &batch.events {
@@ -143,7 +153,10 @@ fn assert_views_converge(tap: &NatsTap, workers: &mut [&mut Worker]) {
         if mismatched.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "views did not converge: {mismatched:?}");
+        assert!(
+            Instant::now() < deadline,
+            "views did not converge: {mismatched:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -167,7 +180,10 @@ fn subscriber_rebuilds_each_worker_through_evictions_and_dropped_batches() {
     workload(&a.sim, 0, 30);
     workload(&b.sim, 1, 30);
     assert_views_converge(&tap, &mut [&mut a, &mut b]);
-    assert!(a.view.blocks().len() > 20, "the workload should fill the cache");
+    assert!(
+        a.view.blocks().len() > 20,
+        "the workload should fill the cache"
+    );
 
     // Every third batch is withheld from the PUB socket; the relay must see
     // the holes and fill them from the replay socket.
@@ -176,9 +192,21 @@ fn subscriber_rebuilds_each_worker_through_evictions_and_dropped_batches() {
     set_faults(&a.sim, json!({"drop_every": null}));
     workload(&a.sim, 3, 3);
     assert_views_converge(&tap, &mut [&mut a, &mut b]);
-    assert!(a.relay.metric("kvmesh_relay_gaps_total", "") > 0.0, "gaps counted");
-    assert!(a.relay.metric("kvmesh_relay_replays_total", "result=\"ok\"") > 0.0, "replays succeeded");
-    assert_eq!(a.relay.metric("kvmesh_relay_resets_total", "events_lost"), 0.0, "no reset needed");
+    assert!(
+        a.relay.metric("kvmesh_relay_gaps_total", "") > 0.0,
+        "gaps counted"
+    );
+    assert!(
+        a.relay
+            .metric("kvmesh_relay_replays_total", "result=\"ok\"")
+            > 0.0,
+        "replays succeeded"
+    );
+    assert_eq!(
+        a.relay.metric("kvmesh_relay_resets_total", "events_lost"),
+        0.0,
+        "no reset needed"
+    );
     assert_eq!(a.relay.metric("kvmesh_relay_decode_errors_total", ""), 0.0);
 
     // Registration, heartbeats and load arrive on their subjects.
@@ -221,7 +249,11 @@ fn engine_restart_yields_a_reset_and_a_correct_view() {
     workload(&w.sim, 1, 12);
     assert_views_converge(&tap, &mut [&mut w]);
     assert!(w.resets > resets_before, "a restart must publish a reset");
-    assert!(w.relay.metric("kvmesh_relay_resets_total", "engine_restarted") >= 1.0);
+    assert!(
+        w.relay
+            .metric("kvmesh_relay_resets_total", "engine_restarted")
+            >= 1.0
+    );
 }
 
 #[test]
@@ -233,15 +265,32 @@ fn nats_restart_is_survived_with_a_correct_view() {
     assert_views_converge(&tap, &mut [&mut w]);
 
     // Same port, new server: subscribers and the relay both reconnect.
-    let port = nats.url().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
+    let port = nats
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
     nats.process().kill();
     workload(&w.sim, 1, 8); // events while NATS is down
     let monitor = free_port();
     let mut command = Command::new(paths::nats_server_binary().expect("nats-server"));
-    command.args(["--addr", "127.0.0.1", "--port", &port.to_string(), "--http_port", &monitor.to_string()]);
-    let mut restarted = ManagedProcess::spawn("nats-server-restarted", command).expect("nats restarts");
-    readiness::wait_http_ok(&mut restarted, &format!("http://127.0.0.1:{monitor}/healthz"), Duration::from_secs(15))
-        .expect("nats ready");
+    command.args([
+        "--addr",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--http_port",
+        &monitor.to_string(),
+    ]);
+    let mut restarted =
+        ManagedProcess::spawn("nats-server-restarted", command).expect("nats restarts");
+    readiness::wait_http_ok(
+        &mut restarted,
+        &format!("http://127.0.0.1:{monitor}/healthz"),
+        Duration::from_secs(15),
+    )
+    .expect("nats ready");
     *nats.process() = restarted;
 
     let deadline = Instant::now() + SETTLE;
@@ -252,7 +301,8 @@ fn nats_restart_is_survived_with_a_correct_view() {
     // The relay re-announces itself with a full state after reconnecting; ask
     // once more in case it did before the tap was back.
     std::thread::sleep(Duration::from_millis(500));
-    tap.publish(&subjects::sync("kvmesh", MODEL, "w-n"), b"").expect("sync request");
+    tap.publish(&subjects::sync("kvmesh", MODEL, "w-n"), b"")
+        .expect("sync request");
     workload(&w.sim, 2, 4);
     assert_views_converge(&tap, &mut [&mut w]);
     assert!(w.full_states >= 1, "a full state rebuilt the view");
@@ -281,10 +331,14 @@ impl FakePublisher {
         ready.extend_from_slice(b"Socket-Type");
         ready.extend_from_slice(&3u32.to_be_bytes());
         ready.extend_from_slice(b"PUB");
-        stream.write_all(&[0x04, ready.len() as u8]).expect("command");
+        stream
+            .write_all(&[0x04, ready.len() as u8])
+            .expect("command");
         stream.write_all(&ready).expect("ready");
         // Read the peer's READY and subscription, whatever their size.
-        stream.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
         let mut sink = [0u8; 256];
         let _ = stream.read(&mut sink);
         Self { stream }
@@ -294,10 +348,14 @@ impl FakePublisher {
         for (i, frame) in frames.iter().enumerate() {
             let more = if i + 1 < frames.len() { 0x01 } else { 0x00 };
             if frame.len() < 256 {
-                self.stream.write_all(&[more, frame.len() as u8]).expect("frame header");
+                self.stream
+                    .write_all(&[more, frame.len() as u8])
+                    .expect("frame header");
             } else {
                 self.stream.write_all(&[more | 0x02]).expect("frame header");
-                self.stream.write_all(&(frame.len() as u64).to_be_bytes()).expect("frame size");
+                self.stream
+                    .write_all(&(frame.len() as u64).to_be_bytes())
+                    .expect("frame size");
             }
             self.stream.write_all(frame).expect("frame");
         }
@@ -333,8 +391,8 @@ fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
     engine.send(&[b"kv-events", &seq(0), b"\xc1\xc1 not msgpack"]);
     // A valid batch: [0, [["BlockStored", [-1], nil, [1, 2], 2]], nil]
     let valid: &[u8] = &[
-        0x93, 0x00, 0x91, 0x95, 0xab, b'B', b'l', b'o', b'c', b'k', b'S', b't', b'o', b'r', b'e', b'd', 0x91, 0xff,
-        0xc0, 0x92, 0x01, 0x02, 0x02, 0xc0,
+        0x93, 0x00, 0x91, 0x95, 0xab, b'B', b'l', b'o', b'c', b'k', b'S', b't', b'o', b'r', b'e',
+        b'd', 0x91, 0xff, 0xc0, 0x92, 0x01, 0x02, 0x02, 0xc0,
     ];
     engine.send(&[b"kv-events", &seq(1), valid]);
 
@@ -343,11 +401,14 @@ fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
         router_core::HashSeed::for_model(MODEL, None),
     )
     .sequence_hashes(&[1, 2])[0]
-    .0;
+        .0;
     let mut view = WorkerView::new();
     let deadline = Instant::now() + SETTLE;
     while !view.blocks().contains(&expected) {
-        assert!(Instant::now() < deadline, "valid batch after garbage never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "valid batch after garbage never arrived"
+        );
         for message in tap.drain() {
             if let Ok(batch) = KvEventBatch::decode(message.payload.as_slice()) {
                 if message.subject.contains(".events.") {
@@ -359,5 +420,8 @@ fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
     }
     assert_eq!(view.outcome(), ApplyOutcome::InSync);
     assert!(relay.metric("kvmesh_relay_decode_errors_total", "") >= 3.0);
-    assert!(readiness::http_ok(&reqwest::blocking::Client::new(), &relay.metrics_url()));
+    assert!(readiness::http_ok(
+        &reqwest::blocking::Client::new(),
+        &relay.metrics_url()
+    ));
 }

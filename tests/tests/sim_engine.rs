@@ -146,7 +146,10 @@ impl Subscriber {
                 None => break,
             }
         }
-        panic!("seq {last_seq} did not arrive; got {:?}", batches.iter().map(|b| b.0).collect::<Vec<_>>());
+        panic!(
+            "seq {last_seq} did not arrive; got {:?}",
+            batches.iter().map(|b| b.0).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -229,14 +232,23 @@ fn decode_event(value: &rmpv::Value, expected_format: &str) -> Event {
                 .iter()
                 .map(|(k, v)| (k.as_str().expect("string key"), v))
                 .collect();
-            assert!(!map.contains_key("lora_id") && !map.contains_key("lora_name"), "defaults omitted");
+            assert!(
+                !map.contains_key("lora_id") && !map.contains_key("lora_name"),
+                "defaults omitted"
+            );
             match map["type"].as_str().unwrap() {
                 "BlockStored" => Event::Stored {
                     hashes: as_u64s(map["block_hashes"]),
                     parent: optional_u64(map["parent_block_hash"]),
-                    tokens: as_u64s(map["token_ids"]).into_iter().map(|t| t as u32).collect(),
+                    tokens: as_u64s(map["token_ids"])
+                        .into_iter()
+                        .map(|t| t as u32)
+                        .collect(),
                     block_size: map["block_size"].as_u64().unwrap(),
-                    medium: map.get("medium").and_then(|m| m.as_str()).map(str::to_owned),
+                    medium: map
+                        .get("medium")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_owned),
                 },
                 "BlockRemoved" => Event::Removed {
                     hashes: as_u64s(map["block_hashes"]),
@@ -256,7 +268,10 @@ fn decode_batch(payload: &[u8], format: &str) -> Vec<Event> {
     assert!(reader.is_empty(), "one value per payload");
     let fields = batch.as_array().expect("batch array");
     assert_eq!(fields.len(), 3);
-    assert!(fields[0].as_f64().expect("float ts") > 1.0e9, "unix seconds");
+    assert!(
+        fields[0].as_f64().expect("float ts") > 1.0e9,
+        "unix seconds"
+    );
     assert!(fields[2].is_nil(), "data_parallel_rank");
     fields[1]
         .as_array()
@@ -294,7 +309,10 @@ impl Reconstructed {
             }
             Event::Removed { hashes } => {
                 for hash in hashes {
-                    assert!(self.blocks.remove(hash).is_some(), "removed unknown block {hash}");
+                    assert!(
+                        self.blocks.remove(hash).is_some(),
+                        "removed unknown block {hash}"
+                    );
                 }
             }
             Event::Cleared => self.blocks.clear(),
@@ -302,7 +320,12 @@ impl Reconstructed {
     }
 
     /// kvmesh seq hash of a block: chain from the root through parents.
-    fn seq_hash(&self, hash: u64, hasher: &BlockHasher, memo: &mut HashMap<u64, u64>) -> Option<u64> {
+    fn seq_hash(
+        &self,
+        hash: u64,
+        hasher: &BlockHasher,
+        memo: &mut HashMap<u64, u64>,
+    ) -> Option<u64> {
         if let Some(seq) = memo.get(&hash) {
             return Some(*seq);
         }
@@ -349,7 +372,11 @@ fn repeated_long_prefix_is_cached_and_shortens_simulated_ttft() {
         let response = post_json(&client, &url, &body).unwrap();
         assert_eq!(response.status, 200, "{}", response.text);
         assert_eq!(response.header("x-sim-worker-id"), Some("w0"));
-        let ttft: f64 = response.header("x-sim-ttft-seconds").unwrap().parse().unwrap();
+        let ttft: f64 = response
+            .header("x-sim-ttft-seconds")
+            .unwrap()
+            .parse()
+            .unwrap();
         (response.json().unwrap(), ttft)
     };
     let (cold, cold_ttft) = chat("What does the router keep?");
@@ -357,15 +384,26 @@ fn repeated_long_prefix_is_cached_and_shortens_simulated_ttft() {
     let prompt_tokens = cold["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 1500, "{prompt_tokens}");
     assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
-    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
-    assert!(cached > prompt_tokens - 64 && cached % BLOCK_SIZE as u64 == 0, "cached {cached} of {prompt_tokens}");
-    assert!(warm_ttft < cold_ttft / 3.0, "warm {warm_ttft} cold {cold_ttft}");
+    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached > prompt_tokens - 64 && cached % BLOCK_SIZE as u64 == 0,
+        "cached {cached} of {prompt_tokens}"
+    );
+    assert!(
+        warm_ttft < cold_ttft / 3.0,
+        "warm {warm_ttft} cold {cold_ttft}"
+    );
 
     // The TTFT histogram (simulated seconds) saw both requests.
     let metrics = scrape(&engine);
     let sum = sample(&metrics, "vllm:time_to_first_token_seconds_sum");
     assert!((sum - (cold_ttft + warm_ttft)).abs() < 1e-6, "{sum}");
-    assert_eq!(sample(&metrics, "vllm:time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(
+        sample(&metrics, "vllm:time_to_first_token_seconds_count"),
+        2.0
+    );
 }
 
 #[test]
@@ -396,12 +434,16 @@ fn cache_pressure_evicts_lru_and_reports_exactly_the_evicted_blocks() {
     let [a, b, c] = [&stored[0], &stored[1], &stored[2]];
     assert!(stored.iter().all(|s| s.len() == 4));
     // Eviction order: 4 never-used blocks are not listed; then A tail-first, B, C.
-    let order: Vec<u64> = serde_json::from_value(sim_cache(&engine)["eviction_order"].clone()).unwrap();
-    let expected: Vec<u64> = [a, b, c].iter().flat_map(|h| h.iter().rev().copied()).collect();
+    let order: Vec<u64> =
+        serde_json::from_value(sim_cache(&engine)["eviction_order"].clone()).unwrap();
+    let expected: Vec<u64> = [a, b, c]
+        .iter()
+        .flat_map(|h| h.iter().rev().copied())
+        .collect();
     assert_eq!(order, expected);
 
     // An 8-block prompt takes the 4 empty blocks, then evicts A's 4.
-    complete_ids(&engine, &tokens(1000, 128), 1);
+    complete_ids(&engine, &tokens(1100, 128), 1);
     let last_after = settled_last_seq(&engine).unwrap();
     let mut removed = Vec::new();
     let mut newly_stored = 0;
@@ -415,7 +457,10 @@ fn cache_pressure_evicts_lru_and_reports_exactly_the_evicted_blocks() {
         }
     }
     let a_tail_first: Vec<u64> = a.iter().rev().copied().collect();
-    assert_eq!(removed, a_tail_first, "exactly A's blocks, least recent first");
+    assert_eq!(
+        removed, a_tail_first,
+        "exactly A's blocks, least recent first"
+    );
     assert_eq!(newly_stored, 8);
     let cached: Vec<u64> = sim_cache(&engine)["blocks"]
         .as_array()
@@ -461,10 +506,17 @@ fn subscriber_reconstructs_the_engine_cache_in_both_encodings() {
                 });
             }
         });
+        // The last request's blocks are the most recent: still cached.
+        let probe = tokens(11, 120);
+        complete_ids(&engine, &probe, 1);
         let last = settled_last_seq(&engine).unwrap();
         let batches = events.until_seq(last);
         let seqs: Vec<u64> = batches.iter().map(|b| b.0).collect();
-        assert_eq!(seqs, (0..=last).collect::<Vec<_>>(), "{format}: every batch, from seq 0");
+        assert_eq!(
+            seqs,
+            (0..=last).collect::<Vec<_>>(),
+            "{format}: every batch, from seq 0"
+        );
 
         let mut view = Reconstructed::default();
         let mut removals = 0;
@@ -483,9 +535,13 @@ fn subscriber_reconstructs_the_engine_cache_in_both_encodings() {
         assert_eq!(engine_blocks.len(), view.blocks.len(), "{format}");
         for block in engine_blocks {
             let hash = block["engine_hash"].as_u64().unwrap();
-            let (parent, tokens) = view.blocks.get(&hash).unwrap_or_else(|| panic!("{format}: {hash} missing"));
+            let (parent, tokens) = view
+                .blocks
+                .get(&hash)
+                .unwrap_or_else(|| panic!("{format}: {hash} missing"));
             assert_eq!(block["parent_engine_hash"].as_u64(), *parent);
-            let engine_tokens: Vec<u32> = serde_json::from_value(block["token_ids"].clone()).unwrap();
+            let engine_tokens: Vec<u32> =
+                serde_json::from_value(block["token_ids"].clone()).unwrap();
             assert_eq!(&engine_tokens, tokens);
             // Where the chain back to the root is still cached, the kvmesh
             // seq hash computed from events equals the engine's view.
@@ -493,10 +549,17 @@ fn subscriber_reconstructs_the_engine_cache_in_both_encodings() {
                 assert_eq!(block["seq_hash"].as_u64(), Some(seq), "{format}");
             }
         }
-        // Full prompts' kvmesh hashes from router-core appear in the cache.
-        let expected = hasher.sequence_hashes(&prompts[12]);
-        let seq_hashes: Vec<u64> = engine_blocks.iter().map(|b| b["seq_hash"].as_u64().unwrap()).collect();
-        assert!(expected.iter().any(|h| seq_hashes.contains(&h.0)), "{format}");
+        // router-core's hashes of the probe prompt are all in the engine's view.
+        let seq_hashes: Vec<u64> = engine_blocks
+            .iter()
+            .map(|b| b["seq_hash"].as_u64().unwrap())
+            .collect();
+        for hash in hasher.sequence_hashes(&probe) {
+            assert!(
+                seq_hashes.contains(&hash.0),
+                "{format}: probe block {hash:?}"
+            );
+        }
     }
 }
 
@@ -506,11 +569,18 @@ fn replay(endpoint: &str, start: u64) -> Vec<(i64, Bytes)> {
     runtime.block_on(async {
         let mut dealer = DealerSocket::new();
         dealer.connect(endpoint).await.unwrap();
-        let request = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).unwrap();
+        let request = ZmqMessage::try_from(vec![
+            Bytes::new(),
+            Bytes::copy_from_slice(&start.to_be_bytes()),
+        ])
+        .unwrap();
         dealer.send(request).await.unwrap();
         let mut replies = Vec::new();
         for _ in 0..10_000 {
-            let message = tokio::time::timeout(WAIT, dealer.recv()).await.expect("replay reply").unwrap();
+            let message = tokio::time::timeout(WAIT, dealer.recv())
+                .await
+                .expect("replay reply")
+                .unwrap();
             let frames = message.into_vec();
             assert_eq!(frames.len(), 3, "['', seq, payload]");
             assert!(frames[0].is_empty());
@@ -538,19 +608,28 @@ fn replay_serves_batches_a_late_subscriber_missed() {
     assert!(last >= 3);
 
     let all = replay(&ports.replay, 0);
-    assert_eq!(all.iter().map(|r| r.0).collect::<Vec<_>>(), (0..=last).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (0..=last).collect::<Vec<_>>()
+    );
     let mut view = Reconstructed::default();
     for (_, payload) in &all {
         for event in decode_batch(payload, "map") {
             view.apply(&event);
         }
     }
-    assert_eq!(view.blocks.len(), sim_cache(&engine)["blocks"].as_array().unwrap().len());
+    assert_eq!(
+        view.blocks.len(),
+        sim_cache(&engine)["blocks"].as_array().unwrap().len()
+    );
 
     let tail = replay(&ports.replay, 2);
     assert_eq!(tail.first().map(|r| r.0), Some(2));
     assert_eq!(tail.len() as i64, last - 1);
-    assert_eq!(tail[0].1, all[2].1, "replayed payloads are the published bytes");
+    assert_eq!(
+        tail[0].1, all[2].1,
+        "replayed payloads are the published bytes"
+    );
     assert!(replay(&ports.replay, last as u64 + 1).is_empty());
 }
 
@@ -605,7 +684,10 @@ impl Exposition {
                 let words: Vec<&str> = comment.split_whitespace().collect();
                 if words.first() == Some(&"TYPE") {
                     assert!(is_metric_name(words[1]), "{line}");
-                    assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&words[2]), "{line}");
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&words[2]),
+                        "{line}"
+                    );
                     types.insert(words[1].to_owned(), words[2].to_owned());
                 }
                 continue;
@@ -625,8 +707,9 @@ impl Exposition {
             // full `_total` name, histograms by their base name).
             let family_declared = types.contains_key(name)
                 || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
-                    name.strip_suffix(suffix)
-                        .is_some_and(|base| types.get(base).map(String::as_str) == Some("histogram"))
+                    name.strip_suffix(suffix).is_some_and(|base| {
+                        types.get(base).map(String::as_str) == Some("histogram")
+                    })
                 });
             assert!(family_declared, "{name} has no TYPE line");
             samples.insert((name.to_owned(), labels), value);
@@ -640,8 +723,14 @@ fn scrape(engine: &SimEngine) -> Exposition {
         .get(format!("{}/metrics", engine.url()))
         .send()
         .unwrap();
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
     Exposition::parse(&response.text().unwrap())
 }
 
@@ -676,14 +765,24 @@ fn metrics_parse_and_counters_follow_requests() {
     assert_eq!(sample(&after, "vllm:prompt_tokens_total"), 200.0);
     assert_eq!(sample(&after, "vllm:generation_tokens_total"), 14.0);
     assert_eq!(sample(&after, "vllm:prefix_cache_queries_total"), 200.0);
-    assert_eq!(sample(&after, "vllm:prefix_cache_hits_total"), 96.0, "6 full blocks hit");
+    assert_eq!(
+        sample(&after, "vllm:prefix_cache_hits_total"),
+        96.0,
+        "6 full blocks hit"
+    );
     assert_eq!(sample(&after, "vllm:num_requests_running"), 0.0);
     let usage = sample(&after, "vllm:kv_cache_usage_perc");
     assert!((0.0..=1.0).contains(&usage));
-    assert_eq!(sample(&after, "vllm:time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(
+        sample(&after, "vllm:time_to_first_token_seconds_count"),
+        2.0
+    );
 
     // ORCA load header on a non-streaming response, both forms.
-    for (format, prefix) in [("TEXT", "TEXT named_metrics.kv_cache_usage_perc="), ("JSON", "JSON {")] {
+    for (format, prefix) in [
+        ("TEXT", "TEXT named_metrics.kv_cache_usage_perc="),
+        ("JSON", "JSON {"),
+    ] {
         let response = post(
             &http_client(),
             &format!("{}/v1/completions", engine.url()),
@@ -699,7 +798,8 @@ fn metrics_parse_and_counters_follow_requests() {
 
 #[test]
 fn qwen3_chat_template_renders_the_tokens_of_the_rendered_string() {
-    let engine = SimEngine::start(SimEngineOptions::new(MODEL, "w0").tokenizer(qwen3_tokenizer())).unwrap();
+    let engine =
+        SimEngine::start(SimEngineOptions::new(MODEL, "w0").tokenizer(qwen3_tokenizer())).unwrap();
     let messages = json!([
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Hi"},
@@ -712,7 +812,11 @@ fn qwen3_chat_template_renders_the_tokens_of_the_rendered_string() {
                     <|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nTell me about KV caches.<|im_end|>\n\
                     <|im_start|>assistant\n";
     let tokenizer = tokenizers::Tokenizer::from_file(qwen3_tokenizer()).unwrap();
-    let ids: Vec<u32> = tokenizer.encode(rendered, false).unwrap().get_ids().to_vec();
+    let ids: Vec<u32> = tokenizer
+        .encode(rendered, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
 
     let client = http_client();
     let chat = post_json(
@@ -725,7 +829,10 @@ fn qwen3_chat_template_renders_the_tokens_of_the_rendered_string() {
     let by_ids = complete_ids(&engine, &ids, 12);
     let chat = chat.json().unwrap();
     let by_ids_json = by_ids.json().unwrap();
-    assert_eq!(chat["usage"]["prompt_tokens"].as_u64(), Some(ids.len() as u64));
+    assert_eq!(
+        chat["usage"]["prompt_tokens"].as_u64(),
+        Some(ids.len() as u64)
+    );
     // Outputs are seeded by the prompt token ids: equal text ⇒ equal ids.
     assert_eq!(
         chat["choices"][0]["message"]["content"],
@@ -756,7 +863,11 @@ fn streaming_reports_usage_and_errors_are_openai_shaped() {
     assert_eq!(response.status, 200);
     assert_eq!(response.header("x-request-id"), Some("req-42"));
     assert_eq!(response.header("x-sim-worker-id"), Some("w0"));
-    let events: Vec<&str> = response.text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let events: Vec<&str> = response
+        .text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
@@ -771,12 +882,19 @@ fn streaming_reports_usage_and_errors_are_openai_shaped() {
     assert_eq!(chunks[0]["id"], "chatcmpl-req-42");
 
     let cases = [
-        (json!({"model": "other", "messages": [{"role": "user", "content": "x"}]}), 404),
+        (
+            json!({"model": "other", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+        ),
         (json!({"model": MODEL}), 400),
         (json!({"model": MODEL, "prompt": "x".repeat(300)}), 400),
     ];
     for (body, status) in cases {
-        let path = if body.get("prompt").is_some() { "completions" } else { "chat/completions" };
+        let path = if body.get("prompt").is_some() {
+            "completions"
+        } else {
+            "chat/completions"
+        };
         let response = post_json(&client, &format!("{}/v1/{path}", engine.url()), &body).unwrap();
         assert_error(&response, status);
     }
@@ -818,10 +936,19 @@ fn faults_inject_errors_gaps_and_crashes() {
     assert_eq!(replayed, (0..=last as i64).collect::<Vec<_>>());
 
     // Paused publishing holds batches and sends them on resume.
-    let paused = post(&client, &faults_url, r#"{"drop_every":null,"pause_events":true}"#, &[]).unwrap();
+    let paused = post(
+        &client,
+        &faults_url,
+        r#"{"drop_every":null,"pause_events":true}"#,
+        &[],
+    )
+    .unwrap();
     assert_eq!(paused.status, 200, "{}", paused.text);
     complete_ids(&engine, &tokens(900, 40), 1);
-    assert!(events.next(Duration::from_millis(500)).is_none(), "held while paused");
+    assert!(
+        events.next(Duration::from_millis(500)).is_none(),
+        "held while paused"
+    );
     post(&client, &faults_url, r#"{"pause_events":false}"#, &[]).unwrap();
     let (seq, _) = events.next(WAIT).expect("released on resume");
     assert_eq!(seq, last + 1);
@@ -839,7 +966,13 @@ fn faults_inject_errors_gaps_and_crashes() {
 
     // Crash after N: the next API request ends the process.
     let seen_so_far = 6; // 4 + 1 + 1 API requests above
-    post(&client, &faults_url, format!(r#"{{"crash_after":{seen_so_far}}}"#), &[]).unwrap();
+    post(
+        &client,
+        &faults_url,
+        format!(r#"{{"crash_after":{seen_so_far}}}"#),
+        &[],
+    )
+    .unwrap();
     let crashed = post_json(
         &client,
         &format!("{}/v1/completions", engine.url()),
@@ -850,5 +983,8 @@ fn faults_inject_errors_gaps_and_crashes() {
     while engine.process().exit_status().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(engine.process().exit_status().and_then(|s| s.code()), Some(1));
+    assert_eq!(
+        engine.process().exit_status().and_then(|s| s.code()),
+        Some(1)
+    );
 }

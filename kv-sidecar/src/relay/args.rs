@@ -86,7 +86,12 @@ pub struct RelayArgs {
     pub nats_token: Option<String>,
     #[arg(long, env = "KVMESH_NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
-    #[arg(long, env = "KVMESH_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
+    #[arg(
+        long,
+        env = "KVMESH_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
     pub nats_password: Option<String>,
     /// NATS `.creds` file (JWT + NKey seed).
     #[arg(long, env = "KVMESH_NATS_CREDS")]

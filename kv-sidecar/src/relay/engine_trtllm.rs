@@ -86,7 +86,12 @@ impl TrtllmSource {
                 Err(error) => {
                     self.metrics.decode_errors.inc();
                     tracing::warn!(%error, "undecodable TensorRT-LLM events; resetting the view");
-                    if self.tx.send(SourceMsg::Reset(ResetReason::EventsLost)).await.is_err() {
+                    if self
+                        .tx
+                        .send(SourceMsg::Reset(ResetReason::EventsLost))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

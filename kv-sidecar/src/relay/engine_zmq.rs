@@ -19,7 +19,9 @@ use futures_util::StreamExt;
 use router_core::protocol::ResetReason;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use zeromq::{DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{
+    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
+};
 
 use crate::decode::vllm::decode_batch;
 use crate::decode::{DecodeError, EngineEvent, EventBatch};
@@ -28,9 +30,6 @@ use crate::relay::metrics::RelayMetrics;
 use crate::relay::pipeline::SourceMsg;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The socket's own reconnect can hang in the ZMTP handshake when it races a
-/// restarting engine (seen with zeromq 0.7); past this a fresh socket is made.
-const RECONNECT_WATCHDOG: Duration = Duration::from_secs(2);
 /// Longest wait for one replay frame; the engine answers from memory.
 const REPLAY_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
 /// Upper bound on batches taken from one replay, so a confused engine cannot
@@ -91,28 +90,18 @@ impl ZmqSource {
             self.metrics.engine_connected.set(1);
             backoff.reset();
             tracing::info!(endpoint = %self.endpoint, "subscribed to engine KV events");
-            let mut lost_at: Option<tokio::time::Instant> = None;
             loop {
-                let watchdog = lost_at.map(|at| at + RECONNECT_WATCHDOG);
                 tokio::select! {
-                    Some(event) = monitor.next() => match event {
-                        SocketEvent::Disconnected(_) => {
-                            // The socket reconnects by itself; what comes next
-                            // may be a restarted engine.
+                    Some(event) = monitor.next() => {
+                        if let SocketEvent::Disconnected(_) = event {
+                            // What comes next may be a restarted engine. A
+                            // fresh socket, not zeromq's own reconnect: with
+                            // zeromq 0.7 a reconnected SUB stayed silent.
                             state.peer_lost = true;
-                            lost_at = Some(tokio::time::Instant::now());
                             self.metrics.engine_connected.set(0);
-                            tracing::warn!("engine event socket disconnected");
+                            tracing::warn!("engine event socket disconnected; reconnecting");
+                            break;
                         }
-                        SocketEvent::Connected(..) => {
-                            lost_at = None;
-                            self.metrics.engine_connected.set(1);
-                        }
-                        _ => {}
-                    },
-                    _ = sleep_until_opt(watchdog) => {
-                        tracing::warn!("engine event socket did not reconnect; starting a new one");
-                        break;
                     }
                     received = socket.recv() => match received {
                         Ok(message) => {
@@ -149,9 +138,16 @@ impl ZmqSource {
             Some(expected) if seq == expected => {}
             Some(expected) if seq > expected && !state.peer_lost => {
                 self.metrics.gaps.inc();
-                tracing::warn!(expected, got = seq, "gap in engine event sequence; replaying");
+                tracing::warn!(
+                    expected,
+                    got = seq,
+                    "gap in engine event sequence; replaying"
+                );
                 match self.replay(expected, seq).await {
-                    Ok(batches) if batches.first().map(|b| b.0) == Some(expected) && complete(&batches, seq) => {
+                    Ok(batches)
+                        if batches.first().map(|b| b.0) == Some(expected)
+                            && complete(&batches, seq) =>
+                    {
                         self.metrics.replay("ok");
                         for (_, batch) in batches {
                             if !self.emit(batch).await {
@@ -162,8 +158,12 @@ impl ZmqSource {
                     outcome => {
                         self.metrics.replay("failed");
                         match outcome {
-                            Err(error) => tracing::warn!(%error, "replay failed; resetting the worker's view"),
-                            Ok(_) => tracing::warn!("replay incomplete; resetting the worker's view"),
+                            Err(error) => {
+                                tracing::warn!(%error, "replay failed; resetting the worker's view")
+                            }
+                            Ok(_) => {
+                                tracing::warn!("replay incomplete; resetting the worker's view")
+                            }
                         }
                         if !self.send(SourceMsg::Reset(ResetReason::EventsLost)).await {
                             return false;
@@ -172,8 +172,16 @@ impl ZmqSource {
                 }
             }
             Some(expected) => {
-                tracing::warn!(expected, got = seq, peer_lost = state.peer_lost, "engine restarted");
-                if !self.send(SourceMsg::Reset(ResetReason::EngineRestarted)).await {
+                tracing::warn!(
+                    expected,
+                    got = seq,
+                    peer_lost = state.peer_lost,
+                    "engine restarted"
+                );
+                if !self
+                    .send(SourceMsg::Reset(ResetReason::EngineRestarted))
+                    .await
+                {
                     return false;
                 }
                 if seq > 0 && !self.fill_history(seq).await {
@@ -206,7 +214,9 @@ impl ZmqSource {
             Ok(batches) => {
                 self.metrics.replay("ok");
                 if batches.first().map(|b| b.0) != Some(0) {
-                    tracing::info!("engine's replay buffer no longer reaches seq 0; older blocks stay unknown");
+                    tracing::info!(
+                        "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
+                    );
                 }
                 for (_, batch) in batches {
                     if !self.emit(batch).await {
@@ -225,7 +235,10 @@ impl ZmqSource {
     /// Asks the replay ROUTER for batches from `from`, keeping those below
     /// `until` that follow each other without a hole.
     async fn replay(&self, from: u64, until: u64) -> Result<Vec<(u64, EventBatch)>, ReplayError> {
-        let endpoint = self.replay_endpoint.as_deref().ok_or(ReplayError::NotConfigured)?;
+        let endpoint = self
+            .replay_endpoint
+            .as_deref()
+            .ok_or(ReplayError::NotConfigured)?;
         let mut options = SocketOptions::default();
         options.connect_timeout(REPLAY_FRAME_TIMEOUT);
         let mut dealer = DealerSocket::with_options(options);
@@ -243,7 +256,8 @@ impl ZmqSource {
             if frames.first().is_some_and(|f| f.is_empty()) && frames.len() == 3 {
                 frames.remove(0);
             }
-            let [seq, payload] = <[Bytes; 2]>::try_from(frames).map_err(|_| ReplayError::Malformed)?;
+            let [seq, payload] =
+                <[Bytes; 2]>::try_from(frames).map_err(|_| ReplayError::Malformed)?;
             let seq = parse_seq(&seq).ok_or(ReplayError::Malformed)?;
             if seq < 0 {
                 break;
@@ -278,13 +292,6 @@ impl ZmqSource {
 
     async fn send(&self, msg: SourceMsg) -> bool {
         self.tx.send(msg).await.is_ok()
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -19,7 +19,11 @@ struct AppState {
     metrics: RelayMetrics,
 }
 
-pub async fn serve(listen: SocketAddr, registry: Registry, metrics: RelayMetrics) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    registry: Registry,
+    metrics: RelayMetrics,
+) -> anyhow::Result<()> {
     let state = AppState {
         registry: Arc::new(registry),
         metrics,
@@ -41,7 +45,10 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(_) => (

@@ -18,7 +18,11 @@ fn names(engine: Engine) -> (&'static str, &'static str, &'static [&'static str]
             "vllm:num_requests_waiting",
             &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
         ),
-        Engine::Sglang => ("sglang:num_running_reqs", "sglang:num_queue_reqs", &["sglang:token_usage"]),
+        Engine::Sglang => (
+            "sglang:num_running_reqs",
+            "sglang:num_queue_reqs",
+            &["sglang:token_usage"],
+        ),
         Engine::Trtllm => (
             "trtllm_num_requests_running",
             "trtllm_num_requests_waiting",
@@ -47,7 +51,9 @@ pub fn parse(engine: Engine, text: &str) -> Option<Load> {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
-        let Some((name, value)) = sample(line) else { continue };
+        let Some((name, value)) = sample(line) else {
+            continue;
+        };
         let add = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + value);
         if name == running_name {
             add(&mut running);

@@ -73,35 +73,99 @@ impl RelayMetrics {
             nats_up: Arc::new(AtomicBool::new(false)),
         };
         let r = registry.sub_registry_with_prefix("kvmesh_relay");
-        r.register("engine_events", "Engine KV events received, by type", m.engine_events.clone());
-        r.register("engine_batches", "Engine event batches received", m.engine_batches.clone());
-        r.register("published_events", "Normalized events published, by type", m.published_events.clone());
-        r.register("decode_errors", "Engine messages that could not be decoded", m.decode_errors.clone());
-        r.register("gaps", "Holes detected in the engine's event sequence", m.gaps.clone());
-        r.register("replays", "Replay requests to the engine, by result", m.replays.clone());
-        r.register("resets", "Worker resets published, by reason", m.resets.clone());
-        r.register("skipped_blocks", "Engine blocks left out of the view, by reason", m.skipped_blocks.clone());
-        r.register("publish_errors", "NATS publish failures, by message type", m.publish_errors.clone());
-        r.register("dropped", "Messages dropped from full buffers, by buffer", m.dropped.clone());
-        r.register("load_scrape_errors", "Failed scrapes of the engine's metrics", m.load_scrape_errors.clone());
-        r.register("full_states", "Full-state snapshots published", m.full_states.clone());
-        r.register("blocks", "Blocks in the worker's published view", m.blocks.clone());
+        r.register(
+            "engine_events",
+            "Engine KV events received, by type",
+            m.engine_events.clone(),
+        );
+        r.register(
+            "engine_batches",
+            "Engine event batches received",
+            m.engine_batches.clone(),
+        );
+        r.register(
+            "published_events",
+            "Normalized events published, by type",
+            m.published_events.clone(),
+        );
+        r.register(
+            "decode_errors",
+            "Engine messages that could not be decoded",
+            m.decode_errors.clone(),
+        );
+        r.register(
+            "gaps",
+            "Holes detected in the engine's event sequence",
+            m.gaps.clone(),
+        );
+        r.register(
+            "replays",
+            "Replay requests to the engine, by result",
+            m.replays.clone(),
+        );
+        r.register(
+            "resets",
+            "Worker resets published, by reason",
+            m.resets.clone(),
+        );
+        r.register(
+            "skipped_blocks",
+            "Engine blocks left out of the view, by reason",
+            m.skipped_blocks.clone(),
+        );
+        r.register(
+            "publish_errors",
+            "NATS publish failures, by message type",
+            m.publish_errors.clone(),
+        );
+        r.register(
+            "dropped",
+            "Messages dropped from full buffers, by buffer",
+            m.dropped.clone(),
+        );
+        r.register(
+            "load_scrape_errors",
+            "Failed scrapes of the engine's metrics",
+            m.load_scrape_errors.clone(),
+        );
+        r.register(
+            "full_states",
+            "Full-state snapshots published",
+            m.full_states.clone(),
+        );
+        r.register(
+            "blocks",
+            "Blocks in the worker's published view",
+            m.blocks.clone(),
+        );
         r.register(
             "last_event_age_seconds",
             "Seconds since the last engine event batch (-1 before any)",
             m.last_event_age_seconds.clone(),
         );
-        r.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
-        r.register("engine_connected", "1 while the engine's event source is reachable", m.engine_connected.clone());
+        r.register(
+            "nats_connected",
+            "1 while connected to NATS",
+            m.nats_connected.clone(),
+        );
+        r.register(
+            "engine_connected",
+            "1 while the engine's event source is reachable",
+            m.engine_connected.clone(),
+        );
         m
     }
 
     pub fn engine_event(&self, kind: &'static str, n: u64) {
-        self.engine_events.get_or_create(&TypeLabel { r#type: kind }).inc_by(n);
+        self.engine_events
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc_by(n);
     }
 
     pub fn published(&self, kind: &'static str) {
-        self.published_events.get_or_create(&TypeLabel { r#type: kind }).inc();
+        self.published_events
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc();
     }
 
     pub fn reset(&self, reason: &'static str) {
@@ -113,11 +177,15 @@ impl RelayMetrics {
     }
 
     pub fn drop_message(&self, buffer: &'static str) {
-        self.dropped.get_or_create(&TypeLabel { r#type: buffer }).inc();
+        self.dropped
+            .get_or_create(&TypeLabel { r#type: buffer })
+            .inc();
     }
 
     pub fn publish_error(&self, kind: &'static str) {
-        self.publish_errors.get_or_create(&TypeLabel { r#type: kind }).inc();
+        self.publish_errors
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc();
     }
 
     pub fn record_norm_stats(&self, stats: &NormStats) {
@@ -131,7 +199,9 @@ impl RelayMetrics {
         ];
         for (reason, n) in skipped {
             if n > 0 {
-                self.skipped_blocks.get_or_create(&ReasonLabel { reason }).inc_by(n);
+                self.skipped_blocks
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc_by(n);
             }
         }
     }

@@ -52,12 +52,22 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let metrics = RelayMetrics::new(&mut registry);
     let (control_tx, control_rx) = mpsc::channel(16);
     let registration = Arc::new(Notify::new());
-    let client = nats::connect(&args, metrics.clone(), control_tx.clone(), registration.clone()).await?;
+    let client = nats::connect(
+        &args,
+        metrics.clone(),
+        control_tx.clone(),
+        registration.clone(),
+    )
+    .await?;
 
     let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_QUEUE);
     let (source_tx, source_rx) = mpsc::channel(SOURCE_QUEUE);
     let last_seq = Arc::new(AtomicU64::new(0));
-    let normalizer = Normalizer::new(&args.model, block_size, MediaPolicy::with_extra(args.index_media.clone()));
+    let normalizer = Normalizer::new(
+        &args.model,
+        block_size,
+        MediaPolicy::with_extra(args.index_media.clone()),
+    );
     let pipeline = Pipeline::new(
         normalizer,
         args.worker_id.clone(),
@@ -71,7 +81,11 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(pipeline.run(source_rx, control_rx));
-    tasks.spawn(nats::publish_outbox(client.clone(), outbox_rx, metrics.clone()));
+    tasks.spawn(nats::publish_outbox(
+        client.clone(),
+        outbox_rx,
+        metrics.clone(),
+    ));
     tasks.spawn(
         nats::Heartbeat {
             client: client.clone(),
@@ -132,7 +146,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             );
         }
         Engine::Trtllm => {
-            let url = args.trtllm_url.clone().context("--trtllm-url is required for trtllm")?;
+            let url = args
+                .trtllm_url
+                .clone()
+                .context("--trtllm-url is required for trtllm")?;
             tasks.spawn(
                 engine_trtllm::TrtllmSource {
                     url,

@@ -74,7 +74,9 @@ pub async fn connect(
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
     if let (Some(cert), Some(key)) = (&args.nats_tls_cert, &args.nats_tls_key) {
-        options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
     }
     options
         .connect(&args.nats_url)
@@ -83,7 +85,11 @@ pub async fn connect(
 }
 
 /// Drains the outbox into NATS.
-pub async fn publish_outbox(client: async_nats::Client, mut outbox: mpsc::Receiver<Outgoing>, metrics: RelayMetrics) {
+pub async fn publish_outbox(
+    client: async_nats::Client,
+    mut outbox: mpsc::Receiver<Outgoing>,
+    metrics: RelayMetrics,
+) {
     while let Some(message) = outbox.recv().await {
         if let Err(error) = client.publish(message.subject, message.payload).await {
             metrics.publish_error(message.kind);
@@ -113,7 +119,11 @@ impl Heartbeat {
             self.info.last_seq = self.last_seq.load(Ordering::Relaxed);
             self.info.timestamp_ms = unix_ms();
             let payload = self.info.encode_to_vec();
-            if let Err(error) = self.client.publish(self.subject.clone(), payload.into()).await {
+            if let Err(error) = self
+                .client
+                .publish(self.subject.clone(), payload.into())
+                .await
+            {
                 self.metrics.publish_error("worker");
                 tracing::debug!(%error, "publishing heartbeat failed");
             }
@@ -122,7 +132,11 @@ impl Heartbeat {
 }
 
 /// Answers `<prefix>.sync.<model>.<worker>` requests with a fresh snapshot.
-pub async fn serve_sync(client: async_nats::Client, subject: String, control: mpsc::Sender<Control>) {
+pub async fn serve_sync(
+    client: async_nats::Client,
+    subject: String,
+    control: mpsc::Sender<Control>,
+) {
     let mut subscription = match client.subscribe(subject.clone()).await {
         Ok(subscription) => subscription,
         Err(error) => {

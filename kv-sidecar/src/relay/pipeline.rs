@@ -177,7 +177,9 @@ impl Pipeline {
             };
             self.push(kind);
         }
-        self.metrics.blocks.set(self.normalizer.block_count() as i64);
+        self.metrics
+            .blocks
+            .set(self.normalizer.block_count() as i64);
     }
 
     pub fn reset(&mut self, reason: ResetReason) {

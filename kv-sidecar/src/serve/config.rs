@@ -4,7 +4,6 @@
 //! `models[0].block_size: must be between 1 and 4096`.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -197,16 +196,11 @@ fn default_prefix() -> String {
 }
 
 /// One problem with one field.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {problem}")]
 pub struct FieldError {
     pub field: String,
     pub problem: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.problem)
-    }
 }
 
 #[derive(Debug, Error)]
@@ -276,7 +270,10 @@ impl Config {
             || self.nats.url.starts_with("ws://")
             || self.nats.url.starts_with("wss://"))
         {
-            fail("nats.url", "must start with nats://, tls://, ws:// or wss://");
+            fail(
+                "nats.url",
+                "must start with nats://, tls://, ws:// or wss://",
+            );
         }
         let prefix = &self.nats.subject_prefix;
         if prefix.is_empty()
@@ -392,7 +389,10 @@ impl Config {
             }
             let routing = model.routing;
             if !(routing.overlap_weight.is_finite() && routing.overlap_weight >= 0.0) {
-                fail(&at("routing.overlap_weight"), "must be a finite number >= 0");
+                fail(
+                    &at("routing.overlap_weight"),
+                    "must be a finite number >= 0",
+                );
             }
             if !(routing.temperature.is_finite() && routing.temperature >= 0.0) {
                 fail(&at("routing.temperature"), "must be a finite number >= 0");
@@ -468,8 +468,10 @@ models:
             "models[0].block_size: must be between 1 and 4096"
         );
         assert!(errors(&MINIMAL.replace("backend: vllm", "backend: vlm")).contains("vlm"));
-        assert!(errors(&MINIMAL.replace("decode_cluster:", "decode_clustr:"))
-            .contains("unknown field `decode_clustr`"));
+        assert!(
+            errors(&MINIMAL.replace("decode_cluster:", "decode_clustr:"))
+                .contains("unknown field `decode_clustr`")
+        );
         assert_eq!(
             errors(&MINIMAL.replace("9101", "x")),
             "listen.grpc: '127.0.0.1:x' is not an ip:port socket address"

@@ -49,7 +49,10 @@ pub async fn get_faults(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// Partial update: `{"error_rate":0.5}`, `{"drop_every":null}`, ...
-pub async fn set_faults(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+pub async fn set_faults(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let update: FaultUpdate = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("invalid fault update: {e}"), None))?;
     let settings = state

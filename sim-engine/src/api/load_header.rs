@@ -46,7 +46,8 @@ mod tests {
             "TEXT named_metrics.kv_cache_usage_perc=0.4, named_metrics.num_requests_waiting=3, named_metrics.num_requests_running=2"
         );
         let json = render("json", LOAD).unwrap();
-        let value: serde_json::Value = serde_json::from_str(json.strip_prefix("JSON ").unwrap()).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_str(json.strip_prefix("JSON ").unwrap()).unwrap();
         assert_eq!(value["named_metrics"]["num_requests_waiting"], 3);
         assert!(render("BINARY", LOAD).is_none());
     }

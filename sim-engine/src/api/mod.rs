@@ -103,7 +103,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics))
         .route("/sim/cache", get(debug::cache))
-        .route("/sim/faults", get(debug::get_faults).post(debug::set_faults))
+        .route(
+            "/sim/faults",
+            get(debug::get_faults).post(debug::set_faults),
+        )
         .route("/reset_prefix_cache", post(debug::reset_prefix_cache))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -113,7 +116,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Assigns the request id and stamps worker and request ids on the response.
-async fn tag_response(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+async fn tag_response(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let request_id = request
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -121,7 +128,9 @@ async fn tag_response(State(state): State<Arc<AppState>>, mut request: Request, 
         .filter(|v| !v.is_empty())
         .map(str::to_owned)
         .unwrap_or_else(|| state.next_request_id());
-    request.extensions_mut().insert(RequestId(request_id.clone()));
+    request
+        .extensions_mut()
+        .insert(RequestId(request_id.clone()));
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     headers.insert(
@@ -135,7 +144,11 @@ async fn tag_response(State(state): State<Arc<AppState>>, mut request: Request, 
 }
 
 /// Applies configured faults to OpenAI API requests.
-async fn inject_faults(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn inject_faults(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let fault = state.faults.on_request();
     let latency = state.faults.settings().added_latency_ms;
     if latency > 0 {
@@ -143,7 +156,9 @@ async fn inject_faults(State(state): State<Arc<AppState>>, request: Request, nex
     }
     match fault {
         RequestFault::None => next.run(request).await,
-        RequestFault::Error => ApiError::internal("simulated engine failure (fault injection)").into_response(),
+        RequestFault::Error => {
+            ApiError::internal("simulated engine failure (fault injection)").into_response()
+        }
         RequestFault::Crash => {
             tracing::error!("fault injection: crashing after the configured number of requests");
             std::process::exit(1);
@@ -153,7 +168,10 @@ async fn inject_faults(State(state): State<Arc<AppState>>, request: Request, nex
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

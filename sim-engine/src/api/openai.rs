@@ -109,7 +109,10 @@ pub async fn chat_completions(
     let request: ChatRequest = parse_body(&body)?;
     check_model(&state, &request.model)?;
     if request.messages.is_empty() {
-        return Err(ApiError::invalid("messages must not be empty", Some("messages")));
+        return Err(ApiError::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
     }
     let messages = request
         .messages
@@ -118,7 +121,11 @@ pub async fn chat_completions(
         .collect::<Result<Vec<_>, _>>()?;
     let rendered = state
         .template
-        .render(&messages, request.tools.as_ref(), request.chat_template_kwargs.as_ref())
+        .render(
+            &messages,
+            request.tools.as_ref(),
+            request.chat_template_kwargs.as_ref(),
+        )
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let prompt = state
         .codec
@@ -153,7 +160,8 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
 fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
@@ -193,10 +201,16 @@ fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiEr
 /// parts are joined with newlines, as vLLM does for string templates.
 fn flatten_message(message: &Value) -> Result<Value, ApiError> {
     let Some(object) = message.as_object() else {
-        return Err(ApiError::invalid("each message must be an object", Some("messages")));
+        return Err(ApiError::invalid(
+            "each message must be an object",
+            Some("messages"),
+        ));
     };
     if !object.get("role").is_some_and(Value::is_string) {
-        return Err(ApiError::invalid("each message needs a string role", Some("messages")));
+        return Err(ApiError::invalid(
+            "each message needs a string role",
+            Some("messages"),
+        ));
     }
     let content = match object.get("content") {
         None | Some(Value::Null) => Value::String(String::new()),
@@ -248,7 +262,12 @@ fn prepare(
     }
     let room = model.max_model_len - prompt.len();
     let max_tokens = match max_tokens {
-        Some(0) => return Err(ApiError::invalid("max_tokens must be at least 1", Some("max_tokens"))),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens must be at least 1",
+                Some("max_tokens"),
+            ))
+        }
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => model.default_max_tokens.min(room),
     };
@@ -420,7 +439,8 @@ async fn full_response(
     if let Ok(value) = HeaderValue::from_str(&summary.time_to_first_token.to_string()) {
         headers.insert(HeaderName::from_static(TTFT_HEADER), value);
     }
-    let load_value = load_format.and_then(|format| load_header::render(&format, state.engine.load()));
+    let load_value =
+        load_format.and_then(|format| load_header::render(&format, state.engine.load()));
     if let Some(value) = load_value.and_then(|v| HeaderValue::from_str(&v).ok()) {
         headers.insert(HeaderName::from_static(load_header::LOAD_HEADER), value);
     }
@@ -457,10 +477,14 @@ fn stream_response(
             Some(SequenceUpdate::Token(token)) => {
                 p.generated += 1;
                 let text = p.state.codec.decode(&[token]);
-                let choice =
-                    p.reply
-                        .stream_choice(&text, p.reply.finish_reason(p.generated), p.generated == 1);
-                sse_data(&Value::Object(p.reply.envelope(true, Value::Array(vec![choice]))))
+                let choice = p.reply.stream_choice(
+                    &text,
+                    p.reply.finish_reason(p.generated),
+                    p.generated == 1,
+                );
+                sse_data(&Value::Object(
+                    p.reply.envelope(true, Value::Array(vec![choice])),
+                ))
             }
             Some(SequenceUpdate::Finished(summary)) => {
                 p.done = true;

@@ -24,7 +24,12 @@ use crate::kv_cache::CacheEvent;
 pub const MEDIUM_GPU: &str = "GPU";
 
 /// Encodes one batch of events produced at wall-clock time `ts` (Unix seconds).
-pub fn encode_batch(ts: f64, events: &[CacheEvent], block_size: u32, format: EventFormat) -> Vec<u8> {
+pub fn encode_batch(
+    ts: f64,
+    events: &[CacheEvent],
+    block_size: u32,
+    format: EventFormat,
+) -> Vec<u8> {
     let mut out = ByteBuf::with_capacity(64 + events.len() * 32);
     ok(encode::write_array_len(&mut out, 3));
     ok(encode::write_f64(&mut out, ts));
@@ -158,7 +163,9 @@ impl Uninhabited for Infallible {
 impl Uninhabited for ValueWriteError<Infallible> {
     fn unreachable(self) {
         match self {
-            ValueWriteError::InvalidMarkerWrite(e) | ValueWriteError::InvalidDataWrite(e) => match e {},
+            ValueWriteError::InvalidMarkerWrite(e) | ValueWriteError::InvalidDataWrite(e) => {
+                match e {}
+            }
         }
     }
 }
@@ -201,7 +208,12 @@ mod tests {
     fn removed_and_cleared_in_array_form() {
         let bytes = encode_batch(
             0.0,
-            &[CacheEvent::Removed { block_hashes: vec![5] }, CacheEvent::AllCleared],
+            &[
+                CacheEvent::Removed {
+                    block_hashes: vec![5],
+                },
+                CacheEvent::AllCleared,
+            ],
             16,
             EventFormat::Array,
         );
@@ -220,7 +232,15 @@ mod tests {
         let event = &bytes[11..];
         assert_eq!(event[0], 0x86, "map of 6: lora fields omitted");
         let text = String::from_utf8_lossy(event);
-        for key in ["type", "BlockStored", "block_hashes", "parent_block_hash", "token_ids", "block_size", "medium"] {
+        for key in [
+            "type",
+            "BlockStored",
+            "block_hashes",
+            "parent_block_hash",
+            "token_ids",
+            "block_size",
+            "medium",
+        ] {
             assert!(text.contains(key), "{key}");
         }
         assert!(!text.contains("lora"));

@@ -87,7 +87,7 @@ impl ReplayBuffer {
         self.batches.push_back((seq, payload));
     }
 
-    fn from_seq(&self, start: u64) -> Vec<(u64, Bytes)> {
+    fn since_seq(&self, start: u64) -> Vec<(u64, Bytes)> {
         self.batches
             .iter()
             .filter(|(seq, _)| *seq >= start)
@@ -97,7 +97,10 @@ impl ReplayBuffer {
 }
 
 /// Binds the sockets and starts the publishing (and replay) tasks.
-pub async fn start(settings: PublisherSettings, faults: Arc<Faults>) -> Result<EventSink, PublisherError> {
+pub async fn start(
+    settings: PublisherSettings,
+    faults: Arc<Faults>,
+) -> Result<EventSink, PublisherError> {
     let mut publisher = PubSocket::new();
     publisher
         .bind(&bind_address(&settings.endpoint))
@@ -243,7 +246,10 @@ async fn serve_replay(mut socket: RouterSocket, replay: Arc<Mutex<ReplayBuffer>>
             continue;
         };
         let start = u64::from_be_bytes(start);
-        let batches = replay.lock().unwrap_or_else(|p| p.into_inner()).from_seq(start);
+        let batches = replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .since_seq(start);
         tracing::debug!(start, count = batches.len(), "replaying KV event batches");
         let end = (REPLAY_END_SEQ.to_be_bytes(), Bytes::new());
         let replies = batches
@@ -288,10 +294,10 @@ mod tests {
         for seq in 0..5 {
             buffer.push(seq, Bytes::from(vec![seq as u8]));
         }
-        let seqs: Vec<u64> = buffer.from_seq(0).iter().map(|b| b.0).collect();
+        let seqs: Vec<u64> = buffer.since_seq(0).iter().map(|b| b.0).collect();
         assert_eq!(seqs, vec![2, 3, 4]);
-        assert_eq!(buffer.from_seq(4).len(), 1);
-        assert!(buffer.from_seq(5).is_empty());
+        assert_eq!(buffer.since_seq(4).len(), 1);
+        assert!(buffer.since_seq(5).is_empty());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use crate::harness::{free_port, paths, readiness, ManagedProcess};
 /// Listener buffer limit; above the filter's body limit so oversize bodies get
 /// the filter's OpenAI-shaped 413 rather than Envoy's plain-text one.
 const DEFAULT_BUFFER_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// Fleet state older than this is not used for routing.
+const SIDECAR_STALE_AFTER_MS: u64 = 3_000;
 
 /// One model the gateway serves and its pool's workers (`ip:port`).
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +32,9 @@ pub struct GatewayConfig {
     pub max_body_bytes: Option<u64>,
     pub models: Vec<ModelRoute>,
     pub wasm_path: PathBuf,
+    /// `ip:port` of `kv-sidecar serve`'s gRPC listener; `None` runs the filter
+    /// without fleet state.
+    pub sidecar_grpc: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -42,7 +47,15 @@ struct WorkerAddress {
 struct PluginConfig<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_body_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sidecar: Option<SidecarSettings>,
     models: &'a [ModelRoute],
+}
+
+#[derive(Serialize)]
+struct SidecarSettings {
+    cluster: &'static str,
+    stale_after_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -54,6 +67,7 @@ struct TemplateValues<'a> {
     wasm_path: String,
     plugin_config_json: String,
     workers: Vec<WorkerAddress>,
+    sidecar: Option<WorkerAddress>,
 }
 
 impl GatewayConfig {
@@ -66,6 +80,7 @@ impl GatewayConfig {
             max_body_bytes: None,
             models,
             wasm_path: paths::filter_wasm()?,
+            sidecar_grpc: None,
         })
     }
 
@@ -94,9 +109,14 @@ impl GatewayConfig {
             wasm_path: self.wasm_path.display().to_string(),
             plugin_config_json: serde_json::to_string(&PluginConfig {
                 max_body_bytes: self.max_body_bytes,
+                sidecar: self.sidecar_grpc.as_ref().map(|_| SidecarSettings {
+                    cluster: "kv_sidecar",
+                    stale_after_ms: SIDECAR_STALE_AFTER_MS,
+                }),
                 models: &self.models,
             })?,
             workers,
+            sidecar: self.sidecar_grpc.as_deref().map(parse_worker).transpose()?,
         };
         env.render_str(&source, values)
             .with_context(|| format!("rendering {}", template.display()))

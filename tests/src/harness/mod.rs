@@ -8,6 +8,7 @@ pub mod ports;
 pub mod process;
 pub mod readiness;
 pub mod relay;
+pub mod sidecar;
 pub mod sim;
 
 pub use envoy::{Envoy, GatewayConfig, ModelRoute};

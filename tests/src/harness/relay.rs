@@ -67,7 +67,10 @@ impl Relay {
         let mut process = ManagedProcess::spawn(&format!("relay-{}", options.worker_id), command)?;
         let health = format!("http://127.0.0.1:{listen_port}/healthz");
         readiness::wait_http_ok(&mut process, &health, Duration::from_secs(20))?;
-        Ok(Self { process, listen_port })
+        Ok(Self {
+            process,
+            listen_port,
+        })
     }
 
     pub fn metrics_url(&self) -> String {
@@ -117,7 +120,12 @@ impl NatsTap {
         let connects = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
-            let (addr, subject, stop, connects) = (addr.clone(), subject.to_owned(), stop.clone(), connects.clone());
+            let (addr, subject, stop, connects) = (
+                addr.clone(),
+                subject.to_owned(),
+                stop.clone(),
+                connects.clone(),
+            );
             std::thread::spawn(move || {
                 let mut ready = Some(ready_tx);
                 while !stop.load(Ordering::Relaxed) {
@@ -166,14 +174,21 @@ impl NatsTap {
     }
 
     fn read_loop(stream: TcpStream, tx: &mpsc::Sender<NatsMessage>, stop: &AtomicBool) {
-        let Ok(mut writer) = stream.try_clone() else { return };
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         while !stop.load(Ordering::Relaxed) {
             match reader.read_line(&mut line) {
                 Ok(0) => return,
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     continue; // keep the partial line
                 }
                 Err(_) => return,
@@ -190,7 +205,9 @@ impl NatsTap {
                     }
                 }
                 Some("MSG") if parts.len() >= 4 => {
-                    let Some(size) = parts.last().and_then(|s| s.parse::<usize>().ok()) else { return };
+                    let Some(size) = parts.last().and_then(|s| s.parse::<usize>().ok()) else {
+                        return;
+                    };
                     let mut payload = vec![0u8; size + 2];
                     if Self::read_exact_patiently(&mut reader, &mut payload, stop).is_err() {
                         return;
@@ -206,13 +223,22 @@ impl NatsTap {
         }
     }
 
-    fn read_exact_patiently(reader: &mut impl Read, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
+    fn read_exact_patiently(
+        reader: &mut impl Read,
+        buf: &mut [u8],
+        stop: &AtomicBool,
+    ) -> std::io::Result<()> {
         let mut filled = 0;
         while filled < buf.len() {
             match reader.read(&mut buf[filled..]) {
                 Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => filled += n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     if stop.load(Ordering::Relaxed) {
                         return Err(e);
                     }

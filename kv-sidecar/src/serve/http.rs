@@ -1,0 +1,230 @@
+//! HTTP API of `serve`: health, readiness, metrics, the fleet as JSON, the
+//! tokenization service and `/debug/route`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::serve::route;
+use crate::serve::state::{role_name, ServeState};
+use crate::tokenize::{ModelTokenizer, Tokenized};
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub state: Arc<ServeState>,
+    pub registry: Arc<Registry>,
+    pub tokenizers: Arc<HashMap<String, Arc<ModelTokenizer>>>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(http: HttpState) -> Router {
+    let limit = http.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/workers", get(workers))
+        .route("/v1/models", get(models))
+        .route("/v1/tokenize", post(tokenize))
+        .route("/debug/route", post(debug_route))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(http)
+}
+
+/// An error as JSON `{"error": {"message": ...}}` with a status.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": {"message": self.1}}))).into_response()
+    }
+}
+
+async fn readyz(State(http): State<HttpState>) -> impl IntoResponse {
+    if http.state.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(http): State<HttpState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &http.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed".into(),
+        )
+        .into_response(),
+    }
+}
+
+async fn workers(State(http): State<HttpState>) -> Json<Value> {
+    let mut all = Vec::new();
+    for model in http.state.model_names() {
+        let Some(guard) = http.state.lock(&model) else {
+            continue;
+        };
+        for (info, in_sync) in guard.worker_infos() {
+            let entry = guard.fleet.worker(&info.worker_id);
+            let blocks = entry.map_or(0, |e| guard.fleet.index().blocks_of(e.slot));
+            let load = entry.map(|e| e.load.clone()).unwrap_or_default();
+            all.push(json!({
+                "model": model,
+                "worker_id": info.worker_id,
+                "address": info.address,
+                "role": role_name(info.role),
+                "epoch": info.epoch,
+                "in_sync": in_sync,
+                "blocks": blocks,
+                "load": {
+                    "running": load.running,
+                    "waiting": load.waiting,
+                    "kv_usage": load.kv_usage,
+                    "active_blocks": load.active_blocks,
+                    "queued_prefill_tokens": load.queued_prefill_tokens,
+                },
+            }));
+        }
+    }
+    Json(json!({ "workers": all }))
+}
+
+async fn models(State(http): State<HttpState>) -> Json<Value> {
+    let mut all = Vec::new();
+    for model in http.state.model_names() {
+        let Some(guard) = http.state.lock(&model) else {
+            continue;
+        };
+        let config = &guard.config;
+        all.push(json!({
+            "name": model,
+            "block_size": config.block_size,
+            "backend": format!("{:?}", config.backend).to_lowercase(),
+            "decode_cluster": config.decode_cluster,
+            "prefill_cluster": config.prefill_cluster,
+            "tokenizer": http.tokenizers.contains_key(&model),
+            "version": guard.fleet.version(),
+            "workers": guard.worker_infos().len(),
+            "index_entries": guard.fleet.index().entries(),
+            "index_blocks": guard.fleet.index().blocks(),
+        }));
+    }
+    Json(json!({ "models": all }))
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    model: String,
+    #[serde(default)]
+    messages: Option<Vec<Value>>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+/// What to tokenize, owned so it can move to a blocking thread.
+pub enum TokenizeInput {
+    Chat {
+        messages: Vec<Value>,
+        tools: Option<Value>,
+        kwargs: Option<serde_json::Map<String, Value>>,
+    },
+    Prompt(String),
+}
+
+async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: TokenizeRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })?;
+    let input = match (request.messages, request.prompt) {
+        (Some(messages), None) => TokenizeInput::Chat {
+            messages,
+            tools: request.tools,
+            kwargs: request.chat_template_kwargs,
+        },
+        (None, Some(prompt)) => TokenizeInput::Prompt(prompt),
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of 'messages' and 'prompt'".into(),
+            ))
+        }
+    };
+    let tokenized = run_tokenizer(&http, &request.model, input).await?;
+    let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
+    Ok(Json(json!({
+        "model": request.model,
+        "token_ids_by_segment": segments,
+        "block_hashes": tokenized.block_hashes,
+        "num_tokens": tokenized.num_tokens,
+    })))
+}
+
+/// Tokenizes on the blocking pool: a long prompt takes milliseconds of CPU,
+/// which must not stall the reactor serving the state stream.
+pub async fn run_tokenizer(
+    http: &HttpState,
+    model: &str,
+    input: TokenizeInput,
+) -> Result<Tokenized, ApiError> {
+    let Some(tokenizer) = http.tokenizers.get(model).cloned() else {
+        let status = if http.state.lock(model).is_some() {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::NOT_FOUND
+        };
+        return Err(ApiError(
+            status,
+            format!("no tokenizer configured for model '{model}'"),
+        ));
+    };
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || match input {
+        TokenizeInput::Chat {
+            messages,
+            tools,
+            kwargs,
+        } => tokenizer.tokenize_chat(&messages, tools.as_ref(), kwargs.as_ref()),
+        TokenizeInput::Prompt(prompt) => tokenizer.tokenize_prompt(&prompt),
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let metrics = &http.state.metrics;
+    metrics
+        .tokenize_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.tokenize_cache_hits.inc_by(result.cache_hits);
+    metrics.tokenize_cache_misses.inc_by(result.cache_misses);
+    Ok(result)
+}
+
+async fn debug_route(State(http): State<HttpState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    route::explain(&http, &body).await.map(Json)
+}

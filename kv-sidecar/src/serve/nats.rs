@@ -1,0 +1,215 @@
+//! NATS side of `serve`: connection (auth, TLS, reconnects), the relay
+//! subscriptions decoded into state [`Input`]s, full-state requests to
+//! relays, and decisions shared with other sidecars.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use prost::Message;
+use router_core::gateway::{decisions_subject, SharedReport};
+use router_core::protocol::{subjects, KvEventBatch, WorkerInfo, WorkerLoad};
+use tokio::sync::mpsc;
+
+use crate::serve::config::NatsConfig;
+use crate::serve::metrics::KindLabel;
+use crate::serve::state::{Input, ServeState, SyncRequest};
+use crate::serve::stream::SharedReportOut;
+
+pub async fn connect(
+    config: &NatsConfig,
+    state: Arc<ServeState>,
+    inputs: mpsc::Sender<Input>,
+) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("kvmesh-serve")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(3))
+        .reconnect_delay_callback(|attempts| {
+            let exponent = u32::try_from(attempts.min(6)).unwrap_or(6);
+            Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(5))
+        })
+        .event_callback(move |event| {
+            let state = state.clone();
+            let inputs = inputs.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        state.set_nats_connected(true);
+                        // Whatever relays published meanwhile is lost to us.
+                        let _ = inputs.send(Input::Connected).await;
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS");
+                        state.set_nats_connected(false);
+                    }
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+            }
+        });
+    if let Some(auth) = &config.auth {
+        if let Some(token) = &auth.token {
+            options = options.token(token.clone());
+        }
+        if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(creds) = &auth.creds_file {
+            options = options
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+        }
+    }
+    if let Some(tls) = &config.tls {
+        if let Some(ca) = &tls.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+    }
+    options
+        .connect(&config.url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.url))
+}
+
+/// Which relay message a subscription carries.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    Events,
+    Workers,
+    Load,
+    Decisions,
+}
+
+impl Feed {
+    fn name(self) -> &'static str {
+        match self {
+            Feed::Events => "events",
+            Feed::Workers => "workers",
+            Feed::Load => "load",
+            Feed::Decisions => "decisions",
+        }
+    }
+}
+
+/// Subscribes to every model's relay subjects; returns once subscribed, the
+/// forwarding runs in spawned tasks.
+pub async fn subscribe(
+    client: &async_nats::Client,
+    prefix: &str,
+    origin: &str,
+    state: Arc<ServeState>,
+    inputs: mpsc::Sender<Input>,
+) -> anyhow::Result<()> {
+    for model in state.model_names() {
+        let token = subjects::token(&model);
+        let feeds = [
+            (Feed::Events, format!("{prefix}.events.{token}.*")),
+            (Feed::Workers, subjects::workers(prefix, &model)),
+            (Feed::Load, format!("{prefix}.load.{token}.*")),
+            (Feed::Decisions, decisions_subject(prefix, &model)),
+        ];
+        for (feed, subject) in feeds {
+            let subscription = client
+                .subscribe(subject.clone())
+                .await
+                .with_context(|| format!("subscribing to {subject}"))?;
+            tokio::spawn(forward(
+                subscription,
+                feed,
+                origin.to_owned(),
+                state.clone(),
+                inputs.clone(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn forward(
+    mut subscription: async_nats::Subscriber,
+    feed: Feed,
+    origin: String,
+    state: Arc<ServeState>,
+    inputs: mpsc::Sender<Input>,
+) {
+    while let Some(message) = subscription.next().await {
+        let payload = message.payload.as_ref();
+        let input = match feed {
+            Feed::Events => KvEventBatch::decode(payload).ok().map(Input::Events),
+            Feed::Workers => WorkerInfo::decode(payload).ok().map(Input::Worker),
+            Feed::Load => WorkerLoad::decode(payload).ok().map(Input::Load),
+            Feed::Decisions => match SharedReport::decode(payload) {
+                // Our own gateways' reports were applied when they arrived.
+                Ok(shared) if shared.origin == origin => continue,
+                Ok(SharedReport {
+                    gateway_id,
+                    report: Some(report),
+                    ..
+                }) => Some(Input::Report { gateway_id, report }),
+                _ => None,
+            },
+        };
+        let Some(input) = input else {
+            tracing::debug!(subject = %message.subject, "skipping a malformed message");
+            state
+                .metrics
+                .malformed
+                .get_or_create(&KindLabel { kind: feed.name() })
+                .inc();
+            continue;
+        };
+        if inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks relays to republish their full state.
+pub async fn send_sync_requests(
+    client: async_nats::Client,
+    prefix: String,
+    mut requests: mpsc::Receiver<SyncRequest>,
+) {
+    while let Some(request) = requests.recv().await {
+        let subject = subjects::sync(&prefix, &request.model, &request.worker_id);
+        tracing::info!(model = %request.model, worker = %request.worker_id, "requesting a full state");
+        if let Err(error) = client.publish(subject, Vec::new().into()).await {
+            tracing::warn!(%error, "sync request failed");
+        }
+    }
+}
+
+/// Publishes this sidecar's gateway reports for the other sidecars.
+pub async fn share_reports(
+    client: async_nats::Client,
+    prefix: String,
+    origin: String,
+    mut reports: mpsc::Receiver<SharedReportOut>,
+) {
+    use router_core::gateway::gateway_report::Kind;
+    while let Some(out) = reports.recv().await {
+        let model = match &out.report.kind {
+            Some(Kind::Decision(d)) => d.model.clone(),
+            Some(Kind::Progress(p)) => p.model.clone(),
+            Some(Kind::Hello(_)) | None => continue,
+        };
+        let shared = SharedReport {
+            origin: origin.clone(),
+            gateway_id: out.gateway_id,
+            report: Some(out.report),
+        };
+        let subject = decisions_subject(&prefix, &model);
+        if let Err(error) = client.publish(subject, shared.encode_to_vec().into()).await {
+            tracing::debug!(%error, "sharing a decision failed");
+        }
+    }
+}

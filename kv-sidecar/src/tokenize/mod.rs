@@ -1,0 +1,281 @@
+//! Prompt → token ids → kvmesh block hashes, as the engine computes them
+//! (DESIGN §4): the model's chat template, then its `tokenizer.json`.
+//!
+//! The rendered text is split at the tokenizer's added tokens. Hugging Face
+//! `tokenizers` splits there first as well and encodes each piece on its own,
+//! so the concatenated per-segment ids equal encoding the whole string — and
+//! each text segment (a system prompt, an earlier turn) can be cached.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use lru::LruCache;
+use router_core::{BlockHasher, BlockSize, HashSeed};
+use serde_json::Value;
+use thiserror::Error;
+
+/// The engine's own template code, shared with sim-engine so both render
+/// identically (sim-engine is a binary crate, so it cannot be a dependency).
+#[allow(dead_code)] // sim-engine uses parts of it that serve does not
+#[path = "../../../sim-engine/src/chat_template.rs"]
+mod chat_template;
+
+use chat_template::ChatTemplate;
+
+#[derive(Debug, Error)]
+pub enum TokenizeError {
+    #[error("loading tokenizer {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid block size: {0}")]
+    BlockSize(String),
+    #[error("messages: {0}")]
+    Messages(String),
+    #[error("tokenizing: {0}")]
+    Encode(String),
+}
+
+/// What a prompt becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenized {
+    pub segments: Vec<Arc<[u32]>>,
+    pub block_hashes: Vec<u64>,
+    pub num_tokens: usize,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+impl Tokenized {
+    pub fn token_ids(&self) -> Vec<u32> {
+        self.segments
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect()
+    }
+}
+
+/// One model's tokenizer, template, segment cache and hasher. `Send + Sync`:
+/// called from blocking threads, never from the async reactor.
+pub struct ModelTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    template: ChatTemplate,
+    /// Matches every added token (leftmost-longest, as `tokenizers` does).
+    added: Option<AhoCorasick>,
+    added_ids: Vec<u32>,
+    /// Ids a raw completion prompt gets around it (e.g. BOS), from encoding "".
+    prompt_prefix: Vec<u32>,
+    cache: Mutex<LruCache<String, Arc<[u32]>>>,
+    hasher: BlockHasher,
+}
+
+impl ModelTokenizer {
+    /// Loads `tokenizer.json`; the chat template comes from the
+    /// `tokenizer_config.json` beside `template_config` (default: beside the
+    /// tokenizer).
+    pub fn load(
+        model: &str,
+        tokenizer_json: &Path,
+        template_config: Option<&Path>,
+        block_size: u32,
+        cache_entries: usize,
+    ) -> Result<Self, TokenizeError> {
+        let load_error = |message: String| TokenizeError::Load {
+            path: tokenizer_json.display().to_string(),
+            message,
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| load_error(e.to_string()))?;
+        let template_anchor = template_config.map_or_else(
+            || tokenizer_json.to_path_buf(),
+            |c| c.with_file_name("tokenizer.json"),
+        );
+        let template = ChatTemplate::for_tokenizer(&template_anchor)
+            .map_err(|e| TokenizeError::Template(e.to_string()))?;
+        // Only tokens `tokenizers` matches verbatim: one that strips
+        // neighbouring whitespace, must be a single word or is matched after
+        // normalization stays inside its segment, where `tokenizers` handles it.
+        let mut added: Vec<(u32, String)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| !(t.lstrip || t.rstrip || t.single_word || t.normalized))
+            .map(|(id, token)| (id, token.content))
+            .filter(|(_, content)| !content.is_empty())
+            .collect();
+        added.sort();
+        let added_ids = added.iter().map(|(id, _)| *id).collect();
+        let matcher = if added.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(added.iter().map(|(_, content)| content.as_str()))
+                    .map_err(|e| load_error(e.to_string()))?,
+            )
+        };
+        let prompt_prefix = tokenizer
+            .encode_fast("", true)
+            .map_err(|e| load_error(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        let block_size =
+            BlockSize::new(block_size).map_err(|e| TokenizeError::BlockSize(e.to_string()))?;
+        let capacity = NonZeroUsize::new(cache_entries).unwrap_or(NonZeroUsize::MIN);
+        Ok(Self {
+            tokenizer,
+            template,
+            added: matcher,
+            added_ids,
+            prompt_prefix,
+            cache: Mutex::new(LruCache::new(capacity)),
+            hasher: BlockHasher::new(block_size, HashSeed::for_model(model, None)),
+        })
+    }
+
+    /// A raw completion prompt, with the tokenizer's special tokens around it
+    /// as vLLM adds them (`add_special_tokens=true`).
+    pub fn tokenize_prompt(&self, prompt: &str) -> Result<Tokenized, TokenizeError> {
+        let mut tokenized = self.tokenize_text(prompt)?;
+        if !self.prompt_prefix.is_empty() {
+            tokenized
+                .segments
+                .insert(0, Arc::from(self.prompt_prefix.as_slice()));
+        }
+        Ok(self.finish(tokenized))
+    }
+
+    /// Chat messages rendered with the template (`add_generation_prompt=true`).
+    pub fn tokenize_chat(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<Tokenized, TokenizeError> {
+        let text = self.render(messages, tools, kwargs)?;
+        let tokenized = self.tokenize_text(&text)?;
+        Ok(self.finish(tokenized))
+    }
+
+    /// The prompt string the engine sees for `messages`.
+    pub fn render(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<String, TokenizeError> {
+        let messages = messages
+            .iter()
+            .map(flatten_message)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.template
+            .render(&messages, tools, kwargs)
+            .map_err(|e| TokenizeError::Template(e.to_string()))
+    }
+
+    /// Whole-string encoding without segmenting or caching (the reference the
+    /// segmented path must equal).
+    pub fn encode_whole(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
+    }
+
+    pub fn hasher(&self) -> &BlockHasher {
+        &self.hasher
+    }
+
+    fn finish(&self, mut tokenized: Tokenized) -> Tokenized {
+        let ids = tokenized.token_ids();
+        tokenized.num_tokens = ids.len();
+        tokenized.block_hashes = self
+            .hasher
+            .sequence_hashes(&ids)
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        tokenized
+    }
+
+    /// Segments of `text` without special tokens added around it.
+    pub fn tokenize_text(&self, text: &str) -> Result<Tokenized, TokenizeError> {
+        let mut tokenized = Tokenized {
+            segments: Vec::new(),
+            block_hashes: Vec::new(),
+            num_tokens: 0,
+            cache_hits: 0,
+            cache_misses: 0,
+        };
+        let mut start = 0;
+        if let Some(matcher) = &self.added {
+            for found in matcher.find_iter(text) {
+                if found.start() > start {
+                    self.push_text(&text[start..found.start()], &mut tokenized)?;
+                }
+                if let Some(id) = self.added_ids.get(found.pattern().as_usize()) {
+                    tokenized.segments.push(Arc::from([*id].as_slice()));
+                }
+                start = found.end();
+            }
+        }
+        if start < text.len() {
+            self.push_text(&text[start..], &mut tokenized)?;
+        }
+        Ok(tokenized)
+    }
+
+    fn push_text(&self, segment: &str, tokenized: &mut Tokenized) -> Result<(), TokenizeError> {
+        if let Some(ids) = self.cache_lock().get(segment).cloned() {
+            tokenized.cache_hits += 1;
+            tokenized.segments.push(ids);
+            return Ok(());
+        }
+        tokenized.cache_misses += 1;
+        let ids: Arc<[u32]> = Arc::from(self.encode_whole(segment)?);
+        self.cache_lock().put(segment.to_owned(), ids.clone());
+        tokenized.segments.push(ids);
+        Ok(())
+    }
+
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, LruCache<String, Arc<[u32]>>> {
+        // The cache holds no invariant a panic could break: keep using it.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Message content as the engine flattens it before templating: a string,
+/// null (→ ""), or a list of parts whose text parts are joined with newlines
+/// (same rules as sim-engine's OpenAI API and vLLM for string templates).
+fn flatten_message(message: &Value) -> Result<Value, TokenizeError> {
+    let Some(object) = message.as_object() else {
+        return Err(TokenizeError::Messages(
+            "each message must be an object".into(),
+        ));
+    };
+    if !object.get("role").is_some_and(Value::is_string) {
+        return Err(TokenizeError::Messages(
+            "each message needs a string role".into(),
+        ));
+    }
+    let content = match object.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Some(_) => {
+            return Err(TokenizeError::Messages(
+                "message content must be a string or a list of parts".into(),
+            ))
+        }
+    };
+    let mut flattened = object.clone();
+    flattened.insert("content".into(), Value::String(content));
+    Ok(Value::Object(flattened))
+}

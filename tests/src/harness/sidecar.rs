@@ -1,0 +1,118 @@
+//! A real `kv-sidecar serve` process with a generated kvmesh.yaml on free
+//! loopback ports.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{free_port, paths, readiness, ManagedProcess};
+
+/// One model of the generated config.
+#[derive(Debug, Clone)]
+pub struct SidecarModel {
+    pub name: String,
+    pub block_size: u32,
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub struct Sidecar {
+    process: ManagedProcess,
+    http_port: u16,
+    grpc_port: u16,
+    _config_dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Writes a config for `models` against `nats_url`, starts `serve` and
+    /// waits for `/healthz` (not `/readyz`: tests decide what to wait for).
+    pub fn start(
+        nats_url: &str,
+        models: &[SidecarModel],
+        extra_state_yaml: &str,
+    ) -> anyhow::Result<Self> {
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let mut yaml = format!(
+            "nats:\n  url: '{nats_url}'\nlisten:\n  http: '127.0.0.1:{http_port}'\n  grpc: '127.0.0.1:{grpc_port}'\n"
+        );
+        if !extra_state_yaml.is_empty() {
+            yaml.push_str("state:\n");
+            for line in extra_state_yaml.lines() {
+                yaml.push_str(&format!("  {line}\n"));
+            }
+        }
+        yaml.push_str("models:\n");
+        for model in models {
+            yaml.push_str(&format!(
+                "  - name: '{}'\n    block_size: {}\n    backend: vllm\n    decode_cluster: decode_pool\n",
+                model.name, model.block_size
+            ));
+            if let Some(tokenizer) = &model.tokenizer {
+                yaml.push_str(&format!("    tokenizer: '{}'\n", tokenizer.display()));
+            }
+        }
+        let config_dir = tempfile::tempdir()?;
+        let config_path = config_dir.path().join("kvmesh.yaml");
+        std::fs::write(&config_path, yaml)?;
+        let mut command = Command::new(paths::binary("kv-sidecar")?);
+        command
+            .env("RUST_LOG", "info")
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path);
+        let mut process = ManagedProcess::spawn("kv-sidecar-serve", command)?;
+        let health = format!("http://127.0.0.1:{http_port}/healthz");
+        readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
+        Ok(Self {
+            process,
+            http_port,
+            grpc_port,
+            _config_dir: config_dir,
+        })
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let url = format!("{}/readyz", self.http_url());
+        readiness::wait_http_ok(&mut self.process, &url, timeout)
+    }
+
+    /// Sum of the samples of `name` whose label text contains `labels`.
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = reqwest::blocking::get(format!("{}/metrics", self.http_url()))
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn process(&mut self) -> &mut ManagedProcess {
+        &mut self.process
+    }
+}
+
+/// Runs `kv-sidecar check-config` on `yaml`: (exit success, stdout + stderr).
+pub fn check_config(yaml: &str) -> anyhow::Result<(bool, String)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kvmesh.yaml");
+    std::fs::write(&path, yaml)?;
+    let output = Command::new(paths::binary("kv-sidecar")?)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()?;
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    Ok((output.status.success(), text))
+}

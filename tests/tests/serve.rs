@@ -1,0 +1,354 @@
+//! End to end for `kv-sidecar serve`: real nats-server, sim-engines with their
+//! relays, and the sidecar. Its index (read through the gRPC state stream)
+//! must equal the union of the engines' own caches; a replica following the
+//! stream must equal the sidecar; dead workers leave within 3 s.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kv_sidecar::serve::stream::StateStreamClient;
+use kvmesh_tests::harness::relay::{NatsTap, Relay, RelayOptions};
+use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
+use kvmesh_tests::harness::sim::SimEngineOptions;
+use kvmesh_tests::harness::{free_port, NatsServer, SimEngine};
+use router_core::fleet::FleetView;
+use router_core::gateway::{gateway_report, GatewayHello, GatewayReport, RoutingDecision};
+use router_core::state_stream::{state_update, StateUpdate};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const MODEL: &str = "sim-model";
+const BLOCK: u32 = 16;
+const SETTLE: Duration = Duration::from_secs(30);
+
+struct Worker {
+    sim: SimEngine,
+    relay: Relay,
+}
+
+fn start_worker(nats: &NatsServer, id: &str) -> Worker {
+    let (events, replay) = (free_port(), free_port());
+    let args = [
+        "--kv-events-endpoint".to_owned(),
+        format!("tcp://127.0.0.1:{events}"),
+        "--kv-events-replay-endpoint".to_owned(),
+        format!("tcp://127.0.0.1:{replay}"),
+        "--num-gpu-blocks".to_owned(),
+        "48".to_owned(),
+        "--block-size".to_owned(),
+        BLOCK.to_string(),
+        "--speedup".to_owned(),
+        "200".to_owned(),
+    ];
+    let sim =
+        SimEngine::start(SimEngineOptions::new(MODEL, id).args(args)).expect("sim-engine starts");
+    let relay = Relay::start(&RelayOptions {
+        engine: "vllm".into(),
+        nats_url: nats.url(),
+        worker_id: id.into(),
+        model: MODEL.into(),
+        address: sim.address(),
+        block_size: BLOCK,
+        zmq_endpoint: Some(format!("tcp://127.0.0.1:{events}")),
+        zmq_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
+        metrics_url: Some(format!("{}/metrics", sim.url())),
+        extra_args: vec!["--load-interval".into(), "200ms".into()],
+    })
+    .expect("relay starts");
+    Worker { sim, relay }
+}
+
+/// Requests sharing a few prefixes, long enough to overflow a 48-block cache.
+fn workload(sim: &SimEngine, round: u32, requests: u32) {
+    let client = reqwest::blocking::Client::new();
+    for i in 0..requests {
+        let prefix = (i % 3) * 1000 + round * 10_000;
+        let mut prompt: Vec<u32> = (prefix..prefix + 48).collect();
+        prompt.extend((0..(20 + (i * 7) % 40)).map(|t| 500_000 + round * 10_000 + i * 100 + t));
+        let response = client
+            .post(format!("{}/v1/completions", sim.url()))
+            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .expect("completion request");
+        assert!(
+            response.status().is_success(),
+            "sim answered {}",
+            response.status()
+        );
+    }
+}
+
+fn sim_cache(sim: &SimEngine) -> HashSet<u64> {
+    let body: Value = reqwest::blocking::get(format!("{}/sim/cache", sim.url()))
+        .and_then(|r| r.json())
+        .expect("/sim/cache");
+    body["blocks"]
+        .as_array()
+        .expect("blocks array")
+        .iter()
+        .filter_map(|b| b["seq_hash"].as_u64())
+        .collect()
+}
+
+fn workers_json(sidecar: &Sidecar) -> Vec<Value> {
+    let body: Value = reqwest::blocking::get(format!("{}/v1/workers", sidecar.http_url()))
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    body["workers"].as_array().cloned().unwrap_or_default()
+}
+
+fn worker_listed(sidecar: &Sidecar, id: &str) -> bool {
+    workers_json(sidecar).iter().any(|w| w["worker_id"] == id)
+}
+
+/// A replica fed by a gRPC subscription on its own thread and runtime.
+struct Replica {
+    view: Arc<Mutex<FleetView>>,
+    snapshots: Arc<Mutex<u64>>,
+    reports: mpsc::Sender<GatewayReport>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Replica {
+    fn follow(url: String) -> Replica {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let view = Arc::new(Mutex::new(FleetView::new(MODEL, usize::MAX)));
+        let snapshots = Arc::new(Mutex::new(0));
+        let (reports, rx) = mpsc::channel(16);
+        let (v, s) = (view.clone(), snapshots.clone());
+        runtime.spawn(async move {
+            let mut client = StateStreamClient::connect(url).await.expect("gRPC connect");
+            let mut stream = client
+                .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("subscribe")
+                .into_inner();
+            while let Ok(Some(update)) = stream.message().await {
+                if matches!(update.kind, Some(state_update::Kind::Snapshot(_))) {
+                    *s.lock().unwrap() += 1;
+                }
+                v.lock()
+                    .unwrap()
+                    .apply(&update)
+                    .expect("updates apply in order");
+            }
+        });
+        Replica {
+            view,
+            snapshots,
+            reports,
+            _runtime: runtime,
+        }
+    }
+
+    fn snapshot(&self) -> StateUpdate {
+        self.view.lock().unwrap().snapshot()
+    }
+}
+
+/// The sidecar's current state, from a fresh subscription's first message.
+fn fresh_snapshot(runtime: &tokio::runtime::Runtime, url: &str) -> StateUpdate {
+    runtime.block_on(async {
+        let mut client = StateStreamClient::connect(url.to_owned())
+            .await
+            .expect("gRPC connect");
+        let (_tx, rx) = mpsc::channel::<GatewayReport>(1);
+        let mut stream = client
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("subscribe")
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("snapshot in time")
+            .expect("stream ok")
+            .expect("a snapshot")
+    })
+}
+
+fn blocks_by_worker(snapshot: &StateUpdate) -> BTreeMap<String, HashSet<u64>> {
+    match &snapshot.kind {
+        Some(state_update::Kind::Snapshot(s)) => s
+            .workers
+            .iter()
+            .map(|w| (w.worker_id.clone(), w.blocks.iter().copied().collect()))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// Waits until the sidecar's index equals the union of the engines' caches,
+/// worker by worker, and the replica equals the sidecar.
+fn assert_converges(
+    runtime: &tokio::runtime::Runtime,
+    sidecar: &Sidecar,
+    replica: &Replica,
+    workers: &[&Worker],
+) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let truth: BTreeMap<String, HashSet<u64>> = workers
+            .iter()
+            .map(|w| (w.sim.worker_id().to_owned(), sim_cache(&w.sim)))
+            .collect();
+        let snapshot = fresh_snapshot(runtime, &sidecar.grpc_url());
+        let index = blocks_by_worker(&snapshot);
+        let replica_equal = replica.snapshot() == snapshot;
+        if index == truth && replica_equal {
+            let union: HashSet<u64> = truth.values().flatten().copied().collect();
+            assert!(!union.is_empty(), "the workload cached something");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidecar index did not converge: index {:?} vs engines {:?}, replica equal {replica_equal}",
+            index.iter().map(|(k, v)| (k.clone(), v.len())).collect::<Vec<_>>(),
+            truth.iter().map(|(k, v)| (k.clone(), v.len())).collect::<Vec<_>>(),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leave() {
+    let nats = NatsServer::start().expect("nats-server starts");
+    let mut sidecar = Sidecar::start(
+        &nats.url(),
+        &[SidecarModel {
+            name: MODEL.into(),
+            block_size: BLOCK,
+            tokenizer: None,
+        }],
+        "subscriber_buffer: 64",
+    )
+    .expect("sidecar starts");
+    sidecar
+        .wait_ready(Duration::from_secs(20))
+        .expect("ready with no workers");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let replica = Replica::follow(sidecar.grpc_url());
+
+    let mut workers: Vec<Worker> = (0..4)
+        .map(|i| start_worker(&nats, &format!("w{i}")))
+        .collect();
+    for (round, worker) in workers.iter().enumerate() {
+        workload(&worker.sim, round as u32, 12);
+    }
+    assert_converges(
+        &runtime,
+        &sidecar,
+        &replica,
+        &workers.iter().collect::<Vec<_>>(),
+    );
+    let listed = workers_json(&sidecar);
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert!(listed.iter().all(|w| w["in_sync"] == true), "{listed:?}");
+
+    // Gateway decisions raise predicted load, seen by the replica.
+    replica
+        .reports
+        .blocking_send(GatewayReport {
+            kind: Some(gateway_report::Kind::Hello(GatewayHello {
+                gateway_id: "gw-test".into(),
+            })),
+        })
+        .unwrap();
+    replica
+        .reports
+        .blocking_send(GatewayReport {
+            kind: Some(gateway_report::Kind::Decision(RoutingDecision {
+                model: MODEL.into(),
+                request_id: "r1".into(),
+                worker_id: "w1".into(),
+                prefill_worker_id: String::new(),
+                prompt_blocks: 7,
+                cached_blocks: 2,
+                prefill_tokens: 80,
+            })),
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let load = replica
+            .view
+            .lock()
+            .unwrap()
+            .worker("w1")
+            .map(|w| w.load.clone());
+        if load
+            .as_ref()
+            .is_some_and(|l| l.active_blocks == 7 && l.queued_prefill_tokens == 80)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "predicted load not streamed: {load:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Malformed NATS messages are counted and skipped.
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").unwrap();
+    tap.publish(
+        &format!("kvmesh.events.{MODEL}.w0"),
+        b"\xff\xff not protobuf",
+    )
+    .unwrap();
+    tap.publish(&format!("kvmesh.workers.{MODEL}"), b"\x0a\xff")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sidecar.metric("kvmesh_serve_malformed_messages_total", "events") < 1.0
+        || sidecar.metric("kvmesh_serve_malformed_messages_total", "workers") < 1.0
+    {
+        assert!(Instant::now() < deadline, "malformed messages not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A dead worker (engine and relay) leaves within 3 s.
+    let mut dead = workers.remove(3);
+    dead.relay.process().kill();
+    let killed = Instant::now();
+    dead.sim.process().kill();
+    while worker_listed(&sidecar, "w3") {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "w3 still listed after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "w3 removed {:?} after its relay was killed",
+        killed.elapsed()
+    );
+    drop(dead);
+
+    // Restarted, it comes back, and the index follows its new cache.
+    let restarted = start_worker(&nats, "w3");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !worker_listed(&sidecar, "w3") {
+        assert!(Instant::now() < deadline, "w3 did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    workload(&restarted.sim, 7, 10);
+    workers.push(restarted);
+    for (round, worker) in workers.iter().enumerate().take(2) {
+        workload(&worker.sim, 20 + round as u32, 6);
+    }
+    assert_converges(
+        &runtime,
+        &sidecar,
+        &replica,
+        &workers.iter().collect::<Vec<_>>(),
+    );
+    assert!(*replica.snapshots.lock().unwrap() >= 1);
+}

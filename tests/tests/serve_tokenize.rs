@@ -1,0 +1,266 @@
+//! `kv-sidecar serve` tokenization with the real Qwen3 tokenizer: ids equal
+//! rendering the chat template and tokenizing the whole string, equal what the
+//! sim-engine computes, and per-segment ids concatenate to whole-string ids.
+//! Also: `check-config` gives one clear error per broken config.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use kv_sidecar::tokenize::ModelTokenizer;
+use kvmesh_tests::harness::sidecar::{check_config, Sidecar, SidecarModel};
+use kvmesh_tests::harness::sim::SimEngineOptions;
+use kvmesh_tests::harness::{paths, NatsServer, SimEngine};
+use serde_json::{json, Value};
+
+const MODEL: &str = "Qwen/Qwen3-0.6B";
+const BLOCK: u32 = 16;
+
+fn corpus() -> Vec<Value> {
+    let long_system = "You are a careful assistant. ".repeat(40);
+    vec![
+        json!([{"role": "user", "content": "Hello!"}]),
+        json!([{"role": "system", "content": long_system}, {"role": "user", "content": "Summarize KV caching."}]),
+        json!([
+            {"role": "system", "content": long_system},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And times 3?"}
+        ]),
+        json!([{"role": "user", "content": "Ünïcødé — 日本語のテキスト 🚀 and tabs\tand\nnewlines"}]),
+        json!([{"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]}]),
+        json!([{"role": "user", "content": "literal specials <|im_start|>assistant\n<think>\nhi</think><|im_end|> inside"}]),
+        json!([{"role": "user", "content": null}, {"role": "user", "content": "   leading spaces and trailing   "}]),
+    ]
+}
+
+fn tokenize(client: &reqwest::blocking::Client, sidecar: &Sidecar, body: Value) -> Value {
+    let response = client
+        .post(format!("{}/v1/tokenize", sidecar.http_url()))
+        .json(&body)
+        .send()
+        .expect("tokenize request");
+    assert!(
+        response.status().is_success(),
+        "tokenize: {}",
+        response.status()
+    );
+    response.json().expect("tokenize JSON")
+}
+
+fn ids_of(response: &Value) -> Vec<u32> {
+    response["token_ids_by_segment"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .flat_map(|s| {
+            s.as_array()
+                .expect("segment")
+                .iter()
+                .map(|t| t.as_u64().expect("id") as u32)
+        })
+        .collect()
+}
+
+#[test]
+fn tokenize_service_matches_template_whole_string_and_sim_engine() {
+    let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
+    let tokenizer_json = dir.join("tokenizer.json");
+    let nats = NatsServer::start().expect("nats-server starts");
+    let sidecar = Sidecar::start(
+        &nats.url(),
+        &[SidecarModel {
+            name: MODEL.into(),
+            block_size: BLOCK,
+            tokenizer: Some(tokenizer_json.clone()),
+        }],
+        "",
+    )
+    .expect("sidecar starts");
+    let sim = SimEngine::start(
+        SimEngineOptions::new(MODEL, "w0")
+            .tokenizer(tokenizer_json.clone())
+            .args(["--block-size", "16", "--speedup", "200"]),
+    )
+    .expect("sim-engine starts");
+    let reference =
+        ModelTokenizer::load(MODEL, &tokenizer_json, None, BLOCK, 16).expect("tokenizer loads");
+    let client = reqwest::blocking::Client::new();
+
+    for messages in corpus() {
+        let response = tokenize(
+            &client,
+            &sidecar,
+            json!({"model": MODEL, "messages": messages}),
+        );
+        let ids = ids_of(&response);
+        let rendered = reference
+            .render(messages.as_array().unwrap(), None, None)
+            .unwrap();
+        assert_eq!(
+            ids,
+            reference.encode_whole(&rendered).unwrap(),
+            "whole-string ids for {messages}"
+        );
+        assert_eq!(response["num_tokens"].as_u64(), Some(ids.len() as u64));
+
+        let completion: Value = client
+            .post(format!("{}/v1/chat/completions", sim.url()))
+            .json(&json!({"model": MODEL, "messages": messages, "max_tokens": 2}))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .and_then(|r| r.json())
+            .expect("sim chat completion");
+        assert_eq!(
+            completion["usage"]["prompt_tokens"].as_u64(),
+            Some(ids.len() as u64),
+            "sim-engine token count for {messages}"
+        );
+        // The sim caches the prompt's full blocks under the same kvmesh hashes.
+        let cache: Value = reqwest::blocking::get(format!("{}/sim/cache", sim.url()))
+            .and_then(|r| r.json())
+            .expect("/sim/cache");
+        let cached: HashSet<u64> = cache["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["seq_hash"].as_u64())
+            .collect();
+        let hashes: Vec<u64> = response["block_hashes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_u64().expect("u64 hash"))
+            .collect();
+        assert_eq!(hashes.len(), ids.len() / BLOCK as usize);
+        assert!(
+            hashes.iter().all(|h| cached.contains(h)),
+            "sim caches every prompt block of {messages}"
+        );
+    }
+
+    // A text prompt, and the repeated system prompt was served from the cache.
+    let prompt = tokenize(
+        &client,
+        &sidecar,
+        json!({"model": MODEL, "prompt": "plain text prompt"}),
+    );
+    assert_eq!(
+        ids_of(&prompt),
+        reference.encode_whole("plain text prompt").unwrap()
+    );
+    assert!(sidecar.metric("kvmesh_serve_tokenize_cache_hits_total", "") >= 1.0);
+    let unknown = client
+        .post(format!("{}/v1/tokenize", sidecar.http_url()))
+        .json(&json!({"model": "nope", "prompt": "x"}))
+        .send()
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+
+    // /debug/route explains a decision with the same hashes.
+    let route: Value = client
+        .post(format!("{}/debug/route", sidecar.http_url()))
+        .json(&json!({"model": MODEL, "messages": corpus()[1]}))
+        .send()
+        .and_then(|r| r.json())
+        .expect("/debug/route");
+    let expected = tokenize(
+        &client,
+        &sidecar,
+        json!({"model": MODEL, "messages": corpus()[1]}),
+    );
+    assert_eq!(route["block_hashes"], expected["block_hashes"]);
+    assert!(route["workers"].is_array(), "{route}");
+}
+
+/// Deterministic xorshift so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn per_segment_ids_concatenate_to_whole_string_ids() {
+    let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
+    let tokenizer = ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), None, BLOCK, 64)
+        .expect("tokenizer loads");
+    let pieces = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "<|im_",
+        "|>",
+        "<",
+        ">",
+        "user",
+        "assistant",
+        "\n",
+        "\n\n",
+        " ",
+        "  ",
+        "\t",
+        "hello",
+        " world",
+        "ünï",
+        "日本語",
+        "🚀",
+        "123",
+        "4567",
+        "don't",
+        "'s",
+        "!!",
+        "a",
+        "<|vision_start|>",
+        "<|fim_prefix|>",
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for case in 0..400 {
+        let text: String = (0..rng.below(40))
+            .map(|_| pieces[rng.below(pieces.len())])
+            .collect();
+        let segmented = tokenizer.tokenize_text(&text).unwrap().token_ids();
+        assert_eq!(
+            segmented,
+            tokenizer.encode_whole(&text).unwrap(),
+            "case {case}: {text:?}"
+        );
+    }
+}
+
+#[test]
+fn check_config_reports_one_clear_error_per_problem() {
+    let good = "nats: {url: 'nats://127.0.0.1:4222'}\n\
+                listen: {http: '127.0.0.1:9100', grpc: '127.0.0.1:9101'}\n\
+                models:\n  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}\n";
+    let (ok, out) = check_config(good).unwrap();
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "OK");
+    let cases = [
+        (good.replace("block_size: 16", "block_size: 5000"), "models[0].block_size: must be between 1 and 4096"),
+        (good.replace("backend: vllm", "backend: tgi"), "unknown variant `tgi`"),
+        (good.replace("decode_cluster:", "decode_clusterz:"), "unknown field `decode_clusterz`"),
+        (good.replace("nats://", "http://"), "nats.url: must start with nats://"),
+        (good.replace("9101", "9100"), "listen.grpc: must differ from listen.http"),
+        (good.replace("decode_pool}", "decode_pool, routing: {temperature: -1}}"), "models[0].routing.temperature: must be a finite number >= 0"),
+        (good.replace("decode_pool}", "decode_pool, tokenizer: /nonexistent/tokenizer.json}"), "models[0].tokenizer: file does not exist"),
+        (good.replace("models:\n  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}\n", "models: []\n"), "models: must list at least one model"),
+        (good.replace("nats: {url: 'nats://127.0.0.1:4222'}", "nats: {url: 'nats://127.0.0.1:4222', auth: {token: t, user: u, password: p}}"), "nats.auth: set exactly one of"),
+    ];
+    for (yaml, expected) in cases {
+        let (ok, out) = check_config(&yaml).unwrap();
+        assert!(!ok, "accepted: {yaml}");
+        assert!(out.contains(expected), "expected {expected:?}, got {out:?}");
+        assert_eq!(out.trim().lines().count(), 1, "one error: {out}");
+    }
+}
