@@ -29,10 +29,19 @@ struct RawConfig {
 struct RawSidecar {
     /// Envoy cluster (HTTP/2) of `kv-sidecar serve`'s gRPC port.
     cluster: String,
+    /// Envoy cluster of `kv-sidecar serve`'s HTTP port (tokenization).
+    #[serde(default)]
+    http_cluster: Option<String>,
+    #[serde(default = "default_tokenize_timeout_ms")]
+    tokenize_timeout_ms: u64,
     #[serde(default = "default_stale_after_ms")]
     stale_after_ms: u64,
     #[serde(default = "default_max_index_entries")]
     max_index_entries: usize,
+}
+
+fn default_tokenize_timeout_ms() -> u64 {
+    250
 }
 
 fn default_stale_after_ms() -> u64 {
@@ -84,6 +93,9 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SidecarConfig {
     pub cluster: String,
+    /// Cluster for `/v1/tokenize`; `None` routes text prompts by load only.
+    pub http_cluster: Option<String>,
+    pub tokenize_timeout: std::time::Duration,
     /// With no state update for this long, the replica counts as stale and
     /// routing falls back.
     pub stale_after_ms: u64,
@@ -114,8 +126,10 @@ pub enum ConfigError {
         index: usize,
         source: router_core::hashing::BlockSizeError,
     },
-    #[error("sidecar.cluster: must not be empty")]
+    #[error("sidecar.cluster and sidecar.http_cluster: must not be empty")]
     EmptySidecarCluster,
+    #[error("sidecar.tokenize_timeout_ms: must be at least 1")]
+    ZeroTokenizeTimeout,
     #[error("sidecar.stale_after_ms: must be at least 1")]
     ZeroStaleAfter,
     #[error("models[{index}].overlap_weight: must be a finite number >= 0")]
@@ -165,8 +179,16 @@ impl PluginConfig {
         if raw.stale_after_ms == 0 {
             return Err(ConfigError::ZeroStaleAfter);
         }
+        if raw.http_cluster.as_deref() == Some("") {
+            return Err(ConfigError::EmptySidecarCluster);
+        }
+        if raw.tokenize_timeout_ms == 0 {
+            return Err(ConfigError::ZeroTokenizeTimeout);
+        }
         Ok(SidecarConfig {
             cluster: raw.cluster,
+            http_cluster: raw.http_cluster,
+            tokenize_timeout: std::time::Duration::from_millis(raw.tokenize_timeout_ms),
             stale_after_ms: raw.stale_after_ms,
             max_index_entries: raw.max_index_entries,
         })

@@ -79,6 +79,7 @@ mod abi {
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
         pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        pub fn proxy_continue_stream(stream_type: u32) -> u32;
         pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     }
 }
@@ -104,8 +105,11 @@ unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
     }
 }
 
-/// All headers of `map`, values as raw bytes (they need not be UTF-8).
-pub fn header_pairs(map: MapType) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HostError> {
+/// A header's name and raw value (values need not be UTF-8).
+pub type HeaderPair = (Vec<u8>, Vec<u8>);
+
+/// All headers of `map`.
+pub fn header_pairs(map: MapType) -> Result<Vec<HeaderPair>, HostError> {
     let mut data = null_mut();
     let mut size = 0;
     // SAFETY: out-pointers are valid; the returned buffer is taken over below.
@@ -205,6 +209,16 @@ pub fn increment_metric(id: u32, offset: i64) -> Result<(), HostError> {
     check("proxy_increment_metric", status)
 }
 
+/// `StreamType::HttpRequest` in the proxy-wasm ABI.
+const STREAM_HTTP_REQUEST: u32 = 0;
+
+/// Resumes a request paused by this filter.
+pub fn resume_request() -> Result<(), HostError> {
+    // SAFETY: plain value call.
+    let status = unsafe { abi::proxy_continue_stream(STREAM_HTTP_REQUEST) };
+    check("proxy_continue_stream", status)
+}
+
 /// Asks the host to call `on_tick` every `period_ms` milliseconds.
 pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
     // SAFETY: plain value call.
@@ -241,7 +255,7 @@ fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 /// Parses the proxy-wasm map format; `None` if the host sent something malformed.
-fn decode_pairs(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+fn decode_pairs(bytes: &[u8]) -> Option<Vec<HeaderPair>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }

@@ -57,6 +57,10 @@ pub struct FilterMetrics {
     pub state_update_errors: Counter,
     pub state_stream_opened: Counter,
     pub state_stream_closed: Counter,
+    /// Text and chat prompts sent to the sidecar for block hashes.
+    pub tokenize_calls: Counter,
+    /// Tokenizations that failed or timed out (routed by load alone).
+    pub tokenize_failures: Counter,
 }
 
 impl FilterMetrics {
@@ -78,6 +82,8 @@ impl FilterMetrics {
             state_update_errors: Counter::define("kvmesh_state_update_errors")?,
             state_stream_opened: Counter::define("kvmesh_state_stream_opened")?,
             state_stream_closed: Counter::define("kvmesh_state_stream_closed")?,
+            tokenize_calls: Counter::define("kvmesh_tokenize_calls")?,
+            tokenize_failures: Counter::define("kvmesh_tokenize_failures")?,
         })
     }
 }

@@ -3,10 +3,13 @@
 
 use std::rc::Rc;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use router_core::openai_error::{error_body, ErrorKind};
-use router_core::request::{parse_request, Endpoint, RequestError};
+use router_core::request::{parse_request, Endpoint, Prompt, RequestError};
+use router_core::SeqHash;
+use serde::Deserialize;
 
 use crate::config::PluginConfig;
 use crate::host;
@@ -28,6 +31,19 @@ pub struct InferenceStream {
     endpoint: Option<Endpoint>,
     /// This request's share of the chosen worker's in-flight load.
     ticket: Option<Ticket>,
+    /// Model of a request waiting for the sidecar's tokenization.
+    pending_tokenize: Option<String>,
+}
+
+/// The part of `/v1/tokenize`'s answer routing needs.
+#[derive(Deserialize)]
+struct TokenizeResponse {
+    block_hashes: Vec<u64>,
+}
+
+/// Prompts the sidecar can tokenize (a batch of texts is routed by load).
+fn is_tokenizable(prompt: &Prompt) -> bool {
+    matches!(prompt, Prompt::Text(_) | Prompt::Chat(_))
 }
 
 impl InferenceStream {
@@ -38,6 +54,7 @@ impl InferenceStream {
             state,
             endpoint: None,
             ticket: None,
+            pending_tokenize: None,
         }
     }
 
@@ -127,17 +144,89 @@ impl InferenceStream {
                 &error_body(ErrorKind::ModelNotFound, &message, Some("model")),
             );
         };
-        let prompt = request
-            .prompt
-            .token_ids()
-            .map(|tokens| model.hasher.sequence_hashes(tokens))
-            .unwrap_or_default();
+        if let Some(tokens) = request.prompt.token_ids() {
+            let prompt = model.hasher.sequence_hashes(tokens);
+            let model = model.name.clone();
+            self.decide_and_apply(&model, &prompt);
+            return Action::Continue;
+        }
+        let model = model.name.clone();
+        if is_tokenizable(&request.prompt) && self.dispatch_tokenize(&model, &body) {
+            self.pending_tokenize = Some(model);
+            // The request waits for the sidecar; the Envoy thread does not.
+            return Action::Pause;
+        }
+        self.decide_and_apply(&model, &[]);
+        Action::Continue
+    }
+
+    /// Asks the sidecar for the prompt's block hashes when precise routing is
+    /// possible at all; false when routing must go on without them.
+    fn dispatch_tokenize(&mut self, model: &str, body: &[u8]) -> bool {
+        let Some(sidecar) = &self.config.sidecar else {
+            return false;
+        };
+        let Some(cluster) = &sidecar.http_cluster else {
+            return false;
+        };
+        let now = host::now_ms().unwrap_or(0);
+        let fresh = self
+            .state
+            .borrow()
+            .replica
+            .as_ref()
+            .is_some_and(|r| r.fresh_view(model, now).is_some());
+        if !fresh {
+            return false;
+        }
+        let headers = [
+            (":method", "POST"),
+            (":path", "/v1/tokenize"),
+            (":authority", "kv-sidecar"),
+            ("content-type", "application/json"),
+        ];
+        match hostcalls::dispatch_http_call(
+            cluster,
+            headers.to_vec(),
+            Some(body),
+            Vec::new(),
+            sidecar.tokenize_timeout,
+        ) {
+            Ok(_) => {
+                self.metrics.tokenize_calls.inc();
+                true
+            }
+            Err(status) => {
+                self.metrics.tokenize_failures.inc();
+                log::debug!("cannot call the tokenizer on {cluster}: {status:?}");
+                false
+            }
+        }
+    }
+
+    /// Block hashes from the sidecar's `/v1/tokenize` answer.
+    fn tokenized_prompt(&self, body_size: usize) -> Option<Vec<SeqHash>> {
+        let status = host::header(MapType::HttpCallResponseHeaders, ":status").ok()??;
+        if status != b"200" {
+            return None;
+        }
+        let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size).ok()?;
+        let response: TokenizeResponse = serde_json::from_slice(&body).ok()?;
+        Some(response.block_hashes.into_iter().map(SeqHash).collect())
+    }
+
+    /// Decides for `model` (a configured model) and applies the decision.
+    fn decide_and_apply(&mut self, model: &str, prompt: &[SeqHash]) {
+        let config = Rc::clone(&self.config);
+        let Some(model) = config.model(model) else {
+            self.metrics.fallback.inc();
+            return;
+        };
         let now = host::now_ms().unwrap_or(0);
         let decision = {
             let mut guard = self.state.borrow_mut();
             let state = &mut *guard;
-            let stale = state.replica.as_ref().is_some_and(|r| r.is_stale(now));
-            if stale {
+            if state.replica.as_ref().is_some_and(|r| r.is_stale(now)) {
                 self.metrics.stale_state.inc();
             }
             let random = state.next_random();
@@ -147,7 +236,7 @@ impl InferenceStream {
                 .and_then(|r| r.fresh_view(&model.name, now));
             decide(
                 model,
-                &prompt,
+                prompt,
                 view,
                 &state.inflight,
                 &mut state.scratch,
@@ -155,7 +244,6 @@ impl InferenceStream {
             )
         };
         self.apply_decision(&decision, u64::from(model.hasher.block_size().get()));
-        Action::Continue
     }
 
     /// Steers the load balancer and records the request's in-flight load.
@@ -202,7 +290,28 @@ fn is_reserved(name: &[u8]) -> bool {
             .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
 }
 
-impl Context for InferenceStream {}
+impl Context for InferenceStream {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(model) = self.pending_tokenize.take() else {
+            return;
+        };
+        let prompt = self.tokenized_prompt(body_size).unwrap_or_else(|| {
+            // Timeout, error or garbage: route by load alone rather than fail.
+            self.metrics.tokenize_failures.inc();
+            Vec::new()
+        });
+        self.decide_and_apply(&model, &prompt);
+        if let Err(err) = host::resume_request() {
+            self.host_error(err);
+        }
+    }
+}
 
 impl HttpContext for InferenceStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -49,10 +49,15 @@ async fn main() -> anyhow::Result<()> {
         clients.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let n = next_prompt.fetch_add(1, Ordering::Relaxed) as u32;
-                let prompt: Vec<u32> = (0..prompt_tokens).map(|i| 1 + (n.wrapping_mul(7919) + i) % 100_000).collect();
-                let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens});
+                let prompt: Vec<u32> = (0..prompt_tokens)
+                    .map(|i| 1 + (n.wrapping_mul(7919) + i) % 100_000)
+                    .collect();
+                let body =
+                    serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens});
                 let ok = match client.post(&url).json(&body).send().await {
-                    Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+                    Ok(response) => {
+                        response.status().is_success() && response.bytes().await.is_ok()
+                    }
                     Err(_) => false,
                 };
                 let counter = if ok { &done } else { &failed };

@@ -4,7 +4,6 @@
 //! roofline timing model. See README.md and docs/sim-engine.md.
 
 mod api;
-mod chat_template;
 mod config;
 mod determinism;
 mod engine;
@@ -25,7 +24,6 @@ use clap::Parser;
 use router_core::{BlockHasher, BlockSize, HashSeed};
 
 use crate::api::{AppState, ServedModel};
-use crate::chat_template::ChatTemplate;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::engine_hash::EngineHasher;
@@ -35,6 +33,7 @@ use crate::kv_events::publisher::{self, PublisherSettings};
 use crate::metrics::EngineMetrics;
 use crate::scheduler::{Scheduler, SchedulerLimits};
 use crate::tokenizer::TextCodec;
+use chat_template::ChatTemplate;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

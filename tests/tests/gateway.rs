@@ -7,7 +7,9 @@ use std::process::Command;
 
 use kvmesh_tests::harness::client::{http_client, post, post_json, JsonResponse};
 use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{paths, Envoy, GatewayConfig, ModelRoute, SimEngine};
+use kvmesh_tests::harness::{
+    free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
+};
 use serde_json::json;
 
 const MODEL: &str = "qwen3";
@@ -246,7 +248,10 @@ fn envoy_validates_every_config_in_envoy_dir() {
     }])
     .unwrap();
     let mut with_sidecar = standalone.clone();
-    with_sidecar.sidecar_grpc = Some("127.0.0.1:18100".to_owned());
+    with_sidecar.sidecar = Some(SidecarEndpoints {
+        grpc: "127.0.0.1:18100".to_owned(),
+        http: "127.0.0.1:18101".to_owned(),
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut validated = 0;
     let entries: Vec<_> = std::fs::read_dir(paths::envoy_config_dir())
@@ -266,7 +271,9 @@ fn envoy_validates_every_config_in_envoy_dir() {
         } else {
             continue;
         };
-        let out = dir.path().join(format!("{variant}-{}", name.trim_end_matches(".j2")));
+        let out = dir
+            .path()
+            .join(format!("{variant}-{}", name.trim_end_matches(".j2")));
         std::fs::write(&out, rendered).unwrap();
         let result = Command::new(paths::envoy_binary().unwrap())
             .args(["--mode", "validate", "--config-path"])
@@ -295,7 +302,10 @@ fn unreachable_sidecar_fails_open() {
     }])
     .unwrap();
     // Nothing listens there: the state stream can never open.
-    config.sidecar_grpc = Some(format!("127.0.0.1:{}", kvmesh_tests::harness::free_port()));
+    config.sidecar = Some(SidecarEndpoints {
+        grpc: format!("127.0.0.1:{}", free_port()),
+        http: format!("127.0.0.1:{}", free_port()),
+    });
     let envoy = Envoy::start(config).unwrap();
     let client = http_client();
     let url = format!("{}/v1/completions", envoy.gateway_url());
@@ -309,7 +319,10 @@ fn unreachable_sidecar_fails_open() {
     // The filter keeps trying to reach the sidecar with backoff.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while counter(&envoy, "kvmesh_state_stream_closed") < 2 {
-        assert!(std::time::Instant::now() < deadline, "no reconnect attempts seen");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconnect attempts seen"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(counter(&envoy, "kvmesh_state_stream_opened") >= 2);

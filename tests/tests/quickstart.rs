@@ -12,7 +12,8 @@ fn component_lines(logs: &str) -> Vec<(String, String)> {
     logs.lines()
         .filter_map(|line| line.split_once(": "))
         .filter(|(name, url)| {
-            ["gateway", "nats", "worker", "envoy-admin"].contains(name) && url.contains("://")
+            ["gateway", "nats", "sidecar", "worker", "envoy-admin"].contains(name)
+                && url.contains("://")
         })
         .map(|(name, url)| (name.to_owned(), url.to_owned()))
         .collect()
@@ -28,14 +29,21 @@ fn quickstart_serves_requests_and_stops_every_child() {
         &mut quickstart,
         "printing envoy-admin",
         Duration::from_secs(90),
-        || component_lines(&std::fs::read_to_string(&log).unwrap_or_default()).len() >= 5,
+        || component_lines(&std::fs::read_to_string(&log).unwrap_or_default()).len() >= 6,
     )
     .unwrap();
     let lines = component_lines(&quickstart.logs());
     let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["gateway", "nats", "worker", "worker", "envoy-admin"],
+        [
+            "gateway",
+            "nats",
+            "sidecar",
+            "worker",
+            "worker",
+            "envoy-admin"
+        ],
         "{}",
         quickstart.logs()
     );
@@ -58,6 +66,18 @@ fn quickstart_serves_requests_and_stops_every_child() {
     let completion = json!({"model": "qwen3", "prompt": tokens, "max_tokens": 2});
     let response = post_json(&client, &format!("{gateway}/v1/completions"), &completion).unwrap();
     assert_eq!(response.status, 200, "{}", response.text);
+    // The gateway routes with fleet state from the sidecar, not by fallback.
+    let admin = &lines[lines.len() - 1].1;
+    let stats = reqwest::blocking::get(format!("{admin}/stats?filter=kvmesh_requests_precise"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let precise: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("wasmcustom.kvmesh_requests_precise: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert_eq!(precise, 2, "{stats}");
 
     quickstart.signal(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -4,12 +4,12 @@
 //! evictions, dropped batches, engine restarts and NATS restarts.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::relay::{NatsTap, Relay, RelayOptions};
+use kvmesh_tests::harness::fleet::KvWorker;
+use kvmesh_tests::harness::nats_tap::NatsTap;
+use kvmesh_tests::harness::relay::{Relay, RelayOptions};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{free_port, paths, readiness, ManagedProcess, NatsServer, SimEngine};
 use router_core::protocol::{
@@ -31,36 +31,11 @@ struct Worker {
 }
 
 fn start_worker(nats: &NatsServer, id: &str, extra_sim_args: &[&str]) -> Worker {
-    let events = free_port();
-    let replay = free_port();
-    let mut args = vec![
-        "--kv-events-endpoint".to_owned(),
-        format!("tcp://127.0.0.1:{events}"),
-        "--kv-events-replay-endpoint".to_owned(),
-        format!("tcp://127.0.0.1:{replay}"),
-        "--num-gpu-blocks".to_owned(),
-        "48".to_owned(),
-        "--block-size".to_owned(),
-        BLOCK.to_string(),
-        "--speedup".to_owned(),
-        "200".to_owned(),
-    ];
-    args.extend(extra_sim_args.iter().map(|s| s.to_string()));
-    let sim =
-        SimEngine::start(SimEngineOptions::new(MODEL, id).args(args)).expect("sim-engine starts");
-    let relay = Relay::start(&RelayOptions {
-        engine: "vllm".into(),
-        nats_url: nats.url(),
-        worker_id: id.into(),
-        model: MODEL.into(),
-        address: sim.address(),
-        block_size: BLOCK,
-        zmq_endpoint: Some(format!("tcp://127.0.0.1:{events}")),
-        zmq_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
-        metrics_url: Some(format!("{}/metrics", sim.url())),
-        extra_args: vec!["--load-interval".into(), "200ms".into()],
-    })
-    .expect("relay starts");
+    let options = SimEngineOptions::new(MODEL, id)
+        .args(["--num-gpu-blocks", "48", "--speedup", "200"])
+        .args(extra_sim_args.iter().copied());
+    let KvWorker { sim, relay } =
+        KvWorker::start(&nats.url(), options, BLOCK).expect("worker and relay start");
     Worker {
         sim,
         relay,
@@ -230,8 +205,8 @@ fn subscriber_rebuilds_each_worker_through_evictions_and_dropped_batches() {
     let load = messages
         .iter()
         .filter(|m| m.subject == subjects::load("kvmesh", MODEL, "w-a"))
-        .filter_map(|m| WorkerLoad::decode(m.payload.as_slice()).ok())
-        .last()
+        .rev()
+        .find_map(|m| WorkerLoad::decode(m.payload.as_slice()).ok())
         .expect("load of w-a");
     assert!((0.0..=1.0).contains(&load.kv_usage));
 }
@@ -308,57 +283,44 @@ fn nats_restart_is_survived_with_a_correct_view() {
     assert!(w.full_states >= 1, "a full state rebuilt the view");
 }
 
-/// A hand-written ZMQ PUB peer (ZMTP 3.0 over TCP, NULL mechanism) that sends
-/// whatever frames the test wants, garbage included.
-struct FakePublisher {
-    stream: std::net::TcpStream,
+/// A fake engine: a real ZMQ PUB socket that sends whatever frames the test
+/// wants, garbage included.
+struct FakeEngine {
+    runtime: tokio::runtime::Runtime,
+    socket: zeromq::PubSocket,
 }
 
-impl FakePublisher {
-    fn accept(listener: &TcpListener) -> Self {
-        let (mut stream, _) = listener.accept().expect("relay connects");
-        let mut greeting = [0u8; 64];
-        greeting[0] = 0xff;
-        greeting[9] = 0x7f;
-        greeting[10] = 3; // version 3.0
-        greeting[12..16].copy_from_slice(b"NULL");
-        stream.write_all(&greeting).expect("greeting");
-        let mut peer = [0u8; 64];
-        stream.read_exact(&mut peer).expect("peer greeting");
-        let mut ready = vec![5u8];
-        ready.extend_from_slice(b"READY");
-        ready.push(11);
-        ready.extend_from_slice(b"Socket-Type");
-        ready.extend_from_slice(&3u32.to_be_bytes());
-        ready.extend_from_slice(b"PUB");
-        stream
-            .write_all(&[0x04, ready.len() as u8])
-            .expect("command");
-        stream.write_all(&ready).expect("ready");
-        // Read the peer's READY and subscription, whatever their size.
-        stream
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
-        let mut sink = [0u8; 256];
-        let _ = stream.read(&mut sink);
-        Self { stream }
+impl FakeEngine {
+    fn bind() -> (Self, u16) {
+        use zeromq::Socket;
+        // Multi-threaded so the socket accepts and handles subscriptions
+        // between sends.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (socket, endpoint) = runtime.block_on(async {
+            let mut socket = zeromq::PubSocket::new();
+            let endpoint = socket.bind("tcp://127.0.0.1:0").await;
+            (socket, endpoint.expect("bind fake engine"))
+        });
+        let zeromq::Endpoint::Tcp(_, port) = endpoint else {
+            panic!("tcp endpoint expected, got {endpoint}");
+        };
+        (Self { runtime, socket }, port)
     }
 
     fn send(&mut self, frames: &[&[u8]]) {
-        for (i, frame) in frames.iter().enumerate() {
-            let more = if i + 1 < frames.len() { 0x01 } else { 0x00 };
-            if frame.len() < 256 {
-                self.stream
-                    .write_all(&[more, frame.len() as u8])
-                    .expect("frame header");
-            } else {
-                self.stream.write_all(&[more | 0x02]).expect("frame header");
-                self.stream
-                    .write_all(&(frame.len() as u64).to_be_bytes())
-                    .expect("frame size");
-            }
-            self.stream.write_all(frame).expect("frame");
-        }
+        use zeromq::SocketSend;
+        let frames: Vec<bytes::Bytes> = frames
+            .iter()
+            .map(|f| bytes::Bytes::copy_from_slice(f))
+            .collect();
+        let message = zeromq::ZmqMessage::try_from(frames).expect("at least one frame");
+        self.runtime
+            .block_on(self.socket.send(message))
+            .expect("send");
     }
 }
 
@@ -366,9 +328,7 @@ impl FakePublisher {
 fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
     let nats = NatsServer::start().expect("nats-server starts");
     let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake engine");
-    let port = listener.local_addr().expect("addr").port();
-    let accept = std::thread::spawn(move || FakePublisher::accept(&listener));
+    let (mut engine, port) = FakeEngine::bind();
     let relay = Relay::start(&RelayOptions {
         engine: "sglang".into(),
         nats_url: nats.url(),
@@ -382,12 +342,12 @@ fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
         extra_args: vec![],
     })
     .expect("relay starts");
-    let mut engine = accept.join().expect("fake engine accepted");
-    std::thread::sleep(Duration::from_millis(300));
+    // PUB drops messages until the relay's subscription has arrived.
+    std::thread::sleep(Duration::from_millis(500));
 
     let seq = |n: u64| n.to_be_bytes();
     engine.send(&[b"kv-events", b"short seq", b"\x93"]); // no valid seq frame
-    engine.send(&[b"only one frame"]);
+    engine.send(&[b"kv-events"]); // topic frame only
     engine.send(&[b"kv-events", &seq(0), b"\xc1\xc1 not msgpack"]);
     // A valid batch: [0, [["BlockStored", [-1], nil, [1, 2], 2]], nil]
     let valid: &[u8] = &[

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kv_sidecar::serve::stream::StateStreamClient;
-use kvmesh_tests::harness::relay::{NatsTap, Relay, RelayOptions};
+use kvmesh_tests::harness::fleet::KvWorker;
+use kvmesh_tests::harness::nats_tap::NatsTap;
+use kvmesh_tests::harness::relay::Relay;
 use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
 use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{free_port, NatsServer, SimEngine};
+use kvmesh_tests::harness::{NatsServer, SimEngine};
 use router_core::fleet::FleetView;
 use router_core::gateway::{gateway_report, GatewayHello, GatewayReport, RoutingDecision};
 use router_core::state_stream::{state_update, StateUpdate};
@@ -28,34 +30,10 @@ struct Worker {
 }
 
 fn start_worker(nats: &NatsServer, id: &str) -> Worker {
-    let (events, replay) = (free_port(), free_port());
-    let args = [
-        "--kv-events-endpoint".to_owned(),
-        format!("tcp://127.0.0.1:{events}"),
-        "--kv-events-replay-endpoint".to_owned(),
-        format!("tcp://127.0.0.1:{replay}"),
-        "--num-gpu-blocks".to_owned(),
-        "48".to_owned(),
-        "--block-size".to_owned(),
-        BLOCK.to_string(),
-        "--speedup".to_owned(),
-        "200".to_owned(),
-    ];
-    let sim =
-        SimEngine::start(SimEngineOptions::new(MODEL, id).args(args)).expect("sim-engine starts");
-    let relay = Relay::start(&RelayOptions {
-        engine: "vllm".into(),
-        nats_url: nats.url(),
-        worker_id: id.into(),
-        model: MODEL.into(),
-        address: sim.address(),
-        block_size: BLOCK,
-        zmq_endpoint: Some(format!("tcp://127.0.0.1:{events}")),
-        zmq_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
-        metrics_url: Some(format!("{}/metrics", sim.url())),
-        extra_args: vec!["--load-interval".into(), "200ms".into()],
-    })
-    .expect("relay starts");
+    let options =
+        SimEngineOptions::new(MODEL, id).args(["--num-gpu-blocks", "48", "--speedup", "200"]);
+    let KvWorker { sim, relay } =
+        KvWorker::start(&nats.url(), options, BLOCK).expect("worker and relay start");
     Worker { sim, relay }
 }
 

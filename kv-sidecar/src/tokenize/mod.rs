@@ -16,13 +16,7 @@ use router_core::{BlockHasher, BlockSize, HashSeed};
 use serde_json::Value;
 use thiserror::Error;
 
-/// The engine's own template code, shared with sim-engine so both render
-/// identically (sim-engine is a binary crate, so it cannot be a dependency).
-#[allow(dead_code)] // sim-engine uses parts of it that serve does not
-#[path = "../../../sim-engine/src/chat_template.rs"]
-mod chat_template;
-
-use chat_template::ChatTemplate;
+use chat_template::{flatten_message, ChatTemplate};
 
 #[derive(Debug, Error)]
 pub enum TokenizeError {
@@ -168,7 +162,7 @@ impl ModelTokenizer {
     ) -> Result<String, TokenizeError> {
         let messages = messages
             .iter()
-            .map(flatten_message)
+            .map(|m| flatten_message(m).map_err(|e| TokenizeError::Messages(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         self.template
             .render(&messages, tools, kwargs)
@@ -244,38 +238,4 @@ impl ModelTokenizer {
         // The cache holds no invariant a panic could break: keep using it.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// Message content as the engine flattens it before templating: a string,
-/// null (→ ""), or a list of parts whose text parts are joined with newlines
-/// (same rules as sim-engine's OpenAI API and vLLM for string templates).
-fn flatten_message(message: &Value) -> Result<Value, TokenizeError> {
-    let Some(object) = message.as_object() else {
-        return Err(TokenizeError::Messages(
-            "each message must be an object".into(),
-        ));
-    };
-    if !object.get("role").is_some_and(Value::is_string) {
-        return Err(TokenizeError::Messages(
-            "each message needs a string role".into(),
-        ));
-    }
-    let content = match object.get("content") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|part| part.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Some(_) => {
-            return Err(TokenizeError::Messages(
-                "message content must be a string or a list of parts".into(),
-            ))
-        }
-    };
-    let mut flattened = object.clone();
-    flattened.insert("content".into(), Value::String(content));
-    Ok(Value::Object(flattened))
 }

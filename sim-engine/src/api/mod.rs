@@ -18,11 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::chat_template::ChatTemplate;
 use crate::engine::Engine;
 use crate::faults::{Faults, RequestFault};
 use crate::metrics::EngineMetrics;
 use crate::tokenizer::TextCodec;
+use chat_template::ChatTemplate;
 use error::ApiError;
 
 pub const WORKER_ID_HEADER: &str = "x-sim-worker-id";

@@ -1,6 +1,7 @@
 //! `POST /v1/completions`, `POST /v1/chat/completions` (streaming and not)
 //! and `GET /v1/models`, shaped like vLLM's OpenAI server.
 
+use chat_template::flatten_message;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -117,7 +118,7 @@ pub async fn chat_completions(
     let messages = request
         .messages
         .iter()
-        .map(flatten_message)
+        .map(|m| flatten_message(m).map_err(|e| ApiError::invalid(e.to_string(), Some("messages"))))
         .collect::<Result<Vec<_>, _>>()?;
     let rendered = state
         .template
@@ -195,44 +196,6 @@ fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiEr
             .ok_or_else(invalid),
         _ => Err(invalid()),
     }
-}
-
-/// Chat message content may be a string, null, or a list of parts; text
-/// parts are joined with newlines, as vLLM does for string templates.
-fn flatten_message(message: &Value) -> Result<Value, ApiError> {
-    let Some(object) = message.as_object() else {
-        return Err(ApiError::invalid(
-            "each message must be an object",
-            Some("messages"),
-        ));
-    };
-    if !object.get("role").is_some_and(Value::is_string) {
-        return Err(ApiError::invalid(
-            "each message needs a string role",
-            Some("messages"),
-        ));
-    }
-    let content = match object.get("content") {
-        None | Some(Value::Null) => Value::String(String::new()),
-        Some(Value::String(text)) => Value::String(text.clone()),
-        Some(Value::Array(parts)) => {
-            let texts: Vec<&str> = parts
-                .iter()
-                .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
-                .filter_map(|part| part.get("text").and_then(Value::as_str))
-                .collect();
-            Value::String(texts.join("\n"))
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "message content must be a string or a list of parts",
-                Some("messages"),
-            ))
-        }
-    };
-    let mut flattened = object.clone();
-    flattened.insert("content".into(), content);
-    Ok(Value::Object(flattened))
 }
 
 #[allow(clippy::too_many_arguments)]

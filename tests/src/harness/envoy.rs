@@ -12,6 +12,9 @@ use crate::harness::{free_port, paths, readiness, ManagedProcess};
 /// Listener buffer limit; above the filter's body limit so oversize bodies get
 /// the filter's OpenAI-shaped 413 rather than Envoy's plain-text one.
 const DEFAULT_BUFFER_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// Envoy worker threads: one filter VM (and one state stream) each. Two, as
+/// on the CI machines, so cross-VM behaviour is exercised.
+pub const ENVOY_WORKER_THREADS: u64 = 2;
 /// Fleet state older than this is not used for routing.
 const SIDECAR_STALE_AFTER_MS: u64 = 3_000;
 
@@ -32,9 +35,17 @@ pub struct GatewayConfig {
     pub max_body_bytes: Option<u64>,
     pub models: Vec<ModelRoute>,
     pub wasm_path: PathBuf,
-    /// `ip:port` of `kv-sidecar serve`'s gRPC listener; `None` runs the filter
-    /// without fleet state.
-    pub sidecar_grpc: Option<String>,
+    /// `kv-sidecar serve`'s listeners; `None` runs the filter without fleet
+    /// state.
+    pub sidecar: Option<SidecarEndpoints>,
+}
+
+/// `ip:port` of `kv-sidecar serve`'s gRPC (state stream) and HTTP
+/// (tokenization) listeners.
+#[derive(Debug, Clone)]
+pub struct SidecarEndpoints {
+    pub grpc: String,
+    pub http: String,
 }
 
 #[derive(Serialize)]
@@ -55,7 +66,14 @@ struct PluginConfig<'a> {
 #[derive(Serialize)]
 struct SidecarSettings {
     cluster: &'static str,
+    http_cluster: &'static str,
     stale_after_ms: u64,
+}
+
+#[derive(Serialize)]
+struct SidecarAddresses {
+    grpc: WorkerAddress,
+    http: WorkerAddress,
 }
 
 #[derive(Serialize)]
@@ -67,7 +85,7 @@ struct TemplateValues<'a> {
     wasm_path: String,
     plugin_config_json: String,
     workers: Vec<WorkerAddress>,
-    sidecar: Option<WorkerAddress>,
+    sidecar: Option<SidecarAddresses>,
 }
 
 impl GatewayConfig {
@@ -80,7 +98,7 @@ impl GatewayConfig {
             max_body_bytes: None,
             models,
             wasm_path: paths::filter_wasm()?,
-            sidecar_grpc: None,
+            sidecar: None,
         })
     }
 
@@ -109,14 +127,24 @@ impl GatewayConfig {
             wasm_path: self.wasm_path.display().to_string(),
             plugin_config_json: serde_json::to_string(&PluginConfig {
                 max_body_bytes: self.max_body_bytes,
-                sidecar: self.sidecar_grpc.as_ref().map(|_| SidecarSettings {
+                sidecar: self.sidecar.as_ref().map(|_| SidecarSettings {
                     cluster: "kv_sidecar",
+                    http_cluster: "kv_sidecar_http",
                     stale_after_ms: SIDECAR_STALE_AFTER_MS,
                 }),
                 models: &self.models,
             })?,
             workers,
-            sidecar: self.sidecar_grpc.as_deref().map(parse_worker).transpose()?,
+            sidecar: self
+                .sidecar
+                .as_ref()
+                .map(|s| -> anyhow::Result<SidecarAddresses> {
+                    Ok(SidecarAddresses {
+                        grpc: parse_worker(&s.grpc)?,
+                        http: parse_worker(&s.http)?,
+                    })
+                })
+                .transpose()?,
         };
         env.render_str(&source, values)
             .with_context(|| format!("rendering {}", template.display()))
@@ -155,8 +183,9 @@ impl Envoy {
         command
             .arg("--config-path")
             .arg(&config_path)
-            // Two worker threads, as on the CI machines, so cross-VM behaviour is exercised.
-            .args(["--concurrency", "2", "--log-level", "info"])
+            .arg("--concurrency")
+            .arg(ENVOY_WORKER_THREADS.to_string())
+            .args(["--log-level", "info"])
             .args(["--base-id", &config.admin_port.to_string()]);
         let mut process = ManagedProcess::spawn("envoy", command)?;
         let ready = format!("http://127.0.0.1:{}/ready", config.admin_port);

@@ -2,7 +2,9 @@
 
 pub mod client;
 pub mod envoy;
+pub mod fleet;
 pub mod nats;
+pub mod nats_tap;
 pub mod paths;
 pub mod ports;
 pub mod process;
@@ -11,7 +13,7 @@ pub mod relay;
 pub mod sidecar;
 pub mod sim;
 
-pub use envoy::{Envoy, GatewayConfig, ModelRoute};
+pub use envoy::{Envoy, GatewayConfig, ModelRoute, SidecarEndpoints};
 pub use nats::NatsServer;
 pub use ports::free_port;
 pub use process::ManagedProcess;

@@ -19,6 +19,7 @@ pub struct Sidecar {
     process: ManagedProcess,
     http_port: u16,
     grpc_port: u16,
+    config_path: PathBuf,
     _config_dir: tempfile::TempDir,
 }
 
@@ -53,21 +54,50 @@ impl Sidecar {
         let config_dir = tempfile::tempdir()?;
         let config_path = config_dir.path().join("kvmesh.yaml");
         std::fs::write(&config_path, yaml)?;
+        let process = Self::spawn(&config_path, http_port)?;
+        Ok(Self {
+            process,
+            http_port,
+            grpc_port,
+            config_path,
+            _config_dir: config_dir,
+        })
+    }
+
+    fn spawn(config_path: &std::path::Path, http_port: u16) -> anyhow::Result<ManagedProcess> {
         let mut command = Command::new(paths::binary("kv-sidecar")?);
         command
             .env("RUST_LOG", "info")
             .arg("serve")
             .arg("--config")
-            .arg(&config_path);
+            .arg(config_path);
         let mut process = ManagedProcess::spawn("kv-sidecar-serve", command)?;
         let health = format!("http://127.0.0.1:{http_port}/healthz");
         readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
-        Ok(Self {
-            process,
-            http_port,
-            grpc_port,
-            _config_dir: config_dir,
-        })
+        Ok(process)
+    }
+
+    /// Kills the sidecar (as a crash would) and starts it again with the same
+    /// config and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        self.process = Self::spawn(&self.config_path, self.http_port)?;
+        Ok(())
+    }
+
+    /// Number of workers in `GET /v1/workers`.
+    pub fn known_workers(&self) -> anyhow::Result<usize> {
+        let body: serde_json::Value =
+            reqwest::blocking::get(format!("{}/v1/workers", self.http_url()))?.json()?;
+        Ok(body["workers"].as_array().map_or(0, Vec::len))
+    }
+
+    /// `ip:port` of the gRPC and HTTP listeners, for Envoy's clusters.
+    pub fn endpoints(&self) -> crate::harness::SidecarEndpoints {
+        crate::harness::SidecarEndpoints {
+            grpc: format!("127.0.0.1:{}", self.grpc_port),
+            http: format!("127.0.0.1:{}", self.http_port),
+        }
     }
 
     pub fn http_url(&self) -> String {

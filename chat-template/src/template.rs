@@ -68,7 +68,11 @@ impl ChatTemplate {
         Self::new(FALLBACK_TEMPLATE.to_owned(), String::new(), String::new())
     }
 
-    fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, ChatTemplateError> {
+    fn new(
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self, ChatTemplateError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -102,7 +106,10 @@ impl ChatTemplate {
         if let Some(kwargs) = kwargs {
             context.extend(kwargs.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
-        context.insert("messages".into(), serde_json::Value::from(messages.to_vec()));
+        context.insert(
+            "messages".into(),
+            serde_json::Value::from(messages.to_vec()),
+        );
         context.insert("add_generation_prompt".into(), true.into());
         context.insert("bos_token".into(), self.bos_token.clone().into());
         context.insert("eos_token".into(), self.eos_token.clone().into());

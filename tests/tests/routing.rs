@@ -1,0 +1,260 @@
+//! Precise KV-aware routing end to end: real Envoy with the compiled filter,
+//! `kv-sidecar serve`, nats-server, and sim-engines with their relays. The
+//! engines' own `cached_tokens` prove where the prefix was.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kvmesh_tests::harness::client::{http_client, post_json, JsonResponse};
+use kvmesh_tests::harness::fleet::KvWorker;
+use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
+use kvmesh_tests::harness::sim::SimEngineOptions;
+use kvmesh_tests::harness::{paths, Envoy, GatewayConfig, ModelRoute, NatsServer};
+use serde_json::{json, Value};
+
+const MODEL: &str = "qwen3";
+const BLOCK: u32 = 16;
+const WORKERS: usize = 3;
+const SETTLE: Duration = Duration::from_secs(20);
+
+struct Stack {
+    workers: Vec<KvWorker>,
+    sidecar: Sidecar,
+    envoy: Envoy,
+    _nats: NatsServer,
+}
+
+impl Stack {
+    fn start() -> Self {
+        let nats = NatsServer::start().unwrap();
+        let tokenizer = paths::qwen3_tokenizer_dir().unwrap().join("tokenizer.json");
+        let workers: Vec<KvWorker> = (0..WORKERS)
+            .map(|i| {
+                let options = SimEngineOptions::new(MODEL, &format!("w{i}"))
+                    .tokenizer(tokenizer.clone())
+                    .args(["--speedup", "20"]);
+                KvWorker::start(&nats.url(), options, BLOCK).unwrap()
+            })
+            .collect();
+        let model = SidecarModel {
+            name: MODEL.to_owned(),
+            block_size: BLOCK,
+            tokenizer: Some(tokenizer),
+        };
+        let mut sidecar = Sidecar::start(&nats.url(), &[model], "").unwrap();
+        sidecar.wait_ready(SETTLE).unwrap();
+        let mut config = GatewayConfig::new(vec![ModelRoute {
+            name: MODEL.to_owned(),
+            block_size: BLOCK,
+            endpoints: workers.iter().map(|w| w.sim.address()).collect(),
+        }])
+        .unwrap();
+        config.sidecar = Some(sidecar.endpoints());
+        let envoy = Envoy::start(config).unwrap();
+        let stack = Self {
+            workers,
+            sidecar,
+            envoy,
+            _nats: nats,
+        };
+        stack.wait_for("the sidecar to see every worker", || {
+            stack.sidecar.known_workers().unwrap_or(0) == WORKERS
+        });
+        // Each Envoy worker thread has its own VM and its own stream.
+        stack.wait_for("both filter VMs to receive fleet state", || {
+            stack.counter("kvmesh_state_updates_applied") >= 2
+        });
+        stack
+    }
+
+    fn wait_for(&self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + SETTLE;
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.envoy.stat(&format!("wasmcustom.{name}")).unwrap()
+    }
+
+    /// Waits until the sidecar's index holds `blocks` blocks of `body`'s
+    /// prompt on some worker, then gives the filters' streams a moment.
+    fn wait_indexed(&self, body: &Value, blocks: u64) {
+        let url = format!("{}/debug/route", self.sidecar.http_url());
+        let client = http_client();
+        self.wait_for("the prefix to reach the index", || {
+            post_json(&client, &url, body)
+                .ok()
+                .and_then(|r| r.json().ok())
+                .and_then(|v: Value| {
+                    v["workers"].as_array().map(|ws| {
+                        ws.iter()
+                            .any(|w| w["cached_blocks"].as_u64().unwrap_or(0) >= blocks)
+                    })
+                })
+                .unwrap_or(false)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn send(&self, path: &str, body: &Value) -> JsonResponse {
+        let url = format!("{}{path}", self.envoy.gateway_url());
+        let response = post_json(&http_client(), &url, body).unwrap();
+        assert_eq!(response.status, 200, "{}", response.text);
+        response
+    }
+}
+
+fn worker_of(response: &JsonResponse) -> String {
+    response.header("x-sim-worker-id").unwrap().to_owned()
+}
+
+fn cached_tokens(response: &JsonResponse) -> u64 {
+    response.json().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Sends a cold request, waits until its blocks are indexed, then a request
+/// extending it: the second must land where the first ran and hit its cache.
+fn assert_follow_up_hits(stack: &Stack, path: &str, first: Value, second: Value, blocks: u64) {
+    let cold = stack.send(path, &first);
+    let owner = worker_of(&cold);
+    stack.wait_indexed(&second, blocks);
+    let warm = stack.send(path, &second);
+    assert_eq!(
+        worker_of(&warm),
+        owner,
+        "{path}: follow-up left the worker holding its prefix"
+    );
+    let cached = cached_tokens(&warm);
+    assert!(
+        cached >= blocks * u64::from(BLOCK),
+        "{path}: only {cached} cached tokens"
+    );
+}
+
+fn long_text(topic: &str, words: usize) -> String {
+    (0..words)
+        .map(|i| format!("{topic}-{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn shared_prefixes_land_where_they_are_cached() {
+    let stack = Stack::start();
+
+    // Token ids, completions.
+    let prefix: Vec<u32> = (0..320).map(|i| 1000 + i * 7).collect();
+    let mut longer = prefix.clone();
+    longer.extend(5000..5040);
+    assert_follow_up_hits(
+        &stack,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prefix, "max_tokens": 2}),
+        json!({"model": MODEL, "prompt": longer, "max_tokens": 2}),
+        18,
+    );
+
+    // Text, completions (tokenized by the sidecar).
+    let text = long_text("alpha", 300);
+    assert_follow_up_hits(
+        &stack,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": text, "max_tokens": 2}),
+        json!({"model": MODEL, "prompt": format!("{text} and then some more words"), "max_tokens": 2}),
+        16,
+    );
+
+    // Chat: a second turn re-sends the history.
+    let system = json!({"role": "system", "content": long_text("policy", 300)});
+    let first_turn = json!([system, {"role": "user", "content": "What is rule 7?"}]);
+    let second_turn = json!([
+        system,
+        {"role": "user", "content": "What is rule 7?"},
+        {"role": "assistant", "content": "Rule 7 says policy-7."},
+        {"role": "user", "content": "And rule 9?"}
+    ]);
+    assert_follow_up_hits(
+        &stack,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": first_turn, "max_tokens": 2}),
+        json!({"model": MODEL, "messages": second_turn, "max_tokens": 2}),
+        16,
+    );
+
+    assert!(stack.counter("kvmesh_requests_precise") >= 6);
+    assert!(stack.counter("kvmesh_tokenize_calls") >= 4);
+    assert_eq!(stack.counter("kvmesh_tokenize_failures"), 0);
+    assert!(stack.counter("kvmesh_routed_cached_blocks") >= 50);
+}
+
+#[test]
+fn a_shared_system_prompt_does_not_herd_concurrent_requests() {
+    let stack = Stack::start();
+    let system = json!({"role": "system", "content": long_text("shared", 400)});
+    let warmup = json!({"model": MODEL, "max_tokens": 2,
+        "messages": [system, {"role": "user", "content": "warm up"}]});
+    stack.send("/v1/chat/completions", &warmup);
+    stack.wait_indexed(&warmup, 16);
+
+    let counts: HashMap<String, usize> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..24)
+            .map(|i| {
+                let body = json!({"model": MODEL, "max_tokens": 48,
+                    "messages": [system, {"role": "user", "content": format!("question {i}")}]});
+                let stack = &stack;
+                scope.spawn(move || worker_of(&stack.send("/v1/chat/completions", &body)))
+            })
+            .collect();
+        let mut counts = HashMap::new();
+        for handle in handles {
+            *counts.entry(handle.join().unwrap()).or_insert(0) += 1;
+        }
+        counts
+    });
+    assert!(
+        counts.len() >= 2,
+        "all 24 requests herded onto one worker: {counts:?}"
+    );
+    assert!(
+        counts.values().all(|&n| n <= 20),
+        "one worker took almost everything: {counts:?}"
+    );
+}
+
+#[test]
+fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
+    let mut stack = Stack::start();
+    let body = |i: u32| {
+        let tokens: Vec<u32> = (0..64).map(|t| 20_000 + i * 100 + t).collect();
+        json!({"model": MODEL, "prompt": tokens, "max_tokens": 2})
+    };
+    stack.send("/v1/completions", &body(0));
+    assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
+
+    stack.sidecar.process().kill();
+    // Past the staleness limit every request still succeeds, by stand-in routing.
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 1..6 {
+        stack.send("/v1/completions", &body(i));
+    }
+    assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
+    assert!(stack.counter("kvmesh_requests_stand_in") >= 5);
+    assert!(stack.counter("kvmesh_requests_stale_state") >= 5);
+
+    stack.sidecar.restart().unwrap();
+    stack.sidecar.wait_ready(SETTLE).unwrap();
+    let deadline = Instant::now() + SETTLE;
+    let mut i = 10;
+    while stack.counter("kvmesh_requests_precise") < 2 {
+        assert!(Instant::now() < deadline, "precise routing never came back");
+        stack.send("/v1/completions", &body(i));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(stack.workers.len(), WORKERS);
+}
