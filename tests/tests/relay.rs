@@ -3,7 +3,6 @@
 //! messages only, and it must equal the engine's own `/sim/cache`, through
 //! evictions, dropped batches, engine restarts and NATS restarts.
 
-use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -45,39 +44,6 @@ fn start_worker(nats: &NatsServer, id: &str, extra_sim_args: &[&str]) -> Worker 
     }
 }
 
-/// Requests sharing a few prefixes, long enough to overflow a 48-block cache.
-fn workload(sim: &SimEngine, round: u32, requests: u32) {
-    let client = reqwest::blocking::Client::new();
-    for i in 0..requests {
-        let prefix = (i % 3) * 1000 + round * 10_000;
-        let mut prompt: Vec<u32> = (prefix..prefix + 48).collect();
-        prompt.extend((0..(20 + (i * 7) % 40)).map(|t| 500_000 + round * 10_000 + i * 100 + t));
-        let response = client
-            .post(format!("{}/v1/completions", sim.url()))
-            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}))
-            .timeout(Duration::from_secs(20))
-            .send()
-            .expect("completion request");
-        assert!(
-            response.status().is_success(),
-            "sim answered {}",
-            response.status()
-        );
-    }
-}
-
-fn sim_cache(sim: &SimEngine) -> HashSet<u64> {
-    let body: Value = reqwest::blocking::get(format!("{}/sim/cache", sim.url()))
-        .and_then(|r| r.json())
-        .expect("/sim/cache");
-    body["blocks"]
-        .as_array()
-        .expect("blocks array")
-        .iter()
-        .filter_map(|b| b["seq_hash"].as_u64())
-        .collect()
-}
-
 fn apply(tap: &NatsTap, workers: &mut [&mut Worker]) {
     for message in tap.drain() {
         if !message.subject.contains(".events.") {
@@ -110,7 +76,7 @@ fn assert_views_converge(tap: &NatsTap, workers: &mut [&mut Worker]) {
         let mismatched: Vec<String> = workers
             .iter()
             .filter_map(|w| {
-                let truth = sim_cache(&w.sim);
+                let truth = w.sim.cached_seq_hashes().expect("/sim/cache");
                 let ok = w.view.outcome() == ApplyOutcome::InSync && w.view.blocks() == &truth;
                 (!ok).then(|| {
                     format!(
@@ -152,8 +118,8 @@ fn subscriber_rebuilds_each_worker_through_evictions_and_dropped_batches() {
     let mut a = start_worker(&nats, "w-a", &["--kv-events-format", "array"]);
     let mut b = start_worker(&nats, "w-b", &["--kv-events-format", "map"]);
 
-    workload(&a.sim, 0, 30);
-    workload(&b.sim, 1, 30);
+    a.sim.run_eviction_workload(0, 30).expect("workload");
+    b.sim.run_eviction_workload(1, 30).expect("workload");
     assert_views_converge(&tap, &mut [&mut a, &mut b]);
     assert!(
         a.view.blocks().len() > 20,
@@ -163,9 +129,9 @@ fn subscriber_rebuilds_each_worker_through_evictions_and_dropped_batches() {
     // Every third batch is withheld from the PUB socket; the relay must see
     // the holes and fill them from the replay socket.
     set_faults(&a.sim, json!({"drop_every": 3}));
-    workload(&a.sim, 2, 30);
+    a.sim.run_eviction_workload(2, 30).expect("workload");
     set_faults(&a.sim, json!({"drop_every": null}));
-    workload(&a.sim, 3, 3);
+    a.sim.run_eviction_workload(3, 3).expect("workload");
     assert_views_converge(&tap, &mut [&mut a, &mut b]);
     assert!(
         a.relay.metric("kvmesh_relay_gaps_total", "") > 0.0,
@@ -216,12 +182,12 @@ fn engine_restart_yields_a_reset_and_a_correct_view() {
     let nats = NatsServer::start().expect("nats-server starts");
     let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
     let mut w = start_worker(&nats, "w-r", &[]);
-    workload(&w.sim, 0, 12);
+    w.sim.run_eviction_workload(0, 12).expect("workload");
     assert_views_converge(&tap, &mut [&mut w]);
     let resets_before = w.resets;
 
     w.sim.restart().expect("sim restarts");
-    workload(&w.sim, 1, 12);
+    w.sim.run_eviction_workload(1, 12).expect("workload");
     assert_views_converge(&tap, &mut [&mut w]);
     assert!(w.resets > resets_before, "a restart must publish a reset");
     assert!(
@@ -236,7 +202,7 @@ fn nats_restart_is_survived_with_a_correct_view() {
     let mut nats = NatsServer::start().expect("nats-server starts");
     let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
     let mut w = start_worker(&nats, "w-n", &[]);
-    workload(&w.sim, 0, 12);
+    w.sim.run_eviction_workload(0, 12).expect("workload");
     assert_views_converge(&tap, &mut [&mut w]);
 
     // Same port, new server: subscribers and the relay both reconnect.
@@ -247,7 +213,7 @@ fn nats_restart_is_survived_with_a_correct_view() {
         .and_then(|p| p.parse::<u16>().ok())
         .expect("port");
     nats.process().kill();
-    workload(&w.sim, 1, 8); // events while NATS is down
+    w.sim.run_eviction_workload(1, 8).expect("workload"); // events while NATS is down
     let monitor = free_port();
     let mut command = Command::new(paths::nats_server_binary().expect("nats-server"));
     command.args([
@@ -278,7 +244,7 @@ fn nats_restart_is_survived_with_a_correct_view() {
     std::thread::sleep(Duration::from_millis(500));
     tap.publish(&subjects::sync("kvmesh", MODEL, "w-n"), b"")
         .expect("sync request");
-    workload(&w.sim, 2, 4);
+    w.sim.run_eviction_workload(2, 4).expect("workload");
     assert_views_converge(&tap, &mut [&mut w]);
     assert!(w.full_states >= 1, "a full state rebuilt the view");
 }

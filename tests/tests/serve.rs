@@ -17,7 +17,7 @@ use kvmesh_tests::harness::{NatsServer, SimEngine};
 use router_core::fleet::FleetView;
 use router_core::gateway::{gateway_report, GatewayHello, GatewayReport, RoutingDecision};
 use router_core::state_stream::{state_update, StateUpdate};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 const MODEL: &str = "sim-model";
@@ -35,39 +35,6 @@ fn start_worker(nats: &NatsServer, id: &str) -> Worker {
     let KvWorker { sim, relay } =
         KvWorker::start(&nats.url(), options, BLOCK).expect("worker and relay start");
     Worker { sim, relay }
-}
-
-/// Requests sharing a few prefixes, long enough to overflow a 48-block cache.
-fn workload(sim: &SimEngine, round: u32, requests: u32) {
-    let client = reqwest::blocking::Client::new();
-    for i in 0..requests {
-        let prefix = (i % 3) * 1000 + round * 10_000;
-        let mut prompt: Vec<u32> = (prefix..prefix + 48).collect();
-        prompt.extend((0..(20 + (i * 7) % 40)).map(|t| 500_000 + round * 10_000 + i * 100 + t));
-        let response = client
-            .post(format!("{}/v1/completions", sim.url()))
-            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}))
-            .timeout(Duration::from_secs(20))
-            .send()
-            .expect("completion request");
-        assert!(
-            response.status().is_success(),
-            "sim answered {}",
-            response.status()
-        );
-    }
-}
-
-fn sim_cache(sim: &SimEngine) -> HashSet<u64> {
-    let body: Value = reqwest::blocking::get(format!("{}/sim/cache", sim.url()))
-        .and_then(|r| r.json())
-        .expect("/sim/cache");
-    body["blocks"]
-        .as_array()
-        .expect("blocks array")
-        .iter()
-        .filter_map(|b| b["seq_hash"].as_u64())
-        .collect()
 }
 
 fn workers_json(sidecar: &Sidecar) -> Vec<Value> {
@@ -173,7 +140,12 @@ fn assert_converges(
     loop {
         let truth: BTreeMap<String, HashSet<u64>> = workers
             .iter()
-            .map(|w| (w.sim.worker_id().to_owned(), sim_cache(&w.sim)))
+            .map(|w| {
+                (
+                    w.sim.worker_id().to_owned(),
+                    w.sim.cached_seq_hashes().expect("/sim/cache"),
+                )
+            })
             .collect();
         let snapshot = fresh_snapshot(runtime, &sidecar.grpc_url());
         let index = blocks_by_worker(&snapshot);
@@ -219,7 +191,10 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
         .map(|i| start_worker(&nats, &format!("w{i}")))
         .collect();
     for (round, worker) in workers.iter().enumerate() {
-        workload(&worker.sim, round as u32, 12);
+        worker
+            .sim
+            .run_eviction_workload(round as u32, 12)
+            .expect("workload");
     }
     assert_converges(
         &runtime,
@@ -317,10 +292,16 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
         assert!(Instant::now() < deadline, "w3 did not come back");
         std::thread::sleep(Duration::from_millis(50));
     }
-    workload(&restarted.sim, 7, 10);
+    restarted
+        .sim
+        .run_eviction_workload(7, 10)
+        .expect("workload");
     workers.push(restarted);
     for (round, worker) in workers.iter().enumerate().take(2) {
-        workload(&worker.sim, 20 + round as u32, 6);
+        worker
+            .sim
+            .run_eviction_workload(20 + round as u32, 6)
+            .expect("workload");
     }
     assert_converges(
         &runtime,

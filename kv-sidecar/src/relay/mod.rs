@@ -165,26 +165,11 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     tokio::select! {
         served = http::serve(args.listen, registry, metrics) => served,
         _ = tasks.join_next() => anyhow::bail!("a relay task ended unexpectedly"),
-        _ = shutdown_signal() => {
+        _ = crate::shutdown::signal() => {
             tracing::info!("shutting down");
             // Pending publishes reach the server before the process exits.
             let _ = client.flush().await;
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
     }
 }

@@ -12,6 +12,7 @@ use prost::Message;
 use router_core::protocol::WorkerInfo;
 use tokio::sync::{mpsc, Notify};
 
+use crate::nats_options::{with_credentials, NatsCredentials};
 use crate::relay::args::RelayArgs;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
 use crate::relay::pipeline::{Control, Outgoing};
@@ -26,7 +27,7 @@ pub async fn connect(
     control: mpsc::Sender<Control>,
     registration: Arc<Notify>,
 ) -> anyhow::Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name(format!("kvmesh-relay-{}", args.worker_id))
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -58,27 +59,17 @@ pub async fn connect(
                 }
             }
         });
-    if let Some(token) = &args.nats_token {
-        options = options.token(token.clone());
-    }
-    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(creds) = &args.nats_creds {
-        options = options
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    if let Some(ca) = &args.nats_tls_ca {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(cert), Some(key)) = (&args.nats_tls_cert, &args.nats_tls_key) {
-        options = options
-            .add_client_certificate(cert.clone(), key.clone())
-            .require_tls(true);
-    }
-    options
+    let credentials = NatsCredentials {
+        token: args.nats_token.as_deref(),
+        user: args.nats_user.as_deref(),
+        password: args.nats_password.as_deref(),
+        creds_file: args.nats_creds.as_deref(),
+        tls_ca: args.nats_tls_ca.as_deref(),
+        tls_cert: args.nats_tls_cert.as_deref(),
+        tls_key: args.nats_tls_key.as_deref(),
+    };
+    with_credentials(options, credentials)
+        .await?
         .connect(&args.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))

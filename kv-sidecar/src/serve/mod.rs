@@ -107,7 +107,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         result = grpc => result.context("serving gRPC"),
         result = axum::serve(listener, app) => result.context("serving HTTP"),
         _ = tasks.join_next() => anyhow::bail!("a serve task ended unexpectedly"),
-        _ = shutdown_signal() => {
+        _ = crate::shutdown::signal() => {
             tracing::info!("shutting down");
             Ok(())
         }
@@ -142,19 +142,4 @@ fn unix_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
 }

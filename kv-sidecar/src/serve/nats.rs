@@ -12,6 +12,7 @@ use router_core::gateway::{decisions_subject, SharedReport};
 use router_core::protocol::{subjects, KvEventBatch, WorkerInfo, WorkerLoad};
 use tokio::sync::mpsc;
 
+use crate::nats_options::{with_credentials, NatsCredentials};
 use crate::serve::config::NatsConfig;
 use crate::serve::metrics::KindLabel;
 use crate::serve::state::{Input, ServeState, SyncRequest};
@@ -22,7 +23,7 @@ pub async fn connect(
     state: Arc<ServeState>,
     inputs: mpsc::Sender<Input>,
 ) -> anyhow::Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name("kvmesh-serve")
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -50,31 +51,19 @@ pub async fn connect(
                 }
             }
         });
-    if let Some(auth) = &config.auth {
-        if let Some(token) = &auth.token {
-            options = options.token(token.clone());
-        }
-        if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(creds) = &auth.creds_file {
-            options = options
-                .credentials_file(creds)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-        }
-    }
-    if let Some(tls) = &config.tls {
-        if let Some(ca) = &tls.ca {
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-            options = options
-                .add_client_certificate(cert.clone(), key.clone())
-                .require_tls(true);
-        }
-    }
-    options
+    let auth = config.auth.as_ref();
+    let tls = config.tls.as_ref();
+    let credentials = NatsCredentials {
+        token: auth.and_then(|a| a.token.as_deref()),
+        user: auth.and_then(|a| a.user.as_deref()),
+        password: auth.and_then(|a| a.password.as_deref()),
+        creds_file: auth.and_then(|a| a.creds_file.as_deref()),
+        tls_ca: tls.and_then(|t| t.ca.as_deref()),
+        tls_cert: tls.and_then(|t| t.cert.as_deref()),
+        tls_key: tls.and_then(|t| t.key.as_deref()),
+    };
+    with_credentials(options, credentials)
+        .await?
         .connect(&config.url)
         .await
         .with_context(|| format!("connecting to NATS at {}", config.url))

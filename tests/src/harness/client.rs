@@ -63,3 +63,17 @@ pub fn post_json(
 ) -> anyhow::Result<JsonResponse> {
     post(client, url, body.to_string(), &[])
 }
+
+/// Sum of the samples of `name` (any labels) whose label text contains
+/// `labels`, scraped from a Prometheus text endpoint; 0 when unreachable.
+pub fn prometheus_sum(url: &str, name: &str, labels: &str) -> f64 {
+    let text = reqwest::blocking::get(url)
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -70,17 +70,9 @@ impl Relay {
         format!("http://127.0.0.1:{}/metrics", self.listen_port)
     }
 
-    /// Sum of all samples of `name` (any labels) whose label text contains `labels`.
+    /// Sum of the samples of `name` whose label text contains `labels`.
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let text = reqwest::blocking::get(self.metrics_url())
-            .and_then(|r| r.text())
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::harness::client::prometheus_sum(&self.metrics_url(), name, labels)
     }
 
     pub fn process(&mut self) -> &mut ManagedProcess {

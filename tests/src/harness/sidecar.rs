@@ -116,15 +116,8 @@ impl Sidecar {
 
     /// Sum of the samples of `name` whose label text contains `labels`.
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let text = reqwest::blocking::get(format!("{}/metrics", self.http_url()))
-            .and_then(|r| r.text())
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let url = format!("{}/metrics", self.http_url());
+        crate::harness::client::prometheus_sum(&url, name, labels)
     }
 
     pub fn process(&mut self) -> &mut ManagedProcess {

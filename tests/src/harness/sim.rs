@@ -105,4 +105,43 @@ impl SimEngine {
     pub fn process(&mut self) -> &mut ManagedProcess {
         &mut self.process
     }
+
+    /// The kvmesh sequence hashes of the blocks the engine caches now
+    /// (`GET /sim/cache`): the ground truth routers are compared with.
+    pub fn cached_seq_hashes(&self) -> anyhow::Result<std::collections::HashSet<u64>> {
+        let body: serde_json::Value =
+            reqwest::blocking::get(format!("{}/sim/cache", self.url()))?.json()?;
+        let blocks = body["blocks"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("/sim/cache has no blocks array: {body}"))?;
+        Ok(blocks
+            .iter()
+            .filter_map(|b| b["seq_hash"].as_u64())
+            .collect())
+    }
+
+    /// `requests` completions sharing three 48-token prefixes with varied
+    /// tails, distinct per `round`: with a small `--num-gpu-blocks` they force
+    /// evictions, so caches churn in both directions.
+    pub fn run_eviction_workload(&self, round: u32, requests: u32) -> anyhow::Result<()> {
+        let client = reqwest::blocking::Client::new();
+        for i in 0..requests {
+            let prefix = (i % 3) * 1000 + round * 10_000;
+            let mut prompt: Vec<u32> = (prefix..prefix + 48).collect();
+            prompt.extend((0..(20 + (i * 7) % 40)).map(|t| 500_000 + round * 10_000 + i * 100 + t));
+            let body =
+                serde_json::json!({"model": self.options.model, "prompt": prompt, "max_tokens": 4});
+            let response = client
+                .post(format!("{}/v1/completions", self.url()))
+                .json(&body)
+                .timeout(Duration::from_secs(20))
+                .send()?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "sim answered {}",
+                response.status()
+            );
+        }
+        Ok(())
+    }
 }
