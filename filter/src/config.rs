@@ -21,6 +21,8 @@ struct RawConfig {
     max_body_bytes: usize,
     #[serde(default)]
     sidecar: Option<RawSidecar>,
+    #[serde(default)]
+    debug_headers: bool,
     models: Vec<RawModel>,
 }
 
@@ -106,6 +108,9 @@ pub struct SidecarConfig {
 pub struct PluginConfig {
     pub max_body_bytes: usize,
     pub sidecar: Option<SidecarConfig>,
+    /// Adds `x-kvmesh-mode`, `x-kvmesh-worker` and `x-kvmesh-cached-blocks` to
+    /// responses. Off by default: it tells clients about the fleet.
+    pub debug_headers: bool,
     models: HashMap<String, ModelConfig>,
 }
 
@@ -168,6 +173,7 @@ impl PluginConfig {
         Ok(Self {
             max_body_bytes: raw.max_body_bytes,
             sidecar,
+            debug_headers: raw.debug_headers,
             models,
         })
     }

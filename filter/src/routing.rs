@@ -22,6 +22,16 @@ pub enum Mode {
     Fallback,
 }
 
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Precise => "precise",
+            Mode::StandIn => "stand-in",
+            Mode::Fallback => "fallback",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub mode: Mode,

@@ -33,6 +33,8 @@ pub struct InferenceStream {
     ticket: Option<Ticket>,
     /// Model of a request waiting for the sidecar's tokenization.
     pending_tokenize: Option<String>,
+    /// The decision, kept for the opt-in debug response headers.
+    decision: Option<Decision>,
 }
 
 /// The part of `/v1/tokenize`'s answer routing needs.
@@ -55,6 +57,7 @@ impl InferenceStream {
             endpoint: None,
             ticket: None,
             pending_tokenize: None,
+            decision: None,
         }
     }
 
@@ -246,8 +249,25 @@ impl InferenceStream {
         self.apply_decision(&decision, u64::from(model.hasher.block_size().get()));
     }
 
+    fn add_debug_headers(&self, decision: &Decision) {
+        let cached = decision.cached_blocks.to_string();
+        let headers = [
+            ("x-kvmesh-mode", decision.mode.as_str()),
+            ("x-kvmesh-worker", decision.address.as_deref().unwrap_or("")),
+            ("x-kvmesh-cached-blocks", cached.as_str()),
+        ];
+        for (name, value) in headers {
+            if let Err(err) = host::set_header(MapType::HttpResponseHeaders, name, value) {
+                self.host_error(err);
+            }
+        }
+    }
+
     /// Steers the load balancer and records the request's in-flight load.
     fn apply_decision(&mut self, decision: &Decision, block_size: u64) {
+        if self.config.debug_headers {
+            self.decision = Some(decision.clone());
+        }
         let Some(address) = &decision.address else {
             self.metrics.fallback.inc();
             return;
@@ -358,6 +378,9 @@ impl HttpContext for InferenceStream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(ticket) = &mut self.ticket {
             self.state.borrow_mut().inflight.prefill_done(ticket);
+        }
+        if let Some(decision) = self.decision.take() {
+            self.add_debug_headers(&decision);
         }
         Action::Continue
     }

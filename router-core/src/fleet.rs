@@ -399,6 +399,15 @@ mod tests {
     }
 
     proptest! {
+        /// Bytes off the wire never panic the decoder or the replica.
+        #[test]
+        fn arbitrary_stream_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut view = FleetView::new("m", 100);
+            if let Ok(update) = StateUpdate::decode(bytes.as_slice()) {
+                let _ = view.apply(&update);
+            }
+        }
+
         /// Snapshot N plus the deltas after it equals snapshot M, also after a
         /// round trip through the protobuf encoding.
         #[test]

@@ -347,6 +347,21 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Untrusted bodies never panic the parser, whatever their bytes.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_request(Endpoint::Completions, &body, LIMIT);
+            let _ = parse_request(Endpoint::ChatCompletions, &body, LIMIT);
+        }
+
+        #[test]
+        fn json_like_bodies_never_panic(body in r#"\{("model":"[a-z]{0,3}",)?("prompt"|"messages"):(\[[0-9,\[\]"a-z{}:-]{0,40}\]|"[a-z]{0,5}"|null|-?[0-9]{1,20})\}"#) {
+            let _ = parse_request(Endpoint::Completions, body.as_bytes(), LIMIT);
+            let _ = parse_request(Endpoint::ChatCompletions, body.as_bytes(), LIMIT);
+        }
+    }
+
     #[test]
     fn endpoint_from_path() {
         assert_eq!(

@@ -233,7 +233,12 @@ fn prompts_without_a_full_block_fall_back_to_envoy_balancing() {
     let fleet = Fleet::start(2, None);
     let client = http_client();
     let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1});
-    served_by(&post_json(&client, &fleet.completions(), &body).unwrap());
+    let response = post_json(&client, &fleet.completions(), &body).unwrap();
+    served_by(&response);
+    assert!(
+        response.header("x-kvmesh-mode").is_none(),
+        "debug headers are opt-in"
+    );
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_fallback"), 1);
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 0);
 }

@@ -50,6 +50,7 @@ impl Stack {
         }])
         .unwrap();
         config.sidecar = Some(sidecar.endpoints());
+        config.debug_headers = true;
         let envoy = Envoy::start(config).unwrap();
         let stack = Self {
             workers,

@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     /// `kv-sidecar serve`'s listeners; `None` runs the filter without fleet
     /// state.
     pub sidecar: Option<SidecarEndpoints>,
+    /// The filter's opt-in `x-kvmesh-*` response headers.
+    pub debug_headers: bool,
 }
 
 /// `ip:port` of `kv-sidecar serve`'s gRPC (state stream) and HTTP
@@ -60,6 +62,7 @@ struct PluginConfig<'a> {
     max_body_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sidecar: Option<SidecarSettings>,
+    debug_headers: bool,
     models: &'a [ModelRoute],
 }
 
@@ -99,6 +102,7 @@ impl GatewayConfig {
             models,
             wasm_path: paths::filter_wasm()?,
             sidecar: None,
+            debug_headers: false,
         })
     }
 
@@ -132,6 +136,7 @@ impl GatewayConfig {
                     http_cluster: "kv_sidecar_http",
                     stale_after_ms: SIDECAR_STALE_AFTER_MS,
                 }),
+                debug_headers: self.debug_headers,
                 models: &self.models,
             })?,
             workers,
