@@ -61,6 +61,8 @@ pub struct FilterMetrics {
     pub tokenize_calls: Counter,
     /// Tokenizations that failed or timed out (routed by load alone).
     pub tokenize_failures: Counter,
+    /// Decisions and their progress reported to the sidecar.
+    pub reports_sent: Counter,
 }
 
 impl FilterMetrics {
@@ -84,6 +86,7 @@ impl FilterMetrics {
             state_stream_closed: Counter::define("kvmesh_state_stream_closed")?,
             tokenize_calls: Counter::define("kvmesh_tokenize_calls")?,
             tokenize_failures: Counter::define("kvmesh_tokenize_failures")?,
+            reports_sent: Counter::define("kvmesh_gateway_reports_sent")?,
         })
     }
 }

@@ -9,6 +9,7 @@ use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
+use router_core::gateway::{gateway_report, GatewayHello, GatewayReport};
 use router_core::state_stream::StateUpdate;
 
 use crate::config::PluginConfig;
@@ -69,6 +70,16 @@ impl KvmeshRoot {
             Ok(token) => {
                 metrics.state_stream_opened.inc();
                 self.subscription = Subscription::Open { token, backoff_ms };
+                if let Some(state) = &self.state {
+                    let mut state = state.borrow_mut();
+                    state.reporter.attach(token);
+                    let hello = GatewayReport {
+                        kind: Some(gateway_report::Kind::Hello(GatewayHello {
+                            gateway_id: state.reporter.gateway_id().to_owned(),
+                        })),
+                    };
+                    state.reporter.send(&hello);
+                }
             }
             Err(status) => {
                 log::warn!(
@@ -81,6 +92,9 @@ impl KvmeshRoot {
     }
 
     fn retry_later(&mut self, now_ms: u64, backoff_ms: u64) {
+        if let Some(state) = &self.state {
+            state.borrow_mut().reporter.detach();
+        }
         self.subscription = Subscription::Closed {
             retry_at_ms: now_ms + backoff_ms,
             backoff_ms: (backoff_ms * 2).min(RECONNECT_MAX_MS),

@@ -37,6 +37,8 @@ pub struct Decision {
     pub mode: Mode,
     /// `ip:port` for the override header; `None` in fallback mode.
     pub address: Option<String>,
+    /// The chosen worker's id, known in precise mode.
+    pub worker_id: Option<String>,
     pub cached_blocks: u32,
     pub prompt_blocks: u32,
 }
@@ -46,6 +48,7 @@ impl Decision {
         Self {
             mode: Mode::Fallback,
             address: None,
+            worker_id: None,
             cached_blocks: 0,
             prompt_blocks,
         }
@@ -101,14 +104,13 @@ pub fn decide(
         blocks: prompt_blocks,
         block_size: model.hasher.block_size().get(),
     };
-    let chosen = select(shape, &scratch.candidates, model.weights, random).and_then(|s| {
-        view.worker_at(s.worker)
-            .map(|w| (w.address.clone(), s.cached_blocks))
-    });
+    let chosen = select(shape, &scratch.candidates, model.weights, random)
+        .and_then(|s| view.worker_at(s.worker).map(|w| (w, s.cached_blocks)));
     match chosen {
-        Some((address, cached_blocks)) => Decision {
+        Some((worker, cached_blocks)) => Decision {
             mode: Mode::Precise,
-            address: Some(address),
+            address: Some(worker.address.clone()),
+            worker_id: Some(worker.worker_id.clone()),
             cached_blocks,
             prompt_blocks,
         },
@@ -131,6 +133,7 @@ fn stand_in(model: &ModelConfig, prompt: &[SeqHash], prompt_blocks: u32) -> Deci
         Some(address) => Decision {
             mode: Mode::StandIn,
             address: Some(address.to_owned()),
+            worker_id: None,
             cached_blocks: 0,
             prompt_blocks,
         },

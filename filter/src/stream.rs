@@ -6,6 +6,9 @@ use std::rc::Rc;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
+use router_core::gateway::{
+    gateway_report, GatewayReport, RequestPhase, RequestProgress, RoutingDecision,
+};
 use router_core::openai_error::{error_body, ErrorKind};
 use router_core::request::{parse_request, Endpoint, Prompt, RequestError};
 use router_core::SeqHash;
@@ -35,6 +38,8 @@ pub struct InferenceStream {
     pending_tokenize: Option<String>,
     /// The decision, kept for the opt-in debug response headers.
     decision: Option<Decision>,
+    /// (model, request id) of a decision reported to the sidecar.
+    reported: Option<(String, String)>,
 }
 
 /// The part of `/v1/tokenize`'s answer routing needs.
@@ -58,6 +63,7 @@ impl InferenceStream {
             ticket: None,
             pending_tokenize: None,
             decision: None,
+            reported: None,
         }
     }
 
@@ -246,7 +252,52 @@ impl InferenceStream {
                 random,
             )
         };
-        self.apply_decision(&decision, u64::from(model.hasher.block_size().get()));
+        let block_size = u64::from(model.hasher.block_size().get());
+        self.apply_decision(&decision, block_size);
+        self.report_decision(&model.name, &decision, block_size);
+    }
+
+    /// Tells the sidecar where this request went, so other gateways see it.
+    fn report_decision(&mut self, model: &str, decision: &Decision, block_size: u64) {
+        let Some(worker_id) = &decision.worker_id else {
+            return;
+        };
+        let mut state = self.state.borrow_mut();
+        let request_id = state.reporter.next_request_id();
+        let uncached = decision
+            .prompt_blocks
+            .saturating_sub(decision.cached_blocks);
+        let report = GatewayReport {
+            kind: Some(gateway_report::Kind::Decision(RoutingDecision {
+                model: model.to_owned(),
+                request_id: request_id.clone(),
+                worker_id: worker_id.clone(),
+                prefill_worker_id: String::new(),
+                prompt_blocks: decision.prompt_blocks,
+                cached_blocks: decision.cached_blocks,
+                prefill_tokens: u64::from(uncached) * block_size,
+            })),
+        };
+        if state.reporter.send(&report) {
+            self.metrics.reports_sent.inc();
+            self.reported = Some((model.to_owned(), request_id));
+        }
+    }
+
+    fn report_progress(&self, phase: RequestPhase) {
+        let Some((model, request_id)) = &self.reported else {
+            return;
+        };
+        let report = GatewayReport {
+            kind: Some(gateway_report::Kind::Progress(RequestProgress {
+                model: model.clone(),
+                request_id: request_id.clone(),
+                phase: phase as i32,
+            })),
+        };
+        if self.state.borrow().reporter.send(&report) {
+            self.metrics.reports_sent.inc();
+        }
     }
 
     fn add_debug_headers(&self, decision: &Decision) {
@@ -382,6 +433,7 @@ impl HttpContext for InferenceStream {
         if let Some(decision) = self.decision.take() {
             self.add_debug_headers(&decision);
         }
+        self.report_progress(RequestPhase::FirstToken);
         Action::Continue
     }
 
@@ -389,6 +441,7 @@ impl HttpContext for InferenceStream {
         if let Some(ticket) = self.ticket.take() {
             self.state.borrow_mut().inflight.finish(ticket);
         }
+        self.report_progress(RequestPhase::Done);
     }
 }
 

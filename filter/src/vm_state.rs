@@ -4,6 +4,10 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use prost::Message;
+use proxy_wasm::hostcalls;
+use router_core::gateway::GatewayReport;
+
 use crate::inflight::InFlight;
 use crate::replica::FleetReplica;
 use crate::routing::Scratch;
@@ -15,7 +19,61 @@ pub struct VmState {
     pub replica: Option<FleetReplica>,
     pub inflight: InFlight,
     pub scratch: Scratch,
+    /// Reports decisions back to the sidecar while the state stream is open.
+    pub reporter: Reporter,
     rng: u64,
+}
+
+/// Sends this VM's routing decisions and their progress on the state stream,
+/// so the sidecar can share predicted load with every other gateway.
+pub struct Reporter {
+    gateway_id: String,
+    /// The open state stream, if any.
+    stream: Option<u32>,
+    next_request: u64,
+}
+
+impl Reporter {
+    fn new(gateway_id: String) -> Self {
+        Self {
+            gateway_id,
+            stream: None,
+            next_request: 0,
+        }
+    }
+
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    pub fn attach(&mut self, stream: u32) {
+        self.stream = Some(stream);
+    }
+
+    pub fn detach(&mut self) {
+        self.stream = None;
+    }
+
+    /// A request id unique within this gateway.
+    pub fn next_request_id(&mut self) -> String {
+        self.next_request += 1;
+        format!("{}-{}", self.gateway_id, self.next_request)
+    }
+
+    /// Sends one report; false when no stream is open or the host refused it.
+    pub fn send(&self, report: &GatewayReport) -> bool {
+        let Some(stream) = self.stream else {
+            return false;
+        };
+        let bytes = report.encode_to_vec();
+        match hostcalls::send_grpc_stream_message(stream, Some(&bytes), false) {
+            Ok(()) => true,
+            Err(status) => {
+                log::debug!("cannot send a gateway report: {status:?}");
+                false
+            }
+        }
+    }
 }
 
 impl VmState {
@@ -24,6 +82,7 @@ impl VmState {
             replica,
             inflight: InFlight::default(),
             scratch: Scratch::default(),
+            reporter: Reporter::new(format!("envoy-vm-{seed:016x}")),
             // xorshift must not start at zero.
             rng: seed | 1,
         }

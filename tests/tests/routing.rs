@@ -191,6 +191,11 @@ fn shared_prefixes_land_where_they_are_cached() {
     assert!(stack.counter("kvmesh_tokenize_calls") >= 4);
     assert_eq!(stack.counter("kvmesh_tokenize_failures"), 0);
     assert!(stack.counter("kvmesh_routed_cached_blocks") >= 50);
+    // Every precise decision and its progress went back to the sidecar.
+    let precise = stack.counter("kvmesh_requests_precise");
+    assert!(stack.counter("kvmesh_gateway_reports_sent") >= 2 * precise);
+    let received = stack.sidecar.metric("kvmesh_serve_gateway_reports_total", "");
+    assert!(received >= 2.0 * precise as f64, "sidecar got {received} reports");
 }
 
 #[test]
