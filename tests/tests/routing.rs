@@ -194,8 +194,13 @@ fn shared_prefixes_land_where_they_are_cached() {
     // Every precise decision and its progress went back to the sidecar.
     let precise = stack.counter("kvmesh_requests_precise");
     assert!(stack.counter("kvmesh_gateway_reports_sent") >= 2 * precise);
-    let received = stack.sidecar.metric("kvmesh_serve_gateway_reports_total", "");
-    assert!(received >= 2.0 * precise as f64, "sidecar got {received} reports");
+    let received = stack
+        .sidecar
+        .metric("kvmesh_serve_gateway_reports_total", "");
+    assert!(
+        received >= 2.0 * precise as f64,
+        "sidecar got {received} reports"
+    );
 }
 
 #[test]
