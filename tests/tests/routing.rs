@@ -269,3 +269,53 @@ fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
     }
     assert_eq!(stack.workers.len(), WORKERS);
 }
+
+#[test]
+fn a_quiet_fleet_keeps_the_filters_fresh() {
+    // No relays: nothing changes, and only the sidecar's keepalive deltas
+    // tell the filters their state is current.
+    let nats = NatsServer::start().unwrap();
+    let sim =
+        kvmesh_tests::harness::SimEngine::start(SimEngineOptions::new(MODEL, "lone")).unwrap();
+    let model = SidecarModel {
+        name: MODEL.to_owned(),
+        block_size: BLOCK,
+        tokenizer: None,
+    };
+    let mut sidecar = Sidecar::start(&nats.url(), &[model], "").unwrap();
+    sidecar.wait_ready(SETTLE).unwrap();
+    let mut config = GatewayConfig::new(vec![ModelRoute {
+        name: MODEL.to_owned(),
+        block_size: BLOCK,
+        endpoints: vec![sim.address()],
+    }])
+    .unwrap();
+    config.sidecar = Some(sidecar.endpoints());
+    let envoy = Envoy::start(config).unwrap();
+    // Longer than the filters' staleness limit (3 s in the harness).
+    std::thread::sleep(Duration::from_secs(5));
+    let applied = envoy
+        .stat("wasmcustom.kvmesh_state_updates_applied")
+        .unwrap();
+    assert!(applied >= 8, "only {applied} updates in 5 s across two VMs");
+    let tokens: Vec<u32> = (0..64).collect();
+    let body = json!({"model": MODEL, "prompt": tokens, "max_tokens": 2});
+    let response = post_json(
+        &http_client(),
+        &format!("{}/v1/completions", envoy.gateway_url()),
+        &body,
+    )
+    .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text);
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.kvmesh_requests_stale_state")
+            .unwrap(),
+        0
+    );
+    // No registered worker: no precise choice, Envoy's balancing serves it.
+    assert_eq!(
+        envoy.stat("wasmcustom.kvmesh_requests_fallback").unwrap(),
+        1
+    );
+}

@@ -232,6 +232,9 @@ pub struct StateTask {
 /// the subscribers' deltas for long.
 const MAX_BURST: usize = 1024;
 const TICK: Duration = Duration::from_millis(100);
+/// A model with no changes still gets an (empty) delta this often, so filters
+/// can tell a quiet fleet from a dead sidecar (they go stale after silence).
+const KEEPALIVE: Duration = Duration::from_secs(1);
 /// Heartbeats are collected this long before readiness is considered.
 const DISCOVERY: Duration = Duration::from_millis(1500);
 
@@ -241,6 +244,7 @@ impl StateTask {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: Vec<Vec<Change>> = vec![Vec::new(); self.state.model_count()];
+        let mut last_commit = vec![Instant::now(); self.state.model_count()];
         loop {
             tokio::select! {
                 input = inputs.recv() => {
@@ -259,7 +263,7 @@ impl StateTask {
                     self.tick(&mut pending, started);
                 }
             }
-            self.commit(&mut pending);
+            self.commit(&mut pending, &mut last_commit);
         }
     }
 
@@ -601,12 +605,14 @@ impl StateTask {
     }
 
     /// Commits each model's pending changes and fans the delta out.
-    fn commit(&self, pending: &mut [Vec<Change>]) {
+    fn commit(&self, pending: &mut [Vec<Change>], last_commit: &mut [Instant]) {
         let metrics = &self.state.metrics;
-        for (index, changes) in pending.iter_mut().enumerate() {
-            if changes.is_empty() {
+        let now = Instant::now();
+        for ((index, changes), last) in pending.iter_mut().enumerate().zip(last_commit.iter_mut()) {
+            if changes.is_empty() && now.duration_since(*last) < KEEPALIVE {
                 continue;
             }
+            *last = now;
             let Some(mut model) = self.state.lock_at(index) else {
                 continue;
             };
