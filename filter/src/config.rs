@@ -66,6 +66,9 @@ struct RawModel {
     block_size: u32,
     #[serde(default)]
     endpoints: Vec<String>,
+    /// Envoy cluster of this model's pool, when models have separate pools.
+    #[serde(default)]
+    cluster: Option<String>,
     #[serde(default = "default_overlap_weight")]
     overlap_weight: f64,
     #[serde(default)]
@@ -88,6 +91,9 @@ pub struct ModelConfig {
     /// `ip:port` of each worker, exactly as the pool cluster lists it; used
     /// only while no fleet state is available.
     pub endpoints: Vec<String>,
+    /// The pool cluster the request is steered to (`x-kvmesh-pool`); `None`
+    /// leaves the route's own cluster.
+    pub cluster: Option<String>,
     pub weights: CostWeights,
 }
 
@@ -137,6 +143,8 @@ pub enum ConfigError {
     ZeroTokenizeTimeout,
     #[error("sidecar.stale_after_ms: must be at least 1")]
     ZeroStaleAfter,
+    #[error("models[{index}].cluster: must be a non-empty ASCII cluster name")]
+    Cluster { index: usize },
     #[error("models[{index}].overlap_weight: must be a finite number >= 0")]
     OverlapWeight { index: usize },
     #[error("models[{index}].temperature: must be a finite number >= 0")]
@@ -215,6 +223,13 @@ impl PluginConfig {
                 });
             }
         }
+        if raw
+            .cluster
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || !c.is_ascii())
+        {
+            return Err(ConfigError::Cluster { index });
+        }
         let valid = |x: f64| x.is_finite() && x >= 0.0;
         if !valid(raw.overlap_weight) {
             return Err(ConfigError::OverlapWeight { index });
@@ -227,6 +242,7 @@ impl PluginConfig {
             name: raw.name,
             hasher,
             endpoints: raw.endpoints,
+            cluster: raw.cluster,
             weights: CostWeights {
                 overlap_weight: raw.overlap_weight,
                 temperature: raw.temperature,

@@ -23,6 +23,8 @@ use crate::vm_state::SharedVmState;
 
 /// Header read by Envoy's `override_host` load balancer.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Names the model's pool cluster; routes send it there with `cluster_header`.
+pub const POOL_HEADER: &str = "x-kvmesh-pool";
 /// Prefix of kvmesh's internal headers; never accepted from clients.
 pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
 
@@ -224,6 +226,19 @@ impl InferenceStream {
         Some(response.block_hashes.into_iter().map(SeqHash).collect())
     }
 
+    /// Sends the request to the model's own pool cluster. The route was
+    /// picked before the body was read, so Envoy must pick it again.
+    fn select_pool(&self, cluster: &str) {
+        if let Err(err) = host::set_header(MapType::HttpRequestHeaders, POOL_HEADER, cluster) {
+            self.host_error(err);
+            return;
+        }
+        if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
+            self.metrics.host_errors.inc();
+            log::warn!("clear_route_cache failed: {status:?}");
+        }
+    }
+
     /// Decides for `model` (a configured model) and applies the decision.
     fn decide_and_apply(&mut self, model: &str, prompt: &[SeqHash]) {
         let config = Rc::clone(&self.config);
@@ -231,6 +246,9 @@ impl InferenceStream {
             self.metrics.fallback.inc();
             return;
         };
+        if let Some(cluster) = &model.cluster {
+            self.select_pool(cluster);
+        }
         let now = host::now_ms().unwrap_or(0);
         let decision = {
             let mut guard = self.state.borrow_mut();

@@ -25,11 +25,11 @@ impl Fleet {
         let workers: Vec<SimEngine> = (0..workers)
             .map(|i| SimEngine::start(SimEngineOptions::new(MODEL, &format!("w{i}"))).unwrap())
             .collect();
-        let mut config = GatewayConfig::new(vec![ModelRoute {
-            name: MODEL.to_owned(),
-            block_size: 16,
-            endpoints: workers.iter().map(SimEngine::address).collect(),
-        }])
+        let mut config = GatewayConfig::new(vec![ModelRoute::new(
+            MODEL,
+            16,
+            workers.iter().map(SimEngine::address).collect(),
+        )])
         .unwrap();
         config.max_body_bytes = max_body_bytes;
         let envoy = Envoy::start(config).unwrap();
@@ -249,12 +249,7 @@ fn prompts_without_a_full_block_fall_back_to_envoy_balancing() {
 #[test]
 fn envoy_validates_every_config_in_envoy_dir() {
     let endpoints = vec!["127.0.0.1:18001".to_owned(), "127.0.0.1:18002".to_owned()];
-    let standalone = GatewayConfig::new(vec![ModelRoute {
-        name: MODEL.to_owned(),
-        block_size: 16,
-        endpoints,
-    }])
-    .unwrap();
+    let standalone = GatewayConfig::new(vec![ModelRoute::new(MODEL, 16, endpoints)]).unwrap();
     let mut with_sidecar = standalone.clone();
     with_sidecar.sidecar = Some(SidecarEndpoints {
         grpc: "127.0.0.1:18100".to_owned(),
@@ -303,11 +298,11 @@ fn unreachable_sidecar_fails_open() {
     let workers: Vec<SimEngine> = (0..2)
         .map(|i| SimEngine::start(SimEngineOptions::new(MODEL, &format!("w{i}"))).unwrap())
         .collect();
-    let mut config = GatewayConfig::new(vec![ModelRoute {
-        name: MODEL.to_owned(),
-        block_size: 16,
-        endpoints: workers.iter().map(SimEngine::address).collect(),
-    }])
+    let mut config = GatewayConfig::new(vec![ModelRoute::new(
+        MODEL,
+        16,
+        workers.iter().map(SimEngine::address).collect(),
+    )])
     .unwrap();
     // Nothing listens there: the state stream can never open.
     config.sidecar = Some(SidecarEndpoints {
@@ -334,4 +329,45 @@ fn unreachable_sidecar_fails_open() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(counter(&envoy, "kvmesh_state_stream_opened") >= 2);
+}
+
+#[test]
+fn each_model_is_routed_to_its_own_pool() {
+    let start_pool = |model: &str| -> Vec<SimEngine> {
+        (0..2)
+            .map(|i| {
+                SimEngine::start(SimEngineOptions::new(model, &format!("{model}-{i}"))).unwrap()
+            })
+            .collect()
+    };
+    let (alpha, beta) = (start_pool("alpha"), start_pool("beta"));
+    let route = |model: &str, workers: &[SimEngine]| {
+        let mut route =
+            ModelRoute::new(model, 16, workers.iter().map(SimEngine::address).collect());
+        route.cluster = Some(format!("pool_{model}"));
+        route
+    };
+    let config = GatewayConfig::new(vec![route("alpha", &alpha), route("beta", &beta)]).unwrap();
+    let envoy = Envoy::start(config).unwrap();
+    let client = http_client();
+    let url = format!("{}/v1/completions", envoy.gateway_url());
+    for seed in 0..8 {
+        for model in ["alpha", "beta"] {
+            // A full-block prompt (stand-in choice) and a short one (Envoy's
+            // fallback balancing) must both stay inside the model's pool; a
+            // sim-engine answers 404 for a model it does not serve.
+            for prompt in [token_prompt(seed), vec![1, 2, 3]] {
+                let body = json!({"model": model, "prompt": prompt, "max_tokens": 1});
+                let worker = served_by(&post_json(&client, &url, &body).unwrap());
+                assert!(
+                    worker.starts_with(model),
+                    "{model} request served by {worker}"
+                );
+            }
+        }
+    }
+    // A client cannot pick the pool itself.
+    let body = json!({"model": "alpha", "prompt": [1, 2, 3], "max_tokens": 1}).to_string();
+    let forged = post(&client, &url, body, &[("x-kvmesh-pool", "pool_beta")]).unwrap();
+    assert!(served_by(&forged).starts_with("alpha"));
 }

@@ -43,11 +43,11 @@ impl Stack {
         };
         let mut sidecar = Sidecar::start(&nats.url(), &[model], "").unwrap();
         sidecar.wait_ready(SETTLE).unwrap();
-        let mut config = GatewayConfig::new(vec![ModelRoute {
-            name: MODEL.to_owned(),
-            block_size: BLOCK,
-            endpoints: workers.iter().map(|w| w.sim.address()).collect(),
-        }])
+        let mut config = GatewayConfig::new(vec![ModelRoute::new(
+            MODEL,
+            BLOCK,
+            workers.iter().map(|w| w.sim.address()).collect(),
+        )])
         .unwrap();
         config.sidecar = Some(sidecar.endpoints());
         config.debug_headers = true;
@@ -284,12 +284,8 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
     };
     let mut sidecar = Sidecar::start(&nats.url(), &[model], "").unwrap();
     sidecar.wait_ready(SETTLE).unwrap();
-    let mut config = GatewayConfig::new(vec![ModelRoute {
-        name: MODEL.to_owned(),
-        block_size: BLOCK,
-        endpoints: vec![sim.address()],
-    }])
-    .unwrap();
+    let mut config =
+        GatewayConfig::new(vec![ModelRoute::new(MODEL, BLOCK, vec![sim.address()])]).unwrap();
     config.sidecar = Some(sidecar.endpoints());
     let envoy = Envoy::start(config).unwrap();
     // Longer than the filters' staleness limit (3 s in the harness).

@@ -99,11 +99,11 @@ fn main() -> anyhow::Result<()> {
     sidecar
         .wait_ready(READY_TIMEOUT)
         .context("waiting for kv-sidecar serve to be ready")?;
-    let mut config = GatewayConfig::new(vec![ModelRoute {
-        name: args.model.clone(),
-        block_size: args.block_size,
-        endpoints: workers.iter().map(|w| w.sim.address()).collect(),
-    }])?;
+    let mut config = GatewayConfig::new(vec![ModelRoute::new(
+        &args.model,
+        args.block_size,
+        workers.iter().map(|w| w.sim.address()).collect(),
+    )])?;
     config.gateway_port = args.gateway_port.unwrap_or_else(free_port);
     config.admin_port = args.admin_port.unwrap_or_else(free_port);
     config.sidecar = Some(sidecar.endpoints());

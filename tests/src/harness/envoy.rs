@@ -18,12 +18,34 @@ pub const ENVOY_WORKER_THREADS: u64 = 2;
 /// Fleet state older than this is not used for routing.
 const SIDECAR_STALE_AFTER_MS: u64 = 3_000;
 
+/// Pool cluster of models that do not name their own.
+pub const DEFAULT_POOL: &str = "decode_pool";
+
 /// One model the gateway serves and its pool's workers (`ip:port`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelRoute {
     pub name: String,
     pub block_size: u32,
     pub endpoints: Vec<String>,
+    /// Envoy cluster of this model's own pool; `None` shares `decode_pool`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+}
+
+impl ModelRoute {
+    /// A model served by `endpoints` in the shared default pool.
+    pub fn new(name: &str, block_size: u32, endpoints: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            block_size,
+            endpoints,
+            cluster: None,
+        }
+    }
+
+    fn pool(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(DEFAULT_POOL)
+    }
 }
 
 /// Values rendered into `envoy/gateway.yaml.j2`.
@@ -57,6 +79,12 @@ struct WorkerAddress {
 }
 
 #[derive(Serialize)]
+struct Pool {
+    name: String,
+    workers: Vec<WorkerAddress>,
+}
+
+#[derive(Serialize)]
 struct PluginConfig<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_body_bytes: Option<u64>,
@@ -87,7 +115,7 @@ struct TemplateValues<'a> {
     buffer_limit_bytes: u64,
     wasm_path: String,
     plugin_config_json: String,
-    workers: Vec<WorkerAddress>,
+    pools: Vec<Pool>,
     sidecar: Option<SidecarAddresses>,
 }
 
@@ -112,12 +140,22 @@ impl GatewayConfig {
             .with_context(|| format!("reading {}", template.display()))?;
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        let workers = self
-            .models
-            .iter()
-            .flat_map(|m| &m.endpoints)
-            .map(|endpoint| parse_worker(endpoint))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut pools: Vec<Pool> = Vec::new();
+        for model in &self.models {
+            let position = match pools.iter().position(|p| p.name == model.pool()) {
+                Some(position) => position,
+                None => {
+                    pools.push(Pool {
+                        name: model.pool().to_owned(),
+                        workers: Vec::new(),
+                    });
+                    pools.len() - 1
+                }
+            };
+            for endpoint in &model.endpoints {
+                pools[position].workers.push(parse_worker(endpoint)?);
+            }
+        }
         let buffer_limit_bytes = self
             .max_body_bytes
             .map_or(DEFAULT_BUFFER_LIMIT_BYTES, |limit| {
@@ -139,7 +177,7 @@ impl GatewayConfig {
                 debug_headers: self.debug_headers,
                 models: &self.models,
             })?,
-            workers,
+            pools,
             sidecar: self
                 .sidecar
                 .as_ref()
