@@ -3,14 +3,13 @@
 //! messages only, and it must equal the engine's own `/sim/cache`, through
 //! evictions, dropped batches, engine restarts and NATS restarts.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvmesh_tests::harness::fleet::KvWorker;
 use kvmesh_tests::harness::nats_tap::NatsTap;
 use kvmesh_tests::harness::relay::{Relay, RelayOptions};
 use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{free_port, paths, readiness, ManagedProcess, NatsServer, SimEngine};
+use kvmesh_tests::harness::{readiness, NatsServer, SimEngine};
 use router_core::protocol::{
     kv_event::Kind, subjects, ApplyOutcome, KvEventBatch, Message, WorkerInfo, WorkerLoad,
     WorkerView,
@@ -206,33 +205,9 @@ fn nats_restart_is_survived_with_a_correct_view() {
     assert_views_converge(&tap, &mut [&mut w]);
 
     // Same port, new server: subscribers and the relay both reconnect.
-    let port = nats
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse::<u16>().ok())
-        .expect("port");
     nats.process().kill();
     w.sim.run_eviction_workload(1, 8).expect("workload"); // events while NATS is down
-    let monitor = free_port();
-    let mut command = Command::new(paths::nats_server_binary().expect("nats-server"));
-    command.args([
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--http_port",
-        &monitor.to_string(),
-    ]);
-    let mut restarted =
-        ManagedProcess::spawn("nats-server-restarted", command).expect("nats restarts");
-    readiness::wait_http_ok(
-        &mut restarted,
-        &format!("http://127.0.0.1:{monitor}/healthz"),
-        Duration::from_secs(15),
-    )
-    .expect("nats ready");
-    *nats.process() = restarted;
+    nats.restart().expect("nats restarts");
 
     let deadline = Instant::now() + SETTLE;
     while tap.connects() < 2 {

@@ -21,7 +21,7 @@ struct Stack {
     workers: Vec<KvWorker>,
     sidecar: Sidecar,
     envoy: Envoy,
-    _nats: NatsServer,
+    nats: NatsServer,
 }
 
 impl Stack {
@@ -56,7 +56,7 @@ impl Stack {
             workers,
             sidecar,
             envoy,
-            _nats: nats,
+            nats,
         };
         stack.wait_for("the sidecar to see every worker", || {
             stack.sidecar.known_workers().unwrap_or(0) == WORKERS
@@ -314,4 +314,46 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
         envoy.stat("wasmcustom.kvmesh_requests_fallback").unwrap(),
         1
     );
+}
+
+#[test]
+fn losing_nats_fails_open_and_recovery_restores_precise_routing() {
+    let mut stack = Stack::start();
+    let body = |i: u32| {
+        let tokens: Vec<u32> = (0..64).map(|t| 40_000 + i * 100 + t).collect();
+        json!({"model": MODEL, "prompt": tokens, "max_tokens": 2})
+    };
+    stack.send("/v1/completions", &body(0));
+    assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
+
+    // Without NATS the sidecar hears no heartbeats and drops the workers; the
+    // filters, still connected to the sidecar, route by Envoy's fallback.
+    stack.nats.process().kill();
+    stack.wait_for("the sidecar to forget the silent workers", || {
+        stack.sidecar.known_workers().unwrap_or(usize::MAX) == 0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let fallback_before = stack.counter("kvmesh_requests_fallback");
+    for i in 1..6 {
+        stack.send("/v1/completions", &body(i));
+    }
+    assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
+    assert_eq!(
+        stack.counter("kvmesh_requests_fallback"),
+        fallback_before + 5
+    );
+
+    // Relays and the sidecar reconnect and rebuild; precise routing returns.
+    stack.nats.restart().unwrap();
+    stack.wait_for("the workers to come back", || {
+        stack.sidecar.known_workers().unwrap_or(0) == WORKERS
+    });
+    let deadline = Instant::now() + SETTLE;
+    let mut i = 10;
+    while stack.counter("kvmesh_requests_precise") < 2 {
+        assert!(Instant::now() < deadline, "precise routing never came back");
+        stack.send("/v1/completions", &body(i));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -14,8 +14,16 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts nats-server with JetStream off and waits for its health endpoint.
     pub fn start() -> anyhow::Result<Self> {
-        let port = free_port();
-        let monitor_port = free_port();
+        let (port, monitor_port) = (free_port(), free_port());
+        let process = Self::spawn(port, monitor_port)?;
+        Ok(Self {
+            process,
+            port,
+            monitor_port,
+        })
+    }
+
+    fn spawn(port: u16, monitor_port: u16) -> anyhow::Result<ManagedProcess> {
         let mut command = Command::new(paths::nats_server_binary()?);
         command.args([
             "--addr",
@@ -28,11 +36,15 @@ impl NatsServer {
         let mut process = ManagedProcess::spawn("nats-server", command)?;
         let health = format!("http://127.0.0.1:{monitor_port}/healthz");
         readiness::wait_http_ok(&mut process, &health, Duration::from_secs(15))?;
-        Ok(Self {
-            process,
-            port,
-            monitor_port,
-        })
+        Ok(process)
+    }
+
+    /// Kills the server (as a crash would) and starts a new one on the same
+    /// ports; clients reconnect on their own.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        self.process = Self::spawn(self.port, self.monitor_port)?;
+        Ok(())
     }
 
     pub fn url(&self) -> String {
