@@ -32,6 +32,9 @@ use crate::relay::pipeline::SourceMsg;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for one replay frame; the engine answers from memory.
 const REPLAY_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for a new subscription to reach the engine's PUB socket before the
+/// relay catches up through replay (ZMQ drops what a PUB sends before then).
+const SUBSCRIBE_SETTLE: Duration = Duration::from_millis(200);
 /// Upper bound on batches taken from one replay, so a confused engine cannot
 /// keep the relay replaying forever (vLLM buffers 10,000 by default).
 const MAX_REPLAY_BATCHES: u64 = 100_000;
@@ -63,6 +66,10 @@ pub struct ZmqSource {
 struct SeqState {
     expected: Option<u64>,
     peer_lost: bool,
+    /// Set after a catch-up replay: live messages the replay already covered
+    /// (seq below `expected`) are duplicates, not a restart — a restart would
+    /// have broken the connection first.
+    replayed: bool,
 }
 
 impl ZmqSource {
@@ -90,6 +97,9 @@ impl ZmqSource {
             self.metrics.engine_connected.set(1);
             backoff.reset();
             tracing::info!(endpoint = %self.endpoint, "subscribed to engine KV events");
+            if state.peer_lost && !self.catch_up(&mut state).await {
+                return;
+            }
             loop {
                 tokio::select! {
                     Some(event) = monitor.next() => {
@@ -120,6 +130,44 @@ impl ZmqSource {
         }
     }
 
+    /// After losing the engine: whatever comes back may be a restarted engine
+    /// whose first events were published before this subscription reached it
+    /// and are lost to PUB/SUB; if it then goes idle nothing would ever reveal
+    /// the restart. So rebuild the worker's view from the engine's replay
+    /// buffer right away. Returns false once the pipeline is gone.
+    async fn catch_up(&self, state: &mut SeqState) -> bool {
+        if self.replay_endpoint.is_none() {
+            return true;
+        }
+        tokio::time::sleep(SUBSCRIBE_SETTLE).await;
+        let batches = match self.replay(0, u64::MAX).await {
+            Ok(batches) => batches,
+            Err(error) => {
+                // The live stream will show what happened (seq going back).
+                self.metrics.replay("failed");
+                tracing::warn!(%error, "catch-up replay after reconnect failed");
+                return true;
+            }
+        };
+        self.metrics.replay("ok");
+        tracing::info!(batches = batches.len(), "rebuilding the worker's view after reconnecting");
+        if !self.send(SourceMsg::Reset(ResetReason::EngineRestarted)).await {
+            return false;
+        }
+        if batches.first().is_some_and(|b| b.0 != 0) {
+            tracing::info!("engine's replay buffer no longer reaches seq 0; older blocks stay unknown");
+        }
+        state.expected = batches.last().map(|b| b.0 + 1);
+        state.peer_lost = state.expected.is_none();
+        state.replayed = state.expected.is_some();
+        for (_, batch) in batches {
+            if !self.emit(batch).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Returns false once the pipeline is gone.
     async fn on_message(&self, message: ZmqMessage, state: &mut SeqState) -> bool {
         let Some((seq, payload)) = split_frames(message) else {
@@ -136,6 +184,10 @@ impl ZmqSource {
                 }
             }
             Some(expected) if seq == expected => {}
+            Some(expected) if seq < expected && state.replayed => {
+                // Already applied through the catch-up replay.
+                return true;
+            }
             Some(expected) if seq > expected && !state.peer_lost => {
                 self.metrics.gaps.inc();
                 tracing::warn!(
@@ -191,6 +243,7 @@ impl ZmqSource {
         }
         state.expected = Some(seq.saturating_add(1));
         state.peer_lost = false;
+        state.replayed = false;
         match decoded {
             Ok(batch) => self.emit(batch).await,
             Err(error) => {
