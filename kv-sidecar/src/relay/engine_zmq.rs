@@ -150,12 +150,20 @@ impl ZmqSource {
             }
         };
         self.metrics.replay("ok");
-        tracing::info!(batches = batches.len(), "rebuilding the worker's view after reconnecting");
-        if !self.send(SourceMsg::Reset(ResetReason::EngineRestarted)).await {
+        tracing::info!(
+            batches = batches.len(),
+            "rebuilding the worker's view after reconnecting"
+        );
+        if !self
+            .send(SourceMsg::Reset(ResetReason::EngineRestarted))
+            .await
+        {
             return false;
         }
         if batches.first().is_some_and(|b| b.0 != 0) {
-            tracing::info!("engine's replay buffer no longer reaches seq 0; older blocks stay unknown");
+            tracing::info!(
+                "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
+            );
         }
         state.expected = batches.last().map(|b| b.0 + 1);
         state.peer_lost = state.expected.is_none();
