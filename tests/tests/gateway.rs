@@ -22,6 +22,12 @@ struct Fleet {
 
 impl Fleet {
     fn start(workers: usize, max_body_bytes: Option<u64>) -> Self {
+        Self::start_with(workers, |config| config.max_body_bytes = max_body_bytes)
+    }
+
+    /// Starts `workers` sim-engines and Envoy, with `configure` applied to the
+    /// gateway config first.
+    fn start_with(workers: usize, configure: impl FnOnce(&mut GatewayConfig)) -> Self {
         let workers: Vec<SimEngine> = (0..workers)
             .map(|i| SimEngine::start(SimEngineOptions::new(MODEL, &format!("w{i}"))).unwrap())
             .collect();
@@ -31,7 +37,7 @@ impl Fleet {
             workers.iter().map(SimEngine::address).collect(),
         )])
         .unwrap();
-        config.max_body_bytes = max_body_bytes;
+        configure(&mut config);
         let envoy = Envoy::start(config).unwrap();
         Self { workers, envoy }
     }
@@ -295,40 +301,33 @@ fn envoy_validates_every_config_in_envoy_dir() {
 
 #[test]
 fn unreachable_sidecar_fails_open() {
-    let workers: Vec<SimEngine> = (0..2)
-        .map(|i| SimEngine::start(SimEngineOptions::new(MODEL, &format!("w{i}"))).unwrap())
-        .collect();
-    let mut config = GatewayConfig::new(vec![ModelRoute::new(
-        MODEL,
-        16,
-        workers.iter().map(SimEngine::address).collect(),
-    )])
-    .unwrap();
     // Nothing listens there: the state stream can never open.
-    config.sidecar = Some(SidecarEndpoints {
-        grpc: format!("127.0.0.1:{}", free_port()),
-        http: format!("127.0.0.1:{}", free_port()),
+    let fleet = Fleet::start_with(2, |config| {
+        config.sidecar = Some(SidecarEndpoints {
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+        });
     });
-    let envoy = Envoy::start(config).unwrap();
+    let envoy = &fleet.envoy;
     let client = http_client();
     let url = format!("{}/v1/completions", envoy.gateway_url());
     for seed in 0..5 {
         let body = json!({"model": MODEL, "prompt": token_prompt(seed), "max_tokens": 1});
         served_by(&post_json(&client, &url, &body).unwrap());
     }
-    assert_eq!(counter(&envoy, "kvmesh_requests_precise"), 0);
-    assert_eq!(counter(&envoy, "kvmesh_requests_stand_in"), 5);
-    assert_eq!(counter(&envoy, "kvmesh_requests_stale_state"), 5);
+    assert_eq!(counter(envoy, "kvmesh_requests_precise"), 0);
+    assert_eq!(counter(envoy, "kvmesh_requests_stand_in"), 5);
+    assert_eq!(counter(envoy, "kvmesh_requests_stale_state"), 5);
     // The filter keeps trying to reach the sidecar with backoff.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while counter(&envoy, "kvmesh_state_stream_closed") < 2 {
+    while counter(envoy, "kvmesh_state_stream_closed") < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "no reconnect attempts seen"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(counter(&envoy, "kvmesh_state_stream_opened") >= 2);
+    assert!(counter(envoy, "kvmesh_state_stream_opened") >= 2);
 }
 
 #[test]

@@ -76,6 +76,19 @@ impl Stack {
         }
     }
 
+    /// Sends fresh requests until the filters route one precisely again
+    /// (the second precise decision of the test).
+    fn wait_for_precise_again(&self, base: u32) {
+        let deadline = Instant::now() + SETTLE;
+        let mut i = 10;
+        while self.counter("kvmesh_requests_precise") < 2 {
+            assert!(Instant::now() < deadline, "precise routing never came back");
+            self.send("/v1/completions", &token_completion(base, i));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn counter(&self, name: &str) -> u64 {
         self.envoy.stat(&format!("wasmcustom.{name}")).unwrap()
     }
@@ -106,6 +119,12 @@ impl Stack {
         assert_eq!(response.status, 200, "{}", response.text);
         response
     }
+}
+
+/// A 64-token completion (four full blocks) unique to `base` and `i`.
+fn token_completion(base: u32, i: u32) -> Value {
+    let tokens: Vec<u32> = (0..64).map(|t| base + i * 100 + t).collect();
+    json!({"model": MODEL, "prompt": tokens, "max_tokens": 2})
 }
 
 fn worker_of(response: &JsonResponse) -> String {
@@ -240,10 +259,8 @@ fn a_shared_system_prompt_does_not_herd_concurrent_requests() {
 #[test]
 fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
     let mut stack = Stack::start();
-    let body = |i: u32| {
-        let tokens: Vec<u32> = (0..64).map(|t| 20_000 + i * 100 + t).collect();
-        json!({"model": MODEL, "prompt": tokens, "max_tokens": 2})
-    };
+    let base = 20_000;
+    let body = |i: u32| token_completion(base, i);
     stack.send("/v1/completions", &body(0));
     assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
 
@@ -259,14 +276,7 @@ fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
 
     stack.sidecar.restart().unwrap();
     stack.sidecar.wait_ready(SETTLE).unwrap();
-    let deadline = Instant::now() + SETTLE;
-    let mut i = 10;
-    while stack.counter("kvmesh_requests_precise") < 2 {
-        assert!(Instant::now() < deadline, "precise routing never came back");
-        stack.send("/v1/completions", &body(i));
-        i += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    stack.wait_for_precise_again(base);
     assert_eq!(stack.workers.len(), WORKERS);
 }
 
@@ -319,10 +329,8 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
 #[test]
 fn losing_nats_fails_open_and_recovery_restores_precise_routing() {
     let mut stack = Stack::start();
-    let body = |i: u32| {
-        let tokens: Vec<u32> = (0..64).map(|t| 40_000 + i * 100 + t).collect();
-        json!({"model": MODEL, "prompt": tokens, "max_tokens": 2})
-    };
+    let base = 40_000;
+    let body = |i: u32| token_completion(base, i);
     stack.send("/v1/completions", &body(0));
     assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
 
@@ -348,12 +356,5 @@ fn losing_nats_fails_open_and_recovery_restores_precise_routing() {
     stack.wait_for("the workers to come back", || {
         stack.sidecar.known_workers().unwrap_or(0) == WORKERS
     });
-    let deadline = Instant::now() + SETTLE;
-    let mut i = 10;
-    while stack.counter("kvmesh_requests_precise") < 2 {
-        assert!(Instant::now() < deadline, "precise routing never came back");
-        stack.send("/v1/completions", &body(i));
-        i += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    stack.wait_for_precise_again(base);
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kv_sidecar::tokenize::ModelTokenizer;
 use kvmesh_tests::harness::sidecar::{check_config, Sidecar, SidecarModel};
 use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{paths, NatsServer, SimEngine};
+use kvmesh_tests::harness::{free_port, paths, NatsServer, SimEngine};
 use serde_json::{json, Value};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B";
@@ -240,10 +240,17 @@ fn per_segment_ids_concatenate_to_whole_string_ids() {
 
 #[test]
 fn check_config_reports_one_clear_error_per_problem() {
-    let good = "nats: {url: 'nats://127.0.0.1:4222'}\n\
-                listen: {http: '127.0.0.1:9100', grpc: '127.0.0.1:9101'}\n\
-                models:\n  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}\n";
-    let (ok, out) = check_config(good).unwrap();
+    // check-config never connects, but ports still come from the kernel.
+    let (nats_port, http_port, grpc_port) = (free_port(), free_port(), free_port());
+    let nats = format!("nats: {{url: 'nats://127.0.0.1:{nats_port}'}}");
+    let good = format!(
+        "{nats}\nlisten: {{http: '127.0.0.1:{http_port}', grpc: '127.0.0.1:{grpc_port}'}}\n\
+         models:\n  - {{name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}}\n"
+    );
+    let with_auth = format!(
+        "nats: {{url: 'nats://127.0.0.1:{nats_port}', auth: {{token: t, user: u, password: p}}}}"
+    );
+    let (ok, out) = check_config(&good).unwrap();
     assert!(ok, "{out}");
     assert_eq!(out.trim(), "OK");
     let cases = [
@@ -251,11 +258,11 @@ fn check_config_reports_one_clear_error_per_problem() {
         (good.replace("backend: vllm", "backend: tgi"), "unknown variant `tgi`"),
         (good.replace("decode_cluster:", "decode_clusterz:"), "unknown field `decode_clusterz`"),
         (good.replace("nats://", "http://"), "nats.url: must start with nats://"),
-        (good.replace("9101", "9100"), "listen.grpc: must differ from listen.http"),
+        (good.replace(&grpc_port.to_string(), &http_port.to_string()), "listen.grpc: must differ from listen.http"),
         (good.replace("decode_pool}", "decode_pool, routing: {temperature: -1}}"), "models[0].routing.temperature: must be a finite number >= 0"),
         (good.replace("decode_pool}", "decode_pool, tokenizer: /nonexistent/tokenizer.json}"), "models[0].tokenizer: file does not exist"),
         (good.replace("models:\n  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}\n", "models: []\n"), "models: must list at least one model"),
-        (good.replace("nats: {url: 'nats://127.0.0.1:4222'}", "nats: {url: 'nats://127.0.0.1:4222', auth: {token: t, user: u, password: p}}"), "nats.auth: set exactly one of"),
+        (good.replace(&nats, &with_auth), "nats.auth: set exactly one of"),
     ];
     for (yaml, expected) in cases {
         let (ok, out) = check_config(&yaml).unwrap();
