@@ -98,6 +98,18 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<String, ChatTemplateError> {
+        self.render_conversation(messages, tools, kwargs, true)
+    }
+
+    /// As [`render`](Self::render); without the generation prompt it renders
+    /// the conversation as history, as the next turn will contain it.
+    pub fn render_conversation(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -110,7 +122,7 @@ impl ChatTemplate {
             "messages".into(),
             serde_json::Value::from(messages.to_vec()),
         );
-        context.insert("add_generation_prompt".into(), true.into());
+        context.insert("add_generation_prompt".into(), add_generation_prompt.into());
         context.insert("bos_token".into(), self.bos_token.clone().into());
         context.insert("eos_token".into(), self.eos_token.clone().into());
         if let Some(tools) = tools {

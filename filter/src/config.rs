@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 
 use router_core::selection::CostWeights;
 use router_core::{BlockHasher, BlockSize, HashSeed};
@@ -23,7 +24,32 @@ struct RawConfig {
     sidecar: Option<RawSidecar>,
     #[serde(default)]
     debug_headers: bool,
+    #[serde(default)]
+    approximate: RawApproximate,
+    /// Ask workers for ORCA `endpoint-load-metrics` and use what they report.
+    #[serde(default = "default_true")]
+    orca_load_reports: bool,
     models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApproximate {
+    table_entries: usize,
+    entry_ttl_ms: u64,
+}
+
+impl Default for RawApproximate {
+    fn default() -> Self {
+        Self {
+            table_entries: 65_536,
+            entry_ttl_ms: 300_000,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +143,18 @@ pub struct PluginConfig {
     /// Adds `x-kvmesh-mode`, `x-kvmesh-worker` and `x-kvmesh-cached-blocks` to
     /// responses. Off by default: it tells clients about the fleet.
     pub debug_headers: bool,
+    pub approximate: ApproximateConfig,
+    pub orca_load_reports: bool,
     models: HashMap<String, ModelConfig>,
+}
+
+/// The learned table of approximate mode (see `approximate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApproximateConfig {
+    /// Prefix keys remembered per VM (about 100 bytes each).
+    pub table_entries: NonZeroUsize,
+    /// How long a recorded prefix counts as still cached on its worker.
+    pub entry_ttl_ms: u64,
 }
 
 #[derive(Debug, Error)]
@@ -147,6 +184,8 @@ pub enum ConfigError {
     Cluster { index: usize },
     #[error("models[{index}].overlap_weight: must be a finite number >= 0")]
     OverlapWeight { index: usize },
+    #[error("approximate.table_entries and approximate.entry_ttl_ms: must be at least 1")]
+    Approximate,
     #[error("models[{index}].temperature: must be a finite number >= 0")]
     Temperature { index: usize },
     #[error("models[{index}].endpoints[{endpoint}]: '{value}' is not an ip:port address")]
@@ -167,6 +206,13 @@ impl PluginConfig {
             return Err(ConfigError::NoModels);
         }
         let sidecar = raw.sidecar.map(Self::parse_sidecar).transpose()?;
+        let approximate = match NonZeroUsize::new(raw.approximate.table_entries) {
+            Some(table_entries) if raw.approximate.entry_ttl_ms > 0 => ApproximateConfig {
+                table_entries,
+                entry_ttl_ms: raw.approximate.entry_ttl_ms,
+            },
+            _ => return Err(ConfigError::Approximate),
+        };
         let mut models = HashMap::with_capacity(raw.models.len());
         for (index, model) in raw.models.into_iter().enumerate() {
             let parsed = Self::parse_model(index, model)?;
@@ -182,6 +228,8 @@ impl PluginConfig {
             max_body_bytes: raw.max_body_bytes,
             sidecar,
             debug_headers: raw.debug_headers,
+            approximate,
+            orca_load_reports: raw.orca_load_reports,
             models,
         })
     }
@@ -275,6 +323,8 @@ mod tests {
         assert_eq!(model.endpoints.len(), 2);
         assert_eq!(model.weights, CostWeights::default());
         assert!(config.sidecar.is_none());
+        assert!(config.orca_load_reports);
+        assert_eq!(config.approximate.table_entries.get(), 65_536);
         assert!(config.model("other").is_none());
         let with_sidecar = PluginConfig::parse(
             br#"{"sidecar":{"cluster":"kv_sidecar"},"models":[{"name":"m","temperature":0.2}]}"#,
@@ -329,6 +379,14 @@ mod tests {
             (
                 r#"{"models":[{"name":"m","temperature":-0.5}]}"#,
                 "models[0].temperature",
+            ),
+            (
+                r#"{"approximate":{"table_entries":0},"models":[{"name":"m"}]}"#,
+                "approximate.table_entries",
+            ),
+            (
+                r#"{"approximate":{"ttl":5},"models":[{"name":"m"}]}"#,
+                "unknown field `ttl`",
             ),
         ];
         for (json, expected) in cases {

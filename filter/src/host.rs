@@ -78,6 +78,7 @@ mod abi {
             return_id: *mut u32,
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        pub fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
         pub fn proxy_continue_stream(stream_type: u32) -> u32;
         pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
@@ -209,6 +210,13 @@ pub fn increment_metric(id: u32, offset: i64) -> Result<(), HostError> {
     check("proxy_increment_metric", status)
 }
 
+/// Records one value of a histogram metric.
+pub fn record_metric(id: u32, value: u64) -> Result<(), HostError> {
+    // SAFETY: plain value call.
+    let status = unsafe { abi::proxy_record_metric(id, value) };
+    check("proxy_record_metric", status)
+}
+
 /// `StreamType::HttpRequest` in the proxy-wasm ABI.
 const STREAM_HTTP_REQUEST: u32 = 0;
 
@@ -228,11 +236,16 @@ pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
 
 /// Host wall-clock time in milliseconds since the Unix epoch.
 pub fn now_ms() -> Result<u64, HostError> {
+    now_ns().map(|nanos| nanos / 1_000_000)
+}
+
+/// Host wall-clock time in nanoseconds since the Unix epoch.
+pub fn now_ns() -> Result<u64, HostError> {
     let mut nanos = 0u64;
     // SAFETY: out-pointer is valid.
     let status = unsafe { abi::proxy_get_current_time_nanoseconds(&mut nanos) };
     check("proxy_get_current_time_nanoseconds", status)?;
-    Ok(nanos / 1_000_000)
+    Ok(nanos)
 }
 
 /// Serializes header pairs in the proxy-wasm map format:

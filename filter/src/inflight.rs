@@ -22,6 +22,13 @@ pub struct Ticket {
     prefill_pending: bool,
 }
 
+impl Ticket {
+    /// The worker the request was sent to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+}
+
 impl InFlight {
     pub fn admit(&mut self, address: &str, prefill_tokens: u64, blocks: u64) -> Ticket {
         let load = self.by_address.entry(address.to_owned()).or_default();

@@ -10,14 +10,16 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod approximate;
 pub mod config;
 mod host;
 pub mod inflight;
 mod metrics;
+pub mod orca;
+pub mod prompt_cache;
 pub mod replica;
 mod root;
 pub mod routing;
-pub mod stand_in_policy;
 mod stream;
 mod vm_state;
 

@@ -1,4 +1,4 @@
-//! The filter's Envoy counters (visible in `/stats/prometheus`, summed over
+//! The filter's Envoy counters and histograms (visible in `/stats/prometheus`, summed over
 //! every worker VM).
 
 use proxy_wasm::types::MetricType;
@@ -27,13 +27,30 @@ impl Counter {
     }
 }
 
-/// Every counter the filter maintains.
+/// One Envoy histogram owned by this VM (Envoy computes the quantiles).
+#[derive(Debug, Clone, Copy)]
+pub struct Histogram(u32);
+
+impl Histogram {
+    fn define(name: &str) -> Result<Self, HostError> {
+        host::define_metric(MetricType::Histogram, name).map(Self)
+    }
+
+    pub fn record(self, value: u64) {
+        if let Err(err) = host::record_metric(self.0, value) {
+            log::debug!("{err}");
+        }
+    }
+}
+
+/// Every metric the filter maintains.
 #[derive(Debug, Clone, Copy)]
 pub struct FilterMetrics {
     /// Inference requests routed by KV overlap and load from fleet state.
     pub precise: Counter,
-    /// Inference requests routed by the stand-in prefix affinity (no state).
-    pub stand_in: Counter,
+    /// Inference requests routed by the learned prefix table: no fresh fleet
+    /// state, or no exact block hashes in time.
+    pub approximate: Counter,
     /// Inference requests left to Envoy's fallback balancing (no decision).
     pub fallback: Counter,
     /// Decisions taken while a sidecar is configured but its state is stale.
@@ -61,15 +78,27 @@ pub struct FilterMetrics {
     pub tokenize_calls: Counter,
     /// Tokenizations that failed or timed out (routed by load alone).
     pub tokenize_failures: Counter,
+    /// Text and chat prompts whose block hashes this VM had cached (routed
+    /// without waiting for the sidecar), and those it had not.
+    pub prompt_cache_hits: Counter,
+    pub prompt_cache_misses: Counter,
     /// Decisions and their progress reported to the sidecar.
     pub reports_sent: Counter,
+    /// ORCA `endpoint-load-metrics` response headers used, and refused.
+    pub orca_reports: Counter,
+    pub orca_report_errors: Counter,
+    /// Time to choose a worker, hashing included (µs).
+    pub decision_us: Histogram,
+    /// Time inside each request-path callback of the filter (µs): how long
+    /// the filter holds the Envoy worker thread at a stretch.
+    pub callback_us: Histogram,
 }
 
 impl FilterMetrics {
     pub fn define() -> Result<Self, HostError> {
         Ok(Self {
             precise: Counter::define("kvmesh_requests_precise")?,
-            stand_in: Counter::define("kvmesh_requests_stand_in")?,
+            approximate: Counter::define("kvmesh_requests_approximate")?,
             fallback: Counter::define("kvmesh_requests_fallback")?,
             stale_state: Counter::define("kvmesh_requests_stale_state")?,
             cached_blocks: Counter::define("kvmesh_routed_cached_blocks")?,
@@ -86,7 +115,13 @@ impl FilterMetrics {
             state_stream_closed: Counter::define("kvmesh_state_stream_closed")?,
             tokenize_calls: Counter::define("kvmesh_tokenize_calls")?,
             tokenize_failures: Counter::define("kvmesh_tokenize_failures")?,
+            prompt_cache_hits: Counter::define("kvmesh_prompt_cache_hits")?,
+            prompt_cache_misses: Counter::define("kvmesh_prompt_cache_misses")?,
             reports_sent: Counter::define("kvmesh_gateway_reports_sent")?,
+            orca_reports: Counter::define("kvmesh_orca_reports")?,
+            orca_report_errors: Counter::define("kvmesh_orca_report_errors")?,
+            decision_us: Histogram::define("kvmesh_decision_us")?,
+            callback_us: Histogram::define("kvmesh_callback_us")?,
         })
     }
 }

@@ -204,9 +204,13 @@ impl RootContext for KvmeshRoot {
             config
                 .sidecar
                 .as_ref()
-                .map_or("nowhere (stand-in routing)", |s| s.cluster.as_str())
+                .map_or("nowhere (approximate routing)", |s| s.cluster.as_str())
         );
-        self.state = Some(Rc::new(RefCell::new(VmState::new(replica, seed))));
+        self.state = Some(Rc::new(RefCell::new(VmState::new(
+            replica,
+            config.approximate,
+            seed,
+        ))));
         self.config = Some(Rc::new(config));
         self.metrics = Some(metrics);
         true

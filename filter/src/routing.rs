@@ -1,23 +1,24 @@
-//! The per-request decision: KV-aware selection over the fleet replica when it
-//! is fresh, the stand-in prefix affinity when only a static endpoint list is
-//! known, and no choice at all (Envoy's own balancing) otherwise.
+//! The per-request decision: precise (exact block hashes over fresh fleet
+//! state), approximate (the prefix table learned from this VM's decisions,
+//! over the pool's workers), or none at all (Envoy's own balancing).
 
 use router_core::fleet::FleetView;
-use router_core::index::OverlapScratch;
+use router_core::index::{OverlapScratch, WorkerSlot};
 use router_core::selection::{select, Candidate, PromptShape, WorkerLoad};
-use router_core::state_stream::WorkerRole;
+use router_core::state_stream::{LoadReport, WorkerRole};
 use router_core::SeqHash;
 
+use crate::approximate::{LearnedTable, PrefixKeys};
 use crate::config::ModelConfig;
 use crate::inflight::InFlight;
-use crate::stand_in_policy;
+use crate::orca::OrcaLoads;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Chosen by KV overlap and load from fresh fleet state.
+    /// Chosen by exact KV overlap and load from fresh fleet state.
     Precise,
-    /// Chosen by the stand-in prefix affinity over configured endpoints.
-    StandIn,
+    /// Chosen by the learned prefix table and the load this VM knows of.
+    Approximate,
     /// No choice: Envoy's fallback load balancing picks.
     Fallback,
 }
@@ -26,7 +27,7 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Precise => "precise",
-            Mode::StandIn => "stand-in",
+            Mode::Approximate => "approximate",
             Mode::Fallback => "fallback",
         }
     }
@@ -37,8 +38,9 @@ pub struct Decision {
     pub mode: Mode,
     /// `ip:port` for the override header; `None` in fallback mode.
     pub address: Option<String>,
-    /// The chosen worker's id, known in precise mode.
+    /// The chosen worker's id, known when fleet state is.
     pub worker_id: Option<String>,
+    /// Prompt blocks cached on the chosen worker (estimated when approximate).
     pub cached_blocks: u32,
     pub prompt_blocks: u32,
 }
@@ -55,6 +57,27 @@ impl Decision {
     }
 }
 
+/// What is known of the prompt being routed.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutedPrompt<'a> {
+    /// Exact block hashes: token ids were sent, or the sidecar tokenized.
+    pub exact: Option<&'a [SeqHash]>,
+    /// Keys for the learned table.
+    pub keys: &'a PrefixKeys,
+}
+
+/// This VM's state the decision reads.
+pub struct Knowledge<'a> {
+    /// The model's fleet view, when fresh.
+    pub view: Option<&'a FleetView>,
+    pub inflight: &'a InFlight,
+    pub orca: &'a OrcaLoads,
+    pub learned: &'a mut LearnedTable,
+    pub now_ms: u64,
+    /// Uniformly random; breaks ties in precise mode.
+    pub random: u64,
+}
+
 /// Working memory reused across requests of one VM.
 #[derive(Default)]
 pub struct Scratch {
@@ -64,47 +87,42 @@ pub struct Scratch {
 
 pub fn decide(
     model: &ModelConfig,
-    prompt: &[SeqHash],
-    view: Option<&FleetView>,
-    inflight: &InFlight,
+    prompt: RoutedPrompt<'_>,
+    known: &mut Knowledge<'_>,
     scratch: &mut Scratch,
-    random: u64,
+) -> Decision {
+    match (known.view, prompt.exact) {
+        (Some(view), Some(exact)) => precise(model, exact, view, known, scratch),
+        _ => approximate(model, prompt, known, scratch),
+    }
+}
+
+fn precise(
+    model: &ModelConfig,
+    prompt: &[SeqHash],
+    view: &FleetView,
+    known: &Knowledge<'_>,
+    scratch: &mut Scratch,
 ) -> Decision {
     let prompt_blocks = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
-    let Some(view) = view else {
-        return stand_in(model, prompt, prompt_blocks);
-    };
     scratch.candidates.clear();
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
-    for worker in view.workers() {
-        if !serves_decode(worker.role) {
-            continue;
-        }
+    for worker in view.workers().filter(|w| serves_decode(w.role)) {
         let cached_blocks = overlaps
             .iter()
             .find(|o| o.worker == worker.slot)
             .map_or(0, |o| o.blocks);
-        let local = inflight.load(&worker.address);
         scratch.candidates.push(Candidate {
             worker: worker.slot,
             cached_blocks,
-            load: WorkerLoad {
-                active_blocks: worker
-                    .load
-                    .active_blocks
-                    .saturating_add(local.active_blocks),
-                queued_prefill_tokens: worker
-                    .load
-                    .queued_prefill_tokens
-                    .saturating_add(local.queued_prefill_tokens),
-            },
+            load: current_load(model, known, &worker.address, reported(&worker.load)),
         });
     }
     let shape = PromptShape {
         blocks: prompt_blocks,
         block_size: model.hasher.block_size().get(),
     };
-    let chosen = select(shape, &scratch.candidates, model.weights, random)
+    let chosen = select(shape, &scratch.candidates, model.weights, known.random)
         .and_then(|s| view.worker_at(s.worker).map(|w| (w, s.cached_blocks)));
     match chosen {
         Some((worker, cached_blocks)) => Decision {
@@ -118,6 +136,117 @@ pub fn decide(
     }
 }
 
+fn approximate(
+    model: &ModelConfig,
+    prompt: RoutedPrompt<'_>,
+    known: &mut Knowledge<'_>,
+    scratch: &mut Scratch,
+) -> Decision {
+    let block_size = model.hasher.block_size();
+    let keys = prompt.keys;
+    let key_count = u32::try_from(keys.keys().len()).unwrap_or(u32::MAX);
+    let prompt_blocks = match prompt.exact {
+        Some(exact) => u32::try_from(exact.len()).unwrap_or(u32::MAX),
+        None => keys.blocks(key_count, block_size),
+    };
+    let Some(&first_key) = keys.keys().first() else {
+        return Decision::fallback(prompt_blocks);
+    };
+    // (address, worker id, load the fleet state reports)
+    let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match known.view {
+        Some(view) => view
+            .workers()
+            .filter(|w| serves_decode(w.role))
+            .map(|w| {
+                (
+                    w.address.as_str(),
+                    Some(w.worker_id.as_str()),
+                    reported(&w.load),
+                )
+            })
+            .collect(),
+        None => model
+            .endpoints
+            .iter()
+            .map(|e| (e.as_str(), None, WorkerLoad::default()))
+            .collect(),
+    };
+    let mut matched = vec![0u32; workers.len()];
+    for (address, run) in known.learned.matches(keys.keys(), known.now_ms) {
+        if let Some(index) = workers.iter().position(|w| w.0 == address) {
+            if let Some(slot) = matched.get_mut(index) {
+                *slot = run;
+            }
+        }
+    }
+    scratch.candidates.clear();
+    for (index, (address, _, reported)) in workers.iter().enumerate() {
+        let run = matched.get(index).copied().unwrap_or(0);
+        scratch.candidates.push(Candidate {
+            worker: WorkerSlot(u32::try_from(index).unwrap_or(u32::MAX)),
+            cached_blocks: keys.blocks(run, block_size).min(prompt_blocks),
+            load: current_load(model, known, address, *reported),
+        });
+    }
+    let shape = PromptShape {
+        blocks: prompt_blocks,
+        block_size: block_size.get(),
+    };
+    // Ties broken by the prompt, not at random: every VM and gateway sends a
+    // new prefix to the same worker while they know nothing else.
+    let selected = select(shape, &scratch.candidates, model.weights, first_key);
+    let chosen = selected.and_then(|s| {
+        let index = usize::try_from(s.worker.0).ok()?;
+        workers.get(index).map(|w| (w, s.cached_blocks))
+    });
+    match chosen {
+        Some(((address, worker_id, _), cached_blocks)) => Decision {
+            mode: Mode::Approximate,
+            address: Some((*address).to_owned()),
+            worker_id: worker_id.map(str::to_owned),
+            cached_blocks,
+            prompt_blocks,
+        },
+        None => Decision::fallback(prompt_blocks),
+    }
+}
+
+/// The load a worker is under, by the freshest account of it: the fleet
+/// state (engines' metrics plus every gateway's reported decisions), this
+/// VM's own in-flight requests and the engine's ORCA reports. They estimate
+/// the same thing with different lags, so the largest wins; adding them
+/// would count a request several times.
+fn current_load(
+    model: &ModelConfig,
+    known: &Knowledge<'_>,
+    address: &str,
+    reported: WorkerLoad,
+) -> WorkerLoad {
+    let local = known.inflight.load(address);
+    let orca = known
+        .orca
+        .load(address, model.hasher.block_size().get(), known.now_ms)
+        .unwrap_or_default();
+    WorkerLoad {
+        active_blocks: reported
+            .active_blocks
+            .max(local.active_blocks)
+            .max(orca.active_blocks),
+        queued_prefill_tokens: reported
+            .queued_prefill_tokens
+            .max(local.queued_prefill_tokens)
+            .max(orca.queued_prefill_tokens),
+    }
+}
+
+/// The part of a worker's load report the cost function uses.
+fn reported(load: &LoadReport) -> WorkerLoad {
+    WorkerLoad {
+        active_blocks: load.active_blocks,
+        queued_prefill_tokens: load.queued_prefill_tokens,
+    }
+}
+
 fn serves_decode(role: WorkerRole) -> bool {
     matches!(
         role,
@@ -125,34 +254,23 @@ fn serves_decode(role: WorkerRole) -> bool {
     )
 }
 
-fn stand_in(model: &ModelConfig, prompt: &[SeqHash], prompt_blocks: u32) -> Decision {
-    match prompt
-        .first()
-        .and_then(|first| stand_in_policy::pick(*first, &model.endpoints))
-    {
-        Some(address) => Decision {
-            mode: Mode::StandIn,
-            address: Some(address.to_owned()),
-            worker_id: None,
-            cached_blocks: 0,
-            prompt_blocks,
-        },
-        None => Decision::fallback(prompt_blocks),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroUsize;
+
     use super::*;
     use crate::config::PluginConfig;
+    use crate::orca::OrcaReport;
     use router_core::state_stream::{change, BlocksChanged, Change, LoadReport, WorkerJoined};
 
     fn model() -> ModelConfig {
-        PluginConfig::parse(br#"{"models":[{"name":"m","endpoints":["127.0.0.1:1"]}]}"#)
-            .unwrap()
-            .model("m")
-            .unwrap()
-            .clone()
+        PluginConfig::parse(
+            br#"{"models":[{"name":"m","endpoints":["127.0.0.1:1","127.0.0.1:2"]}]}"#,
+        )
+        .unwrap()
+        .model("m")
+        .unwrap()
+        .clone()
     }
 
     fn view() -> FleetView {
@@ -184,20 +302,53 @@ mod tests {
         view
     }
 
+    /// This VM's state, with nothing routed or reported yet.
+    struct Vm {
+        inflight: InFlight,
+        orca: OrcaLoads,
+        learned: LearnedTable,
+        scratch: Scratch,
+    }
+
+    impl Vm {
+        fn new() -> Self {
+            Self {
+                inflight: InFlight::default(),
+                orca: OrcaLoads::default(),
+                learned: LearnedTable::new(NonZeroUsize::new(100).unwrap(), 60_000),
+                scratch: Scratch::default(),
+            }
+        }
+
+        fn decide(&mut self, exact: Option<&[SeqHash]>, view: Option<&FleetView>) -> Decision {
+            let model = model();
+            let keys = exact.map_or_else(PrefixKeys::default, |e| {
+                PrefixKeys::from_blocks(e, model.hasher.block_size())
+            });
+            let mut known = Knowledge {
+                view,
+                inflight: &self.inflight,
+                orca: &self.orca,
+                learned: &mut self.learned,
+                now_ms: 1_000,
+                random: 0,
+            };
+            decide(
+                &model,
+                RoutedPrompt { exact, keys: &keys },
+                &mut known,
+                &mut self.scratch,
+            )
+        }
+    }
+
     fn prompt() -> Vec<SeqHash> {
         [1, 2, 3, 4].map(SeqHash).to_vec()
     }
 
     #[test]
     fn precise_prefers_cache_and_skips_prefill_only_workers() {
-        let d = decide(
-            &model(),
-            &prompt(),
-            Some(&view()),
-            &InFlight::default(),
-            &mut Scratch::default(),
-            0,
-        );
+        let d = Vm::new().decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.mode, Mode::Precise);
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:11"));
         assert_eq!((d.cached_blocks, d.prompt_blocks), (3, 4));
@@ -205,16 +356,9 @@ mod tests {
 
     #[test]
     fn local_inflight_load_moves_traffic_off_the_cached_worker() {
-        let mut inflight = InFlight::default();
-        inflight.admit("127.0.0.1:11", 16 * 50, 50);
-        let d = decide(
-            &model(),
-            &prompt(),
-            Some(&view()),
-            &inflight,
-            &mut Scratch::default(),
-            0,
-        );
+        let mut vm = Vm::new();
+        vm.inflight.admit("127.0.0.1:11", 16 * 50, 50);
+        let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
     }
 
@@ -228,49 +372,78 @@ mod tests {
                 ..LoadReport::default()
             })),
         }]);
-        let d = decide(
-            &model(),
-            &prompt(),
-            Some(&view),
-            &InFlight::default(),
-            &mut Scratch::default(),
-            0,
-        );
+        let d = Vm::new().decide(Some(&prompt()), Some(&view));
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
     }
 
     #[test]
-    fn without_state_stand_in_then_fallback() {
+    fn orca_reports_count_as_load() {
+        let mut vm = Vm::new();
+        let busy = OrcaReport {
+            kv_cache_usage: 0.9,
+            waiting: 40,
+            running: 8,
+        };
+        vm.orca.record("127.0.0.1:11", busy, 900);
+        let d = vm.decide(Some(&prompt()), Some(&view()));
+        assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+    }
+
+    #[test]
+    fn without_state_the_learned_table_decides() {
+        let mut vm = Vm::new();
+        let long: Vec<SeqHash> = (1..=32).map(SeqHash).collect();
+        let first = vm.decide(Some(&long), None);
+        assert_eq!((first.mode, first.cached_blocks), (Mode::Approximate, 0));
+        assert_eq!(first.prompt_blocks, 32);
+        let keys = PrefixKeys::from_blocks(&long, model().hasher.block_size());
+        let other = if first.address.as_deref() == Some("127.0.0.1:1") {
+            "127.0.0.1:2"
+        } else {
+            "127.0.0.1:1"
+        };
+        // Ties go the same way every time (every VM agrees on a new prefix).
+        assert_eq!(vm.decide(Some(&long), None), first);
+        // Once the table says the other endpoint holds it, it goes there.
+        vm.learned.record(keys.keys(), other, 1_000);
+        let learned = vm.decide(Some(&long), None);
+        assert_eq!(learned.address.as_deref(), Some(other));
+        assert_eq!(learned.cached_blocks, 32);
+        // Fresh fleet state without exact hashes (tokenization failed): the
+        // table picks among the fleet's live workers.
+        vm.learned.record(keys.keys(), "127.0.0.1:10", 1_000);
+        assert_eq!(vm.decide(None, Some(&view())).mode, Mode::Fallback);
+        let (model, view) = (model(), view());
+        let mut known = Knowledge {
+            view: Some(&view),
+            inflight: &vm.inflight,
+            orca: &vm.orca,
+            learned: &mut vm.learned,
+            now_ms: 1_000,
+            random: 0,
+        };
         let d = decide(
-            &model(),
-            &prompt(),
-            None,
-            &InFlight::default(),
-            &mut Scratch::default(),
-            0,
+            &model,
+            RoutedPrompt {
+                exact: None,
+                keys: &keys,
+            },
+            &mut known,
+            &mut vm.scratch,
         );
-        assert_eq!(
-            (d.mode, d.address.as_deref()),
-            (Mode::StandIn, Some("127.0.0.1:1"))
-        );
-        let d = decide(
-            &model(),
-            &[],
-            None,
-            &InFlight::default(),
-            &mut Scratch::default(),
-            0,
-        );
-        assert_eq!((d.mode, d.address), (Mode::Fallback, None));
+        assert_eq!(d.mode, Mode::Approximate);
+        assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+        assert_eq!(d.worker_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn no_prefix_or_no_worker_falls_back() {
+        let mut vm = Vm::new();
+        assert_eq!(vm.decide(Some(&[]), None).mode, Mode::Fallback);
         let empty = FleetView::new("m", 10);
-        let d = decide(
-            &model(),
-            &prompt(),
-            Some(&empty),
-            &InFlight::default(),
-            &mut Scratch::default(),
-            0,
+        assert_eq!(
+            vm.decide(Some(&prompt()), Some(&empty)).mode,
+            Mode::Fallback
         );
-        assert_eq!(d.mode, Mode::Fallback);
     }
 }

@@ -14,11 +14,14 @@ use router_core::request::{parse_request, Endpoint, Prompt, RequestError};
 use router_core::SeqHash;
 use serde::Deserialize;
 
+use crate::approximate::PrefixKeys;
 use crate::config::PluginConfig;
 use crate::host;
 use crate::inflight::Ticket;
 use crate::metrics::FilterMetrics;
-use crate::routing::{decide, Decision, Mode};
+use crate::orca;
+use crate::prompt_cache::prompt_keys;
+use crate::routing::{decide, Decision, Knowledge, Mode, RoutedPrompt};
 use crate::vm_state::SharedVmState;
 
 /// Header read by Envoy's `override_host` load balancer.
@@ -36,18 +39,32 @@ pub struct InferenceStream {
     endpoint: Option<Endpoint>,
     /// This request's share of the chosen worker's in-flight load.
     ticket: Option<Ticket>,
-    /// Model of a request waiting for the sidecar's tokenization.
-    pending_tokenize: Option<String>,
+    /// A request waiting for the sidecar's tokenization.
+    pending_tokenize: Option<PendingTokenize>,
+    /// Prompt-cache key the pending tokenization's answer is stored under.
+    cache_fill: Option<u64>,
+    /// The client asked for ORCA load reports itself: pass them through.
+    client_wants_load_report: bool,
     /// The decision, kept for the opt-in debug response headers.
     decision: Option<Decision>,
     /// (model, request id) of a decision reported to the sidecar.
     reported: Option<(String, String)>,
 }
 
+/// What a request waiting for its block hashes already knows.
+struct PendingTokenize {
+    model: String,
+    /// Approximate-mode keys, if the sidecar does not answer in time.
+    keys: PrefixKeys,
+}
+
 /// The part of `/v1/tokenize`'s answer routing needs.
 #[derive(Deserialize)]
 struct TokenizeResponse {
     block_hashes: Vec<u64>,
+    /// Leading blocks that stay the same when the conversation goes on.
+    #[serde(default)]
+    history_blocks: usize,
 }
 
 /// Prompts the sidecar can tokenize (a batch of texts is routed by load).
@@ -64,6 +81,8 @@ impl InferenceStream {
             endpoint: None,
             ticket: None,
             pending_tokenize: None,
+            cache_fill: None,
+            client_wants_load_report: false,
             decision: None,
             reported: None,
         }
@@ -155,20 +174,49 @@ impl InferenceStream {
                 &error_body(ErrorKind::ModelNotFound, &message, Some("model")),
             );
         };
+        let started_ns = host::now_ns().unwrap_or(0);
         if let Some(tokens) = request.prompt.token_ids() {
-            let prompt = model.hasher.sequence_hashes(tokens);
+            let exact = model.hasher.sequence_hashes(tokens);
+            let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
             let model = model.name.clone();
-            self.decide_and_apply(&model, &prompt);
+            self.decide_and_apply(&model, Some(&exact), &keys, started_ns);
             return Action::Continue;
         }
+        let seed = model.hasher.seed().get();
+        let keys = PrefixKeys::from_text(&request.prompt, seed);
         let model = model.name.clone();
-        if is_tokenizable(&request.prompt) && self.dispatch_tokenize(&model, &body) {
-            self.pending_tokenize = Some(model);
-            // The request waits for the sidecar; the Envoy thread does not.
-            return Action::Pause;
+        if !is_tokenizable(&request.prompt) {
+            self.decide_and_apply(&model, None, &keys, started_ns);
+            return Action::Continue;
         }
-        self.decide_and_apply(&model, &[]);
-        Action::Continue
+        let cache_keys = prompt_keys(&request.prompt, &body, seed);
+        let hit = self.state.borrow_mut().prompt_cache.lookup(&cache_keys);
+        let dispatched = match &hit {
+            Some(hit) if hit.complete => false,
+            // A miss, or a new turn: ask the sidecar, so the cache learns this
+            // request's messages for the turn after it.
+            _ => self.dispatch_tokenize(&model, &body),
+        };
+        if dispatched {
+            self.cache_fill = cache_keys.last().copied();
+        }
+        match hit {
+            Some(hit) => {
+                self.metrics.prompt_cache_hits.inc();
+                self.decide_and_apply(&model, Some(&hit.hashes), &keys, started_ns);
+                Action::Continue
+            }
+            None if dispatched => {
+                self.metrics.prompt_cache_misses.inc();
+                self.pending_tokenize = Some(PendingTokenize { model, keys });
+                // The request waits for the sidecar; the Envoy thread does not.
+                Action::Pause
+            }
+            None => {
+                self.decide_and_apply(&model, None, &keys, started_ns);
+                Action::Continue
+            }
+        }
     }
 
     /// Asks the sidecar for the prompt's block hashes when precise routing is
@@ -215,15 +263,14 @@ impl InferenceStream {
         }
     }
 
-    /// Block hashes from the sidecar's `/v1/tokenize` answer.
-    fn tokenized_prompt(&self, body_size: usize) -> Option<Vec<SeqHash>> {
+    /// The sidecar's `/v1/tokenize` answer, if it gave one.
+    fn tokenize_response(&self, body_size: usize) -> Option<TokenizeResponse> {
         let status = host::header(MapType::HttpCallResponseHeaders, ":status").ok()??;
         if status != b"200" {
             return None;
         }
         let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size).ok()?;
-        let response: TokenizeResponse = serde_json::from_slice(&body).ok()?;
-        Some(response.block_hashes.into_iter().map(SeqHash).collect())
+        serde_json::from_slice(&body).ok()
     }
 
     /// Sends the request to the model's own pool cluster. The route was
@@ -240,7 +287,14 @@ impl InferenceStream {
     }
 
     /// Decides for `model` (a configured model) and applies the decision.
-    fn decide_and_apply(&mut self, model: &str, prompt: &[SeqHash]) {
+    /// `started_ns` is when work on the decision began (hashing included).
+    fn decide_and_apply(
+        &mut self,
+        model: &str,
+        exact: Option<&[SeqHash]>,
+        keys: &PrefixKeys,
+        started_ns: u64,
+    ) {
         let config = Rc::clone(&self.config);
         let Some(model) = config.model(model) else {
             self.metrics.fallback.inc();
@@ -257,19 +311,29 @@ impl InferenceStream {
                 self.metrics.stale_state.inc();
             }
             let random = state.next_random();
-            let view = state
-                .replica
-                .as_ref()
-                .and_then(|r| r.fresh_view(&model.name, now));
-            decide(
-                model,
-                prompt,
-                view,
-                &state.inflight,
-                &mut state.scratch,
+            let mut known = Knowledge {
+                view: state
+                    .replica
+                    .as_ref()
+                    .and_then(|r| r.fresh_view(&model.name, now)),
+                inflight: &state.inflight,
+                orca: &state.orca,
+                learned: &mut state.learned,
+                now_ms: now,
                 random,
-            )
+            };
+            let decision = decide(
+                model,
+                RoutedPrompt { exact, keys },
+                &mut known,
+                &mut state.scratch,
+            );
+            if let Some(address) = &decision.address {
+                state.learned.record(keys.keys(), address, now);
+            }
+            decision
         };
+        self.metrics.decision_us.record(elapsed_us(started_ns));
         let block_size = u64::from(model.hasher.block_size().get());
         self.apply_decision(&decision, block_size);
         self.report_decision(&model.name, &decision, block_size);
@@ -349,8 +413,17 @@ impl InferenceStream {
         }
         match decision.mode {
             Mode::Precise => self.metrics.precise.inc(),
-            Mode::StandIn => self.metrics.stand_in.inc(),
+            Mode::Approximate => self.metrics.approximate.inc(),
             Mode::Fallback => self.metrics.fallback.inc(),
+        }
+        if self.config.orca_load_reports && !self.client_wants_load_report {
+            if let Err(err) = host::set_header(
+                MapType::HttpRequestHeaders,
+                orca::FORMAT_HEADER,
+                orca::FORMAT,
+            ) {
+                self.host_error(err);
+            }
         }
         self.metrics
             .cached_blocks
@@ -363,12 +436,50 @@ impl InferenceStream {
                 .prompt_blocks
                 .saturating_sub(decision.cached_blocks),
         );
-        let ticket = self.state.borrow_mut().inflight.admit(
+        let mut state = self.state.borrow_mut();
+        state
+            .orca
+            .observe_prompt(u64::from(decision.prompt_blocks) * block_size);
+        let ticket = state.inflight.admit(
             address,
             uncached * block_size,
             u64::from(decision.prompt_blocks),
         );
         self.ticket = Some(ticket);
+    }
+
+    /// Takes the worker's ORCA load report off its response. The client gets
+    /// it only if it asked for it.
+    fn take_load_report(&self) {
+        let Some(address) = self.ticket.as_ref().map(Ticket::address) else {
+            return;
+        };
+        let value = match host::header(MapType::HttpResponseHeaders, orca::LOAD_HEADER) {
+            Ok(Some(value)) => value,
+            Ok(None) => return,
+            Err(err) => return self.host_error(err),
+        };
+        match std::str::from_utf8(&value)
+            .map_err(|_| orca::OrcaError::Format)
+            .and_then(orca::parse)
+        {
+            Ok(report) => {
+                self.metrics.orca_reports.inc();
+                let now = host::now_ms().unwrap_or(0);
+                self.state.borrow_mut().orca.record(address, report, now);
+            }
+            Err(err) => {
+                self.metrics.orca_report_errors.inc();
+                log::debug!("{address}: {err}");
+            }
+        }
+        if !self.client_wants_load_report {
+            if let Err(err) =
+                host::remove_header(MapType::HttpResponseHeaders, orca::LOAD_HEADER.as_bytes())
+            {
+                self.host_error(err);
+            }
+        }
     }
 }
 
@@ -387,24 +498,35 @@ impl Context for InferenceStream {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(model) = self.pending_tokenize.take() else {
-            return;
-        };
-        let prompt = self.tokenized_prompt(body_size).unwrap_or_else(|| {
-            // Timeout, error or garbage: route by load alone rather than fail.
-            self.metrics.tokenize_failures.inc();
-            Vec::new()
+        let started_ns = host::now_ns().unwrap_or(0);
+        let response = self.tokenize_response(body_size);
+        let exact: Option<Vec<SeqHash>> = response.map(|r| {
+            let hashes: Vec<SeqHash> = r.block_hashes.into_iter().map(SeqHash).collect();
+            if let (Some(key), Some(history)) =
+                (self.cache_fill.take(), hashes.get(..r.history_blocks))
+            {
+                self.state.borrow_mut().prompt_cache.insert(key, history);
+            }
+            hashes
         });
-        self.decide_and_apply(&model, &prompt);
-        if let Err(err) = host::resume_request() {
-            self.host_error(err);
+        if let Some(pending) = self.pending_tokenize.take() {
+            if exact.is_none() {
+                // Timeout, error or garbage: route approximately rather than fail.
+                self.metrics.tokenize_failures.inc();
+            }
+            self.decide_and_apply(&pending.model, exact.as_deref(), &pending.keys, started_ns);
+            if let Err(err) = host::resume_request() {
+                self.host_error(err);
+            }
         }
+        self.metrics.callback_us.record(elapsed_us(started_ns));
     }
 }
 
-impl HttpContext for InferenceStream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+impl InferenceStream {
+    fn request_headers(&mut self, end_of_stream: bool) -> Action {
         self.strip_reserved_headers();
+        self.client_wants_load_report = self.request_header(orca::FORMAT_HEADER).is_some();
         let is_post = self.request_header(":method").as_deref() == Some("POST");
         let endpoint = self
             .request_header(":path")
@@ -429,7 +551,7 @@ impl HttpContext for InferenceStream {
         Action::Pause
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(endpoint) = self.endpoint else {
             return Action::Continue;
         };
@@ -444,14 +566,45 @@ impl HttpContext for InferenceStream {
         self.route(endpoint, body_size)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn response_headers(&mut self) {
         if let Some(ticket) = &mut self.ticket {
             self.state.borrow_mut().inflight.prefill_done(ticket);
         }
+        self.take_load_report();
         if let Some(decision) = self.decision.take() {
             self.add_debug_headers(&decision);
         }
         self.report_progress(RequestPhase::FirstToken);
+    }
+}
+
+/// Microseconds since `started_ns` on the host clock.
+fn elapsed_us(started_ns: u64) -> u64 {
+    host::now_ns()
+        .unwrap_or(started_ns)
+        .saturating_sub(started_ns)
+        / 1_000
+}
+
+impl HttpContext for InferenceStream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let started_ns = host::now_ns().unwrap_or(0);
+        let action = self.request_headers(end_of_stream);
+        self.metrics.callback_us.record(elapsed_us(started_ns));
+        action
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let started_ns = host::now_ns().unwrap_or(0);
+        let action = self.request_body(body_size, end_of_stream);
+        self.metrics.callback_us.record(elapsed_us(started_ns));
+        action
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let started_ns = host::now_ns().unwrap_or(0);
+        self.response_headers();
+        self.metrics.callback_us.record(elapsed_us(started_ns));
         Action::Continue
     }
 

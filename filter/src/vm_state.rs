@@ -8,7 +8,11 @@ use prost::Message;
 use proxy_wasm::hostcalls;
 use router_core::gateway::GatewayReport;
 
+use crate::approximate::LearnedTable;
+use crate::config::ApproximateConfig;
 use crate::inflight::InFlight;
+use crate::orca::OrcaLoads;
+use crate::prompt_cache::PromptCache;
 use crate::replica::FleetReplica;
 use crate::routing::Scratch;
 
@@ -18,6 +22,12 @@ pub struct VmState {
     /// `None` when no sidecar is configured.
     pub replica: Option<FleetReplica>,
     pub inflight: InFlight,
+    /// Workers' own load reports from ORCA response headers.
+    pub orca: OrcaLoads,
+    /// Where this VM sent which prompt prefixes (approximate mode).
+    pub learned: LearnedTable,
+    /// The sidecar's block hashes of recent chats, by message prefix.
+    pub prompt_cache: PromptCache,
     pub scratch: Scratch,
     /// Reports decisions back to the sidecar while the state stream is open.
     pub reporter: Reporter,
@@ -77,10 +87,13 @@ impl Reporter {
 }
 
 impl VmState {
-    pub fn new(replica: Option<FleetReplica>, seed: u64) -> Self {
+    pub fn new(replica: Option<FleetReplica>, approximate: ApproximateConfig, seed: u64) -> Self {
         Self {
             replica,
             inflight: InFlight::default(),
+            orca: OrcaLoads::default(),
+            learned: LearnedTable::new(approximate.table_entries, approximate.entry_ttl_ms),
+            prompt_cache: PromptCache::default(),
             scratch: Scratch::default(),
             reporter: Reporter::new(format!("envoy-vm-{seed:016x}")),
             // xorshift must not start at zero.

@@ -96,7 +96,30 @@ fn same_token_prompt_same_endpoint_and_prompts_spread_over_all() {
         3,
         "30 prompts should reach all 3 workers: {first_choice:?}"
     );
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 60);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), 60);
+}
+
+#[test]
+fn workers_orca_load_reports_are_read_and_kept_from_clients() {
+    let fleet = Fleet::start(2, None);
+    let client = http_client();
+    let body = json!({"model": MODEL, "prompt": token_prompt(1), "max_tokens": 1}).to_string();
+    let plain = post(&client, &fleet.completions(), body.clone(), &[]).unwrap();
+    served_by(&plain);
+    assert!(plain.header("endpoint-load-metrics").is_none());
+    assert_eq!(counter(&fleet.envoy, "kvmesh_orca_reports"), 1);
+    // A client that asks for the report itself still gets it.
+    let asked = post(
+        &client,
+        &fleet.completions(),
+        body,
+        &[("endpoint-load-metrics-format", "TEXT")],
+    )
+    .unwrap();
+    let report = asked.header("endpoint-load-metrics").unwrap_or_default();
+    assert!(report.starts_with("TEXT "), "{report:?}");
+    assert_eq!(counter(&fleet.envoy, "kvmesh_orca_reports"), 2);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_orca_report_errors"), 0);
 }
 
 #[test]
@@ -167,7 +190,7 @@ fn bad_requests_get_openai_errors_and_never_crash_the_vm() {
     // The VMs survived: routing still works and Envoy saw no Wasm failure.
     let body = json!({"model": MODEL, "prompt": token_prompt(1), "max_tokens": 1});
     served_by(&post_json(&client, &url, &body).unwrap());
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 1);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), 1);
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_rejected_invalid"), 5);
     assert_eq!(
         counter(&fleet.envoy, "kvmesh_requests_rejected_unknown_model"),
@@ -205,7 +228,7 @@ fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
     let text = fleet.envoy.prometheus_stats().unwrap();
     for name in [
         "kvmesh_requests_precise",
-        "kvmesh_requests_stand_in",
+        "kvmesh_requests_approximate",
         "kvmesh_requests_fallback",
         "kvmesh_requests_stale_state",
         "kvmesh_routed_cached_blocks",
@@ -217,6 +240,9 @@ fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
         "kvmesh_tokenize_calls",
         "kvmesh_tokenize_failures",
         "kvmesh_gateway_reports_sent",
+        "kvmesh_orca_reports",
+        "kvmesh_prompt_cache_hits",
+        "kvmesh_prompt_cache_misses",
         "kvmesh_requests_passthrough",
         "kvmesh_requests_rejected_invalid",
         "kvmesh_requests_rejected_too_large",
@@ -249,7 +275,7 @@ fn prompts_without_a_full_block_fall_back_to_envoy_balancing() {
         "debug headers are opt-in"
     );
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_fallback"), 1);
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_stand_in"), 0);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), 0);
 }
 
 #[test]
@@ -316,7 +342,7 @@ fn unreachable_sidecar_fails_open() {
         served_by(&post_json(&client, &url, &body).unwrap());
     }
     assert_eq!(counter(envoy, "kvmesh_requests_precise"), 0);
-    assert_eq!(counter(envoy, "kvmesh_requests_stand_in"), 5);
+    assert_eq!(counter(envoy, "kvmesh_requests_approximate"), 5);
     assert_eq!(counter(envoy, "kvmesh_requests_stale_state"), 5);
     // The filter keeps trying to reach the sidecar with backoff.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -352,7 +378,7 @@ fn each_model_is_routed_to_its_own_pool() {
     let url = format!("{}/v1/completions", envoy.gateway_url());
     for seed in 0..8 {
         for model in ["alpha", "beta"] {
-            // A full-block prompt (stand-in choice) and a short one (Envoy's
+            // A full-block prompt (approximate choice) and a short one (Envoy's
             // fallback balancing) must both stay inside the model's pool; a
             // sim-engine answers 404 for a model it does not serve.
             for prompt in [token_prompt(seed), vec![1, 2, 3]] {

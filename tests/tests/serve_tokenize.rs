@@ -132,6 +132,33 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
             .map(|h| h.as_u64().expect("u64 hash"))
             .collect();
         assert_eq!(hashes.len(), ids.len() / BLOCK as usize);
+        // `history_blocks` leading blocks are what the next turn starts with;
+        // only the generation prompt's block may differ.
+        let history = response["history_blocks"].as_u64().expect("history_blocks") as usize;
+        assert!(
+            history <= hashes.len() && history + 1 >= hashes.len(),
+            "{history} of {}",
+            hashes.len()
+        );
+        let mut next_turn = messages.as_array().unwrap().clone();
+        next_turn.push(json!({"role": "assistant", "content": "Sure."}));
+        next_turn.push(json!({"role": "user", "content": "Go on."}));
+        let next = tokenize(
+            &client,
+            &sidecar,
+            json!({"model": MODEL, "messages": next_turn}),
+        );
+        let next_hashes: Vec<u64> = next["block_hashes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_u64().expect("u64 hash"))
+            .collect();
+        assert_eq!(
+            next_hashes.get(..history),
+            Some(&hashes[..history]),
+            "the next turn of {messages} starts with its history blocks"
+        );
         assert!(
             hashes.iter().all(|h| cached.contains(h)),
             "sim caches every prompt block of {messages}"

@@ -182,6 +182,7 @@ async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Val
         "model": request.model,
         "token_ids_by_segment": segments,
         "block_hashes": tokenized.block_hashes,
+        "history_blocks": tokenized.history_blocks,
         "num_tokens": tokenized.num_tokens,
     })))
 }

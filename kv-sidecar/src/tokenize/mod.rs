@@ -37,6 +37,9 @@ pub enum TokenizeError {
 pub struct Tokenized {
     pub segments: Vec<Arc<[u32]>>,
     pub block_hashes: Vec<u64>,
+    /// Leading `block_hashes` that stay the same when a chat goes on (all of
+    /// them for a plain prompt): what a router may cache for the next turn.
+    pub history_blocks: usize,
     pub num_tokens: usize,
     pub cache_hits: u64,
     pub cache_misses: u64,
@@ -149,8 +152,20 @@ impl ModelTokenizer {
         kwargs: Option<&serde_json::Map<String, Value>>,
     ) -> Result<Tokenized, TokenizeError> {
         let text = self.render(messages, tools, kwargs)?;
-        let tokenized = self.tokenize_text(&text)?;
-        Ok(self.finish(tokenized))
+        let mut tokenized = self.finish(self.tokenize_text(&text)?);
+        // The next turn renders these messages without the generation
+        // prompt; whatever tokens both renderings share is history. Its
+        // segments are mostly cache hits, so this costs one more render.
+        let history_text = self.render_history(messages, tools, kwargs)?;
+        let history = self.tokenize_text(&history_text)?.token_ids();
+        let shared = history
+            .iter()
+            .zip(tokenized.segments.iter().flat_map(|s| s.iter()))
+            .take_while(|(a, b)| a == b)
+            .count();
+        let block_size = self.hasher.block_size().as_usize();
+        tokenized.history_blocks = (shared / block_size).min(tokenized.block_hashes.len());
+        Ok(tokenized)
     }
 
     /// The prompt string the engine sees for `messages`.
@@ -160,12 +175,32 @@ impl ModelTokenizer {
         tools: Option<&Value>,
         kwargs: Option<&serde_json::Map<String, Value>>,
     ) -> Result<String, TokenizeError> {
+        self.render_conversation(messages, tools, kwargs, true)
+    }
+
+    /// `messages` as the history of a later turn (no generation prompt).
+    fn render_history(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<String, TokenizeError> {
+        self.render_conversation(messages, tools, kwargs, false)
+    }
+
+    fn render_conversation(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizeError> {
         let messages = messages
             .iter()
             .map(|m| flatten_message(m).map_err(|e| TokenizeError::Messages(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         self.template
-            .render(&messages, tools, kwargs)
+            .render_conversation(&messages, tools, kwargs, add_generation_prompt)
             .map_err(|e| TokenizeError::Template(e.to_string()))
     }
 
@@ -191,6 +226,7 @@ impl ModelTokenizer {
             .into_iter()
             .map(|h| h.0)
             .collect();
+        tokenized.history_blocks = tokenized.block_hashes.len();
         tokenized
     }
 
@@ -199,6 +235,7 @@ impl ModelTokenizer {
         let mut tokenized = Tokenized {
             segments: Vec::new(),
             block_hashes: Vec::new(),
+            history_blocks: 0,
             num_tokens: 0,
             cache_hits: 0,
             cache_misses: 0,

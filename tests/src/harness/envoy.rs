@@ -62,6 +62,11 @@ pub struct GatewayConfig {
     pub sidecar: Option<SidecarEndpoints>,
     /// The filter's opt-in `x-kvmesh-*` response headers.
     pub debug_headers: bool,
+    /// Envoy worker threads (`--concurrency`), each with its own filter VM.
+    pub worker_threads: u64,
+    /// How long a request waits for the sidecar's tokenization; the filter's
+    /// default when `None`.
+    pub tokenize_timeout_ms: Option<u64>,
 }
 
 /// `ip:port` of `kv-sidecar serve`'s gRPC (state stream) and HTTP
@@ -99,6 +104,8 @@ struct SidecarSettings {
     cluster: &'static str,
     http_cluster: &'static str,
     stale_after_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokenize_timeout_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -131,6 +138,8 @@ impl GatewayConfig {
             wasm_path: paths::filter_wasm()?,
             sidecar: None,
             debug_headers: false,
+            worker_threads: ENVOY_WORKER_THREADS,
+            tokenize_timeout_ms: None,
         })
     }
 
@@ -173,6 +182,7 @@ impl GatewayConfig {
                     cluster: "kv_sidecar",
                     http_cluster: "kv_sidecar_http",
                     stale_after_ms: SIDECAR_STALE_AFTER_MS,
+                    tokenize_timeout_ms: self.tokenize_timeout_ms,
                 }),
                 debug_headers: self.debug_headers,
                 models: &self.models,
@@ -227,7 +237,7 @@ impl Envoy {
             .arg("--config-path")
             .arg(&config_path)
             .arg("--concurrency")
-            .arg(ENVOY_WORKER_THREADS.to_string())
+            .arg(config.worker_threads.to_string())
             .args(["--log-level", "info"])
             .args(["--base-id", &config.admin_port.to_string()]);
         let mut process = ManagedProcess::spawn("envoy", command)?;
@@ -265,14 +275,33 @@ impl Envoy {
 
     /// Value of a stat from `/stats?filter=` by exact name, 0 when absent.
     pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .stat_text(name)?
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The largest value a histogram recorded since Envoy started (its
+    /// cumulative P100), if any.
+    pub fn histogram_max(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        // e.g. "P0(nan,1) P25(nan,3) ... P100(nan,1200)"
+        Ok(self.stat_text(name)?.and_then(|summary| {
+            let p100 = summary
+                .split_whitespace()
+                .find(|q| q.starts_with("P100("))?;
+            let cumulative = p100.trim_end_matches(')').rsplit(',').next()?;
+            cumulative.parse().ok()
+        }))
+    }
+
+    fn stat_text(&self, name: &str) -> anyhow::Result<Option<String>> {
         let url = format!("{}/stats?filter=^{}$", self.admin_url(), regex_escape(name));
         let text = reqwest::blocking::get(&url)?.error_for_status()?.text()?;
         Ok(text
             .lines()
             .filter_map(|line| line.split_once(": "))
             .find(|(key, _)| *key == name)
-            .and_then(|(_, value)| value.trim().parse().ok())
-            .unwrap_or(0))
+            .map(|(_, value)| value.to_owned()))
     }
 }
 

@@ -1,0 +1,117 @@
+//! The whole routing decision of a token-id request as the filter makes it:
+//! hashing an 8k-token prompt, the learned-table keys, KV overlap over a fleet
+//! view with 1M (block, worker) entries, the cost function over 64 or 256
+//! workers, and recording the keys for approximate mode. Run natively and
+//! inside V8 (see docs/benchmarks.md for the commands).
+
+use std::num::NonZeroUsize;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use kvmesh_filter::approximate::{LearnedTable, PrefixKeys};
+use kvmesh_filter::config::PluginConfig;
+use kvmesh_filter::inflight::InFlight;
+use kvmesh_filter::orca::OrcaLoads;
+use kvmesh_filter::routing::{decide, Knowledge, RoutedPrompt, Scratch};
+use router_core::fleet::FleetView;
+use router_core::state_stream::{change, BlocksChanged, Change, WorkerJoined, WorkerRole};
+
+const MODEL: &str = "bench";
+const ENTRIES: usize = 1_000_000;
+const PROMPT_TOKENS: u32 = 8_192;
+/// Blocks per cached conversation in the synthetic fleet.
+const CHAIN: u32 = 512;
+/// Workers holding the benchmark prompt, at depths of 1/4 to all of it.
+const HOLDERS: u32 = 4;
+
+fn tokens(id: u32) -> Vec<u32> {
+    (0..CHAIN * 16)
+        .map(|t| t ^ id.wrapping_mul(2_654_435_761))
+        .collect()
+}
+
+fn stored(worker: u32, hashes: Vec<u64>) -> Change {
+    Change {
+        kind: Some(change::Kind::Stored(BlocksChanged {
+            worker_id: format!("w{worker}"),
+            hashes,
+        })),
+    }
+}
+
+fn fleet(config: &PluginConfig, workers: u32) -> FleetView {
+    let hasher = &config.model(MODEL).expect("bench model").hasher;
+    let chain = |id: u32| -> Vec<u64> {
+        hasher
+            .sequence_hashes(&tokens(id))
+            .into_iter()
+            .map(|h| h.0)
+            .collect()
+    };
+    let mut view = FleetView::new(MODEL, usize::MAX);
+    let mut changes: Vec<Change> = (0..workers)
+        .map(|w| Change {
+            kind: Some(change::Kind::Joined(WorkerJoined {
+                worker_id: format!("w{w}"),
+                address: format!("10.0.{}.{}:8000", w / 256, w % 256),
+                role: WorkerRole::Both as i32,
+            })),
+        })
+        .collect();
+    let prompt = chain(u32::MAX);
+    for w in 0..HOLDERS {
+        let depth = (CHAIN as usize / 4) * (1 + w as usize % 4);
+        changes.push(stored(w, prompt[..depth].to_vec()));
+    }
+    let mut entries = changes.len();
+    let mut id = 0;
+    while entries < ENTRIES {
+        changes.push(stored(id % workers, chain(id)));
+        entries += CHAIN as usize;
+        id += 1;
+    }
+    view.commit(changes);
+    view
+}
+
+fn decision(c: &mut Criterion) {
+    let config = PluginConfig::parse(br#"{"models":[{"name":"bench"}]}"#).expect("config");
+    let model = config.model(MODEL).expect("bench model");
+    let prompt: Vec<u32> = tokens(u32::MAX)[..PROMPT_TOKENS as usize].to_vec();
+    let mut group = c.benchmark_group("decision_8k_token_prompt_1M_entries");
+    for workers in [64u32, 256] {
+        let view = fleet(&config, workers);
+        let inflight = InFlight::default();
+        let orca = OrcaLoads::default();
+        let capacity = NonZeroUsize::new(65_536).expect("nonzero");
+        let mut learned = LearnedTable::new(capacity, 300_000);
+        let mut scratch = Scratch::default();
+        let id = BenchmarkId::new("precise", format!("{workers}_workers"));
+        group.bench_with_input(id, &prompt, |b, prompt| {
+            b.iter(|| {
+                let exact = model.hasher.sequence_hashes(prompt);
+                let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
+                let mut known = Knowledge {
+                    view: Some(&view),
+                    inflight: &inflight,
+                    orca: &orca,
+                    learned: &mut learned,
+                    now_ms: 1_000,
+                    random: 0,
+                };
+                let routed = RoutedPrompt {
+                    exact: Some(&exact),
+                    keys: &keys,
+                };
+                let chosen = decide(model, routed, &mut known, &mut scratch);
+                if let Some(address) = &chosen.address {
+                    learned.record(keys.keys(), address, 1_000);
+                }
+                chosen.cached_blocks
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision);
+criterion_main!(benches);

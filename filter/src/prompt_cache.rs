@@ -1,0 +1,187 @@
+//! Per-VM cache of the sidecar's tokenization: the block hashes of a chat's
+//! messages, keyed by a digest of those messages, so the next turn of the
+//! conversation is routed precisely without waiting for a callout.
+//!
+//! A chat request's keys are digests of its message prefixes (messages
+//! `0..=j` for every `j`, chained, with the tools and template arguments
+//! folded in first). The sidecar answers a tokenization with the prompt's
+//! block hashes and how many of them stay valid when the conversation goes on
+//! (`history_blocks`: the template's generation prompt is not history). Those
+//! are stored under the digest of all the request's messages; the next turn
+//! re-sends them plus the reply and a new question, so its longest cached
+//! message prefix finds them. Text prompts are keyed by the whole prompt.
+//!
+//! Digests cover the raw JSON of each message: a client that re-serializes a
+//! message differently only misses the cache. The entries are routing hints,
+//! never forwarded, so a stale or colliding entry can cost cache hits but not
+//! correctness.
+
+use std::num::NonZeroUsize;
+use std::rc::Rc;
+
+use lru::LruCache;
+use router_core::request::Prompt;
+use router_core::SeqHash;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Block hashes held across all entries (8 bytes each): 8 MiB per VM.
+const MAX_HASHES: usize = 1 << 20;
+const ENTRIES: usize = 4096;
+
+#[derive(Deserialize)]
+struct ChatShape<'a> {
+    #[serde(borrow)]
+    messages: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    chat_template_kwargs: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TextShape<'a> {
+    #[serde(borrow)]
+    prompt: &'a RawValue,
+}
+
+/// Cache keys of one request: one per message prefix for a chat (shortest
+/// first), one for a text prompt, none for anything else.
+pub fn prompt_keys(prompt: &Prompt, body: &[u8], seed: u64) -> Vec<u64> {
+    match prompt {
+        Prompt::Chat(_) => chat_keys(body, seed).unwrap_or_default(),
+        Prompt::Text(_) => serde_json::from_slice::<TextShape<'_>>(body)
+            .map(|t| vec![xxh3_64_with_seed(t.prompt.get().as_bytes(), seed)])
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn chat_keys(body: &[u8], seed: u64) -> Option<Vec<u64>> {
+    let chat: ChatShape<'_> = serde_json::from_slice(body).ok()?;
+    let mut digest = seed;
+    for part in [chat.tools, chat.chat_template_kwargs] {
+        let raw = part.map_or("null", RawValue::get);
+        digest = xxh3_64_with_seed(raw.as_bytes(), digest);
+    }
+    Some(
+        chat.messages
+            .iter()
+            .map(|message| {
+                digest = xxh3_64_with_seed(message.get().as_bytes(), digest);
+                digest
+            })
+            .collect(),
+    )
+}
+
+/// Block hashes by prompt key, bounded in entries and in hashes held.
+pub struct PromptCache {
+    entries: LruCache<u64, Rc<[SeqHash]>>,
+    hashes: usize,
+}
+
+impl Default for PromptCache {
+    fn default() -> Self {
+        Self {
+            entries: LruCache::new(NonZeroUsize::new(ENTRIES).unwrap_or(NonZeroUsize::MIN)),
+            hashes: 0,
+        }
+    }
+}
+
+/// What a lookup found.
+pub struct CacheHit {
+    pub hashes: Rc<[SeqHash]>,
+    /// The entry covers the whole request: nothing new to learn from it.
+    pub complete: bool,
+}
+
+impl PromptCache {
+    /// The entry of the longest key prefix of `keys` in the cache.
+    pub fn lookup(&mut self, keys: &[u64]) -> Option<CacheHit> {
+        keys.iter().enumerate().rev().find_map(|(index, key)| {
+            self.entries.get(key).map(|hashes| CacheHit {
+                hashes: Rc::clone(hashes),
+                complete: index + 1 == keys.len(),
+            })
+        })
+    }
+
+    pub fn insert(&mut self, key: u64, hashes: &[SeqHash]) {
+        if hashes.is_empty() || hashes.len() > MAX_HASHES {
+            return;
+        }
+        if let Some(old) = self.entries.put(key, Rc::from(hashes)) {
+            self.hashes -= old.len();
+        }
+        self.hashes += hashes.len();
+        while self.hashes > MAX_HASHES {
+            match self.entries.pop_lru() {
+                Some((_, evicted)) => self.hashes -= evicted.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_core::request::{parse_request, Endpoint};
+
+    fn keys(body: &str) -> Vec<u64> {
+        let request = parse_request(Endpoint::ChatCompletions, body.as_bytes(), 1 << 20)
+            .or_else(|_| parse_request(Endpoint::Completions, body.as_bytes(), 1 << 20))
+            .unwrap();
+        prompt_keys(&request.prompt, body.as_bytes(), 1)
+    }
+
+    #[test]
+    fn the_next_turn_finds_the_previous_one() {
+        let turn1 = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"q1"}]}"#;
+        let turn2 = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"q1"},{"role":"assistant","content":"a1"},{"role":"user","content":"q2"}]}"#;
+        let (k1, k2) = (keys(turn1), keys(turn2));
+        assert_eq!(k1.len(), 2);
+        assert_eq!(k2[..2], k1[..]);
+        let mut cache = PromptCache::default();
+        assert!(cache.lookup(&k2).is_none());
+        cache.insert(k1[1], &[SeqHash(7), SeqHash(8)]);
+        let hit = cache.lookup(&k2).unwrap();
+        assert_eq!(&*hit.hashes, &[SeqHash(7), SeqHash(8)]);
+        assert!(!hit.complete);
+        assert!(cache.lookup(&k1).unwrap().complete);
+    }
+
+    #[test]
+    fn tools_and_template_arguments_change_every_key() {
+        let plain = keys(r#"{"model":"m","messages":[{"role":"user","content":"q"}]}"#);
+        let tools = keys(
+            r#"{"model":"m","tools":[{"type":"function"}],"messages":[{"role":"user","content":"q"}]}"#,
+        );
+        let kwargs = keys(
+            r#"{"model":"m","chat_template_kwargs":{"enable_thinking":false},"messages":[{"role":"user","content":"q"}]}"#,
+        );
+        assert_ne!(plain, tools);
+        assert_ne!(plain, kwargs);
+        assert_ne!(tools, kwargs);
+        let text = keys(r#"{"model":"m","prompt":"hello"}"#);
+        assert_eq!(text.len(), 1);
+        assert!(keys(r#"{"model":"m","prompt":[1,2]}"#).is_empty());
+    }
+
+    #[test]
+    fn bounded_by_hashes_held() {
+        let mut cache = PromptCache::default();
+        let big = vec![SeqHash(1); MAX_HASHES / 2];
+        for key in 0..3 {
+            cache.insert(key, &big);
+        }
+        assert!(cache.hashes <= MAX_HASHES);
+        assert!(cache.lookup(&[0]).is_none());
+        assert!(cache.lookup(&[2]).is_some());
+        cache.insert(9, &vec![SeqHash(1); MAX_HASHES + 1]);
+        assert!(cache.lookup(&[9]).is_none());
+    }
+}
