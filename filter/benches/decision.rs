@@ -11,7 +11,7 @@ use kvmesh_filter::approximate::{LearnedTable, PrefixKeys};
 use kvmesh_filter::config::PluginConfig;
 use kvmesh_filter::inflight::InFlight;
 use kvmesh_filter::orca::OrcaLoads;
-use kvmesh_filter::routing::{decide, Knowledge, RoutedPrompt, Scratch};
+use kvmesh_filter::routing::{decide, Knowledge, Pool, RoutedPrompt, Scratch};
 use router_core::fleet::FleetView;
 use router_core::state_stream::{change, BlocksChanged, Change, WorkerJoined, WorkerRole};
 
@@ -102,7 +102,7 @@ fn decision(c: &mut Criterion) {
                     exact: Some(&exact),
                     keys: &keys,
                 };
-                let chosen = decide(model, routed, &mut known, &mut scratch);
+                let chosen = decide(model, Pool::Decode, routed, &mut known, &mut scratch);
                 if let Some(address) = &chosen.address {
                     learned.record(keys.keys(), address, 1_000);
                 }

@@ -9,6 +9,8 @@ use std::num::NonZeroUsize;
 
 use router_core::selection::CostWeights;
 use router_core::{BlockHasher, BlockSize, HashSeed};
+
+pub use crate::disagg::{Policy, Protocol};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -99,6 +101,46 @@ struct RawModel {
     overlap_weight: f64,
     #[serde(default)]
     temperature: f64,
+    #[serde(default)]
+    disaggregation: Option<RawDisaggregation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisaggregation {
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    protocol: Protocol,
+    /// Envoy cluster of the prefill pool.
+    prefill_cluster: String,
+    /// `ip:port` of each prefill worker, used while no fleet state is known.
+    #[serde(default)]
+    prefill_endpoints: Vec<String>,
+    #[serde(default = "default_min_prefill_tokens")]
+    min_prefill_tokens: u64,
+    #[serde(default = "default_max_prefill_queue_tokens")]
+    max_prefill_queue_tokens: u64,
+    #[serde(default = "default_prefill_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_bootstrap_port")]
+    bootstrap_port: u16,
+}
+
+fn default_min_prefill_tokens() -> u64 {
+    1024
+}
+
+fn default_max_prefill_queue_tokens() -> u64 {
+    262_144
+}
+
+fn default_prefill_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_bootstrap_port() -> u16 {
+    8998
 }
 
 fn default_overlap_weight() -> f64 {
@@ -121,6 +163,26 @@ pub struct ModelConfig {
     /// leaves the route's own cluster.
     pub cluster: Option<String>,
     pub weights: CostWeights,
+    /// Remote prefill, when configured and not `never`.
+    pub disaggregation: Option<Disaggregation>,
+}
+
+/// How a model's requests are split between the prefill and decode pools.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disaggregation {
+    pub policy: Policy,
+    pub protocol: Protocol,
+    pub prefill_cluster: String,
+    pub prefill_endpoints: Vec<String>,
+    /// `auto`: remote prefill once the decode worker would compute at least
+    /// this many prompt tokens itself.
+    pub min_prefill_tokens: u64,
+    /// `auto`: only onto a prefill worker with less prefill queued than this.
+    pub max_prefill_queue_tokens: u64,
+    /// A prefill leg slower than this is abandoned for local prefill.
+    pub timeout: std::time::Duration,
+    /// SGLang: the prefill engines' bootstrap port.
+    pub bootstrap_port: u16,
 }
 
 /// Where the fleet state comes from.
@@ -188,6 +250,18 @@ pub enum ConfigError {
     Approximate,
     #[error("models[{index}].temperature: must be a finite number >= 0")]
     Temperature { index: usize },
+    #[error(
+        "models[{index}].disaggregation.prefill_cluster: must be a non-empty ASCII cluster name"
+    )]
+    PrefillCluster { index: usize },
+    #[error("models[{index}].disaggregation.timeout_ms: must be at least 1")]
+    PrefillTimeout { index: usize },
+    #[error("models[{index}].disaggregation.prefill_endpoints[{endpoint}]: '{value}' is not an ip:port address")]
+    PrefillEndpoint {
+        index: usize,
+        endpoint: usize,
+        value: String,
+    },
     #[error("models[{index}].endpoints[{endpoint}]: '{value}' is not an ip:port address")]
     Endpoint {
         index: usize,
@@ -262,22 +336,21 @@ impl PluginConfig {
         }
         let block_size = BlockSize::new(raw.block_size)
             .map_err(|source| ConfigError::BlockSize { index, source })?;
-        for (endpoint, value) in raw.endpoints.iter().enumerate() {
-            if value.parse::<SocketAddr>().is_err() {
-                return Err(ConfigError::Endpoint {
-                    index,
-                    endpoint,
-                    value: value.clone(),
-                });
-            }
+        if let Some((endpoint, value)) = first_bad_address(&raw.endpoints) {
+            return Err(ConfigError::Endpoint {
+                index,
+                endpoint,
+                value: value.to_owned(),
+            });
         }
-        if raw
-            .cluster
-            .as_deref()
-            .is_some_and(|c| c.is_empty() || !c.is_ascii())
-        {
+        if raw.cluster.as_deref().is_some_and(|c| !is_cluster_name(c)) {
             return Err(ConfigError::Cluster { index });
         }
+        let disaggregation = raw
+            .disaggregation
+            .map(|d| Self::parse_disaggregation(index, d))
+            .transpose()?
+            .filter(|d| d.policy != Policy::Never);
         let valid = |x: f64| x.is_finite() && x >= 0.0;
         if !valid(raw.overlap_weight) {
             return Err(ConfigError::OverlapWeight { index });
@@ -295,6 +368,36 @@ impl PluginConfig {
                 overlap_weight: raw.overlap_weight,
                 temperature: raw.temperature,
             },
+            disaggregation,
+        })
+    }
+
+    fn parse_disaggregation(
+        index: usize,
+        raw: RawDisaggregation,
+    ) -> Result<Disaggregation, ConfigError> {
+        if !is_cluster_name(&raw.prefill_cluster) {
+            return Err(ConfigError::PrefillCluster { index });
+        }
+        if raw.timeout_ms == 0 {
+            return Err(ConfigError::PrefillTimeout { index });
+        }
+        if let Some((endpoint, value)) = first_bad_address(&raw.prefill_endpoints) {
+            return Err(ConfigError::PrefillEndpoint {
+                index,
+                endpoint,
+                value: value.to_owned(),
+            });
+        }
+        Ok(Disaggregation {
+            policy: raw.policy,
+            protocol: raw.protocol,
+            prefill_cluster: raw.prefill_cluster,
+            prefill_endpoints: raw.prefill_endpoints,
+            min_prefill_tokens: raw.min_prefill_tokens,
+            max_prefill_queue_tokens: raw.max_prefill_queue_tokens,
+            timeout: std::time::Duration::from_millis(raw.timeout_ms),
+            bootstrap_port: raw.bootstrap_port,
         })
     }
 
@@ -305,6 +408,19 @@ impl PluginConfig {
     pub fn models(&self) -> impl Iterator<Item = &ModelConfig> {
         self.models.values()
     }
+}
+
+fn is_cluster_name(name: &str) -> bool {
+    !name.is_empty() && name.is_ascii()
+}
+
+/// The first entry that is not an `ip:port` address, with its position.
+fn first_bad_address(addresses: &[String]) -> Option<(usize, &str)> {
+    addresses
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.parse::<SocketAddr>().is_err())
+        .map(|(i, a)| (i, a.as_str()))
 }
 
 #[cfg(test)]
@@ -330,6 +446,21 @@ mod tests {
             br#"{"sidecar":{"cluster":"kv_sidecar"},"models":[{"name":"m","temperature":0.2}]}"#,
         )
         .unwrap();
+        assert!(with_sidecar.model("m").unwrap().disaggregation.is_none());
+        let disaggregated = PluginConfig::parse(
+            br#"{"models":[{"name":"m","disaggregation":{"policy":"auto","protocol":"sglang","prefill_cluster":"prefill_pool"}},
+                           {"name":"n","disaggregation":{"policy":"never","prefill_cluster":"prefill_pool"}}]}"#,
+        )
+        .unwrap();
+        let d = disaggregated
+            .model("m")
+            .unwrap()
+            .disaggregation
+            .clone()
+            .unwrap();
+        assert_eq!((d.policy, d.protocol), (Policy::Auto, Protocol::Sglang));
+        assert_eq!((d.min_prefill_tokens, d.bootstrap_port), (1024, 8998));
+        assert!(disaggregated.model("n").unwrap().disaggregation.is_none());
         let sidecar = with_sidecar.sidecar.unwrap();
         assert_eq!(sidecar.cluster, "kv_sidecar");
         assert_eq!(sidecar.stale_after_ms, 5_000);
@@ -387,6 +518,26 @@ mod tests {
             (
                 r#"{"approximate":{"ttl":5},"models":[{"name":"m"}]}"#,
                 "unknown field `ttl`",
+            ),
+            (
+                r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":""}}]}"#,
+                "models[0].disaggregation.prefill_cluster",
+            ),
+            (
+                r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":"p","policy":"sometimes"}}]}"#,
+                "unknown variant `sometimes`",
+            ),
+            (
+                r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":"p","protocol":"nixl"}}]}"#,
+                "unknown variant `nixl`",
+            ),
+            (
+                r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":"p","prefill_endpoints":["x"]}}]}"#,
+                "models[0].disaggregation.prefill_endpoints[0]",
+            ),
+            (
+                r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":"p","timeout_ms":0}}]}"#,
+                "models[0].disaggregation.timeout_ms",
             ),
         ];
         for (json, expected) in cases {

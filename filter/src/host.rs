@@ -61,6 +61,13 @@ mod abi {
             return_buffer_data: *mut *mut u8,
             return_buffer_size: *mut usize,
         ) -> u32;
+        pub fn proxy_set_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            size: usize,
+            buffer_data: *const u8,
+            buffer_size: usize,
+        ) -> u32;
         pub fn proxy_send_local_response(
             status_code: u32,
             status_code_details_data: *const u8,
@@ -173,6 +180,20 @@ pub fn buffer(buffer: BufferType, start: usize, max: usize) -> Result<Vec<u8>, H
     check("proxy_get_buffer_bytes", status)?;
     // SAFETY: on Ok the host returned an allocation of `size` bytes.
     Ok(unsafe { take_host_buffer(data, size) })
+}
+
+/// Replaces `size` bytes of a buffer from `start` with `data`.
+pub fn set_buffer(
+    buffer: BufferType,
+    start: usize,
+    size: usize,
+    data: &[u8],
+) -> Result<(), HostError> {
+    // SAFETY: data comes from a live slice.
+    let status = unsafe {
+        abi::proxy_set_buffer_bytes(buffer as u32, start, size, data.as_ptr(), data.len())
+    };
+    check("proxy_set_buffer_bytes", status)
 }
 
 /// Answers the request locally; the request never reaches an upstream.

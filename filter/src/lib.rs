@@ -12,6 +12,7 @@
 
 pub mod approximate;
 pub mod config;
+pub mod disagg;
 mod host;
 pub mod inflight;
 mod metrics;

@@ -82,6 +82,13 @@ pub struct FilterMetrics {
     /// without waiting for the sidecar), and those it had not.
     pub prompt_cache_hits: Counter,
     pub prompt_cache_misses: Counter,
+    /// Disaggregated requests whose prefill leg succeeded, and those that
+    /// were prefilled by their decode worker after all (leg failed, timed
+    /// out or answered without usable handshake parameters).
+    pub remote_prefills: Counter,
+    pub prefill_failures: Counter,
+    /// Requests whose body carried handshake fields only the router may set.
+    pub router_fields_removed: Counter,
     /// Decisions and their progress reported to the sidecar.
     pub reports_sent: Counter,
     /// ORCA `endpoint-load-metrics` response headers used, and refused.
@@ -117,6 +124,9 @@ impl FilterMetrics {
             tokenize_failures: Counter::define("kvmesh_tokenize_failures")?,
             prompt_cache_hits: Counter::define("kvmesh_prompt_cache_hits")?,
             prompt_cache_misses: Counter::define("kvmesh_prompt_cache_misses")?,
+            remote_prefills: Counter::define("kvmesh_remote_prefills")?,
+            prefill_failures: Counter::define("kvmesh_prefill_failures")?,
+            router_fields_removed: Counter::define("kvmesh_router_fields_removed")?,
             reports_sent: Counter::define("kvmesh_gateway_reports_sent")?,
             orca_reports: Counter::define("kvmesh_orca_reports")?,
             orca_report_errors: Counter::define("kvmesh_orca_report_errors")?,

@@ -43,6 +43,8 @@ pub struct Decision {
     /// Prompt blocks cached on the chosen worker (estimated when approximate).
     pub cached_blocks: u32,
     pub prompt_blocks: u32,
+    /// The chosen worker's load before this request.
+    pub load: WorkerLoad,
 }
 
 impl Decision {
@@ -53,6 +55,37 @@ impl Decision {
             worker_id: None,
             cached_blocks: 0,
             prompt_blocks,
+            load: WorkerLoad::default(),
+        }
+    }
+}
+
+/// Which of a model's pools a decision is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Workers that generate: the model's own pool.
+    Decode,
+    /// Workers that only prefill, for disaggregated requests.
+    Prefill,
+}
+
+impl Pool {
+    fn admits(self, role: WorkerRole) -> bool {
+        match self {
+            Pool::Decode => matches!(
+                role,
+                WorkerRole::Decode | WorkerRole::Both | WorkerRole::Unspecified
+            ),
+            Pool::Prefill => role == WorkerRole::Prefill,
+        }
+    }
+
+    /// The pool's configured endpoints, used without fleet state.
+    fn endpoints(self, model: &ModelConfig) -> &[String] {
+        match (self, &model.disaggregation) {
+            (Pool::Decode, _) => &model.endpoints,
+            (Pool::Prefill, Some(d)) => &d.prefill_endpoints,
+            (Pool::Prefill, None) => &[],
         }
     }
 }
@@ -87,18 +120,20 @@ pub struct Scratch {
 
 pub fn decide(
     model: &ModelConfig,
+    pool: Pool,
     prompt: RoutedPrompt<'_>,
     known: &mut Knowledge<'_>,
     scratch: &mut Scratch,
 ) -> Decision {
     match (known.view, prompt.exact) {
-        (Some(view), Some(exact)) => precise(model, exact, view, known, scratch),
-        _ => approximate(model, prompt, known, scratch),
+        (Some(view), Some(exact)) => precise(model, pool, exact, view, known, scratch),
+        _ => approximate(model, pool, prompt, known, scratch),
     }
 }
 
 fn precise(
     model: &ModelConfig,
+    pool: Pool,
     prompt: &[SeqHash],
     view: &FleetView,
     known: &Knowledge<'_>,
@@ -107,7 +142,7 @@ fn precise(
     let prompt_blocks = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
     scratch.candidates.clear();
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
-    for worker in view.workers().filter(|w| serves_decode(w.role)) {
+    for worker in view.workers().filter(|w| pool.admits(w.role)) {
         let cached_blocks = overlaps
             .iter()
             .find(|o| o.worker == worker.slot)
@@ -122,15 +157,18 @@ fn precise(
         blocks: prompt_blocks,
         block_size: model.hasher.block_size().get(),
     };
-    let chosen = select(shape, &scratch.candidates, model.weights, known.random)
-        .and_then(|s| view.worker_at(s.worker).map(|w| (w, s.cached_blocks)));
+    let chosen = select(shape, &scratch.candidates, model.weights, known.random).and_then(|s| {
+        let load = chosen_load(&scratch.candidates, s.worker);
+        view.worker_at(s.worker).map(|w| (w, s.cached_blocks, load))
+    });
     match chosen {
-        Some((worker, cached_blocks)) => Decision {
+        Some((worker, cached_blocks, load)) => Decision {
             mode: Mode::Precise,
             address: Some(worker.address.clone()),
             worker_id: Some(worker.worker_id.clone()),
             cached_blocks,
             prompt_blocks,
+            load,
         },
         None => Decision::fallback(prompt_blocks),
     }
@@ -138,6 +176,7 @@ fn precise(
 
 fn approximate(
     model: &ModelConfig,
+    pool: Pool,
     prompt: RoutedPrompt<'_>,
     known: &mut Knowledge<'_>,
     scratch: &mut Scratch,
@@ -156,7 +195,7 @@ fn approximate(
     let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match known.view {
         Some(view) => view
             .workers()
-            .filter(|w| serves_decode(w.role))
+            .filter(|w| pool.admits(w.role))
             .map(|w| {
                 (
                     w.address.as_str(),
@@ -165,8 +204,8 @@ fn approximate(
                 )
             })
             .collect(),
-        None => model
-            .endpoints
+        None => pool
+            .endpoints(model)
             .iter()
             .map(|e| (e.as_str(), None, WorkerLoad::default()))
             .collect(),
@@ -197,15 +236,17 @@ fn approximate(
     let selected = select(shape, &scratch.candidates, model.weights, first_key);
     let chosen = selected.and_then(|s| {
         let index = usize::try_from(s.worker.0).ok()?;
-        workers.get(index).map(|w| (w, s.cached_blocks))
+        let load = chosen_load(&scratch.candidates, s.worker);
+        workers.get(index).map(|w| (w, s.cached_blocks, load))
     });
     match chosen {
-        Some(((address, worker_id, _), cached_blocks)) => Decision {
+        Some(((address, worker_id, _), cached_blocks, load)) => Decision {
             mode: Mode::Approximate,
             address: Some((*address).to_owned()),
             worker_id: worker_id.map(str::to_owned),
             cached_blocks,
             prompt_blocks,
+            load,
         },
         None => Decision::fallback(prompt_blocks),
     }
@@ -247,11 +288,11 @@ fn reported(load: &LoadReport) -> WorkerLoad {
     }
 }
 
-fn serves_decode(role: WorkerRole) -> bool {
-    matches!(
-        role,
-        WorkerRole::Decode | WorkerRole::Both | WorkerRole::Unspecified
-    )
+fn chosen_load(candidates: &[Candidate], worker: WorkerSlot) -> WorkerLoad {
+    candidates
+        .iter()
+        .find(|c| c.worker == worker)
+        .map_or_else(WorkerLoad::default, |c| c.load)
 }
 
 #[cfg(test)]
@@ -335,6 +376,7 @@ mod tests {
             };
             decide(
                 &model,
+                Pool::Decode,
                 RoutedPrompt { exact, keys: &keys },
                 &mut known,
                 &mut self.scratch,
@@ -424,6 +466,7 @@ mod tests {
         };
         let d = decide(
             &model,
+            Pool::Decode,
             RoutedPrompt {
                 exact: None,
                 keys: &keys,
@@ -434,6 +477,32 @@ mod tests {
         assert_eq!(d.mode, Mode::Approximate);
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
         assert_eq!(d.worker_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn the_prefill_pool_holds_only_prefill_workers() {
+        let (model, view, exact) = (model(), view(), prompt());
+        let mut vm = Vm::new();
+        let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
+        let mut known = Knowledge {
+            view: Some(&view),
+            inflight: &vm.inflight,
+            orca: &vm.orca,
+            learned: &mut vm.learned,
+            now_ms: 1_000,
+            random: 0,
+        };
+        let routed = RoutedPrompt {
+            exact: Some(&exact),
+            keys: &keys,
+        };
+        let d = decide(&model, Pool::Prefill, routed, &mut known, &mut vm.scratch);
+        assert_eq!(d.worker_id.as_deref(), Some("p"));
+        assert_eq!(d.cached_blocks, 4);
+        // Without state, a model without prefill endpoints has no choice.
+        known.view = None;
+        let d = decide(&model, Pool::Prefill, routed, &mut known, &mut vm.scratch);
+        assert_eq!(d.mode, Mode::Fallback);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum ApplyError {
     VersionGap { have: u64, got: u64 },
     #[error("update carries neither a snapshot nor a delta")]
     Empty,
+    #[error("snapshot chunk of version {got} continues nothing (view is at {have}); a fresh snapshot is needed")]
+    OrphanChunk { have: u64, got: u64 },
 }
 
 /// What applying one update did, for counters.
@@ -113,7 +115,15 @@ impl FleetView {
         }
         let stats = match &update.kind {
             None => return Err(ApplyError::Empty),
-            Some(state_update::Kind::Snapshot(snapshot)) => self.load_snapshot(snapshot),
+            Some(state_update::Kind::Snapshot(snapshot)) => {
+                if snapshot.continues && update.version != self.version {
+                    return Err(ApplyError::OrphanChunk {
+                        have: self.version,
+                        got: update.version,
+                    });
+                }
+                self.load_snapshot(snapshot)
+            }
             Some(state_update::Kind::Delta(delta)) => {
                 if update.version != self.version + 1 {
                     return Err(ApplyError::VersionGap {
@@ -164,14 +174,19 @@ impl FleetView {
         StateUpdate {
             model: self.model.clone(),
             version: self.version,
-            kind: Some(state_update::Kind::Snapshot(Snapshot { workers })),
+            kind: Some(state_update::Kind::Snapshot(Snapshot {
+                workers,
+                continues: false,
+            })),
         }
     }
 
     fn load_snapshot(&mut self, snapshot: &Snapshot) -> ApplyStats {
-        self.workers.clear();
-        self.slots.clear();
-        self.index = PrefixIndex::new(self.max_entries);
+        if !snapshot.continues {
+            self.workers.clear();
+            self.slots.clear();
+            self.index = PrefixIndex::new(self.max_entries);
+        }
         let mut stats = ApplyStats::default();
         for worker in &snapshot.workers {
             let role = WorkerRole::try_from(worker.role).unwrap_or(WorkerRole::Unspecified);
@@ -293,7 +308,9 @@ impl FleetView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state_stream::{BlocksChanged, WorkerCleared, WorkerJoined, WorkerLeft};
+    use crate::state_stream::{
+        split_snapshot, BlocksChanged, WorkerCleared, WorkerJoined, WorkerLeft,
+    };
     use proptest::prelude::*;
     use prost::Message;
 
@@ -440,6 +457,42 @@ mod tests {
                 replica.apply(&wire).unwrap();
             }
             prop_assert_eq!(replica.snapshot(), source.snapshot());
+        }
+
+        /// A snapshot sent in chunks builds the same view as sent whole, over
+        /// whatever the replica held before; a chunk that continues nothing
+        /// is refused.
+        #[test]
+        fn chunked_snapshot_equals_whole(
+            batch in proptest::collection::vec(arbitrary_change(), 0..30),
+            before in proptest::collection::vec(arbitrary_change(), 0..10),
+            max_blocks in 1usize..8,
+        ) {
+            let mut source = FleetView::new("m", usize::MAX);
+            source.commit(batch);
+            source.commit(Vec::new());
+            let chunks = split_snapshot(source.snapshot(), max_blocks);
+            prop_assert!(!chunks.is_empty());
+            for chunk in &chunks {
+                if let Some(state_update::Kind::Snapshot(s)) = &chunk.kind {
+                    let blocks: usize = s.workers.iter().map(|w| w.blocks.len()).sum();
+                    prop_assert!(blocks <= max_blocks);
+                }
+            }
+            let mut replica = FleetView::new("m", usize::MAX);
+            replica.commit(before);
+            for chunk in &chunks {
+                let wire = StateUpdate::decode(chunk.encode_to_vec().as_slice()).unwrap();
+                replica.apply(&wire).unwrap();
+            }
+            prop_assert_eq!(replica.snapshot(), source.snapshot());
+            if let Some(continued) = chunks.get(1) {
+                let mut fresh = FleetView::new("m", usize::MAX);
+                prop_assert_eq!(
+                    fresh.apply(continued),
+                    Err(ApplyError::OrphanChunk { have: 0, got: 2 })
+                );
+            }
         }
     }
 }

@@ -15,7 +15,7 @@
 use crate::index::WorkerSlot;
 
 /// What the router knows of one worker's current load.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkerLoad {
     /// KV blocks held by running requests.
     pub active_blocks: u64,

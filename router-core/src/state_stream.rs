@@ -67,6 +67,11 @@ pub mod state_update {
 pub struct Snapshot {
     #[prost(message, repeated, tag = "1")]
     pub workers: Vec<WorkerSnapshot>,
+    /// This chunk continues the previous snapshot chunk of the same version:
+    /// add to the view instead of replacing it. Large snapshots are sent in
+    /// chunks so a filter applies each in its own short callback.
+    #[prost(bool, tag = "2")]
+    pub continues: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -157,4 +162,54 @@ pub struct LoadReport {
     pub active_blocks: u64,
     #[prost(uint64, tag = "6")]
     pub queued_prefill_tokens: u64,
+}
+
+/// Splits a snapshot update into chunks of at most `max_blocks` blocks each
+/// (a worker's blocks may span several), the first replacing the view and the
+/// rest continuing it. Any other update is returned as it is.
+pub fn split_snapshot(update: StateUpdate, max_blocks: usize) -> Vec<StateUpdate> {
+    let Some(state_update::Kind::Snapshot(whole)) = update.kind else {
+        return vec![update];
+    };
+    let max_blocks = max_blocks.max(1);
+    let mut chunks: Vec<Snapshot> = vec![Snapshot {
+        workers: Vec::new(),
+        continues: whole.continues,
+    }];
+    let mut room = max_blocks;
+    for worker in whole.workers {
+        let mut rest = worker.blocks.as_slice();
+        loop {
+            let (now, later) = rest.split_at(rest.len().min(room));
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.workers.push(WorkerSnapshot {
+                    blocks: now.to_vec(),
+                    ..worker.clone()
+                });
+            }
+            room -= now.len();
+            rest = later;
+            if room == 0 {
+                chunks.push(Snapshot {
+                    workers: Vec::new(),
+                    continues: true,
+                });
+                room = max_blocks;
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+    }
+    if chunks.len() > 1 && chunks.last().is_some_and(|c| c.workers.is_empty()) {
+        chunks.pop();
+    }
+    chunks
+        .into_iter()
+        .map(|chunk| StateUpdate {
+            model: update.model.clone(),
+            version: update.version,
+            kind: Some(state_update::Kind::Snapshot(chunk)),
+        })
+        .collect()
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures_util::Stream;
 use prost::Message;
 use router_core::gateway::{gateway_report, GatewayReport};
-use router_core::state_stream::{state_update, StateUpdate};
+use router_core::state_stream::{split_snapshot, state_update, StateUpdate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -30,6 +30,9 @@ pub use proto::state_stream_server::{StateStream, StateStreamServer};
 /// Updates buffered between the subscriber's task and the HTTP/2 stream;
 /// the real backlog bound is `state.subscriber_buffer`.
 const OUTBOUND: usize = 8;
+/// Blocks per snapshot message: a filter applies each message in one Envoy
+/// callback, and ~8k blocks keep that well under a millisecond or two.
+const SNAPSHOT_CHUNK_BLOCKS: usize = 8192;
 
 /// Decisions and progress from gateways, on their way to the state task and NATS.
 #[derive(Debug, Clone)]
@@ -159,7 +162,12 @@ async fn send_snapshot(
         .metrics
         .snapshot_bytes
         .observe(snapshot.encoded_len() as f64);
-    out.send(Ok(snapshot)).await.is_ok()
+    for chunk in split_snapshot(snapshot, SNAPSHOT_CHUNK_BLOCKS) {
+        if out.send(Ok(chunk)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Gateway → sidecar half of the stream.

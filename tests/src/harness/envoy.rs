@@ -20,6 +20,8 @@ const SIDECAR_STALE_AFTER_MS: u64 = 3_000;
 
 /// Pool cluster of models that do not name their own.
 pub const DEFAULT_POOL: &str = "decode_pool";
+/// Prefill pool cluster of disaggregated models.
+pub const PREFILL_POOL: &str = "prefill_pool";
 
 /// One model the gateway serves and its pool's workers (`ip:port`).
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +32,43 @@ pub struct ModelRoute {
     /// Envoy cluster of this model's own pool; `None` shares `decode_pool`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// Remote prefill on a separate prefill pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disaggregation: Option<Disaggregation>,
+}
+
+/// The filter's `disaggregation` settings of one model; its prefill workers
+/// become the `prefill_cluster` pool.
+#[derive(Debug, Clone, Serialize)]
+pub struct Disaggregation {
+    /// `never`, `always` or `auto`.
+    pub policy: String,
+    /// `vllm`, `sglang` or `trtllm`.
+    pub protocol: String,
+    pub prefill_cluster: String,
+    pub prefill_endpoints: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_prefill_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl Disaggregation {
+    /// `policy` remote prefill with `protocol` on `prefill_endpoints`, in the
+    /// `prefill_pool` cluster.
+    pub fn new(policy: &str, protocol: &str, prefill_endpoints: Vec<String>) -> Self {
+        Self {
+            policy: policy.to_owned(),
+            protocol: protocol.to_owned(),
+            prefill_cluster: PREFILL_POOL.to_owned(),
+            prefill_endpoints,
+            min_prefill_tokens: None,
+            bootstrap_port: None,
+            timeout_ms: None,
+        }
+    }
 }
 
 impl ModelRoute {
@@ -40,6 +79,7 @@ impl ModelRoute {
             block_size,
             endpoints,
             cluster: None,
+            disaggregation: None,
         }
     }
 
@@ -151,18 +191,9 @@ impl GatewayConfig {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         let mut pools: Vec<Pool> = Vec::new();
         for model in &self.models {
-            let position = match pools.iter().position(|p| p.name == model.pool()) {
-                Some(position) => position,
-                None => {
-                    pools.push(Pool {
-                        name: model.pool().to_owned(),
-                        workers: Vec::new(),
-                    });
-                    pools.len() - 1
-                }
-            };
-            for endpoint in &model.endpoints {
-                pools[position].workers.push(parse_worker(endpoint)?);
+            add_to_pool(&mut pools, model.pool(), &model.endpoints)?;
+            if let Some(d) = &model.disaggregation {
+                add_to_pool(&mut pools, &d.prefill_cluster, &d.prefill_endpoints)?;
             }
         }
         let buffer_limit_bytes = self
@@ -202,6 +233,24 @@ impl GatewayConfig {
         env.render_str(&source, values)
             .with_context(|| format!("rendering {}", template.display()))
     }
+}
+
+/// Adds `endpoints` to the pool cluster `name`, creating it if new.
+fn add_to_pool(pools: &mut Vec<Pool>, name: &str, endpoints: &[String]) -> anyhow::Result<()> {
+    let position = match pools.iter().position(|p| p.name == name) {
+        Some(position) => position,
+        None => {
+            pools.push(Pool {
+                name: name.to_owned(),
+                workers: Vec::new(),
+            });
+            pools.len() - 1
+        }
+    };
+    for endpoint in endpoints {
+        pools[position].workers.push(parse_worker(endpoint)?);
+    }
+    Ok(())
 }
 
 fn parse_worker(endpoint: &str) -> anyhow::Result<WorkerAddress> {

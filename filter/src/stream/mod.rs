@@ -14,14 +14,19 @@ use router_core::request::{parse_request, Endpoint, Prompt, RequestError};
 use router_core::SeqHash;
 use serde::Deserialize;
 
+mod prefill;
+
+use prefill::PrefillWait;
+
 use crate::approximate::PrefixKeys;
 use crate::config::PluginConfig;
+use crate::disagg::{body, wants_remote_prefill};
 use crate::host;
 use crate::inflight::Ticket;
 use crate::metrics::FilterMetrics;
 use crate::orca;
 use crate::prompt_cache::prompt_keys;
-use crate::routing::{decide, Decision, Knowledge, Mode, RoutedPrompt};
+use crate::routing::{decide, Decision, Knowledge, Mode, Pool, RoutedPrompt};
 use crate::vm_state::SharedVmState;
 
 /// Header read by Envoy's `override_host` load balancer.
@@ -37,8 +42,20 @@ pub struct InferenceStream {
     state: SharedVmState,
     /// Set once the headers show an inference call whose body we buffer.
     endpoint: Option<Endpoint>,
+    /// Bytes of the buffered request body.
+    body_size: usize,
+    /// The client asked for a streamed response.
+    client_streams: bool,
     /// This request's share of the chosen worker's in-flight load.
     ticket: Option<Ticket>,
+    /// Its prefill worker's share, while a remote prefill runs.
+    prefill_ticket: Option<Ticket>,
+    /// The tokenization callout in flight, if any.
+    tokenize_call: Option<u32>,
+    /// The prefill-leg callout in flight, if any.
+    prefill_call: Option<u32>,
+    /// A request waiting for its prefill leg.
+    prefill: Option<PrefillWait>,
     /// A request waiting for the sidecar's tokenization.
     pending_tokenize: Option<PendingTokenize>,
     /// Prompt-cache key the pending tokenization's answer is stored under.
@@ -67,6 +84,30 @@ struct TokenizeResponse {
     history_blocks: usize,
 }
 
+/// Whether the request goes on now or waits for a callout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Wait,
+}
+
+impl Next {
+    fn action(self) -> Action {
+        match self {
+            Next::Continue => Action::Continue,
+            Next::Wait => Action::Pause,
+        }
+    }
+}
+
+/// Whether the callout whose response is being delivered answered 200.
+fn call_succeeded() -> bool {
+    host::header(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .is_some_and(|status| status == b"200")
+}
+
 /// Prompts the sidecar can tokenize (a batch of texts is routed by load).
 fn is_tokenizable(prompt: &Prompt) -> bool {
     matches!(prompt, Prompt::Text(_) | Prompt::Chat(_))
@@ -79,7 +120,13 @@ impl InferenceStream {
             metrics,
             state,
             endpoint: None,
+            body_size: 0,
+            client_streams: false,
             ticket: None,
+            prefill_ticket: None,
+            tokenize_call: None,
+            prefill_call: None,
+            prefill: None,
             pending_tokenize: None,
             cache_fill: None,
             client_wants_load_report: false,
@@ -167,6 +214,9 @@ impl InferenceStream {
             Ok(request) => request,
             Err(err) => return self.reject_request(&err),
         };
+        self.body_size = body_size;
+        self.client_streams = request.stream;
+        self.strip_router_fields(&body);
         let Some(model) = self.config.model(&request.model) else {
             let message = format!("The model '{}' does not exist.", request.model);
             return self.reject(
@@ -179,15 +229,17 @@ impl InferenceStream {
             let exact = model.hasher.sequence_hashes(tokens);
             let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
             let model = model.name.clone();
-            self.decide_and_apply(&model, Some(&exact), &keys, started_ns);
-            return Action::Continue;
+            return self
+                .decide_and_apply(&model, Some(&exact), &keys, started_ns)
+                .action();
         }
         let seed = model.hasher.seed().get();
         let keys = PrefixKeys::from_text(&request.prompt, seed);
         let model = model.name.clone();
         if !is_tokenizable(&request.prompt) {
-            self.decide_and_apply(&model, None, &keys, started_ns);
-            return Action::Continue;
+            return self
+                .decide_and_apply(&model, None, &keys, started_ns)
+                .action();
         }
         let cache_keys = prompt_keys(&request.prompt, &body, seed);
         let hit = self.state.borrow_mut().prompt_cache.lookup(&cache_keys);
@@ -203,8 +255,8 @@ impl InferenceStream {
         match hit {
             Some(hit) => {
                 self.metrics.prompt_cache_hits.inc();
-                self.decide_and_apply(&model, Some(&hit.hashes), &keys, started_ns);
-                Action::Continue
+                self.decide_and_apply(&model, Some(&hit.hashes), &keys, started_ns)
+                    .action()
             }
             None if dispatched => {
                 self.metrics.prompt_cache_misses.inc();
@@ -212,10 +264,24 @@ impl InferenceStream {
                 // The request waits for the sidecar; the Envoy thread does not.
                 Action::Pause
             }
-            None => {
-                self.decide_and_apply(&model, None, &keys, started_ns);
-                Action::Continue
-            }
+            None => self
+                .decide_and_apply(&model, None, &keys, started_ns)
+                .action(),
+        }
+    }
+
+    /// Removes handshake fields a client put in the body: only the router
+    /// may tell an engine where to fetch KV from.
+    fn strip_router_fields(&mut self, raw: &[u8]) {
+        if !body::may_hold_router_fields(raw) {
+            return;
+        }
+        let Ok(mut parsed) = body::parse(raw) else {
+            return;
+        };
+        if body::strip_router_fields(&mut parsed) {
+            self.metrics.router_fields_removed.inc();
+            self.replace_body(&parsed);
         }
     }
 
@@ -251,8 +317,9 @@ impl InferenceStream {
             Vec::new(),
             sidecar.tokenize_timeout,
         ) {
-            Ok(_) => {
+            Ok(token) => {
                 self.metrics.tokenize_calls.inc();
+                self.tokenize_call = Some(token);
                 true
             }
             Err(status) => {
@@ -265,8 +332,7 @@ impl InferenceStream {
 
     /// The sidecar's `/v1/tokenize` answer, if it gave one.
     fn tokenize_response(&self, body_size: usize) -> Option<TokenizeResponse> {
-        let status = host::header(MapType::HttpCallResponseHeaders, ":status").ok()??;
-        if status != b"200" {
+        if !call_succeeded() {
             return None;
         }
         let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size).ok()?;
@@ -286,7 +352,8 @@ impl InferenceStream {
         }
     }
 
-    /// Decides for `model` (a configured model) and applies the decision.
+    /// Decides for `model` (a configured model) and applies the decision,
+    /// starting a remote prefill where the model's policy wants one.
     /// `started_ns` is when work on the decision began (hashing included).
     fn decide_and_apply(
         &mut self,
@@ -294,12 +361,13 @@ impl InferenceStream {
         exact: Option<&[SeqHash]>,
         keys: &PrefixKeys,
         started_ns: u64,
-    ) {
+    ) -> Next {
         let config = Rc::clone(&self.config);
         let Some(model) = config.model(model) else {
             self.metrics.fallback.inc();
-            return;
+            return Next::Continue;
         };
+        let block_size = u64::from(model.hasher.block_size().get());
         if let Some(cluster) = &model.cluster {
             self.select_pool(cluster);
         }
@@ -322,25 +390,51 @@ impl InferenceStream {
                 now_ms: now,
                 random,
             };
-            let decision = decide(
-                model,
-                RoutedPrompt { exact, keys },
-                &mut known,
-                &mut state.scratch,
-            );
+            let prompt = RoutedPrompt { exact, keys };
+            let decision = decide(model, Pool::Decode, prompt, &mut known, &mut state.scratch);
+            let prefill = model.disaggregation.as_ref().and_then(|d| {
+                let prefill = decide(model, Pool::Prefill, prompt, &mut known, &mut state.scratch);
+                let uncached = decision
+                    .prompt_blocks
+                    .saturating_sub(decision.cached_blocks);
+                let wanted = prefill.address.is_some()
+                    && wants_remote_prefill(
+                        d.policy,
+                        u64::from(uncached) * block_size,
+                        prefill.load.queued_prefill_tokens,
+                        d.min_prefill_tokens,
+                        d.max_prefill_queue_tokens,
+                    );
+                wanted.then_some((d, prefill))
+            });
             if let Some(address) = &decision.address {
                 state.learned.record(keys.keys(), address, now);
             }
-            decision
+            (decision, prefill)
         };
         self.metrics.decision_us.record(elapsed_us(started_ns));
-        let block_size = u64::from(model.hasher.block_size().get());
-        self.apply_decision(&decision, block_size);
-        self.report_decision(&model.name, &decision, block_size);
+        let (decision, prefill) = decision;
+        let prefill_worker = prefill.as_ref().and_then(|(_, p)| p.worker_id.as_deref());
+        self.report_decision(&model.name, &decision, block_size, prefill_worker);
+        match prefill {
+            Some((disaggregation, prefill)) => {
+                self.start_prefill(disaggregation, decision, &prefill, block_size)
+            }
+            None => {
+                self.apply_decision(&decision, block_size, false);
+                Next::Continue
+            }
+        }
     }
 
     /// Tells the sidecar where this request went, so other gateways see it.
-    fn report_decision(&mut self, model: &str, decision: &Decision, block_size: u64) {
+    fn report_decision(
+        &mut self,
+        model: &str,
+        decision: &Decision,
+        block_size: u64,
+        prefill_worker: Option<&str>,
+    ) {
         let Some(worker_id) = &decision.worker_id else {
             return;
         };
@@ -354,7 +448,7 @@ impl InferenceStream {
                 model: model.to_owned(),
                 request_id: request_id.clone(),
                 worker_id: worker_id.clone(),
-                prefill_worker_id: String::new(),
+                prefill_worker_id: prefill_worker.unwrap_or_default().to_owned(),
                 prompt_blocks: decision.prompt_blocks,
                 cached_blocks: decision.cached_blocks,
                 prefill_tokens: u64::from(uncached) * block_size,
@@ -396,8 +490,9 @@ impl InferenceStream {
         }
     }
 
-    /// Steers the load balancer and records the request's in-flight load.
-    fn apply_decision(&mut self, decision: &Decision, block_size: u64) {
+    /// Steers the load balancer and records the request's in-flight load
+    /// (without its prefill when another worker prefills it).
+    fn apply_decision(&mut self, decision: &Decision, block_size: u64, remote_prefill: bool) {
         if self.config.debug_headers {
             self.decision = Some(decision.clone());
         }
@@ -440,11 +535,15 @@ impl InferenceStream {
         state
             .orca
             .observe_prompt(u64::from(decision.prompt_blocks) * block_size);
-        let ticket = state.inflight.admit(
-            address,
-            uncached * block_size,
-            u64::from(decision.prompt_blocks),
-        );
+        let prefill_tokens = if remote_prefill {
+            0
+        } else {
+            uncached * block_size
+        };
+        let ticket =
+            state
+                .inflight
+                .admit(address, prefill_tokens, u64::from(decision.prompt_blocks));
         self.ticket = Some(ticket);
     }
 
@@ -493,12 +592,27 @@ fn is_reserved(name: &[u8]) -> bool {
 impl Context for InferenceStream {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         _headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
         let started_ns = host::now_ns().unwrap_or(0);
+        if self.prefill_call == Some(token) {
+            self.prefill_call = None;
+            self.on_prefill_response(body_size);
+        } else if self.tokenize_call == Some(token) {
+            self.tokenize_call = None;
+            self.on_tokenize_response(body_size, started_ns);
+        }
+        self.metrics.callback_us.record(elapsed_us(started_ns));
+    }
+}
+
+impl InferenceStream {
+    /// The sidecar's tokenization answered (or failed, or timed out): fill
+    /// the prompt cache, and route the request if it was waiting.
+    fn on_tokenize_response(&mut self, body_size: usize, started_ns: u64) {
         let response = self.tokenize_response(body_size);
         let exact: Option<Vec<SeqHash>> = response.map(|r| {
             let hashes: Vec<SeqHash> = r.block_hashes.into_iter().map(SeqHash).collect();
@@ -514,12 +628,14 @@ impl Context for InferenceStream {
                 // Timeout, error or garbage: route approximately rather than fail.
                 self.metrics.tokenize_failures.inc();
             }
-            self.decide_and_apply(&pending.model, exact.as_deref(), &pending.keys, started_ns);
-            if let Err(err) = host::resume_request() {
-                self.host_error(err);
+            let next =
+                self.decide_and_apply(&pending.model, exact.as_deref(), &pending.keys, started_ns);
+            if next == Next::Continue {
+                if let Err(err) = host::resume_request() {
+                    self.host_error(err);
+                }
             }
         }
-        self.metrics.callback_us.record(elapsed_us(started_ns));
     }
 }
 
@@ -612,6 +728,7 @@ impl HttpContext for InferenceStream {
         if let Some(ticket) = self.ticket.take() {
             self.state.borrow_mut().inflight.finish(ticket);
         }
+        self.finish_prefill_ticket();
         self.report_progress(RequestPhase::Done);
     }
 }
