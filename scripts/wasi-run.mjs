@@ -4,6 +4,8 @@
 // criterion benches inside V8 (the engine Envoy embeds):
 //   CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings scripts/wasi-run.mjs" \
 //     cargo bench --target wasm32-wasip1 -p kvmesh-router-core
+// The filter's benches link the proxy-wasm ABI imports (module "env") without
+// calling them; each is stubbed to throw if it ever is.
 import { readFile } from "node:fs/promises";
 import { argv, cwd, env, exit } from "node:process";
 import { WASI } from "node:wasi";
@@ -22,5 +24,16 @@ const wasi = new WASI({
   returnOnExit: true,
 });
 const compiled = await WebAssembly.compile(await readFile(module));
-const instance = await WebAssembly.instantiate(compiled, wasi.getImportObject());
-exit(wasi.start(instance));
+const imports = wasi.getImportObject();
+for (const { module: from, name, kind } of WebAssembly.Module.imports(compiled)) {
+  if (from === "env" && kind === "function") {
+    imports.env ??= {};
+    imports.env[name] = () => {
+      throw new Error(`host function ${name} is not available outside Envoy`);
+    };
+  }
+}
+const instance = await WebAssembly.instantiate(compiled, imports);
+// A proxy-wasm crate also exports `_initialize` (the plugin's entry point);
+// a command module is started through `_start` alone.
+exit(wasi.start({ exports: { ...instance.exports, _initialize: undefined } }));

@@ -123,6 +123,25 @@ fn workers_orca_load_reports_are_read_and_kept_from_clients() {
 }
 
 #[test]
+fn handshake_fields_from_clients_are_removed_before_the_engine_sees_them() {
+    let fleet = Fleet::start(1, None);
+    let client = http_client();
+    let body = json!({"model": MODEL, "prompt": token_prompt(3), "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_prefill": true, "remote_host": "192.0.2.1",
+            "remote_port": 1, "remote_block_ids": [1], "remote_engine_id": "x"},
+        "bootstrap_host": "192.0.2.1", "bootstrap_port": 1, "bootstrap_room": 7,
+        "disaggregated_params": {"request_type": "generation_only"}});
+    let response = post_json(&client, &fleet.completions(), &body).unwrap();
+    served_by(&response);
+    // The rewritten body still carries the whole prompt.
+    assert_eq!(response.json().unwrap()["usage"]["prompt_tokens"], 48);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_router_fields_removed"), 1);
+    let clean = json!({"model": MODEL, "prompt": token_prompt(4), "max_tokens": 1});
+    served_by(&post_json(&client, &fleet.completions(), &clean).unwrap());
+    assert_eq!(counter(&fleet.envoy, "kvmesh_router_fields_removed"), 1);
+}
+
+#[test]
 fn forged_routing_headers_are_ignored() {
     let fleet = Fleet::start(3, None);
     let client = http_client();
