@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::Command;
 
 use kvmesh_tests::harness::client::{http_client, post, post_json, JsonResponse};
+use kvmesh_tests::harness::envoy::Disaggregation;
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{
     free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
@@ -312,7 +313,20 @@ fn envoy_validates_every_config_in_envoy_dir() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    let variants = [("standalone", &standalone), ("sidecar", &with_sidecar)];
+    let mut plain = standalone.clone();
+    plain.filter = false;
+    let mut disaggregated = with_sidecar.clone();
+    disaggregated.models[0].disaggregation = Some(Disaggregation::new(
+        "auto",
+        "vllm",
+        vec!["127.0.0.1:18201".to_owned()],
+    ));
+    let variants = [
+        ("standalone", &standalone),
+        ("sidecar", &with_sidecar),
+        ("plain", &plain),
+        ("disaggregated", &disaggregated),
+    ];
     for (path, (variant, config)) in entries
         .iter()
         .flat_map(|p| variants.iter().map(move |v| (p, v)))

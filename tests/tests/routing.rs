@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kvmesh_tests::harness::client::{http_client, post_json, JsonResponse};
-use kvmesh_tests::harness::fleet::KvWorker;
 use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
 use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{paths, Envoy, GatewayConfig, ModelRoute, NatsServer};
+use kvmesh_tests::harness::stack::StackOptions;
+use kvmesh_tests::harness::{self, Envoy, GatewayConfig, ModelRoute, NatsServer};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";
@@ -17,11 +17,21 @@ const BLOCK: u32 = 16;
 const WORKERS: usize = 3;
 const SETTLE: Duration = Duration::from_secs(20);
 
-struct Stack {
-    workers: Vec<KvWorker>,
-    sidecar: Sidecar,
-    envoy: Envoy,
-    nats: NatsServer,
+/// The harness's whole stack, with this test's checks.
+struct Stack(harness::stack::Stack);
+
+impl std::ops::Deref for Stack {
+    type Target = harness::stack::Stack;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Stack {
@@ -30,48 +40,18 @@ impl Stack {
     }
 
     fn start_with(configure: impl FnOnce(&mut GatewayConfig)) -> Self {
-        let nats = NatsServer::start().unwrap();
-        let tokenizer = paths::qwen3_tokenizer_dir().unwrap().join("tokenizer.json");
-        let workers: Vec<KvWorker> = (0..WORKERS)
-            .map(|i| {
-                let options = SimEngineOptions::new(MODEL, &format!("w{i}"))
-                    .tokenizer(tokenizer.clone())
-                    .args(["--speedup", "20", "--max-model-len", "65536"]);
-                KvWorker::start(&nats.url(), options, BLOCK).unwrap()
+        let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+        options.block_size = BLOCK;
+        options.sim_args = ["--speedup", "20", "--max-model-len", "65536"]
+            .map(str::to_owned)
+            .to_vec();
+        Self(
+            harness::stack::Stack::start(options, |config| {
+                config.debug_headers = true;
+                configure(config);
             })
-            .collect();
-        let model = SidecarModel {
-            name: MODEL.to_owned(),
-            block_size: BLOCK,
-            tokenizer: Some(tokenizer),
-        };
-        let mut sidecar = Sidecar::start(&nats.url(), &[model], "").unwrap();
-        sidecar.wait_ready(SETTLE).unwrap();
-        let mut config = GatewayConfig::new(vec![ModelRoute::new(
-            MODEL,
-            BLOCK,
-            workers.iter().map(|w| w.sim.address()).collect(),
-        )])
-        .unwrap();
-        config.sidecar = Some(sidecar.endpoints());
-        config.debug_headers = true;
-        configure(&mut config);
-        let vms = config.worker_threads;
-        let envoy = Envoy::start(config).unwrap();
-        let stack = Self {
-            workers,
-            sidecar,
-            envoy,
-            nats,
-        };
-        stack.wait_for("the sidecar to see every worker", || {
-            stack.sidecar.known_workers().unwrap_or(0) == WORKERS
-        });
-        // Each Envoy worker thread has its own VM and its own stream.
-        stack.wait_for("every filter VM to receive fleet state", || {
-            stack.counter("kvmesh_state_updates_applied") >= vms
-        });
-        stack
+            .unwrap(),
+        )
     }
 
     fn wait_for(&self, what: &str, mut ready: impl FnMut() -> bool) {

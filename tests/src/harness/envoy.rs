@@ -104,6 +104,9 @@ pub struct GatewayConfig {
     pub debug_headers: bool,
     /// Envoy worker threads (`--concurrency`), each with its own filter VM.
     pub worker_threads: u64,
+    /// `false` runs plain Envoy without the kvmesh filter (pools balance with
+    /// `least_request`), as a baseline.
+    pub filter: bool,
     /// How long a request waits for the sidecar's tokenization; the filter's
     /// default when `None`.
     pub tokenize_timeout_ms: Option<u64>,
@@ -156,6 +159,7 @@ struct SidecarAddresses {
 
 #[derive(Serialize)]
 struct TemplateValues<'a> {
+    filter: bool,
     listen_address: &'a str,
     gateway_port: u16,
     admin_port: u16,
@@ -179,6 +183,7 @@ impl GatewayConfig {
             sidecar: None,
             debug_headers: false,
             worker_threads: ENVOY_WORKER_THREADS,
+            filter: true,
             tokenize_timeout_ms: None,
         })
     }
@@ -202,6 +207,7 @@ impl GatewayConfig {
                 DEFAULT_BUFFER_LIMIT_BYTES.max(limit.saturating_mul(2))
             });
         let values = TemplateValues {
+            filter: self.filter,
             listen_address: &self.listen_address,
             gateway_port: self.gateway_port,
             admin_port: self.admin_port,
@@ -331,14 +337,20 @@ impl Envoy {
     }
 
     /// The largest value a histogram recorded since Envoy started (its
-    /// cumulative P100), if any.
+    /// cumulative P100), once Envoy has flushed it (every 5 s).
     pub fn histogram_max(&self, name: &str) -> anyhow::Result<Option<f64>> {
-        // e.g. "P0(nan,1) P25(nan,3) ... P100(nan,1200)"
+        self.histogram_quantile(name, "P100")
+    }
+
+    /// A cumulative quantile (`P50`, `P99`, ...) of a histogram, once flushed.
+    pub fn histogram_quantile(&self, name: &str, quantile: &str) -> anyhow::Result<Option<f64>> {
+        // e.g. "P0(nan,1) P25(nan,3) ... P100(nan,1200)": (interval, cumulative)
+        let prefix = format!("{quantile}(");
         Ok(self.stat_text(name)?.and_then(|summary| {
-            let p100 = summary
+            let entry = summary
                 .split_whitespace()
-                .find(|q| q.starts_with("P100("))?;
-            let cumulative = p100.trim_end_matches(')').rsplit(',').next()?;
+                .find(|q| q.starts_with(&prefix))?;
+            let cumulative = entry.trim_end_matches(')').rsplit(',').next()?;
             cumulative.parse().ok()
         }))
     }

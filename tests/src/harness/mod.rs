@@ -12,6 +12,7 @@ pub mod readiness;
 pub mod relay;
 pub mod sidecar;
 pub mod sim;
+pub mod stack;
 
 pub use envoy::{Envoy, GatewayConfig, ModelRoute, SidecarEndpoints};
 pub use nats::NatsServer;

@@ -1,0 +1,143 @@
+//! The whole kvmesh stack on one machine: nats-server, simulated workers each
+//! with its `kv-sidecar relay`, `kv-sidecar serve`, and Envoy with the filter
+//! fed by the sidecar. Used by `scripts/quickstart`, the benchmarks and the
+//! end-to-end tests.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::harness::fleet::KvWorker;
+use crate::harness::sidecar::{Sidecar, SidecarModel};
+use crate::harness::sim::SimEngineOptions;
+use crate::harness::{paths, Envoy, GatewayConfig, ModelRoute, NatsServer};
+
+/// How long the sidecar may take to connect to NATS and load its state, and
+/// the filters to receive it.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub workers: usize,
+    pub model: String,
+    pub block_size: u32,
+    /// `tokenizer.json` of the workers and the sidecar.
+    pub tokenizer: PathBuf,
+    /// Extra sim-engine arguments, e.g. `--speedup 20`.
+    pub sim_args: Vec<String>,
+}
+
+impl StackOptions {
+    /// `workers` workers serving `model` with the Qwen3 test tokenizer and
+    /// 16-token blocks.
+    pub fn new(model: &str, workers: usize) -> anyhow::Result<Self> {
+        Ok(Self {
+            workers,
+            model: model.to_owned(),
+            block_size: 16,
+            tokenizer: paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
+            sim_args: Vec::new(),
+        })
+    }
+}
+
+/// Fields drop in order: Envoy first, so no request reaches a dead worker.
+pub struct Stack {
+    pub envoy: Envoy,
+    pub sidecar: Sidecar,
+    pub workers: Vec<KvWorker>,
+    pub nats: NatsServer,
+    options: StackOptions,
+}
+
+impl Stack {
+    /// Starts everything and returns once every filter VM has fleet state;
+    /// `configure` adjusts the gateway before Envoy starts.
+    pub fn start(
+        options: StackOptions,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().context("starting nats-server")?;
+        let mut workers = Vec::with_capacity(options.workers);
+        for index in 0..options.workers {
+            let sim = SimEngineOptions::new(&options.model, &format!("worker-{index}"))
+                .tokenizer(options.tokenizer.clone())
+                .args(options.sim_args.clone());
+            let worker = KvWorker::start(&nats.url(), sim, options.block_size)
+                .with_context(|| format!("starting worker {index} and its relay"))?;
+            workers.push(worker);
+        }
+        let model = SidecarModel {
+            name: options.model.clone(),
+            block_size: options.block_size,
+            tokenizer: Some(options.tokenizer.clone()),
+        };
+        let mut sidecar =
+            Sidecar::start(&nats.url(), &[model], "").context("starting kv-sidecar serve")?;
+        sidecar
+            .wait_ready(READY_TIMEOUT)
+            .context("waiting for kv-sidecar serve to be ready")?;
+        let mut config = GatewayConfig::new(vec![model_route(&options, &workers)])?;
+        config.sidecar = Some(sidecar.endpoints());
+        configure(&mut config);
+        let vms = config.worker_threads;
+        let envoy = Envoy::start(config).context("starting Envoy")?;
+        let stack = Self {
+            workers,
+            sidecar,
+            envoy,
+            nats,
+            options,
+        };
+        stack.wait_for_fleet_state(vms)?;
+        Ok(stack)
+    }
+
+    /// The model's route over this stack's workers, for another gateway.
+    pub fn model_route(&self) -> ModelRoute {
+        model_route(&self.options, &self.workers)
+    }
+
+    /// Every worker known to the sidecar and fleet state in each filter VM:
+    /// before that the gateway would route blind.
+    fn wait_for_fleet_state(&self, vms: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let known = self.sidecar.known_workers().unwrap_or(0);
+            let updates = self
+                .envoy
+                .stat("wasmcustom.kvmesh_state_updates_applied")
+                .unwrap_or(0);
+            if known >= self.workers.len() && updates >= vms {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "fleet state not ready after {READY_TIMEOUT:?}: sidecar knows {known}/{} workers, filters applied {updates} updates",
+                    self.workers.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Fails if any process of the stack has exited.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        self.envoy.process().ensure_running()?;
+        self.sidecar.process().ensure_running()?;
+        for worker in &mut self.workers {
+            worker.sim.process().ensure_running()?;
+            worker.relay.process().ensure_running()?;
+        }
+        Ok(())
+    }
+}
+
+fn model_route(options: &StackOptions, workers: &[KvWorker]) -> ModelRoute {
+    ModelRoute::new(
+        &options.model,
+        options.block_size,
+        workers.iter().map(|w| w.sim.address()).collect(),
+    )
+}
