@@ -362,10 +362,19 @@ mod tests {
         }
 
         fn decide(&mut self, exact: Option<&[SeqHash]>, view: Option<&FleetView>) -> Decision {
-            let model = model();
             let keys = exact.map_or_else(PrefixKeys::default, |e| {
-                PrefixKeys::from_blocks(e, model.hasher.block_size())
+                PrefixKeys::from_blocks(e, model().hasher.block_size())
             });
+            self.decide_in(Pool::Decode, exact, &keys, view)
+        }
+
+        fn decide_in(
+            &mut self,
+            pool: Pool,
+            exact: Option<&[SeqHash]>,
+            keys: &PrefixKeys,
+            view: Option<&FleetView>,
+        ) -> Decision {
             let mut known = Knowledge {
                 view,
                 inflight: &self.inflight,
@@ -374,13 +383,8 @@ mod tests {
                 now_ms: 1_000,
                 random: 0,
             };
-            decide(
-                &model,
-                Pool::Decode,
-                RoutedPrompt { exact, keys: &keys },
-                &mut known,
-                &mut self.scratch,
-            )
+            let prompt = RoutedPrompt { exact, keys };
+            decide(&model(), pool, prompt, &mut known, &mut self.scratch)
         }
     }
 
@@ -455,25 +459,7 @@ mod tests {
         // table picks among the fleet's live workers.
         vm.learned.record(keys.keys(), "127.0.0.1:10", 1_000);
         assert_eq!(vm.decide(None, Some(&view())).mode, Mode::Fallback);
-        let (model, view) = (model(), view());
-        let mut known = Knowledge {
-            view: Some(&view),
-            inflight: &vm.inflight,
-            orca: &vm.orca,
-            learned: &mut vm.learned,
-            now_ms: 1_000,
-            random: 0,
-        };
-        let d = decide(
-            &model,
-            Pool::Decode,
-            RoutedPrompt {
-                exact: None,
-                keys: &keys,
-            },
-            &mut known,
-            &mut vm.scratch,
-        );
+        let d = vm.decide_in(Pool::Decode, None, &keys, Some(&view()));
         assert_eq!(d.mode, Mode::Approximate);
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
         assert_eq!(d.worker_id.as_deref(), Some("a"));
@@ -481,27 +467,14 @@ mod tests {
 
     #[test]
     fn the_prefill_pool_holds_only_prefill_workers() {
-        let (model, view, exact) = (model(), view(), prompt());
+        let exact = prompt();
+        let keys = PrefixKeys::from_blocks(&exact, model().hasher.block_size());
         let mut vm = Vm::new();
-        let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
-        let mut known = Knowledge {
-            view: Some(&view),
-            inflight: &vm.inflight,
-            orca: &vm.orca,
-            learned: &mut vm.learned,
-            now_ms: 1_000,
-            random: 0,
-        };
-        let routed = RoutedPrompt {
-            exact: Some(&exact),
-            keys: &keys,
-        };
-        let d = decide(&model, Pool::Prefill, routed, &mut known, &mut vm.scratch);
+        let d = vm.decide_in(Pool::Prefill, Some(&exact), &keys, Some(&view()));
         assert_eq!(d.worker_id.as_deref(), Some("p"));
         assert_eq!(d.cached_blocks, 4);
         // Without state, a model without prefill endpoints has no choice.
-        known.view = None;
-        let d = decide(&model, Pool::Prefill, routed, &mut known, &mut vm.scratch);
+        let d = vm.decide_in(Pool::Prefill, Some(&exact), &keys, None);
         assert_eq!(d.mode, Mode::Fallback);
     }
 

@@ -47,6 +47,15 @@ fn tokenize(client: &reqwest::blocking::Client, sidecar: &Sidecar, body: Value) 
     response.json().expect("tokenize JSON")
 }
 
+fn block_hashes(response: &Value) -> Vec<u64> {
+    response["block_hashes"]
+        .as_array()
+        .expect("block_hashes")
+        .iter()
+        .map(|h| h.as_u64().expect("u64 hash"))
+        .collect()
+}
+
 fn ids_of(response: &Value) -> Vec<u32> {
     response["token_ids_by_segment"]
         .as_array()
@@ -125,12 +134,7 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
             .iter()
             .filter_map(|b| b["seq_hash"].as_u64())
             .collect();
-        let hashes: Vec<u64> = response["block_hashes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h.as_u64().expect("u64 hash"))
-            .collect();
+        let hashes = block_hashes(&response);
         assert_eq!(hashes.len(), ids.len() / BLOCK as usize);
         // `history_blocks` leading blocks are what the next turn starts with;
         // only the generation prompt's block may differ.
@@ -148,12 +152,7 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
             &sidecar,
             json!({"model": MODEL, "messages": next_turn}),
         );
-        let next_hashes: Vec<u64> = next["block_hashes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h.as_u64().expect("u64 hash"))
-            .collect();
+        let next_hashes = block_hashes(&next);
         assert_eq!(
             next_hashes.get(..history),
             Some(&hashes[..history]),
