@@ -76,6 +76,20 @@ pub struct Config {
     /// Event batches kept for replay.
     #[arg(long, default_value_t = 10_000)]
     pub kv_events_replay_buffer: usize,
+    /// Host decode engines pull this engine's KV from (default: the bound
+    /// address; set it when binding 0.0.0.0).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// How long a prefilled prompt is held for its decode engine to pull
+    /// (vLLM: `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`).
+    #[arg(long, default_value_t = 480.0)]
+    pub kv_transfer_timeout_secs: f64,
+    /// Simulated KV-transfer link speed, GB/s (e.g. NIXL over RDMA).
+    #[arg(long, default_value_t = 25.0)]
+    pub kv_transfer_gbytes_per_second: f64,
+    /// Simulated KV bytes per block (2 MiB: 16 tokens of an 8B model).
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub kv_bytes_per_block: u64,
     /// Seed of the engine's block hash chain (vLLM: `PYTHONHASHSEED`).
     #[arg(long, default_value = "0")]
     pub engine_hash_seed: String,
@@ -106,6 +120,15 @@ impl Config {
         anyhow::ensure!(
             self.kv_events_replay_endpoint.is_none() || self.kv_events_endpoint.is_some(),
             "--kv-events-replay-endpoint needs --kv-events-endpoint"
+        );
+        anyhow::ensure!(
+            self.kv_transfer_timeout_secs.is_finite() && self.kv_transfer_timeout_secs > 0.0,
+            "--kv-transfer-timeout-secs must be a positive number"
+        );
+        anyhow::ensure!(
+            self.kv_transfer_gbytes_per_second.is_finite()
+                && self.kv_transfer_gbytes_per_second > 0.0,
+            "--kv-transfer-gbytes-per-second must be a positive number"
         );
         self.timing.validate()?;
         self.faults.validate()?;

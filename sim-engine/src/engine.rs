@@ -94,6 +94,20 @@ impl Engine {
         self.work.notify_one();
     }
 
+    /// Stores transferred KV blocks of `tokens` in the cache (see
+    /// `KvCache::import_prefix`); their stored events go out like any others.
+    pub fn import_prefix(&self, tokens: &[u32]) -> usize {
+        let mut state = self.lock();
+        let imported = state.scheduler.cache_mut().import_prefix(tokens);
+        let events = state.scheduler.cache_mut().take_events();
+        self.record_metrics(&state, &[]);
+        drop(state);
+        if let Some(sink) = &self.events {
+            sink.publish(events);
+        }
+        imported
+    }
+
     pub fn load(&self) -> LoadSnapshot {
         load_of(&self.lock())
     }

@@ -252,6 +252,37 @@ impl KvCache {
         });
     }
 
+    /// Stores the full blocks of `tokens` as cached, as a KV transfer writes
+    /// them, and returns how many were new. Stops early when no block can be
+    /// freed for them.
+    pub fn import_prefix(&mut self, tokens: &[u32]) -> usize {
+        let mut parent: Option<BlockLink> = None;
+        let mut imported = 0;
+        for block in tokens.chunks_exact(self.block_size) {
+            let engine_hash = self
+                .engine_hasher
+                .block_hash(parent.map(|p| p.engine_hash), block);
+            let cached = self
+                .by_hash
+                .get(&engine_hash)
+                .and_then(|&id| self.blocks[id].registered.as_ref());
+            if let Some(cached) = cached {
+                parent = Some(BlockLink {
+                    engine_hash,
+                    seq_hash: cached.seq_hash,
+                });
+                continue;
+            }
+            let Some(ids) = self.allocate(1) else {
+                break;
+            };
+            parent = Some(self.register_full_block(ids[0], parent, block));
+            self.release(&ids);
+            imported += 1;
+        }
+        imported
+    }
+
     /// Drops every cached block (vLLM `reset_prefix_cache`); refused while
     /// requests hold blocks.
     pub fn clear(&mut self) -> Result<(), CacheError> {

@@ -17,12 +17,13 @@ mod timing;
 mod tokenizer;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
 use router_core::{BlockHasher, BlockSize, HashSeed};
 
+use crate::api::kv_transfer::{TransferSettings, Transfers};
 use crate::api::{AppState, ServedModel};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -97,6 +98,22 @@ async fn main() -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let address = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    let transfers = Transfers::new(TransferSettings {
+        host: config
+            .advertise_host
+            .clone()
+            .unwrap_or_else(|| local.ip().to_string()),
+        port: local.port(),
+        hold: Duration::from_secs_f64(config.kv_transfer_timeout_secs),
+        bytes_per_block: config.kv_bytes_per_block,
+        gbytes_per_second: config.kv_transfer_gbytes_per_second,
+        speedup: config.speedup,
+    });
     let state = AppState::new(
         ServedModel {
             name: config.model.clone(),
@@ -111,12 +128,9 @@ async fn main() -> anyhow::Result<()> {
         engine,
         metrics,
         faults,
+        transfers,
         started_unix,
     )?;
-    let address = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&address)
-        .await
-        .with_context(|| format!("binding {address}"))?;
     tracing::info!(
         %address,
         model = %config.model,

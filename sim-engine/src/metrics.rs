@@ -39,6 +39,9 @@ pub struct EngineMetrics {
     generation_tokens: Counter,
     preemptions: Counter,
     time_to_first_token: Histogram,
+    kv_blocks_received: Counter,
+    kv_blocks_sent: Counter,
+    remote_prefill_fallbacks: Counter,
     /// Counter values already exported, to add only the difference.
     exported: Mutex<SchedulerCounters>,
 }
@@ -59,6 +62,9 @@ impl EngineMetrics {
             generation_tokens: Counter::default(),
             preemptions: Counter::default(),
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
+            kv_blocks_received: Counter::default(),
+            kv_blocks_sent: Counter::default(),
+            remote_prefill_fallbacks: Counter::default(),
             exported: Mutex::new(SchedulerCounters::default()),
             registry: Registry::default(),
         };
@@ -108,10 +114,37 @@ impl EngineMetrics {
             "Histogram of time to first token in seconds (simulated time)",
             metrics.time_to_first_token.clone(),
         );
+        registry.register(
+            "sim:kv_transfer_blocks_received",
+            "KV blocks pulled from prefill engines (remote prefill)",
+            metrics.kv_blocks_received.clone(),
+        );
+        registry.register(
+            "sim:kv_transfer_blocks_sent",
+            "KV blocks handed to decode engines",
+            metrics.kv_blocks_sent.clone(),
+        );
+        registry.register(
+            "sim:remote_prefill_fallbacks",
+            "Decode requests with kv_transfer_params that prefilled locally",
+            metrics.remote_prefill_fallbacks.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
+    }
+
+    pub fn kv_blocks_received(&self, blocks: u64) {
+        self.kv_blocks_received.inc_by(blocks);
+    }
+
+    pub fn kv_blocks_sent(&self, blocks: u64) {
+        self.kv_blocks_sent.inc_by(blocks);
+    }
+
+    pub fn remote_prefill_fallback(&self) {
+        self.remote_prefill_fallbacks.inc();
     }
 
     /// Publishes the scheduler's current state and new first-token times.

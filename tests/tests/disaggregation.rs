@@ -2,16 +2,19 @@
 //! the prefill leg to the prefill pool through its Envoy cluster, and every
 //! way that leg can fail still answers the client, prefilled locally.
 //!
-//! The sim-engine does not speak the prefill/decode handshakes yet, so these
-//! tests cover the legs' plumbing and the fallbacks, not a KV transfer.
+//! The sim-engine speaks vLLM's handshake (a real KV pull between the two
+//! engine processes); for SGLang and TensorRT-LLM these tests cover the legs'
+//! plumbing and the fallbacks, not a KV transfer.
 
 use kvmesh_tests::harness::client::{http_client, post_json, prometheus_sum};
 use kvmesh_tests::harness::envoy::Disaggregation;
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{free_port, Envoy, GatewayConfig, ModelRoute, SimEngine};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";
+/// Prompt tokens: 16 full blocks.
+const PROMPT: u32 = 256;
 
 struct Pools {
     decode: SimEngine,
@@ -20,11 +23,14 @@ struct Pools {
 }
 
 impl Pools {
-    /// One decode and one prefill sim; the filter's prefill pool lists
-    /// `prefill_endpoint` (the prefill sim's, or a dead port).
-    fn start(protocol: &str, dead_prefill: bool) -> Self {
+    /// One decode and one prefill sim (started with `prefill_args`); the
+    /// filter's prefill pool lists the prefill sim, or a dead port.
+    fn start(protocol: &str, dead_prefill: bool, prefill_args: &[&str]) -> Self {
         let decode = SimEngine::start(SimEngineOptions::new(MODEL, "decode")).unwrap();
-        let prefill = SimEngine::start(SimEngineOptions::new(MODEL, "prefill")).unwrap();
+        let prefill = SimEngine::start(
+            SimEngineOptions::new(MODEL, "prefill").args(prefill_args.iter().copied()),
+        )
+        .unwrap();
         let prefill_endpoint = if dead_prefill {
             format!("127.0.0.1:{}", free_port())
         } else {
@@ -46,32 +52,37 @@ impl Pools {
         self.envoy.stat(&format!("wasmcustom.{name}")).unwrap()
     }
 
-    /// Sends a 64-token completion and checks the decode worker answered.
-    fn complete(&self, stream: bool) {
-        let prompt: Vec<u32> = (0..64).map(|t| 3000 + t).collect();
+    /// Sends a `PROMPT`-token completion, checks the decode worker answered
+    /// it, and returns its JSON (non-streaming) or nothing.
+    fn complete(&self, stream: bool) -> Option<Value> {
+        let prompt: Vec<u32> = (0..PROMPT).map(|t| 3000 + t).collect();
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": stream});
         let url = format!("{}/v1/completions", self.envoy.gateway_url());
         let response = post_json(&http_client(), &url, &body).unwrap();
         assert_eq!(response.status, 200, "{}", response.text);
         assert_eq!(response.header("x-sim-worker-id"), Some("decode"));
-        if !stream {
-            assert_eq!(response.json().unwrap()["usage"]["prompt_tokens"], 64);
+        if stream {
+            assert!(response.text.contains("data: [DONE]"), "{}", response.text);
+            return None;
         }
+        let answer = response.json().unwrap();
+        assert_eq!(answer["usage"]["prompt_tokens"], PROMPT);
+        Some(answer)
     }
 }
 
+fn metric(sim: &SimEngine, name: &str) -> f64 {
+    prometheus_sum(&format!("{}/metrics", sim.url()), name, "")
+}
+
 fn prompt_tokens_served(sim: &SimEngine) -> f64 {
-    prometheus_sum(
-        &format!("{}/metrics", sim.url()),
-        "vllm:prompt_tokens_total",
-        "",
-    )
+    metric(sim, "vllm:prompt_tokens_total")
 }
 
 #[test]
 fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
     for protocol in ["vllm", "sglang", "trtllm"] {
-        let pools = Pools::start(protocol, true);
+        let pools = Pools::start(protocol, true, &[]);
         pools.complete(false);
         pools.complete(true);
         assert_eq!(pools.counter("kvmesh_remote_prefills"), 0, "{protocol}");
@@ -81,19 +92,77 @@ fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
 }
 
 #[test]
-fn the_prefill_leg_reaches_the_chosen_prefill_worker() {
-    for protocol in ["vllm", "sglang", "trtllm"] {
-        let pools = Pools::start(protocol, false);
+fn vllm_decode_pulls_the_prefilled_kv_and_computes_none_of_it() {
+    let pools = Pools::start("vllm", false, &[]);
+    let answer = pools.complete(false).unwrap();
+    // The decode engine found the whole prompt cached but its last block
+    // (which an engine always recomputes to produce the first token).
+    let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, u64::from(PROMPT) - 16);
+    assert_eq!(
+        metric(&pools.decode, "sim:kv_transfer_blocks_received_total"),
+        16.0
+    );
+    assert_eq!(
+        metric(&pools.prefill, "sim:kv_transfer_blocks_sent_total"),
+        16.0
+    );
+    assert_eq!(
+        metric(&pools.decode, "vllm:prefix_cache_hits_total"),
+        cached as f64
+    );
+    assert_eq!(prompt_tokens_served(&pools.prefill), f64::from(PROMPT));
+    assert_eq!(pools.counter("kvmesh_remote_prefills"), 1);
+    // Streaming passes through: the prefill leg never streams, the decode does.
+    pools.complete(true);
+    assert_eq!(pools.counter("kvmesh_remote_prefills"), 2);
+    assert_eq!(pools.counter("kvmesh_prefill_failures"), 0);
+    assert_eq!(
+        metric(&pools.decode, "sim:remote_prefill_fallbacks_total"),
+        0.0
+    );
+}
+
+#[test]
+fn expired_prefilled_kv_means_local_prefill_on_the_decode_engine() {
+    // The prefill engine lets go of its KV before the decode engine asks.
+    let pools = Pools::start("vllm", false, &["--kv-transfer-timeout-secs", "0.000001"]);
+    let answer = pools.complete(false).unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        metric(&pools.decode, "sim:remote_prefill_fallbacks_total"),
+        1.0
+    );
+    assert_eq!(
+        metric(&pools.decode, "sim:kv_transfer_blocks_received_total"),
+        0.0
+    );
+}
+
+#[test]
+fn handshake_less_prefill_legs_reach_the_prefill_worker_and_fall_back() {
+    for protocol in ["sglang", "trtllm"] {
+        let pools = Pools::start(protocol, false, &[]);
         pools.complete(false);
         // The prefill sim got the leg through the prefill pool's cluster.
-        assert_eq!(prompt_tokens_served(&pools.prefill), 64.0, "{protocol}");
-        assert_eq!(prompt_tokens_served(&pools.decode), 64.0, "{protocol}");
+        assert_eq!(
+            prompt_tokens_served(&pools.prefill),
+            f64::from(PROMPT),
+            "{protocol}"
+        );
+        assert_eq!(
+            prompt_tokens_served(&pools.decode),
+            f64::from(PROMPT),
+            "{protocol}"
+        );
         if protocol == "sglang" {
             // Both legs at once; the prefill's own answer only counts.
             assert_eq!(pools.counter("kvmesh_remote_prefills"), 1);
         } else {
-            // A vLLM-compatible engine without a KV connector returns no
-            // handshake parameters: the decode worker prefills itself.
+            // The sim answers a context leg without `disaggregated_params`:
+            // the decode worker prefills itself.
             assert_eq!(pools.counter("kvmesh_prefill_failures"), 1, "{protocol}");
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
 
-use kvmesh_tests::harness::client::{http_client, post, post_json, JsonResponse};
+use kvmesh_tests::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
 use kvmesh_tests::harness::envoy::Disaggregation;
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{
@@ -137,6 +137,17 @@ fn handshake_fields_from_clients_are_removed_before_the_engine_sees_them() {
     // The rewritten body still carries the whole prompt.
     assert_eq!(response.json().unwrap()["usage"]["prompt_tokens"], 48);
     assert_eq!(counter(&fleet.envoy, "kvmesh_router_fields_removed"), 1);
+    // Had the engine seen the forged params it would have tried to pull KV
+    // from the host they name, and fallen back.
+    let metrics = format!("{}/metrics", fleet.workers[0].url());
+    assert_eq!(
+        prometheus_sum(&metrics, "sim:remote_prefill_fallbacks_total", ""),
+        0.0
+    );
+    assert_eq!(
+        prometheus_sum(&metrics, "sim:kv_transfer_blocks_received_total", ""),
+        0.0
+    );
     let clean = json!({"model": MODEL, "prompt": token_prompt(4), "max_tokens": 1});
     served_by(&post_json(&client, &fleet.completions(), &clean).unwrap());
     assert_eq!(counter(&fleet.envoy, "kvmesh_router_fields_removed"), 1);

@@ -23,6 +23,22 @@ impl ApiError {
         )
     }
 
+    /// HTTP 404 for a debug or transfer resource that does not exist.
+    pub fn not_found(message: String) -> Self {
+        let body = serde_json::json!({
+            "error": {
+                "message": message,
+                "type": "not_found_error",
+                "param": null,
+                "code": "not_found",
+            }
+        });
+        Self {
+            status: StatusCode::NOT_FOUND,
+            body: body.to_string(),
+        }
+    }
+
     /// HTTP 500 (router-core has no internal-error kind: kvmesh itself never
     /// returns one, only engines do).
     pub fn internal(message: &str) -> Self {

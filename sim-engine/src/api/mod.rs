@@ -4,6 +4,7 @@
 
 pub mod debug;
 pub mod error;
+pub mod kv_transfer;
 pub mod load_header;
 pub mod openai;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub metrics: Arc<EngineMetrics>,
     pub faults: Arc<Faults>,
+    /// Prefilled prompts held for decode engines (vLLM-style disaggregation).
+    pub transfers: kv_transfer::Transfers,
     /// Unix seconds at start, the `created` of `/v1/models`.
     pub started_unix: u64,
     generated_ids: AtomicU64,
@@ -61,6 +64,7 @@ impl AppState {
         engine: Arc<Engine>,
         metrics: Arc<EngineMetrics>,
         faults: Arc<Faults>,
+        transfers: kv_transfer::Transfers,
         started_unix: u64,
     ) -> anyhow::Result<Self> {
         let worker_id = HeaderValue::from_str(worker_id)
@@ -73,6 +77,7 @@ impl AppState {
             engine,
             metrics,
             faults,
+            transfers,
             started_unix,
             generated_ids: AtomicU64::new(0),
         })
@@ -103,6 +108,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics))
         .route("/sim/cache", get(debug::cache))
+        .route(
+            "/sim/kv_transfer/{request_id}",
+            get(kv_transfer::serve_transfer),
+        )
         .route(
             "/sim/faults",
             get(debug::get_faults).post(debug::set_faults),

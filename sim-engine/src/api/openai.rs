@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::error::ApiError;
+use super::kv_transfer::{self, KvTransferParams};
 use super::{load_header, AppState, RequestId};
 use crate::determinism::seed_from_bytes;
 use crate::scheduler::{NewSequence, SequenceSummary, SequenceUpdate};
@@ -38,6 +39,7 @@ struct CompletionRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     seed: Option<u64>,
+    kv_transfer_params: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +52,7 @@ struct ChatRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     seed: Option<u64>,
+    kv_transfer_params: Option<Value>,
     tools: Option<Value>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
@@ -88,6 +91,7 @@ pub async fn completions(
     let request: CompletionRequest = parse_body(&body)?;
     check_model(&state, &request.model)?;
     let prompt = completion_prompt(&state, &request.prompt)?;
+    let transfer = KvTransferParams::from_request(request.kv_transfer_params.as_ref())?;
     let prepared = prepare(
         &state,
         Endpoint::Completions,
@@ -98,7 +102,7 @@ pub async fn completions(
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
     )?;
-    Ok(serve(state, prepared, &headers).await)
+    Ok(serve_with_transfer(state, prepared, transfer, &request_id, &headers).await)
 }
 
 pub async fn chat_completions(
@@ -132,6 +136,7 @@ pub async fn chat_completions(
         .codec
         .encode(&rendered, false)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let transfer = KvTransferParams::from_request(request.kv_transfer_params.as_ref())?;
     let prepared = prepare(
         &state,
         Endpoint::Chat,
@@ -142,7 +147,7 @@ pub async fn chat_completions(
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
     )?;
-    Ok(serve(state, prepared, &headers).await)
+    Ok(serve_with_transfer(state, prepared, transfer, &request_id, &headers).await)
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -158,6 +163,21 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
             "max_model_len": state.model.max_model_len,
         }],
     }))
+}
+
+/// Serves a request, running its side of a vLLM-style KV handoff first
+/// (decode leg) or after (prefill leg).
+async fn serve_with_transfer(
+    state: Arc<AppState>,
+    prepared: Prepared,
+    transfer: Option<KvTransferParams>,
+    request_id: &RequestId,
+    headers: &HeaderMap,
+) -> Response {
+    kv_transfer::pull_remote_prefill(&state, transfer.as_ref(), &prepared.prompt).await;
+    let prompt = prepared.prompt.clone();
+    let response = serve(Arc::clone(&state), prepared, headers).await;
+    kv_transfer::offer_for_decode(&state, transfer.as_ref(), &request_id.0, &prompt, response).await
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
