@@ -9,6 +9,14 @@ use crate::faults::FaultSettings;
 use crate::timing::TimingModel;
 
 /// How KV events are encoded inside a batch (DESIGN §3.3).
+/// A worker's part in disaggregated serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Prefill,
+    Decode,
+    Both,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EventFormat {
     /// Each event a msgpack array `[tag, field, ...]` (vLLM ≤ 0.23, SGLang).
@@ -76,6 +84,13 @@ pub struct Config {
     /// Event batches kept for replay.
     #[arg(long, default_value_t = 10_000)]
     pub kv_events_replay_buffer: usize,
+    /// Which side of a disaggregated request this engine takes when both
+    /// legs look alike (SGLang's `bootstrap_*` fields).
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    pub role: Role,
+    /// SGLang rendezvous port of a prefill engine (0: any free port, logged).
+    #[arg(long)]
+    pub disaggregation_bootstrap_port: Option<u16>,
     /// Host decode engines pull this engine's KV from (default: the bound
     /// address; set it when binding 0.0.0.0).
     #[arg(long)]

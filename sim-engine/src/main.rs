@@ -121,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
             default_max_tokens: config.default_max_tokens,
             block_size: config.block_size as usize,
             num_gpu_blocks: config.num_gpu_blocks,
+            role: config.role,
         },
         &config.worker_id,
         codec,
@@ -140,7 +141,24 @@ async fn main() -> anyhow::Result<()> {
         speedup = config.speedup,
         "sim-engine listening"
     );
-    axum::serve(listener, api::router(Arc::new(state)))
+    let state = Arc::new(state);
+    if let Some(port) = config.disaggregation_bootstrap_port {
+        let address = format!("{}:{port}", config.host);
+        let bootstrap = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding the bootstrap port {address}"))?;
+        let local = bootstrap
+            .local_addr()
+            .context("reading the bootstrap address")?;
+        tracing::info!(address = %local, "SGLang-style bootstrap server listening");
+        let router = api::bootstrap_router(Arc::clone(&state));
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(bootstrap, router).await {
+                tracing::error!(%error, "bootstrap server failed");
+            }
+        });
+    }
+    axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")

@@ -2,9 +2,8 @@
 //! the prefill leg to the prefill pool through its Envoy cluster, and every
 //! way that leg can fail still answers the client, prefilled locally.
 //!
-//! The sim-engine speaks vLLM's handshake (a real KV pull between the two
-//! engine processes); for SGLang and TensorRT-LLM these tests cover the legs'
-//! plumbing and the fallbacks, not a KV transfer.
+//! The sim-engines speak each engine family's handshake, with a real KV pull
+//! between the two engine processes.
 
 use kvmesh_tests::harness::client::{http_client, post_json, prometheus_sum};
 use kvmesh_tests::harness::envoy::Disaggregation;
@@ -23,14 +22,28 @@ struct Pools {
 }
 
 impl Pools {
-    /// One decode and one prefill sim (started with `prefill_args`); the
-    /// filter's prefill pool lists the prefill sim, or a dead port.
-    fn start(protocol: &str, dead_prefill: bool, prefill_args: &[&str]) -> Self {
-        let decode = SimEngine::start(SimEngineOptions::new(MODEL, "decode")).unwrap();
-        let prefill = SimEngine::start(
-            SimEngineOptions::new(MODEL, "prefill").args(prefill_args.iter().copied()),
-        )
-        .unwrap();
+    /// One decode and one prefill sim speaking `protocol` (the prefill one
+    /// with `extra_prefill_args`); the filter's prefill pool lists the
+    /// prefill sim, or a dead port.
+    fn start(protocol: &str, dead_prefill: bool, extra_prefill_args: &[&str]) -> Self {
+        let bootstrap_port = free_port();
+        let (mut prefill_args, decode_args): (Vec<String>, Vec<String>) = match protocol {
+            "sglang" => (
+                vec![
+                    "--role".into(),
+                    "prefill".into(),
+                    "--disaggregation-bootstrap-port".into(),
+                    bootstrap_port.to_string(),
+                ],
+                vec!["--role".into(), "decode".into()],
+            ),
+            _ => (Vec::new(), Vec::new()),
+        };
+        prefill_args.extend(extra_prefill_args.iter().map(|a| (*a).to_owned()));
+        let decode =
+            SimEngine::start(SimEngineOptions::new(MODEL, "decode").args(decode_args)).unwrap();
+        let prefill =
+            SimEngine::start(SimEngineOptions::new(MODEL, "prefill").args(prefill_args)).unwrap();
         let prefill_endpoint = if dead_prefill {
             format!("127.0.0.1:{}", free_port())
         } else {
@@ -39,6 +52,7 @@ impl Pools {
         let mut route = ModelRoute::new(MODEL, 16, vec![decode.address()]);
         let mut disaggregation = Disaggregation::new("always", protocol, vec![prefill_endpoint]);
         disaggregation.timeout_ms = Some(5_000);
+        disaggregation.bootstrap_port = Some(bootstrap_port);
         route.disaggregation = Some(disaggregation);
         let envoy = Envoy::start(GatewayConfig::new(vec![route]).unwrap()).unwrap();
         Self {
@@ -92,37 +106,36 @@ fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
 }
 
 #[test]
-fn vllm_decode_pulls_the_prefilled_kv_and_computes_none_of_it() {
-    let pools = Pools::start("vllm", false, &[]);
-    let answer = pools.complete(false).unwrap();
-    // The decode engine found the whole prompt cached but its last block
-    // (which an engine always recomputes to produce the first token).
-    let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(cached, u64::from(PROMPT) - 16);
-    assert_eq!(
-        metric(&pools.decode, "sim:kv_transfer_blocks_received_total"),
-        16.0
-    );
-    assert_eq!(
-        metric(&pools.prefill, "sim:kv_transfer_blocks_sent_total"),
-        16.0
-    );
-    assert_eq!(
-        metric(&pools.decode, "vllm:prefix_cache_hits_total"),
-        cached as f64
-    );
-    assert_eq!(prompt_tokens_served(&pools.prefill), f64::from(PROMPT));
-    assert_eq!(pools.counter("kvmesh_remote_prefills"), 1);
-    // Streaming passes through: the prefill leg never streams, the decode does.
-    pools.complete(true);
-    assert_eq!(pools.counter("kvmesh_remote_prefills"), 2);
-    assert_eq!(pools.counter("kvmesh_prefill_failures"), 0);
-    assert_eq!(
-        metric(&pools.decode, "sim:remote_prefill_fallbacks_total"),
-        0.0
-    );
+fn every_protocol_prefills_remotely_and_the_decode_engine_computes_none_of_it() {
+    for protocol in ["vllm", "sglang", "trtllm"] {
+        let pools = Pools::start(protocol, false, &[]);
+        let answer = pools.complete(false).unwrap();
+        // The decode engine found the whole prompt cached but its last block
+        // (which an engine always recomputes to produce the first token).
+        let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(cached, u64::from(PROMPT) - 16, "{protocol}");
+        let received = "sim:kv_transfer_blocks_received_total";
+        assert_eq!(metric(&pools.decode, received), 16.0, "{protocol}");
+        let sent = "sim:kv_transfer_blocks_sent_total";
+        assert_eq!(metric(&pools.prefill, sent), 16.0, "{protocol}");
+        let hits = metric(&pools.decode, "vllm:prefix_cache_hits_total");
+        assert_eq!(hits, cached as f64, "{protocol}");
+        assert_eq!(
+            prompt_tokens_served(&pools.prefill),
+            f64::from(PROMPT),
+            "{protocol}"
+        );
+        assert_eq!(pools.counter("kvmesh_remote_prefills"), 1, "{protocol}");
+        // Streaming: the decode leg streams through untouched.
+        pools.complete(true);
+        assert_eq!(metric(&pools.decode, received), 32.0, "{protocol}");
+        assert_eq!(pools.counter("kvmesh_remote_prefills"), 2, "{protocol}");
+        assert_eq!(pools.counter("kvmesh_prefill_failures"), 0, "{protocol}");
+        let fallbacks = "sim:remote_prefill_fallbacks_total";
+        assert_eq!(metric(&pools.decode, fallbacks), 0.0, "{protocol}");
+    }
 }
 
 #[test]
@@ -139,31 +152,4 @@ fn expired_prefilled_kv_means_local_prefill_on_the_decode_engine() {
         metric(&pools.decode, "sim:kv_transfer_blocks_received_total"),
         0.0
     );
-}
-
-#[test]
-fn handshake_less_prefill_legs_reach_the_prefill_worker_and_fall_back() {
-    for protocol in ["sglang", "trtllm"] {
-        let pools = Pools::start(protocol, false, &[]);
-        pools.complete(false);
-        // The prefill sim got the leg through the prefill pool's cluster.
-        assert_eq!(
-            prompt_tokens_served(&pools.prefill),
-            f64::from(PROMPT),
-            "{protocol}"
-        );
-        assert_eq!(
-            prompt_tokens_served(&pools.decode),
-            f64::from(PROMPT),
-            "{protocol}"
-        );
-        if protocol == "sglang" {
-            // Both legs at once; the prefill's own answer only counts.
-            assert_eq!(pools.counter("kvmesh_remote_prefills"), 1);
-        } else {
-            // The sim answers a context leg without `disaggregated_params`:
-            // the decode worker prefills itself.
-            assert_eq!(pools.counter("kvmesh_prefill_failures"), 1, "{protocol}");
-        }
-    }
 }

@@ -37,6 +37,8 @@ pub struct ServedModel {
     pub default_max_tokens: usize,
     pub block_size: usize,
     pub num_gpu_blocks: usize,
+    /// This engine's side of SGLang-style handoffs.
+    pub role: crate::config::Role,
 }
 
 pub struct AppState {
@@ -125,6 +127,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Assigns the request id and stamps worker and request ids on the response.
+/// The SGLang-style rendezvous a prefill engine serves on its bootstrap port.
+pub fn bootstrap_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/bootstrap/{room}", get(kv_transfer::serve_room))
+        .with_state(state)
+}
+
 async fn tag_response(
     State(state): State<Arc<AppState>>,
     mut request: Request,

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::error::ApiError;
-use super::kv_transfer::{self, KvTransferParams};
+use super::kv_transfer::{self, Handoff, HandoffFields};
 use super::{load_header, AppState, RequestId};
 use crate::determinism::seed_from_bytes;
 use crate::scheduler::{NewSequence, SequenceSummary, SequenceUpdate};
@@ -39,7 +39,8 @@ struct CompletionRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     seed: Option<u64>,
-    kv_transfer_params: Option<Value>,
+    #[serde(flatten)]
+    handoff: HandoffFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,7 +53,8 @@ struct ChatRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     seed: Option<u64>,
-    kv_transfer_params: Option<Value>,
+    #[serde(flatten)]
+    handoff: HandoffFields,
     tools: Option<Value>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
@@ -91,18 +93,18 @@ pub async fn completions(
     let request: CompletionRequest = parse_body(&body)?;
     check_model(&state, &request.model)?;
     let prompt = completion_prompt(&state, &request.prompt)?;
-    let transfer = KvTransferParams::from_request(request.kv_transfer_params.as_ref())?;
+    let handoff = request.handoff.handoff(state.model.role, &request_id.0)?;
     let prepared = prepare(
         &state,
         Endpoint::Completions,
         &request_id,
         prompt,
-        request.max_tokens,
+        handoff.max_tokens(request.max_tokens),
         request.seed,
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
     )?;
-    Ok(serve_with_transfer(state, prepared, transfer, &request_id, &headers).await)
+    Ok(serve_with_handoff(state, prepared, handoff, &headers).await)
 }
 
 pub async fn chat_completions(
@@ -136,18 +138,18 @@ pub async fn chat_completions(
         .codec
         .encode(&rendered, false)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let transfer = KvTransferParams::from_request(request.kv_transfer_params.as_ref())?;
+    let handoff = request.handoff.handoff(state.model.role, &request_id.0)?;
     let prepared = prepare(
         &state,
         Endpoint::Chat,
         &request_id,
         prompt,
-        request.max_completion_tokens.or(request.max_tokens),
+        handoff.max_tokens(request.max_completion_tokens.or(request.max_tokens)),
         request.seed,
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
     )?;
-    Ok(serve_with_transfer(state, prepared, transfer, &request_id, &headers).await)
+    Ok(serve_with_handoff(state, prepared, handoff, &headers).await)
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -165,19 +167,26 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-/// Serves a request, running its side of a vLLM-style KV handoff first
-/// (decode leg) or after (prefill leg).
-async fn serve_with_transfer(
+/// Serves a request, running its side of a disaggregated handoff first
+/// (decode side: pull the KV) or after (prefill side: hold it and say where).
+async fn serve_with_handoff(
     state: Arc<AppState>,
     prepared: Prepared,
-    transfer: Option<KvTransferParams>,
-    request_id: &RequestId,
+    handoff: Handoff,
     headers: &HeaderMap,
 ) -> Response {
-    kv_transfer::pull_remote_prefill(&state, transfer.as_ref(), &prepared.prompt).await;
-    let prompt = prepared.prompt.clone();
-    let response = serve(Arc::clone(&state), prepared, headers).await;
-    kv_transfer::offer_for_decode(&state, transfer.as_ref(), &request_id.0, &prompt, response).await
+    match handoff {
+        Handoff::None => serve(state, prepared, headers).await,
+        Handoff::Decode(source) => {
+            kv_transfer::pull_remote_prefill(&state, &source, &prepared.prompt).await;
+            serve(state, prepared, headers).await
+        }
+        Handoff::Prefill { key, answer } => {
+            let prompt = prepared.prompt.clone();
+            let response = serve(Arc::clone(&state), prepared, headers).await;
+            kv_transfer::offer_for_decode(&state, &key, answer, &prompt, response).await
+        }
+    }
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
