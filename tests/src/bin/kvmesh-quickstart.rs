@@ -14,6 +14,23 @@ use kvmesh_tests::harness::free_port;
 use kvmesh_tests::harness::stack::{Stack, StackOptions};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DisaggProtocol {
+    Vllm,
+    Sglang,
+    Trtllm,
+}
+
+impl DisaggProtocol {
+    fn name(self) -> &'static str {
+        match self {
+            DisaggProtocol::Vllm => "vllm",
+            DisaggProtocol::Sglang => "sglang",
+            DisaggProtocol::Trtllm => "trtllm",
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     about = "Run kvmesh on simulated GPUs: nats-server, sim-engine workers, Envoy with the filter"
@@ -22,6 +39,13 @@ struct Args {
     /// Number of simulated (decode) workers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
+    /// Prefill-only workers; with any, long prompts are prefilled on them
+    /// (policy `auto`) and the `--workers` decode only.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+    prefill_workers: u16,
+    /// The prefill/decode handshake the workers speak.
+    #[arg(long, value_enum, default_value_t = DisaggProtocol::Vllm)]
+    disagg_protocol: DisaggProtocol,
     /// Gateway port on 127.0.0.1 (default: a free port).
     #[arg(long)]
     gateway_port: Option<u16>,
@@ -51,6 +75,8 @@ fn main() -> anyhow::Result<()> {
     let mut options = StackOptions::new(&args.model, usize::from(args.workers))?;
     options.block_size = args.block_size;
     options.sim_args = vec!["--speedup".to_owned(), args.speedup.to_string()];
+    options.prefill_workers = usize::from(args.prefill_workers);
+    options.disaggregation = ("auto".to_owned(), args.disagg_protocol.name().to_owned());
     if let Some(tokenizer) = args.tokenizer.clone() {
         options.tokenizer = tokenizer;
     }
@@ -65,6 +91,9 @@ fn main() -> anyhow::Result<()> {
     println!("sidecar: {}", sidecar.http_url());
     for worker in &stack.workers {
         println!("worker: {}", worker.sim.url());
+    }
+    for worker in &stack.prefill_workers {
+        println!("prefill-worker: {}", worker.sim.url());
     }
     println!("envoy-admin: {}", envoy.admin_url());
     eprintln!(

@@ -18,6 +18,17 @@ impl KvWorker {
         options: SimEngineOptions,
         block_size: u32,
     ) -> anyhow::Result<Self> {
+        Self::start_as(nats_url, options, block_size, "both")
+    }
+
+    /// As [`start`](Self::start), for a worker of a disaggregated fleet:
+    /// `role` is `prefill`, `decode` or `both`, for the engine and the relay.
+    pub fn start_as(
+        nats_url: &str,
+        options: SimEngineOptions,
+        block_size: u32,
+        role: &str,
+    ) -> anyhow::Result<Self> {
         let (events, replay) = (free_port(), free_port());
         let model = options.model.clone();
         let worker_id = options.worker_id.clone();
@@ -28,6 +39,8 @@ impl KvWorker {
             format!("tcp://127.0.0.1:{replay}"),
             "--block-size".to_owned(),
             block_size.to_string(),
+            "--role".to_owned(),
+            role.to_owned(),
         ]);
         let sim = SimEngine::start(options)?;
         let relay = Relay::start(&RelayOptions {
@@ -40,7 +53,12 @@ impl KvWorker {
             zmq_endpoint: Some(format!("tcp://127.0.0.1:{events}")),
             zmq_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
             metrics_url: Some(format!("{}/metrics", sim.url())),
-            extra_args: vec!["--load-interval".into(), "200ms".into()],
+            extra_args: vec![
+                "--load-interval".into(),
+                "200ms".into(),
+                "--role".into(),
+                role.into(),
+            ],
         })?;
         Ok(Self { sim, relay })
     }
