@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use kvmesh_tests::harness::client::{http_client, post_json};
 use kvmesh_tests::harness::stack::{Stack, StackOptions};
+use kvmesh_tests::harness::stats::quantile;
 use kvmesh_tests::harness::{Envoy, GatewayConfig};
 use serde_json::{json, Value};
 
@@ -36,27 +37,14 @@ struct Args {
     speedup: f64,
 }
 
-/// Latencies of one gateway, in microseconds.
-#[derive(Default)]
-struct Samples(Vec<u64>);
-
-impl Samples {
-    fn quantile(&mut self, q: f64) -> u64 {
-        self.0.sort_unstable();
-        let last = self.0.len().saturating_sub(1);
-        let index = ((last as f64) * q).round() as usize;
-        self.0.get(index).copied().unwrap_or(0)
-    }
-}
-
 fn timed(
     client: &reqwest::blocking::Client,
     url: &str,
     body: &Value,
-) -> anyhow::Result<(u64, Value)> {
+) -> anyhow::Result<(f64, Value)> {
     let started = Instant::now();
     let response = post_json(client, url, body)?;
-    let elapsed = started.elapsed().as_micros() as u64;
+    let elapsed = started.elapsed().as_secs_f64() * 1e6;
     anyhow::ensure!(response.status == 200, "{url}: {}", response.text);
     Ok((elapsed, response.json()?))
 }
@@ -83,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     let gateways = [&stack.envoy, &plain, &standalone]
         .map(|envoy| format!("{}/v1/chat/completions", envoy.gateway_url()));
     let clients = [http_client(), http_client(), http_client()];
-    let mut samples = [Samples::default(), Samples::default(), Samples::default()];
+    let mut samples: [Vec<f64>; 3] = Default::default();
     for conversation in 0..args.conversations {
         let mut messages = vec![json!({"role": "system",
             "content": words(&format!("c{conversation}policy"), args.system_words)})];
@@ -99,7 +87,7 @@ fn main() -> anyhow::Result<()> {
             let mut reply = String::new();
             for gateway in order {
                 let (latency, response) = timed(&clients[gateway], &gateways[gateway], &body)?;
-                samples[gateway].0.push(latency);
+                samples[gateway].push(latency);
                 reply = response["choices"][0]["message"]["content"]
                     .as_str()
                     .unwrap_or_default()
@@ -111,7 +99,7 @@ fn main() -> anyhow::Result<()> {
     // Envoy publishes histograms at its 5 s stats flush.
     std::thread::sleep(Duration::from_secs(6));
     let envoy = &stack.envoy;
-    let quantile = |name: &str, q: &str| -> anyhow::Result<String> {
+    let histogram = |name: &str, q: &str| -> anyhow::Result<String> {
         Ok(envoy
             .histogram_quantile(&format!("wasmcustom.{name}"), q)?
             .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}")))
@@ -132,36 +120,33 @@ fn main() -> anyhow::Result<()> {
     let mut medians = Vec::new();
     for (name, latencies) in rows {
         let (p50, p90, p99) = (
-            latencies.quantile(0.5),
-            latencies.quantile(0.9),
-            latencies.quantile(0.99),
+            quantile(latencies, 0.5),
+            quantile(latencies, 0.9),
+            quantile(latencies, 0.99),
         );
         medians.push((p50, p99));
-        println!("| {name} | {p50} µs | {p90} µs | {p99} µs |");
+        println!("| {name} | {p50:.0} µs | {p90:.0} µs | {p99:.0} µs |");
     }
-    let added = |(p50, p99): (u64, u64)| {
-        let baseline = medians[1];
-        (
-            p50 as i64 - baseline.0 as i64,
-            p99 as i64 - baseline.1 as i64,
-        )
+    let added = |(p50, p99): (f64, f64)| {
+        let baseline: (f64, f64) = medians[1];
+        (p50 - baseline.0, p99 - baseline.1)
     };
     let (precise, alone) = (added(medians[0]), added(medians[2]));
     println!(
-        "\nadded over plain Envoy: precise p50 {} µs, p99 {} µs; no sidecar p50 {} µs, p99 {} µs",
+        "\nadded over plain Envoy: precise p50 {:.0} µs, p99 {:.0} µs; no sidecar p50 {:.0} µs, p99 {:.0} µs",
         precise.0, precise.1, alone.0, alone.1
     );
     println!(
         "filter decision (µs): p50 {}, p99 {}, max {}",
-        quantile("kvmesh_decision_us", "P50")?,
-        quantile("kvmesh_decision_us", "P99")?,
-        quantile("kvmesh_decision_us", "P100")?
+        histogram("kvmesh_decision_us", "P50")?,
+        histogram("kvmesh_decision_us", "P99")?,
+        histogram("kvmesh_decision_us", "P100")?
     );
     println!(
         "filter callback (µs): p50 {}, p99 {}, longest {}",
-        quantile("kvmesh_callback_us", "P50")?,
-        quantile("kvmesh_callback_us", "P99")?,
-        quantile("kvmesh_callback_us", "P100")?
+        histogram("kvmesh_callback_us", "P50")?,
+        histogram("kvmesh_callback_us", "P99")?,
+        histogram("kvmesh_callback_us", "P100")?
     );
     println!(
         "prompt cache hits {}, misses {}",

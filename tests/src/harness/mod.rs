@@ -13,6 +13,7 @@ pub mod relay;
 pub mod sidecar;
 pub mod sim;
 pub mod stack;
+pub mod stats;
 
 pub use envoy::{Envoy, GatewayConfig, ModelRoute, SidecarEndpoints};
 pub use nats::NatsServer;
