@@ -1,6 +1,8 @@
 //! The filter's Envoy counters and histograms (visible in `/stats/prometheus`, summed over
 //! every worker VM).
 
+use std::collections::HashMap;
+
 use proxy_wasm::types::MetricType;
 
 use crate::host::{self, HostError};
@@ -23,6 +25,40 @@ impl Counter {
         let value = i64::try_from(value).unwrap_or(i64::MAX);
         if let Err(err) = host::increment_metric(self.0, value) {
             log::debug!("{err}");
+        }
+    }
+}
+
+/// Requests routed to each worker (`kvmesh_routed_to_<ip>_<port>`), defined
+/// as workers are first chosen.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    by_address: HashMap<String, Counter>,
+}
+
+/// Distinct workers counted before new ones are no longer (a bound on
+/// Envoy's stats memory under worker churn).
+const MAX_WORKER_COUNTERS: usize = 1024;
+
+impl WorkerCounters {
+    pub fn routed_to(&mut self, address: &str) {
+        if let Some(counter) = self.by_address.get(address) {
+            counter.inc();
+            return;
+        }
+        if self.by_address.len() >= MAX_WORKER_COUNTERS {
+            return;
+        }
+        let name: String = address
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        match Counter::define(&format!("kvmesh_routed_to_{name}")) {
+            Ok(counter) => {
+                counter.inc();
+                self.by_address.insert(address.to_owned(), counter);
+            }
+            Err(err) => log::debug!("{err}"),
         }
     }
 }

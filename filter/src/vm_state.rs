@@ -11,6 +11,7 @@ use router_core::gateway::GatewayReport;
 use crate::approximate::LearnedTable;
 use crate::config::ApproximateConfig;
 use crate::inflight::InFlight;
+use crate::metrics::WorkerCounters;
 use crate::orca::OrcaLoads;
 use crate::prompt_cache::PromptCache;
 use crate::replica::FleetReplica;
@@ -28,6 +29,8 @@ pub struct VmState {
     pub learned: LearnedTable,
     /// The sidecar's block hashes of recent chats, by message prefix.
     pub prompt_cache: PromptCache,
+    /// Requests this VM routed to each worker.
+    pub routed: WorkerCounters,
     pub scratch: Scratch,
     /// Reports decisions back to the sidecar while the state stream is open.
     pub reporter: Reporter,
@@ -94,6 +97,7 @@ impl VmState {
             orca: OrcaLoads::default(),
             learned: LearnedTable::new(approximate.table_entries, approximate.entry_ttl_ms),
             prompt_cache: PromptCache::default(),
+            routed: WorkerCounters::default(),
             scratch: Scratch::default(),
             reporter: Reporter::new(format!("envoy-vm-{seed:016x}")),
             // xorshift must not start at zero.

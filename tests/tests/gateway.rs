@@ -98,6 +98,17 @@ fn same_token_prompt_same_endpoint_and_prompts_spread_over_all() {
         "30 prompts should reach all 3 workers: {first_choice:?}"
     );
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), 60);
+    // Each worker's routed counter matches what it served.
+    for worker in &fleet.workers {
+        let served = first_choice
+            .values()
+            .filter(|w| **w == worker.worker_id())
+            .count() as u64
+            * 2;
+        let name = worker.address().replace(['.', ':'], "_");
+        let routed = counter(&fleet.envoy, &format!("kvmesh_routed_to_{name}"));
+        assert_eq!(routed, served, "{}", worker.address());
+    }
 }
 
 #[test]

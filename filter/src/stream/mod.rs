@@ -532,6 +532,7 @@ impl InferenceStream {
                 .saturating_sub(decision.cached_blocks),
         );
         let mut state = self.state.borrow_mut();
+        state.routed.routed_to(address);
         state
             .orca
             .observe_prompt(u64::from(decision.prompt_blocks) * block_size);
