@@ -144,7 +144,7 @@ fn default_bootstrap_port() -> u16 {
 }
 
 fn default_overlap_weight() -> f64 {
-    1.0
+    CostWeights::DEFAULT_OVERLAP_WEIGHT
 }
 
 fn default_block_size() -> u32 {

@@ -41,10 +41,20 @@ pub struct CostWeights {
     pub temperature: f64,
 }
 
+impl CostWeights {
+    /// A block to prefill costs compute time; a block of decode load costs
+    /// memory and a little time per step. 2 keeps tenants' prefixes where
+    /// they are cached until their worker holds clearly more load: on the
+    /// fleet benchmark's multi-tenant workload it lifted the hit rate from
+    /// 73% (weight 1) to 87% of a 93% bound and cut TTFT p90 2.4× (weight 4:
+    /// 87% and a little lower p90, but less protection against herding).
+    pub const DEFAULT_OVERLAP_WEIGHT: f64 = 2.0;
+}
+
 impl Default for CostWeights {
     fn default() -> Self {
         Self {
-            overlap_weight: 1.0,
+            overlap_weight: Self::DEFAULT_OVERLAP_WEIGHT,
             temperature: 0.0,
         }
     }
@@ -209,9 +219,14 @@ mod tests {
 
     #[test]
     fn ties_go_to_least_loaded_then_random() {
-        // Equal logits: (100-50) + 0 + 10 + 100 = 160 and (100-60) + 0 + 20 + 100 = 160.
+        // Equal logits at weight 1: (100-50) + 0 + 10 + 100 = 160 and
+        // (100-60) + 0 + 20 + 100 = 160.
+        let unit = CostWeights {
+            overlap_weight: 1.0,
+            temperature: 0.0,
+        };
         let c = [candidate(0, 50, 10, 0), candidate(1, 60, 20, 0)];
-        assert_eq!(pick(&c, CostWeights::default(), 7), 0);
+        assert_eq!(pick(&c, unit, 7), 0);
         let same = [
             candidate(0, 0, 0, 0),
             candidate(1, 0, 0, 0),

@@ -36,14 +36,49 @@ pub struct NatsConfig {
     pub tls: Option<NatsTls>,
 }
 
-/// Exactly one way to authenticate.
+/// Exactly one way to authenticate. A token or password may come from a
+/// file (a mounted Kubernetes Secret) so that no secret sits in the config.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsAuth {
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     pub user: Option<String>,
     pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
     pub creds_file: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// Reads `token_file` / `password_file` into `token` / `password`
+    /// (without a trailing newline).
+    fn read_secret_files(&mut self, errors: &mut Vec<FieldError>) {
+        for (field, file, value) in [
+            ("nats.auth.token_file", &self.token_file, &mut self.token),
+            (
+                "nats.auth.password_file",
+                &self.password_file,
+                &mut self.password,
+            ),
+        ] {
+            let Some(path) = file else { continue };
+            let problem = if value.is_some() {
+                "set the value or the file, not both".to_owned()
+            } else {
+                match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        *value = Some(text.trim_end_matches(['\n', '\r']).to_owned());
+                        continue;
+                    }
+                    Err(e) => format!("cannot read {}: {e}", path.display()),
+                }
+            };
+            errors.push(FieldError {
+                field: field.to_owned(),
+                problem,
+            });
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,11 +271,15 @@ impl Config {
 
     /// Parses and validates YAML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
-        let errors = config.validate();
+        let mut errors = Vec::new();
+        if let Some(auth) = &mut config.nats.auth {
+            auth.read_secret_files(&mut errors);
+        }
+        errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -294,7 +333,7 @@ impl Config {
             if ways != 1 {
                 fail(
                     "nats.auth",
-                    "set exactly one of token, user+password, creds_file",
+                    "set exactly one of token (or token_file), user+password (or password_file), creds_file",
                 );
             }
             if auth.user.is_some() != auth.password.is_some() {
@@ -454,7 +493,7 @@ models:
         let config = Config::parse(MINIMAL, "x").unwrap();
         assert_eq!(config.nats.subject_prefix, "kvmesh");
         assert_eq!(config.state.worker_timeout_ms, 2500);
-        assert_eq!(config.models[0].routing.overlap_weight, 1.0);
+        assert_eq!(config.models[0].routing.overlap_weight, 2.0);
         assert_eq!(
             config.models[0].disaggregation.policy,
             DisaggregationPolicy::Never
@@ -484,5 +523,32 @@ models:
             "models[0].disaggregation.policy: needs models[].prefill_cluster unless it is 'never'\n\
              models[0].disaggregation.threshold_tokens: is required when policy is 'auto'"
         );
+    }
+
+    #[test]
+    fn secrets_are_read_from_mounted_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let with_auth = |auth: &str| {
+            MINIMAL.replace(
+                "nats: {url: 'nats://127.0.0.1:4222'}",
+                &format!("nats: {{url: 'nats://127.0.0.1:4222', auth: {auth}}}"),
+            )
+        };
+        let config = Config::parse(
+            &with_auth(&format!(
+                "{{user: kvmesh, password_file: '{}'}}",
+                password.display()
+            )),
+            "x",
+        )
+        .unwrap();
+        let auth = config.nats.auth.unwrap();
+        assert_eq!(auth.password.as_deref(), Some("s3cret"));
+        assert!(errors(&with_auth("{token: a, token_file: /nonexistent}"))
+            .contains("nats.auth.token_file: set the value or the file, not both"));
+        assert!(errors(&with_auth("{token_file: /nonexistent/token}"))
+            .contains("nats.auth.token_file: cannot read /nonexistent/token"));
     }
 }
