@@ -2,4 +2,5 @@
 //! the compiled filter, sim-engines, sidecars) on free loopback ports, waits for
 //! them to be ready, shows their logs when a test fails, and kills them on drop.
 
+pub mod fleet_bench;
 pub mod harness;

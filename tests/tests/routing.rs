@@ -120,29 +120,19 @@ fn token_completion(base: u32, i: u32) -> Value {
     json!({"model": MODEL, "prompt": tokens, "max_tokens": 2})
 }
 
-fn worker_of(response: &JsonResponse) -> String {
-    response.header("x-sim-worker-id").unwrap().to_owned()
-}
-
-fn cached_tokens(response: &JsonResponse) -> u64 {
-    response.json().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 /// Sends a cold request, waits until its blocks are indexed, then a request
 /// extending it: the second must land where the first ran and hit its cache.
 fn assert_follow_up_hits(stack: &Stack, path: &str, first: Value, second: Value, blocks: u64) {
     let cold = stack.send(path, &first);
-    let owner = worker_of(&cold);
+    let owner = cold.sim_worker().unwrap();
     stack.wait_indexed(&second, blocks);
     let warm = stack.send(path, &second);
     assert_eq!(
-        worker_of(&warm),
+        warm.sim_worker().unwrap(),
         owner,
         "{path}: follow-up left the worker holding its prefix"
     );
-    let cached = cached_tokens(&warm);
+    let cached = warm.cached_tokens();
     assert!(
         cached >= blocks * u64::from(BLOCK),
         "{path}: only {cached} cached tokens"
@@ -237,8 +227,8 @@ fn the_next_turn_of_a_chat_is_routed_from_the_prompt_cache() {
     assert_eq!(stack.counter("kvmesh_prompt_cache_hits"), 1);
     assert_eq!(stack.counter("kvmesh_prompt_cache_misses"), 1);
     assert_eq!(warm.header("x-kvmesh-mode"), Some("precise"));
-    assert_eq!(worker_of(&warm), worker_of(&cold));
-    assert!(cached_tokens(&warm) >= 16 * u64::from(BLOCK));
+    assert_eq!(warm.sim_worker().unwrap(), cold.sim_worker().unwrap());
+    assert!(warm.cached_tokens() >= 16 * u64::from(BLOCK));
     // The sidecar was still asked, in the background, so the turn after this
     // one finds this one.
     assert_eq!(stack.counter("kvmesh_tokenize_calls"), calls_before + 1);
@@ -326,7 +316,12 @@ fn a_shared_system_prompt_does_not_herd_concurrent_requests() {
                 let body = json!({"model": MODEL, "max_tokens": 48,
                     "messages": [system, {"role": "user", "content": format!("question {i}")}]});
                 let stack = &stack;
-                scope.spawn(move || worker_of(&stack.send("/v1/chat/completions", &body)))
+                scope.spawn(move || {
+                    stack
+                        .send("/v1/chat/completions", &body)
+                        .sim_worker()
+                        .unwrap()
+                })
             })
             .collect();
         let mut counts = HashMap::new();

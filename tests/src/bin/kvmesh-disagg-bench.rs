@@ -9,11 +9,11 @@
 //! compute), streamed back; TTFT and the gaps between tokens are measured at
 //! the client.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use futures_util::StreamExt;
+use kvmesh_tests::harness::load::stream_timed;
 use kvmesh_tests::harness::stack::{Stack, StackOptions};
 use kvmesh_tests::harness::stats::quantile;
 use serde_json::json;
@@ -41,52 +41,6 @@ struct Args {
     protocol: String,
 }
 
-/// Client-side timings of one streamed request, seconds.
-struct Timings {
-    ttft: f64,
-    gaps: Vec<f64>,
-}
-
-async fn stream_one(
-    client: &reqwest::Client,
-    url: &str,
-    body: serde_json::Value,
-) -> anyhow::Result<Timings> {
-    let started = Instant::now();
-    let response = client
-        .post(url)
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut chunks = response.bytes_stream();
-    let mut pending = Vec::new();
-    let mut token_times = Vec::new();
-    while let Some(chunk) = chunks.next().await {
-        let at = started.elapsed().as_secs_f64();
-        pending.extend_from_slice(&chunk?);
-        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            let Some(data) = text.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(data) else {
-                continue;
-            };
-            if value["choices"][0]["text"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
-            {
-                token_times.push(at);
-            }
-        }
-    }
-    let ttft = *token_times.first().context("no token streamed")?;
-    let gaps = token_times.windows(2).map(|w| w[1] - w[0]).collect();
-    Ok(Timings { ttft, gaps })
-}
-
 async fn run_load(
     gateway: &str,
     args: &Args,
@@ -105,16 +59,16 @@ async fn run_load(
             "max_tokens": args.output_tokens, "stream": true});
         let (client, url) = (client.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
-            stream_one(&client, &url, body).await
+            stream_timed(&client, &url, &body).await
         }));
         tokio::time::sleep(interval).await;
     }
     let (mut ttft, mut gaps, mut errors) = (Vec::new(), Vec::new(), 0);
     for task in tasks {
         match task.await? {
-            Ok(timings) => {
-                ttft.push(timings.ttft);
-                gaps.extend(timings.gaps);
+            Ok(streamed) => {
+                ttft.extend(streamed.ttft());
+                gaps.extend(streamed.inter_token_gaps());
             }
             Err(err) => {
                 eprintln!("request failed: {err:#}");

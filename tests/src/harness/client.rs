@@ -20,6 +20,21 @@ impl JsonResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The sim-engine that answered (`x-sim-worker-id`).
+    pub fn sim_worker(&self) -> anyhow::Result<String> {
+        self.header("x-sim-worker-id")
+            .map(str::to_owned)
+            .with_context(|| format!("no x-sim-worker-id header: {}", self.text))
+    }
+
+    /// `usage.prompt_tokens_details.cached_tokens`; 0 when absent.
+    pub fn cached_tokens(&self) -> u64 {
+        self.json()
+            .ok()
+            .and_then(|v| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64())
+            .unwrap_or(0)
+    }
 }
 
 /// Shared client with a bounded per-request timeout.

@@ -35,6 +35,10 @@ pub struct ModelRoute {
     /// Remote prefill on a separate prefill pool.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disaggregation: Option<Disaggregation>,
+    /// The cost function's weight of uncached prompt blocks; the filter's
+    /// default when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap_weight: Option<f64>,
 }
 
 /// The filter's `disaggregation` settings of one model; its prefill workers
@@ -80,6 +84,7 @@ impl ModelRoute {
             endpoints,
             cluster: None,
             disaggregation: None,
+            overlap_weight: None,
         }
     }
 
@@ -105,11 +110,39 @@ pub struct GatewayConfig {
     /// Envoy worker threads (`--concurrency`), each with its own filter VM.
     pub worker_threads: u64,
     /// `false` runs plain Envoy without the kvmesh filter (pools balance with
-    /// `least_request`), as a baseline.
+    /// `fallback`), as a baseline.
     pub filter: bool,
+    /// How the pools balance requests the filter names no endpoint for.
+    pub fallback: FallbackBalancing,
     /// How long a request waits for the sidecar's tokenization; the filter's
     /// default when `None`.
     pub tokenize_timeout_ms: Option<u64>,
+}
+
+/// Envoy's own load balancing policy of the pool clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackBalancing {
+    LeastRequest,
+    RoundRobin,
+}
+
+#[derive(Serialize)]
+struct FallbackExtension {
+    extension: &'static str,
+    type_name: &'static str,
+}
+
+impl FallbackBalancing {
+    fn extension(self) -> FallbackExtension {
+        let (extension, type_name) = match self {
+            Self::LeastRequest => ("least_request", "LeastRequest"),
+            Self::RoundRobin => ("round_robin", "RoundRobin"),
+        };
+        FallbackExtension {
+            extension,
+            type_name,
+        }
+    }
 }
 
 /// `ip:port` of `kv-sidecar serve`'s gRPC (state stream) and HTTP
@@ -160,6 +193,7 @@ struct SidecarAddresses {
 #[derive(Serialize)]
 struct TemplateValues<'a> {
     filter: bool,
+    fallback: FallbackExtension,
     listen_address: &'a str,
     gateway_port: u16,
     admin_port: u16,
@@ -184,6 +218,7 @@ impl GatewayConfig {
             debug_headers: false,
             worker_threads: ENVOY_WORKER_THREADS,
             filter: true,
+            fallback: FallbackBalancing::LeastRequest,
             tokenize_timeout_ms: None,
         })
     }
@@ -208,6 +243,7 @@ impl GatewayConfig {
             });
         let values = TemplateValues {
             filter: self.filter,
+            fallback: self.fallback.extension(),
             listen_address: &self.listen_address,
             gateway_port: self.gateway_port,
             admin_port: self.admin_port,
@@ -283,10 +319,16 @@ impl Envoy {
     }
 
     pub fn start_with_template(config: GatewayConfig, template: &Path) -> anyhow::Result<Self> {
+        let text = config.render(template)?;
+        Self::start_with_text(config, &text)
+    }
+
+    /// Starts Envoy with the configuration `text` (YAML or JSON); `config`
+    /// says which ports it listens on.
+    pub fn start_with_text(config: GatewayConfig, text: &str) -> anyhow::Result<Self> {
         let config_dir = tempfile::tempdir().context("creating a config directory")?;
         let config_path = config_dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, config.render(template)?)
-            .context("writing the Envoy config")?;
+        std::fs::write(&config_path, text).context("writing the Envoy config")?;
         let mut command = Command::new(paths::envoy_binary()?);
         command
             .arg("--config-path")

@@ -3,6 +3,8 @@
 pub mod client;
 pub mod envoy;
 pub mod fleet;
+pub mod istio;
+pub mod load;
 pub mod nats;
 pub mod nats_tap;
 pub mod paths;
@@ -15,7 +17,7 @@ pub mod sim;
 pub mod stack;
 pub mod stats;
 
-pub use envoy::{Envoy, GatewayConfig, ModelRoute, SidecarEndpoints};
+pub use envoy::{Envoy, FallbackBalancing, GatewayConfig, ModelRoute, SidecarEndpoints};
 pub use nats::NatsServer;
 pub use ports::free_port;
 pub use process::ManagedProcess;

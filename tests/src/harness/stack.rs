@@ -63,8 +63,9 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts everything and returns once every filter VM has fleet state;
-    /// `configure` adjusts the gateway before Envoy starts.
+    /// Starts everything and returns once every filter VM has fleet state
+    /// (unless `configure` removes the filter or its sidecar); `configure`
+    /// adjusts the gateway before Envoy starts.
     pub fn start(
         options: StackOptions,
         configure: impl FnOnce(&mut GatewayConfig),
@@ -121,6 +122,7 @@ impl Stack {
         config.sidecar = Some(sidecar.endpoints());
         configure(&mut config);
         let vms = config.worker_threads;
+        let routes_on_fleet_state = config.filter && config.sidecar.is_some();
         let envoy = Envoy::start(config).context("starting Envoy")?;
         let stack = Self {
             workers,
@@ -131,7 +133,9 @@ impl Stack {
             options,
             bootstrap_port,
         };
-        stack.wait_for_fleet_state(vms)?;
+        if routes_on_fleet_state {
+            stack.wait_for_fleet_state(vms)?;
+        }
         Ok(stack)
     }
 

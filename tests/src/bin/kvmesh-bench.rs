@@ -1,0 +1,136 @@
+//! `scripts/bench`: kvmesh against Envoy's own balancing on the same
+//! simulated fleet and workload, one policy after the other, each on a fresh
+//! fleet (empty caches). Writes a markdown table, a CSV and SVG plots per
+//! workload (see docs/benchmarks.md).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvmesh_tests::fleet_bench::bound::hit_rate_bound;
+use kvmesh_tests::fleet_bench::mooncake::MooncakeReplay;
+use kvmesh_tests::fleet_bench::policy::Policy;
+use kvmesh_tests::fleet_bench::prompts::PromptBlocker;
+use kvmesh_tests::fleet_bench::report::{self, RunContext};
+use kvmesh_tests::fleet_bench::run::{run_policy, FleetParams};
+use kvmesh_tests::fleet_bench::summary::Summary;
+use kvmesh_tests::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
+use kvmesh_tests::harness::paths;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WorkloadKind {
+    Mooncake,
+    MultiTenant,
+    MultiTurn,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvmesh-bench",
+    about = "Fleet benchmark: routing policies side by side on one simulated fleet"
+)]
+struct Args {
+    #[command(flatten)]
+    fleet: FleetParams,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [WorkloadKind::Mooncake, WorkloadKind::MultiTenant, WorkloadKind::MultiTurn])]
+    workloads: Vec<WorkloadKind>,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Policy::ALL)]
+    policies: Vec<Policy>,
+    /// Where the markdown, CSV and SVG files go.
+    #[arg(long, default_value = "docs/benchmarks")]
+    out: PathBuf,
+    /// Seed of the synthetic workloads.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    mooncake: MooncakeReplay,
+    #[command(flatten)]
+    multi_tenant: MultiTenant,
+    #[command(flatten)]
+    multi_turn: MultiTurn,
+}
+
+const BLOCK_SIZE: u32 = 16;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let command = std::iter::once("scripts/bench".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let blocker = PromptBlocker::new(
+        &args.fleet.model,
+        &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
+        BLOCK_SIZE,
+    )?;
+    for kind in &args.workloads {
+        let workload = match kind {
+            WorkloadKind::Mooncake => args.mooncake.workload()?,
+            WorkloadKind::MultiTenant => args.multi_tenant.workload(args.seed),
+            WorkloadKind::MultiTurn => args.multi_turn.workload(args.seed),
+        };
+        let rows = run_workload(&workload, &args, &blocker)?;
+        let context = RunContext {
+            command: command.clone(),
+            workload: workload.description.clone(),
+            fleet: fleet_description(&args.fleet, &workload),
+        };
+        let written = report::write(&args.out, &workload.name, &context, &rows)?;
+        println!("{}", report::markdown(&workload.name, &context, &rows));
+        for path in written {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn run_workload(
+    workload: &Workload,
+    args: &Args,
+    blocker: &PromptBlocker,
+) -> anyhow::Result<Vec<Summary>> {
+    let style =
+        ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} requests, {elapsed}")?
+            .progress_chars("=> ");
+    let fleet_blocks = args.fleet.workers * workload.cache_blocks as usize;
+    let mut rows = Vec::with_capacity(args.policies.len());
+    for &policy in &args.policies {
+        let progress = ProgressBar::new(workload.requests() as u64)
+            .with_style(style.clone())
+            .with_message(format!("{} / {}", workload.name, policy.label()));
+        let run = run_policy(workload, policy, &args.fleet, &progress)
+            .with_context(|| format!("{} under {}", workload.name, policy.label()))?;
+        progress.finish();
+        let prompts = run
+            .records
+            .iter()
+            .map(|r| blocker.blocked(&r.prompt))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bound = hit_rate_bound(&prompts, blocker.block_size(), fleet_blocks);
+        rows.push(Summary::new(&run, args.fleet.speedup(workload), bound));
+    }
+    Ok(rows)
+}
+
+fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
+    format!(
+        "{} simulated GPUs (precise + P/D: {} prefill + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server; every policy on a fresh fleet{}",
+        fleet.workers,
+        fleet.prefill_workers,
+        fleet.workers.saturating_sub(fleet.prefill_workers),
+        if workload.sim_args.is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", workload.sim_args.join(" "))
+        },
+        workload.cache_blocks,
+        BLOCK_SIZE,
+        fleet.speedup(workload),
+        if fleet.sim_args.is_empty() {
+            String::new()
+        } else {
+            format!("; sim-engine {}", fleet.sim_args.join(" "))
+        }
+    )
+}

@@ -1,0 +1,202 @@
+//! Mooncake trace replay (FAST'25): one JSON object per line,
+//! `{timestamp (ms), input_length, output_length, hash_ids}`, where each hash
+//! id stands for one 512-token block and equal id prefixes are shared
+//! prefixes. Each id becomes a deterministic block of token ids.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::fleet_bench::workload::{Arrival, Conversation, Prompt, Workload};
+
+/// Tokens each trace hash id stands for.
+pub const TRACE_BLOCK_TOKENS: usize = 512;
+/// Token ids drawn from `[FIRST_TOKEN, FIRST_TOKEN + TOKEN_RANGE)`: ordinary
+/// vocabulary of any real tokenizer, clear of special tokens.
+const FIRST_TOKEN: u32 = 1_000;
+const TOKEN_RANGE: u64 = 100_000;
+
+#[derive(Debug, Deserialize)]
+struct TraceRow {
+    timestamp: u64,
+    input_length: usize,
+    output_length: u32,
+    hash_ids: Vec<u64>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct MooncakeReplay {
+    /// The JSONL trace.
+    #[arg(
+        long = "trace",
+        default_value = "../shared/data/mooncake_synthetic_trace.jsonl"
+    )]
+    pub trace: PathBuf,
+    /// Replay the first this many requests of the trace.
+    #[arg(
+        id = "trace-requests",
+        long = "trace-requests",
+        default_value_t = 1_200
+    )]
+    pub requests: usize,
+    /// Arrival times are divided by this (2: twice the trace's load).
+    #[arg(
+        id = "trace-load-scale",
+        long = "trace-load-scale",
+        default_value_t = 3.0
+    )]
+    pub load_scale: f64,
+    /// Longer prompts keep their first blocks only, as a deployment with
+    /// this context length would see them.
+    #[arg(
+        id = "trace-max-model-len",
+        long = "trace-max-model-len",
+        default_value_t = 65_536
+    )]
+    pub max_model_len: u32,
+    #[arg(
+        id = "trace-cache-blocks",
+        long = "trace-cache-blocks",
+        default_value_t = 30_000
+    )]
+    pub cache_blocks: u32,
+    /// Dense compute per prompt token of the simulated GPUs, µs (the
+    /// timing model's 32 is an 8B model on an H100; less is a smaller model
+    /// or faster GPU, so a small fleet keeps up with the trace's load).
+    #[arg(
+        id = "trace-compute-us-per-token",
+        long = "trace-compute-us-per-token",
+        default_value_t = 8.0
+    )]
+    pub compute_us_per_token: f64,
+    /// Token-id prompts cost the request path little real time, so the
+    /// trace runs faster than real time.
+    #[arg(id = "trace-speedup", long = "trace-speedup", default_value_t = 4.0)]
+    pub speedup: f64,
+}
+
+impl MooncakeReplay {
+    pub fn workload(&self) -> anyhow::Result<Workload> {
+        anyhow::ensure!(self.load_scale > 0.0, "--trace-load-scale must be positive");
+        let file = std::fs::File::open(&self.trace)
+            .with_context(|| format!("opening the trace {}", self.trace.display()))?;
+        let mut arrivals = Vec::with_capacity(self.requests);
+        let mut truncated = 0;
+        for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+            if arrivals.len() == self.requests {
+                break;
+            }
+            let line = line.with_context(|| format!("reading {}", self.trace.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row: TraceRow = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
+            let (tokens, was_truncated) = prompt_tokens(&row, self.max_model_len as usize)
+                .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
+            truncated += usize::from(was_truncated);
+            arrivals.push(Arrival {
+                at: row.timestamp as f64 / 1_000.0 / self.load_scale,
+                conversation: Conversation::Single {
+                    prompt: Prompt::TokenIds(tokens),
+                    max_tokens: row.output_length.max(1),
+                },
+            });
+        }
+        anyhow::ensure!(
+            !arrivals.is_empty(),
+            "{} holds no request",
+            self.trace.display()
+        );
+        let span = arrivals.last().map_or(0.0, |a| a.at);
+        Ok(Workload {
+            name: "mooncake".to_owned(),
+            description: format!(
+                "Mooncake trace {}: first {} requests ({:.0} s of trace at {}× its load), token-id prompts, {} truncated to {} tokens of context",
+                self.trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                arrivals.len(), span, self.load_scale, truncated, self.max_model_len
+            ),
+            arrivals,
+            cache_blocks: self.cache_blocks,
+            max_model_len: self.max_model_len,
+            sim_args: vec![format!(
+                "--timing-compute-us-per-token={}",
+                self.compute_us_per_token
+            )],
+            speedup: self.speedup,
+        })
+    }
+}
+
+/// The prompt's token ids: the trace's blocks, the last one cut to
+/// `input_length`; cut again, with room for the output, if longer than
+/// `max_model_len`.
+fn prompt_tokens(row: &TraceRow, max_model_len: usize) -> anyhow::Result<(Vec<u32>, bool)> {
+    let available = row.hash_ids.len() * TRACE_BLOCK_TOKENS;
+    anyhow::ensure!(
+        row.input_length > 0 && row.input_length <= available,
+        "input_length {} does not fit its {} hash ids",
+        row.input_length,
+        row.hash_ids.len()
+    );
+    let limit = max_model_len.saturating_sub(row.output_length.max(1) as usize);
+    let length = row.input_length.min(limit);
+    let tokens = row
+        .hash_ids
+        .iter()
+        .flat_map(|&id| (0..TRACE_BLOCK_TOKENS).map(move |i| block_token(id, i)))
+        .take(length)
+        .collect();
+    Ok((tokens, length < row.input_length))
+}
+
+/// Token `i` of the block hash id `id` stands for (splitmix64 of both).
+fn block_token(id: u64, i: usize) -> u32 {
+    let mut z = id
+        .wrapping_mul(TRACE_BLOCK_TOKENS as u64)
+        .wrapping_add(i as u64)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    FIRST_TOKEN + (z % TOKEN_RANGE) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(hash_ids: Vec<u64>, input_length: usize) -> TraceRow {
+        TraceRow {
+            timestamp: 0,
+            input_length,
+            output_length: 8,
+            hash_ids,
+        }
+    }
+
+    #[test]
+    fn equal_hash_id_prefixes_give_equal_token_prefixes() {
+        let (a, _) = prompt_tokens(&row(vec![1, 2, 3], 1_200), 1 << 20).unwrap();
+        let (b, _) = prompt_tokens(&row(vec![1, 2, 9], 1_500), 1 << 20).unwrap();
+        assert_eq!(a.len(), 1_200);
+        assert_eq!(b.len(), 1_500);
+        assert_eq!(a[..1_024], b[..1_024]);
+        assert_ne!(a[1_024..1_200], b[1_024..1_200]);
+    }
+
+    #[test]
+    fn long_prompts_are_cut_to_the_context_length() {
+        let (tokens, cut) = prompt_tokens(&row(vec![1, 2, 3, 4], 2_000), 1_000).unwrap();
+        assert!(cut);
+        assert_eq!(tokens.len(), 992);
+    }
+
+    #[test]
+    fn rows_whose_length_exceeds_their_blocks_are_rejected() {
+        assert!(prompt_tokens(&row(vec![1], 600), 1 << 20).is_err());
+        assert!(prompt_tokens(&row(vec![], 0), 1 << 20).is_err());
+    }
+}

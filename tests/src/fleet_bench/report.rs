@@ -1,0 +1,230 @@
+//! Results of one workload: a markdown table, a CSV and two SVG plots.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::fleet_bench::summary::Summary;
+
+/// How the results came about, printed above the table.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub command: String,
+    pub workload: String,
+    pub fleet: String,
+}
+
+/// The results table in markdown, with its context.
+pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### Fleet benchmark: {name}\n");
+    let _ = writeln!(out, "- Command: `{}`", context.command);
+    let _ = writeln!(out, "- Workload: {}", context.workload);
+    let _ = writeln!(out, "- Fleet: {}", context.fleet);
+    if let Some(first) = rows.first() {
+        let _ = writeln!(
+            out,
+            "- Best achievable hit rate: {:.1}% with the fleet's KV memory pooled as one LRU cache; {:.1}% if every block seen before were still cached",
+            first.bound.pooled_lru * 100.0,
+            first.bound.seen_before * 100.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- Latencies in simulated ms (client-side real time × speedup); ITL is each request's mean time between tokens; throughput in output tokens per simulated second.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | requests | errors | kvmesh modes (precise/approx/fallback) |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in rows {
+        let of_bound = if row.bound.pooled_lru > 0.0 {
+            format!("{:.0}%", row.hit_rate / row.bound.pooled_lru * 100.0)
+        } else {
+            "–".to_owned()
+        };
+        let modes = row
+            .modes
+            .map_or_else(|| "–".to_owned(), |[p, a, f]| format!("{p}/{a}/{f}"));
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {} | {} | {} |",
+            row.policy, row.ttft_p50, row.ttft_p90, row.ttft_p99, row.itl_p50, row.itl_p99,
+            row.e2e_p50, row.e2e_p99, row.output_tokens_per_s, row.hit_rate * 100.0, of_bound,
+            row.requests, row.errors, modes
+        );
+    }
+    out
+}
+
+/// The same rows as CSV (milliseconds, rates as fractions).
+pub fn csv(rows: &[Summary]) -> String {
+    let mut out = String::from(
+        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,bound_pooled_lru,bound_seen_before,requests,errors\n",
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{:.5},{:.5},{},{}",
+            row.slug,
+            row.ttft_p50,
+            row.ttft_p90,
+            row.ttft_p99,
+            row.itl_p50,
+            row.itl_p99,
+            row.e2e_p50,
+            row.e2e_p99,
+            row.output_tokens_per_s,
+            row.hit_rate,
+            row.bound.pooled_lru,
+            row.bound.seen_before,
+            row.requests,
+            row.errors
+        );
+    }
+    out
+}
+
+/// Writes `<name>.md`, `<name>.csv`, `<name>-ttft-cdf.svg` and
+/// `<name>-hit-rate.svg` into `dir`; returns their paths.
+pub fn write(
+    dir: &Path,
+    name: &str,
+    context: &RunContext,
+    rows: &[Summary],
+) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let md = dir.join(format!("{name}.md"));
+    let csv_path = dir.join(format!("{name}.csv"));
+    let cdf = dir.join(format!("{name}-ttft-cdf.svg"));
+    let hits = dir.join(format!("{name}-hit-rate.svg"));
+    std::fs::write(&md, markdown(name, context, rows))
+        .with_context(|| format!("writing {}", md.display()))?;
+    std::fs::write(&csv_path, csv(rows))
+        .with_context(|| format!("writing {}", csv_path.display()))?;
+    ttft_cdf(&cdf, name, rows).with_context(|| format!("plotting {}", cdf.display()))?;
+    hit_rates(&hits, name, rows).with_context(|| format!("plotting {}", hits.display()))?;
+    Ok(vec![md, csv_path, cdf, hits])
+}
+
+fn ttft_cdf(path: &Path, name: &str, rows: &[Summary]) -> anyhow::Result<()> {
+    // The slowest 1% would squeeze everything else into one corner.
+    let x_max = rows.iter().map(|r| r.ttft_p99).fold(1.0_f64, f64::max) * 1.05;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{name}: time to first token"), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("TTFT (simulated ms)")
+        .y_desc("fraction of requests")
+        .draw()?;
+    for (index, row) in rows.iter().enumerate() {
+        let color = Palette99::pick(index).to_rgba();
+        let n = row.ttfts.len().max(1) as f64;
+        let points = row
+            .ttfts
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t.min(x_max), (i + 1) as f64 / n));
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(row.policy)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    finish(&root, &mut chart, SeriesLabelPosition::LowerRight)
+}
+
+/// Draws the legend at `position` and writes the file.
+fn finish<'a>(
+    root: &DrawingArea<SVGBackend<'a>, Shift>,
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn hit_rates(path: &Path, name: &str, rows: &[Summary]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let n = rows.len().max(1);
+    let labels: Vec<&str> = rows.iter().map(|r| r.policy).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{name}: prefix cache hit rate"), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..n as f64, 0.0..100.0)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let slot = x - x.floor();
+            if (slot - 0.5).abs() < 1e-6 {
+                labels
+                    .get(x.floor() as usize)
+                    .map_or_else(String::new, |l| (*l).to_owned())
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("cached prompt tokens (%)")
+        .draw()?;
+    chart.draw_series(rows.iter().enumerate().map(|(i, row)| {
+        Rectangle::new(
+            [
+                (i as f64 + 0.15, 0.0),
+                (i as f64 + 0.85, row.hit_rate * 100.0),
+            ],
+            Palette99::pick(i).filled(),
+        )
+    }))?;
+    if let Some(first) = rows.first() {
+        for (value, label, color) in [
+            (
+                first.bound.pooled_lru,
+                "bound: fleet memory pooled (LRU)",
+                BLACK,
+            ),
+            (
+                first.bound.seen_before,
+                "bound: every block seen before",
+                RED,
+            ),
+        ] {
+            let y = value * 100.0;
+            chart
+                .draw_series(LineSeries::new(
+                    [(0.0, y), (n as f64, y)],
+                    color.stroke_width(2),
+                ))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+    }
+    finish(&root, &mut chart, SeriesLabelPosition::UpperRight)
+}

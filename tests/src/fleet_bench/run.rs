@@ -1,0 +1,255 @@
+//! One policy on a fresh fleet: start it, replay the workload open-loop in
+//! real time (simulated time ÷ speedup), collect what the client saw and what
+//! the engines counted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::ProgressBar;
+use serde_json::json;
+
+use crate::fleet_bench::policy::Policy;
+use crate::fleet_bench::workload::{Conversation, Prompt, Workload};
+use crate::harness::client::prometheus_sum;
+use crate::harness::load::{stream_timed, Streamed};
+use crate::harness::stack::{Stack, StackOptions};
+
+/// Longest a single request may take, real time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The fleet every policy runs on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetParams {
+    /// Simulated GPUs (prefill plus decode for `precise-disagg`).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Of `--workers`, how many prefill for `precise-disagg`.
+    #[arg(long, default_value_t = 2)]
+    pub prefill_workers: usize,
+    /// Simulated time runs this many times faster than real time, for every
+    /// workload (default: each workload's own).
+    #[arg(long)]
+    pub speedup: Option<f64>,
+    #[arg(long, default_value = "qwen3")]
+    pub model: String,
+    /// kvmesh's weight of uncached prompt blocks against load (the
+    /// filter's `overlap_weight`; its default when unset).
+    #[arg(long)]
+    pub overlap_weight: Option<f64>,
+    /// Extra sim-engine arguments for every worker, e.g.
+    /// `--sim-arg=--timing-compute-us-per-token=40`.
+    #[arg(long = "sim-arg", allow_hyphen_values = true)]
+    pub sim_args: Vec<String>,
+}
+
+impl FleetParams {
+    /// How much faster than real time `workload` runs.
+    pub fn speedup(&self, workload: &Workload) -> f64 {
+        self.speedup.unwrap_or(workload.speedup)
+    }
+
+    /// The sim-engine arguments of a fleet sized for `workload`.
+    pub fn sim_args(&self, workload: &Workload) -> Vec<String> {
+        let mut args = vec![
+            format!("--speedup={}", self.speedup(workload)),
+            format!("--num-gpu-blocks={}", workload.cache_blocks),
+            format!("--max-model-len={}", workload.max_model_len),
+        ];
+        args.extend(workload.sim_args.iter().cloned());
+        args.extend(self.sim_args.iter().cloned());
+        args
+    }
+}
+
+/// One request as sent and as answered.
+#[derive(Debug)]
+pub struct RequestRecord {
+    /// Real seconds from the start of the replay.
+    pub sent_at: f64,
+    pub prompt: Prompt,
+    pub outcome: Result<Streamed, String>,
+}
+
+/// Everything measured of one policy.
+#[derive(Debug)]
+pub struct PolicyRun {
+    pub policy: Policy,
+    pub records: Vec<RequestRecord>,
+    /// Real seconds from the first arrival until the last answer ended.
+    pub wall: f64,
+    /// Prompt tokens the prefilling engines found cached, and all they were
+    /// asked for (their `vllm:prefix_cache_*` counters).
+    pub cache_hits: f64,
+    pub cache_queries: f64,
+    /// kvmesh requests routed precise / approximate / fallback.
+    pub modes: Option<[u64; 3]>,
+}
+
+/// Starts a fleet for `policy`, replays `workload` through it and stops it.
+pub fn run_policy(
+    workload: &Workload,
+    policy: Policy,
+    fleet: &FleetParams,
+    progress: &ProgressBar,
+) -> anyhow::Result<PolicyRun> {
+    let prefill_workers = if policy.disaggregated() {
+        fleet.prefill_workers
+    } else {
+        0
+    };
+    anyhow::ensure!(
+        prefill_workers < fleet.workers,
+        "--prefill-workers must leave at least one decode worker"
+    );
+    let mut options = StackOptions::new(&fleet.model, fleet.workers - prefill_workers)?;
+    options.sim_args = fleet.sim_args(workload);
+    options.prefill_workers = prefill_workers;
+    options.disaggregation = ("auto".to_owned(), "vllm".to_owned());
+    let stack = Stack::start(options, |config| {
+        policy.configure(config);
+        for model in &mut config.models {
+            model.overlap_weight = fleet.overlap_weight;
+        }
+    })
+    .with_context(|| format!("starting the fleet for {}", policy.label()))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let started = Instant::now();
+    let records = runtime.block_on(replay(
+        workload,
+        &fleet.model,
+        &stack.envoy.gateway_url(),
+        fleet.speedup(workload),
+        progress,
+    ))?;
+    let wall = started.elapsed().as_secs_f64();
+    // With remote prefill the decode engines "hit" the blocks they pulled;
+    // the prefill engines' counters say what caching saved.
+    let prefilling = if policy.disaggregated() {
+        &stack.prefill_workers
+    } else {
+        &stack.workers
+    };
+    let (mut cache_hits, mut cache_queries) = (0.0, 0.0);
+    for worker in prefilling {
+        let metrics = format!("{}/metrics", worker.sim.url());
+        cache_hits += prometheus_sum(&metrics, "vllm:prefix_cache_hits_total", "");
+        cache_queries += prometheus_sum(&metrics, "vllm:prefix_cache_queries_total", "");
+    }
+    let modes = if matches!(policy, Policy::RoundRobin | Policy::LeastRequest) {
+        None
+    } else {
+        let stat = |mode: &str| {
+            stack
+                .envoy
+                .stat(&format!("wasmcustom.kvmesh_requests_{mode}"))
+        };
+        Some([stat("precise")?, stat("approximate")?, stat("fallback")?])
+    };
+    Ok(PolicyRun {
+        policy,
+        records,
+        wall,
+        cache_hits,
+        cache_queries,
+        modes,
+    })
+}
+
+async fn replay(
+    workload: &Workload,
+    model: &str,
+    gateway: &str,
+    speedup: f64,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<RequestRecord>> {
+    let client = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let context = Arc::new(Replay {
+        client,
+        gateway: gateway.to_owned(),
+        model: model.to_owned(),
+        speedup,
+        started: tokio::time::Instant::now(),
+        progress: progress.clone(),
+    });
+    let mut tasks = Vec::with_capacity(workload.arrivals.len());
+    for arrival in &workload.arrivals {
+        let at = context.started + Duration::from_secs_f64(arrival.at / speedup);
+        tokio::time::sleep_until(at).await;
+        let context = Arc::clone(&context);
+        let conversation = arrival.conversation.clone();
+        tasks.push(tokio::spawn(
+            async move { context.converse(conversation).await },
+        ));
+    }
+    let mut records = Vec::with_capacity(workload.requests());
+    for task in tasks {
+        records.extend(task.await.context("a replay task panicked")?);
+    }
+    records.sort_by(|a, b| a.sent_at.total_cmp(&b.sent_at));
+    Ok(records)
+}
+
+struct Replay {
+    client: reqwest::Client,
+    gateway: String,
+    model: String,
+    speedup: f64,
+    started: tokio::time::Instant,
+    progress: ProgressBar,
+}
+
+impl Replay {
+    async fn converse(&self, conversation: Conversation) -> Vec<RequestRecord> {
+        match conversation {
+            Conversation::Single { prompt, max_tokens } => {
+                vec![self.send(prompt, max_tokens).await]
+            }
+            Conversation::Session {
+                system,
+                user_turns,
+                max_tokens,
+                think,
+            } => {
+                let mut messages = vec![json!({"role": "system", "content": system})];
+                let total = user_turns.len();
+                let mut records = Vec::with_capacity(total);
+                for (turn, user) in user_turns.into_iter().enumerate() {
+                    if turn > 0 {
+                        tokio::time::sleep(Duration::from_secs_f64(think / self.speedup)).await;
+                    }
+                    messages.push(json!({"role": "user", "content": user}));
+                    let record = self.send(Prompt::Chat(messages.clone()), max_tokens).await;
+                    let Ok(answer) = &record.outcome else {
+                        // A session whose answer is lost ends, as a user
+                        // would give up; the error is counted.
+                        records.push(record);
+                        self.progress.inc((total - turn - 1) as u64);
+                        break;
+                    };
+                    messages.push(json!({"role": "assistant", "content": answer.text}));
+                    records.push(record);
+                }
+                records
+            }
+        }
+    }
+
+    async fn send(&self, prompt: Prompt, max_tokens: u32) -> RequestRecord {
+        let sent_at = self.started.elapsed().as_secs_f64();
+        let url = format!("{}{}", self.gateway, prompt.path());
+        let body = prompt.body(&self.model, max_tokens);
+        let outcome = stream_timed(&self.client, &url, &body)
+            .await
+            .map_err(|e| format!("{e:#}"));
+        self.progress.inc(1);
+        RequestRecord {
+            sent_at,
+            prompt,
+            outcome,
+        }
+    }
+}

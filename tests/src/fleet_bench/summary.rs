@@ -1,0 +1,81 @@
+//! Per-policy numbers from a run, in simulated time.
+
+use crate::fleet_bench::bound::HitRateBound;
+use crate::fleet_bench::run::PolicyRun;
+use crate::harness::stats::quantile;
+
+/// One row of the results table. Latencies in simulated milliseconds
+/// (client-side real time × speedup).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub policy: &'static str,
+    pub slug: &'static str,
+    pub requests: usize,
+    pub errors: usize,
+    pub ttft_p50: f64,
+    pub ttft_p90: f64,
+    pub ttft_p99: f64,
+    /// Inter-token latency: each request's mean time between tokens.
+    pub itl_p50: f64,
+    pub itl_p99: f64,
+    pub e2e_p50: f64,
+    pub e2e_p99: f64,
+    /// Generated tokens per simulated second over the whole run.
+    pub output_tokens_per_s: f64,
+    /// Prefix-cache hit rate from the engines' counters.
+    pub hit_rate: f64,
+    pub bound: HitRateBound,
+    /// kvmesh requests routed precise / approximate / fallback.
+    pub modes: Option<[u64; 3]>,
+    /// Every successful request's TTFT, sorted, for the CDF.
+    pub ttfts: Vec<f64>,
+}
+
+impl Summary {
+    pub fn new(run: &PolicyRun, speedup: f64, bound: HitRateBound) -> Self {
+        let ms = speedup * 1e3;
+        let mut ttfts = Vec::new();
+        let mut gaps = Vec::new();
+        let mut totals = Vec::new();
+        let mut output_tokens = 0usize;
+        let mut errors = 0;
+        for record in &run.records {
+            match &record.outcome {
+                Ok(streamed) => {
+                    ttfts.extend(streamed.ttft().map(|t| t * ms));
+                    gaps.extend(streamed.mean_inter_token().map(|g| g * ms));
+                    totals.push(streamed.total * ms);
+                    output_tokens += streamed.token_times.len();
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        let simulated_seconds = run.wall * speedup;
+        Self {
+            policy: run.policy.label(),
+            slug: run.policy.slug(),
+            requests: run.records.len(),
+            errors,
+            ttft_p50: quantile(&mut ttfts, 0.5),
+            ttft_p90: quantile(&mut ttfts, 0.9),
+            ttft_p99: quantile(&mut ttfts, 0.99),
+            itl_p50: quantile(&mut gaps, 0.5),
+            itl_p99: quantile(&mut gaps, 0.99),
+            e2e_p50: quantile(&mut totals, 0.5),
+            e2e_p99: quantile(&mut totals, 0.99),
+            output_tokens_per_s: if simulated_seconds > 0.0 {
+                output_tokens as f64 / simulated_seconds
+            } else {
+                0.0
+            },
+            hit_rate: if run.cache_queries > 0.0 {
+                run.cache_hits / run.cache_queries
+            } else {
+                0.0
+            },
+            bound,
+            modes: run.modes,
+            ttfts,
+        }
+    }
+}

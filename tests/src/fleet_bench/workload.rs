@@ -1,0 +1,381 @@
+//! What a benchmark sends: arrivals in simulated time, each a single request
+//! or a chat session whose turns re-send their history.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+/// The prompt of one request as the engine receives it.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// `/v1/completions` with a token-id prompt.
+    TokenIds(Vec<u32>),
+    /// `/v1/chat/completions` with these messages.
+    Chat(Vec<Value>),
+}
+
+impl Prompt {
+    /// The streamed request body for `model`.
+    pub fn body(&self, model: &str, max_tokens: u32) -> Value {
+        match self {
+            Self::TokenIds(tokens) => json!({"model": model, "prompt": tokens,
+                "max_tokens": max_tokens, "stream": true}),
+            Self::Chat(messages) => json!({"model": model, "messages": messages,
+                "max_tokens": max_tokens, "stream": true}),
+        }
+    }
+
+    /// Path of the OpenAI endpoint this prompt goes to.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Self::TokenIds(_) => "/v1/completions",
+            Self::Chat(_) => "/v1/chat/completions",
+        }
+    }
+}
+
+/// A conversation that starts at one arrival time.
+#[derive(Debug, Clone)]
+pub enum Conversation {
+    Single {
+        prompt: Prompt,
+        max_tokens: u32,
+    },
+    /// Each user turn is sent with the whole history before it, including
+    /// the answers the engine streamed; the next turn follows `think`
+    /// simulated seconds after an answer ends.
+    Session {
+        system: String,
+        user_turns: Vec<String>,
+        max_tokens: u32,
+        think: f64,
+    },
+}
+
+impl Conversation {
+    pub fn requests(&self) -> usize {
+        match self {
+            Self::Single { .. } => 1,
+            Self::Session { user_turns, .. } => user_turns.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// Simulated seconds from the start of the run.
+    pub at: f64,
+    pub conversation: Conversation,
+}
+
+/// A named workload and the fleet settings it was sized for.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub name: String,
+    /// One line saying what it is, with its parameters.
+    pub description: String,
+    pub arrivals: Vec<Arrival>,
+    /// KV blocks per simulated GPU (`--num-gpu-blocks`).
+    pub cache_blocks: u32,
+    /// Longest prompt plus output (`--max-model-len`).
+    pub max_model_len: u32,
+    /// Further sim-engine arguments this workload was sized with.
+    pub sim_args: Vec<String>,
+    /// How much faster than real time the fleet runs it. Real-time costs on
+    /// the request path (tokenizing text prompts in the sidecar and the
+    /// engines on a shared 2-core machine) are multiplied by it, so text
+    /// workloads run at 1.
+    pub speedup: f64,
+}
+
+impl Workload {
+    pub fn requests(&self) -> usize {
+        self.arrivals
+            .iter()
+            .map(|a| a.conversation.requests())
+            .sum()
+    }
+
+    /// Simulated seconds until the last conversation starts.
+    pub fn span(&self) -> f64 {
+        self.arrivals.last().map_or(0.0, |a| a.at)
+    }
+}
+
+/// Multi-tenant shared prefixes: `tenants` system prompts of
+/// `prefix_tokens`, each with `users_per_tenant` users asking questions of
+/// `question_tokens`; tenants are picked uniformly.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MultiTenant {
+    #[arg(id = "tenants", long = "tenants", default_value_t = 16)]
+    pub tenants: u32,
+    #[arg(
+        id = "tenant-prefix-tokens",
+        long = "tenant-prefix-tokens",
+        default_value_t = 4_000
+    )]
+    pub prefix_tokens: u32,
+    #[arg(
+        id = "users-per-tenant",
+        long = "users-per-tenant",
+        default_value_t = 8
+    )]
+    pub users_per_tenant: u32,
+    #[arg(
+        id = "question-tokens",
+        long = "question-tokens",
+        default_value_t = 150
+    )]
+    pub question_tokens: u32,
+    #[arg(
+        id = "tenant-requests",
+        long = "tenant-requests",
+        default_value_t = 400
+    )]
+    pub requests: u32,
+    /// Arrivals per simulated second (Poisson).
+    #[arg(id = "tenant-rate", long = "tenant-rate", default_value_t = 6.0)]
+    pub rate: f64,
+    #[arg(
+        id = "tenant-output-tokens",
+        long = "tenant-output-tokens",
+        default_value_t = 64
+    )]
+    pub output_tokens: u32,
+    /// KV blocks per worker: less than the tenants' prefixes need, so
+    /// where a tenant goes decides whether its prefix stays cached.
+    #[arg(
+        id = "tenant-cache-blocks",
+        long = "tenant-cache-blocks",
+        default_value_t = 2_500
+    )]
+    pub cache_blocks: u32,
+}
+
+impl MultiTenant {
+    pub fn workload(&self, seed: u64) -> Workload {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let systems: Vec<String> = (0..self.tenants)
+            .map(|t| {
+                let mut text = format!("You are the assistant of tenant {t}. Reference material: ");
+                text.push_str(&words(&mut rng, self.prefix_tokens));
+                text
+            })
+            .collect();
+        let mut at = 0.0;
+        let arrivals = (0..self.requests)
+            .map(|_| {
+                at += exponential(&mut rng, self.rate);
+                let tenant = rng.random_range(0..self.tenants) as usize;
+                let user = rng.random_range(0..self.users_per_tenant);
+                let question = format!(
+                    "I am user {user}. {}?",
+                    words(&mut rng, self.question_tokens)
+                );
+                let messages = vec![
+                    json!({"role": "system", "content": systems[tenant]}),
+                    json!({"role": "user", "content": question}),
+                ];
+                Arrival {
+                    at,
+                    conversation: Conversation::Single {
+                        prompt: Prompt::Chat(messages),
+                        max_tokens: self.output_tokens,
+                    },
+                }
+            })
+            .collect();
+        Workload {
+            name: "multi-tenant".to_owned(),
+            description: format!(
+                "{} tenants × {}-token system prompt × {} users × {}-token question, {} chat requests at {}/s (Poisson), {} output tokens",
+                self.tenants, self.prefix_tokens, self.users_per_tenant, self.question_tokens,
+                self.requests, self.rate, self.output_tokens
+            ),
+            arrivals,
+            cache_blocks: self.cache_blocks,
+            max_model_len: 32_768,
+            sim_args: Vec::new(),
+            speedup: 1.0,
+        }
+    }
+}
+
+/// Multi-turn chat sessions that re-send their history: a shared system
+/// prompt, a long first message (a pasted document), short follow-ups.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MultiTurn {
+    #[arg(id = "sessions", long = "sessions", default_value_t = 64)]
+    pub sessions: u32,
+    #[arg(id = "turns", long = "turns", default_value_t = 5)]
+    pub turns: u32,
+    #[arg(
+        id = "session-system-tokens",
+        long = "session-system-tokens",
+        default_value_t = 500
+    )]
+    pub system_tokens: u32,
+    #[arg(
+        id = "first-message-tokens",
+        long = "first-message-tokens",
+        default_value_t = 2_000
+    )]
+    pub first_message_tokens: u32,
+    #[arg(
+        id = "follow-up-tokens",
+        long = "follow-up-tokens",
+        default_value_t = 100
+    )]
+    pub follow_up_tokens: u32,
+    #[arg(
+        id = "session-output-tokens",
+        long = "session-output-tokens",
+        default_value_t = 100
+    )]
+    pub output_tokens: u32,
+    /// Session starts per simulated second (Poisson).
+    #[arg(id = "session-rate", long = "session-rate", default_value_t = 2.0)]
+    pub rate: f64,
+    /// Simulated seconds between an answer and the next question.
+    #[arg(id = "think-seconds", long = "think-seconds", default_value_t = 2.0)]
+    pub think: f64,
+    #[arg(
+        id = "session-cache-blocks",
+        long = "session-cache-blocks",
+        default_value_t = 2_500
+    )]
+    pub cache_blocks: u32,
+}
+
+impl MultiTurn {
+    pub fn workload(&self, seed: u64) -> Workload {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let system = format!(
+            "You are a helpful assistant. House rules: {}",
+            words(&mut rng, self.system_tokens)
+        );
+        let mut at = 0.0;
+        let arrivals = (0..self.sessions)
+            .map(|session| {
+                at += exponential(&mut rng, self.rate);
+                let user_turns = (0..self.turns)
+                    .map(|turn| {
+                        let length = if turn == 0 {
+                            self.first_message_tokens
+                        } else {
+                            self.follow_up_tokens
+                        };
+                        format!(
+                            "Session {session}, turn {turn}: {}",
+                            words(&mut rng, length)
+                        )
+                    })
+                    .collect();
+                Arrival {
+                    at,
+                    conversation: Conversation::Session {
+                        system: system.clone(),
+                        user_turns,
+                        max_tokens: self.output_tokens,
+                        think: self.think,
+                    },
+                }
+            })
+            .collect();
+        Workload {
+            name: "multi-turn".to_owned(),
+            description: format!(
+                "{} chat sessions × {} turns at {}/s (Poisson): {}-token system prompt, {}-token first message, {}-token follow-ups, {} output tokens, {} s think time",
+                self.sessions, self.turns, self.rate, self.system_tokens,
+                self.first_message_tokens, self.follow_up_tokens, self.output_tokens, self.think
+            ),
+            arrivals,
+            cache_blocks: self.cache_blocks,
+            max_model_len: 32_768,
+            sim_args: Vec::new(),
+            speedup: 1.0,
+        }
+    }
+}
+
+/// Seconds to the next Poisson arrival at `rate` per second.
+fn exponential(rng: &mut StdRng, rate: f64) -> f64 {
+    let uniform: f64 = rng.random_range(f64::EPSILON..1.0);
+    -uniform.ln() / rate
+}
+
+/// Common words, each one token for BPE vocabularies such as Qwen3's when
+/// preceded by a space, so `count` words are about `count` tokens.
+const WORDS: &[&str] = &[
+    "system", "data", "model", "network", "service", "request", "response", "value", "table",
+    "index", "record", "policy", "account", "report", "market", "price", "order", "customer",
+    "product", "support", "energy", "water", "river", "mountain", "city", "garden", "music",
+    "history", "science", "language", "paper", "window", "door", "light", "green", "blue", "red",
+    "small", "large", "early", "late", "north", "south", "east", "west", "summer", "winter",
+    "morning", "evening", "number", "letter", "story", "game", "team", "player", "school",
+    "teacher", "student", "doctor", "health", "travel", "train", "road", "bridge",
+];
+
+/// About `count` tokens of deterministic English-like text.
+fn words(rng: &mut StdRng, count: u32) -> String {
+    let mut text = String::with_capacity(count as usize * 7);
+    for i in 0..count {
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_are_deterministic_and_ordered() {
+        let params = MultiTenant {
+            tenants: 3,
+            prefix_tokens: 20,
+            users_per_tenant: 2,
+            question_tokens: 5,
+            requests: 50,
+            rate: 10.0,
+            output_tokens: 4,
+            cache_blocks: 100,
+        };
+        let a = params.workload(7);
+        let b = params.workload(7);
+        assert_eq!(a.requests(), 50);
+        assert!(a.arrivals.windows(2).all(|w| w[0].at <= w[1].at));
+        let bodies = |w: &Workload| -> Vec<String> {
+            w.arrivals
+                .iter()
+                .map(|a| match &a.conversation {
+                    Conversation::Single { prompt, .. } => prompt.body("m", 1).to_string(),
+                    Conversation::Session { .. } => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(bodies(&a), bodies(&b));
+        // Mean inter-arrival near 1/rate.
+        let mean = a.span() / 50.0;
+        assert!((0.05..0.2).contains(&mean), "mean gap {mean}");
+    }
+
+    #[test]
+    fn sessions_count_every_turn() {
+        let params = MultiTurn {
+            sessions: 4,
+            turns: 3,
+            system_tokens: 5,
+            first_message_tokens: 10,
+            follow_up_tokens: 3,
+            output_tokens: 4,
+            rate: 1.0,
+            think: 1.0,
+            cache_blocks: 100,
+        };
+        assert_eq!(params.workload(1).requests(), 12);
+    }
+}
