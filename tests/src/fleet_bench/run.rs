@@ -33,6 +33,10 @@ pub struct FleetParams {
     pub speedup: Option<f64>,
     #[arg(long, default_value = "qwen3")]
     pub model: String,
+    /// Envoy worker threads: one filter VM each, and with it one learned
+    /// prefix table in approximate mode.
+    #[arg(long, default_value_t = 2)]
+    pub gateway_threads: u64,
     /// kvmesh's weight of uncached prompt blocks against load (the
     /// filter's `overlap_weight`; its default when unset).
     #[arg(long)]
@@ -108,6 +112,7 @@ pub fn run_policy(
     options.disaggregation = ("auto".to_owned(), "vllm".to_owned());
     let stack = Stack::start(options, |config| {
         policy.configure(config);
+        config.worker_threads = fleet.gateway_threads;
         for model in &mut config.models {
             model.overlap_weight = fleet.overlap_weight;
         }
