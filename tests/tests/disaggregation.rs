@@ -66,6 +66,20 @@ impl Pools {
         self.envoy.stat(&format!("wasmcustom.{name}")).unwrap()
     }
 
+    /// The counter once it reaches `expected`, or its value after 5 s. With
+    /// SGLang the legs run at once, and the prefill leg's answer (which
+    /// counts the remote prefill) may land after the client's response.
+    fn counter_reaching(&self, name: &str, expected: u64) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let value = self.counter(name);
+            if value >= expected || std::time::Instant::now() >= deadline {
+                return value;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Sends a `PROMPT`-token completion, checks the decode worker answered
     /// it, and returns its JSON (non-streaming) or nothing.
     fn complete(&self, stream: bool) -> Option<Value> {
@@ -100,7 +114,11 @@ fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
         pools.complete(false);
         pools.complete(true);
         assert_eq!(pools.counter("kvmesh_remote_prefills"), 0, "{protocol}");
-        assert_eq!(pools.counter("kvmesh_prefill_failures"), 2, "{protocol}");
+        assert_eq!(
+            pools.counter_reaching("kvmesh_prefill_failures", 2),
+            2,
+            "{protocol}"
+        );
         assert_eq!(prompt_tokens_served(&pools.prefill), 0.0);
     }
 }
@@ -127,11 +145,19 @@ fn every_protocol_prefills_remotely_and_the_decode_engine_computes_none_of_it() 
             f64::from(PROMPT),
             "{protocol}"
         );
-        assert_eq!(pools.counter("kvmesh_remote_prefills"), 1, "{protocol}");
+        assert_eq!(
+            pools.counter_reaching("kvmesh_remote_prefills", 1),
+            1,
+            "{protocol}"
+        );
         // Streaming: the decode leg streams through untouched.
         pools.complete(true);
         assert_eq!(metric(&pools.decode, received), 32.0, "{protocol}");
-        assert_eq!(pools.counter("kvmesh_remote_prefills"), 2, "{protocol}");
+        assert_eq!(
+            pools.counter_reaching("kvmesh_remote_prefills", 2),
+            2,
+            "{protocol}"
+        );
         assert_eq!(pools.counter("kvmesh_prefill_failures"), 0, "{protocol}");
         let fallbacks = "sim:remote_prefill_fallbacks_total";
         assert_eq!(metric(&pools.decode, fallbacks), 0.0, "{protocol}");
