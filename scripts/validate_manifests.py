@@ -113,6 +113,9 @@ def main():
     parser.add_argument("--kubernetes-version", default="1.33.0")
     args = parser.parse_args()
 
+    if not pathlib.Path(args.crds).is_file():
+        print(f"Istio CRD schemas not found at {args.crds} (pass --crds FILE)", file=sys.stderr)
+        return 2
     schemas = load_crd_schemas(args.crds)
     directory = pathlib.Path(args.directory)
     files = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml"))

@@ -3,10 +3,9 @@
 //! metrics, and config validation.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
 
 use kvmesh_tests::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
-use kvmesh_tests::harness::envoy::Disaggregation;
+use kvmesh_tests::harness::envoy::{validate_config, Disaggregation};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{
     free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
@@ -365,16 +364,8 @@ fn envoy_validates_every_config_in_envoy_dir() {
             .path()
             .join(format!("{variant}-{}", name.trim_end_matches(".j2")));
         std::fs::write(&out, rendered).unwrap();
-        let result = Command::new(paths::envoy_binary().unwrap())
-            .args(["--mode", "validate", "--config-path"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            result.status.success(),
-            "envoy rejected {name} ({variant}):\n{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        let (accepted, output) = validate_config(&out).unwrap();
+        assert!(accepted, "envoy rejected {name} ({variant}):\n{output}");
         validated += 1;
     }
     assert!(validated >= 1, "no Envoy configs found in envoy/");

@@ -13,9 +13,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::envoy::PREFILL_POOL;
+use kvmesh_tests::harness::envoy::{validate_config, PREFILL_POOL};
 use kvmesh_tests::harness::istio::{apply_envoy_filter, outbound_cluster};
 use kvmesh_tests::harness::nats_tap::NatsTap;
+use kvmesh_tests::harness::process::run_to_completion;
 use kvmesh_tests::harness::stack::{Stack, StackOptions};
 use kvmesh_tests::harness::{paths, Envoy, GatewayConfig};
 use router_core::protocol::subjects;
@@ -38,13 +39,9 @@ fn yaml_documents(path: &Path) -> Vec<Value> {
 }
 
 fn validate_manifests(dir: &Path) -> (bool, String) {
-    let output = Command::new(paths::repo_root().join("scripts/validate-manifests"))
-        .arg(dir)
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
+    let mut command = Command::new(paths::repo_root().join("scripts/validate-manifests"));
+    command.arg(dir);
+    run_to_completion(command).unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -122,18 +119,17 @@ fn the_sidecar_and_nats_configurations_in_the_manifests_are_accepted() {
         config_map_entry("nats/configmap.yaml", "nats.conf"),
     )
     .unwrap();
-    let output = Command::new(paths::nats_server_binary().unwrap())
+    let mut command = Command::new(paths::nats_server_binary().unwrap());
+    command
         .arg("-t")
         .arg("-c")
         .arg(&nats_config)
         .env("POD_NAME", "nats-0")
-        .env("NATS_PASSWORD", "not-a-real-password")
-        .output()
-        .unwrap();
+        .env("NATS_PASSWORD", "not-a-real-password");
+    let (ok, out) = run_to_completion(command).unwrap();
     assert!(
-        output.status.success(),
-        "nats-server -t refused the ConfigMap's nats.conf: {}",
-        String::from_utf8_lossy(&output.stderr)
+        ok,
+        "nats-server -t refused the ConfigMap's nats.conf: {out}"
     );
 }
 
@@ -180,14 +176,7 @@ fn envoy_validate(config: &Value) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.json");
     std::fs::write(&path, serde_json::to_string_pretty(config).unwrap()).unwrap();
-    let output = Command::new(paths::envoy_binary().unwrap())
-        .args(["--mode", "validate", "--config-path"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
+    validate_config(&path).unwrap()
 }
 
 fn token_prompt(prefix: u32, length: u32, tail: u32) -> Value {
@@ -305,7 +294,7 @@ fn dashboard_queries_only_exported_metrics(stack: &Stack, envoy: &Envoy) {
         &std::fs::read_to_string(istio_dir().join("grafana/kvmesh-dashboard.json")).unwrap(),
     )
     .unwrap();
-    let names = regex_lite_metric_names(&dashboard);
+    let names = dashboard_metric_names(&dashboard);
     assert!(names.len() > 20, "{names:?}");
     let missing: Vec<&String> = names.iter().filter(|m| !is_exported(m)).collect();
     assert!(
@@ -316,7 +305,7 @@ fn dashboard_queries_only_exported_metrics(stack: &Stack, envoy: &Envoy) {
 
 /// Metric names in the dashboard's PromQL: identifiers that start with
 /// `kvmesh_` or `vllm:`.
-fn regex_lite_metric_names(dashboard: &Value) -> std::collections::BTreeSet<String> {
+fn dashboard_metric_names(dashboard: &Value) -> std::collections::BTreeSet<String> {
     let mut names = std::collections::BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {

@@ -95,11 +95,6 @@ impl Workload {
             .map(|a| a.conversation.requests())
             .sum()
     }
-
-    /// Simulated seconds until the last conversation starts.
-    pub fn span(&self) -> f64 {
-        self.arrivals.last().map_or(0.0, |a| a.at)
-    }
 }
 
 /// Multi-tenant shared prefixes: `tenants` system prompts of
@@ -359,7 +354,7 @@ mod tests {
         };
         assert_eq!(bodies(&a), bodies(&b));
         // Mean inter-arrival near 1/rate.
-        let mean = a.span() / 50.0;
+        let mean = a.arrivals.last().unwrap().at / 50.0;
         assert!((0.05..0.2).contains(&mean), "mean gap {mean}");
     }
 

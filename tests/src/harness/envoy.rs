@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::harness::{free_port, paths, readiness, ManagedProcess};
+use crate::harness::{free_port, paths, process, readiness, ManagedProcess};
 
 /// Listener buffer limit; above the filter's body limit so oversize bodies get
 /// the filter's OpenAI-shaped 413 rather than Envoy's plain-text one.
@@ -303,6 +303,15 @@ fn parse_worker(endpoint: &str) -> anyhow::Result<WorkerAddress> {
         ip: address.ip().to_string(),
         port: address.port(),
     })
+}
+
+/// `envoy --mode validate` on a configuration file: (accepted, Envoy's output).
+pub fn validate_config(config_path: &Path) -> anyhow::Result<(bool, String)> {
+    let mut command = Command::new(paths::envoy_binary()?);
+    command
+        .args(["--mode", "validate", "--config-path"])
+        .arg(config_path);
+    process::run_to_completion(command)
 }
 
 /// A running Envoy gateway.

@@ -161,3 +161,13 @@ impl Drop for ManagedProcess {
         self.stop();
     }
 }
+
+/// Runs `command` to completion: (exit success, stdout followed by stderr).
+pub fn run_to_completion(mut command: Command) -> anyhow::Result<(bool, String)> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {:?}", command.get_program()))?;
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    Ok((output.status.success(), text))
+}

@@ -130,12 +130,7 @@ pub fn check_config(yaml: &str) -> anyhow::Result<(bool, String)> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("kvmesh.yaml");
     std::fs::write(&path, yaml)?;
-    let output = Command::new(paths::binary("kv-sidecar")?)
-        .arg("check-config")
-        .arg("--config")
-        .arg(&path)
-        .output()?;
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    Ok((output.status.success(), text))
+    let mut command = Command::new(paths::binary("kv-sidecar")?);
+    command.arg("check-config").arg("--config").arg(&path);
+    crate::harness::process::run_to_completion(command)
 }
