@@ -42,13 +42,16 @@ pub struct CostWeights {
 }
 
 impl CostWeights {
-    /// A block to prefill costs compute time; a block of decode load costs
-    /// memory and a little time per step. 2 keeps tenants' prefixes where
-    /// they are cached until their worker holds clearly more load: on the
-    /// fleet benchmark's multi-tenant workload it lifted the hit rate from
-    /// 73% (weight 1) to 87% of a 93% bound and cut TTFT p90 2.4× (weight 4:
-    /// 87% and a little lower p90, but less protection against herding).
-    pub const DEFAULT_OVERLAP_WEIGHT: f64 = 2.0;
+    /// A block to prefill costs compute time before the first token; a block
+    /// of decode load costs memory and a few microseconds per step. At 2, a
+    /// worker running two more ~4k-token requests than an idle one lost its
+    /// tenants' prefixes to it — a 140 ms re-prefill to dodge under 1 ms of
+    /// batching — and on the fleet benchmark's multi-tenant workload every
+    /// avoidable miss was such a move. At 4 a worker keeps its prefixes until
+    /// it runs about four more requests than another, which still bounds
+    /// herding (hit rate 86–88% → 91–92% of a 92% bound, TTFT p90 lower on
+    /// three seeds; docs/benchmarks.md).
+    pub const DEFAULT_OVERLAP_WEIGHT: f64 = 4.0;
 }
 
 impl Default for CostWeights {
@@ -255,6 +258,21 @@ mod tests {
         }
         // p(worker 1) = e^-2 / (1 + e^-2) ≈ 0.12
         assert!(counts[0] > counts[1] && counts[1] > 100, "{counts:?}");
+    }
+
+    #[test]
+    fn a_cached_tenant_stays_while_its_worker_decodes_a_few_more_requests() {
+        // The fleet benchmark's multi-tenant shape: a 259-block chat whose
+        // first 249 blocks are cached on worker 0, which runs three more
+        // such requests in decode than idle worker 1 and has nothing queued.
+        // Moving would re-prefill 4k tokens to dodge a few ms of batching.
+        let prompt = PromptShape {
+            blocks: 259,
+            block_size: 16,
+        };
+        let c = [candidate(0, 249, 3 * 263, 0), candidate(1, 0, 0, 0)];
+        let chosen = select(prompt, &c, CostWeights::default(), 0).unwrap();
+        assert_eq!(chosen.worker.0, 0);
     }
 
     #[test]

@@ -99,10 +99,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let address = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&address)
-        .await
-        .with_context(|| format!("binding {address}"))?;
-    let local = listener.local_addr().context("reading the bound address")?;
+    let listener = http_listen::bind(&address).await?;
+    let local =
+        axum::serve::Listener::local_addr(&listener).context("reading the bound address")?;
     let transfers = Transfers::new(TransferSettings {
         host: config
             .advertise_host
@@ -144,11 +143,10 @@ async fn main() -> anyhow::Result<()> {
     let state = Arc::new(state);
     if let Some(port) = config.disaggregation_bootstrap_port {
         let address = format!("{}:{port}", config.host);
-        let bootstrap = tokio::net::TcpListener::bind(&address)
+        let bootstrap = http_listen::bind(&address)
             .await
-            .with_context(|| format!("binding the bootstrap port {address}"))?;
-        let local = bootstrap
-            .local_addr()
+            .context("binding the bootstrap port")?;
+        let local = axum::serve::Listener::local_addr(&bootstrap)
             .context("reading the bootstrap address")?;
         tracing::info!(address = %local, "SGLang-style bootstrap server listening");
         let router = api::bootstrap_router(Arc::clone(&state));

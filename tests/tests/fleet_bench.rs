@@ -16,6 +16,8 @@ struct Row {
     ttft_p90_ms: f64,
     output_tokens_per_s: f64,
     hit_rate: f64,
+    request_hit_rate: f64,
+    preemptions: u64,
     bound_pooled_lru: f64,
     bound_seen_before: f64,
     requests: usize,
@@ -35,6 +37,8 @@ fn parse_csv(text: &str) -> Vec<Row> {
                 ttft_p90_ms: number("ttft_p90_ms"),
                 output_tokens_per_s: number("output_tokens_per_s"),
                 hit_rate: number("hit_rate"),
+                request_hit_rate: number("request_hit_rate"),
+                preemptions: fields[column("preemptions")].parse().unwrap(),
                 bound_pooled_lru: number("bound_pooled_lru"),
                 bound_seen_before: number("bound_seen_before"),
                 requests: fields[column("requests")].parse().unwrap(),
@@ -62,6 +66,7 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
         "--tenant-output-tokens=8",
         // About two tenants' prefixes per worker.
         "--tenant-cache-blocks=170",
+        "--per-request",
     ]);
     command.arg("--out").arg(out.path());
     let mut bench = ManagedProcess::spawn("kvmesh-bench", command).unwrap();
@@ -91,7 +96,18 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{row:?}"
         );
         // The engines cannot hit what no earlier prompt computed.
-        assert!(row.hit_rate <= row.bound_seen_before + 0.01, "{row:?}");
+        assert!(
+            row.request_hit_rate <= row.bound_seen_before + 0.01,
+            "{row:?}"
+        );
+        // Without preemptions every prompt is admitted once, so the
+        // requests' usage reports and the engines' counters agree.
+        if row.preemptions == 0 {
+            assert!(
+                (row.hit_rate - row.request_hit_rate).abs() < 0.02,
+                "{row:?}"
+            );
+        }
         assert!(
             row.bound_pooled_lru <= row.bound_seen_before + 1e-9,
             "{row:?}"
@@ -100,9 +116,11 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
     }
     let (round_robin, precise) = (&rows[0], &rows[1]);
     assert!(
-        precise.hit_rate > round_robin.hit_rate + 0.15,
+        precise.request_hit_rate > round_robin.request_hit_rate + 0.15,
         "precise routing should keep tenants cached: {rows:#?}"
     );
+
+    check_per_request_csv(&out.path().join("multi-tenant-requests.csv"), &rows);
 
     let markdown = std::fs::read_to_string(out.path().join("multi-tenant.md")).unwrap();
     for expected in [
@@ -121,6 +139,43 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
         assert!(
             svg.starts_with("<svg") && svg.contains("kvmesh precise"),
             "{plot}"
+        );
+    }
+}
+
+/// Every request has a row naming its worker and what the engine found
+/// cached (from the stream's usage chunk), and those per-request figures add
+/// up to each policy's hit rate in the summary.
+fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let mut per_policy: std::collections::HashMap<String, (usize, f64, f64)> =
+        std::collections::HashMap::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        let worker = fields[column("worker")];
+        assert!(worker.starts_with("worker-"), "{line}");
+        assert!(
+            fields[column("ttft_ms")].parse::<f64>().unwrap() > 0.0,
+            "{line}"
+        );
+        let entry = per_policy
+            .entry(fields[column("policy")].to_owned())
+            .or_default();
+        entry.0 += 1;
+        entry.1 += fields[column("cached_tokens")].parse::<f64>().unwrap();
+        entry.2 += fields[column("prompt_tokens")].parse::<f64>().unwrap();
+    }
+    for row in rows {
+        let (requests, cached, prompt) = per_policy[&row.policy];
+        assert_eq!(requests, row.requests, "{row:?}");
+        let rate = cached / prompt;
+        assert!(
+            (rate - row.request_hit_rate).abs() < 0.005,
+            "per-request cached tokens give {rate}, the summary {}",
+            row.request_hit_rate
         );
     }
 }

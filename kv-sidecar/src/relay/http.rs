@@ -32,9 +32,7 @@ pub async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
+    let listener = http_listen::bind(listen).await?;
     tracing::info!(%listen, "relay metrics and health listening");
     axum::serve(listener, app).await.context("serving /metrics")
 }

@@ -493,7 +493,10 @@ models:
         let config = Config::parse(MINIMAL, "x").unwrap();
         assert_eq!(config.nats.subject_prefix, "kvmesh");
         assert_eq!(config.state.worker_timeout_ms, 2500);
-        assert_eq!(config.models[0].routing.overlap_weight, 2.0);
+        assert_eq!(
+            config.models[0].routing.overlap_weight,
+            router_core::selection::CostWeights::DEFAULT_OVERLAP_WEIGHT
+        );
         assert_eq!(
             config.models[0].disaggregation.policy,
             DisaggregationPolicy::Never

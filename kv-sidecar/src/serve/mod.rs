@@ -98,9 +98,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         tokenizers: Arc::new(tokenizers),
         max_body_bytes: config.tokenize.max_body_bytes,
     });
-    let listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("binding {http_addr}"))?;
+    let listener = http_listen::bind(http_addr).await?;
     tracing::info!(%http_addr, "HTTP API listening");
 
     tokio::select! {

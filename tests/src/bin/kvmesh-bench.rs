@@ -40,6 +40,10 @@ struct Args {
     /// Where the markdown, CSV and SVG files go.
     #[arg(long, default_value = "docs/benchmarks")]
     out: PathBuf,
+    /// Also write every request (worker, prompt, TTFT) to
+    /// `<workload>-requests.csv`.
+    #[arg(long)]
+    per_request: bool,
     /// Seed of the synthetic workloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -70,7 +74,14 @@ fn main() -> anyhow::Result<()> {
             WorkloadKind::MultiTenant => args.multi_tenant.workload(args.seed),
             WorkloadKind::MultiTurn => args.multi_turn.workload(args.seed),
         };
-        let rows = run_workload(&workload, &args, &blocker)?;
+        let (rows, requests) = run_workload(&workload, &args, &blocker)?;
+        if args.per_request {
+            let path = args.out.join(format!("{}-requests.csv", workload.name));
+            std::fs::create_dir_all(&args.out)?;
+            std::fs::write(&path, requests)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
         let context = RunContext {
             command: command.clone(),
             workload: workload.description.clone(),
@@ -89,12 +100,13 @@ fn run_workload(
     workload: &Workload,
     args: &Args,
     blocker: &PromptBlocker,
-) -> anyhow::Result<Vec<Summary>> {
+) -> anyhow::Result<(Vec<Summary>, String)> {
     let style =
         ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} requests, {elapsed}")?
             .progress_chars("=> ");
     let fleet_blocks = args.fleet.workers * workload.cache_blocks as usize;
     let mut rows = Vec::with_capacity(args.policies.len());
+    let mut requests = report::REQUESTS_CSV_HEADER.to_owned();
     for &policy in &args.policies {
         let progress = ProgressBar::new(workload.requests() as u64)
             .with_style(style.clone())
@@ -102,15 +114,13 @@ fn run_workload(
         let run = run_policy(workload, policy, &args.fleet, &progress)
             .with_context(|| format!("{} under {}", workload.name, policy.label()))?;
         progress.finish();
-        let prompts = run
-            .records
-            .iter()
-            .map(|r| blocker.blocked(&r.prompt))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let prompts = blocker.blocked_run(&run)?;
         let bound = hit_rate_bound(&prompts, blocker.block_size(), fleet_blocks);
-        rows.push(Summary::new(&run, args.fleet.speedup(workload), bound));
+        let speedup = args.fleet.speedup(workload);
+        requests.push_str(&report::request_rows(&run, &prompts, speedup));
+        rows.push(Summary::new(&run, speedup, bound));
     }
-    Ok(rows)
+    Ok((rows, requests))
 }
 
 fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {

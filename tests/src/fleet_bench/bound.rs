@@ -10,7 +10,9 @@
 //!   the one cache): what perfect routing with the fleet's memory reaches.
 //!
 //! Like the engines, the last token of a prompt is always computed, so a
-//! fully cached prompt still misses its last block.
+//! fully cached prompt still misses its last block. The engines also cache
+//! the full blocks of what they generate; a chat's next turn re-sends that
+//! answer, so those blocks count as computed too (`answer_blocks`).
 
 use std::collections::HashMap;
 
@@ -20,6 +22,33 @@ pub struct BlockedPrompt {
     /// Sequence hash of every full block, in order.
     pub block_hashes: Vec<u64>,
     pub tokens: usize,
+    /// Full blocks the engine computed while generating the answer, as
+    /// hashed in the conversation's next prompt (empty for the last turn).
+    pub answer_blocks: Vec<u64>,
+}
+
+impl BlockedPrompt {
+    pub fn new(block_hashes: Vec<u64>, tokens: usize) -> Self {
+        Self {
+            block_hashes,
+            tokens,
+            answer_blocks: Vec::new(),
+        }
+    }
+
+    /// Sets `answer_blocks` from the conversation's next prompt: its blocks
+    /// past this prompt's, within the `generated` tokens that followed it.
+    pub fn answered_in(&mut self, next: &BlockedPrompt, generated: usize, block_size: usize) {
+        let first = self.block_hashes.len();
+        let end = ((self.tokens + generated) / block_size).min(next.block_hashes.len());
+        // Only when the next prompt really extends this one.
+        let extends = next.block_hashes.get(..first) == Some(&self.block_hashes[..]);
+        self.answer_blocks = if extends && end > first {
+            next.block_hashes[first..end].to_vec()
+        } else {
+            Vec::new()
+        };
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,8 +71,14 @@ pub fn hit_rate_bound(
         let reusable = prompt.tokens.saturating_sub(1) / block_size;
         let blocks = &prompt.block_hashes[..prompt.block_hashes.len().min(reusable)];
         queried += prompt.tokens;
-        seen_hits += infinite.lookup_then_insert(blocks, &prompt.block_hashes) * block_size;
-        pooled_hits += pooled.lookup_then_insert(blocks, &prompt.block_hashes) * block_size;
+        let computed: Vec<u64> = prompt
+            .block_hashes
+            .iter()
+            .chain(&prompt.answer_blocks)
+            .copied()
+            .collect();
+        seen_hits += infinite.lookup_then_insert(blocks, &computed) * block_size;
+        pooled_hits += pooled.lookup_then_insert(blocks, &computed) * block_size;
     }
     let rate = |hits: usize| {
         if queried == 0 {
@@ -107,10 +142,24 @@ mod tests {
     use super::*;
 
     fn prompt(blocks: &[u64], tokens: usize) -> BlockedPrompt {
-        BlockedPrompt {
-            block_hashes: blocks.to_vec(),
-            tokens,
-        }
+        BlockedPrompt::new(blocks.to_vec(), tokens)
+    }
+
+    #[test]
+    fn a_chat_answer_is_cached_for_the_next_turn() {
+        // Turn 1: 2 blocks + 8 tokens; 40 generated tokens end at token 80,
+        // so the engine filled blocks 3, 4 and 5 of turn 2's prompt.
+        let mut first = prompt(&[1, 2], 40);
+        let second = prompt(&[1, 2, 3, 4, 5, 6], 100);
+        first.answered_in(&second, 40, 16);
+        assert_eq!(first.answer_blocks, [3, 4, 5]);
+        let bound = hit_rate_bound(&[first.clone(), second.clone()], 16, 1_000);
+        // Turn 2 hits blocks 1–5 (80 tokens).
+        assert!((bound.seen_before - 80.0 / 140.0).abs() < 1e-12);
+        // A "next" prompt that does not extend this one adds nothing.
+        let mut unrelated = prompt(&[1, 2], 40);
+        unrelated.answered_in(&prompt(&[9, 2, 3, 4], 70), 40, 16);
+        assert!(unrelated.answer_blocks.is_empty());
     }
 
     #[test]

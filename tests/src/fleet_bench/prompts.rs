@@ -3,7 +3,10 @@
 use anyhow::Context;
 use kv_sidecar::tokenize::ModelTokenizer;
 
+use std::collections::HashMap;
+
 use crate::fleet_bench::bound::BlockedPrompt;
+use crate::fleet_bench::run::PolicyRun;
 use crate::fleet_bench::workload::Prompt;
 
 /// Token ids and chat messages to block hashes, with the engines'
@@ -29,26 +32,47 @@ impl PromptBlocker {
 
     pub fn blocked(&self, prompt: &Prompt) -> anyhow::Result<BlockedPrompt> {
         match prompt {
-            Prompt::TokenIds(tokens) => Ok(BlockedPrompt {
-                block_hashes: self
-                    .tokenizer
+            Prompt::TokenIds(tokens) => Ok(BlockedPrompt::new(
+                self.tokenizer
                     .hasher()
                     .sequence_hashes(tokens)
                     .into_iter()
                     .map(|h| h.0)
                     .collect(),
-                tokens: tokens.len(),
-            }),
+                tokens.len(),
+            )),
             Prompt::Chat(messages) => {
                 let tokenized = self
                     .tokenizer
                     .tokenize_chat(messages, None, None)
                     .context("tokenizing a chat prompt")?;
-                Ok(BlockedPrompt {
-                    block_hashes: tokenized.block_hashes,
-                    tokens: tokenized.num_tokens,
-                })
+                Ok(BlockedPrompt::new(
+                    tokenized.block_hashes,
+                    tokenized.num_tokens,
+                ))
             }
         }
+    }
+
+    /// Every request of `run` blocked, in order, each chat turn with the
+    /// answer blocks its conversation's next turn shows it generated.
+    pub fn blocked_run(&self, run: &PolicyRun) -> anyhow::Result<Vec<BlockedPrompt>> {
+        let mut prompts = run
+            .records
+            .iter()
+            .map(|r| self.blocked(&r.prompt))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut last_turn: HashMap<usize, usize> = HashMap::new();
+        for (i, record) in run.records.iter().enumerate() {
+            if let Some(previous) = last_turn.insert(record.conversation, i) {
+                let generated = run.records[previous].outcome.as_ref().map_or(0, |s| {
+                    s.usage
+                        .map_or(s.token_times.len(), |u| u.completion_tokens as usize)
+                });
+                let next = prompts[i].clone();
+                prompts[previous].answered_in(&next, generated, self.block_size());
+            }
+        }
+        Ok(prompts)
     }
 }

@@ -8,6 +8,8 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::fleet_bench::bound::BlockedPrompt;
+use crate::fleet_bench::run::PolicyRun;
 use crate::fleet_bench::summary::Summary;
 
 /// How the results came about, printed above the table.
@@ -35,19 +37,22 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
     }
     let _ = writeln!(
         out,
-        "- Latencies in simulated ms (client-side real time × speedup); ITL is each request's mean time between tokens; throughput in output tokens per simulated second.\n"
+        "- Latencies in simulated ms (client-side real time × speedup); ITL is each request's mean time between tokens; throughput in output tokens per simulated second.\n- Hit rate: cached ÷ prompt tokens from each request's usage report (first admission, as the bound counts it; for P/D the prefill pool's counters); engine counters: `vllm:prefix_cache_hits/queries`, which count a preempted request again at re-admission.\n"
     );
     let _ = writeln!(
         out,
-        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | requests | errors | kvmesh modes (precise/approx/fallback) |"
+        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | engine counters | preemptions | requests | errors | kvmesh modes (precise/approx/fallback) |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in rows {
         let of_bound = if row.bound.pooled_lru > 0.0 {
-            format!("{:.0}%", row.hit_rate / row.bound.pooled_lru * 100.0)
+            format!(
+                "{:.0}%",
+                row.comparable_hit_rate() / row.bound.pooled_lru * 100.0
+            )
         } else {
             "–".to_owned()
         };
@@ -56,10 +61,11 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
             .map_or_else(|| "–".to_owned(), |[p, a, f]| format!("{p}/{a}/{f}"));
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {:.1}% | {} | {} | {} | {} |",
             row.policy, row.ttft_p50, row.ttft_p90, row.ttft_p99, row.itl_p50, row.itl_p99,
-            row.e2e_p50, row.e2e_p99, row.output_tokens_per_s, row.hit_rate * 100.0, of_bound,
-            row.requests, row.errors, modes
+            row.e2e_p50, row.e2e_p99, row.output_tokens_per_s,
+            row.comparable_hit_rate() * 100.0, of_bound, row.hit_rate * 100.0,
+            row.preemptions, row.requests, row.errors, modes
         );
     }
     out
@@ -68,12 +74,12 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
 /// The same rows as CSV (milliseconds, rates as fractions).
 pub fn csv(rows: &[Summary]) -> String {
     let mut out = String::from(
-        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,bound_pooled_lru,bound_seen_before,requests,errors\n",
+        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_seen_before,preemptions,requests,errors\n",
     );
     for row in rows {
         let _ = writeln!(
             out,
-            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{:.5},{:.5},{},{}",
+            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{},{},{}",
             row.slug,
             row.ttft_p50,
             row.ttft_p90,
@@ -84,13 +90,66 @@ pub fn csv(rows: &[Summary]) -> String {
             row.e2e_p99,
             row.output_tokens_per_s,
             row.hit_rate,
+            row.request_hit_rate
+                .map_or_else(String::new, |r| format!("{r:.5}")),
             row.bound.pooled_lru,
             row.bound.seen_before,
+            row.preemptions,
             row.requests,
             row.errors
         );
     }
     out
+}
+
+/// Header of the per-request CSV (`kvmesh-bench --per-request`).
+pub const REQUESTS_CSV_HEADER: &str =
+    "policy,sent_ms,worker,prompt_tokens,cached_tokens,first_block,ttft_ms,e2e_ms,error\n";
+
+/// One CSV line per request of `run` (times in simulated ms; `first_block`
+/// is the hash of the prompt's first KV block, which names its prefix).
+pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) -> String {
+    let ms = speedup * 1e3;
+    let mut out = String::new();
+    for (record, prompt) in run.records.iter().zip(prompts) {
+        let first_block = prompt
+            .block_hashes
+            .first()
+            .map_or_else(String::new, |h| format!("{h:016x}"));
+        let (worker, cached, ttft, e2e, error) = match &record.outcome {
+            Ok(streamed) => (
+                streamed.worker.clone().unwrap_or_default(),
+                streamed
+                    .usage
+                    .map_or_else(String::new, |u| u.cached_tokens.to_string()),
+                streamed
+                    .ttft()
+                    .map_or_else(String::new, |t| format!("{:.3}", t * ms)),
+                format!("{:.3}", streamed.total * ms),
+                String::new(),
+            ),
+            Err(e) => (
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                csv_field(e),
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "{},{:.3},{worker},{},{cached},{first_block},{ttft},{e2e},{error}",
+            run.policy.slug(),
+            record.sent_at * ms,
+            prompt.tokens,
+        );
+    }
+    out
+}
+
+/// Quotes a free-text CSV field.
+fn csv_field(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "\"\"").replace('\n', " "))
 }
 
 /// Writes `<name>.md`, `<name>.csv`, `<name>-ttft-cdf.svg` and
@@ -196,7 +255,7 @@ fn hit_rates(path: &Path, name: &str, rows: &[Summary]) -> anyhow::Result<()> {
         Rectangle::new(
             [
                 (i as f64 + 0.15, 0.0),
-                (i as f64 + 0.85, row.hit_rate * 100.0),
+                (i as f64 + 0.85, row.comparable_hit_rate() * 100.0),
             ],
             Palette99::pick(i).filled(),
         )

@@ -69,6 +69,8 @@ impl FleetParams {
 /// One request as sent and as answered.
 #[derive(Debug)]
 pub struct RequestRecord {
+    /// Index of the workload arrival (conversation) it belongs to.
+    pub conversation: usize,
     /// Real seconds from the start of the replay.
     pub sent_at: f64,
     pub prompt: Prompt,
@@ -86,6 +88,10 @@ pub struct PolicyRun {
     /// asked for (their `vllm:prefix_cache_*` counters).
     pub cache_hits: f64,
     pub cache_queries: f64,
+    /// Requests the engines preempted for KV memory (`vllm:num_preemptions`).
+    /// A preempted request is looked up in the prefix cache again when it is
+    /// re-admitted, as in vLLM, so preemptions inflate the counters' hit rate.
+    pub preemptions: f64,
     /// kvmesh requests routed precise / approximate / fallback.
     pub modes: Option<[u64; 3]>,
 }
@@ -141,6 +147,18 @@ pub fn run_policy(
         cache_hits += prometheus_sum(&metrics, "vllm:prefix_cache_hits_total", "");
         cache_queries += prometheus_sum(&metrics, "vllm:prefix_cache_queries_total", "");
     }
+    let preemptions = stack
+        .workers
+        .iter()
+        .chain(&stack.prefill_workers)
+        .map(|w| {
+            prometheus_sum(
+                &format!("{}/metrics", w.sim.url()),
+                "vllm:num_preemptions_total",
+                "",
+            )
+        })
+        .sum();
     let modes = if matches!(policy, Policy::RoundRobin | Policy::LeastRequest) {
         None
     } else {
@@ -157,6 +175,7 @@ pub fn run_policy(
         wall,
         cache_hits,
         cache_queries,
+        preemptions,
         modes,
     })
 }
@@ -181,14 +200,14 @@ async fn replay(
         progress: progress.clone(),
     });
     let mut tasks = Vec::with_capacity(workload.arrivals.len());
-    for arrival in &workload.arrivals {
+    for (index, arrival) in workload.arrivals.iter().enumerate() {
         let at = context.started + Duration::from_secs_f64(arrival.at / speedup);
         tokio::time::sleep_until(at).await;
         let context = Arc::clone(&context);
         let conversation = arrival.conversation.clone();
-        tasks.push(tokio::spawn(
-            async move { context.converse(conversation).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            context.converse(index, conversation).await
+        }));
     }
     let mut records = Vec::with_capacity(workload.requests());
     for task in tasks {
@@ -208,10 +227,10 @@ struct Replay {
 }
 
 impl Replay {
-    async fn converse(&self, conversation: Conversation) -> Vec<RequestRecord> {
+    async fn converse(&self, index: usize, conversation: Conversation) -> Vec<RequestRecord> {
         match conversation {
             Conversation::Single { prompt, max_tokens } => {
-                vec![self.send(prompt, max_tokens).await]
+                vec![self.send(index, prompt, max_tokens).await]
             }
             Conversation::Session {
                 system,
@@ -227,7 +246,9 @@ impl Replay {
                         tokio::time::sleep(Duration::from_secs_f64(think / self.speedup)).await;
                     }
                     messages.push(json!({"role": "user", "content": user}));
-                    let record = self.send(Prompt::Chat(messages.clone()), max_tokens).await;
+                    let record = self
+                        .send(index, Prompt::Chat(messages.clone()), max_tokens)
+                        .await;
                     let Ok(answer) = &record.outcome else {
                         // A session whose answer is lost ends, as a user
                         // would give up; the error is counted.
@@ -243,7 +264,7 @@ impl Replay {
         }
     }
 
-    async fn send(&self, prompt: Prompt, max_tokens: u32) -> RequestRecord {
+    async fn send(&self, conversation: usize, prompt: Prompt, max_tokens: u32) -> RequestRecord {
         let sent_at = self.started.elapsed().as_secs_f64();
         let url = format!("{}{}", self.gateway, prompt.path());
         let body = prompt.body(&self.model, max_tokens);
@@ -252,6 +273,7 @@ impl Replay {
             .map_err(|e| format!("{e:#}"));
         self.progress.inc(1);
         RequestRecord {
+            conversation,
             sent_at,
             prompt,
             outcome,

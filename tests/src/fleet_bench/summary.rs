@@ -22,8 +22,15 @@ pub struct Summary {
     pub e2e_p99: f64,
     /// Generated tokens per simulated second over the whole run.
     pub output_tokens_per_s: f64,
-    /// Prefix-cache hit rate from the engines' counters.
+    /// Prefix-cache hit rate from the engines' counters (every admission,
+    /// re-admissions after preemption included).
     pub hit_rate: f64,
+    /// Cached ÷ prompt tokens over the requests' own usage reports: each
+    /// prompt counted once, at its first admission, as the bound counts it.
+    /// `None` with remote prefill, where the decode engine reports the
+    /// blocks it pulled as cached.
+    pub request_hit_rate: Option<f64>,
+    pub preemptions: u64,
     pub bound: HitRateBound,
     /// kvmesh requests routed precise / approximate / fallback.
     pub modes: Option<[u64; 3]>,
@@ -39,6 +46,7 @@ impl Summary {
         let mut totals = Vec::new();
         let mut output_tokens = 0usize;
         let mut errors = 0;
+        let (mut cached_tokens, mut prompt_tokens) = (0u64, 0u64);
         for record in &run.records {
             match &record.outcome {
                 Ok(streamed) => {
@@ -46,6 +54,10 @@ impl Summary {
                     gaps.extend(streamed.mean_inter_token().map(|g| g * ms));
                     totals.push(streamed.total * ms);
                     output_tokens += streamed.token_times.len();
+                    if let Some(usage) = streamed.usage {
+                        cached_tokens += usage.cached_tokens;
+                        prompt_tokens += usage.prompt_tokens;
+                    }
                 }
                 Err(_) => errors += 1,
             }
@@ -73,9 +85,18 @@ impl Summary {
             } else {
                 0.0
             },
+            request_hit_rate: (prompt_tokens > 0 && !run.policy.disaggregated())
+                .then(|| cached_tokens as f64 / prompt_tokens as f64),
+            preemptions: run.preemptions as u64,
             bound,
             modes: run.modes,
             ttfts,
         }
+    }
+
+    /// The hit rate to set against the bound: per request where the
+    /// requests say it, else the engines' counters.
+    pub fn comparable_hit_rate(&self) -> f64 {
+        self.request_hit_rate.unwrap_or(self.hit_rate)
     }
 }

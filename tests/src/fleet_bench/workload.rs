@@ -19,9 +19,11 @@ impl Prompt {
     pub fn body(&self, model: &str, max_tokens: u32) -> Value {
         match self {
             Self::TokenIds(tokens) => json!({"model": model, "prompt": tokens,
-                "max_tokens": max_tokens, "stream": true}),
+                "max_tokens": max_tokens, "stream": true,
+                "stream_options": {"include_usage": true}}),
             Self::Chat(messages) => json!({"model": model, "messages": messages,
-                "max_tokens": max_tokens, "stream": true}),
+                "max_tokens": max_tokens, "stream": true,
+                "stream_options": {"include_usage": true}}),
         }
     }
 
@@ -137,12 +139,13 @@ pub struct MultiTenant {
         default_value_t = 64
     )]
     pub output_tokens: u32,
-    /// KV blocks per worker: less than the tenants' prefixes need, so
-    /// where a tenant goes decides whether its prefix stays cached.
+    /// KV blocks per worker: room for 6 of the 16 default tenants'
+    /// prefixes, so the fleet holds them all (24) only if tenants are spread
+    /// evenly — where a tenant goes decides whether its prefix stays cached.
     #[arg(
         id = "tenant-cache-blocks",
         long = "tenant-cache-blocks",
-        default_value_t = 2_500
+        default_value_t = 1_500
     )]
     pub cache_blocks: u32,
 }

@@ -15,6 +15,21 @@ pub struct Streamed {
     pub total: f64,
     /// The generated text (chat `delta.content` or completion `text`).
     pub text: String,
+    /// The sim-engine that answered (its `x-sim-worker-id` header).
+    pub worker: Option<String>,
+    /// The engine's final usage chunk, sent when the request asks for
+    /// `stream_options.include_usage`.
+    pub usage: Option<Usage>,
+}
+
+/// Prompt accounting of one request as its engine reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Prompt tokens found in the prefix cache when the request was first
+    /// scheduled (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u64,
 }
 
 impl Streamed {
@@ -57,21 +72,32 @@ pub async fn stream_timed(
         let text = response.text().await.unwrap_or_default();
         anyhow::bail!("{status}: {text}");
     }
+    let worker = response
+        .headers()
+        .get("x-sim-worker-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut chunks = response.bytes_stream();
     let mut pending = Vec::new();
     let mut streamed = Streamed {
         token_times: Vec::new(),
         total: 0.0,
         text: String::new(),
+        worker,
+        usage: None,
     };
     while let Some(chunk) = chunks.next().await {
         let at = started.elapsed().as_secs_f64();
         pending.extend_from_slice(&chunk.context("reading the stream")?);
         while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = pending.drain(..end + 2).collect();
-            if let Some(piece) = generated_text(&event) {
-                streamed.token_times.push(at);
-                streamed.text.push_str(&piece);
+            match parse_event(&event) {
+                Some(Event::Text(piece)) => {
+                    streamed.token_times.push(at);
+                    streamed.text.push_str(&piece);
+                }
+                Some(Event::Usage(usage)) => streamed.usage = Some(usage),
+                None => {}
             }
         }
     }
@@ -80,17 +106,35 @@ pub async fn stream_timed(
     Ok(streamed)
 }
 
-/// The non-empty text one SSE event carries, if any.
-fn generated_text(event: &[u8]) -> Option<String> {
+/// What one server-sent event of a stream carries that the timer keeps.
+#[derive(Debug, PartialEq)]
+enum Event {
+    /// Non-empty generated text.
+    Text(String),
+    /// The final usage chunk.
+    Usage(Usage),
+}
+
+fn parse_event(event: &[u8]) -> Option<Event> {
     let text = std::str::from_utf8(event).ok()?;
     let data = text.trim().strip_prefix("data:")?.trim_start();
     let value: serde_json::Value = serde_json::from_str(data).ok()?;
     let choice = &value["choices"][0];
-    choice["delta"]["content"]
+    let piece = choice["delta"]["content"]
         .as_str()
         .or_else(|| choice["text"].as_str())
-        .filter(|piece| !piece.is_empty())
-        .map(str::to_owned)
+        .filter(|piece| !piece.is_empty());
+    if let Some(piece) = piece {
+        return Some(Event::Text(piece.to_owned()));
+    }
+    let usage = value.get("usage").filter(|u| u.is_object())?;
+    Some(Event::Usage(Usage {
+        prompt_tokens: usage["prompt_tokens"].as_u64()?,
+        completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+        cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+    }))
 }
 
 #[cfg(test)]
@@ -98,13 +142,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_chat_and_completion_chunks_and_skips_the_rest() {
+    fn reads_chat_and_completion_chunks_and_usage_and_skips_the_rest() {
         let chat = br#"data: {"choices":[{"delta":{"content":"hi"}}]}"#;
         let completion = br#"data: {"choices":[{"text":" there"}]}"#;
         let role_only = br#"data: {"choices":[{"delta":{"role":"assistant"}}]}"#;
-        assert_eq!(generated_text(chat).as_deref(), Some("hi"));
-        assert_eq!(generated_text(completion).as_deref(), Some(" there"));
-        assert_eq!(generated_text(role_only), None);
-        assert_eq!(generated_text(b"data: [DONE]"), None);
+        let usage = br#"data: {"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":32}}}"#;
+        let text = |s: &str| Some(Event::Text(s.to_owned()));
+        assert_eq!(parse_event(chat), text("hi"));
+        assert_eq!(parse_event(completion), text(" there"));
+        assert_eq!(parse_event(role_only), None);
+        assert_eq!(parse_event(b"data: [DONE]"), None);
+        assert_eq!(
+            parse_event(usage),
+            Some(Event::Usage(Usage {
+                prompt_tokens: 40,
+                completion_tokens: 5,
+                cached_tokens: 32
+            }))
+        );
     }
 }
