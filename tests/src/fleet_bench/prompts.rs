@@ -1,9 +1,9 @@
 //! Prompts as the engines block them, for the hit-rate bound.
 
+use std::collections::HashMap;
+
 use anyhow::Context;
 use kv_sidecar::tokenize::ModelTokenizer;
-
-use std::collections::HashMap;
 
 use crate::fleet_bench::bound::BlockedPrompt;
 use crate::fleet_bench::run::PolicyRun;
@@ -69,8 +69,9 @@ impl PromptBlocker {
                     s.usage
                         .map_or(s.token_times.len(), |u| u.completion_tokens as usize)
                 });
-                let next = prompts[i].clone();
-                prompts[previous].answered_in(&next, generated, self.block_size());
+                // `previous < i`: the earlier turn is in the left half.
+                let (earlier, later) = prompts.split_at_mut(i);
+                earlier[previous].answered_in(&later[0], generated, self.block_size());
             }
         }
         Ok(prompts)
