@@ -35,57 +35,40 @@ pub struct MooncakeReplay {
     )]
     pub trace: PathBuf,
     /// Replay the first this many requests of the trace.
-    #[arg(
-        id = "trace-requests",
-        long = "trace-requests",
-        default_value_t = 1_200
-    )]
-    pub requests: usize,
+    #[arg(long, default_value_t = 1_200)]
+    pub trace_requests: usize,
     /// Arrival times are divided by this (2: twice the trace's load).
-    #[arg(
-        id = "trace-load-scale",
-        long = "trace-load-scale",
-        default_value_t = 3.0
-    )]
-    pub load_scale: f64,
+    #[arg(long, default_value_t = 3.0)]
+    pub trace_load_scale: f64,
     /// Longer prompts keep their first blocks only, as a deployment with
     /// this context length would see them.
-    #[arg(
-        id = "trace-max-model-len",
-        long = "trace-max-model-len",
-        default_value_t = 65_536
-    )]
-    pub max_model_len: u32,
-    #[arg(
-        id = "trace-cache-blocks",
-        long = "trace-cache-blocks",
-        default_value_t = 30_000
-    )]
-    pub cache_blocks: u32,
+    #[arg(long, default_value_t = 65_536)]
+    pub trace_max_model_len: u32,
+    #[arg(long, default_value_t = 30_000)]
+    pub trace_cache_blocks: u32,
     /// Dense compute per prompt token of the simulated GPUs, µs (the
     /// timing model's 32 is an 8B model on an H100; less is a smaller model
     /// or faster GPU, so a small fleet keeps up with the trace's load).
-    #[arg(
-        id = "trace-compute-us-per-token",
-        long = "trace-compute-us-per-token",
-        default_value_t = 8.0
-    )]
-    pub compute_us_per_token: f64,
+    #[arg(long, default_value_t = 8.0)]
+    pub trace_compute_us_per_token: f64,
     /// Token-id prompts cost the request path little real time, so the
     /// trace runs faster than real time.
-    #[arg(id = "trace-speedup", long = "trace-speedup", default_value_t = 4.0)]
-    pub speedup: f64,
+    #[arg(long, default_value_t = 4.0)]
+    pub trace_speedup: f64,
 }
 
 impl MooncakeReplay {
     pub fn workload(&self) -> anyhow::Result<Workload> {
-        anyhow::ensure!(self.load_scale > 0.0, "--trace-load-scale must be positive");
+        anyhow::ensure!(
+            self.trace_load_scale > 0.0,
+            "--trace-load-scale must be positive"
+        );
         let file = std::fs::File::open(&self.trace)
             .with_context(|| format!("opening the trace {}", self.trace.display()))?;
-        let mut arrivals = Vec::with_capacity(self.requests);
+        let mut arrivals = Vec::with_capacity(self.trace_requests);
         let mut truncated = 0;
         for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
-            if arrivals.len() == self.requests {
+            if arrivals.len() == self.trace_requests {
                 break;
             }
             let line = line.with_context(|| format!("reading {}", self.trace.display()))?;
@@ -94,11 +77,11 @@ impl MooncakeReplay {
             }
             let row: TraceRow = serde_json::from_str(&line)
                 .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
-            let (tokens, was_truncated) = prompt_tokens(&row, self.max_model_len as usize)
+            let (tokens, was_truncated) = prompt_tokens(&row, self.trace_max_model_len as usize)
                 .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
             truncated += usize::from(was_truncated);
             arrivals.push(Arrival {
-                at: row.timestamp as f64 / 1_000.0 / self.load_scale,
+                at: row.timestamp as f64 / 1_000.0 / self.trace_load_scale,
                 conversation: Conversation::Single {
                     prompt: Prompt::TokenIds(tokens),
                     max_tokens: row.output_length.max(1),
@@ -116,16 +99,16 @@ impl MooncakeReplay {
             description: format!(
                 "Mooncake trace {}: first {} requests ({:.0} s of trace at {}× its load), token-id prompts, {} truncated to {} tokens of context",
                 self.trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-                arrivals.len(), span, self.load_scale, truncated, self.max_model_len
+                arrivals.len(), span, self.trace_load_scale, truncated, self.trace_max_model_len
             ),
             arrivals,
-            cache_blocks: self.cache_blocks,
-            max_model_len: self.max_model_len,
+            cache_blocks: self.trace_cache_blocks,
+            max_model_len: self.trace_max_model_len,
             sim_args: vec![format!(
                 "--timing-compute-us-per-token={}",
-                self.compute_us_per_token
+                self.trace_compute_us_per_token
             )],
-            speedup: self.speedup,
+            speedup: self.trace_speedup,
         })
     }
 }

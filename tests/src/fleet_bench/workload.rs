@@ -100,54 +100,30 @@ impl Workload {
 }
 
 /// Multi-tenant shared prefixes: `tenants` system prompts of
-/// `prefix_tokens`, each with `users_per_tenant` users asking questions of
-/// `question_tokens`; tenants are picked uniformly.
+/// `tenant_prefix_tokens`, each with `users_per_tenant` users asking
+/// questions of `question_tokens`; tenants are picked uniformly.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MultiTenant {
-    #[arg(id = "tenants", long = "tenants", default_value_t = 16)]
+    #[arg(long, default_value_t = 16)]
     pub tenants: u32,
-    #[arg(
-        id = "tenant-prefix-tokens",
-        long = "tenant-prefix-tokens",
-        default_value_t = 4_000
-    )]
-    pub prefix_tokens: u32,
-    #[arg(
-        id = "users-per-tenant",
-        long = "users-per-tenant",
-        default_value_t = 8
-    )]
+    #[arg(long, default_value_t = 4_000)]
+    pub tenant_prefix_tokens: u32,
+    #[arg(long, default_value_t = 8)]
     pub users_per_tenant: u32,
-    #[arg(
-        id = "question-tokens",
-        long = "question-tokens",
-        default_value_t = 150
-    )]
+    #[arg(long, default_value_t = 150)]
     pub question_tokens: u32,
-    #[arg(
-        id = "tenant-requests",
-        long = "tenant-requests",
-        default_value_t = 400
-    )]
-    pub requests: u32,
+    #[arg(long, default_value_t = 400)]
+    pub tenant_requests: u32,
     /// Arrivals per simulated second (Poisson).
-    #[arg(id = "tenant-rate", long = "tenant-rate", default_value_t = 6.0)]
-    pub rate: f64,
-    #[arg(
-        id = "tenant-output-tokens",
-        long = "tenant-output-tokens",
-        default_value_t = 64
-    )]
-    pub output_tokens: u32,
+    #[arg(long, default_value_t = 6.0)]
+    pub tenant_rate: f64,
+    #[arg(long, default_value_t = 64)]
+    pub tenant_output_tokens: u32,
     /// KV blocks per worker: room for 6 of the 16 default tenants'
     /// prefixes, so the fleet holds them all (24) only if tenants are spread
     /// evenly — where a tenant goes decides whether its prefix stays cached.
-    #[arg(
-        id = "tenant-cache-blocks",
-        long = "tenant-cache-blocks",
-        default_value_t = 1_500
-    )]
-    pub cache_blocks: u32,
+    #[arg(long, default_value_t = 1_500)]
+    pub tenant_cache_blocks: u32,
 }
 
 impl MultiTenant {
@@ -156,14 +132,14 @@ impl MultiTenant {
         let systems: Vec<String> = (0..self.tenants)
             .map(|t| {
                 let mut text = format!("You are the assistant of tenant {t}. Reference material: ");
-                text.push_str(&words(&mut rng, self.prefix_tokens));
+                text.push_str(&words(&mut rng, self.tenant_prefix_tokens));
                 text
             })
             .collect();
         let mut at = 0.0;
-        let arrivals = (0..self.requests)
+        let arrivals = (0..self.tenant_requests)
             .map(|_| {
-                at += exponential(&mut rng, self.rate);
+                at += exponential(&mut rng, self.tenant_rate);
                 let tenant = rng.random_range(0..self.tenants) as usize;
                 let user = rng.random_range(0..self.users_per_tenant);
                 let question = format!(
@@ -178,7 +154,7 @@ impl MultiTenant {
                     at,
                     conversation: Conversation::Single {
                         prompt: Prompt::Chat(messages),
-                        max_tokens: self.output_tokens,
+                        max_tokens: self.tenant_output_tokens,
                     },
                 }
             })
@@ -187,11 +163,11 @@ impl MultiTenant {
             name: "multi-tenant".to_owned(),
             description: format!(
                 "{} tenants × {}-token system prompt × {} users × {}-token question, {} chat requests at {}/s (Poisson), {} output tokens",
-                self.tenants, self.prefix_tokens, self.users_per_tenant, self.question_tokens,
-                self.requests, self.rate, self.output_tokens
+                self.tenants, self.tenant_prefix_tokens, self.users_per_tenant, self.question_tokens,
+                self.tenant_requests, self.tenant_rate, self.tenant_output_tokens
             ),
             arrivals,
-            cache_blocks: self.cache_blocks,
+            cache_blocks: self.tenant_cache_blocks,
             max_model_len: 32_768,
             sim_args: Vec::new(),
             speedup: 1.0,
@@ -203,46 +179,26 @@ impl MultiTenant {
 /// prompt, a long first message (a pasted document), short follow-ups.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MultiTurn {
-    #[arg(id = "sessions", long = "sessions", default_value_t = 64)]
+    #[arg(long, default_value_t = 64)]
     pub sessions: u32,
-    #[arg(id = "turns", long = "turns", default_value_t = 5)]
+    #[arg(long, default_value_t = 5)]
     pub turns: u32,
-    #[arg(
-        id = "session-system-tokens",
-        long = "session-system-tokens",
-        default_value_t = 500
-    )]
-    pub system_tokens: u32,
-    #[arg(
-        id = "first-message-tokens",
-        long = "first-message-tokens",
-        default_value_t = 2_000
-    )]
+    #[arg(long, default_value_t = 500)]
+    pub session_system_tokens: u32,
+    #[arg(long, default_value_t = 2_000)]
     pub first_message_tokens: u32,
-    #[arg(
-        id = "follow-up-tokens",
-        long = "follow-up-tokens",
-        default_value_t = 100
-    )]
+    #[arg(long, default_value_t = 100)]
     pub follow_up_tokens: u32,
-    #[arg(
-        id = "session-output-tokens",
-        long = "session-output-tokens",
-        default_value_t = 100
-    )]
-    pub output_tokens: u32,
+    #[arg(long, default_value_t = 100)]
+    pub session_output_tokens: u32,
     /// Session starts per simulated second (Poisson).
-    #[arg(id = "session-rate", long = "session-rate", default_value_t = 2.0)]
-    pub rate: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub session_rate: f64,
     /// Simulated seconds between an answer and the next question.
-    #[arg(id = "think-seconds", long = "think-seconds", default_value_t = 2.0)]
-    pub think: f64,
-    #[arg(
-        id = "session-cache-blocks",
-        long = "session-cache-blocks",
-        default_value_t = 2_500
-    )]
-    pub cache_blocks: u32,
+    #[arg(long, default_value_t = 2.0)]
+    pub think_seconds: f64,
+    #[arg(long, default_value_t = 2_500)]
+    pub session_cache_blocks: u32,
 }
 
 impl MultiTurn {
@@ -250,12 +206,12 @@ impl MultiTurn {
         let mut rng = StdRng::seed_from_u64(seed);
         let system = format!(
             "You are a helpful assistant. House rules: {}",
-            words(&mut rng, self.system_tokens)
+            words(&mut rng, self.session_system_tokens)
         );
         let mut at = 0.0;
         let arrivals = (0..self.sessions)
             .map(|session| {
-                at += exponential(&mut rng, self.rate);
+                at += exponential(&mut rng, self.session_rate);
                 let user_turns = (0..self.turns)
                     .map(|turn| {
                         let length = if turn == 0 {
@@ -274,8 +230,8 @@ impl MultiTurn {
                     conversation: Conversation::Session {
                         system: system.clone(),
                         user_turns,
-                        max_tokens: self.output_tokens,
-                        think: self.think,
+                        max_tokens: self.session_output_tokens,
+                        think: self.think_seconds,
                     },
                 }
             })
@@ -284,11 +240,11 @@ impl MultiTurn {
             name: "multi-turn".to_owned(),
             description: format!(
                 "{} chat sessions × {} turns at {}/s (Poisson): {}-token system prompt, {}-token first message, {}-token follow-ups, {} output tokens, {} s think time",
-                self.sessions, self.turns, self.rate, self.system_tokens,
-                self.first_message_tokens, self.follow_up_tokens, self.output_tokens, self.think
+                self.sessions, self.turns, self.session_rate, self.session_system_tokens,
+                self.first_message_tokens, self.follow_up_tokens, self.session_output_tokens, self.think_seconds
             ),
             arrivals,
-            cache_blocks: self.cache_blocks,
+            cache_blocks: self.session_cache_blocks,
             max_model_len: 32_768,
             sim_args: Vec::new(),
             speedup: 1.0,
@@ -334,13 +290,13 @@ mod tests {
     fn workloads_are_deterministic_and_ordered() {
         let params = MultiTenant {
             tenants: 3,
-            prefix_tokens: 20,
+            tenant_prefix_tokens: 20,
             users_per_tenant: 2,
             question_tokens: 5,
-            requests: 50,
-            rate: 10.0,
-            output_tokens: 4,
-            cache_blocks: 100,
+            tenant_requests: 50,
+            tenant_rate: 10.0,
+            tenant_output_tokens: 4,
+            tenant_cache_blocks: 100,
         };
         let a = params.workload(7);
         let b = params.workload(7);
@@ -366,13 +322,13 @@ mod tests {
         let params = MultiTurn {
             sessions: 4,
             turns: 3,
-            system_tokens: 5,
+            session_system_tokens: 5,
             first_message_tokens: 10,
             follow_up_tokens: 3,
-            output_tokens: 4,
-            rate: 1.0,
-            think: 1.0,
-            cache_blocks: 100,
+            session_output_tokens: 4,
+            session_rate: 1.0,
+            think_seconds: 1.0,
+            session_cache_blocks: 100,
         };
         assert_eq!(params.workload(1).requests(), 12);
     }
