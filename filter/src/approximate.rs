@@ -71,11 +71,7 @@ impl PrefixKeys {
         let mut chunker = Chunker::new(seed ^ TEXT_DOMAIN);
         match prompt {
             Prompt::Text(text) => chunker.push(text.as_bytes()),
-            Prompt::TextBatch(batch) => {
-                if let Some(first) = batch.first() {
-                    chunker.push(first.as_bytes());
-                }
-            }
+            Prompt::TextBatch(first) => chunker.push(first.as_bytes()),
             Prompt::Chat(messages) => messages.iter().for_each(|m| push_message(&mut chunker, m)),
             Prompt::Tokens(_) | Prompt::TokenBatch(_) => {}
         }

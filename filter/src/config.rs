@@ -16,6 +16,10 @@ use thiserror::Error;
 
 /// Default request body limit; large enough for a 128k-token chat.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Largest accepted body limit. Routing a body holds at most about three
+/// times its size in the VM's linear memory, which never shrinks: 16 MiB
+/// keeps the worst case under 64 MiB per VM.
+pub const MAX_BODY_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,8 +229,8 @@ pub enum ConfigError {
     Json(#[from] serde_json::Error),
     #[error("models: at least one model is required")]
     NoModels,
-    #[error("max_body_bytes: must be at least 1")]
-    ZeroBodyLimit,
+    #[error("max_body_bytes: must be between 1 and {MAX_BODY_BYTES_LIMIT}, got {0}")]
+    BodyLimit(usize),
     #[error("models[{index}].name: must not be empty")]
     EmptyModelName { index: usize },
     #[error("models[{index}].name: model '{name}' is configured twice")]
@@ -273,8 +277,8 @@ pub enum ConfigError {
 impl PluginConfig {
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_slice(bytes)?;
-        if raw.max_body_bytes == 0 {
-            return Err(ConfigError::ZeroBodyLimit);
+        if !(1..=MAX_BODY_BYTES_LIMIT).contains(&raw.max_body_bytes) {
+            return Err(ConfigError::BodyLimit(raw.max_body_bytes));
         }
         if raw.models.is_empty() {
             return Err(ConfigError::NoModels);
@@ -476,6 +480,10 @@ mod tests {
             ),
             (
                 r#"{"max_body_bytes":0,"models":[{"name":"m","endpoints":[]}]}"#,
+                "max_body_bytes",
+            ),
+            (
+                r#"{"max_body_bytes":16777217,"models":[{"name":"m","endpoints":[]}]}"#,
                 "max_body_bytes",
             ),
             (

@@ -89,6 +89,44 @@ mod abi {
         pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
         pub fn proxy_continue_stream(stream_type: u32) -> u32;
         pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+        pub fn proxy_http_call(
+            upstream_data: *const u8,
+            upstream_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            trailers_data: *const u8,
+            trailers_size: usize,
+            timeout_milliseconds: u32,
+            return_token: *mut u32,
+        ) -> u32;
+        pub fn proxy_call_foreign_function(
+            function_name_data: *const u8,
+            function_name_size: usize,
+            arguments_data: *const u8,
+            arguments_size: usize,
+            results_data: *mut *mut u8,
+            results_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_grpc_stream(
+            upstream_data: *const u8,
+            upstream_size: usize,
+            service_name_data: *const u8,
+            service_name_size: usize,
+            method_name_data: *const u8,
+            method_name_size: usize,
+            initial_metadata_data: *const u8,
+            initial_metadata_size: usize,
+            return_stream_id: *mut u32,
+        ) -> u32;
+        pub fn proxy_grpc_send(
+            token: u32,
+            message_data: *const u8,
+            message_size: usize,
+            end_stream: u32,
+        ) -> u32;
+        pub fn proxy_grpc_cancel(token: u32) -> u32;
     }
 }
 
@@ -253,6 +291,98 @@ pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
     // SAFETY: plain value call.
     let status = unsafe { abi::proxy_set_tick_period_milliseconds(period_ms) };
     check("proxy_set_tick_period_milliseconds", status)
+}
+
+/// Sends an HTTP request to `cluster`; its answer arrives in
+/// `on_http_call_response` with the returned token.
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> Result<u32, HostError> {
+    let headers = encode_pairs(headers);
+    let trailers = encode_pairs(&[]);
+    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let mut token = 0;
+    // SAFETY: every pointer/length pair comes from a live buffer; the
+    // out-pointer is valid.
+    let status = unsafe {
+        abi::proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    };
+    check("proxy_http_call", status)?;
+    Ok(token)
+}
+
+/// Calls an Envoy foreign function (e.g. `clear_route_cache`) without
+/// arguments, discarding any result.
+pub fn call_foreign_function(name: &str) -> Result<(), HostError> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: the name comes from a live &str; out-pointers are valid.
+    let status = unsafe {
+        abi::proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            std::ptr::null(),
+            0,
+            &mut data,
+            &mut size,
+        )
+    };
+    check("proxy_call_foreign_function", status)?;
+    // SAFETY: on Ok the host returned null or an allocation of `size` bytes.
+    drop(unsafe { take_host_buffer(data, size) });
+    Ok(())
+}
+
+/// Opens a gRPC stream to `cluster`; its messages arrive in
+/// `on_grpc_stream_message` with the returned token.
+pub fn open_grpc_stream(cluster: &str, service: &str, method: &str) -> Result<u32, HostError> {
+    let metadata = encode_pairs(&[]);
+    let mut token = 0;
+    // SAFETY: every pointer/length pair comes from a live buffer; the
+    // out-pointer is valid.
+    let status = unsafe {
+        abi::proxy_grpc_stream(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            &mut token,
+        )
+    };
+    check("proxy_grpc_stream", status)?;
+    Ok(token)
+}
+
+/// Sends one message on an open gRPC stream.
+pub fn send_grpc_stream_message(token: u32, message: &[u8]) -> Result<(), HostError> {
+    // SAFETY: the message comes from a live slice.
+    let status = unsafe { abi::proxy_grpc_send(token, message.as_ptr(), message.len(), 0) };
+    check("proxy_grpc_send", status)
+}
+
+/// Cancels a gRPC stream.
+pub fn cancel_grpc_stream(token: u32) -> Result<(), HostError> {
+    // SAFETY: plain value call.
+    let status = unsafe { abi::proxy_grpc_cancel(token) };
+    check("proxy_grpc_cancel", status)
 }
 
 /// Host wall-clock time in milliseconds since the Unix epoch.

@@ -130,6 +130,10 @@ pub struct FilterMetrics {
     /// ORCA `endpoint-load-metrics` response headers used, and refused.
     pub orca_reports: Counter,
     pub orca_report_errors: Counter,
+    /// Filter VMs configured: one per Envoy worker thread (and the main
+    /// thread's) at start; any later rise is a VM that failed and was
+    /// reloaded.
+    pub vm_starts: Counter,
     /// Time to choose a worker, hashing included (µs).
     pub decision_us: Histogram,
     /// Time inside each request-path callback of the filter (µs): how long
@@ -166,6 +170,7 @@ impl FilterMetrics {
             reports_sent: Counter::define("kvmesh_gateway_reports_sent")?,
             orca_reports: Counter::define("kvmesh_orca_reports")?,
             orca_report_errors: Counter::define("kvmesh_orca_report_errors")?,
+            vm_starts: Counter::define("kvmesh_vm_starts")?,
             decision_us: Histogram::define("kvmesh_decision_us")?,
             callback_us: Histogram::define("kvmesh_callback_us")?,
         })

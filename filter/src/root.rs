@@ -6,7 +6,6 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use prost::Message;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use router_core::gateway::{gateway_report, GatewayHello, GatewayReport};
@@ -65,8 +64,7 @@ impl KvmeshRoot {
         let Some(sidecar) = &config.sidecar else {
             return;
         };
-        match hostcalls::open_grpc_stream(&sidecar.cluster, STATE_SERVICE, STATE_METHOD, Vec::new())
-        {
+        match host::open_grpc_stream(&sidecar.cluster, STATE_SERVICE, STATE_METHOD) {
             Ok(token) => {
                 metrics.state_stream_opened.inc();
                 self.subscription = Subscription::Open { token, backoff_ms };
@@ -81,9 +79,9 @@ impl KvmeshRoot {
                     state.reporter.send(&hello);
                 }
             }
-            Err(status) => {
+            Err(err) => {
                 log::warn!(
-                    "cannot open the state stream to cluster {}: {status:?}",
+                    "cannot open the state stream to cluster {}: {err}",
                     sidecar.cluster
                 );
                 self.retry_later(now_ms, backoff_ms);
@@ -126,8 +124,8 @@ impl KvmeshRoot {
             Err(err) => {
                 metrics.state_update_errors.inc();
                 log::warn!("dropping the state stream after a bad update: {err}");
-                if let Err(status) = hostcalls::cancel_grpc_stream(token) {
-                    log::debug!("cancelling the state stream: {status:?}");
+                if let Err(err) = host::cancel_grpc_stream(token) {
+                    log::debug!("cancelling the state stream: {err}");
                 }
                 self.retry_later(now, RECONNECT_MIN_MS);
             }
@@ -186,6 +184,7 @@ impl RootContext for KvmeshRoot {
                 return false;
             }
         };
+        metrics.vm_starts.inc();
         let replica = config
             .sidecar
             .as_ref()

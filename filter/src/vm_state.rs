@@ -5,11 +5,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use prost::Message;
-use proxy_wasm::hostcalls;
 use router_core::gateway::GatewayReport;
 
 use crate::approximate::LearnedTable;
 use crate::config::ApproximateConfig;
+use crate::host;
 use crate::inflight::InFlight;
 use crate::metrics::WorkerCounters;
 use crate::orca::OrcaLoads;
@@ -79,10 +79,10 @@ impl Reporter {
             return false;
         };
         let bytes = report.encode_to_vec();
-        match hostcalls::send_grpc_stream_message(stream, Some(&bytes), false) {
+        match host::send_grpc_stream_message(stream, &bytes) {
             Ok(()) => true,
-            Err(status) => {
-                log::debug!("cannot send a gateway report: {status:?}");
+            Err(err) => {
+                log::debug!("cannot send a gateway report: {err}");
                 false
             }
         }

@@ -131,9 +131,34 @@ impl BlockHasher {
 
     /// Sequence hashes of every full block of `tokens`, in order.
     pub fn sequence_hashes(&self, tokens: &[u32]) -> Vec<SeqHash> {
+        self.sequence_hashes_after(None, tokens)
+    }
+
+    /// The parent every chain isolated by a cache salt starts from.
+    ///
+    /// Engines mix a request's `cache_salt` into its first block only (vLLM's
+    /// `extra_keys` of block 0, SGLang's per-store `cache_salt`); chaining
+    /// carries it to every later block. kvmesh does the same by giving the
+    /// first block this parent, so prompts with equal tokens and different
+    /// salts share no block hash, and a salted chain can be extended from its
+    /// last hash without knowing the salt again.
+    pub fn salt_root(&self, salt: &str) -> SeqHash {
+        // A domain tag keeps a salt root from equalling any block's hash by
+        // construction (block hashes never hash these bytes).
+        const DOMAIN: &[u8] = b"kvmesh.cache_salt\0";
+        let mut bytes = Vec::with_capacity(DOMAIN.len() + salt.len());
+        bytes.extend_from_slice(DOMAIN);
+        bytes.extend_from_slice(salt.as_bytes());
+        SeqHash(xxh3_64_with_seed(&bytes, self.seed.0))
+    }
+
+    /// Sequence hashes of every full block of `tokens` chained onto `parent`
+    /// (`None` for a prompt's start, a [`salt_root`](Self::salt_root) for a
+    /// salted prompt).
+    pub fn sequence_hashes_after(&self, parent: Option<SeqHash>, tokens: &[u32]) -> Vec<SeqHash> {
         let mut hashes = Vec::with_capacity(self.block_size.full_blocks(tokens.len()));
         let mut bytes = Vec::with_capacity(self.block_size.as_usize() * 4);
-        let mut parent = None;
+        let mut parent = parent;
         for block in tokens.chunks_exact(self.block_size.as_usize()) {
             bytes.clear();
             Self::encode_tokens(block, &mut bytes);
@@ -181,6 +206,25 @@ mod tests {
             out.push(seq);
         }
         out
+    }
+
+    #[test]
+    fn salted_chains_share_no_hash_with_other_salts_or_none() {
+        let h = hasher(4);
+        let tokens: Vec<u32> = (0..16).collect();
+        let plain = h.sequence_hashes(&tokens);
+        let a = h.sequence_hashes_after(Some(h.salt_root("tenant-a")), &tokens);
+        let b = h.sequence_hashes_after(Some(h.salt_root("tenant-b")), &tokens);
+        for (i, hash) in a.iter().enumerate() {
+            assert!(!plain.contains(hash) && !b.contains(hash), "block {i}");
+        }
+        assert_eq!(
+            a,
+            h.sequence_hashes_after(Some(h.salt_root("tenant-a")), &tokens)
+        );
+        // Extending a salted chain from its last hash needs no salt.
+        let tail = h.sequence_hashes_after(Some(a[1]), &tokens[8..]);
+        assert_eq!(tail, a[2..]);
     }
 
     #[test]

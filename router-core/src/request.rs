@@ -3,8 +3,16 @@
 //! Bodies are untrusted: every failure is a typed [`RequestError`] that maps to
 //! an OpenAI error response; nothing here panics. Unknown fields are ignored so
 //! engine-specific extensions pass through untouched.
+//!
+//! Memory is bounded by the body, not by its shape. Nothing is parsed into a
+//! generic JSON tree (which costs ~80× a body of tiny nested values): the
+//! prompt is read by typed visitors straight into what routing keeps, fields
+//! routing ignores are skipped without allocating, a batch keeps only the
+//! prompt it is routed by, and element counts are capped.
 
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use thiserror::Error;
 
 use crate::openai_error::{error_body, ErrorKind};
@@ -33,9 +41,11 @@ impl Endpoint {
 pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
-    /// A batch of prompts in one completions request; routed by the first.
-    TextBatch(Vec<String>),
-    TokenBatch(Vec<Vec<u32>>),
+    /// A batch of text prompts in one completions request, routed by its
+    /// first prompt (the only one kept).
+    TextBatch(String),
+    /// A batch of token-id prompts, routed by its first (the only one kept).
+    TokenBatch(Vec<u32>),
     Chat(Vec<ChatMessage>),
 }
 
@@ -43,12 +53,30 @@ impl Prompt {
     /// Token ids the engine will see without tokenization, if the client sent them.
     pub fn token_ids(&self) -> Option<&[u32]> {
         match self {
-            Prompt::Tokens(tokens) => Some(tokens),
-            Prompt::TokenBatch(batch) => batch.first().map(Vec::as_slice),
+            Prompt::Tokens(tokens) | Prompt::TokenBatch(tokens) => Some(tokens),
             _ => None,
         }
     }
 }
+
+/// Body fields that steer a prefill/decode handshake: only the router may
+/// set them (a client's could make an engine fetch KV from any host).
+pub const HANDSHAKE_FIELDS: [&str; 5] = [
+    "kv_transfer_params",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "disaggregated_params",
+];
+
+/// Most token ids one prompt may hold: more than any model's context, and a
+/// bound on what a body of single-digit ids can make the router store.
+pub const MAX_PROMPT_TOKENS: usize = 1 << 20;
+
+/// Most messages one chat request may hold.
+pub const MAX_MESSAGES: usize = 1 << 16;
+/// Most content parts one chat request may hold, over all its messages.
+pub const MAX_CONTENT_PARTS: usize = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChatMessage {
@@ -57,20 +85,27 @@ pub struct ChatMessage {
     pub content: Option<MessageContent>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-/// One part of a multi-part message; non-text parts keep only their type.
+/// One part of a multi-part message; non-text parts keep only their kind.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: PartKind,
     #[serde(default)]
     pub text: Option<String>,
+}
+
+/// The `type` of a content part: only text matters to routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    Text,
+    /// Images, audio, files, ...: their bytes are not part of the routed text.
+    Other,
 }
 
 /// The routing-relevant view of one request.
@@ -82,6 +117,12 @@ pub struct InferenceRequest {
     pub max_tokens: Option<u32>,
     /// `user` field: a stable client hint usable for session affinity.
     pub user: Option<String>,
+    /// `cache_salt`: isolates this request's KV blocks from every request
+    /// with another (or no) salt, as the engines do.
+    pub cache_salt: Option<String>,
+    /// The client sent one of [`HANDSHAKE_FIELDS`] (matched by parsed key,
+    /// whatever its escaping), even as `null`.
+    pub has_handshake_fields: bool,
 }
 
 #[derive(Debug, Error)]
@@ -128,25 +169,55 @@ impl RequestError {
     }
 }
 
+/// The top level of a request: the prompt fields stay raw (borrowed from
+/// the body) until the endpoint says which one to read.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum RawPrompt {
-    Text(String),
-    Tokens(Vec<u32>),
-    TextBatch(Vec<String>),
-    TokenBatch(Vec<Vec<u32>>),
-}
-
-#[derive(Deserialize)]
-struct RawRequest {
+struct RawRequest<'a> {
     model: Option<String>,
-    prompt: Option<serde_json::Value>,
-    messages: Option<serde_json::Value>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     user: Option<String>,
+    cache_salt: Option<String>,
+    #[serde(default)]
+    kv_transfer_params: Present,
+    #[serde(default)]
+    bootstrap_host: Present,
+    #[serde(default)]
+    bootstrap_port: Present,
+    #[serde(default)]
+    bootstrap_room: Present,
+    #[serde(default)]
+    disaggregated_params: Present,
+}
+
+impl RawRequest<'_> {
+    fn has_handshake_fields(&self) -> bool {
+        [
+            self.kv_transfer_params,
+            self.bootstrap_host,
+            self.bootstrap_port,
+            self.bootstrap_room,
+            self.disaggregated_params,
+        ]
+        .contains(&Present(true))
+    }
+}
+
+/// Whether a field was in the body, whatever its value (`null` included);
+/// the value is skipped without being stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        de::IgnoredAny::deserialize(deserializer).map(|_| Present(true))
+    }
 }
 
 /// Parses a request body for `endpoint`, rejecting bodies over `limit` bytes.
@@ -164,7 +235,8 @@ pub fn parse_request(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::EmptyBody);
     }
-    let raw: RawRequest = serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;
+    let raw: RawRequest<'_> = serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;
+    let has_handshake_fields = raw.has_handshake_fields();
     let model = raw.model.ok_or(RequestError::MissingField("model"))?;
     if model.is_empty() {
         return Err(RequestError::InvalidField {
@@ -179,41 +251,46 @@ pub fn parse_request(
     Ok(InferenceRequest {
         model,
         prompt,
+        has_handshake_fields,
         stream: raw.stream.unwrap_or(false),
         max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
         user: raw.user,
+        cache_salt: raw.cache_salt,
     })
 }
 
-fn parse_prompt(value: Option<serde_json::Value>) -> Result<Prompt, RequestError> {
+fn parse_prompt(value: Option<&RawValue>) -> Result<Prompt, RequestError> {
     let value = value.ok_or(RequestError::MissingField("prompt"))?;
-    let raw: RawPrompt = serde_json::from_value(value).map_err(|_| RequestError::InvalidField {
-        field: "prompt",
-        reason: "must be a string, an array of token ids, or a batch of either",
-    })?;
-    let prompt = match raw {
-        RawPrompt::Text(text) => Prompt::Text(text),
-        RawPrompt::Tokens(tokens) => Prompt::Tokens(tokens),
-        RawPrompt::TextBatch(batch) => Prompt::TextBatch(batch),
-        RawPrompt::TokenBatch(batch) => Prompt::TokenBatch(batch),
+    let raw = value.get();
+    // Every token but the last is followed by a comma: sizing the token
+    // vector once keeps its growth from holding two copies at a time. The
+    // first of a batch of token arrays ends at the first `]`.
+    let commas = |bytes: &[u8]| bytes.iter().filter(|&&b| b == b',').count() + 1;
+    let head = raw
+        .as_bytes()
+        .split(|&b| b == b']')
+        .next()
+        .unwrap_or_default();
+    let visitor = PromptVisitor {
+        tokens_bound: commas(raw.as_bytes()),
+        head_bound: commas(head),
     };
-    let empty_batch = matches!(&prompt, Prompt::TextBatch(b) if b.is_empty())
-        || matches!(&prompt, Prompt::TokenBatch(b) if b.is_empty());
-    if empty_batch {
-        return Err(RequestError::InvalidField {
+    let mut de = serde_json::Deserializer::from_str(raw);
+    de.deserialize_any(visitor)
+        .map_err(|_| RequestError::InvalidField {
             field: "prompt",
-            reason: "must not be an empty batch",
-        });
-    }
-    Ok(prompt)
+            reason: "must be a string, an array of at most 1048576 token ids, or a batch of either",
+        })
 }
 
-fn parse_messages(value: Option<serde_json::Value>) -> Result<Prompt, RequestError> {
+fn parse_messages(value: Option<&RawValue>) -> Result<Prompt, RequestError> {
     let value = value.ok_or(RequestError::MissingField("messages"))?;
-    let messages: Vec<ChatMessage> =
-        serde_json::from_value(value).map_err(|_| RequestError::InvalidField {
+    let mut de = serde_json::Deserializer::from_str(value.get());
+    let messages = de
+        .deserialize_seq(MessagesVisitor)
+        .map_err(|_| RequestError::InvalidField {
             field: "messages",
-            reason: "must be an array of {role, content} objects",
+            reason: "must be an array of {role, content} objects (at most 65536 messages and 65536 content parts)",
         })?;
     if messages.is_empty() {
         return Err(RequestError::InvalidField {
@@ -222,6 +299,235 @@ fn parse_messages(value: Option<serde_json::Value>) -> Result<Prompt, RequestErr
         });
     }
     Ok(Prompt::Chat(messages))
+}
+
+/// `prompt`: a string, token ids, or a batch of either. The first element
+/// of an array decides which; the rest must match it.
+struct PromptVisitor {
+    /// At least as many as the token ids the prompt can hold.
+    tokens_bound: usize,
+    /// At least as many as the first array of a batch can hold.
+    head_bound: usize,
+}
+
+impl<'de> Visitor<'de> for PromptVisitor {
+    type Value = Prompt;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string, an array of token ids, or a batch of either")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Prompt, E> {
+        Ok(Prompt::Text(text.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Prompt, E> {
+        Ok(Prompt::Text(text))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
+        let head = BatchHeadSeed {
+            tokens_bound: self.head_bound,
+        };
+        match seq.next_element_seed(head)? {
+            // `[]`: an empty token prompt, which engines accept as such.
+            None => Ok(Prompt::Tokens(Vec::new())),
+            Some(BatchHead::Token(first)) => {
+                let mut tokens = Vec::with_capacity(self.tokens_bound.min(MAX_PROMPT_TOKENS));
+                tokens.push(first);
+                while let Some(token) = seq.next_element::<u32>()? {
+                    push_token(&mut tokens, token)?;
+                }
+                Ok(Prompt::Tokens(tokens))
+            }
+            Some(BatchHead::Text(first)) => {
+                while seq.next_element::<StrOnly>()?.is_some() {}
+                Ok(Prompt::TextBatch(first))
+            }
+            Some(BatchHead::Tokens(first)) => {
+                while seq.next_element::<TokensOnly>()?.is_some() {}
+                Ok(Prompt::TokenBatch(first))
+            }
+        }
+    }
+}
+
+/// The first element of a `prompt` array.
+enum BatchHead {
+    Token(u32),
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Reads a [`BatchHead`], sizing a token array by `tokens_bound`.
+struct BatchHeadSeed {
+    tokens_bound: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for BatchHeadSeed {
+    type Value = BatchHead;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<BatchHead, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BatchHeadSeed {
+    type Value = BatchHead;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a token id, a string or an array of token ids")
+    }
+
+    fn visit_u64<E: de::Error>(self, token: u64) -> Result<BatchHead, E> {
+        u32::try_from(token)
+            .map(BatchHead::Token)
+            .map_err(|_| E::custom("token id out of range"))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<BatchHead, E> {
+        Ok(BatchHead::Text(text.to_owned()))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<BatchHead, A::Error> {
+        let mut tokens = Vec::with_capacity(self.tokens_bound.min(MAX_PROMPT_TOKENS));
+        while let Some(token) = seq.next_element::<u32>()? {
+            push_token(&mut tokens, token)?;
+        }
+        Ok(BatchHead::Tokens(tokens))
+    }
+}
+
+fn push_token<E: de::Error>(tokens: &mut Vec<u32>, token: u32) -> Result<(), E> {
+    if tokens.len() == MAX_PROMPT_TOKENS {
+        return Err(E::custom("too many token ids"));
+    }
+    tokens.push(token);
+    Ok(())
+}
+
+/// A string checked and dropped without being copied out of the parser.
+struct StrOnly;
+
+impl<'de> Deserialize<'de> for StrOnly {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StrVisitor;
+        impl Visitor<'_> for StrVisitor {
+            type Value = StrOnly;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<StrOnly, E> {
+                Ok(StrOnly)
+            }
+        }
+        deserializer.deserialize_str(StrVisitor)
+    }
+}
+
+/// An array of token ids checked and dropped without being stored.
+struct TokensOnly;
+
+impl<'de> Deserialize<'de> for TokensOnly {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TokensVisitor;
+        impl<'de> Visitor<'de> for TokensVisitor {
+            type Value = TokensOnly;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of token ids")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TokensOnly, A::Error> {
+                while seq.next_element::<u32>()?.is_some() {}
+                Ok(TokensOnly)
+            }
+        }
+        deserializer.deserialize_seq(TokensVisitor)
+    }
+}
+
+/// `messages`, capped in messages and in content parts.
+struct MessagesVisitor;
+
+impl<'de> Visitor<'de> for MessagesVisitor {
+    type Value = Vec<ChatMessage>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<ChatMessage>, A::Error> {
+        let mut messages = Vec::new();
+        let mut parts = 0usize;
+        while let Some(message) = seq.next_element::<ChatMessage>()? {
+            if let Some(MessageContent::Parts(p)) = &message.content {
+                parts = parts.saturating_add(p.len());
+            }
+            if messages.len() == MAX_MESSAGES || parts > MAX_CONTENT_PARTS {
+                return Err(de::Error::custom("too many messages or content parts"));
+            }
+            messages.push(message);
+        }
+        Ok(messages)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+        impl<'de> Visitor<'de> for ContentVisitor {
+            type Value = MessageContent;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(text))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageContent, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element::<ContentPart>()? {
+                    if parts.len() == MAX_CONTENT_PARTS {
+                        return Err(de::Error::custom("too many content parts"));
+                    }
+                    parts.push(part);
+                }
+                Ok(MessageContent::Parts(parts))
+            }
+        }
+        deserializer.deserialize_any(ContentVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for PartKind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KindVisitor;
+        impl Visitor<'_> for KindVisitor {
+            type Value = PartKind;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a content part type")
+            }
+
+            fn visit_str<E: de::Error>(self, kind: &str) -> Result<PartKind, E> {
+                Ok(if kind == "text" {
+                    PartKind::Text
+                } else {
+                    PartKind::Other
+                })
+            }
+        }
+        deserializer.deserialize_str(KindVisitor)
+    }
 }
 
 #[cfg(test)]
@@ -259,10 +565,16 @@ mod tests {
         .unwrap();
         assert_eq!(batch.prompt.token_ids(), Some(&[4u32, 5][..]));
         let texts = parse(Endpoint::Completions, r#"{"model":"m","prompt":["a","b"]}"#).unwrap();
-        assert_eq!(
-            texts.prompt,
-            Prompt::TextBatch(vec!["a".into(), "b".into()])
-        );
+        assert_eq!(texts.prompt, Prompt::TextBatch("a".into()));
+        for mixed in [
+            r#"["a",[1]]"#,
+            r#"[[1],"a"]"#,
+            r#"[1,"a"]"#,
+            r#"[[1],[-1]]"#,
+        ] {
+            let body = format!(r#"{{"model":"m","prompt":{mixed}}}"#);
+            assert!(parse(Endpoint::Completions, &body).is_err(), "{mixed}");
+        }
     }
 
     #[test]
@@ -315,6 +627,41 @@ mod tests {
             assert!(v["error"]["message"].is_string());
             assert_eq!(v["error"]["param"].as_str(), param);
         }
+    }
+
+    #[test]
+    fn salt_and_handshake_fields_are_read_by_parsed_key() {
+        let plain = parse(Endpoint::Completions, r#"{"model":"m","prompt":"p"}"#).unwrap();
+        assert!(!plain.has_handshake_fields);
+        assert_eq!(plain.cache_salt, None);
+        for field in HANDSHAKE_FIELDS {
+            let escaped: String = field
+                .chars()
+                .map(|c| {
+                    if c == 's' || c == '_' {
+                        format!("\\u{:04x}", c as u32)
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+            for key in [field.to_owned(), escaped] {
+                for value in ["null", "{}", "1", r#""h""#] {
+                    let body = format!(r#"{{"model":"m","prompt":"p","{key}":{value}}}"#);
+                    let request = parse(Endpoint::Completions, &body).unwrap();
+                    assert!(request.has_handshake_fields, "{body}");
+                }
+            }
+            // Two spellings of one key are a duplicate field, not a bypass.
+            let twice = format!(r#"{{"model":"m","prompt":"p","{field}":1,"{field}":2}}"#);
+            assert!(parse(Endpoint::Completions, &twice).is_err());
+        }
+        let salted = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","cache_\u0073alt":"tenant","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(salted.cache_salt.as_deref(), Some("tenant"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use kvmesh_tests::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
 use kvmesh_tests::harness::envoy::{validate_config, Disaggregation};
+use kvmesh_tests::harness::raw_http::{h1_chunked_post_with_trailers, h2_post};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{
     free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
@@ -119,18 +120,158 @@ fn workers_orca_load_reports_are_read_and_kept_from_clients() {
     served_by(&plain);
     assert!(plain.header("endpoint-load-metrics").is_none());
     assert_eq!(counter(&fleet.envoy, "kvmesh_orca_reports"), 1);
-    // A client that asks for the report itself still gets it.
+    // A client asking for the report itself is not told the engine's load.
     let asked = post(
         &client,
         &fleet.completions(),
         body,
-        &[("endpoint-load-metrics-format", "TEXT")],
+        &[("endpoint-load-metrics-format", "JSON")],
     )
     .unwrap();
-    let report = asked.header("endpoint-load-metrics").unwrap_or_default();
-    assert!(report.starts_with("TEXT "), "{report:?}");
+    served_by(&asked);
+    assert!(asked.header("endpoint-load-metrics").is_none());
+    assert_eq!(counter(&fleet.envoy, "kvmesh_forged_headers_removed"), 1);
+    // The filter's own request (TEXT) was still answered and read.
     assert_eq!(counter(&fleet.envoy, "kvmesh_orca_reports"), 2);
     assert_eq!(counter(&fleet.envoy, "kvmesh_orca_report_errors"), 0);
+}
+
+/// The gateway's listener as `ip:port`.
+fn authority(fleet: &Fleet) -> String {
+    fleet
+        .envoy
+        .gateway_url()
+        .trim_start_matches("http://")
+        .to_owned()
+}
+
+#[test]
+fn handshake_fields_are_removed_whatever_the_escaping_protocol_or_trailers() {
+    let fleet = Fleet::start(1, None);
+    let authority = authority(&fleet);
+    let client = http_client();
+    // Each spelling names a handshake field to the engine's JSON parser.
+    let smuggled = [
+        r#""kv_transfer_param\u0073":{"do_remote_prefill":true,"remote_host":"127.0.0.1","remote_port":9,"remote_block_ids":[1],"remote_engine_id":"x","remote_request_id":"r"}"#,
+        r#""\u006bv_transfer_params":{"do_remote_decode":true}"#,
+        r#""bootstrap\u005fhost":"127.0.0.1","bootstrap\u005fport":9,"bootstrap\u005froom":7"#,
+        r#""disaggregated_param\u0073":{"request_type":"generation_only","ctx_request_id":1}"#,
+    ];
+    let trailers = [("x-checksum", "1")];
+    let mut sent = 0;
+    for (i, extra) in smuggled.iter().enumerate() {
+        let prompt = json!(token_prompt(20 + i as u32));
+        let body = format!(r#"{{"model":"{MODEL}","prompt":{prompt},"max_tokens":1,{extra}}}"#);
+        let bytes = body.clone().into_bytes();
+        let responses: [(&str, u16, serde_json::Value, bool); 4] = [
+            {
+                let r = post(&client, &fleet.completions(), body, &[]).unwrap();
+                let worker = r.header(WORKER_HEADER).is_some();
+                ("HTTP/1.1", r.status, r.json().unwrap(), worker)
+            },
+            {
+                let r =
+                    h1_chunked_post_with_trailers(&authority, "/v1/completions", &bytes, &trailers)
+                        .unwrap();
+                let worker = r.header(WORKER_HEADER).is_some();
+                ("HTTP/1.1 + trailers", r.status, r.json().unwrap(), worker)
+            },
+            {
+                let r = h2_post(&authority, "/v1/completions", bytes.clone(), None).unwrap();
+                let worker = r.header(WORKER_HEADER).is_some();
+                ("HTTP/2", r.status, r.json().unwrap(), worker)
+            },
+            {
+                let r = h2_post(&authority, "/v1/completions", bytes, Some(&trailers)).unwrap();
+                let worker = r.header(WORKER_HEADER).is_some();
+                ("HTTP/2 + trailers", r.status, r.json().unwrap(), worker)
+            },
+        ];
+        for (transport, status, json, worker) in responses {
+            assert_eq!(status, 200, "{transport} {extra}: {json}");
+            assert!(worker, "{transport}: a worker must answer");
+            assert_eq!(json["usage"]["prompt_tokens"], 48, "{transport}: {json}");
+            // A prefill engine told to keep KV for remote decode names itself.
+            assert!(
+                json.get("kv_transfer_params").is_none(),
+                "{transport}: {json}"
+            );
+            sent += 1;
+        }
+    }
+    assert_eq!(counter(&fleet.envoy, "kvmesh_router_fields_removed"), sent);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), sent);
+    let metrics = format!("{}/metrics", fleet.workers[0].url());
+    for name in [
+        "sim:remote_prefill_fallbacks_total",
+        "sim:kv_transfer_blocks_received_total",
+    ] {
+        assert_eq!(prometheus_sum(&metrics, name, ""), 0.0, "{name}");
+    }
+    // Trailers do not carry a bad body past the parser either.
+    for response in [
+        h2_post(
+            &authority,
+            "/v1/completions",
+            b"{not json".to_vec(),
+            Some(&trailers),
+        )
+        .unwrap(),
+        h1_chunked_post_with_trailers(&authority, "/v1/completions", b"{not json", &trailers)
+            .unwrap(),
+    ] {
+        assert_eq!(response.status, 400);
+        assert!(response.json().unwrap()["error"]["message"].is_string());
+        assert!(response.header(WORKER_HEADER).is_none());
+    }
+}
+
+#[test]
+fn only_inference_paths_reach_the_pool() {
+    let fleet = Fleet::start_with(1, |config| config.expose_engine_headers = false);
+    let client = http_client();
+    let base = fleet.envoy.gateway_url();
+    let probes = [
+        ("POST", "/sim/faults"),
+        ("GET", "/sim/cache"),
+        ("GET", "/metrics"),
+        ("POST", "/reset_prefix_cache"),
+        ("GET", "/sim/kv_transfer/1"),
+        ("GET", "//sim/cache"),
+        ("GET", "/v1/../sim/cache"),
+        ("POST", "/v1/completions/../../sim/faults"),
+        ("GET", "/v1%2F..%2Fmetrics"),
+        ("POST", "/v1/completions/"),
+        ("GET", "/"),
+    ];
+    for (method, path) in probes {
+        let request = match method {
+            "POST" => client
+                .post(format!("{base}{path}"))
+                .header("content-type", "application/json")
+                .body(r#"{"fail_requests":1.0,"exit":true}"#),
+            _ => client.get(format!("{base}{path}")),
+        };
+        let response = request.send().unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        assert!(response.headers().get(WORKER_HEADER).is_none());
+        let body: serde_json::Value = response.json().unwrap();
+        assert_eq!(
+            body["error"]["code"], "not_found",
+            "{method} {path}: {body}"
+        );
+    }
+    // The worker never saw any of it: its cache is untouched and it serves.
+    let models = client.get(format!("{base}/v1/models")).send().unwrap();
+    assert_eq!(models.status(), 200);
+    let body = json!({"model": MODEL, "prompt": token_prompt(2), "max_tokens": 1});
+    let response = post_json(&client, &fleet.completions(), &body).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text);
+    assert!(
+        response.header(WORKER_HEADER).is_none(),
+        "engine debug headers are removed unless exposed"
+    );
+    assert_eq!(response.json().unwrap()["usage"]["prompt_tokens"], 48);
 }
 
 #[test]

@@ -1,21 +1,21 @@
 //! Request and response bodies of the prefill/decode handshakes (DESIGN
-//! §3.4), as pure JSON rewrites. The fields that steer a handshake are the
-//! router's alone: a client that sends them has them removed first, or a
-//! request could make a decode engine pull KV from any host it names.
+//! §3.4). Request bodies are rewritten as raw JSON: each top-level field is
+//! matched by its parsed (unescaped) key and copied byte for byte unless an
+//! edit names it, so a rewrite costs one pass and at most one output the size
+//! of the body, whatever the body's shape. The fields that steer a handshake
+//! are the router's alone (`router_core::request::HANDSHAKE_FIELDS`): a
+//! client that sends them has them removed first, or a request could make a
+//! decode engine pull KV from any host it names.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::fmt;
+
+use router_core::request::HANDSHAKE_FIELDS;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 use thiserror::Error;
-
-/// Body fields only the router may set.
-pub const ROUTER_FIELDS: [&str; 5] = [
-    "kv_transfer_params",
-    "bootstrap_host",
-    "bootstrap_port",
-    "bootstrap_room",
-    "disaggregated_params",
-];
-
-pub type Body = Map<String, Value>;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BodyError {
@@ -27,66 +27,138 @@ pub enum BodyError {
     MissingParams(&'static str),
 }
 
-/// Cheap check before parsing: can the body hold a router field at all?
-pub fn may_hold_router_fields(raw: &[u8]) -> bool {
-    [
-        &b"kv_transfer_params"[..],
-        b"bootstrap_",
-        b"disaggregated_params",
-    ]
-    .iter()
-    .any(|needle| raw.windows(needle.len()).any(|w| w == *needle))
+/// What a rewrite does to one top-level field.
+#[derive(Debug, Clone, Copy)]
+enum Edit<'a> {
+    /// Dropped wherever it appears.
+    Remove,
+    /// Set to this JSON value, replacing the client's.
+    Set(&'a str),
+    /// Set to this JSON value only if the client sent the field.
+    Replace(&'a str),
 }
 
-pub fn parse(raw: &[u8]) -> Result<Body, BodyError> {
-    match serde_json::from_slice(raw) {
-        Ok(Value::Object(body)) => Ok(body),
-        _ => Err(BodyError::NotAnObject),
+/// The body with `edits` applied: every occurrence of an edited key is
+/// dropped, `Set` and present `Replace` values are written once at the
+/// first occurrence (or at the end), every other field is copied verbatim.
+fn rewrite(raw: &[u8], edits: &[(&str, Edit<'_>)]) -> Result<Vec<u8>, BodyError> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let mut out = Vec::with_capacity(raw.len() + 256);
+    out.push(b'{');
+    let mut writer = Rewriter {
+        out,
+        edits,
+        written: vec![false; edits.len()],
+    };
+    de.deserialize_map(&mut writer)
+        .and_then(|()| de.end())
+        .map_err(|_| BodyError::NotAnObject)?;
+    let Rewriter {
+        mut out, written, ..
+    } = writer;
+    for ((key, edit), done) in edits.iter().zip(written) {
+        if let (Edit::Set(value), false) = (edit, done) {
+            write_field(&mut out, key, value);
+        }
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+struct Rewriter<'e, 'a> {
+    out: Vec<u8>,
+    edits: &'e [(&'e str, Edit<'a>)],
+    written: Vec<bool>,
+}
+
+/// Appends `"key":value` to an object opened in `out`.
+fn write_field(out: &mut Vec<u8>, key: &str, value: &str) {
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, key);
+    out.push(b':');
+    out.extend_from_slice(value.as_bytes());
+}
+
+impl<'de> Visitor<'de> for &mut Rewriter<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key()? {
+            let value: &RawValue = map.next_value()?;
+            match self.edits.iter().position(|(name, _)| *name == key) {
+                None => write_field(&mut self.out, &key, value.get()),
+                Some(at) => {
+                    let value = match self.edits[at].1 {
+                        Edit::Remove => None,
+                        Edit::Set(new) | Edit::Replace(new) => Some(new),
+                    };
+                    if let (Some(new), false) = (value, self.written[at]) {
+                        write_field(&mut self.out, &key, new);
+                        self.written[at] = true;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-pub fn encode(body: &Body) -> Vec<u8> {
-    // Serializing a map of JSON values cannot fail.
-    serde_json::to_vec(body).unwrap_or_default()
+/// An object key, unescaped; borrowed from the body when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
 }
 
-/// Removes every router field; true if the client had sent any.
-pub fn strip_router_fields(body: &mut Body) -> bool {
-    let mut removed = false;
-    for field in ROUTER_FIELDS {
-        removed |= body.remove(field).is_some();
-    }
-    removed
+/// The body without the handshake fields a client put in it.
+pub fn strip_router_fields(raw: &[u8]) -> Result<Vec<u8>, BodyError> {
+    let edits = HANDSHAKE_FIELDS.map(|field| (field, Edit::Remove));
+    rewrite(raw, &edits)
 }
 
 /// A leg that computes the prompt and returns after one token.
-fn prefill_only(body: &Body) -> Body {
-    let mut leg = body.clone();
-    leg.insert("stream".into(), Value::Bool(false));
-    leg.insert("max_tokens".into(), 1.into());
-    if leg.contains_key("max_completion_tokens") {
-        leg.insert("max_completion_tokens".into(), 1.into());
-    }
-    leg.remove("stream_options");
-    leg.remove("min_tokens");
-    leg
-}
+const PREFILL_ONLY: [(&str, Edit<'static>); 5] = [
+    ("stream", Edit::Set("false")),
+    ("max_tokens", Edit::Set("1")),
+    ("max_completion_tokens", Edit::Replace("1")),
+    ("stream_options", Edit::Remove),
+    ("min_tokens", Edit::Remove),
+];
+
+/// The `kv_transfer_params` that ask a vLLM prefill engine to keep the KV
+/// for a remote decode.
+const VLLM_REMOTE_DECODE: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
 /// vLLM (NIXL connector): the prefill leg asks for remote decode.
-pub fn vllm_prefill(body: &Body) -> Body {
-    let mut leg = prefill_only(body);
-    leg.insert(
-        "kv_transfer_params".into(),
-        serde_json::json!({
-            "do_remote_decode": true,
-            "do_remote_prefill": false,
-            "remote_engine_id": null,
-            "remote_block_ids": null,
-            "remote_host": null,
-            "remote_port": null,
-        }),
-    );
-    leg
+pub fn vllm_prefill(body: &[u8]) -> Result<Vec<u8>, BodyError> {
+    let mut edits = PREFILL_ONLY.to_vec();
+    edits.push(("kv_transfer_params", Edit::Set(VLLM_REMOTE_DECODE)));
+    rewrite(body, &edits)
 }
 
 /// The `kv_transfer_params` a vLLM prefill response hands to the decode leg,
@@ -100,27 +172,38 @@ pub fn vllm_transfer_params(response: &[u8]) -> Result<Value, BodyError> {
 }
 
 /// vLLM: the decode leg is the original request plus the prefill's params.
-pub fn vllm_decode(body: &mut Body, params: Value) {
-    body.insert("kv_transfer_params".into(), params);
+pub fn vllm_decode(body: &[u8], params: &Value) -> Result<Vec<u8>, BodyError> {
+    let params = params.to_string();
+    rewrite(body, &[("kv_transfer_params", Edit::Set(&params))])
 }
 
 /// SGLang: both legs carry the same rendezvous with the prefill engine.
-pub fn sglang(body: &mut Body, host: &str, port: u16, room: u64) {
-    body.insert("bootstrap_host".into(), host.into());
-    body.insert("bootstrap_port".into(), port.into());
-    body.insert("bootstrap_room".into(), room.into());
+pub fn sglang(body: &[u8], host: &str, port: u16, room: u64) -> Result<Vec<u8>, BodyError> {
+    let host = Value::from(host).to_string();
+    let (port, room) = (port.to_string(), room.to_string());
+    rewrite(
+        body,
+        &[
+            ("bootstrap_host", Edit::Set(&host)),
+            ("bootstrap_port", Edit::Set(&port)),
+            ("bootstrap_room", Edit::Set(&room)),
+        ],
+    )
 }
 
 /// TensorRT-LLM: the context leg (it produces the first token itself).
-pub fn trtllm_context(body: &Body) -> Body {
-    let mut leg = body.clone();
-    leg.insert("stream".into(), Value::Bool(false));
-    leg.remove("stream_options");
-    leg.insert(
-        "disaggregated_params".into(),
-        serde_json::json!({"request_type": "context_only"}),
-    );
-    leg
+pub fn trtllm_context(body: &[u8]) -> Result<Vec<u8>, BodyError> {
+    rewrite(
+        body,
+        &[
+            ("stream", Edit::Set("false")),
+            ("stream_options", Edit::Remove),
+            (
+                "disaggregated_params",
+                Edit::Set(r#"{"request_type":"context_only"}"#),
+            ),
+        ],
+    )
 }
 
 /// What the TensorRT-LLM context leg decided.
@@ -156,8 +239,9 @@ pub fn trtllm_context_outcome(response: &[u8]) -> Result<ContextOutcome, BodyErr
 }
 
 /// TensorRT-LLM: the generation leg is the original plus the context's params.
-pub fn trtllm_generation(body: &mut Body, params: Value) {
-    body.insert("disaggregated_params".into(), params);
+pub fn trtllm_generation(body: &[u8], params: &Value) -> Result<Vec<u8>, BodyError> {
+    let params = params.to_string();
+    rewrite(body, &[("disaggregated_params", Edit::Set(&params))])
 }
 
 #[cfg(test)]
@@ -165,40 +249,51 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn body(value: Value) -> Body {
-        parse(value.to_string().as_bytes()).unwrap()
+    fn object(raw: &[u8]) -> Value {
+        serde_json::from_slice(raw).unwrap()
     }
 
     #[test]
-    fn router_fields_from_clients_are_removed() {
+    fn router_fields_are_removed_by_their_parsed_key() {
         let raw = json!({"model": "m", "prompt": "p", "kv_transfer_params": {"remote_host": "evil"},
             "bootstrap_host": "evil", "bootstrap_port": 1, "bootstrap_room": 2,
             "disaggregated_params": {"request_type": "generation_only"}});
-        assert!(may_hold_router_fields(raw.to_string().as_bytes()));
-        let mut parsed = body(raw);
-        assert!(strip_router_fields(&mut parsed));
+        let stripped = strip_router_fields(raw.to_string().as_bytes()).unwrap();
+        assert_eq!(object(&stripped), json!({"model": "m", "prompt": "p"}));
+        // Escapes name the same key to every JSON parser an engine uses.
+        let escaped = br#"{"model":"m","kv_transfer_param\u0073":{"do_remote_prefill":true},
+            "bootstrap\u005fhost":"10.0.0.1","\u0064isaggregated_params":{},"prompt":"bootstrap_"}"#;
+        let stripped = strip_router_fields(escaped).unwrap();
         assert_eq!(
-            Value::Object(parsed.clone()),
-            json!({"model": "m", "prompt": "p"})
+            object(&stripped),
+            json!({"model": "m", "prompt": "bootstrap_"})
         );
-        assert!(!strip_router_fields(&mut parsed));
-        assert!(!may_hold_router_fields(
-            br#"{"model":"m","prompt":"bootstrap"}"#
-        ));
-        assert_eq!(parse(b"[1]"), Err(BodyError::NotAnObject));
+        // Every other field is copied verbatim, escapes and number forms included.
+        let verbatim = br#"{"a\u0062":"x\n","n":1.50e3,"o":{"k":[1, 2]}}"#;
+        assert_eq!(
+            strip_router_fields(verbatim).unwrap(),
+            br#"{"ab":"x\n","n":1.50e3,"o":{"k":[1, 2]}}"#.to_vec()
+        );
+        assert_eq!(strip_router_fields(b"{}").unwrap(), b"{}".to_vec());
+        assert_eq!(strip_router_fields(b"[1]"), Err(BodyError::NotAnObject));
+        assert_eq!(strip_router_fields(b"{} x"), Err(BodyError::NotAnObject));
     }
 
     #[test]
     fn vllm_legs() {
-        let original = body(json!({"model": "m", "messages": [], "stream": true,
+        let original = json!({"model": "m", "messages": [], "stream": true,
             "stream_options": {"include_usage": true}, "max_tokens": 50,
-            "max_completion_tokens": 50, "min_tokens": 5}));
-        let prefill = Value::Object(vllm_prefill(&original));
+            "max_completion_tokens": 50, "min_tokens": 5})
+        .to_string();
+        let prefill = object(&vllm_prefill(original.as_bytes()).unwrap());
         assert_eq!(prefill["stream"], false);
         assert_eq!(prefill["max_tokens"], 1);
         assert_eq!(prefill["max_completion_tokens"], 1);
         assert!(prefill.get("stream_options").is_none() && prefill.get("min_tokens").is_none());
         assert_eq!(prefill["kv_transfer_params"]["do_remote_decode"], true);
+        let without = object(&vllm_prefill(br#"{"model":"m","prompt":"p"}"#).unwrap());
+        assert!(without.get("max_completion_tokens").is_none());
+        assert_eq!(without["max_tokens"], 1);
 
         let params = json!({"do_remote_prefill": true, "remote_block_ids": [1, 2],
             "remote_engine_id": "e", "remote_request_id": "r", "remote_host": "127.0.0.1",
@@ -211,18 +306,21 @@ mod tests {
         assert!(vllm_transfer_params(br#"{"choices":[]}"#).is_err());
         assert!(vllm_transfer_params(br#"{"kv_transfer_params":{}}"#).is_err());
         assert!(vllm_transfer_params(b"<html>").is_err());
-        let mut decode = original.clone();
-        vllm_decode(&mut decode, params.clone());
+        let decode = object(&vllm_decode(original.as_bytes(), &params).unwrap());
         assert_eq!(decode["stream"], true);
         assert_eq!(decode["kv_transfer_params"], params);
     }
 
     #[test]
     fn sglang_rendezvous() {
-        let mut leg = body(json!({"model": "m", "prompt": "p"}));
-        sglang(&mut leg, "10.0.0.5", 8998, 42);
+        let leg = sglang(
+            br#"{"model":"m","prompt":"p","bootstrap_room":1}"#,
+            "10.0.0.5",
+            8998,
+            42,
+        );
         assert_eq!(
-            Value::Object(leg),
+            object(&leg.unwrap()),
             json!({"model": "m", "prompt": "p", "bootstrap_host": "10.0.0.5",
                 "bootstrap_port": 8998, "bootstrap_room": 42})
         );
@@ -230,8 +328,9 @@ mod tests {
 
     #[test]
     fn trtllm_legs() {
-        let original = body(json!({"model": "m", "prompt": "p", "max_tokens": 20, "stream": true}));
-        let context = Value::Object(trtllm_context(&original));
+        let original =
+            json!({"model": "m", "prompt": "p", "max_tokens": 20, "stream": true}).to_string();
+        let context = object(&trtllm_context(original.as_bytes()).unwrap());
         assert_eq!(
             context["disaggregated_params"]["request_type"],
             "context_only"
@@ -249,8 +348,7 @@ mod tests {
         };
         assert_eq!(params["request_type"], "generation_only");
         assert_eq!(params["first_gen_tokens"], json!([7]));
-        let mut generation = original.clone();
-        trtllm_generation(&mut generation, params);
+        let generation = object(&trtllm_generation(original.as_bytes(), &params).unwrap());
         assert_eq!(generation["disaggregated_params"]["ctx_request_id"], 3);
 
         let finished = json!({"choices": [{"finish_reason": "stop", "text": "done"}]});

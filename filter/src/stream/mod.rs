@@ -3,7 +3,6 @@
 
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use router_core::gateway::{
@@ -11,8 +10,9 @@ use router_core::gateway::{
 };
 use router_core::openai_error::{error_body, ErrorKind};
 use router_core::request::{parse_request, Endpoint, Prompt, RequestError};
-use router_core::SeqHash;
+use router_core::{BlockHasher, SeqHash};
 use serde::Deserialize;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod prefill;
 
@@ -35,6 +35,9 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 pub const POOL_HEADER: &str = "x-kvmesh-pool";
 /// Prefix of kvmesh's internal headers; never accepted from clients.
 pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
+/// Request headers only the filter may send upstream: the routing headers,
+/// and the request for an engine's load report (its answer is the filter's).
+const RESERVED_HEADERS: [&str; 2] = [DESTINATION_HEADER, orca::FORMAT_HEADER];
 
 pub struct InferenceStream {
     config: Rc<PluginConfig>,
@@ -42,7 +45,7 @@ pub struct InferenceStream {
     state: SharedVmState,
     /// Set once the headers show an inference call whose body we buffer.
     endpoint: Option<Endpoint>,
-    /// Bytes of the buffered request body.
+    /// Bytes of the request body buffered so far (the whole body once routed).
     body_size: usize,
     /// The client asked for a streamed response.
     client_streams: bool,
@@ -60,8 +63,6 @@ pub struct InferenceStream {
     pending_tokenize: Option<PendingTokenize>,
     /// Prompt-cache key the pending tokenization's answer is stored under.
     cache_fill: Option<u64>,
-    /// The client asked for ORCA load reports itself: pass them through.
-    client_wants_load_report: bool,
     /// The decision, kept for the opt-in debug response headers.
     decision: Option<Decision>,
     /// (model, request id) of a decision reported to the sidecar.
@@ -129,7 +130,6 @@ impl InferenceStream {
             prefill: None,
             pending_tokenize: None,
             cache_fill: None,
-            client_wants_load_report: false,
             decision: None,
             reported: None,
         }
@@ -216,7 +216,6 @@ impl InferenceStream {
         };
         self.body_size = body_size;
         self.client_streams = request.stream;
-        self.strip_router_fields(&body);
         let Some(model) = self.config.model(&request.model) else {
             let message = format!("The model '{}' does not exist.", request.model);
             return self.reject(
@@ -224,30 +223,51 @@ impl InferenceStream {
                 &error_body(ErrorKind::ModelNotFound, &message, Some("model")),
             );
         };
+        let model_name = model.name.clone();
+        let hasher = model.hasher;
+        let salt = request.cache_salt.as_deref();
         let started_ns = host::now_ns().unwrap_or(0);
-        if let Some(tokens) = request.prompt.token_ids() {
-            let exact = model.hasher.sequence_hashes(tokens);
-            let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
-            let model = model.name.clone();
-            return self
-                .decide_and_apply(&model, Some(&exact), &keys, started_ns)
-                .action();
-        }
-        let seed = model.hasher.seed().get();
-        let keys = PrefixKeys::from_text(&request.prompt, seed);
-        let model = model.name.clone();
-        if !is_tokenizable(&request.prompt) {
-            return self
-                .decide_and_apply(&model, None, &keys, started_ns)
-                .action();
-        }
+        // Token ids are hashed, then dropped, before the body is rewritten:
+        // at most two body-sized buffers are alive at a time.
+        let exact = request
+            .prompt
+            .token_ids()
+            .map(|tokens| hasher.sequence_hashes_after(salt.map(|s| hasher.salt_root(s)), tokens));
+        let seed = text_seed(&hasher, salt);
+        let keys = match &exact {
+            Some(exact) => PrefixKeys::from_blocks(exact, hasher.block_size()),
+            None => PrefixKeys::from_text(&request.prompt, seed),
+        };
+        let tokenizable = is_tokenizable(&request.prompt);
         let cache_keys = prompt_keys(&request.prompt, &body, seed);
+        let has_handshake_fields = request.has_handshake_fields;
+        drop(request);
+        let body = if has_handshake_fields {
+            match self.strip_router_fields(&body) {
+                Some(stripped) => stripped,
+                // Never forward fields that could not be removed.
+                None => {
+                    let message = "the request's handshake fields could not be removed";
+                    return self.reject(
+                        ErrorKind::InvalidRequest,
+                        &error_body(ErrorKind::InvalidRequest, message, None),
+                    );
+                }
+            }
+        } else {
+            body
+        };
+        if exact.is_some() || !tokenizable {
+            return self
+                .decide_and_apply(&model_name, exact.as_deref(), &keys, started_ns)
+                .action();
+        }
         let hit = self.state.borrow_mut().prompt_cache.lookup(&cache_keys);
         let dispatched = match &hit {
             Some(hit) if hit.complete => false,
             // A miss, or a new turn: ask the sidecar, so the cache learns this
             // request's messages for the turn after it.
-            _ => self.dispatch_tokenize(&model, &body),
+            _ => self.dispatch_tokenize(&model_name, &body),
         };
         if dispatched {
             self.cache_fill = cache_keys.last().copied();
@@ -255,34 +275,32 @@ impl InferenceStream {
         match hit {
             Some(hit) => {
                 self.metrics.prompt_cache_hits.inc();
-                self.decide_and_apply(&model, Some(&hit.hashes), &keys, started_ns)
+                self.decide_and_apply(&model_name, Some(&hit.hashes), &keys, started_ns)
                     .action()
             }
             None if dispatched => {
                 self.metrics.prompt_cache_misses.inc();
-                self.pending_tokenize = Some(PendingTokenize { model, keys });
+                self.pending_tokenize = Some(PendingTokenize {
+                    model: model_name,
+                    keys,
+                });
                 // The request waits for the sidecar; the Envoy thread does not.
                 Action::Pause
             }
             None => self
-                .decide_and_apply(&model, None, &keys, started_ns)
+                .decide_and_apply(&model_name, None, &keys, started_ns)
                 .action(),
         }
     }
 
-    /// Removes handshake fields a client put in the body: only the router
-    /// may tell an engine where to fetch KV from.
-    fn strip_router_fields(&mut self, raw: &[u8]) {
-        if !body::may_hold_router_fields(raw) {
-            return;
-        }
-        let Ok(mut parsed) = body::parse(raw) else {
-            return;
-        };
-        if body::strip_router_fields(&mut parsed) {
-            self.metrics.router_fields_removed.inc();
-            self.replace_body(&parsed);
-        }
+    /// Removes the handshake fields a client put in the body (matched by
+    /// parsed key, whatever the escaping): only the router may tell an
+    /// engine where to fetch KV from. The stripped body replaces the
+    /// buffered one; `None` if it could not be rewritten.
+    fn strip_router_fields(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
+        let stripped = body::strip_router_fields(raw).ok()?;
+        self.metrics.router_fields_removed.inc();
+        self.replace_body(&stripped).then_some(stripped)
     }
 
     /// Asks the sidecar for the prompt's block hashes when precise routing is
@@ -310,21 +328,15 @@ impl InferenceStream {
             (":authority", "kv-sidecar"),
             ("content-type", "application/json"),
         ];
-        match hostcalls::dispatch_http_call(
-            cluster,
-            headers.to_vec(),
-            Some(body),
-            Vec::new(),
-            sidecar.tokenize_timeout,
-        ) {
+        match host::dispatch_http_call(cluster, &headers, body, sidecar.tokenize_timeout) {
             Ok(token) => {
                 self.metrics.tokenize_calls.inc();
                 self.tokenize_call = Some(token);
                 true
             }
-            Err(status) => {
+            Err(err) => {
                 self.metrics.tokenize_failures.inc();
-                log::debug!("cannot call the tokenizer on {cluster}: {status:?}");
+                log::debug!("cannot call the tokenizer on {cluster}: {err}");
                 false
             }
         }
@@ -346,9 +358,8 @@ impl InferenceStream {
             self.host_error(err);
             return;
         }
-        if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
-            self.metrics.host_errors.inc();
-            log::warn!("clear_route_cache failed: {status:?}");
+        if let Err(err) = host::call_foreign_function("clear_route_cache") {
+            self.host_error(err);
         }
     }
 
@@ -511,7 +522,7 @@ impl InferenceStream {
             Mode::Approximate => self.metrics.approximate.inc(),
             Mode::Fallback => self.metrics.fallback.inc(),
         }
-        if self.config.orca_load_reports && !self.client_wants_load_report {
+        if self.config.orca_load_reports {
             if let Err(err) = host::set_header(
                 MapType::HttpRequestHeaders,
                 orca::FORMAT_HEADER,
@@ -548,16 +559,21 @@ impl InferenceStream {
         self.ticket = Some(ticket);
     }
 
-    /// Takes the worker's ORCA load report off its response. The client gets
-    /// it only if it asked for it.
+    /// Takes the worker's ORCA load report off its response: it is the
+    /// filter's, never the client's.
     fn take_load_report(&self) {
-        let Some(address) = self.ticket.as_ref().map(Ticket::address) else {
-            return;
-        };
         let value = match host::header(MapType::HttpResponseHeaders, orca::LOAD_HEADER) {
             Ok(Some(value)) => value,
             Ok(None) => return,
             Err(err) => return self.host_error(err),
+        };
+        if let Err(err) =
+            host::remove_header(MapType::HttpResponseHeaders, orca::LOAD_HEADER.as_bytes())
+        {
+            self.host_error(err);
+        }
+        let Some(address) = self.ticket.as_ref().map(Ticket::address) else {
+            return;
         };
         match std::str::from_utf8(&value)
             .map_err(|_| orca::OrcaError::Format)
@@ -573,18 +589,20 @@ impl InferenceStream {
                 log::debug!("{address}: {err}");
             }
         }
-        if !self.client_wants_load_report {
-            if let Err(err) =
-                host::remove_header(MapType::HttpResponseHeaders, orca::LOAD_HEADER.as_bytes())
-            {
-                self.host_error(err);
-            }
-        }
     }
 }
 
+/// The seed of a prompt's text keys (prompt cache and approximate mode):
+/// salted prompts never share a key with another salt's.
+fn text_seed(hasher: &BlockHasher, salt: Option<&str>) -> u64 {
+    let seed = hasher.seed().get();
+    salt.map_or(seed, |salt| xxh3_64_with_seed(salt.as_bytes(), seed))
+}
+
 fn is_reserved(name: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(DESTINATION_HEADER.as_bytes())
+    RESERVED_HEADERS
+        .iter()
+        .any(|reserved| name.eq_ignore_ascii_case(reserved.as_bytes()))
         || name
             .get(..RESERVED_PREFIX.len())
             .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
@@ -643,7 +661,6 @@ impl InferenceStream {
 impl InferenceStream {
     fn request_headers(&mut self, end_of_stream: bool) -> Action {
         self.strip_reserved_headers();
-        self.client_wants_load_report = self.request_header(orca::FORMAT_HEADER).is_some();
         let is_post = self.request_header(":method").as_deref() == Some("POST");
         let endpoint = self
             .request_header(":path")
@@ -676,11 +693,22 @@ impl InferenceStream {
             self.endpoint = None;
             return self.too_large(body_size);
         }
+        self.body_size = body_size;
         if !end_of_stream {
             return Action::Pause;
         }
         self.endpoint = None;
         self.route(endpoint, body_size)
+    }
+
+    /// Trailers end a request whose body never saw `end_of_stream` (HTTP/2,
+    /// or chunked HTTP/1.1 with a trailer section): the body is complete
+    /// now and takes the same path.
+    fn request_trailers(&mut self) -> Action {
+        match self.endpoint.take() {
+            Some(endpoint) => self.route(endpoint, self.body_size),
+            None => Action::Continue,
+        }
     }
 
     fn response_headers(&mut self) {
@@ -718,6 +746,13 @@ impl HttpContext for InferenceStream {
         action
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let started_ns = host::now_ns().unwrap_or(0);
+        let action = self.request_trailers();
+        self.metrics.callback_us.record(elapsed_us(started_ns));
+        action
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let started_ns = host::now_ns().unwrap_or(0);
         self.response_headers();
@@ -744,6 +779,7 @@ mod tests {
         assert!(is_reserved(b"X-Gateway-Destination-Endpoint"));
         assert!(is_reserved(b"x-kvmesh-mode"));
         assert!(is_reserved(b"X-KVMESH-anything"));
+        assert!(is_reserved(b"Endpoint-Load-Metrics-Format"));
         assert!(!is_reserved(b"x-kvmes"));
         assert!(!is_reserved(b"x-request-id"));
     }

@@ -4,13 +4,12 @@
 //! prefill returned. Any failure of the prefill leg sends the request to its
 //! decode worker unchanged, which then prefills locally.
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 use thiserror::Error;
 
 use super::{call_succeeded, InferenceStream, Next, DESTINATION_HEADER};
 use crate::config::{Disaggregation, Protocol};
-use crate::disagg::body::{self, Body, BodyError, ContextOutcome};
+use crate::disagg::body::{self, BodyError, ContextOutcome};
 use crate::host;
 use crate::routing::Decision;
 
@@ -18,7 +17,7 @@ use crate::routing::Decision;
 pub(super) struct PrefillWait {
     protocol: Protocol,
     /// The original request (router fields already stripped).
-    body: Body,
+    body: Vec<u8>,
     decode: Decision,
     block_size: u64,
 }
@@ -45,11 +44,9 @@ impl InferenceStream {
         prefill: &Decision,
         block_size: u64,
     ) -> Next {
-        let (Some(address), Some(mut body)) = (prefill.address.clone(), self.buffered_json())
-        else {
+        let (Some(address), Some(body)) = (prefill.address.clone(), self.buffered_body()) else {
             return self.decode_locally(decode, block_size, LocalPrefill::Dispatch);
         };
-        self.admit_prefill(prefill, &address, block_size);
         let protocol = disaggregation.protocol;
         let leg = match protocol {
             Protocol::Vllm => body::vllm_prefill(&body),
@@ -60,10 +57,13 @@ impl InferenceStream {
                     .map(|a| a.ip().to_string())
                     .unwrap_or_default();
                 let room = self.state.borrow_mut().next_random() >> 1;
-                body::sglang(&mut body, &host, disaggregation.bootstrap_port, room);
-                body.clone()
+                body::sglang(&body, &host, disaggregation.bootstrap_port, room)
             }
         };
+        let Ok(leg) = leg else {
+            return self.decode_locally(decode, block_size, LocalPrefill::Dispatch);
+        };
+        self.admit_prefill(prefill, &address, block_size);
         let Some(token) = self.dispatch_prefill(disaggregation, &address, &leg) else {
             self.finish_prefill_ticket();
             return self.decode_locally(decode, block_size, LocalPrefill::Dispatch);
@@ -72,7 +72,7 @@ impl InferenceStream {
         if protocol == Protocol::Sglang {
             // Both legs at once: the decode engine meets the prefill at its
             // bootstrap server; the prefill's own answer is not needed.
-            self.replace_body(&body);
+            self.replace_body(&leg);
             self.apply_decision(&decode, block_size, true);
             return Next::Continue;
         }
@@ -105,7 +105,7 @@ impl InferenceStream {
         };
         let PrefillWait {
             protocol,
-            mut body,
+            body,
             decode,
             block_size,
         } = wait;
@@ -114,7 +114,7 @@ impl InferenceStream {
         } else {
             match protocol {
                 Protocol::Vllm => body::vllm_transfer_params(&response)
-                    .map(|params| body::vllm_decode(&mut body, params)),
+                    .and_then(|params| body::vllm_decode(&body, &params)),
                 Protocol::Trtllm => match body::trtllm_context_outcome(&response) {
                     Ok(ContextOutcome::Finished) if !self.client_streams => {
                         // The context leg produced the whole answer.
@@ -125,20 +125,18 @@ impl InferenceStream {
                     Ok(ContextOutcome::Finished) => {
                         Err(BodyError::MissingParams("disaggregated_params"))
                     }
-                    Ok(ContextOutcome::Generate(params)) => {
-                        body::trtllm_generation(&mut body, params);
-                        Ok(())
-                    }
+                    Ok(ContextOutcome::Generate(params)) => body::trtllm_generation(&body, &params),
                     Err(err) => Err(err),
                 },
-                Protocol::Sglang => Ok(()),
+                // SGLang's decode leg never waits for its prefill.
+                Protocol::Sglang => Ok(body),
             }
             .map_err(LocalPrefill::Response)
         };
         match outcome {
-            Ok(()) => {
+            Ok(decode_leg) => {
                 self.metrics.remote_prefills.inc();
-                self.replace_body(&body);
+                self.replace_body(&decode_leg);
                 self.apply_decision(&decode, block_size, true);
             }
             Err(reason) => {
@@ -162,11 +160,10 @@ impl InferenceStream {
         &mut self,
         disaggregation: &Disaggregation,
         address: &str,
-        leg: &Body,
+        leg: &[u8],
     ) -> Option<u32> {
         let path = self.request_header(":path")?;
         let request_id = self.request_id();
-        let payload = body::encode(leg);
         let headers = [
             (":method", "POST"),
             (":path", path.as_str()),
@@ -175,17 +172,16 @@ impl InferenceStream {
             ("x-request-id", request_id.as_str()),
             (DESTINATION_HEADER, address),
         ];
-        match hostcalls::dispatch_http_call(
+        match host::dispatch_http_call(
             &disaggregation.prefill_cluster,
-            headers.to_vec(),
-            Some(&payload),
-            Vec::new(),
+            &headers,
+            leg,
             disaggregation.timeout,
         ) {
             Ok(token) => Some(token),
-            Err(status) => {
+            Err(err) => {
                 log::warn!(
-                    "cannot call the prefill pool {}: {status:?}",
+                    "cannot call the prefill pool {}: {err}",
                     disaggregation.prefill_cluster
                 );
                 None
@@ -229,23 +225,23 @@ impl InferenceStream {
         }
     }
 
-    /// The buffered request body as JSON, if it is an object.
-    fn buffered_json(&self) -> Option<Body> {
-        let raw = host::buffer(BufferType::HttpRequestBody, 0, self.body_size).ok()?;
-        body::parse(&raw).ok()
+    /// The buffered request body (already validated as a JSON object).
+    fn buffered_body(&self) -> Option<Vec<u8>> {
+        host::buffer(BufferType::HttpRequestBody, 0, self.body_size).ok()
     }
 
-    /// Replaces the buffered request body (and its length).
-    pub(super) fn replace_body(&mut self, body: &Body) {
-        let bytes = body::encode(body);
-        if let Err(err) = host::set_buffer(BufferType::HttpRequestBody, 0, self.body_size, &bytes) {
+    /// Replaces the buffered request body (and its length); false if the
+    /// host refused.
+    pub(super) fn replace_body(&mut self, bytes: &[u8]) -> bool {
+        if let Err(err) = host::set_buffer(BufferType::HttpRequestBody, 0, self.body_size, bytes) {
             self.host_error(err);
-            return;
+            return false;
         }
         self.body_size = bytes.len();
         let length = bytes.len().to_string();
         if let Err(err) = host::set_header(MapType::HttpRequestHeaders, "content-length", &length) {
             self.host_error(err);
         }
+        true
     }
 }

@@ -51,10 +51,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
                 .collect()
         }
         Prompt::Text(text) => text_hashes(http, &model, text.clone()).await?,
-        Prompt::TextBatch(batch) => {
-            let first = batch.first().cloned().unwrap_or_default();
-            text_hashes(http, &model, first).await?
-        }
+        Prompt::TextBatch(first) => text_hashes(http, &model, first.clone()).await?,
         Prompt::Chat(_) => {
             let messages = raw
                 .get("messages")

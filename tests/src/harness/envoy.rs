@@ -117,7 +117,19 @@ pub struct GatewayConfig {
     /// How long a request waits for the sidecar's tokenization; the filter's
     /// default when `None`.
     pub tokenize_timeout_ms: Option<u64>,
+    /// Paths routed to the pools; every other path gets the gateway's 404.
+    pub inference_paths: Vec<String>,
+    /// Let the engines' debug response headers ([`ENGINE_DEBUG_HEADERS`])
+    /// reach clients; the gateway removes them otherwise.
+    pub expose_engine_headers: bool,
 }
+
+/// The OpenAI paths the sim-engine (and vLLM) serve for inference.
+pub const INFERENCE_PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/models"];
+
+/// Response headers the engines add for debugging, removed by the gateway
+/// unless `expose_engine_headers` is on.
+pub const ENGINE_DEBUG_HEADERS: [&str; 1] = ["x-sim-worker-id"];
 
 /// Envoy's own load balancing policy of the pool clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +214,9 @@ struct TemplateValues<'a> {
     plugin_config_json: String,
     pools: Vec<Pool>,
     sidecar: Option<SidecarAddresses>,
+    inference_paths: &'a [String],
+    expose_engine_headers: bool,
+    engine_debug_headers: &'static [&'static str],
 }
 
 impl GatewayConfig {
@@ -216,10 +231,13 @@ impl GatewayConfig {
             wasm_path: paths::filter_wasm()?,
             sidecar: None,
             debug_headers: false,
+            // The tests tell workers apart by the sim's own header.
+            expose_engine_headers: true,
             worker_threads: ENVOY_WORKER_THREADS,
             filter: true,
             fallback: FallbackBalancing::LeastRequest,
             tokenize_timeout_ms: None,
+            inference_paths: INFERENCE_PATHS.map(str::to_owned).to_vec(),
         })
     }
 
@@ -271,6 +289,9 @@ impl GatewayConfig {
                     })
                 })
                 .transpose()?,
+            inference_paths: &self.inference_paths,
+            expose_engine_headers: self.expose_engine_headers,
+            engine_debug_headers: &ENGINE_DEBUG_HEADERS,
         };
         env.render_str(&source, values)
             .with_context(|| format!("rendering {}", template.display()))

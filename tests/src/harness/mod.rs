@@ -10,6 +10,7 @@ pub mod nats_tap;
 pub mod paths;
 pub mod ports;
 pub mod process;
+pub mod raw_http;
 pub mod readiness;
 pub mod relay;
 pub mod sidecar;
