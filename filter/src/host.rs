@@ -89,18 +89,6 @@ mod abi {
         pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
         pub fn proxy_continue_stream(stream_type: u32) -> u32;
         pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
-        pub fn proxy_http_call(
-            upstream_data: *const u8,
-            upstream_size: usize,
-            headers_data: *const u8,
-            headers_size: usize,
-            body_data: *const u8,
-            body_size: usize,
-            trailers_data: *const u8,
-            trailers_size: usize,
-            timeout_milliseconds: u32,
-            return_token: *mut u32,
-        ) -> u32;
         pub fn proxy_call_foreign_function(
             function_name_data: *const u8,
             function_name_size: usize,
@@ -108,17 +96,6 @@ mod abi {
             arguments_size: usize,
             results_data: *mut *mut u8,
             results_size: *mut usize,
-        ) -> u32;
-        pub fn proxy_grpc_stream(
-            upstream_data: *const u8,
-            upstream_size: usize,
-            service_name_data: *const u8,
-            service_name_size: usize,
-            method_name_data: *const u8,
-            method_name_size: usize,
-            initial_metadata_data: *const u8,
-            initial_metadata_size: usize,
-            return_stream_id: *mut u32,
         ) -> u32;
         pub fn proxy_grpc_send(
             token: u32,
@@ -295,34 +272,29 @@ pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
 
 /// Sends an HTTP request to `cluster`; its answer arrives in
 /// `on_http_call_response` with the returned token.
+///
+/// This one goes through the SDK: its dispatcher must record which context
+/// owns the token, or it cannot deliver the answer (and panics on it).
+/// Envoy's `proxy_http_call` answers only `Ok`, `BadArgument` or
+/// `InternalFailure`, the statuses the SDK maps to results.
+#[allow(clippy::disallowed_methods)]
 pub fn dispatch_http_call(
     cluster: &str,
     headers: &[(&str, &str)],
     body: &[u8],
     timeout: std::time::Duration,
 ) -> Result<u32, HostError> {
-    let headers = encode_pairs(headers);
-    let trailers = encode_pairs(&[]);
-    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-    let mut token = 0;
-    // SAFETY: every pointer/length pair comes from a live buffer; the
-    // out-pointer is valid.
-    let status = unsafe {
-        abi::proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            headers.as_ptr(),
-            headers.len(),
-            body.as_ptr(),
-            body.len(),
-            trailers.as_ptr(),
-            trailers.len(),
-            timeout_ms,
-            &mut token,
-        )
-    };
-    check("proxy_http_call", status)?;
-    Ok(token)
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        headers.to_vec(),
+        Some(body),
+        Vec::new(),
+        timeout,
+    )
+    .map_err(|status| HostError {
+        call: "proxy_http_call",
+        status: status as u32,
+    })
 }
 
 /// Calls an Envoy foreign function (e.g. `clear_route_cache`) without
@@ -349,26 +321,18 @@ pub fn call_foreign_function(name: &str) -> Result<(), HostError> {
 
 /// Opens a gRPC stream to `cluster`; its messages arrive in
 /// `on_grpc_stream_message` with the returned token.
+///
+/// Through the SDK for the same reason as [`dispatch_http_call`]; Envoy's
+/// `proxy_grpc_stream` answers only `Ok`, `ParseFailure` (no such cluster)
+/// or `InternalFailure`, all mapped by the SDK.
+#[allow(clippy::disallowed_methods)]
 pub fn open_grpc_stream(cluster: &str, service: &str, method: &str) -> Result<u32, HostError> {
-    let metadata = encode_pairs(&[]);
-    let mut token = 0;
-    // SAFETY: every pointer/length pair comes from a live buffer; the
-    // out-pointer is valid.
-    let status = unsafe {
-        abi::proxy_grpc_stream(
-            cluster.as_ptr(),
-            cluster.len(),
-            service.as_ptr(),
-            service.len(),
-            method.as_ptr(),
-            method.len(),
-            metadata.as_ptr(),
-            metadata.len(),
-            &mut token,
-        )
-    };
-    check("proxy_grpc_stream", status)?;
-    Ok(token)
+    proxy_wasm::hostcalls::open_grpc_stream(cluster, service, method, Vec::new()).map_err(
+        |status| HostError {
+            call: "proxy_grpc_stream",
+            status: status as u32,
+        },
+    )
 }
 
 /// Sends one message on an open gRPC stream.

@@ -175,6 +175,29 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
         reference.encode_whole("plain text prompt").unwrap()
     );
     assert!(sidecar.metric("kvmesh_serve_tokenize_cache_hits_total", "") >= 1.0);
+
+    // A cache salt keeps the ids and re-keys every block from the salt's root.
+    let messages = &corpus()[1];
+    let plain = tokenize(
+        &client,
+        &sidecar,
+        json!({"model": MODEL, "messages": messages}),
+    );
+    let salted = tokenize(
+        &client,
+        &sidecar,
+        json!({"model": MODEL, "messages": messages, "cache_salt": "tenant-a"}),
+    );
+    assert_eq!(ids_of(&salted), ids_of(&plain));
+    let hasher = reference.hasher();
+    let expected: Vec<u64> = hasher
+        .sequence_hashes_after(Some(hasher.salt_root("tenant-a")), &ids_of(&plain))
+        .into_iter()
+        .map(|h| h.0)
+        .collect();
+    assert_eq!(block_hashes(&salted), expected);
+    let plain_hashes: HashSet<u64> = block_hashes(&plain).into_iter().collect();
+    assert!(!expected.is_empty() && expected.iter().all(|h| !plain_hashes.contains(h)));
     let unknown = client
         .post(format!("{}/v1/tokenize", sidecar.http_url()))
         .json(&json!({"model": "nope", "prompt": "x"}))

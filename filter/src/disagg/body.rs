@@ -279,6 +279,47 @@ mod tests {
         assert_eq!(strip_router_fields(b"{} x"), Err(BodyError::NotAnObject));
     }
 
+    proptest::proptest! {
+        /// Whatever the escaping and order of keys, stripping leaves no
+        /// handshake field and every other field as it was.
+        #[test]
+        fn stripping_removes_every_spelling_and_keeps_the_rest(
+            escapes in proptest::collection::vec(proptest::bool::ANY, 24),
+            fields in proptest::collection::vec((0usize..7, 0u32..1000), 0..8),
+        ) {
+            use router_core::request::{parse_request, Endpoint};
+            let names = ["model", "prompt", "kv_transfer_params", "bootstrap_host",
+                "bootstrap_room", "disaggregated_params", "other"];
+            let spell = |name: &str| -> String {
+                name.chars().zip(escapes.iter().cycle()).map(|(c, &escape)| {
+                    if escape { format!("\\u{:04x}", c as u32) } else { c.to_string() }
+                }).collect()
+            };
+            let mut body = String::from(r#"{"model":"m","prompt":"p""#);
+            for (name, value) in &fields {
+                if *name < 2 {
+                    continue;
+                }
+                body.push_str(&format!(r#","{}":{value}"#, spell(names[*name])));
+            }
+            body.push('}');
+            let stripped = strip_router_fields(body.as_bytes()).unwrap();
+            let request = parse_request(Endpoint::Completions, &stripped, 1 << 20);
+            // Duplicate keys are refused by the parser before any stripping.
+            if let Ok(request) = request {
+                proptest::prop_assert!(!request.has_handshake_fields);
+            }
+            let value: Value = serde_json::from_slice(&stripped).unwrap();
+            let object = value.as_object().unwrap();
+            for field in HANDSHAKE_FIELDS {
+                proptest::prop_assert!(!object.contains_key(field));
+            }
+            proptest::prop_assert_eq!(&object["model"], "m");
+            let others = fields.iter().filter(|(name, _)| *name == 6).count();
+            proptest::prop_assert_eq!(object.contains_key("other"), others > 0);
+        }
+    }
+
     #[test]
     fn vllm_legs() {
         let original = json!({"model": "m", "messages": [], "stream": true,

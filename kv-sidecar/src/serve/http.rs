@@ -136,6 +136,8 @@ async fn models(State(http): State<HttpState>) -> Json<Value> {
 struct TokenizeRequest {
     model: String,
     #[serde(default)]
+    cache_salt: Option<String>,
+    #[serde(default)]
     messages: Option<Vec<Value>>,
     #[serde(default)]
     prompt: Option<String>,
@@ -176,7 +178,12 @@ async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Val
             ))
         }
     };
-    let tokenized = run_tokenizer(&http, &request.model, input).await?;
+    let mut tokenized = run_tokenizer(&http, &request.model, input).await?;
+    if let (Some(salt), Some(tokenizer)) =
+        (&request.cache_salt, http.tokenizers.get(&request.model))
+    {
+        tokenizer.salt(&mut tokenized, salt);
+    }
     let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
     Ok(Json(json!({
         "model": request.model,

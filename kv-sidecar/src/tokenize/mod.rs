@@ -217,6 +217,19 @@ impl ModelTokenizer {
         &self.hasher
     }
 
+    /// Re-keys `tokenized`'s block hashes for a request with a `cache_salt`:
+    /// its chain starts at the salt's root, as the filter and the relays
+    /// key salted blocks, so it never matches another salt's blocks.
+    pub fn salt(&self, tokenized: &mut Tokenized, salt: &str) {
+        let root = self.hasher.salt_root(salt);
+        tokenized.block_hashes = self
+            .hasher
+            .sequence_hashes_after(Some(root), &tokenized.token_ids())
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+    }
+
     fn finish(&self, mut tokenized: Tokenized) -> Tokenized {
         let ids = tokenized.token_ids();
         tokenized.num_tokens = ids.len();

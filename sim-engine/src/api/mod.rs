@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -96,6 +96,10 @@ impl AppState {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// Largest request body the sim accepts: what kvmesh's filter can be set to
+/// accept and more, as vLLM and SGLang set no limit of their own.
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 pub fn router(state: Arc<AppState>) -> Router {
     let openai = Router::new()
         .route("/v1/completions", post(openai::completions))
@@ -103,7 +107,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             inject_faults,
-        ));
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .merge(openai)
         .route("/v1/models", get(openai::models))

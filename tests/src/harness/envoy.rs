@@ -385,6 +385,10 @@ impl Envoy {
         format!("http://127.0.0.1:{}", self.config.admin_port)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn process(&mut self) -> &mut ManagedProcess {
         &mut self.process
     }
