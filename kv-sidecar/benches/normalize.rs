@@ -7,7 +7,7 @@
 //! Throughput counts stored blocks; removal work is included in the time.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kv_sidecar::decode::vllm::decode_batch;
+use kv_sidecar::decode::vllm::{decode_batch, Dialect};
 use kv_sidecar::normalize::{MediaPolicy, NormStats, Normalizer};
 use rmp::encode;
 use router_core::BlockSize;
@@ -77,7 +77,7 @@ fn bench(c: &mut Criterion) {
         bench.iter(|| {
             let mut stats = NormStats::default();
             for payload in [&stored, &removed] {
-                let batch = decode_batch(payload).unwrap();
+                let batch = decode_batch(payload, Dialect::Vllm).unwrap();
                 for event in &batch.events {
                     normalizer.apply(event, &mut out, &mut stats);
                 }

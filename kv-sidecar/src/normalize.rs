@@ -7,16 +7,36 @@
 //! without a name) it leaves out and counts: a view that misses a block costs
 //! a cache hit; a view with a wrongly hashed block misroutes.
 //!
-//! Two engine blocks can map to one seq hash (engine hashes also cover inputs
-//! kvmesh does not see, such as multimodal keys); a reference count per seq
-//! hash makes the published set exact: `Removed` only when the last goes.
+//! Two engine blocks can map to one seq hash (two media, two full-attention
+//! KV cache groups, LoRA ids); a reference count per seq hash makes the
+//! published set exact: `Removed` only when the last goes.
+//!
+//! Block identity beyond token ids, so that no two prompts the engine keeps
+//! apart share a kvmesh hash:
+//! - cache salt: a chain's first block (no parent) with a `cache_salt` chains
+//!   onto [`BlockHasher::salt_root`] instead of nothing, as the filter does
+//!   for a request carrying that salt;
+//! - other content keys (vLLM `extra_keys`: multimodal identifiers, prompt
+//!   embedding digests): folded into that block's local hash under a domain
+//!   tag, so such blocks and their descendants never equal a text-only
+//!   prompt's hashes (the filter sees no images and never asks for them).
+//!
+//! Hybrid models (vLLM `group_idx`): engine blocks are keyed by (hash,
+//! medium, group). Only groups that hold whole prefixes count: a block is
+//! routable while a full-attention (or unspecified) group holds it. Groups
+//! whose published `kv_cache_spec_kind` says they keep only part of a prefix
+//! (sliding window, chunked local, Mamba) are left out, and their evictions
+//! never remove a block a full-attention group still holds.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};
+use router_core::{BlockHasher, BlockSize, HashSeed, LocalBlockHash, SeqHash};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::decode::{BlockRemoved, BlockStored, EngineEvent, EngineHash, Medium};
+use crate::decode::{
+    BlockMoved, BlockRemoved, BlockStored, EngineEvent, EngineHash, GroupKind, Medium,
+};
 
 /// A normalized event, ready to be sequenced and published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +71,8 @@ pub struct NormStats {
     pub lora_without_name: u64,
     /// Blocks on a medium the relay does not index (CPU, disk, …).
     pub ignored_medium: u64,
+    /// Blocks of a KV cache group that keeps only part of a prefix.
+    pub partial_attention_group: u64,
 }
 
 impl NormStats {
@@ -85,7 +107,30 @@ impl MediaPolicy {
     }
 }
 
-type Key = (EngineHash, u8);
+/// Where an engine block lives: medium slot and KV cache group, packed so a
+/// key hashes as two words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Place(u64);
+
+impl Place {
+    fn new(slot: u8, group: u32) -> Self {
+        Self((u64::from(slot) << 32) | u64::from(group))
+    }
+}
+
+type Key = (EngineHash, Place);
+
+/// Domain tag of content-key folding: a folded local hash never equals a
+/// plain one by construction of its input.
+const CONTENT_DOMAIN: &[u8] = b"kvmesh.content_keys\0";
+
+fn fold_content(seed: HashSeed, local: LocalBlockHash, digest: u64) -> LocalBlockHash {
+    let mut bytes = [0u8; CONTENT_DOMAIN.len() + 16];
+    bytes[..CONTENT_DOMAIN.len()].copy_from_slice(CONTENT_DOMAIN);
+    bytes[CONTENT_DOMAIN.len()..CONTENT_DOMAIN.len() + 8].copy_from_slice(&local.0.to_le_bytes());
+    bytes[CONTENT_DOMAIN.len() + 8..].copy_from_slice(&digest.to_le_bytes());
+    LocalBlockHash(xxh3_64_with_seed(&bytes, seed.get()))
+}
 
 /// Keys are hashes already; a multiply-xor mix is enough and several times
 /// cheaper than SipHash on the relay's hot path.
@@ -125,6 +170,10 @@ pub struct Normalizer {
     engine_to_seq: HashMap<Key, SeqHash, Fast>,
     refcount: HashMap<SeqHash, u32, Fast>,
     unresolved: HashSet<Key, Fast>,
+    /// KV cache groups published as keeping only part of a prefix.
+    partial_groups: HashSet<u32, Fast>,
+    /// Blocks that moved to an unindexed tier, so a move back finds them.
+    parked: HashMap<EngineHash, SeqHash, Fast>,
 }
 
 impl Normalizer {
@@ -138,6 +187,8 @@ impl Normalizer {
             engine_to_seq: HashMap::default(),
             refcount: HashMap::default(),
             unresolved: HashSet::default(),
+            partial_groups: HashSet::default(),
+            parked: HashMap::default(),
         }
     }
 
@@ -146,6 +197,8 @@ impl Normalizer {
         self.engine_to_seq.clear();
         self.refcount.clear();
         self.unresolved.clear();
+        self.partial_groups.clear();
+        self.parked.clear();
     }
 
     /// Seq hashes the worker holds, for full-state snapshots.
@@ -161,6 +214,7 @@ impl Normalizer {
         match event {
             EngineEvent::Stored(stored) => self.stored(stored, out, stats),
             EngineEvent::Removed(removed) => self.removed(removed, out, stats),
+            EngineEvent::Moved(moved) => self.moved(moved, out, stats),
             EngineEvent::AllCleared => {
                 self.reset();
                 stats.clears += 1;
@@ -186,11 +240,11 @@ impl Normalizer {
         }
     }
 
-    fn leave_out(&mut self, slot: u8, hashes: &[EngineHash]) {
+    fn leave_out(&mut self, place: Place, hashes: &[EngineHash]) {
         if self.unresolved.len() + hashes.len() > MAX_UNRESOLVED {
             self.unresolved.clear();
         }
-        self.unresolved.extend(hashes.iter().map(|h| (*h, slot)));
+        self.unresolved.extend(hashes.iter().map(|h| (*h, place)));
     }
 
     fn stored(&mut self, event: &BlockStored, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
@@ -199,6 +253,12 @@ impl Normalizer {
             stats.ignored_medium += blocks;
             return;
         };
+        if event.group_kind == GroupKind::Partial {
+            self.partial_groups.insert(event.group);
+            stats.partial_attention_group += blocks;
+            return;
+        }
+        let slot = Place::new(slot, event.group);
         if event.lora_id.is_some() && event.lora_name.is_none() {
             stats.lora_without_name += blocks;
             self.leave_out(slot, &event.block_hashes);
@@ -234,13 +294,21 @@ impl Normalizer {
         };
         let hasher = self.hasher(event.lora_name.as_deref());
         let mut hashes = Vec::with_capacity(event.block_hashes.len());
-        let mut previous = parent;
-        for (engine_hash, tokens) in event
+        let mut previous = match (parent, &event.cache_salt) {
+            (None, Some(salt)) => Some(hasher.salt_root(salt)),
+            _ => parent,
+        };
+        for (i, (engine_hash, tokens)) in event
             .block_hashes
             .iter()
             .zip(event.token_ids.chunks_exact(self.block_size.as_usize()))
+            .enumerate()
         {
-            let seq = hasher.chain(previous, hasher.local_hash(tokens));
+            let mut local = hasher.local_hash(tokens);
+            if let Some(Some(digest)) = event.content_keys.get(i) {
+                local = fold_content(hasher.seed(), local, *digest);
+            }
+            let seq = hasher.chain(previous, local);
             previous = Some(seq);
             hashes.push(seq.0);
             let key = (*engine_hash, slot);
@@ -255,7 +323,7 @@ impl Normalizer {
                 }
                 None => {}
             }
-            *self.refcount.entry(seq).or_insert(0) += 1;
+            self.retain(seq);
         }
         stats.blocks_stored += blocks;
         out.push(NormEvent::Stored {
@@ -276,11 +344,60 @@ impl Normalizer {
         }
     }
 
+    fn retain(&mut self, seq: SeqHash) {
+        *self.refcount.entry(seq).or_insert(0) += 1;
+    }
+
+    /// A block moved between tiers: it leaves the view if it left the last
+    /// indexed medium holding it, and (re)enters it on an indexed one.
+    fn moved(&mut self, event: &BlockMoved, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
+        let from = self.media.slot(&event.from).map(|s| Place::new(s, 0));
+        let to = self.media.slot(&event.to).map(|s| Place::new(s, 0));
+        let seq = match from {
+            Some(from) => self.engine_to_seq.remove(&(event.block_hash, from)),
+            None => self.parked.remove(&event.block_hash),
+        };
+        let Some(seq) = seq else {
+            // Never seen stored: nothing to carry.
+            stats.unknown_removed += 1;
+            return;
+        };
+        match to {
+            Some(to) => {
+                self.engine_to_seq.insert((event.block_hash, to), seq);
+                self.retain(seq);
+            }
+            None => {
+                if self.parked.len() >= MAX_UNRESOLVED {
+                    self.parked.clear();
+                }
+                self.parked.insert(event.block_hash, seq);
+            }
+        }
+        if from.is_some() {
+            if let Some(gone) = self.release(seq) {
+                stats.blocks_removed += 1;
+                out.push(NormEvent::Removed { hashes: vec![gone] });
+            }
+        } else if to.is_some() {
+            stats.blocks_stored += 1;
+            out.push(NormEvent::Stored {
+                parent: None,
+                hashes: vec![seq.0],
+            });
+        }
+    }
+
     fn removed(&mut self, event: &BlockRemoved, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
         let Some(slot) = self.media.slot(&event.medium) else {
             stats.ignored_medium += event.block_hashes.len() as u64;
             return;
         };
+        if self.partial_groups.contains(&event.group) {
+            stats.partial_attention_group += event.block_hashes.len() as u64;
+            return;
+        }
+        let slot = Place::new(slot, event.group);
         let mut gone = Vec::new();
         for engine_hash in &event.block_hashes {
             let key = (*engine_hash, slot);
@@ -290,7 +407,9 @@ impl Normalizer {
                     gone.extend(self.release(seq));
                 }
                 None => {
-                    if !self.unresolved.remove(&key) {
+                    let known =
+                        self.unresolved.remove(&key) || self.parked.remove(engine_hash).is_some();
+                    if !known {
                         stats.unknown_removed += 1;
                     }
                 }

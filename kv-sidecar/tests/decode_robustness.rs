@@ -4,7 +4,7 @@
 //! every `scripts/test` (the cargo-fuzz targets in `fuzz/` go deeper).
 
 use kv_sidecar::decode::trtllm::decode_events;
-use kv_sidecar::decode::vllm::decode_batch;
+use kv_sidecar::decode::vllm::{decode_batch, Dialect};
 use kv_sidecar::normalize::{MediaPolicy, NormStats, Normalizer};
 use proptest::prelude::*;
 use rmp::encode;
@@ -43,7 +43,7 @@ const VALID_TRTLLM: &str = r#"[{"event_id":1,"data":{"type":"stored","parent_has
   "blocks":[{"block_hash":18446744073709551615,"tokens":[{"token_id":1},{"token_id":2}]}]},"window_size":32}]"#;
 
 fn decode_and_normalize(bytes: &[u8]) {
-    if let Ok(batch) = decode_batch(bytes) {
+    if let Ok(batch) = decode_batch(bytes, Dialect::Vllm) {
         let mut normalizer =
             Normalizer::new("m", BlockSize::new(2).unwrap(), MediaPolicy::default());
         let (mut out, mut stats) = (Vec::new(), NormStats::default());
@@ -55,8 +55,20 @@ fn decode_and_normalize(bytes: &[u8]) {
 
 #[test]
 fn the_seed_inputs_are_valid() {
-    assert_eq!(decode_batch(&valid_vllm_batch()).unwrap().events.len(), 2);
-    assert_eq!(decode_events(VALID_TRTLLM.as_bytes()).unwrap().len(), 1);
+    assert_eq!(
+        decode_batch(&valid_vllm_batch(), Dialect::Vllm)
+            .unwrap()
+            .events
+            .len(),
+        2
+    );
+    assert_eq!(
+        decode_events(VALID_TRTLLM.as_bytes(), 2)
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
 }
 
 proptest! {
@@ -65,7 +77,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         decode_and_normalize(&bytes);
-        let _ = decode_events(&bytes);
+        let _ = decode_events(&bytes, 2);
     }
 
     #[test]
@@ -95,6 +107,6 @@ proptest! {
             bytes[i] = value;
         }
         bytes.truncate(cut.index(bytes.len() + 1));
-        let _ = decode_events(&bytes);
+        let _ = decode_events(&bytes, 2);
     }
 }

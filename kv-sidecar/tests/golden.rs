@@ -2,10 +2,10 @@
 //! wire formats (DESIGN §3.3) with `rmp` primitives or literal bytes, so they
 //! do not share code with the decoders; plus normalization edge cases.
 
-use kv_sidecar::decode::trtllm::{decode_events, NumberedEvent};
-use kv_sidecar::decode::vllm::decode_batch;
+use kv_sidecar::decode::trtllm::{decode_events, Decoded, NumberedEvent};
+use kv_sidecar::decode::vllm::{decode_batch, Dialect};
 use kv_sidecar::decode::{
-    BlockRemoved, BlockStored, DecodeError, EngineEvent, EngineHash, EventBatch, Medium,
+    BlockMoved, BlockRemoved, BlockStored, EngineEvent, EngineHash, EventBatch, GroupKind, Medium,
 };
 use kv_sidecar::normalize::{MediaPolicy, NormEvent, NormStats, Normalizer};
 use rmp::encode;
@@ -62,7 +62,7 @@ fn vllm_array_encoding() {
     w_str(&mut b, "AllBlocksCleared");
     encode::write_uint(&mut b, 0).unwrap(); // dp rank
 
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
     assert_eq!(
         batch,
         EventBatch {
@@ -76,15 +76,21 @@ fn vllm_array_encoding() {
                     lora_id: None,
                     lora_name: None,
                     medium: Medium::Gpu,
+                    cache_salt: None,
+                    content_keys: vec![],
+                    group: 0,
+                    group_kind: GroupKind::Unspecified,
                 }),
                 EngineEvent::Removed(BlockRemoved {
                     block_hashes: vec![EngineHash(BIG_VLLM_HASH)],
                     medium: Medium::Gpu,
+                    group: 0,
                 }),
                 EngineEvent::AllCleared,
             ],
             dp_rank: Some(0),
             ignored_events: 0,
+            undecodable_events: 0,
         }
     );
 }
@@ -95,11 +101,16 @@ fn vllm_literal_bytes_minimal_batch() {
     let mut b = vec![0x93, 0x00, 0x91, 0x91, 0xb0];
     b.extend_from_slice(b"AllBlocksCleared");
     b.push(0xc0);
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
     assert_eq!(batch.events, vec![EngineEvent::AllCleared]);
     assert_eq!(batch.dp_rank, None);
     // An older two-element batch without dp rank: [0, []].
-    assert_eq!(decode_batch(&[0x92, 0x00, 0x90]).unwrap().events, vec![]);
+    assert_eq!(
+        decode_batch(&[0x92, 0x00, 0x90], Dialect::Vllm)
+            .unwrap()
+            .events,
+        vec![]
+    );
 }
 
 #[test]
@@ -117,7 +128,7 @@ fn vllm_older_array_events_stop_early() {
     w_tokens(&mut b, &tokens(100..116));
     encode::write_uint(&mut b, 16).unwrap();
     encode::write_nil(&mut b).unwrap();
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
     let EngineEvent::Stored(stored) = &batch.events[0] else {
         panic!("expected stored, got {batch:?}")
     };
@@ -166,7 +177,7 @@ fn vllm_map_encoding_with_byte_hashes_defaults_and_unknown_fields() {
     w_str(&mut b, "BlockPromoted");
     encode::write_nil(&mut b).unwrap();
 
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
     let a = EngineHash(xxhash_rust::xxh3::xxh3_64(&hash_a));
     let parent = EngineHash(xxhash_rust::xxh3::xxh3_64(&hash_parent));
     assert_eq!(
@@ -180,10 +191,18 @@ fn vllm_map_encoding_with_byte_hashes_defaults_and_unknown_fields() {
                 lora_id: None,
                 lora_name: None,
                 medium: Medium::Gpu,
+                cache_salt: None,
+                // The entry is not vLLM's tuple: it is content as a whole.
+                content_keys: vec![Some(xxhash_rust::xxh3::xxh3_64(&[
+                    0x81, 0xa2, b'm', b'm', 0xc4, 0x01, b'x'
+                ]))],
+                group: 0,
+                group_kind: GroupKind::Unspecified,
             }),
             EngineEvent::Removed(BlockRemoved {
                 block_hashes: vec![a],
                 medium: Medium::Other("CPU".into()),
+                group: 0,
             }),
         ]
     );
@@ -207,7 +226,7 @@ fn sglang_signed_hashes_and_page_size_one() {
     encode::write_uint(&mut b, 1).unwrap();
     encode::write_nil(&mut b).unwrap(); // dp rank
 
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
     let EngineEvent::Stored(stored) = &batch.events[0] else {
         panic!("expected stored, got {batch:?}")
     };
@@ -231,32 +250,32 @@ fn malformed_msgpack_is_an_error_never_a_panic() {
         &[0xc1],
         &[0x93, 0x00],
         &[0x93, 0x00, 0x91, 0x91],
-        &[0x93, 0x00, 0x91, 0x90, 0xc0], // event without tag
         &[0x92, 0x00, 0x91, 0x91, 0xa3, b'B', b'a'], // cut string
-        &[0x92, 0x00, 0x90, 0x00],       // trailing byte
+        &[0x92, 0x00, 0x90, 0x00],                   // trailing byte
         &[0x92, 0x00, 0xdd, 0xff, 0xff, 0xff, 0xff], // huge claimed array
+        &[0x92, 0x00, 0xa1, b'x'],                   // events not a list
         b"not msgpack at all",
     ];
     for case in cases {
-        assert!(decode_batch(case).is_err(), "accepted {case:?}");
+        assert!(
+            decode_batch(case, Dialect::Vllm).is_err(),
+            "accepted {case:?}"
+        );
     }
-    // Missing required field is named.
+}
+
+#[test]
+fn undecodable_events_are_skipped_and_counted_the_rest_kept() {
     let mut b = Buf::new();
     encode::write_array_len(&mut b, 2).unwrap();
     encode::write_f64(&mut b, 0.0).unwrap();
-    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 5).unwrap();
+    encode::write_array_len(&mut b, 0).unwrap(); // no tag
+                                                 // Missing token_ids.
     encode::write_array_len(&mut b, 2).unwrap();
     w_str(&mut b, "BlockStored");
     encode::write_array_len(&mut b, 0).unwrap();
-    assert_eq!(
-        decode_batch(&b),
-        Err(DecodeError::MissingField("token_ids"))
-    );
     // A token id beyond u32.
-    let mut b = Buf::new();
-    encode::write_array_len(&mut b, 2).unwrap();
-    encode::write_f64(&mut b, 0.0).unwrap();
-    encode::write_array_len(&mut b, 1).unwrap();
     encode::write_array_len(&mut b, 5).unwrap();
     w_str(&mut b, "BlockStored");
     encode::write_array_len(&mut b, 1).unwrap();
@@ -264,10 +283,19 @@ fn malformed_msgpack_is_an_error_never_a_panic() {
     encode::write_nil(&mut b).unwrap();
     encode::write_array_len(&mut b, 1).unwrap();
     encode::write_sint(&mut b, -3).unwrap();
-    assert!(matches!(
-        decode_batch(&b),
-        Err(DecodeError::OutOfRange { what: "u32", .. })
-    ));
+    encode::write_uint(&mut b, 1).unwrap();
+    // A map event whose hashes are not a list (what a real publisher sends
+    // for a field of the wrong type).
+    encode::write_map_len(&mut b, 2).unwrap();
+    w_str(&mut b, "type");
+    w_str(&mut b, "BlockRemoved");
+    w_str(&mut b, "block_hashes");
+    w_str(&mut b, "not a list");
+    encode::write_array_len(&mut b, 1).unwrap();
+    w_str(&mut b, "AllBlocksCleared");
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
+    assert_eq!(batch.events, vec![EngineEvent::AllCleared]);
+    assert_eq!(batch.undecodable_events, 4);
 }
 
 #[test]
@@ -289,15 +317,15 @@ fn trtllm_json_with_hashes_above_2_pow_53() {
       {"event_id": 5, "data": {"type": "stored", "parent_hash": 18446744073709551615, "blocks": [
           {"block_hash": -2, "tokens": [{"token_id": 5}, {"token_id": 6}], "cache_level": 1}]}}
     ]"#;
-    let events = decode_events(body).unwrap();
+    let events = decode_events(body, 2).unwrap().events;
     let expected = vec![
         NumberedEvent {
             event_id: 1,
-            event: Some(EngineEvent::AllCleared),
+            event: Decoded::Event(EngineEvent::AllCleared),
         },
         NumberedEvent {
             event_id: 2,
-            event: Some(EngineEvent::Stored(BlockStored {
+            event: Decoded::Event(EngineEvent::Stored(BlockStored {
                 block_hashes: vec![EngineHash(9_007_199_254_740_993), EngineHash(u64::MAX)],
                 parent: None,
                 token_ids: vec![1, 2, 3, 4],
@@ -305,22 +333,31 @@ fn trtllm_json_with_hashes_above_2_pow_53() {
                 lora_id: None,
                 lora_name: None,
                 medium: Medium::Gpu,
+                cache_salt: None,
+                content_keys: vec![],
+                group: 0,
+                group_kind: GroupKind::Unspecified,
             })),
         },
         NumberedEvent {
             event_id: 3,
-            event: None,
+            event: Decoded::Event(EngineEvent::Moved(BlockMoved {
+                block_hash: EngineHash(5),
+                from: Medium::Gpu,
+                to: Medium::Other("cache_level_1".into()),
+            })),
         },
         NumberedEvent {
             event_id: 4,
-            event: Some(EngineEvent::Removed(BlockRemoved {
+            event: Decoded::Event(EngineEvent::Removed(BlockRemoved {
                 block_hashes: vec![EngineHash(9_007_199_254_740_993)],
                 medium: Medium::Gpu,
+                group: 0,
             })),
         },
         NumberedEvent {
             event_id: 5,
-            event: Some(EngineEvent::Stored(BlockStored {
+            event: Decoded::Event(EngineEvent::Stored(BlockStored {
                 block_hashes: vec![EngineHash(u64::MAX - 1)],
                 parent: Some(EngineHash(u64::MAX)),
                 token_ids: vec![5, 6],
@@ -328,6 +365,10 @@ fn trtllm_json_with_hashes_above_2_pow_53() {
                 lora_id: None,
                 lora_name: None,
                 medium: Medium::Other("cache_level_1".into()),
+                cache_salt: None,
+                content_keys: vec![],
+                group: 0,
+                group_kind: GroupKind::Unspecified,
             })),
         },
     ];
@@ -335,22 +376,130 @@ fn trtllm_json_with_hashes_above_2_pow_53() {
 }
 
 #[test]
-fn trtllm_malformed_is_an_error() {
-    for body in [
-        &b"{"[..],
-        br#"[{"event_id": 1}]"#,
-        br#"[{"event_id": 1, "data": {"type": "stored", "blocks": []}}]"#,
-        br#"[{"event_id": 1, "data": {"type": "removed", "block_hashes": [1.5]}}]"#,
-        br#"[{"event_id": 1, "data": {"type": "stored", "blocks": [
-            {"block_hash": 1, "tokens": [{"token_id": 1}]},
-            {"block_hash": 2, "tokens": [{"token_id": 1}, {"token_id": 2}]}]}}]"#,
-    ] {
+fn trtllm_malformed_body_is_an_error_malformed_event_is_skipped() {
+    for body in [&b"{"[..], br#"[{"event_id": 1}]"#, br#"{"event_id": 1}"#] {
         assert!(
-            decode_events(body).is_err(),
+            decode_events(body, 2).is_err(),
             "accepted {}",
             String::from_utf8_lossy(body)
         );
     }
+    for body in [
+        br#"[{"event_id": 1, "data": {"type": "stored", "blocks": []}}]"#,
+        &br#"[{"event_id": 1, "data": {"type": "removed", "block_hashes": [1.5]}}]"#[..],
+        br#"[{"event_id": 1, "data": {"type": "stored", "blocks": [
+            {"block_hash": 1, "tokens": [{"token_id": 1}]},
+            {"block_hash": 2, "tokens": [{"token_id": 1}, {"token_id": 2}]}]}}]"#,
+        br#"[{"event_id": 1, "data": {"type": "removed", "block_hashes": ["xyz"]}}]"#,
+    ] {
+        let events = decode_events(body, 2).unwrap().events;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_id, 1, "the id survives");
+        assert!(
+            matches!(events[0].event, Decoded::Undecodable(_)),
+            "decoded {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    // The message names the event, not a vLLM batch layout.
+    let body = br#"[{"event_id": 1, "data": {"type": "stored", "blocks": [
+        {"block_hash": 1, "tokens": [{"token_id": 1}, {"token_id": 2}]},
+        {"block_hash": 2, "tokens": [{"token_id": 1}, {"token_id": 2}, {"token_id": 3}]}]}}]"#;
+    let Decoded::Undecodable(error) = &decode_events(body, 2).unwrap().events[0].event else {
+        panic!("ragged blocks decoded");
+    };
+    assert_eq!(
+        error.to_string(),
+        "malformed event: stored blocks of unequal token counts"
+    );
+}
+
+/// `stored` as TensorRT-LLM's `KVCacheEventSerializer` writes it with partial
+/// block reuse on: the last block may hold fewer tokens than a full one.
+#[test]
+fn trtllm_partial_trailing_block_is_dropped_full_ones_kept() {
+    let body = br#"[
+      {"event_id": 7, "data": {"type": "stored", "parent_hash": null, "blocks": [
+          {"type": "stored_block", "block_hash": 1, "tokens": [
+              {"type": "unique_token", "token_id": 1, "token_extra_id": 0},
+              {"type": "unique_token", "token_id": 2, "token_extra_id": 0}],
+           "cache_level": 0, "priority": 35},
+          {"type": "stored_block", "block_hash": 2, "tokens": [
+              {"type": "unique_token", "token_id": 3, "token_extra_id": 0}],
+           "cache_level": 0, "priority": 35}]}, "window_size": 4096},
+      {"event_id": 8, "data": {"type": "stored", "parent_hash": 1, "blocks": [
+          {"type": "stored_block", "block_hash": 3, "tokens": [
+              {"type": "unique_token", "token_id": 3, "token_extra_id": 0}],
+           "cache_level": 0, "priority": 35}]}, "window_size": 4096}
+    ]"#;
+    let poll = decode_events(body, 2).unwrap();
+    assert_eq!(poll.partial_blocks, 2);
+    let Decoded::Event(EngineEvent::Stored(stored)) = &poll.events[0].event else {
+        panic!("expected the full block: {:?}", poll.events[0]);
+    };
+    assert_eq!(stored.block_hashes, vec![EngineHash(1)]);
+    assert_eq!(stored.token_ids, vec![1, 2]);
+    assert_eq!(stored.block_size, 2);
+    // A lone partial block is no event at all, and its id still counts.
+    assert_eq!(poll.events[1].event_id, 8);
+    assert_eq!(poll.events[1].event, Decoded::Ignored);
+}
+
+#[test]
+fn trtllm_updated_moves_blocks_between_tiers_priority_only_is_ignored() {
+    let body = br#"[
+      {"event_id": 1, "data": {"type": "updated", "block_hash": 9,
+          "cache_level": {"type": "event_diff", "new_value": 1, "old_value": 0},
+          "priority": {"type": "event_diff", "new_value": 0, "old_value": 35}}, "window_size": 32},
+      {"event_id": 2, "data": {"type": "updated", "block_hash": 9,
+          "cache_level": {"type": "event_diff", "new_value": 0, "old_value": 1},
+          "priority": null}, "window_size": 32},
+      {"event_id": 3, "data": {"type": "updated", "block_hash": 9, "cache_level": null,
+          "priority": {"type": "event_diff", "new_value": 50, "old_value": 35}}, "window_size": 32}
+    ]"#;
+    let events = decode_events(body, 2).unwrap().events;
+    let moved = |from: Medium, to: Medium| {
+        Decoded::Event(EngineEvent::Moved(BlockMoved {
+            block_hash: EngineHash(9),
+            from,
+            to,
+        }))
+    };
+    let level1 = || Medium::Other("cache_level_1".into());
+    assert_eq!(events[0].event, moved(Medium::Gpu, level1()));
+    assert_eq!(events[1].event, moved(level1(), Medium::Gpu));
+    assert_eq!(events[2].event, Decoded::Ignored);
+}
+
+#[test]
+fn trtllm_v2_sha256_hex_hashes_are_handles() {
+    let a = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let b = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+    let body = format!(
+        r#"[{{"event_id": 1, "data": {{"type": "stored", "parent_hash": "{a}", "blocks": [
+             {{"block_hash": "{b}", "tokens": [{{"token_id": 1}}, {{"token_id": 2}}], "cache_level": 0}}]}}}},
+           {{"event_id": 2, "data": {{"type": "removed", "block_hashes": ["{}"]}}}}]"#,
+        b.to_uppercase()
+    );
+    let events = decode_events(body.as_bytes(), 2).unwrap().events;
+    let hex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let Decoded::Event(EngineEvent::Stored(stored)) = &events[0].event else {
+        panic!("expected stored: {events:?}");
+    };
+    assert_eq!(stored.parent, Some(EngineHash::from_bytes(&hex(a))));
+    assert_eq!(stored.block_hashes, vec![EngineHash::from_bytes(&hex(b))]);
+    let Decoded::Event(EngineEvent::Removed(removed)) = &events[1].event else {
+        panic!("expected removed: {events:?}");
+    };
+    assert_eq!(
+        removed.block_hashes, stored.block_hashes,
+        "hex case does not matter"
+    );
 }
 
 // ---- normalization ----
@@ -386,6 +535,10 @@ fn stored(
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        cache_salt: None,
+        content_keys: vec![],
+        group: 0,
+        group_kind: GroupKind::Unspecified,
     })
 }
 
@@ -393,6 +546,7 @@ fn removed(hashes: &[u64]) -> EngineEvent {
     EngineEvent::Removed(BlockRemoved {
         block_hashes: hashes.iter().map(|h| EngineHash(*h)).collect(),
         medium: Medium::Gpu,
+        group: 0,
     })
 }
 
@@ -566,4 +720,288 @@ fn engine_hash_reused_for_other_content_replaces_the_old_block() {
     );
     assert_eq!(out[1], NormEvent::Removed { hashes: vec![old] });
     assert_eq!(n.blocks().collect::<Vec<_>>(), vec![new]);
+}
+
+// ---- engine families: salts, content keys, hybrid groups ----
+
+/// SGLang 0.5.18–0.5.19: a salted store appends `{"cache_salt": ...}` where
+/// vLLM has `lora_name`.
+#[test]
+fn sglang_salted_array_store_carries_its_salt() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1.0).unwrap();
+    encode::write_array_len(&mut b, 2).unwrap();
+    for salt in [Some("tenant-a"), None] {
+        encode::write_array_len(&mut b, if salt.is_some() { 8 } else { 7 }).unwrap();
+        w_str(&mut b, "BlockStored");
+        encode::write_array_len(&mut b, 1).unwrap();
+        encode::write_i64(&mut b, -4).unwrap();
+        encode::write_nil(&mut b).unwrap();
+        w_tokens(&mut b, &tokens(0..4));
+        encode::write_uint(&mut b, 4).unwrap();
+        encode::write_nil(&mut b).unwrap(); // lora_id
+        w_str(&mut b, "GPU");
+        if let Some(salt) = salt {
+            encode::write_map_len(&mut b, 1).unwrap();
+            w_str(&mut b, "cache_salt");
+            w_str(&mut b, salt);
+        }
+    }
+    encode::write_uint(&mut b, 0).unwrap();
+    let batch = decode_batch(&b, Dialect::Sglang).unwrap();
+    let salts: Vec<_> = batch
+        .events
+        .iter()
+        .map(|e| match e {
+            EngineEvent::Stored(s) => s.cache_salt.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(salts, vec![Some("tenant-a".to_owned()), None]);
+    assert_eq!(batch.undecodable_events, 0);
+    // The vLLM layout reads position 7 as a lora_name string: the salted
+    // event does not decode that way.
+    assert_eq!(
+        decode_batch(&b, Dialect::Vllm).unwrap().undecodable_events,
+        1
+    );
+}
+
+/// SGLang ≥ 0.5.21 map events name the salt.
+#[test]
+fn sglang_map_store_carries_its_salt() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_map_len(&mut b, 6).unwrap();
+    w_str(&mut b, "type");
+    w_str(&mut b, "BlockStored");
+    w_str(&mut b, "block_hashes");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_i64(&mut b, 3).unwrap();
+    w_str(&mut b, "token_ids");
+    w_tokens(&mut b, &tokens(0..4));
+    w_str(&mut b, "block_size");
+    encode::write_uint(&mut b, 4).unwrap();
+    w_str(&mut b, "cache_salt");
+    w_str(&mut b, "s1");
+    w_str(&mut b, "session_id");
+    w_str(&mut b, "abc");
+    encode::write_uint(&mut b, 0).unwrap();
+    let batch = decode_batch(&b, Dialect::Sglang).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored: {batch:?}");
+    };
+    assert_eq!(stored.cache_salt.as_deref(), Some("s1"));
+}
+
+/// vLLM's published `extra_keys`: per block a tuple of the LoRA name (when
+/// the event has one), `(mm_identifier, offset)` pairs, the bare cache salt
+/// (first block only) and prompt-embedding digests; plus `group_idx` and
+/// `kv_cache_spec_kind` (array positions 8, 9, 10).
+#[test]
+fn vllm_extra_keys_give_salt_content_and_group() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 11).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 2).unwrap();
+    encode::write_uint(&mut b, 1).unwrap();
+    encode::write_uint(&mut b, 2).unwrap();
+    encode::write_nil(&mut b).unwrap();
+    w_tokens(&mut b, &tokens(0..8));
+    encode::write_uint(&mut b, 4).unwrap();
+    encode::write_uint(&mut b, 3).unwrap(); // lora_id
+    w_str(&mut b, "GPU");
+    w_str(&mut b, "sql"); // lora_name
+    encode::write_array_len(&mut b, 2).unwrap(); // extra_keys
+    encode::write_array_len(&mut b, 3).unwrap();
+    w_str(&mut b, "sql");
+    encode::write_array_len(&mut b, 2).unwrap();
+    w_str(&mut b, "img-1");
+    encode::write_uint(&mut b, 0).unwrap();
+    w_str(&mut b, "tenant-a");
+    encode::write_array_len(&mut b, 1).unwrap();
+    w_str(&mut b, "sql");
+    encode::write_uint(&mut b, 1).unwrap(); // group_idx
+    w_str(&mut b, "sliding_window");
+    encode::write_uint(&mut b, 0).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored: {batch:?}");
+    };
+    assert_eq!(stored.lora_name.as_deref(), Some("sql"));
+    assert_eq!(stored.cache_salt.as_deref(), Some("tenant-a"));
+    assert_eq!(stored.content_keys.len(), 2);
+    assert!(stored.content_keys[0].is_some() && stored.content_keys[1].is_none());
+    assert_eq!(stored.group, 1);
+    assert_eq!(stored.group_kind, GroupKind::Partial);
+}
+
+fn salted(hashes: &[u64], parent: Option<u64>, token_ids: Vec<u32>, salt: &str) -> EngineEvent {
+    let mut event = stored(hashes, parent, token_ids, 4);
+    if let EngineEvent::Stored(s) = &mut event {
+        s.cache_salt = Some(salt.to_owned());
+    }
+    event
+}
+
+fn stored_hashes(out: &[NormEvent]) -> Vec<u64> {
+    out.iter()
+        .flat_map(|e| match e {
+            NormEvent::Stored { hashes, .. } => hashes.clone(),
+            _ => vec![],
+        })
+        .collect()
+}
+
+#[test]
+fn salted_chains_hash_like_the_filter_and_never_alias() {
+    let t = tokens(0..12);
+    let h = hasher(4, None);
+    let mut n = normalizer(4);
+    let (out, _) = run(
+        &mut n,
+        &[
+            salted(&[1, 2], None, t[..8].to_vec(), "tenant-a"),
+            // A child store carries the salt too (SGLang) or not (vLLM):
+            // the parent already holds it either way.
+            salted(&[3], Some(2), t[8..].to_vec(), "tenant-a"),
+            salted(&[4], None, t[..4].to_vec(), "tenant-b"),
+            stored(&[5], None, t[..4].to_vec(), 4),
+        ],
+    );
+    let want_a = h.sequence_hashes_after(Some(h.salt_root("tenant-a")), &t);
+    let want_b = h.sequence_hashes_after(Some(h.salt_root("tenant-b")), &t[..4]);
+    let plain = h.sequence_hashes(&t[..4]);
+    let mut want: Vec<u64> = want_a.iter().map(|s| s.0).collect();
+    want.push(want_b[0].0);
+    want.push(plain[0].0);
+    assert_eq!(stored_hashes(&out), want);
+    assert_ne!(want_a[0], want_b[0]);
+    assert_ne!(want_a[0], plain[0]);
+}
+
+#[test]
+fn content_keys_fold_so_multimodal_blocks_never_match_text() {
+    let t = tokens(0..8);
+    let mut n = normalizer(4);
+    let mut mm = stored(&[1, 2], None, t.clone(), 4);
+    if let EngineEvent::Stored(s) = &mut mm {
+        s.content_keys = vec![Some(42), None];
+    }
+    let mut other_image = stored(&[3, 4], None, t.clone(), 4);
+    if let EngineEvent::Stored(s) = &mut other_image {
+        s.content_keys = vec![Some(43), None];
+    }
+    let (out, _) = run(&mut n, &[mm.clone(), other_image]);
+    let hashes = stored_hashes(&out);
+    let text = seqs(4, &t);
+    assert!(
+        hashes.iter().all(|h| !text.contains(h)),
+        "{hashes:?} vs {text:?}"
+    );
+    assert_ne!(
+        hashes[..2],
+        hashes[2..],
+        "different images, different hashes"
+    );
+    // Deterministic: another relay computes the same hashes.
+    let (again, _) = run(&mut normalizer(4), &[mm]);
+    assert_eq!(stored_hashes(&again), hashes[..2]);
+}
+
+fn in_group(mut event: EngineEvent, group: u32, kind: GroupKind) -> EngineEvent {
+    match &mut event {
+        EngineEvent::Stored(s) => {
+            s.group = group;
+            s.group_kind = kind;
+        }
+        EngineEvent::Removed(r) => r.group = group,
+        _ => {}
+    }
+    event
+}
+
+/// vLLM hybrid models publish one store per KV cache group with the same
+/// hashes; a sliding-window group evicting a block must not remove it while
+/// the full-attention group holds it.
+#[test]
+fn hybrid_groups_keep_a_block_while_full_attention_holds_it() {
+    let t = tokens(0..8);
+    let want = seqs(4, &t);
+    let mut n = normalizer(4);
+    let (out, stats) = run(
+        &mut n,
+        &[
+            in_group(stored(&[1, 2], None, t.clone(), 4), 0, GroupKind::Full),
+            in_group(stored(&[1, 2], None, t.clone(), 4), 1, GroupKind::Partial),
+            in_group(removed(&[1]), 1, GroupKind::Unspecified),
+        ],
+    );
+    assert_eq!(stored_hashes(&out), want);
+    assert!(
+        !out.iter().any(|e| matches!(e, NormEvent::Removed { .. })),
+        "{out:?}"
+    );
+    assert_eq!(stats.partial_attention_group, 3);
+    let mut blocks: Vec<u64> = n.blocks().collect();
+    blocks.sort_unstable();
+    let mut sorted = want.clone();
+    sorted.sort_unstable();
+    assert_eq!(blocks, sorted);
+    // Two full-attention groups: the block goes when the last one drops it.
+    let (out, _) = run(
+        &mut n,
+        &[
+            in_group(stored(&[1], None, t[..4].to_vec(), 4), 2, GroupKind::Full),
+            in_group(removed(&[1]), 0, GroupKind::Unspecified),
+        ],
+    );
+    assert!(!out.iter().any(|e| matches!(e, NormEvent::Removed { .. })));
+    let (out, _) = run(
+        &mut n,
+        &[in_group(removed(&[1]), 2, GroupKind::Unspecified)],
+    );
+    assert_eq!(
+        out,
+        vec![NormEvent::Removed {
+            hashes: vec![want[0]]
+        }]
+    );
+}
+
+#[test]
+fn blocks_moving_off_the_gpu_leave_the_view_and_come_back() {
+    let t = tokens(0..4);
+    let want = seqs(4, &t)[0];
+    let mut n = normalizer(4);
+    let level1 = || Medium::Other("cache_level_1".into());
+    let moved = |from: Medium, to: Medium| {
+        EngineEvent::Moved(BlockMoved {
+            block_hash: EngineHash(7),
+            from,
+            to,
+        })
+    };
+    run(&mut n, &[stored(&[7], None, t, 4)]);
+    let (out, _) = run(&mut n, &[moved(Medium::Gpu, level1())]);
+    assert_eq!(out, vec![NormEvent::Removed { hashes: vec![want] }]);
+    assert_eq!(n.block_count(), 0);
+    let (out, _) = run(&mut n, &[moved(level1(), Medium::Gpu)]);
+    assert_eq!(
+        out,
+        vec![NormEvent::Stored {
+            parent: None,
+            hashes: vec![want]
+        }]
+    );
+    // Evicted from the GPU after coming back.
+    let (out, stats) = run(&mut n, &[removed(&[7])]);
+    assert_eq!(out, vec![NormEvent::Removed { hashes: vec![want] }]);
+    assert_eq!(stats.unknown_removed, 0);
 }

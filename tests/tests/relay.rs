@@ -320,3 +320,211 @@ fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
         &relay.metrics_url()
     ));
 }
+
+/// A fake `trtllm-serve`: answers each `POST /kv_cache_events` with the next
+/// queued body (`[]` once they run out), as TensorRT-LLM serializes events.
+struct FakeTrtllm {
+    port: u16,
+    bodies: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+impl FakeTrtllm {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake trtllm");
+        let port = listener.local_addr().expect("local addr").port();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(
+            std::collections::VecDeque::<String>::new(),
+        ));
+        let queue = std::sync::Arc::clone(&bodies);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let mut reader = BufReader::new(stream);
+                let mut content_length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(value) = lower.strip_prefix("content-length:") {
+                        content_length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut request_body = vec![0; content_length];
+                let _ = reader.read_exact(&mut request_body);
+                let body = queue
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or_else(|| "[]".to_owned());
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = reader.get_mut().write_all(response.as_bytes());
+            }
+        });
+        Self { port, bodies }
+    }
+
+    fn queue(&self, body: String) {
+        self.bodies.lock().unwrap().push_back(body);
+    }
+
+    fn drained(&self) -> bool {
+        self.bodies.lock().unwrap().is_empty()
+    }
+}
+
+fn tokens_json(ids: std::ops::Range<u32>) -> Value {
+    Value::Array(
+        ids.map(|id| json!({"type": "unique_token", "token_id": id, "token_extra_id": 0}))
+            .collect(),
+    )
+}
+
+fn trt_block(hash: Value, ids: std::ops::Range<u32>) -> Value {
+    json!({"type": "stored_block", "block_hash": hash, "tokens": tokens_json(ids),
+           "cache_level": 0, "priority": 35})
+}
+
+fn trt_event(id: u64, data: Value) -> Value {
+    json!({"event_id": id, "data": data, "window_size": 4096})
+}
+
+/// TensorRT-LLM through the relay's HTTP polling: partial trailing blocks
+/// are dropped and the full ones kept, `updated` moves blocks off and back
+/// onto the GPU, `v2_sha256` hex hashes work as handles, an undecodable
+/// event is skipped without a reset, and an undecodable body resets once,
+/// not twice.
+#[test]
+fn trtllm_partial_blocks_tier_moves_hex_hashes_and_one_reset() {
+    let nats = NatsServer::start().expect("nats-server starts");
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
+    let engine = FakeTrtllm::start();
+    let relay = Relay::start(&RelayOptions {
+        engine: "trtllm".into(),
+        nats_url: nats.url(),
+        worker_id: "w-t".into(),
+        model: MODEL.into(),
+        address: "127.0.0.1:9".into(),
+        block_size: 2,
+        zmq_endpoint: None,
+        zmq_replay_endpoint: None,
+        metrics_url: None,
+        extra_args: vec![
+            "--trtllm-url".into(),
+            format!("http://127.0.0.1:{}", engine.port),
+            "--trtllm-poll-interval".into(),
+            "20ms".into(),
+        ],
+    })
+    .expect("relay starts");
+    let hasher = router_core::BlockHasher::new(
+        router_core::BlockSize::new(2).expect("block size"),
+        router_core::HashSeed::for_model(MODEL, None),
+    );
+    let chain = hasher.sequence_hashes(&[1, 2, 3, 4]);
+    let hex_chain = hasher.sequence_hashes(&[7, 8]);
+    let hex = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let cache_level =
+        |old: u32, new: u32| json!({"type": "event_diff", "old_value": old, "new_value": new});
+
+    let mut view = WorkerView::new();
+    let mut converge = |want: &[u64], what: &str| {
+        let want: std::collections::HashSet<u64> = want.iter().copied().collect();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            for message in tap.drain() {
+                if message.subject.contains(".events.") {
+                    if let Ok(batch) = KvEventBatch::decode(message.payload.as_slice()) {
+                        view.apply(&batch);
+                    }
+                }
+            }
+            if engine.drained() && view.outcome() == ApplyOutcome::InSync && view.blocks() == &want
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: view {:?} ({:?}), want {want:?}",
+                view.blocks(),
+                view.outcome()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Two full blocks and a partial one; then a lone partial block; a chain
+    // with hex hashes.
+    engine.queue(
+        json!([
+            trt_event(1, json!({"type": "created", "num_blocks_per_cache_level": [64, 64]})),
+            trt_event(2, json!({"type": "stored", "parent_hash": null, "blocks": [
+                trt_block(json!(11), 1..3), trt_block(json!(12), 3..5), trt_block(json!(13), 5..6)]})),
+            trt_event(3, json!({"type": "stored", "parent_hash": 12, "blocks": [
+                trt_block(json!(14), 5..6)]})),
+            trt_event(4, json!({"type": "stored", "parent_hash": null, "blocks": [
+                trt_block(json!(hex), 7..9)]})),
+        ])
+        .to_string(),
+    );
+    converge(&[chain[0].0, chain[1].0, hex_chain[0].0], "stores");
+
+    // Block 12 moves to host memory, then back; an event that does not
+    // decode sits in between and is skipped.
+    engine.queue(
+        json!([trt_event(
+            5,
+            json!({"type": "updated", "block_hash": 12,
+            "cache_level": cache_level(0, 1), "priority": null})
+        )])
+        .to_string(),
+    );
+    converge(&[chain[0].0, hex_chain[0].0], "moved off the GPU");
+    engine.queue(
+        json!([
+            trt_event(6, json!({"type": "removed", "block_hashes": "not a list"})),
+            trt_event(
+                7,
+                json!({"type": "updated", "block_hash": 12,
+                "cache_level": cache_level(1, 0), "priority": null})
+            ),
+            trt_event(
+                8,
+                json!({"type": "removed", "block_hashes": [hex.to_uppercase()]})
+            ),
+        ])
+        .to_string(),
+    );
+    converge(&[chain[0].0, chain[1].0], "moved back, hex hash removed");
+    assert_eq!(
+        relay.metric("kvmesh_relay_resets_total", "events_lost"),
+        0.0
+    );
+    assert_eq!(
+        relay.metric("kvmesh_relay_skipped_blocks_total", "partial_block"),
+        2.0
+    );
+    assert!(relay.metric("kvmesh_relay_decode_errors_total", "") >= 1.0);
+
+    // A body that does not decode: one reset, and the next poll (ids moved
+    // on meanwhile) starts a new sequence without a second one.
+    engine.queue("{\"not\": \"a list\"}".to_owned());
+    engine.queue(
+        json!([trt_event(
+            12,
+            json!({"type": "stored", "parent_hash": null, "blocks": [
+            trt_block(json!(21), 7..9)]})
+        )])
+        .to_string(),
+    );
+    converge(&[hex_chain[0].0], "after an undecodable body");
+    assert_eq!(
+        relay.metric("kvmesh_relay_resets_total", "events_lost"),
+        1.0
+    );
+}

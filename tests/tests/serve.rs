@@ -11,7 +11,7 @@ use kv_sidecar::serve::stream::StateStreamClient;
 use kvmesh_tests::harness::fleet::KvWorker;
 use kvmesh_tests::harness::nats_tap::NatsTap;
 use kvmesh_tests::harness::relay::Relay;
-use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
+use kvmesh_tests::harness::sidecar::{blocks_by_worker, Sidecar, SidecarModel};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{NatsServer, SimEngine};
 use router_core::fleet::FleetView;
@@ -97,45 +97,9 @@ impl Replica {
     }
 }
 
-/// The sidecar's current state, from a fresh subscription's first message.
-fn fresh_snapshot(runtime: &tokio::runtime::Runtime, url: &str) -> StateUpdate {
-    runtime.block_on(async {
-        let mut client = StateStreamClient::connect(url.to_owned())
-            .await
-            .expect("gRPC connect");
-        let (_tx, rx) = mpsc::channel::<GatewayReport>(1);
-        let mut stream = client
-            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("subscribe")
-            .into_inner();
-        tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("snapshot in time")
-            .expect("stream ok")
-            .expect("a snapshot")
-    })
-}
-
-fn blocks_by_worker(snapshot: &StateUpdate) -> BTreeMap<String, HashSet<u64>> {
-    match &snapshot.kind {
-        Some(state_update::Kind::Snapshot(s)) => s
-            .workers
-            .iter()
-            .map(|w| (w.worker_id.clone(), w.blocks.iter().copied().collect()))
-            .collect(),
-        _ => BTreeMap::new(),
-    }
-}
-
 /// Waits until the sidecar's index equals the union of the engines' caches,
 /// worker by worker, and the replica equals the sidecar.
-fn assert_converges(
-    runtime: &tokio::runtime::Runtime,
-    sidecar: &Sidecar,
-    replica: &Replica,
-    workers: &[&Worker],
-) {
+fn assert_converges(sidecar: &Sidecar, replica: &Replica, workers: &[&Worker]) {
     let deadline = Instant::now() + SETTLE;
     loop {
         let truth: BTreeMap<String, HashSet<u64>> = workers
@@ -147,7 +111,7 @@ fn assert_converges(
                 )
             })
             .collect();
-        let snapshot = fresh_snapshot(runtime, &sidecar.grpc_url());
+        let snapshot = sidecar.state_snapshot().expect("sidecar snapshot");
         let index = blocks_by_worker(&snapshot);
         let replica_equal = replica.snapshot() == snapshot;
         if index == truth && replica_equal {
@@ -181,10 +145,6 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
     sidecar
         .wait_ready(Duration::from_secs(20))
         .expect("ready with no workers");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let replica = Replica::follow(sidecar.grpc_url());
 
     let mut workers: Vec<Worker> = (0..4)
@@ -196,12 +156,7 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
             .run_eviction_workload(round as u32, 12)
             .expect("workload");
     }
-    assert_converges(
-        &runtime,
-        &sidecar,
-        &replica,
-        &workers.iter().collect::<Vec<_>>(),
-    );
+    assert_converges(&sidecar, &replica, &workers.iter().collect::<Vec<_>>());
     let listed = workers_json(&sidecar);
     assert_eq!(listed.len(), 4, "{listed:?}");
     assert!(listed.iter().all(|w| w["in_sync"] == true), "{listed:?}");
@@ -303,11 +258,6 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
             .run_eviction_workload(20 + round as u32, 6)
             .expect("workload");
     }
-    assert_converges(
-        &runtime,
-        &sidecar,
-        &replica,
-        &workers.iter().collect::<Vec<_>>(),
-    );
+    assert_converges(&sidecar, &replica, &workers.iter().collect::<Vec<_>>());
     assert!(*replica.snapshots.lock().unwrap() >= 1);
 }

@@ -5,5 +5,5 @@ use kv_sidecar::decode::trtllm::decode_events;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = decode_events(data);
+    let _ = decode_events(data, 16);
 });

@@ -2,13 +2,16 @@
 //! decodes must normalize without panicking either.
 #![no_main]
 
-use kv_sidecar::decode::vllm::decode_batch;
+use kv_sidecar::decode::vllm::{decode_batch, Dialect};
 use kv_sidecar::normalize::{MediaPolicy, NormStats, Normalizer};
 use libfuzzer_sys::fuzz_target;
 use router_core::BlockSize;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(batch) = decode_batch(data) {
+    for dialect in [Dialect::Vllm, Dialect::Sglang] {
+        let Ok(batch) = decode_batch(data, dialect) else {
+            continue;
+        };
         let Ok(block_size) = BlockSize::new(1) else {
             return;
         };

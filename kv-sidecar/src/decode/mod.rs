@@ -41,6 +41,39 @@ impl Medium {
     }
 }
 
+/// What kind of attention a KV cache group serves (vLLM hybrid models keep
+/// one group per layer type and publish every event per group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupKind {
+    /// Not published (single-group models, older engines, `unknown`).
+    #[default]
+    Unspecified,
+    /// Full attention (also MLA, attention sinks): a block held here holds
+    /// the KV of its whole prefix, so it is a prefix hit by itself.
+    Full,
+    /// Sliding window, chunked local attention, Mamba state, encoder-only or
+    /// cross attention: the group keeps only part of a prefix, so its blocks
+    /// alone are never a prefix hit.
+    Partial,
+}
+
+impl GroupKind {
+    /// vLLM's `kv_cache_spec_kind` values. A kind this relay does not know
+    /// counts as unspecified: a block is left out only on positive evidence.
+    pub fn parse(kind: &str) -> Self {
+        match kind {
+            "full_attention" | "mla_attention" | "sink_full_attention" => GroupKind::Full,
+            "sliding_window"
+            | "sliding_window_mla"
+            | "chunked_local_attention"
+            | "mamba"
+            | "encoder_only_attention"
+            | "cross_attention" => GroupKind::Partial,
+            _ => GroupKind::Unspecified,
+        }
+    }
+}
+
 /// Blocks the engine stored, in chain order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockStored {
@@ -54,18 +87,40 @@ pub struct BlockStored {
     pub lora_id: Option<i64>,
     pub lora_name: Option<String>,
     pub medium: Medium,
+    /// The prompt's `cache_salt` (vLLM: a bare string in the first block's
+    /// `extra_keys`; SGLang: `cache_salt` or `metadata.cache_salt`). Engines
+    /// mix it into the first block of a chain only.
+    pub cache_salt: Option<String>,
+    /// Per block, a digest of the inputs other than tokens and salt that the
+    /// engine hashed into it (vLLM `extra_keys`: multimodal identifiers,
+    /// prompt-embedding digests); `None` for plain token blocks. Empty when
+    /// no block has any.
+    pub content_keys: Vec<Option<u64>>,
+    /// KV cache group (vLLM `group_idx`; 0 when not published).
+    pub group: u32,
+    pub group_kind: GroupKind,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockRemoved {
     pub block_hashes: Vec<EngineHash>,
     pub medium: Medium,
+    pub group: u32,
+}
+
+/// A block that moved between cache tiers (TensorRT-LLM `updated`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockMoved {
+    pub block_hash: EngineHash,
+    pub from: Medium,
+    pub to: Medium,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     Stored(BlockStored),
     Removed(BlockRemoved),
+    Moved(BlockMoved),
     AllCleared,
 }
 
@@ -76,12 +131,17 @@ pub struct EventBatch {
     pub timestamp: f64,
     pub events: Vec<EngineEvent>,
     pub dp_rank: Option<i64>,
-    /// Events of a kind the decoder knows but the relay does not use
-    /// (TensorRT-LLM `updated`), or of an unknown kind: counted, not fatal.
+    /// Events of a kind the decoder knows but the relay does not use (a
+    /// TensorRT-LLM `updated` that only changes priority), or of an unknown
+    /// kind: counted, not fatal.
     pub ignored_events: u32,
+    /// Events of a known kind that did not decode (a field of the wrong
+    /// type, a partial trailing block): skipped and counted, the rest of the
+    /// batch is kept.
+    pub undecodable_events: u32,
 }
 
-#[derive(Debug, Error, PartialEq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum DecodeError {
     #[error("input ends early at byte {offset}")]
     Truncated { offset: usize },
@@ -101,6 +161,8 @@ pub enum DecodeError {
     MissingField(&'static str),
     #[error("batch is not [ts, events, dp_rank]: {0}")]
     BadBatch(&'static str),
+    #[error("malformed event: {0}")]
+    BadEvent(&'static str),
     #[error("event has no tag")]
     MissingTag,
     #[error("invalid JSON: {0}")]

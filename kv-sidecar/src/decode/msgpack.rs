@@ -47,6 +47,24 @@ impl<'a> Reader<'a> {
         self.buf.len().saturating_sub(self.pos)
     }
 
+    /// Where the next value starts, to come back to with [`Self::rewind`].
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub(crate) fn rewind(&mut self, position: usize) {
+        self.pos = position.min(self.buf.len());
+    }
+
+    /// The encoded bytes of the next value, which is consumed.
+    pub(crate) fn raw_value(&mut self) -> Result<&'a [u8], DecodeError> {
+        let start = self.pos;
+        self.skip()?;
+        self.buf
+            .get(start..self.pos)
+            .ok_or(DecodeError::Truncated { offset: start })
+    }
+
     pub(crate) fn peek(&self) -> Result<u8, DecodeError> {
         self.buf
             .get(self.pos)
@@ -287,6 +305,15 @@ impl<'a> Reader<'a> {
             self.peek()?,
             0xc4..=0xc6 | 0xa0..=0xbf | 0xd9..=0xdb
         ))
+    }
+
+    pub(crate) fn next_is_array(&self) -> Result<bool, DecodeError> {
+        Ok(matches!(self.peek()?, 0x90..=0x9f | 0xdc | 0xdd))
+    }
+
+    /// True when the next value is a str (not a bin).
+    pub(crate) fn next_is_str(&self) -> Result<bool, DecodeError> {
+        Ok(matches!(self.peek()?, 0xa0..=0xbf | 0xd9..=0xdb))
     }
 
     /// Skips one value of any type, iteratively so hostile nesting cannot

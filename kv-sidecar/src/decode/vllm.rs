@@ -2,19 +2,38 @@
 //!
 //! The batch is `[ts, [events], dp_rank]` (older vLLM: `[ts, [events]]`).
 //! Events come in two encodings, both accepted in one batch:
-//! - array (vLLM ≤ 0.23, SGLang): `["BlockStored", block_hashes, parent,
-//!   token_ids, block_size, lora_id, medium, lora_name, extra_keys, ...]`,
-//!   `["BlockRemoved", block_hashes, medium, ...]`, `["AllBlocksCleared"]`;
-//!   older versions stop early, newer ones append fields: trailing fields are
-//!   optional and unknown ones skipped;
-//! - map (newer vLLM): `{"type": "BlockStored", "block_hashes": ...}` with
-//!   fields equal to their defaults omitted and unknown keys skipped.
+//! - array (vLLM ≤ 0.23, SGLang ≤ 0.5.19): `["BlockStored", block_hashes,
+//!   parent, token_ids, block_size, lora_id, medium, ...]`, `["BlockRemoved",
+//!   block_hashes, medium, ...]`, `["AllBlocksCleared"]`; older versions stop
+//!   early. What follows `medium` differs by engine ([`Dialect`]), so the
+//!   positions are read per engine family, never one layout for both;
+//! - map (vLLM ≥ 0.24, SGLang ≥ 0.5.21): `{"type": "BlockStored",
+//!   "block_hashes": ...}` with fields equal to their defaults omitted and
+//!   unknown keys skipped.
+//!
+//! An event that is well-formed msgpack but not a valid event (a field of the
+//! wrong type, a missing field) is skipped and counted in
+//! [`EventBatch::undecodable_events`]; the rest of its batch is kept. Only a
+//! batch whose envelope does not decode is an error.
 
 use super::msgpack::Reader;
-use super::{BlockRemoved, BlockStored, DecodeError, EngineEvent, EngineHash, EventBatch, Medium};
+use super::{
+    BlockRemoved, BlockStored, DecodeError, EngineEvent, EngineHash, EventBatch, GroupKind, Medium,
+};
+
+/// Which engine's array layout to read after the shared leading fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// vLLM: `BlockStored` continues `lora_name, extra_keys, group_idx,
+    /// kv_cache_spec_kind, ...`; `BlockRemoved` continues `group_idx, ...`.
+    Vllm,
+    /// SGLang: a salted `BlockStored` (0.5.18–0.5.19) continues with a map
+    /// `{"cache_salt": ...}`; nothing follows `medium` otherwise.
+    Sglang,
+}
 
 /// Decodes one ZMQ payload frame.
-pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
+pub fn decode_batch(payload: &[u8], dialect: Dialect) -> Result<EventBatch, DecodeError> {
     let mut reader = Reader::new(payload);
     let mut batch = EventBatch::default();
     if reader.next_is_map()? {
@@ -24,10 +43,10 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
             match reader.str()? {
                 "ts" => batch.timestamp = reader.f64()?,
                 "events" => {
-                    read_events(&mut reader, &mut batch)?;
+                    read_events(&mut reader, dialect, &mut batch)?;
                     saw_events = true;
                 }
-                "data_parallel_rank" => batch.dp_rank = optional_i64(&mut reader)?,
+                "data_parallel_rank" | "attn_dp_rank" => batch.dp_rank = optional_i64(&mut reader)?,
                 _ => reader.skip()?,
             }
         }
@@ -40,7 +59,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
             return Err(DecodeError::BadBatch("fewer than 2 elements"));
         }
         batch.timestamp = reader.f64()?;
-        read_events(&mut reader, &mut batch)?;
+        read_events(&mut reader, dialect, &mut batch)?;
         if len >= 3 {
             batch.dp_rank = optional_i64(&mut reader)?;
         }
@@ -62,21 +81,40 @@ fn optional_i64(reader: &mut Reader<'_>) -> Result<Option<i64>, DecodeError> {
     }
 }
 
-fn read_events(reader: &mut Reader<'_>, batch: &mut EventBatch) -> Result<(), DecodeError> {
+fn read_events(
+    reader: &mut Reader<'_>,
+    dialect: Dialect,
+    batch: &mut EventBatch,
+) -> Result<(), DecodeError> {
     let count = reader.array_len()?;
     batch.events.reserve(count.min(reader.remaining()));
     for _ in 0..count {
-        let fields = if reader.next_is_map()? {
-            Fields::read_map(reader)?
-        } else {
-            Fields::read_array(reader)?
-        };
-        match fields.into_event()? {
-            Some(event) => batch.events.push(event),
-            None => batch.ignored_events = batch.ignored_events.saturating_add(1),
+        let start = reader.position();
+        match read_event(reader, dialect) {
+            Ok(Some(event)) => batch.events.push(event),
+            Ok(None) => batch.ignored_events = batch.ignored_events.saturating_add(1),
+            Err(_) => {
+                // Skip the whole event if it is well-formed msgpack at all;
+                // if not, nothing after it can be located either.
+                reader.rewind(start);
+                reader.skip()?;
+                batch.undecodable_events = batch.undecodable_events.saturating_add(1);
+            }
         }
     }
     Ok(())
+}
+
+fn read_event(
+    reader: &mut Reader<'_>,
+    dialect: Dialect,
+) -> Result<Option<EngineEvent>, DecodeError> {
+    let fields = if reader.next_is_map()? {
+        Fields::read_map(reader)?
+    } else {
+        Fields::read_array(reader, dialect)?
+    };
+    fields.into_event()
 }
 
 /// The union of all event fields, filled from either encoding.
@@ -90,6 +128,10 @@ struct Fields {
     lora_id: Option<i64>,
     medium: Option<String>,
     lora_name: Option<String>,
+    cache_salt: Option<String>,
+    extra_keys: ExtraKeys,
+    group: Option<u32>,
+    group_kind: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -112,7 +154,7 @@ impl Tag {
 }
 
 impl Fields {
-    fn read_array(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    fn read_array(reader: &mut Reader<'_>, dialect: Dialect) -> Result<Self, DecodeError> {
         let len = reader.array_len()?;
         if len == 0 {
             return Err(DecodeError::MissingTag);
@@ -123,14 +165,22 @@ impl Fields {
             ..Fields::default()
         };
         for position in 1..len {
-            match (tag, position) {
-                (Tag::Stored | Tag::Removed, 1) => fields.block_hashes = Some(hashes(reader)?),
-                (Tag::Stored, 2) => fields.parent = optional_hash(reader)?,
-                (Tag::Stored, 3) => fields.token_ids = Some(token_ids(reader)?),
-                (Tag::Stored, 4) => fields.block_size = Some(reader.u32()?),
-                (Tag::Stored, 5) => fields.lora_id = optional_i64(reader)?,
-                (Tag::Stored, 6) | (Tag::Removed, 2) => fields.medium = optional_string(reader)?,
-                (Tag::Stored, 7) => fields.lora_name = optional_string(reader)?,
+            match (tag, position, dialect) {
+                (Tag::Stored | Tag::Removed, 1, _) => fields.block_hashes = Some(hashes(reader)?),
+                (Tag::Stored, 2, _) => fields.parent = optional_hash(reader)?,
+                (Tag::Stored, 3, _) => fields.token_ids = Some(token_ids(reader)?),
+                (Tag::Stored, 4, _) => fields.block_size = Some(reader.u32()?),
+                (Tag::Stored, 5, _) => fields.lora_id = optional_i64(reader)?,
+                (Tag::Stored, 6, _) | (Tag::Removed, 2, _) => {
+                    fields.medium = optional_string(reader)?
+                }
+                (Tag::Stored, 7, Dialect::Vllm) => fields.lora_name = optional_string(reader)?,
+                (Tag::Stored, 8, Dialect::Vllm) => fields.extra_keys = ExtraKeys::read(reader)?,
+                (Tag::Stored, 9, Dialect::Vllm) | (Tag::Removed, 3, Dialect::Vllm) => {
+                    fields.group = optional_u32(reader)?
+                }
+                (Tag::Stored, 10, Dialect::Vllm) => fields.group_kind = optional_string(reader)?,
+                (Tag::Stored, 7, Dialect::Sglang) => fields.cache_salt = salt_metadata(reader)?,
                 _ => reader.skip()?,
             }
         }
@@ -150,6 +200,11 @@ impl Fields {
                 "lora_id" => fields.lora_id = optional_i64(reader)?,
                 "medium" => fields.medium = optional_string(reader)?,
                 "lora_name" => fields.lora_name = optional_string(reader)?,
+                "cache_salt" => fields.cache_salt = optional_string(reader)?,
+                "metadata" => fields.cache_salt = salt_metadata(reader)?,
+                "extra_keys" => fields.extra_keys = ExtraKeys::read(reader)?,
+                "group_idx" => fields.group = optional_u32(reader)?,
+                "kv_cache_spec_kind" => fields.group_kind = optional_string(reader)?,
                 _ => reader.skip()?,
             }
         }
@@ -159,32 +214,125 @@ impl Fields {
     /// `None` for an event kind the relay does not know.
     fn into_event(self) -> Result<Option<EngineEvent>, DecodeError> {
         let event = match self.tag.ok_or(DecodeError::MissingTag)? {
-            Tag::Stored => EngineEvent::Stored(BlockStored {
-                block_hashes: self
-                    .block_hashes
-                    .ok_or(DecodeError::MissingField("block_hashes"))?,
-                parent: self.parent,
-                token_ids: self
-                    .token_ids
-                    .ok_or(DecodeError::MissingField("token_ids"))?,
-                block_size: self
-                    .block_size
-                    .ok_or(DecodeError::MissingField("block_size"))?,
-                lora_id: self.lora_id,
-                lora_name: self.lora_name,
-                medium: Medium::parse(self.medium.as_deref()),
-            }),
+            Tag::Stored => {
+                let (salt, content_keys) = self.extra_keys.resolve(self.lora_name.as_deref());
+                EngineEvent::Stored(BlockStored {
+                    block_hashes: self
+                        .block_hashes
+                        .ok_or(DecodeError::MissingField("block_hashes"))?,
+                    parent: self.parent,
+                    token_ids: self
+                        .token_ids
+                        .ok_or(DecodeError::MissingField("token_ids"))?,
+                    block_size: self
+                        .block_size
+                        .ok_or(DecodeError::MissingField("block_size"))?,
+                    lora_id: self.lora_id,
+                    lora_name: self.lora_name,
+                    medium: Medium::parse(self.medium.as_deref()),
+                    cache_salt: self.cache_salt.or(salt),
+                    content_keys,
+                    group: self.group.unwrap_or(0),
+                    group_kind: self
+                        .group_kind
+                        .as_deref()
+                        .map_or(GroupKind::Unspecified, GroupKind::parse),
+                })
+            }
             Tag::Removed => EngineEvent::Removed(BlockRemoved {
                 block_hashes: self
                     .block_hashes
                     .ok_or(DecodeError::MissingField("block_hashes"))?,
                 medium: Medium::parse(self.medium.as_deref()),
+                group: self.group.unwrap_or(0),
             }),
             Tag::Cleared => EngineEvent::AllCleared,
             Tag::Unknown => return Ok(None),
         };
         Ok(Some(event))
     }
+}
+
+/// vLLM's `extra_keys` as published: one entry (nil or an array) per block.
+/// Strings are the LoRA name (first, when the event has one) and the cache
+/// salt (first block of a prompt only); anything else (`(mm_identifier,
+/// offset)` pairs, prompt-embedding digests) is content kvmesh cannot see in
+/// token ids, kept as a digest of its encoded bytes.
+#[derive(Default)]
+struct ExtraKeys {
+    /// Strings of the first entry, in order.
+    first_strings: Vec<String>,
+    /// Per entry, the digest of its non-string items.
+    content: Vec<Option<u64>>,
+}
+
+impl ExtraKeys {
+    fn read(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mut keys = ExtraKeys::default();
+        if reader.take_nil()? {
+            return Ok(keys);
+        }
+        let entries = reader.array_len()?;
+        keys.content.reserve(entries.min(reader.remaining()));
+        for entry in 0..entries {
+            if reader.take_nil()? {
+                keys.content.push(None);
+                continue;
+            }
+            if !reader.next_is_array()? {
+                // Not the documented tuple: the whole entry is content.
+                let digest = xxhash_rust::xxh3::xxh3_64(reader.raw_value()?);
+                keys.content.push(Some(digest));
+                continue;
+            }
+            let mut digest: Option<xxhash_rust::xxh3::Xxh3> = None;
+            for _ in 0..reader.array_len()? {
+                if reader.next_is_str()? {
+                    let text = reader.str()?;
+                    if entry == 0 {
+                        keys.first_strings.push(text.to_owned());
+                    }
+                } else {
+                    digest
+                        .get_or_insert_with(xxhash_rust::xxh3::Xxh3::new)
+                        .update(reader.raw_value()?);
+                }
+            }
+            keys.content.push(digest.map(|d| d.digest()));
+        }
+        Ok(keys)
+    }
+
+    /// (cache salt, per-block content digests — empty when there are none).
+    fn resolve(self, lora_name: Option<&str>) -> (Option<String>, Vec<Option<u64>>) {
+        let mut strings = self.first_strings.into_iter().peekable();
+        // The LoRA name comes first when the event names an adapter.
+        if lora_name.is_some() && strings.peek().map(String::as_str) == lora_name {
+            strings.next();
+        }
+        let salt = strings.next();
+        let content = if self.content.iter().any(Option::is_some) {
+            self.content
+        } else {
+            Vec::new()
+        };
+        (salt, content)
+    }
+}
+
+/// SGLang 0.5.18–0.5.19's trailing `{"cache_salt": ...}` (nil when absent).
+fn salt_metadata(reader: &mut Reader<'_>) -> Result<Option<String>, DecodeError> {
+    if reader.take_nil()? {
+        return Ok(None);
+    }
+    let mut salt = None;
+    for _ in 0..reader.map_len()? {
+        match reader.str()? {
+            "cache_salt" => salt = optional_string(reader)?,
+            _ => reader.skip()?,
+        }
+    }
+    Ok(salt)
 }
 
 fn hash(reader: &mut Reader<'_>) -> Result<EngineHash, DecodeError> {
@@ -219,6 +367,14 @@ fn token_ids(reader: &mut Reader<'_>) -> Result<Vec<u32>, DecodeError> {
         out.push(reader.u32()?);
     }
     Ok(out)
+}
+
+fn optional_u32(reader: &mut Reader<'_>) -> Result<Option<u32>, DecodeError> {
+    if reader.take_nil()? {
+        Ok(None)
+    } else {
+        reader.u32().map(Some)
+    }
 }
 
 fn optional_string(reader: &mut Reader<'_>) -> Result<Option<String>, DecodeError> {

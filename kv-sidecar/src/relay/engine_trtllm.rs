@@ -2,14 +2,17 @@
 //!
 //! TensorRT-LLM numbers events consecutively and has no replay, so a hole in
 //! `event_id` (its buffer overflowed between polls) resets the view, and ids
-//! going backwards mean the server restarted.
+//! going backwards mean the server restarted. An event that does not decode
+//! is skipped and counted; its id still counts as seen. A body that does not
+//! decode at all resets once and forgets `expected`, so the next poll starts
+//! a new sequence instead of reporting the same loss again.
 
 use std::time::Duration;
 
 use router_core::protocol::ResetReason;
 use tokio::sync::mpsc;
 
-use crate::decode::trtllm::decode_events;
+use crate::decode::trtllm::{decode_events, Decoded, Poll};
 use crate::decode::EventBatch;
 use crate::relay::backoff::Backoff;
 use crate::relay::engine_zmq::count_events;
@@ -19,6 +22,8 @@ use crate::relay::pipeline::SourceMsg;
 pub struct TrtllmSource {
     pub url: String,
     pub interval: Duration,
+    /// Tokens per full block, to tell partial blocks apart.
+    pub block_size: u32,
     pub metrics: RelayMetrics,
     pub tx: mpsc::Sender<SourceMsg>,
 }
@@ -52,51 +57,67 @@ impl TrtllmSource {
             };
             self.metrics.engine_connected.set(1);
             backoff.reset();
-            match decode_events(&body) {
-                Ok(events) if !events.is_empty() => {
-                    self.metrics.mark_event_received();
-                    let first = events.first().map(|e| e.event_id).unwrap_or(0);
-                    let reset = match expected {
-                        Some(next) if first < next => Some(ResetReason::EngineRestarted),
-                        Some(next) if first > next => {
-                            self.metrics.gaps.inc();
-                            Some(ResetReason::EventsLost)
-                        }
-                        _ => None,
-                    };
-                    if let Some(reason) = reset {
-                        tracing::warn!(?expected, first, ?reason, "TensorRT-LLM event ids jumped");
-                        if self.tx.send(SourceMsg::Reset(reason)).await.is_err() {
-                            return;
-                        }
-                    }
-                    expected = events.last().map(|e| e.event_id.saturating_add(1));
-                    let batch = EventBatch {
-                        ignored_events: events.iter().filter(|e| e.event.is_none()).count() as u32,
-                        events: events.into_iter().filter_map(|e| e.event).collect(),
-                        ..EventBatch::default()
-                    };
-                    self.metrics.engine_batches.inc();
-                    count_events(&self.metrics, &batch);
-                    if self.tx.send(SourceMsg::Batch(batch.events)).await.is_err() {
+            match decode_events(&body, self.block_size) {
+                Ok(poll) => {
+                    if !self.apply(poll, &mut expected).await {
                         return;
                     }
                 }
-                Ok(_) => {}
                 Err(error) => {
                     self.metrics.decode_errors.inc();
                     tracing::warn!(%error, "undecodable TensorRT-LLM events; resetting the view");
-                    if self
-                        .tx
-                        .send(SourceMsg::Reset(ResetReason::EventsLost))
-                        .await
-                        .is_err()
-                    {
+                    expected = None;
+                    if !self.send(SourceMsg::Reset(ResetReason::EventsLost)).await {
                         return;
                     }
                 }
             }
             tokio::time::sleep(self.interval).await;
         }
+    }
+
+    /// Checks the poll's ids against `expected` and forwards its events.
+    /// Returns false once the pipeline is gone.
+    async fn apply(&self, poll: Poll, expected: &mut Option<u64>) -> bool {
+        self.metrics
+            .skipped_blocks("partial_block", poll.partial_blocks);
+        let (Some(first), Some(last)) = (poll.events.first(), poll.events.last()) else {
+            return true;
+        };
+        let (first, last) = (first.event_id, last.event_id);
+        self.metrics.mark_event_received();
+        let reset = match *expected {
+            Some(next) if first < next => Some(ResetReason::EngineRestarted),
+            Some(next) if first > next => {
+                self.metrics.gaps.inc();
+                Some(ResetReason::EventsLost)
+            }
+            _ => None,
+        };
+        if let Some(reason) = reset {
+            tracing::warn!(?expected, first, ?reason, "TensorRT-LLM event ids jumped");
+            if !self.send(SourceMsg::Reset(reason)).await {
+                return false;
+            }
+        }
+        *expected = Some(last.saturating_add(1));
+        let mut batch = EventBatch::default();
+        for numbered in poll.events {
+            match numbered.event {
+                Decoded::Event(event) => batch.events.push(event),
+                Decoded::Ignored => batch.ignored_events = batch.ignored_events.saturating_add(1),
+                Decoded::Undecodable(error) => {
+                    tracing::warn!(%error, event_id = numbered.event_id, "undecodable TensorRT-LLM event skipped");
+                    batch.undecodable_events = batch.undecodable_events.saturating_add(1);
+                }
+            }
+        }
+        self.metrics.engine_batches.inc();
+        count_events(&self.metrics, &batch);
+        self.send(SourceMsg::Batch(batch.events)).await
+    }
+
+    async fn send(&self, msg: SourceMsg) -> bool {
+        self.tx.send(msg).await.is_ok()
     }
 }

@@ -11,6 +11,11 @@
 //! - `seq < expected`, or any jump right after the connection dropped: the
 //!   engine restarted (its seq starts at 0 again); reset, then replay what the
 //!   new engine already published.
+//!
+//! A batch that does not decode (live or replayed) is skipped and counted in
+//! `decode_errors_total`; the sequence goes on past it. Replaying it again
+//! would return the same bytes, and a reset would throw away the whole view
+//! to lose the same events.
 
 use std::time::Duration;
 
@@ -23,8 +28,8 @@ use zeromq::{
     DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
 };
 
-use crate::decode::vllm::decode_batch;
-use crate::decode::{DecodeError, EngineEvent, EventBatch};
+use crate::decode::vllm::{decode_batch, Dialect};
+use crate::decode::{EngineEvent, EventBatch};
 use crate::relay::backoff::Backoff;
 use crate::relay::metrics::RelayMetrics;
 use crate::relay::pipeline::SourceMsg;
@@ -47,16 +52,54 @@ pub enum ReplayError {
     Zmq(#[from] zeromq::ZmqError),
     #[error("replay timed out")]
     Timeout,
-    #[error("replay frame is malformed")]
-    Malformed,
-    #[error("replayed batch {seq} does not decode: {source}")]
-    Undecodable { seq: u64, source: DecodeError },
+    #[error("replay reply has {frames} frames; expected [\"\", topic, seq, payload], [\"\", seq, payload] or [seq, payload]")]
+    FrameCount { frames: usize },
+    #[error("replay reply's sequence frame is {len} bytes, not 8")]
+    BadSeq { len: usize },
+    #[error("replay request could not be built")]
+    Request,
+}
+
+/// One reply of the engine's replay ROUTER, seen by a DEALER: vLLM < 0.26
+/// and SGLang < 0.5.22 send `["", seq, payload]`, later versions
+/// `["", topic, seq, payload]`; both end with seq −1. Seq and payload are the
+/// last two frames.
+fn replay_reply(mut frames: Vec<Bytes>) -> Result<(i64, Bytes), ReplayError> {
+    let count = frames.len();
+    if !(2..=4).contains(&count) {
+        return Err(ReplayError::FrameCount { frames: count });
+    }
+    let payload = frames
+        .pop()
+        .ok_or(ReplayError::FrameCount { frames: count })?;
+    let seq = frames
+        .pop()
+        .ok_or(ReplayError::FrameCount { frames: count })?;
+    let seq = parse_seq(&seq).ok_or(ReplayError::BadSeq { len: seq.len() })?;
+    Ok((seq, payload))
+}
+
+/// What a replay delivered: the decodable batches of the contiguous run of
+/// seqs `first..=last` the engine still buffered.
+#[derive(Default)]
+struct Replayed {
+    batches: Vec<EventBatch>,
+    first: Option<u64>,
+    last: Option<u64>,
+}
+
+impl Replayed {
+    /// True when it holds exactly `[from, until)`.
+    fn covers(&self, from: u64, until: u64) -> bool {
+        self.first == Some(from) && self.last.map(|l| l + 1) == Some(until)
+    }
 }
 
 pub struct ZmqSource {
     pub endpoint: String,
     pub replay_endpoint: Option<String>,
     pub topic: String,
+    pub dialect: Dialect,
     pub metrics: RelayMetrics,
     pub tx: mpsc::Sender<SourceMsg>,
 }
@@ -140,8 +183,8 @@ impl ZmqSource {
             return true;
         }
         tokio::time::sleep(SUBSCRIBE_SETTLE).await;
-        let batches = match self.replay(0, u64::MAX).await {
-            Ok(batches) => batches,
+        let replayed = match self.replay(0, u64::MAX).await {
+            Ok(replayed) => replayed,
             Err(error) => {
                 // The live stream will show what happened (seq going back).
                 self.metrics.replay("failed");
@@ -151,7 +194,7 @@ impl ZmqSource {
         };
         self.metrics.replay("ok");
         tracing::info!(
-            batches = batches.len(),
+            batches = replayed.batches.len(),
             "rebuilding the worker's view after reconnecting"
         );
         if !self
@@ -160,20 +203,15 @@ impl ZmqSource {
         {
             return false;
         }
-        if batches.first().is_some_and(|b| b.0 != 0) {
+        if replayed.first.is_some_and(|first| first != 0) {
             tracing::info!(
                 "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
             );
         }
-        state.expected = batches.last().map(|b| b.0 + 1);
+        state.expected = replayed.last.map(|last| last + 1);
         state.peer_lost = state.expected.is_none();
         state.replayed = state.expected.is_some();
-        for (_, batch) in batches {
-            if !self.emit(batch).await {
-                return false;
-            }
-        }
-        true
+        self.emit_all(replayed.batches).await
     }
 
     /// Returns false once the pipeline is gone.
@@ -184,7 +222,7 @@ impl ZmqSource {
             return true;
         };
         self.metrics.mark_event_received();
-        let decoded = decode_batch(&payload);
+        let decoded = decode_batch(&payload, self.dialect);
         match state.expected {
             None => {
                 if seq > 0 && !self.fill_history(seq).await {
@@ -204,15 +242,10 @@ impl ZmqSource {
                     "gap in engine event sequence; replaying"
                 );
                 match self.replay(expected, seq).await {
-                    Ok(batches)
-                        if batches.first().map(|b| b.0) == Some(expected)
-                            && complete(&batches, seq) =>
-                    {
+                    Ok(replayed) if replayed.covers(expected, seq) => {
                         self.metrics.replay("ok");
-                        for (_, batch) in batches {
-                            if !self.emit(batch).await {
-                                return false;
-                            }
+                        if !self.emit_all(replayed.batches).await {
+                            return false;
                         }
                     }
                     outcome => {
@@ -255,12 +288,9 @@ impl ZmqSource {
         match decoded {
             Ok(batch) => self.emit(batch).await,
             Err(error) => {
-                // The batch's events are gone for good (a replay returns the
-                // same bytes); a view missing removals would keep advertising
-                // evicted blocks, so start over from an empty view.
                 self.metrics.decode_errors.inc();
-                tracing::warn!(%error, seq, "undecodable engine batch; resetting the worker's view");
-                self.send(SourceMsg::Reset(ResetReason::EventsLost)).await
+                tracing::warn!(%error, seq, "undecodable engine batch skipped");
+                true
             }
         }
     }
@@ -272,17 +302,15 @@ impl ZmqSource {
             return true;
         }
         match self.replay(0, until).await {
-            Ok(batches) => {
+            Ok(replayed) => {
                 self.metrics.replay("ok");
-                if batches.first().map(|b| b.0) != Some(0) {
+                if replayed.first != Some(0) {
                     tracing::info!(
                         "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
                     );
                 }
-                for (_, batch) in batches {
-                    if !self.emit(batch).await {
-                        return false;
-                    }
+                if !self.emit_all(replayed.batches).await {
+                    return false;
                 }
             }
             Err(error) => {
@@ -294,8 +322,9 @@ impl ZmqSource {
     }
 
     /// Asks the replay ROUTER for batches from `from`, keeping those below
-    /// `until` that follow each other without a hole.
-    async fn replay(&self, from: u64, until: u64) -> Result<Vec<(u64, EventBatch)>, ReplayError> {
+    /// `until` that follow each other without a hole. A batch that does not
+    /// decode is skipped and counted; the ones after it are still kept.
+    async fn replay(&self, from: u64, until: u64) -> Result<Replayed, ReplayError> {
         let endpoint = self
             .replay_endpoint
             .as_deref()
@@ -305,44 +334,47 @@ impl ZmqSource {
         let mut dealer = DealerSocket::with_options(options);
         dealer.connect(endpoint).await?;
         let request: Vec<Bytes> = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())];
-        let request = ZmqMessage::try_from(request).map_err(|_| ReplayError::Malformed)?;
+        let request = ZmqMessage::try_from(request).map_err(|_| ReplayError::Request)?;
         dealer.send(request).await?;
-        let mut batches: Vec<(u64, EventBatch)> = Vec::new();
+        let mut replayed = Replayed::default();
         for _ in 0..MAX_REPLAY_BATCHES {
             let reply = tokio::time::timeout(REPLAY_FRAME_TIMEOUT, dealer.recv())
                 .await
                 .map_err(|_| ReplayError::Timeout)??;
-            let mut frames = reply.into_vec();
-            // The ROUTER's reply is ["", seq, payload]; tolerate a missing delimiter.
-            if frames.first().is_some_and(|f| f.is_empty()) && frames.len() == 3 {
-                frames.remove(0);
-            }
-            let [seq, payload] =
-                <[Bytes; 2]>::try_from(frames).map_err(|_| ReplayError::Malformed)?;
-            let seq = parse_seq(&seq).ok_or(ReplayError::Malformed)?;
-            if seq < 0 {
-                break;
-            }
-            let seq = seq as u64;
+            let (seq, payload) = replay_reply(reply.into_vec())?;
+            let Ok(seq) = u64::try_from(seq) else {
+                break; // the end marker
+            };
             if seq < from {
                 continue;
             }
             if seq >= until {
                 break;
             }
-            if let Some((last, _)) = batches.last() {
-                if seq != last + 1 {
-                    // A hole inside the replay: only what follows it is usable.
-                    batches.clear();
+            if replayed.last.is_some_and(|last| seq != last + 1) {
+                // A hole inside the replay: only what follows it is usable.
+                replayed = Replayed::default();
+            }
+            replayed.first.get_or_insert(seq);
+            replayed.last = Some(seq);
+            match decode_batch(&payload, self.dialect) {
+                Ok(batch) => replayed.batches.push(batch),
+                Err(error) => {
+                    self.metrics.decode_errors.inc();
+                    tracing::warn!(%error, seq, "undecodable replayed batch skipped");
                 }
             }
-            let batch = decode_batch(&payload).map_err(|source| {
-                self.metrics.decode_errors.inc();
-                ReplayError::Undecodable { seq, source }
-            })?;
-            batches.push((seq, batch));
         }
-        Ok(batches)
+        Ok(replayed)
+    }
+
+    async fn emit_all(&self, batches: Vec<EventBatch>) -> bool {
+        for batch in batches {
+            if !self.emit(batch).await {
+                return false;
+            }
+        }
+        true
     }
 
     async fn emit(&self, batch: EventBatch) -> bool {
@@ -354,10 +386,6 @@ impl ZmqSource {
     async fn send(&self, msg: SourceMsg) -> bool {
         self.tx.send(msg).await.is_ok()
     }
-}
-
-fn complete(batches: &[(u64, EventBatch)], until: u64) -> bool {
-    batches.last().map(|b| b.0 + 1) == Some(until)
 }
 
 /// `[topic, seq, payload]`, or `[seq, payload]` from a publisher without topic.
@@ -377,22 +405,74 @@ fn parse_seq(frame: &[u8]) -> Option<i64> {
 }
 
 pub fn count_events(metrics: &RelayMetrics, batch: &EventBatch) {
-    let (mut stored, mut removed, mut cleared) = (0, 0, 0);
+    let (mut stored, mut removed, mut moved, mut cleared) = (0, 0, 0, 0);
     for event in &batch.events {
         match event {
             EngineEvent::Stored(_) => stored += 1,
             EngineEvent::Removed(_) => removed += 1,
+            EngineEvent::Moved(_) => moved += 1,
             EngineEvent::AllCleared => cleared += 1,
         }
+    }
+    if batch.undecodable_events > 0 {
+        metrics
+            .decode_errors
+            .inc_by(u64::from(batch.undecodable_events));
+        tracing::warn!(
+            events = batch.undecodable_events,
+            "undecodable engine events skipped"
+        );
     }
     for (kind, n) in [
         ("stored", stored),
         ("removed", removed),
+        ("moved", moved),
         ("cleared", cleared),
         ("ignored", u64::from(batch.ignored_events)),
+        ("undecodable", u64::from(batch.undecodable_events)),
     ] {
         if n > 0 {
             metrics.engine_event(kind, n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(parts: &[&[u8]]) -> Vec<Bytes> {
+        parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+    }
+
+    #[test]
+    fn replay_replies_of_every_layout() {
+        let seq = 7u64.to_be_bytes();
+        let end = (-1i64).to_be_bytes();
+        // vLLM < 0.26, SGLang < 0.5.22: ["", seq, payload].
+        let old = replay_reply(frames(&[b"", &seq, b"batch"])).unwrap();
+        // vLLM >= 0.26, SGLang >= 0.5.22: ["", topic, seq, payload].
+        let new = replay_reply(frames(&[b"", b"kv-events", &seq, b"batch"])).unwrap();
+        assert_eq!(old, (7, Bytes::from_static(b"batch")));
+        assert_eq!(new, old);
+        assert_eq!(replay_reply(frames(&[&seq, b"batch"])).unwrap(), old);
+        let (end_seq, _) = replay_reply(frames(&[b"", b"", &end, b""])).unwrap();
+        assert_eq!(end_seq, -1);
+    }
+
+    #[test]
+    fn malformed_replay_replies_are_typed_errors() {
+        assert!(matches!(
+            replay_reply(frames(&[b"only"])),
+            Err(ReplayError::FrameCount { frames: 1 })
+        ));
+        assert!(matches!(
+            replay_reply(frames(&[b"", b"", b"", b"", b""])),
+            Err(ReplayError::FrameCount { frames: 5 })
+        ));
+        assert!(matches!(
+            replay_reply(frames(&[b"", b"short", b"x"])),
+            Err(ReplayError::BadSeq { len: 5 })
+        ));
     }
 }

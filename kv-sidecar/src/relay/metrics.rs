@@ -196,13 +196,19 @@ impl RelayMetrics {
             ("token_count_mismatch", stats.token_count_mismatch),
             ("lora_without_name", stats.lora_without_name),
             ("ignored_medium", stats.ignored_medium),
+            ("partial_attention_group", stats.partial_attention_group),
         ];
         for (reason, n) in skipped {
-            if n > 0 {
-                self.skipped_blocks
-                    .get_or_create(&ReasonLabel { reason })
-                    .inc_by(n);
-            }
+            self.skipped_blocks(reason, n);
+        }
+    }
+
+    /// Counts blocks left out of the view, by reason.
+    pub fn skipped_blocks(&self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.skipped_blocks
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(n);
         }
     }
 

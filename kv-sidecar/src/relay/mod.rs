@@ -26,6 +26,7 @@ use router_core::protocol::{subjects, WorkerInfo};
 use router_core::BlockSize;
 use tokio::sync::{mpsc, Notify};
 
+use crate::decode::vllm::Dialect;
 use crate::normalize::{MediaPolicy, Normalizer};
 use args::{Engine, RelayArgs};
 use metrics::RelayMetrics;
@@ -139,6 +140,11 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                     endpoint,
                     replay_endpoint: args.zmq_replay_endpoint.clone(),
                     topic: args.zmq_topic.clone(),
+                    dialect: if args.engine == Engine::Sglang {
+                        Dialect::Sglang
+                    } else {
+                        Dialect::Vllm
+                    },
                     metrics: metrics.clone(),
                     tx: source_tx,
                 }
@@ -154,6 +160,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 engine_trtllm::TrtllmSource {
                     url,
                     interval: args.trtllm_poll_interval,
+                    block_size: args.block_size,
                     metrics: metrics.clone(),
                     tx: source_tx,
                 }

@@ -1,6 +1,7 @@
 //! Process supervision and the components a test or the quickstart starts.
 
 pub mod client;
+pub mod engine_publisher;
 pub mod envoy;
 pub mod fleet;
 pub mod istio;

@@ -75,6 +75,39 @@ pub fn qwen3_tokenizer_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Python of the project-local virtualenv (pyzmq, msgspec, pydantic for
+/// the engine conformance publisher; installed by `scripts/setup`).
+pub fn venv_python() -> anyhow::Result<PathBuf> {
+    existing(
+        repo_root().join(".venv").join("bin").join("python"),
+        "run scripts/setup to create .venv",
+    )
+}
+
+/// The released wheel of `dist` (`vllm`, `sglang`) at `version`, downloaded
+/// by `scripts/setup` into `.data/engine-wheels`.
+pub fn engine_wheel(dist: &str, version: &str) -> anyhow::Result<PathBuf> {
+    let dir = repo_root().join(".data").join("engine-wheels");
+    let prefix = format!("{dist}-{version}-");
+    std::fs::read_dir(&dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no {prefix}*.whl in {}: run scripts/setup to download the engine wheels",
+                dir.display()
+            )
+        })
+}
+
 /// Directory of the Envoy config templates.
 pub fn envoy_config_dir() -> PathBuf {
     repo_root().join("envoy")

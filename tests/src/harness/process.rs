@@ -31,7 +31,24 @@ impl ManagedProcess {
     /// On Linux the child also gets `SIGKILL` when the spawning thread dies, so
     /// nothing outlives a crashed test runner; spawn from a thread that lives
     /// as long as the process should.
-    pub fn spawn(name: &str, mut command: Command) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, command: Command) -> anyhow::Result<Self> {
+        Self::spawn_with(name, command, false)
+    }
+
+    /// Like [`spawn`](Self::spawn), but stdin and stdout are pipes the
+    /// caller talks through (take them with [`take_stdio`](Self::take_stdio));
+    /// stderr is logged.
+    pub fn spawn_piped(name: &str, command: Command) -> anyhow::Result<Self> {
+        Self::spawn_with(name, command, true)
+    }
+
+    /// The stdin and stdout pipes of a [`spawn_piped`](Self::spawn_piped)
+    /// process (once).
+    pub fn take_stdio(&mut self) -> Option<(std::process::ChildStdin, std::process::ChildStdout)> {
+        Some((self.child.stdin.take()?, self.child.stdout.take()?))
+    }
+
+    fn spawn_with(name: &str, mut command: Command, piped: bool) -> anyhow::Result<Self> {
         let log_dir = tempfile::Builder::new()
             .prefix(&format!("kvmesh-{name}-"))
             .tempdir()
@@ -39,11 +56,12 @@ impl ManagedProcess {
         let log_path = log_dir.path().join(format!("{name}.log"));
         let log = File::create(&log_path).context("creating the log file")?;
         let log_err = log.try_clone().context("cloning the log file handle")?;
-        command
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .process_group(0);
+        if piped {
+            command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        } else {
+            command.stdin(Stdio::null()).stdout(log);
+        }
+        command.stderr(log_err).process_group(0);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             command.pre_exec(|| {

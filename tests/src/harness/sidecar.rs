@@ -1,9 +1,15 @@
 //! A real `kv-sidecar serve` process with a generated kvmesh.yaml on free
 //! loopback ports.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+use anyhow::Context;
+use kv_sidecar::serve::stream::StateStreamClient;
+use router_core::gateway::GatewayReport;
+use router_core::state_stream::{state_update, StateUpdate};
 
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
@@ -114,6 +120,29 @@ impl Sidecar {
         readiness::wait_http_ok(&mut self.process, &url, timeout)
     }
 
+    /// The sidecar's current state: the snapshot a fresh state-stream
+    /// subscription receives first.
+    pub fn state_snapshot(&self) -> anyhow::Result<StateUpdate> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime for the state stream")?;
+        runtime.block_on(async {
+            let mut client = StateStreamClient::connect(self.grpc_url()).await?;
+            let reports = futures_util::stream::pending::<GatewayReport>();
+            let mut stream = client.subscribe(reports).await?.into_inner();
+            tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .context("no snapshot within 10 s")??
+                .context("the stream ended before a snapshot")
+        })
+    }
+
+    /// Each worker's blocks in the sidecar's index.
+    pub fn blocks_by_worker(&self) -> anyhow::Result<BTreeMap<String, HashSet<u64>>> {
+        Ok(blocks_by_worker(&self.state_snapshot()?))
+    }
+
     /// Sum of the samples of `name` whose label text contains `labels`.
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
         let url = format!("{}/metrics", self.http_url());
@@ -122,6 +151,18 @@ impl Sidecar {
 
     pub fn process(&mut self) -> &mut ManagedProcess {
         &mut self.process
+    }
+}
+
+/// Each worker's blocks in a state-stream snapshot (empty for other updates).
+pub fn blocks_by_worker(snapshot: &StateUpdate) -> BTreeMap<String, HashSet<u64>> {
+    match &snapshot.kind {
+        Some(state_update::Kind::Snapshot(s)) => s
+            .workers
+            .iter()
+            .map(|w| (w.worker_id.clone(), w.blocks.iter().copied().collect()))
+            .collect(),
+        _ => BTreeMap::new(),
     }
 }
 
