@@ -294,8 +294,9 @@ impl Normalizer {
         };
         let hasher = self.hasher(event.lora_name.as_deref());
         let mut hashes = Vec::with_capacity(event.block_hashes.len());
-        let mut previous = match (parent, &event.cache_salt) {
-            (None, Some(salt)) => Some(hasher.salt_root(salt)),
+        // Engines ignore an empty salt (vLLM: `if request.cache_salt`).
+        let mut previous = match (parent, event.cache_salt.as_deref()) {
+            (None, Some(salt)) if !salt.is_empty() => Some(hasher.salt_root(salt)),
             _ => parent,
         };
         for (i, (engine_hash, tokens)) in event

@@ -43,7 +43,13 @@ const VALID_TRTLLM: &str = r#"[{"event_id":1,"data":{"type":"stored","parent_has
   "blocks":[{"block_hash":18446744073709551615,"tokens":[{"token_id":1},{"token_id":2}]}]},"window_size":32}]"#;
 
 fn decode_and_normalize(bytes: &[u8]) {
-    if let Ok(batch) = decode_batch(bytes, Dialect::Vllm) {
+    for dialect in [Dialect::Vllm, Dialect::Sglang] {
+        decode_and_normalize_as(bytes, dialect);
+    }
+}
+
+fn decode_and_normalize_as(bytes: &[u8], dialect: Dialect) {
+    if let Ok(batch) = decode_batch(bytes, dialect) {
         let mut normalizer =
             Normalizer::new("m", BlockSize::new(2).unwrap(), MediaPolicy::default());
         let (mut out, mut stats) = (Vec::new(), NormStats::default());

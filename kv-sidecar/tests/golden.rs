@@ -873,6 +873,8 @@ fn salted_chains_hash_like_the_filter_and_never_alias() {
             salted(&[3], Some(2), t[8..].to_vec(), "tenant-a"),
             salted(&[4], None, t[..4].to_vec(), "tenant-b"),
             stored(&[5], None, t[..4].to_vec(), 4),
+            // Engines ignore an empty salt.
+            salted(&[6], None, t[..4].to_vec(), ""),
         ],
     );
     let want_a = h.sequence_hashes_after(Some(h.salt_root("tenant-a")), &t);
@@ -880,6 +882,7 @@ fn salted_chains_hash_like_the_filter_and_never_alias() {
     let plain = h.sequence_hashes(&t[..4]);
     let mut want: Vec<u64> = want_a.iter().map(|s| s.0).collect();
     want.push(want_b[0].0);
+    want.push(plain[0].0);
     want.push(plain[0].0);
     assert_eq!(stored_hashes(&out), want);
     assert_ne!(want_a[0], want_b[0]);

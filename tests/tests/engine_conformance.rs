@@ -338,6 +338,16 @@ fn assert_nothing_lost(relay: &Relay, worker: &str, phase: &str) {
     );
 }
 
+/// Two engine steps a moment apart after a relay starts: should a slow
+/// subscription still miss the first, the second reveals the history.
+fn wake(engine: &mut EnginePublisher, truth: &mut Truth) {
+    for _ in 0..2 {
+        let events = truth.step();
+        engine.publish(&events, false).expect("engine publishes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The phases every release goes through, against one relay worker.
 fn conform(release: EngineRelease, seed: u64) {
     let bench = Bench::start();
@@ -354,10 +364,9 @@ fn conform(release: EngineRelease, seed: u64) {
         publish(&mut engine, events, false);
     }
     // PUB/SUB has no history: the relay learns the past through replay at
-    // the next event.
+    // the next event it receives.
     let relay = bench.relay(&release, &engine, &worker);
-    let events = truth.step();
-    publish(&mut engine, events, false);
+    wake(&mut engine, &mut truth);
     bench.assert_converges(&worker, &truth, "late start");
 
     // Live, with an engine-wide clear in the middle.
@@ -410,13 +419,26 @@ fn conform(release: EngineRelease, seed: u64) {
         publish(&mut engine, events, false);
     }
     let relay = bench.relay(&release, &engine, &worker);
-    let events = truth.step();
-    publish(&mut engine, events, false);
+    wake(&mut engine, &mut truth);
     bench.assert_converges(&worker, &truth, "relay restart");
     assert_nothing_lost(&relay, &worker, "relay restart");
     assert!(
         !truth.held.is_empty(),
         "the workload should leave blocks cached"
+    );
+    let caps = truth.capabilities;
+    let chains = &truth.chains;
+    assert!(
+        !caps.salt || chains.iter().any(|c| c.salt.is_some()),
+        "salted prompts ran"
+    );
+    assert!(
+        !caps.mm || chains.iter().any(|c| c.mm.is_some()),
+        "multimodal prompts ran"
+    );
+    assert!(
+        !caps.groups || chains.iter().any(|c| c.hybrid),
+        "hybrid groups ran"
     );
 }
 
