@@ -249,7 +249,7 @@ impl Normalizer {
 
     fn stored(&mut self, event: &BlockStored, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
         let blocks = event.block_hashes.len() as u64;
-        let Some(slot) = self.media.slot(&event.medium) else {
+        let Some(medium) = self.media.slot(&event.medium) else {
             stats.ignored_medium += blocks;
             return;
         };
@@ -258,15 +258,15 @@ impl Normalizer {
             stats.partial_attention_group += blocks;
             return;
         }
-        let slot = Place::new(slot, event.group);
+        let place = Place::new(medium, event.group);
         if event.lora_id.is_some() && event.lora_name.is_none() {
             stats.lora_without_name += blocks;
-            self.leave_out(slot, &event.block_hashes);
+            self.leave_out(place, &event.block_hashes);
             return;
         }
         if event.block_size != self.block_size.get() {
             stats.block_size_mismatch += blocks;
-            self.leave_out(slot, &event.block_hashes);
+            self.leave_out(place, &event.block_hashes);
             return;
         }
         let expected_tokens = event
@@ -275,19 +275,19 @@ impl Normalizer {
             .checked_mul(self.block_size.as_usize());
         if expected_tokens != Some(event.token_ids.len()) {
             stats.token_count_mismatch += 1;
-            self.leave_out(slot, &event.block_hashes);
+            self.leave_out(place, &event.block_hashes);
             return;
         }
         let parent = match event.parent {
             None => None,
-            Some(engine_parent) => match self.engine_to_seq.get(&(engine_parent, slot)) {
+            Some(engine_parent) => match self.engine_to_seq.get(&(engine_parent, place)) {
                 Some(seq) => Some(*seq),
                 None => {
                     // A parent left out earlier was already counted.
-                    if !self.unresolved.contains(&(engine_parent, slot)) {
+                    if !self.unresolved.contains(&(engine_parent, place)) {
                         stats.unknown_parent += 1;
                     }
-                    self.leave_out(slot, &event.block_hashes);
+                    self.leave_out(place, &event.block_hashes);
                     return;
                 }
             },
@@ -312,7 +312,7 @@ impl Normalizer {
             let seq = hasher.chain(previous, local);
             previous = Some(seq);
             hashes.push(seq.0);
-            let key = (*engine_hash, slot);
+            let key = (*engine_hash, place);
             self.unresolved.remove(&key);
             match self.engine_to_seq.insert(key, seq) {
                 // Re-stored without a removal in between: nothing changes.
@@ -390,7 +390,7 @@ impl Normalizer {
     }
 
     fn removed(&mut self, event: &BlockRemoved, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
-        let Some(slot) = self.media.slot(&event.medium) else {
+        let Some(medium) = self.media.slot(&event.medium) else {
             stats.ignored_medium += event.block_hashes.len() as u64;
             return;
         };
@@ -398,10 +398,10 @@ impl Normalizer {
             stats.partial_attention_group += event.block_hashes.len() as u64;
             return;
         }
-        let slot = Place::new(slot, event.group);
+        let place = Place::new(medium, event.group);
         let mut gone = Vec::new();
         for engine_hash in &event.block_hashes {
-            let key = (*engine_hash, slot);
+            let key = (*engine_hash, place);
             match self.engine_to_seq.remove(&key) {
                 Some(seq) => {
                     stats.blocks_removed += 1;
