@@ -389,6 +389,22 @@ mod tests {
     }
 
     #[test]
+    fn raw_values_and_rewinding() {
+        // [["a", 1], "b"]
+        let bytes = [0x92, 0x92, 0xa1, b'a', 0x01, 0xa1, b'b'];
+        let mut reader = Reader::new(&bytes);
+        assert_eq!(reader.array_len(), Ok(2));
+        let start = reader.position();
+        assert!(reader.next_is_array().unwrap_or(false));
+        assert_eq!(reader.raw_value(), Ok(&bytes[1..5]));
+        assert!(reader.next_is_str().unwrap_or(false));
+        reader.rewind(start);
+        assert_eq!(reader.raw_value(), Ok(&bytes[1..5]));
+        assert_eq!(reader.str(), Ok("b"));
+        assert!(reader.is_at_end());
+    }
+
+    #[test]
     fn ints_of_every_width() {
         let cases: &[(&[u8], Int)] = &[
             (&[0x05], Int::Unsigned(5)),
