@@ -842,6 +842,45 @@ fn vllm_extra_keys_give_salt_content_and_group() {
     assert_eq!(stored.group_kind, GroupKind::Partial);
 }
 
+/// vLLM 0.17–0.22 published multimodal keys as bare identifier strings, in
+/// front of the salt: the salt is the last string of the first entry, and
+/// identifiers in every entry are content.
+#[test]
+fn vllm_bare_multimodal_identifiers_are_content_not_salt() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 9).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 3).unwrap();
+    for h in 1..=3 {
+        encode::write_uint(&mut b, h).unwrap();
+    }
+    encode::write_nil(&mut b).unwrap();
+    w_tokens(&mut b, &tokens(0..12));
+    encode::write_uint(&mut b, 4).unwrap();
+    encode::write_nil(&mut b).unwrap(); // lora_id
+    w_str(&mut b, "GPU");
+    encode::write_nil(&mut b).unwrap(); // lora_name
+    encode::write_array_len(&mut b, 3).unwrap(); // extra_keys
+    encode::write_array_len(&mut b, 2).unwrap();
+    w_str(&mut b, "3f9a-image-hash");
+    w_str(&mut b, "tenant-a");
+    encode::write_array_len(&mut b, 1).unwrap();
+    w_str(&mut b, "3f9a-image-hash");
+    encode::write_nil(&mut b).unwrap();
+    encode::write_uint(&mut b, 0).unwrap();
+    let batch = decode_batch(&b, Dialect::Vllm).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored: {batch:?}");
+    };
+    assert_eq!(stored.cache_salt.as_deref(), Some("tenant-a"));
+    assert!(stored.content_keys[0].is_some());
+    assert_eq!(stored.content_keys[0], stored.content_keys[1], "same image");
+    assert_eq!(stored.content_keys[2], None);
+}
+
 fn salted(hashes: &[u64], parent: Option<u64>, token_ids: Vec<u32>, salt: &str) -> EngineEvent {
     let mut event = stored(hashes, parent, token_ids, 4);
     if let EngineEvent::Stored(s) = &mut event {

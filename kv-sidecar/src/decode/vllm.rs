@@ -16,6 +16,8 @@
 //! [`EventBatch::undecodable_events`]; the rest of its batch is kept. Only a
 //! batch whose envelope does not decode is an error.
 
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
 use super::msgpack::Reader;
 use super::{
     BlockRemoved, BlockStored, DecodeError, EngineEvent, EngineHash, EventBatch, GroupKind, Medium,
@@ -253,17 +255,22 @@ impl Fields {
     }
 }
 
-/// vLLM's `extra_keys` as published: one entry (nil or an array) per block.
-/// Strings are the LoRA name (first, when the event has one) and the cache
-/// salt (first block of a prompt only); anything else (`(mm_identifier,
-/// offset)` pairs, prompt-embedding digests) is content kvmesh cannot see in
-/// token ids, kept as a digest of its encoded bytes.
+/// vLLM's `extra_keys` as published: one entry (nil or a tuple) per block,
+/// holding in order the LoRA name (when the event names an adapter),
+/// multimodal keys, the cache salt (first block of a prompt only) and
+/// prompt-embedding digests. Multimodal keys are `(mm_identifier, offset)`
+/// pairs from vLLM 0.23 on and bare identifier strings before, so the salt
+/// is the *last* string of the first entry once the LoRA name is dropped;
+/// every other item is content kvmesh cannot see in token ids.
 #[derive(Default)]
 struct ExtraKeys {
-    /// Strings of the first entry, in order.
-    first_strings: Vec<String>,
-    /// Per entry, the digest of its non-string items.
-    content: Vec<Option<u64>>,
+    entries: Vec<Option<Vec<ExtraItem>>>,
+}
+
+enum ExtraItem {
+    Text(String),
+    /// xxh3 of the item's encoded bytes.
+    Other(u64),
 }
 
 impl ExtraKeys {
@@ -273,51 +280,87 @@ impl ExtraKeys {
             return Ok(keys);
         }
         let entries = reader.array_len()?;
-        keys.content.reserve(entries.min(reader.remaining()));
-        for entry in 0..entries {
-            if reader.take_nil()? {
-                keys.content.push(None);
-                continue;
-            }
-            if !reader.next_is_array()? {
-                // Not the documented tuple: the whole entry is content.
-                let digest = xxhash_rust::xxh3::xxh3_64(reader.raw_value()?);
-                keys.content.push(Some(digest));
-                continue;
-            }
-            let mut digest: Option<xxhash_rust::xxh3::Xxh3> = None;
-            for _ in 0..reader.array_len()? {
-                if reader.next_is_str()? {
-                    let text = reader.str()?;
-                    if entry == 0 {
-                        keys.first_strings.push(text.to_owned());
-                    }
-                } else {
-                    digest
-                        .get_or_insert_with(xxhash_rust::xxh3::Xxh3::new)
-                        .update(reader.raw_value()?);
+        keys.entries.reserve(entries.min(reader.remaining()));
+        for _ in 0..entries {
+            let entry = if reader.take_nil()? {
+                None
+            } else if reader.next_is_array()? {
+                let len = reader.array_len()?;
+                let mut items = Vec::with_capacity(len.min(reader.remaining()));
+                for _ in 0..len {
+                    items.push(if reader.next_is_str()? {
+                        ExtraItem::Text(reader.str()?.to_owned())
+                    } else {
+                        ExtraItem::Other(xxh3_64(reader.raw_value()?))
+                    });
                 }
-            }
-            keys.content.push(digest.map(|d| d.digest()));
+                Some(items)
+            } else {
+                // Not the documented tuple: the whole entry is content.
+                Some(vec![ExtraItem::Other(xxh3_64(reader.raw_value()?))])
+            };
+            keys.entries.push(entry);
         }
         Ok(keys)
     }
 
     /// (cache salt, per-block content digests — empty when there are none).
     fn resolve(self, lora_name: Option<&str>) -> (Option<String>, Vec<Option<u64>>) {
-        let mut strings = self.first_strings.into_iter().peekable();
-        // The LoRA name comes first when the event names an adapter.
-        if lora_name.is_some() && strings.peek().map(String::as_str) == lora_name {
-            strings.next();
-        }
-        let salt = strings.next();
-        let content = if self.content.iter().any(Option::is_some) {
-            self.content
+        let mut salt = None;
+        let content: Vec<Option<u64>> = self
+            .entries
+            .into_iter()
+            .enumerate()
+            .map(|(block, entry)| {
+                let mut items = entry?;
+                if let (Some(ExtraItem::Text(first)), Some(name)) = (items.first(), lora_name) {
+                    if first == name {
+                        items.remove(0);
+                    }
+                }
+                if block == 0 {
+                    let last_text = items
+                        .iter()
+                        .rposition(|item| matches!(item, ExtraItem::Text(_)));
+                    if let Some(ExtraItem::Text(text)) = last_text.map(|i| items.remove(i)) {
+                        salt = Some(text);
+                    }
+                }
+                content_digest(&items)
+            })
+            .collect();
+        let content = if content.iter().any(Option::is_some) {
+            content
         } else {
             Vec::new()
         };
         (salt, content)
     }
+}
+
+/// One digest of a block's content items, `None` without any.
+fn content_digest(items: &[ExtraItem]) -> Option<u64> {
+    if let [ExtraItem::Other(digest)] = items {
+        return Some(*digest);
+    }
+    if items.is_empty() {
+        return None;
+    }
+    let mut digest = Xxh3::new();
+    for item in items {
+        match item {
+            ExtraItem::Text(text) => {
+                digest.update(b"s");
+                digest.update(&(text.len() as u64).to_le_bytes());
+                digest.update(text.as_bytes());
+            }
+            ExtraItem::Other(other) => {
+                digest.update(b"o");
+                digest.update(&other.to_le_bytes());
+            }
+        }
+    }
+    Some(digest.digest())
 }
 
 /// SGLang 0.5.18–0.5.19's trailing `{"cache_salt": ...}` (nil when absent).
