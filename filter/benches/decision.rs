@@ -12,6 +12,7 @@ use kvmesh_filter::config::PluginConfig;
 use kvmesh_filter::inflight::InFlight;
 use kvmesh_filter::orca::OrcaLoads;
 use kvmesh_filter::routing::{decide, Knowledge, Pool, RoutedPrompt, Scratch};
+use kvmesh_filter::unreachable::Unreachable;
 use router_core::fleet::FleetView;
 use router_core::state_stream::{change, BlocksChanged, Change, WorkerJoined, WorkerRole};
 
@@ -82,6 +83,7 @@ fn decision(c: &mut Criterion) {
         let view = fleet(&config, workers);
         let inflight = InFlight::default();
         let orca = OrcaLoads::default();
+        let unreachable = Unreachable::default();
         let capacity = NonZeroUsize::new(65_536).expect("nonzero");
         let mut learned = LearnedTable::new(capacity, 300_000);
         let mut scratch = Scratch::default();
@@ -94,6 +96,7 @@ fn decision(c: &mut Criterion) {
                     view: Some(&view),
                     inflight: &inflight,
                     orca: &orca,
+                    unreachable: &unreachable,
                     learned: &mut learned,
                     now_ms: 1_000,
                     random: 0,

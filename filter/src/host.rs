@@ -104,6 +104,12 @@ mod abi {
             end_stream: u32,
         ) -> u32;
         pub fn proxy_grpc_cancel(token: u32) -> u32;
+        pub fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
     }
 }
 
@@ -211,6 +217,10 @@ pub fn set_buffer(
     check("proxy_set_buffer_bytes", status)
 }
 
+/// Response code details of the filter's own replies: Envoy's
+/// `local_reply_config` leaves replies with these details as they are.
+const LOCAL_REPLY_DETAILS: &str = "kvmesh";
+
 /// Answers the request locally; the request never reaches an upstream.
 pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
     let headers = encode_pairs(headers);
@@ -218,8 +228,8 @@ pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Resu
     let result = unsafe {
         abi::proxy_send_local_response(
             status,
-            std::ptr::null(),
-            0,
+            LOCAL_REPLY_DETAILS.as_ptr(),
+            LOCAL_REPLY_DETAILS.len(),
             body.as_ptr(),
             body.len(),
             headers.as_ptr(),
@@ -347,6 +357,23 @@ pub fn cancel_grpc_stream(token: u32) -> Result<(), HostError> {
     // SAFETY: plain value call.
     let status = unsafe { abi::proxy_grpc_cancel(token) };
     check("proxy_grpc_cancel", status)
+}
+
+/// A stream property (e.g. `["upstream", "address"]`), `None` when unset.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+    // The ABI's path: the segments, each but the last followed by a NUL.
+    let encoded = path.join("\0");
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: the path comes from a live String; out-pointers are valid.
+    let status =
+        unsafe { abi::proxy_get_property(encoded.as_ptr(), encoded.len(), &mut data, &mut size) };
+    if status == STATUS_NOT_FOUND {
+        return Ok(None);
+    }
+    check("proxy_get_property", status)?;
+    // SAFETY: on Ok the host returned null or an allocation of `size` bytes.
+    Ok(Some(unsafe { take_host_buffer(data, size) }))
 }
 
 /// Host wall-clock time in milliseconds since the Unix epoch.

@@ -22,6 +22,7 @@ pub mod replica;
 mod root;
 pub mod routing;
 mod stream;
+pub mod unreachable;
 mod vm_state;
 
 proxy_wasm::main! {{

@@ -130,6 +130,10 @@ pub struct FilterMetrics {
     /// ORCA `endpoint-load-metrics` response headers used, and refused.
     pub orca_reports: Counter,
     pub orca_report_errors: Counter,
+    /// Requests Envoy served elsewhere than the filter chose (the chosen
+    /// worker refused the connection and the retry went to another host);
+    /// the worker is then left out for a while.
+    pub upstream_failovers: Counter,
     /// Filter VMs configured: one per Envoy worker thread (and the main
     /// thread's) at start; any later rise is a VM that failed and was
     /// reloaded.
@@ -171,6 +175,7 @@ impl FilterMetrics {
             orca_reports: Counter::define("kvmesh_orca_reports")?,
             orca_report_errors: Counter::define("kvmesh_orca_report_errors")?,
             vm_starts: Counter::define("kvmesh_vm_starts")?,
+            upstream_failovers: Counter::define("kvmesh_upstream_failovers")?,
             decision_us: Histogram::define("kvmesh_decision_us")?,
             callback_us: Histogram::define("kvmesh_callback_us")?,
         })

@@ -12,6 +12,7 @@ use crate::approximate::{LearnedTable, PrefixKeys};
 use crate::config::ModelConfig;
 use crate::inflight::InFlight;
 use crate::orca::OrcaLoads;
+use crate::unreachable::Unreachable;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -105,6 +106,8 @@ pub struct Knowledge<'a> {
     pub view: Option<&'a FleetView>,
     pub inflight: &'a InFlight,
     pub orca: &'a OrcaLoads,
+    /// Workers left out for now: they just refused a connection.
+    pub unreachable: &'a Unreachable,
     pub learned: &'a mut LearnedTable,
     pub now_ms: u64,
     /// Uniformly random; breaks ties in precise mode.
@@ -125,10 +128,21 @@ pub fn decide(
     known: &mut Knowledge<'_>,
     scratch: &mut Scratch,
 ) -> Decision {
-    match (known.view, prompt.exact) {
+    // A view without a worker of this pool (the sidecar lost NATS and
+    // forgot them, say) knows less than the configured endpoints and the
+    // learned table: route approximately instead of not at all.
+    let live = known
+        .view
+        .filter(|view| view.workers().any(|w| pool.admits(w.role)));
+    match (live, prompt.exact) {
         (Some(view), Some(exact)) => precise(model, pool, exact, view, known, scratch),
-        _ => approximate(model, pool, prompt, known, scratch),
+        _ => approximate(model, pool, prompt, live, known, scratch),
     }
+}
+
+/// Whether a worker may be chosen now.
+fn reachable(known: &Knowledge<'_>, address: &str) -> bool {
+    !known.unreachable.is_down(address, known.now_ms)
 }
 
 fn precise(
@@ -142,7 +156,10 @@ fn precise(
     let prompt_blocks = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
     scratch.candidates.clear();
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
-    for worker in view.workers().filter(|w| pool.admits(w.role)) {
+    for worker in view
+        .workers()
+        .filter(|w| pool.admits(w.role) && reachable(known, &w.address))
+    {
         let cached_blocks = overlaps
             .iter()
             .find(|o| o.worker == worker.slot)
@@ -178,6 +195,7 @@ fn approximate(
     model: &ModelConfig,
     pool: Pool,
     prompt: RoutedPrompt<'_>,
+    view: Option<&FleetView>,
     known: &mut Knowledge<'_>,
     scratch: &mut Scratch,
 ) -> Decision {
@@ -192,10 +210,10 @@ fn approximate(
         return Decision::fallback(prompt_blocks);
     };
     // (address, worker id, load the fleet state reports)
-    let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match known.view {
+    let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match view {
         Some(view) => view
             .workers()
-            .filter(|w| pool.admits(w.role))
+            .filter(|w| pool.admits(w.role) && reachable(known, &w.address))
             .map(|w| {
                 (
                     w.address.as_str(),
@@ -207,6 +225,7 @@ fn approximate(
         None => pool
             .endpoints(model)
             .iter()
+            .filter(|e| reachable(known, e))
             .map(|e| (e.as_str(), None, WorkerLoad::default()))
             .collect(),
     };
@@ -347,6 +366,7 @@ mod tests {
     struct Vm {
         inflight: InFlight,
         orca: OrcaLoads,
+        unreachable: Unreachable,
         learned: LearnedTable,
         scratch: Scratch,
     }
@@ -356,6 +376,7 @@ mod tests {
             Self {
                 inflight: InFlight::default(),
                 orca: OrcaLoads::default(),
+                unreachable: Unreachable::default(),
                 learned: LearnedTable::new(NonZeroUsize::new(100).unwrap(), 60_000),
                 scratch: Scratch::default(),
             }
@@ -379,6 +400,7 @@ mod tests {
                 view,
                 inflight: &self.inflight,
                 orca: &self.orca,
+                unreachable: &self.unreachable,
                 learned: &mut self.learned,
                 now_ms: 1_000,
                 random: 0,
@@ -482,10 +504,38 @@ mod tests {
     fn no_prefix_or_no_worker_falls_back() {
         let mut vm = Vm::new();
         assert_eq!(vm.decide(Some(&[]), None).mode, Mode::Fallback);
+        for address in ["127.0.0.1:1", "127.0.0.1:2"] {
+            vm.unreachable.mark(address, 1_000);
+        }
+        assert_eq!(vm.decide(Some(&prompt()), None).mode, Mode::Fallback);
+    }
+
+    #[test]
+    fn fresh_state_without_workers_routes_approximately_on_the_endpoints() {
+        // The sidecar lost NATS and forgot every worker: its state is fresh
+        // but empty, and the configured endpoints know more.
         let empty = FleetView::new("m", 10);
+        let d = Vm::new().decide(Some(&prompt()), Some(&empty));
+        assert_eq!(d.mode, Mode::Approximate);
+        assert!(["127.0.0.1:1", "127.0.0.1:2"].contains(&d.address.as_deref().unwrap()));
+    }
+
+    #[test]
+    fn an_unreachable_worker_is_left_out_until_its_hold_ends() {
+        let mut vm = Vm::new();
+        vm.unreachable.mark("127.0.0.1:11", 900);
+        let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(
-            vm.decide(Some(&prompt()), Some(&empty)).mode,
+            (d.mode, d.address.as_deref()),
+            (Mode::Precise, Some("127.0.0.1:10"))
+        );
+        vm.unreachable.mark("127.0.0.1:10", 900);
+        assert_eq!(
+            vm.decide(Some(&prompt()), Some(&view())).mode,
             Mode::Fallback
         );
+        vm.unreachable.clear("127.0.0.1:11");
+        let d = vm.decide(Some(&prompt()), Some(&view()));
+        assert_eq!(d.address.as_deref(), Some("127.0.0.1:11"));
     }
 }

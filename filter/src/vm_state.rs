@@ -16,6 +16,7 @@ use crate::orca::OrcaLoads;
 use crate::prompt_cache::PromptCache;
 use crate::replica::FleetReplica;
 use crate::routing::Scratch;
+use crate::unreachable::Unreachable;
 
 pub type SharedVmState = Rc<RefCell<VmState>>;
 
@@ -31,6 +32,8 @@ pub struct VmState {
     pub prompt_cache: PromptCache,
     /// Requests this VM routed to each worker.
     pub routed: WorkerCounters,
+    /// Workers that just refused a connection.
+    pub unreachable: Unreachable,
     pub scratch: Scratch,
     /// Reports decisions back to the sidecar while the state stream is open.
     pub reporter: Reporter,
@@ -98,6 +101,7 @@ impl VmState {
             learned: LearnedTable::new(approximate.table_entries, approximate.entry_ttl_ms),
             prompt_cache: PromptCache::default(),
             routed: WorkerCounters::default(),
+            unreachable: Unreachable::default(),
             scratch: Scratch::default(),
             reporter: Reporter::new(format!("envoy-vm-{seed:016x}")),
             // xorshift must not start at zero.

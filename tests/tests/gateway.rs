@@ -583,3 +583,69 @@ fn each_model_is_routed_to_its_own_pool() {
     let forged = post(&client, &url, body, &[("x-kvmesh-pool", "pool_beta")]).unwrap();
     assert!(served_by(&forged).starts_with("alpha"));
 }
+
+#[test]
+fn errors_envoy_makes_itself_are_openai_shaped() {
+    let mut fleet = Fleet::start(1, None);
+    let authority = authority(&fleet);
+    let client = http_client();
+
+    // Headers too large for Envoy's codec (431).
+    let huge = "x".repeat(100 * 1024);
+    let response = post(
+        &client,
+        &fleet.completions(),
+        "{}",
+        &[("x-huge", huge.as_str())],
+    )
+    .unwrap();
+    assert_eq!(response.status, 431, "{}", response.text);
+    assert_gateway_error(&response.text);
+
+    // HTTP/1.0 is refused (426).
+    let response = raw_request(
+        &authority,
+        "POST /v1/completions HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}",
+    );
+    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+    assert_gateway_error(response.split("\r\n\r\n").nth(1).unwrap_or_default());
+
+    // The whole pool is gone (503): Envoy's own answer, OpenAI-shaped.
+    fleet.workers[0].process().kill();
+    let body = json!({"model": MODEL, "prompt": token_prompt(7), "max_tokens": 1});
+    let response = post_json(&client, &fleet.completions(), &body).unwrap();
+    assert_eq!(response.status, 503, "{}", response.text);
+    assert_gateway_error(&response.text);
+
+    // The filter's own errors keep their own shape.
+    let response = post(&client, &fleet.completions(), "{not json", &[]).unwrap();
+    assert_openai_error(&response, 400);
+    assert_eq!(response.json().unwrap()["error"]["code"], "invalid_request");
+}
+
+/// An OpenAI-shaped error body made by Envoy's `local_reply_config`.
+fn assert_gateway_error(body: &str) {
+    let error: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    assert_eq!(error["error"]["type"], "gateway_error", "{body}");
+    assert!(
+        !error["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{body}"
+    );
+    assert!(error["error"]["code"].is_string(), "{body}");
+}
+
+/// Sends `request` as is and reads the whole answer.
+fn raw_request(authority: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(authority).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    tcp.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}

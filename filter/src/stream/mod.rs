@@ -397,6 +397,7 @@ impl InferenceStream {
                     .and_then(|r| r.fresh_view(&model.name, now)),
                 inflight: &state.inflight,
                 orca: &state.orca,
+                unreachable: &state.unreachable,
                 learned: &mut state.learned,
                 now_ms: now,
                 random,
@@ -599,6 +600,29 @@ fn text_seed(hasher: &BlockHasher, salt: Option<&str>) -> u64 {
     salt.map_or(seed, |salt| xxh3_64_with_seed(salt.as_bytes(), seed))
 }
 
+impl InferenceStream {
+    /// Learns from where Envoy actually sent the request: served elsewhere
+    /// (or nowhere), the chosen worker refused it and is left out for a
+    /// while; served by it, it is reachable.
+    fn observe_upstream(&self) {
+        let Some(chosen) = self.ticket.as_ref().map(Ticket::address) else {
+            return;
+        };
+        let served = match host::property(&["upstream", "address"]) {
+            Ok(served) => served,
+            Err(err) => return self.host_error(err),
+        };
+        let mut state = self.state.borrow_mut();
+        if served.as_deref() == Some(chosen.as_bytes()) {
+            state.unreachable.clear(chosen);
+            return;
+        }
+        self.metrics.upstream_failovers.inc();
+        log::info!("{chosen} did not serve a request routed to it; leaving it out for now");
+        state.unreachable.mark(chosen, host::now_ms().unwrap_or(0));
+    }
+}
+
 fn is_reserved(name: &[u8]) -> bool {
     RESERVED_HEADERS
         .iter()
@@ -715,6 +739,7 @@ impl InferenceStream {
         if let Some(ticket) = &mut self.ticket {
             self.state.borrow_mut().inflight.prefill_done(ticket);
         }
+        self.observe_upstream();
         self.take_load_report();
         if let Some(decision) = self.decision.take() {
             self.add_debug_headers(&decision);

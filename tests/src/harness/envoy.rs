@@ -122,6 +122,36 @@ pub struct GatewayConfig {
     /// Let the engines' debug response headers ([`ENGINE_DEBUG_HEADERS`])
     /// reach clients; the gateway removes them otherwise.
     pub expose_engine_headers: bool,
+    pub limits: GatewayLimits,
+}
+
+/// Connection, concurrency and time limits of the gateway
+/// (`docs/failures.md`).
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayLimits {
+    /// Downstream connections Envoy accepts at once (overload manager).
+    pub max_connections: u64,
+    /// Each pool cluster's circuit breakers: connections, pending and active
+    /// requests, retries.
+    pub pool_max_requests: u64,
+    /// The tokenization cluster's circuit breakers.
+    pub sidecar_max_requests: u64,
+    /// A client must have sent its request headers within this.
+    pub request_headers_timeout_s: u64,
+    /// A downstream or upstream connection with no stream closes after this.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            pool_max_requests: 16_384,
+            sidecar_max_requests: 16_384,
+            request_headers_timeout_s: 10,
+            idle_timeout_s: 300,
+        }
+    }
 }
 
 /// The OpenAI paths the sim-engine (and vLLM) serve for inference.
@@ -215,6 +245,7 @@ struct TemplateValues<'a> {
     pools: Vec<Pool>,
     sidecar: Option<SidecarAddresses>,
     inference_paths: &'a [String],
+    limits: &'a GatewayLimits,
     expose_engine_headers: bool,
     engine_debug_headers: &'static [&'static str],
 }
@@ -238,6 +269,7 @@ impl GatewayConfig {
             fallback: FallbackBalancing::LeastRequest,
             tokenize_timeout_ms: None,
             inference_paths: INFERENCE_PATHS.map(str::to_owned).to_vec(),
+            limits: GatewayLimits::default(),
         })
     }
 
@@ -290,6 +322,7 @@ impl GatewayConfig {
                 })
                 .transpose()?,
             inference_paths: &self.inference_paths,
+            limits: &self.limits,
             expose_engine_headers: self.expose_engine_headers,
             engine_debug_headers: &ENGINE_DEBUG_HEADERS,
         };
@@ -339,7 +372,7 @@ pub fn validate_config(config_path: &Path) -> anyhow::Result<(bool, String)> {
 pub struct Envoy {
     process: ManagedProcess,
     config: GatewayConfig,
-    _config_dir: tempfile::TempDir,
+    config_dir: tempfile::TempDir,
 }
 
 impl Envoy {
@@ -359,10 +392,28 @@ impl Envoy {
         let config_dir = tempfile::tempdir().context("creating a config directory")?;
         let config_path = config_dir.path().join("envoy.yaml");
         std::fs::write(&config_path, text).context("writing the Envoy config")?;
+        let process = Self::spawn(&config, &config_path)?;
+        Ok(Self {
+            process,
+            config,
+            config_dir,
+        })
+    }
+
+    /// Kills Envoy (as a crash would) and starts it again with the same
+    /// configuration, so on the same ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        let config_path = self.config_dir.path().join("envoy.yaml");
+        self.process = Self::spawn(&self.config, &config_path)?;
+        Ok(())
+    }
+
+    fn spawn(config: &GatewayConfig, config_path: &Path) -> anyhow::Result<ManagedProcess> {
         let mut command = Command::new(paths::envoy_binary()?);
         command
             .arg("--config-path")
-            .arg(&config_path)
+            .arg(config_path)
             .arg("--concurrency")
             .arg(config.worker_threads.to_string())
             .args(["--log-level", "info"])
@@ -370,11 +421,7 @@ impl Envoy {
         let mut process = ManagedProcess::spawn("envoy", command)?;
         let ready = format!("http://127.0.0.1:{}/ready", config.admin_port);
         readiness::wait_http_ok(&mut process, &ready, Duration::from_secs(60))?;
-        Ok(Self {
-            process,
-            config,
-            _config_dir: config_dir,
-        })
+        Ok(process)
     }
 
     pub fn gateway_url(&self) -> String {

@@ -1,0 +1,195 @@
+//! Serving through failures, with real processes: nats-server, sim-engines
+//! with their relays, `kv-sidecar serve` and Envoy with the compiled filter.
+//! A killed engine costs only the requests in flight on it: Envoy retries a
+//! refused connection on another pool host and ejects the dead one, the
+//! filter leaves it out of its choices, and it is routed to again once it
+//! is back. Figures are in `docs/failures.md`.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvmesh_tests::harness::client::{http_client, post_json};
+use kvmesh_tests::harness::stack::{Stack, StackOptions};
+use serde_json::json;
+
+const MODEL: &str = "qwen3";
+const WORKERS: usize = 3;
+/// Concurrent client loops: at most this many requests are in flight at once.
+const CLIENTS: usize = 6;
+
+/// One request of the load: when it started, how it ended, who served it.
+struct Outcome {
+    started: Instant,
+    status: u16,
+    worker: Option<String>,
+}
+
+/// `CLIENTS` loops of fresh four-block prompts until `until`.
+fn run_load(url: String, until: Instant) -> Vec<Outcome> {
+    let url = Arc::new(url);
+    let loops: Vec<_> = (0..CLIENTS as u32)
+        .map(|client| {
+            let url = Arc::clone(&url);
+            thread::spawn(move || {
+                let http = http_client();
+                let mut outcomes = Vec::new();
+                for i in 0u32.. {
+                    let started = Instant::now();
+                    if started >= until {
+                        break;
+                    }
+                    let tokens: Vec<u32> = (0..64)
+                        .map(|t| 10_000 + client * 100_000 + i * 64 + t)
+                        .collect();
+                    let body = json!({"model": MODEL, "prompt": tokens, "max_tokens": 8});
+                    let (status, worker) = match post_json(&http, &url, &body) {
+                        Ok(response) => (response.status, response.sim_worker().ok()),
+                        Err(_) => (0, None),
+                    };
+                    outcomes.push(Outcome {
+                        started,
+                        status,
+                        worker,
+                    });
+                }
+                outcomes
+            })
+        })
+        .collect();
+    loops
+        .into_iter()
+        .flat_map(|l| l.join().expect("a load loop panicked"))
+        .collect()
+}
+
+#[test]
+fn a_killed_engine_costs_only_its_in_flight_requests_and_is_routed_to_again_when_back() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = ["--speedup", "10"].map(str::to_owned).to_vec();
+    let mut stack = Stack::start(options, |_| {}).unwrap();
+    let victim = stack.workers[0].sim.worker_id().to_owned();
+    let url = format!("{}/v1/completions", stack.envoy.gateway_url());
+    let started = Instant::now();
+    let load = {
+        let url = url.clone();
+        thread::spawn(move || run_load(url, started + Duration::from_secs(14)))
+    };
+
+    thread::sleep(Duration::from_secs(3));
+    stack.workers[0].sim.process().kill();
+    let killed_at = Instant::now();
+    thread::sleep(Duration::from_secs(4));
+    stack.workers[0].sim.restart().unwrap();
+    let back_at = Instant::now();
+    let outcomes = load.join().unwrap();
+
+    let served_by_victim_before = outcomes
+        .iter()
+        .filter(|o| o.started < killed_at && o.worker.as_deref() == Some(victim.as_str()))
+        .count();
+    assert!(
+        served_by_victim_before > 0,
+        "the victim never served before the kill"
+    );
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.status != 200).collect();
+    println!(
+        "{} requests, {} failed (all started before the kill), {} failovers",
+        outcomes.len(),
+        failures.len(),
+        stack
+            .envoy
+            .stat("wasmcustom.kvmesh_upstream_failovers")
+            .unwrap()
+    );
+    for failure in &failures {
+        assert!(
+            failure.started < killed_at,
+            "a request started {:?} after the kill failed with {}",
+            failure.started - killed_at,
+            failure.status
+        );
+    }
+    assert!(
+        failures.len() <= CLIENTS,
+        "{} failures: more than could be in flight",
+        failures.len()
+    );
+    assert!(
+        stack
+            .envoy
+            .stat("wasmcustom.kvmesh_upstream_failovers")
+            .unwrap()
+            > 0,
+        "the filter never noticed the dead engine"
+    );
+    let served_again = outcomes
+        .iter()
+        .filter(|o| o.started > back_at && o.worker.as_deref() == Some(victim.as_str()))
+        .count();
+    assert!(
+        served_again > 0,
+        "the engine was not routed to again once back"
+    );
+}
+
+/// Concurrent streams in the wave.
+const STREAMS: usize = 3_000;
+
+#[test]
+fn three_thousand_concurrent_streams_through_one_gateway_all_succeed_and_are_routed() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = ["--speedup", "20"].map(str::to_owned).to_vec();
+    let stack = Stack::start(options, |_| {}).unwrap();
+    let counter = |name: &str| stack.envoy.stat(&format!("wasmcustom.{name}")).unwrap();
+    let routed_before = counter("kvmesh_requests_precise") + counter("kvmesh_requests_approximate");
+    let url = format!("{}/v1/chat/completions", stack.envoy.gateway_url());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let results: Vec<anyhow::Result<kvmesh_tests::harness::load::Streamed>> =
+        runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .pool_max_idle_per_host(STREAMS)
+                .build()
+                .unwrap();
+            let waves = (0..STREAMS).map(|i| {
+                let client = client.clone();
+                let url = url.clone();
+                async move {
+                    // Tenants share a system prompt; each stream asks its own question.
+                    let body = json!({"model": MODEL, "stream": true, "max_tokens": 4,
+                        "messages": [
+                            {"role": "system", "content": format!("You help tenant {}. ", i % 20).repeat(40)},
+                            {"role": "user", "content": format!("Question number {i}?")}]});
+                    kvmesh_tests::harness::load::stream_timed(&client, &url, &body).await
+                }
+            });
+            futures_util::future::join_all(waves).await
+        });
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    let routed =
+        counter("kvmesh_requests_precise") + counter("kvmesh_requests_approximate") - routed_before;
+    println!(
+        "{STREAMS} streams: {} errors, {routed} routed precisely or approximately ({} precise), tokenize failures {}",
+        errors.len(),
+        counter("kvmesh_requests_precise"),
+        counter("kvmesh_tokenize_failures")
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(
+        routed * 100 >= STREAMS as u64 * 95,
+        "only {routed} of {STREAMS} streams were routed by kvmesh"
+    );
+}
