@@ -3,7 +3,24 @@
 use std::path::Path;
 
 use anyhow::Context;
-use async_nats::ConnectOptions;
+use async_nats::{ConnectOptions, ServerAddr};
+
+/// The servers of a NATS URL list (`nats://a:4222,nats://b:4222`): several
+/// members of one cluster, so the first connection does not depend on one
+/// node (the client also learns the others from the cluster once connected).
+pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<ServerAddr>()
+                .with_context(|| format!("'{url}' is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!addrs.is_empty(), "no NATS server URL given");
+    Ok(addrs)
+}
 
 /// Every way kvmesh can authenticate to NATS; unset fields are not used.
 #[derive(Debug, Default, Clone, Copy)]
@@ -45,4 +62,19 @@ pub async fn with_credentials(
             .require_tls(true);
     }
     Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_addrs;
+
+    #[test]
+    fn a_cluster_is_a_comma_separated_list() {
+        let addrs = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223,").unwrap();
+        assert_eq!(addrs.len(), 2);
+        assert_eq!(addrs[1].port(), 4223);
+        assert!(server_addrs("").is_err());
+        assert!(server_addrs(" , ").is_err());
+        assert!(server_addrs("nats://127.0.0.1:4222,nats://[bad").is_err());
+    }
 }

@@ -12,7 +12,7 @@ use prost::Message;
 use router_core::protocol::WorkerInfo;
 use tokio::sync::{mpsc, Notify};
 
-use crate::nats_options::{with_credentials, NatsCredentials};
+use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
 use crate::relay::args::RelayArgs;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
 use crate::relay::pipeline::{Control, Outgoing};
@@ -70,7 +70,7 @@ pub async fn connect(
     };
     with_credentials(options, credentials)
         .await?
-        .connect(&args.nats_url)
+        .connect(server_addrs(&args.nats_url)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::nats_options::server_addrs;
+
 pub const MAX_BLOCK_SIZE: u32 = 4096;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,15 +306,18 @@ impl Config {
                 problem: problem.to_owned(),
             })
         };
-        if !(self.nats.url.starts_with("nats://")
-            || self.nats.url.starts_with("tls://")
-            || self.nats.url.starts_with("ws://")
-            || self.nats.url.starts_with("wss://"))
+        let schemes = ["nats://", "tls://", "ws://", "wss://"];
+        let urls: Vec<&str> = self.nats.url.split(',').map(str::trim).collect();
+        if urls
+            .iter()
+            .any(|url| !schemes.iter().any(|scheme| url.starts_with(scheme)))
         {
             fail(
                 "nats.url",
-                "must start with nats://, tls://, ws:// or wss://",
+                "each comma-separated URL must start with nats://, tls://, ws:// or wss://",
             );
+        } else if let Err(err) = server_addrs(&self.nats.url) {
+            fail("nats.url", &format!("{err:#}"));
         }
         let prefix = &self.nats.subject_prefix;
         if prefix.is_empty()

@@ -12,7 +12,7 @@ use router_core::gateway::{decisions_subject, SharedReport};
 use router_core::protocol::{subjects, KvEventBatch, WorkerInfo, WorkerLoad};
 use tokio::sync::mpsc;
 
-use crate::nats_options::{with_credentials, NatsCredentials};
+use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
 use crate::serve::config::NatsConfig;
 use crate::serve::metrics::KindLabel;
 use crate::serve::state::{Input, ServeState, SyncRequest};
@@ -64,7 +64,7 @@ pub async fn connect(
     };
     with_credentials(options, credentials)
         .await?
-        .connect(&config.url)
+        .connect(server_addrs(&config.url)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", config.url))
 }
