@@ -131,7 +131,7 @@ fn every_component_killed_in_turn_costs_only_in_flight_engine_requests() {
         BLOCK,
         workers.iter().map(|w| w.sim.address()).collect(),
     );
-    let mut gateways = vec![
+    let mut gateways = [
         start_gateway(&urls, route.clone()),
         start_gateway(&urls, route),
     ];

@@ -3,7 +3,8 @@
 //! Starts nats-server, N sim-engine workers each with its `kv-sidecar relay`,
 //! `kv-sidecar serve`, and Envoy with the kvmesh filter fed by the sidecar;
 //! prints one `name: url` line per component once everything is ready
-//! (`gateway:` first), and stops every child on Ctrl-C or SIGTERM.
+//! (`gateway:` first) and a `logs:` line, restarts any child that exits (see
+//! [`Supervisor`]), and stops every child on Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use anyhow::Context;
 use clap::Parser;
 use kvmesh_tests::harness::free_port;
 use kvmesh_tests::harness::stack::{Stack, StackOptions};
+use kvmesh_tests::harness::supervisor::Supervisor;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -80,11 +82,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(tokenizer) = args.tokenizer.clone() {
         options.tokenizer = tokenizer;
     }
-    let mut stack = Stack::start(options, |config| {
+    let stack = Stack::start(options, |config| {
         config.gateway_port = args.gateway_port.unwrap_or_else(free_port);
         config.admin_port = args.admin_port.unwrap_or_else(free_port);
     })
     .context("starting the kvmesh stack")?;
+    let mut supervisor = Supervisor::new(stack).context("supervising the kvmesh stack")?;
+    let stack = supervisor.stack();
     let (envoy, nats, sidecar) = (&stack.envoy, &stack.nats, &stack.sidecar);
     println!("gateway: {}", envoy.gateway_url());
     println!("nats: {}", nats.url());
@@ -96,8 +100,9 @@ fn main() -> anyhow::Result<()> {
         println!("prefill-worker: {}", worker.sim.url());
     }
     println!("envoy-admin: {}", envoy.admin_url());
+    println!("logs: {}", supervisor.log_dir().display());
     eprintln!(
-        "kvmesh is up. Try:\n  curl -s {}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'\nCtrl-C stops everything.",
+        "kvmesh is up. Try:\n  curl -s {}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'\nA component that exits is restarted. Ctrl-C stops everything.",
         envoy.gateway_url(),
         args.model
     );
@@ -107,10 +112,10 @@ fn main() -> anyhow::Result<()> {
             eprintln!("received signal {signal}, stopping");
             break;
         }
-        stack.ensure_running()?;
+        supervisor.poll();
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Dropping the stack stops every child, Envoy first.
-    drop(stack);
+    // Dropping the supervisor stops every child, Envoy first.
+    drop(supervisor);
     Ok(())
 }

@@ -18,8 +18,11 @@ pub mod sidecar;
 pub mod sim;
 pub mod stack;
 pub mod stats;
+pub mod supervisor;
 
-pub use envoy::{Envoy, FallbackBalancing, GatewayConfig, ModelRoute, SidecarEndpoints};
+pub use envoy::{
+    Envoy, FallbackBalancing, GatewayConfig, GatewayLimits, ModelRoute, SidecarEndpoints,
+};
 pub use nats::NatsServer;
 pub use ports::free_port;
 pub use process::ManagedProcess;

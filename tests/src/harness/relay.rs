@@ -23,12 +23,30 @@ pub struct RelayOptions {
 pub struct Relay {
     process: ManagedProcess,
     listen_port: u16,
+    options: RelayOptions,
 }
 
 impl Relay {
     /// Starts the relay and waits until `/healthz` says NATS is connected.
     pub fn start(options: &RelayOptions) -> anyhow::Result<Self> {
         let listen_port = free_port();
+        let process = Self::spawn(options, listen_port)?;
+        Ok(Self {
+            process,
+            listen_port,
+            options: options.clone(),
+        })
+    }
+
+    /// Kills the relay (as a crash would) and starts it again with the same
+    /// options and listen port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        self.process = Self::spawn(&self.options, self.listen_port)?;
+        Ok(())
+    }
+
+    fn spawn(options: &RelayOptions, listen_port: u16) -> anyhow::Result<ManagedProcess> {
         let mut command = Command::new(paths::binary("kv-sidecar")?);
         command.env("RUST_LOG", "info").args([
             "relay",
@@ -60,10 +78,7 @@ impl Relay {
         let mut process = ManagedProcess::spawn(&format!("relay-{}", options.worker_id), command)?;
         let health = format!("http://127.0.0.1:{listen_port}/healthz");
         readiness::wait_http_ok(&mut process, &health, Duration::from_secs(20))?;
-        Ok(Self {
-            process,
-            listen_port,
-        })
+        Ok(process)
     }
 
     pub fn metrics_url(&self) -> String {

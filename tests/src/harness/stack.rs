@@ -171,17 +171,6 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-
-    /// Fails if any process of the stack has exited.
-    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        self.envoy.process().ensure_running()?;
-        self.sidecar.process().ensure_running()?;
-        for worker in self.workers.iter_mut().chain(&mut self.prefill_workers) {
-            worker.sim.process().ensure_running()?;
-            worker.relay.process().ensure_running()?;
-        }
-        Ok(())
-    }
 }
 
 fn model_route(
