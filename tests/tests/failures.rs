@@ -76,10 +76,28 @@ fn a_killed_engine_costs_only_its_in_flight_requests_and_is_routed_to_again_when
         thread::spawn(move || run_load(url, started + Duration::from_secs(14)))
     };
 
+    let routed_to_victim = {
+        let name = format!(
+            "wasmcustom.kvmesh_routed_to_{}",
+            stack.workers[0].sim.address().replace(['.', ':'], "_")
+        );
+        let envoy = &stack.envoy;
+        move || envoy.stat(&name).unwrap()
+    };
     thread::sleep(Duration::from_secs(3));
     stack.workers[0].sim.process().kill();
     let killed_at = Instant::now();
-    thread::sleep(Duration::from_secs(4));
+    // Within 2 s the relay has reported the engine unreachable and every
+    // filter has stopped choosing it.
+    thread::sleep(Duration::from_secs(2));
+    let routed_after_2s = routed_to_victim();
+    assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS - 1);
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        routed_to_victim(),
+        routed_after_2s,
+        "requests were still routed to the dead engine 2 s after it died"
+    );
     stack.workers[0].sim.restart().unwrap();
     let back_at = Instant::now();
     let outcomes = load.join().unwrap();

@@ -1,10 +1,13 @@
 //! Worker load from the engine's Prometheus metrics (DESIGN §3.3), published
 //! on `<prefix>.load.<model>.<worker_id>`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
 use router_core::protocol::WorkerLoad;
+use tokio::sync::Notify;
 
 use crate::relay::args::Engine;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
@@ -89,6 +92,10 @@ fn sample(line: &str) -> Option<(&str, f64)> {
     value.is_finite().then_some((name, value))
 }
 
+/// Failed scrapes in a row after which the engine counts as unreachable:
+/// one may be a hiccup, two at the load interval are a dead engine.
+const UNREACHABLE_AFTER: u32 = 2;
+
 pub struct LoadReporter {
     pub engine: Engine,
     pub url: String,
@@ -98,6 +105,11 @@ pub struct LoadReporter {
     pub model: String,
     pub client: async_nats::Client,
     pub metrics: RelayMetrics,
+    /// Read by the heartbeat: the sidecar stops routing to an engine the
+    /// relay cannot reach.
+    pub engine_unreachable: Arc<AtomicBool>,
+    /// Wakes the heartbeat when reachability changes.
+    pub registration: Arc<Notify>,
 }
 
 impl LoadReporter {
@@ -105,12 +117,21 @@ impl LoadReporter {
         let http = reqwest::Client::new();
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
         loop {
             ticker.tick().await;
             let text = match self.scrape(&http).await {
-                Ok(text) => text,
+                Ok(text) => {
+                    failures = 0;
+                    self.set_unreachable(false);
+                    text
+                }
                 Err(error) => {
                     self.metrics.load_scrape_errors.inc();
+                    failures = failures.saturating_add(1);
+                    if failures >= UNREACHABLE_AFTER {
+                        self.set_unreachable(true);
+                    }
                     tracing::debug!(%error, url = %self.url, "scraping engine metrics failed");
                     continue;
                 }
@@ -136,6 +157,19 @@ impl LoadReporter {
                 self.metrics.publish_error("load");
                 tracing::debug!(%error, "publishing load failed");
             }
+        }
+    }
+
+    /// Records whether the engine answers, telling the sidecar at once (an
+    /// immediate heartbeat) when that changes.
+    fn set_unreachable(&self, unreachable: bool) {
+        if self.engine_unreachable.swap(unreachable, Ordering::Relaxed) != unreachable {
+            if unreachable {
+                tracing::warn!(url = %self.url, "the engine stopped answering; reporting it unreachable");
+            } else {
+                tracing::info!(url = %self.url, "the engine answers again");
+            }
+            self.registration.notify_one();
         }
     }
 

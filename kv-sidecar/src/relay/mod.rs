@@ -16,7 +16,7 @@ pub mod metrics;
 mod nats;
 pub mod pipeline;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -64,6 +64,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_QUEUE);
     let (source_tx, source_rx) = mpsc::channel(SOURCE_QUEUE);
     let last_seq = Arc::new(AtomicU64::new(0));
+    let engine_unreachable = Arc::new(AtomicBool::new(false));
     let normalizer = Normalizer::new(
         &args.model,
         block_size,
@@ -102,9 +103,11 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 last_seq: 0,
                 heartbeat_interval_ms: nats::HEARTBEAT.as_millis() as u32,
                 timestamp_ms: 0,
+                engine_unreachable: false,
             },
             last_seq,
-            registration,
+            engine_unreachable: engine_unreachable.clone(),
+            registration: registration.clone(),
             metrics: metrics.clone(),
         }
         .run(),
@@ -125,6 +128,8 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 model: args.model.clone(),
                 client: client.clone(),
                 metrics: metrics.clone(),
+                engine_unreachable,
+                registration,
             }
             .run(),
         );

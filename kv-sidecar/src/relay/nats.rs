@@ -2,7 +2,7 @@
 //! the publisher task draining the bounded outbox, registration heartbeats,
 //! and the sync responder.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,6 +95,8 @@ pub struct Heartbeat {
     pub subject: String,
     pub info: WorkerInfo,
     pub last_seq: Arc<AtomicU64>,
+    /// Set by the load reporter while the engine does not answer.
+    pub engine_unreachable: Arc<AtomicBool>,
     pub registration: Arc<Notify>,
     pub metrics: RelayMetrics,
 }
@@ -108,6 +110,7 @@ impl Heartbeat {
                 _ = self.registration.notified() => {}
             }
             self.info.last_seq = self.last_seq.load(Ordering::Relaxed);
+            self.info.engine_unreachable = self.engine_unreachable.load(Ordering::Relaxed);
             self.info.timestamp_ms = unix_ms();
             let payload = self.info.encode_to_vec();
             if let Err(error) = self

@@ -41,6 +41,7 @@ pub struct ServeMetrics {
     pub sync_requests: Family<ModelLabel, Counter>,
     pub rejected_blocks: Family<ModelLabel, Counter>,
     pub workers_expired: Family<ModelLabel, Counter>,
+    pub workers_unreachable: Family<ModelLabel, Counter>,
     pub workers_refused: Family<ModelLabel, Counter>,
     /// NATS messages that did not decode or named an unconfigured model.
     pub malformed: Family<KindLabel, Counter>,
@@ -68,6 +69,7 @@ impl ServeMetrics {
             sync_requests: Family::default(),
             rejected_blocks: Family::default(),
             workers_expired: Family::default(),
+            workers_unreachable: Family::default(),
             workers_refused: Family::default(),
             malformed: Family::default(),
             version: Family::default(),
@@ -118,6 +120,11 @@ impl ServeMetrics {
             "workers_expired",
             "Workers removed because their heartbeats stopped",
             m.workers_expired.clone(),
+        );
+        r.register(
+            "workers_unreachable",
+            "Workers removed because their relay could not reach the engine",
+            m.workers_unreachable.clone(),
         );
         r.register(
             "workers_refused",

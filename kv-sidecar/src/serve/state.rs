@@ -408,6 +408,21 @@ impl StateTask {
     fn heartbeat(&self, model: &mut ModelState, info: WorkerInfo, changes: &mut Vec<Change>) {
         let now = Instant::now();
         let model_name = model.config.name.clone();
+        if info.engine_unreachable {
+            // The relay lives but its engine does not answer: no gateway may
+            // route to it. A heartbeat without the flag registers it again,
+            // with a full state sync.
+            if model.workers.contains_key(&info.worker_id) {
+                tracing::warn!(model = %model_name, worker = %info.worker_id, "the relay cannot reach its engine; removing the worker");
+                self.remove_worker(model, &info.worker_id, changes);
+                self.state
+                    .metrics
+                    .workers_unreachable
+                    .get_or_create(&ServeMetrics::model(&model_name))
+                    .inc();
+            }
+            return;
+        }
         if !model.workers.contains_key(&info.worker_id) {
             if model.workers.len() >= self.limits.max_workers {
                 self.state
@@ -463,6 +478,26 @@ impl StateTask {
         meta.previous_heartbeat_seq = if same_epoch { info.last_seq } else { 0 };
         meta.last_heartbeat = now;
         meta.info = info;
+    }
+
+    /// Drops a worker, its in-flight accounting and its blocks.
+    fn remove_worker(&self, model: &mut ModelState, worker: &str, changes: &mut Vec<Change>) {
+        model.workers.remove(worker);
+        let dropped = model.inflight.forget_worker(worker);
+        if dropped > 0 {
+            self.state
+                .metrics
+                .inflight_dropped
+                .get_or_create(&ReasonLabel {
+                    reason: "worker_left",
+                })
+                .inc_by(dropped as u64);
+        }
+        changes.push(Change {
+            kind: Some(change::Kind::Left(WorkerLeft {
+                worker_id: worker.to_owned(),
+            })),
+        });
     }
 
     fn request_sync(&self, model: &str, meta: &mut WorkerMeta, now: Instant) {
@@ -564,25 +599,12 @@ impl StateTask {
                 .collect();
             for worker in expired {
                 tracing::warn!(model = %name, %worker, "worker heartbeats stopped; removing it");
-                model.workers.remove(&worker);
-                let dropped = model.inflight.forget_worker(&worker);
-                if dropped > 0 {
-                    self.state
-                        .metrics
-                        .inflight_dropped
-                        .get_or_create(&ReasonLabel {
-                            reason: "worker_left",
-                        })
-                        .inc_by(dropped as u64);
-                }
+                self.remove_worker(&mut model, &worker, changes);
                 self.state
                     .metrics
                     .workers_expired
                     .get_or_create(&ServeMetrics::model(&name))
                     .inc();
-                changes.push(Change {
-                    kind: Some(change::Kind::Left(WorkerLeft { worker_id: worker })),
-                });
             }
             let (count, touched) = model.inflight.expire(ttl, now);
             if count > 0 {

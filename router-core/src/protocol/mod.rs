@@ -56,6 +56,7 @@
 //!   uint64 last_seq = 8;          // last event seq published in this epoch
 //!   uint32 heartbeat_interval_ms = 9;
 //!   uint64 timestamp_ms = 10;
+//!   bool engine_unreachable = 11; // the relay cannot reach its engine
 //! }
 //! enum WorkerRole { WORKER_ROLE_UNSPECIFIED = 0; WORKER_ROLE_PREFILL = 1;
 //!                   WORKER_ROLE_DECODE = 2; WORKER_ROLE_BOTH = 3; }
@@ -194,6 +195,11 @@ pub struct WorkerInfo {
     pub heartbeat_interval_ms: u32,
     #[prost(uint64, tag = "10")]
     pub timestamp_ms: u64,
+    /// The relay cannot reach its engine (its metrics endpoint stopped
+    /// answering): the worker must not be routed to. False by default, so
+    /// relays that predate the field read as healthy.
+    #[prost(bool, tag = "11")]
+    pub engine_unreachable: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
