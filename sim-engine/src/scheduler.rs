@@ -209,6 +209,10 @@ impl Scheduler {
                 self.waiting.push_front(seq);
                 break;
             }
+            // Counted once per admission, as vLLM does: a request that waits
+            // for blocks is looked up again but not counted again.
+            self.counters.prefix_cache_queries += seq.tokens.len() as u64;
+            self.counters.prefix_cache_hits += seq.num_computed as u64;
             Self::add_to_shape(&mut step.shape, &seq, tokens);
             register_blocks(&mut self.cache, &mut seq, target);
             step.scheduled.push((seq.id, tokens));
@@ -292,8 +296,6 @@ impl Scheduler {
         seq.blocks = ids;
         seq.links = hits.iter().map(|h| h.1).collect();
         seq.num_computed = seq.links.len() * block_size;
-        self.counters.prefix_cache_queries += seq.tokens.len() as u64;
-        self.counters.prefix_cache_hits += seq.num_computed as u64;
         if seq.cached_tokens.is_none() {
             seq.cached_tokens = Some(seq.num_computed);
         }
@@ -505,6 +507,23 @@ mod tests {
             "recomputation keeps outputs"
         );
         assert_eq!(s.cache().num_free(), 4, "everything released at the end");
+    }
+
+    #[test]
+    fn a_request_waiting_for_blocks_is_counted_once_when_admitted() {
+        // 4 blocks of 4 tokens: `a` holds 3, then 4 while it decodes, so `b`
+        // (2 blocks) is looked up on every step until `a` finishes.
+        let mut s = scheduler(4, 8, 100);
+        let mut a = submit(&mut s, (0..12).collect(), 4);
+        let mut b = submit(&mut s, (100..107).collect(), 1);
+        let first = s.schedule();
+        assert_eq!(first.scheduled.len(), 1, "b must wait for blocks");
+        s.complete(first, 1.0);
+        run_to_idle(&mut s);
+        summary(&mut a);
+        summary(&mut b);
+        assert_eq!(s.counters().preemptions, 0);
+        assert_eq!(s.counters().prefix_cache_queries, 12 + 7);
     }
 
     #[test]
