@@ -1,4 +1,4 @@
-//! Turns one worker's engine events into kvmesh block events (DESIGN §3.5).
+//! Turns one worker's engine events into kvmesh block events (docs/architecture.md#block-hashes).
 //!
 //! Engines name blocks by hashes kvmesh cannot reproduce, so the normalizer
 //! recomputes kvmesh seq hashes from token ids and keeps, per worker, the map

@@ -1,5 +1,5 @@
 //! Golden vectors for every engine format, built by hand from the documented
-//! wire formats (DESIGN §3.3) with `rmp` primitives or literal bytes, so they
+//! wire formats (docs/relay.md#input-formats-srcdecode) with `rmp` primitives or literal bytes, so they
 //! do not share code with the decoders; plus normalization edge cases.
 
 use kv_sidecar::decode::trtllm::{decode_events, Decoded, NumberedEvent};

@@ -2,7 +2,7 @@
 //! stream, and that sidecars share with each other on NATS
 //! `<prefix>.decisions.<model>`: which worker each request was routed to and
 //! how far it got, so every gateway's load view includes every gateway's
-//! in-flight requests (DESIGN §3.6 "filter's own in-flight accounting").
+//! in-flight requests (docs/architecture.md#the-request-path "filter's own in-flight accounting").
 //! Written with `prost` derives (no protoc here). Equivalent schema — field
 //! numbers never change meaning:
 //!
@@ -119,7 +119,7 @@ pub struct SharedReport {
     pub report: Option<GatewayReport>,
 }
 
-/// NATS subject of shared decisions (DESIGN §3.7).
+/// NATS subject of shared decisions (docs/relay.md#output-router-coresrcprotocol).
 pub fn decisions_subject(prefix: &str, model: &str) -> String {
     format!(
         "{prefix}.decisions.{}",

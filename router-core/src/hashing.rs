@@ -1,4 +1,4 @@
-//! kvmesh's own KV block hashes (DESIGN §3.5).
+//! kvmesh's own KV block hashes (docs/architecture.md#block-hashes).
 //!
 //! Engines hash blocks with algorithms that cannot be reproduced outside the
 //! engine (vLLM seeds a pickle-based sha256 with `PYTHONHASHSEED`), so kvmesh
@@ -189,7 +189,7 @@ mod tests {
         )
     }
 
-    /// Independent restatement of DESIGN §3.5 used to pin the byte layout.
+    /// Independent restatement of docs/architecture.md#block-hashes used to pin the byte layout.
     fn reference(tokens: &[u32], block: usize, seed: u64) -> Vec<u64> {
         let mut out: Vec<u64> = Vec::new();
         for chunk in tokens.chunks(block).filter(|c| c.len() == block) {

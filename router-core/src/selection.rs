@@ -1,4 +1,4 @@
-//! The cost function that picks a worker (DESIGN §3.6).
+//! The cost function that picks a worker (docs/architecture.md#the-request-path).
 //!
 //! For each candidate `w`:
 //! `logit(w) = overlap_weight × prefill_blocks(w) + decode_blocks(w)`, where

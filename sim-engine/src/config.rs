@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 use crate::faults::FaultSettings;
 use crate::timing::TimingModel;
 
-/// How KV events are encoded inside a batch (DESIGN §3.3).
+/// How KV events are encoded inside a batch (docs/relay.md#input-formats-srcdecode).
 /// A worker's part in disaggregated serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {

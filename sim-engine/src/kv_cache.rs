@@ -51,7 +51,7 @@ pub struct CachedBlock {
     pub block_id: BlockId,
     pub engine_hash: u64,
     pub parent_engine_hash: Option<u64>,
-    /// kvmesh's sequence hash of the block (DESIGN §3.5).
+    /// kvmesh's sequence hash of the block (docs/architecture.md#block-hashes).
     pub seq_hash: SeqHash,
     pub ref_count: u32,
     pub token_ids: Vec<u32>,

@@ -170,7 +170,7 @@ fn settled_last_seq(engine: &SimEngine) -> Option<u64> {
 
 // ------------------------------------------- independent event decoding --
 
-/// A KV event as documented in DESIGN §3.3, decoded without the sim's code.
+/// A KV event as documented in docs/relay.md#input-formats-srcdecode, decoded without the sim's code.
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
     Stored {

@@ -1,5 +1,5 @@
-//! Request and response bodies of the prefill/decode handshakes (DESIGN
-//! §3.4). Request bodies are rewritten as raw JSON: each top-level field is
+//! Request and response bodies of the prefill/decode handshakes
+//! (docs/sim-engine.md#disaggregated-prefill-all-three-handshakes). Request bodies are rewritten as raw JSON: each top-level field is
 //! matched by its parsed (unescaped) key and copied byte for byte unless an
 //! edit names it, so a rewrite costs one pass and at most one output the size
 //! of the body, whatever the body's shape. The fields that steer a handshake

@@ -1,4 +1,4 @@
-//! Disaggregated prefill and decode (DESIGN §3.4): when a request's prompt
+//! Disaggregated prefill and decode (docs/sim-engine.md#disaggregated-prefill-all-three-handshakes): when a request's prompt
 //! is prefilled on the prefill pool, and the bodies of each engine family's
 //! handshake. The filter runs the handshake itself; there is no routing
 //! sidecar beside the decode workers.

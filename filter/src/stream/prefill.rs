@@ -1,4 +1,4 @@
-//! The prefill leg of a disaggregated request (DESIGN §3.4), run by the
+//! The prefill leg of a disaggregated request (docs/sim-engine.md#disaggregated-prefill-all-three-handshakes), run by the
 //! filter itself: a callout to the prefill pool, steered to the chosen
 //! prefill worker by the override header, then the decode leg with what the
 //! prefill returned. Any failure of the prefill leg sends the request to its

@@ -1,4 +1,4 @@
-//! Decoders for the engines' KV event wire formats (DESIGN §3.3). Pure
+//! Decoders for the engines' KV event wire formats (docs/relay.md#input-formats-srcdecode). Pure
 //! functions from bytes to [`EventBatch`]; no I/O, no panics on any input.
 
 mod msgpack;

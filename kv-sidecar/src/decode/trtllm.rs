@@ -1,5 +1,5 @@
 //! TensorRT-LLM KV cache events: the JSON array `trtllm-serve` returns from
-//! `POST /kv_cache_events` (DESIGN §3.3):
+//! `POST /kv_cache_events` (docs/relay.md#input-formats-srcdecode):
 //! `[{"event_id": 7, "data": {"type": "stored", "parent_hash": …, "blocks":
 //! [{"block_hash": …, "tokens": [{"token_id": …}, …], "cache_level": 0}]},
 //! "window_size": 32}, …]`.

@@ -1,4 +1,4 @@
-//! vLLM and SGLang KV event batches (msgpack, DESIGN §3.3).
+//! vLLM and SGLang KV event batches (msgpack, docs/relay.md#input-formats-srcdecode).
 //!
 //! The batch is `[ts, [events], dp_rank]` (older vLLM: `[ts, [events]]`).
 //! Events come in two encodings, both accepted in one batch:

@@ -1,4 +1,4 @@
-//! TensorRT-LLM event source: polls `POST /kv_cache_events` (DESIGN §3.3).
+//! TensorRT-LLM event source: polls `POST /kv_cache_events` (docs/relay.md#input-formats-srcdecode).
 //!
 //! TensorRT-LLM numbers events consecutively and has no replay, so a hole in
 //! `event_id` (its buffer overflowed between polls) resets the view, and ids

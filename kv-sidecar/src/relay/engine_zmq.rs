@@ -1,5 +1,5 @@
 //! vLLM / SGLang event source: a ZMQ SUB on the engine's PUB socket, with gap
-//! repair from the engine's replay ROUTER (DESIGN §3.3).
+//! repair from the engine's replay ROUTER (docs/relay.md#input-formats-srcdecode).
 //!
 //! Frames are `[topic, seq (8-byte big-endian), msgpack batch]`. Sequence
 //! handling, with `expected` the seq after the last one applied:

@@ -1,4 +1,4 @@
-//! Worker load from the engine's Prometheus metrics (DESIGN §3.3), published
+//! Worker load from the engine's Prometheus metrics (docs/relay.md#input-formats-srcdecode), published
 //! on `<prefix>.load.<model>.<worker_id>`.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,5 +1,5 @@
 //! `kv-sidecar relay`: engine KV events and load → normalized, sequenced
-//! NATS messages (DESIGN §3.3, §3.7). One relay runs beside each engine.
+//! NATS messages (docs/relay.md#input-formats-srcdecode, docs/relay.md#output-router-coresrcprotocol). One relay runs beside each engine.
 //!
 //! Tasks: an engine source (ZMQ or TensorRT-LLM HTTP) feeds the pipeline,
 //! which owns the view and numbers events into a bounded outbox drained by

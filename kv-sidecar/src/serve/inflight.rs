@@ -1,4 +1,4 @@
-//! Predicted load from gateways' routing decisions (DESIGN §3.6): a decision
+//! Predicted load from gateways' routing decisions (docs/architecture.md#the-request-path): a decision
 //! adds the prompt's blocks to its decode worker's active blocks and its
 //! uncached tokens to the prefill worker's queue; the first token frees the
 //! queued prefill, completion frees the rest. Bounded in count and age, since

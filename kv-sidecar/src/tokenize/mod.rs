@@ -1,5 +1,5 @@
 //! Prompt → token ids → kvmesh block hashes, as the engine computes them
-//! (DESIGN §4): the model's chat template, then its `tokenizer.json`.
+//! (docs/sidecar-serve.md): the model's chat template, then its `tokenizer.json`.
 //!
 //! The rendered text is split at the tokenizer's added tokens. Hugging Face
 //! `tokenizers` splits there first as well and encodes each piece on its own,

@@ -1,5 +1,5 @@
 //! Wire messages between `kv-sidecar relay` (one per engine) and its
-//! subscribers (`kv-sidecar serve`, tests), published on NATS (DESIGN §3.7).
+//! subscribers (`kv-sidecar serve`, tests), published on NATS (docs/relay.md#output-router-coresrcprotocol).
 //!
 //! The types are written by hand with `prost` derives because no `protoc` is
 //! available where kvmesh builds; the equivalent schema is below and is the
@@ -29,7 +29,7 @@
 //! }
 //! message BlocksStored {
 //!   optional fixed64 parent = 1;  // seq hash of the block before hashes[0]
-//!   repeated fixed64 hashes = 2;  // kvmesh seq hashes (DESIGN §3.5), chained
+//!   repeated fixed64 hashes = 2;  // kvmesh seq hashes (docs/architecture.md#block-hashes), chained
 //! }
 //! message BlocksRemoved { repeated fixed64 hashes = 1; }
 //! message AllBlocksCleared {}
@@ -237,7 +237,7 @@ pub struct WorkerLoad {
     pub timestamp_ms: u64,
 }
 
-/// NATS subject names (DESIGN §3.7). Model names and worker ids are mapped to
+/// NATS subject names (docs/relay.md#output-router-coresrcprotocol). Model names and worker ids are mapped to
 /// single subject tokens: `.`, `*`, `>` and whitespace would otherwise split or
 /// wildcard the subject, so they become `_` (the message body carries the
 /// exact names).

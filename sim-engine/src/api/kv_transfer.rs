@@ -1,4 +1,4 @@
-//! Disaggregated prefill at the engines' API (DESIGN §3.4), for all three
+//! Disaggregated prefill at the engines' API (docs/sim-engine.md#disaggregated-prefill-all-three-handshakes), for all three
 //! engine families. A prefill-side request is computed here and its prompt
 //! held until a decode engine pulls it (or the hold expires); a decode-side
 //! request pulls the blocks from the prefill engine over HTTP (a real

@@ -1,5 +1,5 @@
 //! msgpack encoding of KV event batches, byte-compatible with vLLM's
-//! `msgspec` structs (DESIGN §3.3). Pure: no I/O.
+//! `msgspec` structs (docs/relay.md#input-formats-srcdecode). Pure: no I/O.
 //!
 //! A batch is the array `[ts, [event, ...], data_parallel_rank]` with
 //! `data_parallel_rank` nil. Events:
