@@ -4,8 +4,8 @@
 //! serve`. For every release: events published before the relay starts
 //! (late start), live events with salts, multimodal blocks and hybrid KV
 //! cache groups where the release has them, dropped PUB frames (gaps the
-//! relay must replay), undecodable batches inside a replay, and a relay
-//! restart. After each phase the sidecar's index of the worker must equal
+//! relay must replay), undecodable batches inside a replay, a relay
+//! restart and an engine restart. After each phase the sidecar's index of the worker must equal
 //! the ground truth computed from the events, and no reset may report lost
 //! events: replay could repair every gap here.
 
@@ -230,6 +230,12 @@ impl Truth {
         events
     }
 
+    /// A new engine process: nothing cached, nothing to extend.
+    fn engine_restarted(&mut self) {
+        self.chains.clear();
+        self.held.clear();
+    }
+
     fn cleared(&mut self) -> Vec<Value> {
         self.held.clear();
         vec![json!({"kind": "cleared"})]
@@ -422,6 +428,22 @@ fn conform(release: EngineRelease, seed: u64) {
     wake(&mut engine, &mut truth);
     bench.assert_converges(&worker, &truth, "relay restart");
     assert_nothing_lost(&relay, &worker, "relay restart");
+
+    // Engine restart: a new engine on the same ports starts from seq 0 with
+    // an empty cache; the relay must see it and rebuild from the new engine.
+    engine.restart().expect("engine restarts");
+    truth.engine_restarted();
+    wake(&mut engine, &mut truth);
+    for _ in 0..10 {
+        let events = truth.step();
+        publish(&mut engine, events, false);
+    }
+    bench.assert_converges(&worker, &truth, "engine restart");
+    assert_nothing_lost(&relay, &worker, "engine restart");
+    assert!(
+        relay.metric("kvmesh_relay_resets_total", "engine_restarted") >= 1.0,
+        "the restart was seen"
+    );
     assert!(
         !truth.held.is_empty(),
         "the workload should leave blocks cached"

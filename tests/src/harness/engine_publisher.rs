@@ -60,6 +60,7 @@ struct Published {
 }
 
 pub struct EnginePublisher {
+    release: EngineRelease,
     process: ManagedProcess,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -72,12 +73,46 @@ impl EnginePublisher {
     /// Starts the release's `ZmqEventPublisher` on free ports and waits until
     /// its sockets are bound.
     pub fn start(release: &EngineRelease) -> anyhow::Result<Self> {
+        let (pub_port, replay_port) = (free_port(), free_port());
+        let (process, stdin, stdout) = Self::spawn(release, pub_port, replay_port)?;
+        let mut publisher = Self {
+            release: *release,
+            process,
+            stdin,
+            stdout,
+            pub_port,
+            replay_port,
+            capabilities: Capabilities {
+                salt: false,
+                mm: false,
+                groups: false,
+            },
+        };
+        let ready: Ready = publisher.read_reply()?;
+        publisher.capabilities = ready.capabilities;
+        Ok(publisher)
+    }
+
+    /// Kills the engine (as a crash would) and starts a new one on the same
+    /// ports: its sequence starts at 0 again with an empty buffer.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        let (process, stdin, stdout) = Self::spawn(&self.release, self.pub_port, self.replay_port)?;
+        (self.process, self.stdin, self.stdout) = (process, stdin, stdout);
+        let _: Ready = self.read_reply()?;
+        Ok(())
+    }
+
+    fn spawn(
+        release: &EngineRelease,
+        pub_port: u16,
+        replay_port: u16,
+    ) -> anyhow::Result<(ManagedProcess, ChildStdin, BufReader<ChildStdout>)> {
         let wheel = paths::engine_wheel(release.engine, release.version)?;
         let script = paths::repo_root()
             .join("tests")
             .join("conformance")
             .join("engine_publisher.py");
-        let (pub_port, replay_port) = (free_port(), free_port());
         let mut command = Command::new(paths::venv_python()?);
         command
             .arg(script)
@@ -92,21 +127,7 @@ impl EnginePublisher {
         let (stdin, stdout) = process
             .take_stdio()
             .context("the publisher's stdio pipes")?;
-        let mut publisher = Self {
-            process,
-            stdin,
-            stdout: BufReader::new(stdout),
-            pub_port,
-            replay_port,
-            capabilities: Capabilities {
-                salt: false,
-                mm: false,
-                groups: false,
-            },
-        };
-        let ready: Ready = publisher.read_reply()?;
-        publisher.capabilities = ready.capabilities;
-        Ok(publisher)
+        Ok((process, stdin, BufReader::new(stdout)))
     }
 
     pub fn endpoint(&self) -> String {
