@@ -90,17 +90,7 @@ fn stop(mut quickstart: ManagedProcess, lines: &[(String, String)]) {
 
 #[test]
 fn quickstart_serves_requests_and_stops_every_child() {
-    let (quickstart, lines) = start(
-        &["--workers", "2", "--speedup", "10"],
-        &[
-            "gateway",
-            "nats",
-            "sidecar",
-            "worker",
-            "worker",
-            "envoy-admin",
-        ],
-    );
+    let (quickstart, lines) = start(&["--workers", "2", "--speedup", "10"], &TWO_WORKER_LINES);
     let gateway = &lines[0].1;
     let client = http_client();
     let chat = json!({
@@ -170,6 +160,16 @@ fn quickstart_disaggregates_long_prompts_and_keeps_short_ones_local() {
 }
 
 /// How long a crashed child may take to be reported, restarted and ready.
+/// What a two-worker quickstart prints, in order.
+const TWO_WORKER_LINES: [&str; 6] = [
+    "gateway",
+    "nats",
+    "sidecar",
+    "worker",
+    "worker",
+    "envoy-admin",
+];
+
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The directory of the quickstart's `logs:` line.
@@ -316,17 +316,7 @@ fn assert_events_flow(gateway: &str, sidecar: &str, first_token: u32) {
 
 #[test]
 fn quickstart_restarts_crashed_children_while_the_gateway_keeps_serving() {
-    let (mut quickstart, lines) = start(
-        &["--workers", "2", "--speedup", "10"],
-        &[
-            "gateway",
-            "nats",
-            "sidecar",
-            "worker",
-            "worker",
-            "envoy-admin",
-        ],
-    );
+    let (mut quickstart, lines) = start(&["--workers", "2", "--speedup", "10"], &TWO_WORKER_LINES);
     let (gateway, nats, sidecar, worker) = (&lines[0].1, &lines[1].1, &lines[2].1, &lines[3].1);
     let logs = log_dir(&mut quickstart);
     for name in [

@@ -207,8 +207,10 @@ fn salted_prompts_never_count_another_salts_blocks() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // ...and the same tokens under a salt are not.
+    // ...and the same tokens under a salt are not; an empty salt is none.
     assert_eq!(cached_blocks(&salted), 0);
+    let empty = json!({"model": MODEL, "prompt": tokens, "max_tokens": 1, "cache_salt": ""});
+    assert_eq!(cached_blocks(&empty), 4);
 }
 
 /// A valid request to mutate.

@@ -225,7 +225,8 @@ impl InferenceStream {
         };
         let model_name = model.name.clone();
         let hasher = model.hasher;
-        let salt = request.cache_salt.as_deref();
+        // Engines treat an empty salt as none; so do the relays.
+        let salt = request.cache_salt.as_deref().filter(|s| !s.is_empty());
         let started_ns = host::now_ns().unwrap_or(0);
         // Token ids are hashed, then dropped, before the body is rewritten:
         // at most two body-sized buffers are alive at a time.

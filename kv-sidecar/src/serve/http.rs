@@ -179,9 +179,9 @@ async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Val
         }
     };
     let mut tokenized = run_tokenizer(&http, &request.model, input).await?;
-    if let (Some(salt), Some(tokenizer)) =
-        (&request.cache_salt, http.tokenizers.get(&request.model))
-    {
+    // An empty salt is no salt, as engines treat it.
+    let salt = request.cache_salt.as_deref().filter(|s| !s.is_empty());
+    if let (Some(salt), Some(tokenizer)) = (salt, http.tokenizers.get(&request.model)) {
         tokenizer.salt(&mut tokenized, salt);
     }
     let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
