@@ -43,6 +43,7 @@ pub struct ServeMetrics {
     pub workers_expired: Family<ModelLabel, Counter>,
     pub workers_unreachable: Family<ModelLabel, Counter>,
     pub workers_refused: Family<ModelLabel, Counter>,
+    pub workers_block_size_mismatch: Family<ModelLabel, Counter>,
     /// NATS messages that did not decode or named an unconfigured model.
     pub malformed: Family<KindLabel, Counter>,
     pub version: Family<ModelLabel, Gauge>,
@@ -71,6 +72,7 @@ impl ServeMetrics {
             workers_expired: Family::default(),
             workers_unreachable: Family::default(),
             workers_refused: Family::default(),
+            workers_block_size_mismatch: Family::default(),
             malformed: Family::default(),
             version: Family::default(),
             subscribers: Gauge::default(),
@@ -130,6 +132,11 @@ impl ServeMetrics {
             "workers_refused",
             "Registrations refused because max_workers was reached",
             m.workers_refused.clone(),
+        );
+        r.register(
+            "workers_block_size_mismatch",
+            "Workers refused because their relay's block size differs from the model's",
+            m.workers_block_size_mismatch.clone(),
         );
         r.register(
             "malformed_messages",

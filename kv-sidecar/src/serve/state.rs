@@ -79,6 +79,10 @@ pub struct ModelState {
     inflight: InFlight,
     subscribers: Vec<Subscriber>,
     position: usize,
+    /// Workers refused because their relay hashes with another block size,
+    /// with that size: logged and counted once per worker and size, not on
+    /// every heartbeat.
+    mismatched_block_size: HashMap<String, u32>,
 }
 
 impl ModelState {
@@ -122,6 +126,7 @@ impl ServeState {
                     inflight: InFlight::default(),
                     subscribers: Vec::new(),
                     position,
+                    mismatched_block_size: HashMap::new(),
                 })
             })
             .collect();
@@ -408,6 +413,9 @@ impl StateTask {
     fn heartbeat(&self, model: &mut ModelState, info: WorkerInfo, changes: &mut Vec<Change>) {
         let now = Instant::now();
         let model_name = model.config.name.clone();
+        if !self.block_size_agrees(model, &info, changes) {
+            return;
+        }
         if info.engine_unreachable {
             // The relay lives but its engine does not answer: no gateway may
             // route to it. A heartbeat without the flag registers it again,
@@ -481,6 +489,45 @@ impl StateTask {
     }
 
     /// Drops a worker, its in-flight accounting and its blocks.
+    /// False (and the worker out of every view) when the relay hashes blocks
+    /// of another size than the model's: every hash it publishes would miss
+    /// every hash the filter computes, so routing on it would be silently
+    /// wrong. 0 is a relay too old to say.
+    fn block_size_agrees(
+        &self,
+        model: &mut ModelState,
+        info: &WorkerInfo,
+        changes: &mut Vec<Change>,
+    ) -> bool {
+        let expected = model.config.block_size;
+        if info.block_size == 0 || info.block_size == expected {
+            model.mismatched_block_size.remove(&info.worker_id);
+            return true;
+        }
+        let known = model.mismatched_block_size.get(&info.worker_id);
+        if known != Some(&info.block_size) {
+            tracing::error!(
+                model = %model.config.name,
+                worker = %info.worker_id,
+                relay_block_size = info.block_size,
+                model_block_size = expected,
+                "refusing a worker whose relay's --block-size differs from the model's block_size: its block hashes cannot match the gateway's"
+            );
+            self.state
+                .metrics
+                .workers_block_size_mismatch
+                .get_or_create(&ServeMetrics::model(&model.config.name))
+                .inc();
+            model
+                .mismatched_block_size
+                .insert(info.worker_id.clone(), info.block_size);
+        }
+        if model.workers.contains_key(&info.worker_id) {
+            self.remove_worker(model, &info.worker_id, changes);
+        }
+        false
+    }
+
     fn remove_worker(&self, model: &mut ModelState, worker: &str, changes: &mut Vec<Change>) {
         model.workers.remove(worker);
         let dropped = model.inflight.forget_worker(worker);

@@ -1,6 +1,7 @@
-//! `scripts/quickstart`: the whole kvmesh stack on simulated GPUs, on one machine.
+//! `scripts/quickstart`: the whole kvmesh stack on simulated GPUs (or real
+//! CPU vLLM engines, `--engine vllm`), on one machine.
 //!
-//! Starts nats-server, N sim-engine workers each with its `kv-sidecar relay`,
+//! Starts nats-server, N workers each with its `kv-sidecar relay`,
 //! `kv-sidecar serve`, and Envoy with the kvmesh filter fed by the sidecar;
 //! prints one `name: url` line per component once everything is ready
 //! (`gateway:` first) and a `logs:` line, restarts any child that exits (see
@@ -15,6 +16,15 @@ use kvmesh_tests::harness::free_port;
 use kvmesh_tests::harness::stack::{Stack, StackOptions};
 use kvmesh_tests::harness::supervisor::Supervisor;
 use signal_hook::consts::{SIGINT, SIGTERM};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EngineKind {
+    /// sim-engine: simulated GPUs with a timing model.
+    Sim,
+    /// Real vLLM on CPU serving a tiny random-weight Qwen3
+    /// (`scripts/setup --with-vllm`).
+    Vllm,
+}
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum DisaggProtocol {
@@ -35,10 +45,13 @@ impl DisaggProtocol {
 
 #[derive(Debug, Parser)]
 #[command(
-    about = "Run kvmesh on simulated GPUs: nats-server, sim-engine workers, Envoy with the filter"
+    about = "Run kvmesh on simulated GPUs (or real CPU vLLM): nats-server, workers with their relays, Envoy with the filter"
 )]
 struct Args {
-    /// Number of simulated (decode) workers.
+    /// What the workers run.
+    #[arg(long, value_enum, default_value_t = EngineKind::Sim)]
+    engine: EngineKind,
+    /// Number of (decode) workers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
     /// Prefill-only workers; with any, long prompts are prefilled on them
@@ -60,9 +73,11 @@ struct Args {
     /// `tokenizer.json` for the workers (default: the Qwen3 test tokenizer from scripts/setup).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// KV block size in tokens, shared by the workers and the filter.
-    #[arg(long, default_value_t = 16)]
-    block_size: u32,
+    /// KV block size in tokens, shared by the workers and the filter
+    /// (default: 16 for sim, 32 for vLLM, whose CPU backend needs a multiple
+    /// of 32).
+    #[arg(long)]
+    block_size: Option<u32>,
     /// Simulated time runs this many times faster than real time.
     #[arg(long, default_value_t = 1.0)]
     speedup: f64,
@@ -74,8 +89,20 @@ fn main() -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("installing signal handlers")?;
 
-    let mut options = StackOptions::new(&args.model, usize::from(args.workers))?;
-    options.block_size = args.block_size;
+    let workers = usize::from(args.workers);
+    let mut options = match args.engine {
+        EngineKind::Sim => StackOptions::new(&args.model, workers)?,
+        EngineKind::Vllm => {
+            anyhow::ensure!(
+                args.prefill_workers == 0,
+                "--prefill-workers needs --engine sim"
+            );
+            StackOptions::vllm(&args.model, workers)?
+        }
+    };
+    if let Some(block_size) = args.block_size {
+        options.block_size = block_size;
+    }
     options.sim_args = vec!["--speedup".to_owned(), args.speedup.to_string()];
     options.prefill_workers = usize::from(args.prefill_workers);
     options.disaggregation = ("auto".to_owned(), args.disagg_protocol.name().to_owned());
@@ -93,8 +120,8 @@ fn main() -> anyhow::Result<()> {
     println!("gateway: {}", envoy.gateway_url());
     println!("nats: {}", nats.url());
     println!("sidecar: {}", sidecar.http_url());
-    for worker in &stack.workers {
-        println!("worker: {}", worker.sim.url());
+    for url in stack.worker_urls() {
+        println!("worker: {url}");
     }
     for worker in &stack.prefill_workers {
         println!("prefill-worker: {}", worker.sim.url());

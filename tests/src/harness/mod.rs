@@ -19,6 +19,7 @@ pub mod sim;
 pub mod stack;
 pub mod stats;
 pub mod supervisor;
+pub mod vllm;
 
 pub use envoy::{
     Envoy, FallbackBalancing, GatewayConfig, GatewayLimits, ModelRoute, SidecarEndpoints,

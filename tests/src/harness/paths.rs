@@ -108,6 +108,23 @@ pub fn engine_wheel(dist: &str, version: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// Python of the vLLM virtualenv (`scripts/setup --with-vllm`).
+pub fn vllm_python() -> anyhow::Result<PathBuf> {
+    existing(
+        repo_root().join(".venv-vllm").join("bin").join("python"),
+        "run scripts/setup --with-vllm to install vLLM into .venv-vllm",
+    )
+}
+
+/// The tiny random-weight Qwen3 the real-vLLM tests serve
+/// (`scripts/setup --with-vllm`).
+pub fn tiny_qwen3_dir() -> anyhow::Result<PathBuf> {
+    existing(
+        repo_root().join(".data").join("models").join("tiny-qwen3"),
+        "run scripts/setup --with-vllm to build the tiny Qwen3",
+    )
+}
+
 /// Directory of the Envoy config templates.
 pub fn envoy_config_dir() -> PathBuf {
     repo_root().join("envoy")

@@ -1,7 +1,7 @@
-//! The whole kvmesh stack on one machine: nats-server, simulated workers each
-//! with its `kv-sidecar relay`, `kv-sidecar serve`, and Envoy with the filter
-//! fed by the sidecar. Used by `scripts/quickstart`, the benchmarks and the
-//! end-to-end tests.
+//! The whole kvmesh stack on one machine: nats-server, simulated (or real
+//! vLLM) workers each with its `kv-sidecar relay`, `kv-sidecar serve`, and
+//! Envoy with the filter fed by the sidecar. Used by `scripts/quickstart`,
+//! the benchmarks and the end-to-end tests.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use crate::harness::envoy::Disaggregation;
 use crate::harness::fleet::KvWorker;
 use crate::harness::sidecar::{Sidecar, SidecarModel};
 use crate::harness::sim::SimEngineOptions;
+use crate::harness::vllm::{VllmEngine, VllmOptions, VllmWorker};
 use crate::harness::{free_port, paths, Envoy, GatewayConfig, ModelRoute, NatsServer};
 
 /// How long the sidecar may take to connect to NATS and load its state, and
@@ -32,6 +33,30 @@ pub struct StackOptions {
     pub prefill_workers: usize,
     /// `(policy, protocol)` of remote prefill, e.g. `("auto", "vllm")`.
     pub disaggregation: (String, String),
+    /// `Some`: the workers are real vLLM engines (`scripts/setup
+    /// --with-vllm`) instead of sim-engines, in [`Stack::vllm_workers`].
+    pub vllm: Option<VllmFleet>,
+}
+
+/// The real-vLLM workers of a stack; the block size is the stack's.
+#[derive(Debug, Clone)]
+pub struct VllmFleet {
+    /// KV cache capacity of each engine, in blocks.
+    pub cache_blocks: u64,
+    pub max_model_len: u32,
+    /// Further engine flags for every worker.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for VllmFleet {
+    fn default() -> Self {
+        let defaults = VllmOptions::new("", "");
+        Self {
+            cache_blocks: defaults.cache_blocks,
+            max_model_len: defaults.max_model_len,
+            extra_args: Vec::new(),
+        }
+    }
 }
 
 impl StackOptions {
@@ -46,7 +71,17 @@ impl StackOptions {
             sim_args: Vec::new(),
             prefill_workers: 0,
             disaggregation: ("auto".to_owned(), "vllm".to_owned()),
+            vllm: None,
         })
+    }
+
+    /// `workers` real vLLM workers with 32-token blocks (vLLM's CPU backend
+    /// wants a multiple of 32).
+    pub fn vllm(model: &str, workers: usize) -> anyhow::Result<Self> {
+        let mut options = Self::new(model, workers)?;
+        options.block_size = 32;
+        options.vllm = Some(VllmFleet::default());
+        Ok(options)
     }
 }
 
@@ -56,6 +91,8 @@ pub struct Stack {
     pub sidecar: Sidecar,
     pub workers: Vec<KvWorker>,
     pub prefill_workers: Vec<KvWorker>,
+    /// The workers when [`StackOptions::vllm`] is set (`workers` is empty).
+    pub vllm_workers: Vec<VllmWorker>,
     pub nats: NatsServer,
     options: StackOptions,
     /// SGLang rendezvous port of the prefill worker.
@@ -86,8 +123,23 @@ impl Stack {
             KvWorker::start_as(&nats.url(), sim, options.block_size, role)
                 .with_context(|| format!("starting {name} and its relay"))
         };
-        let mut workers = Vec::with_capacity(options.workers);
-        for index in 0..options.workers {
+        let vllm_workers = match &options.vllm {
+            Some(fleet) => {
+                anyhow::ensure!(
+                    options.prefill_workers == 0,
+                    "a real-vLLM stack has no prefill workers"
+                );
+                start_vllm_workers(&nats.url(), &options, fleet)?
+            }
+            None => Vec::new(),
+        };
+        let sim_workers = if options.vllm.is_some() {
+            0
+        } else {
+            options.workers
+        };
+        let mut workers = Vec::with_capacity(sim_workers);
+        for index in 0..sim_workers {
             let role = if disaggregated { "decode" } else { "both" };
             workers.push(start(format!("worker-{index}"), role, Vec::new())?);
         }
@@ -115,7 +167,7 @@ impl Stack {
             .context("waiting for kv-sidecar serve to be ready")?;
         let mut config = GatewayConfig::new(vec![model_route(
             &options,
-            &workers,
+            &worker_addresses(&workers, &vllm_workers),
             &prefill_workers,
             bootstrap_port,
         )])?;
@@ -127,6 +179,7 @@ impl Stack {
         let stack = Self {
             workers,
             prefill_workers,
+            vllm_workers,
             sidecar,
             envoy,
             nats,
@@ -143,10 +196,23 @@ impl Stack {
     pub fn model_route(&self) -> ModelRoute {
         model_route(
             &self.options,
-            &self.workers,
+            &self.worker_addresses(),
             &self.prefill_workers,
             self.bootstrap_port,
         )
+    }
+
+    /// `ip:port` of every (decode) worker, simulated or vLLM.
+    pub fn worker_addresses(&self) -> Vec<String> {
+        worker_addresses(&self.workers, &self.vllm_workers)
+    }
+
+    /// Base URL of every (decode) worker, simulated or vLLM.
+    pub fn worker_urls(&self) -> Vec<String> {
+        self.worker_addresses()
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect()
     }
 
     /// Every worker known to the sidecar and fleet state in each filter VM:
@@ -159,7 +225,8 @@ impl Stack {
                 .envoy
                 .stat("wasmcustom.kvmesh_state_updates_applied")
                 .unwrap_or(0);
-            let expected = self.workers.len() + self.prefill_workers.len();
+            let expected =
+                self.workers.len() + self.prefill_workers.len() + self.vllm_workers.len();
             if known >= expected && updates >= vms {
                 return Ok(());
             }
@@ -173,17 +240,45 @@ impl Stack {
     }
 }
 
+/// Spawns every engine first so they load in parallel, then gives each ready
+/// one its relay.
+fn start_vllm_workers(
+    nats_url: &str,
+    options: &StackOptions,
+    fleet: &VllmFleet,
+) -> anyhow::Result<Vec<VllmWorker>> {
+    let mut engines = Vec::with_capacity(options.workers);
+    for index in 0..options.workers {
+        let mut engine = VllmOptions::new(&options.model, &format!("worker-{index}"));
+        engine.block_size = options.block_size;
+        engine.cache_blocks = fleet.cache_blocks;
+        engine.max_model_len = fleet.max_model_len;
+        engine.extra_args = fleet.extra_args.clone();
+        engines.push(VllmEngine::spawn(engine).with_context(|| format!("starting vLLM {index}"))?);
+    }
+    let mut workers = Vec::with_capacity(engines.len());
+    for mut engine in engines {
+        engine.wait_ready()?;
+        workers.push(VllmWorker::attach(nats_url, engine)?);
+    }
+    Ok(workers)
+}
+
+fn worker_addresses(workers: &[KvWorker], vllm_workers: &[VllmWorker]) -> Vec<String> {
+    workers
+        .iter()
+        .map(|w| w.sim.address())
+        .chain(vllm_workers.iter().map(|w| w.engine.address()))
+        .collect()
+}
+
 fn model_route(
     options: &StackOptions,
-    workers: &[KvWorker],
+    workers: &[String],
     prefill_workers: &[KvWorker],
     bootstrap_port: u16,
 ) -> ModelRoute {
-    let mut route = ModelRoute::new(
-        &options.model,
-        options.block_size,
-        workers.iter().map(|w| w.sim.address()).collect(),
-    );
+    let mut route = ModelRoute::new(&options.model, options.block_size, workers.to_vec());
     if !prefill_workers.is_empty() {
         let (policy, protocol) = &options.disaggregation;
         let mut disaggregation = Disaggregation::new(

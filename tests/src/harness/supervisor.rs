@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::harness::fleet::KvWorker;
+use crate::harness::relay::Relay;
 use crate::harness::stack::Stack;
 use crate::harness::ManagedProcess;
 
@@ -40,7 +40,7 @@ impl Supervisor {
     pub fn new(mut stack: Stack) -> anyhow::Result<Self> {
         let logs = LogDir::create()?;
         let mut components = vec![Component::Nats];
-        let workers = stack.workers.len() + stack.prefill_workers.len();
+        let workers = stack.workers.len() + stack.prefill_workers.len() + stack.vllm_workers.len();
         components.extend((0..workers).map(Component::Engine));
         components.extend((0..workers).map(Component::Relay));
         components.extend([Component::Sidecar, Component::Envoy]);
@@ -123,7 +123,8 @@ impl Supervisor {
 #[derive(Debug, Clone, Copy)]
 enum Component {
     Nats,
-    /// The sim-engine of worker `n`, counting decode workers then prefill.
+    /// The engine of worker `n`, counting simulated decode workers, then
+    /// prefill, then vLLM workers.
     Engine(usize),
     /// The relay beside worker `n`.
     Relay(usize),
@@ -135,8 +136,11 @@ impl Component {
     fn process(self, stack: &mut Stack) -> &mut ManagedProcess {
         match self {
             Component::Nats => stack.nats.process(),
-            Component::Engine(n) => worker(stack, n).sim.process(),
-            Component::Relay(n) => worker(stack, n).relay.process(),
+            Component::Engine(n) => match engine(stack, n) {
+                Engine::Sim(sim) => sim.process(),
+                Engine::Vllm(vllm) => vllm.process(),
+            },
+            Component::Relay(n) => relay(stack, n).process(),
             Component::Sidecar => stack.sidecar.process(),
             Component::Envoy => stack.envoy.process(),
         }
@@ -147,20 +151,54 @@ impl Component {
     fn restart(self, stack: &mut Stack) -> anyhow::Result<()> {
         match self {
             Component::Nats => stack.nats.restart(),
-            Component::Engine(n) => worker(stack, n).sim.restart(),
-            Component::Relay(n) => worker(stack, n).relay.restart(),
+            Component::Engine(n) => match engine(stack, n) {
+                Engine::Sim(sim) => sim.restart(),
+                Engine::Vllm(vllm) => vllm.restart(),
+            },
+            Component::Relay(n) => relay(stack, n).restart(),
             Component::Sidecar => stack.sidecar.restart(),
             Component::Envoy => stack.envoy.restart(),
         }
     }
 }
 
-fn worker(stack: &mut Stack, n: usize) -> &mut KvWorker {
-    let decode = stack.workers.len();
+enum Engine<'a> {
+    Sim(&'a mut crate::harness::SimEngine),
+    Vllm(&'a mut crate::harness::vllm::VllmEngine),
+}
+
+/// Worker `n`'s index among the sim decode workers, the prefill workers or
+/// the vLLM workers.
+enum Slot {
+    Sim(usize),
+    Prefill(usize),
+    Vllm(usize),
+}
+
+fn slot(stack: &Stack, n: usize) -> Slot {
+    let (decode, prefill) = (stack.workers.len(), stack.prefill_workers.len());
     if n < decode {
-        &mut stack.workers[n]
+        Slot::Sim(n)
+    } else if n < decode + prefill {
+        Slot::Prefill(n - decode)
     } else {
-        &mut stack.prefill_workers[n - decode]
+        Slot::Vllm(n - decode - prefill)
+    }
+}
+
+fn engine(stack: &mut Stack, n: usize) -> Engine<'_> {
+    match slot(stack, n) {
+        Slot::Sim(i) => Engine::Sim(&mut stack.workers[i].sim),
+        Slot::Prefill(i) => Engine::Sim(&mut stack.prefill_workers[i].sim),
+        Slot::Vllm(i) => Engine::Vllm(&mut stack.vllm_workers[i].engine),
+    }
+}
+
+fn relay(stack: &mut Stack, n: usize) -> &mut Relay {
+    match slot(stack, n) {
+        Slot::Sim(i) => &mut stack.workers[i].relay,
+        Slot::Prefill(i) => &mut stack.prefill_workers[i].relay,
+        Slot::Vllm(i) => &mut stack.vllm_workers[i].relay,
     }
 }
 
