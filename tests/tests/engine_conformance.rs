@@ -18,28 +18,14 @@ use kvmesh_tests::harness::engine_publisher::{
 use kvmesh_tests::harness::relay::{Relay, RelayOptions};
 use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
 use kvmesh_tests::harness::NatsServer;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};
 use serde_json::{json, Value};
 
 const MODEL: &str = "conformance-model";
 const BLOCK: u32 = 4;
 const SETTLE: Duration = Duration::from_secs(30);
-
-/// A small deterministic generator (no dependency on rand's algorithms).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One cached chain the workload can extend or evict from.
 struct Chain {
@@ -64,7 +50,7 @@ struct Truth {
     /// for multimodal blocks, whose hashes only the relay's folding knows).
     held: HashMap<u64, Option<SeqHash>>,
     next_hash: u64,
-    rng: Rng,
+    rng: StdRng,
     capabilities: Capabilities,
 }
 
@@ -78,7 +64,7 @@ impl Truth {
             chains: Vec::new(),
             held: HashMap::new(),
             next_hash: 1,
-            rng: Rng(seed | 1),
+            rng: StdRng::seed_from_u64(seed),
             capabilities,
         }
     }
@@ -146,22 +132,22 @@ impl Truth {
     }
 
     fn new_chain(&mut self) -> Vec<Value> {
-        let blocks = 1 + self.rng.below(3) as usize;
+        let blocks = 1 + self.rng.random_range(0..3) as usize;
         let caps = self.capabilities;
-        let salt =
-            (caps.salt && self.rng.below(3) == 0).then(|| format!("tenant-{}", self.rng.below(2)));
-        let mm = (caps.mm && salt.is_none() && self.rng.below(5) == 0)
+        let salt = (caps.salt && self.rng.random_range(0..3) == 0)
+            .then(|| format!("tenant-{}", self.rng.random_range(0..2)));
+        let mm = (caps.mm && salt.is_none() && self.rng.random_range(0..5) == 0)
             .then(|| format!("image-{}", self.chains.len()));
-        let hybrid = caps.groups && mm.is_none() && self.rng.below(3) == 0;
+        let hybrid = caps.groups && mm.is_none() && self.rng.random_range(0..3) == 0;
         // A shared system prompt now and then, so equal tokens with and
         // without salts meet.
-        let shared = self.rng.below(2) == 0;
+        let shared = self.rng.random_range(0..2) == 0;
         let tokens: Vec<u32> = (0..blocks * BLOCK as usize)
             .map(|i| {
                 if shared {
                     i as u32
                 } else {
-                    70_000 + self.rng.below(50_000) as u32
+                    70_000 + self.rng.random_range(0..50_000) as u32
                 }
             })
             .collect();
@@ -186,12 +172,12 @@ impl Truth {
         if candidates.is_empty() {
             return self.new_chain();
         }
-        let index = candidates[self.rng.below(candidates.len() as u64) as usize];
+        let index = candidates[self.rng.random_range(0..candidates.len() as u64) as usize];
         let from = self.chains[index].blocks.len();
-        let more = 1 + self.rng.below(2) as usize;
+        let more = 1 + self.rng.random_range(0..2) as usize;
         for _ in 0..more {
             let hash = self.engine_hash();
-            let token = 90_000 + self.rng.below(10_000) as u32;
+            let token = 90_000 + self.rng.random_range(0..10_000) as u32;
             let chain = &mut self.chains[index];
             chain.blocks.push(hash);
             chain.tokens.extend((0..BLOCK).map(|i| token + i));
@@ -213,7 +199,7 @@ impl Truth {
         if held.is_empty() {
             return Vec::new();
         }
-        let (index, position) = held[self.rng.below(held.len() as u64) as usize];
+        let (index, position) = held[self.rng.random_range(0..held.len() as u64) as usize];
         let chain = &self.chains[index];
         let hash = chain.blocks[position];
         let groups = self.capabilities.groups;
@@ -221,7 +207,7 @@ impl Truth {
         if chain.hybrid {
             // The sliding window drops it first; the block stays routable.
             events.push(json!({"kind": "removed", "hashes": [hash], "group": 1}));
-            if self.rng.below(2) == 0 {
+            if self.rng.random_range(0..2) == 0 {
                 return events;
             }
         }
@@ -244,8 +230,8 @@ impl Truth {
     /// One engine step: a few stores and evictions.
     fn step(&mut self) -> Vec<Value> {
         let mut events = Vec::new();
-        for _ in 0..1 + self.rng.below(3) {
-            let mut more = match self.rng.below(4) {
+        for _ in 0..1 + self.rng.random_range(0..3) {
+            let mut more = match self.rng.random_range(0..4) {
                 0 => self.extend_chain(),
                 1 => self.evict(),
                 _ => self.new_chain(),

@@ -10,6 +10,8 @@ use kv_sidecar::tokenize::ModelTokenizer;
 use kvmesh_tests::harness::sidecar::{check_config, Sidecar, SidecarModel};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{free_port, paths, NatsServer, SimEngine};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B";
@@ -221,21 +223,6 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
     assert!(route["workers"].is_array(), "{route}");
 }
 
-/// Deterministic xorshift so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn per_segment_ids_concatenate_to_whole_string_ids() {
     let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
@@ -273,10 +260,10 @@ fn per_segment_ids_concatenate_to_whole_string_ids() {
         "<|vision_start|>",
         "<|fim_prefix|>",
     ];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
     for case in 0..400 {
-        let text: String = (0..rng.below(40))
-            .map(|_| pieces[rng.below(pieces.len())])
+        let text: String = (0..rng.random_range(0..40))
+            .map(|_| pieces[rng.random_range(0..pieces.len())])
             .collect();
         let segmented = tokenizer.tokenize_text(&text).unwrap().token_ids();
         assert_eq!(

@@ -314,7 +314,7 @@ impl Config {
         {
             fail(
                 "nats.url",
-                "each comma-separated URL must start with nats://, tls://, ws:// or wss://",
+                "must start with nats://, tls://, ws:// or wss:// (each URL of a comma-separated list)",
             );
         } else if let Err(err) = server_addrs(&self.nats.url) {
             fail("nats.url", &format!("{err:#}"));
