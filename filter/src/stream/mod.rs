@@ -204,10 +204,14 @@ impl InferenceStream {
         let body = match host::buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body,
             Err(err) => {
-                // Without the body there is nothing to route on: fail open.
+                // An unread body cannot be checked for handshake fields:
+                // refuse it rather than forward it unchecked.
                 self.host_error(err);
-                self.metrics.fallback.inc();
-                return Action::Continue;
+                let message = "the request body could not be read; retry the request";
+                return self.reject(
+                    ErrorKind::NoWorkerAvailable,
+                    &error_body(ErrorKind::NoWorkerAvailable, message, None),
+                );
             }
         };
         let request = match parse_request(endpoint, &body, self.config.max_body_bytes) {
