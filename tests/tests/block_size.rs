@@ -1,0 +1,103 @@
+//! The block size is one fleet-wide fact: 32-token blocks work end to end
+//! (engines, relays, sidecar model, filter), and a relay hashing another
+//! size than its model's is refused by `kv-sidecar serve`, loudly. Runs on
+//! sim-engines, so it holds where real vLLM cannot be installed too
+//! (`tests/vllm.rs` repeats the refusal against real vLLM).
+
+use std::time::{Duration, Instant};
+
+use kvmesh_tests::harness::client::{http_client, post_json};
+use kvmesh_tests::harness::free_port;
+use kvmesh_tests::harness::relay::{Relay, RelayOptions};
+use kvmesh_tests::harness::stack::{Stack, StackOptions};
+use serde_json::{json, Value};
+
+const MODEL: &str = "qwen3";
+const BLOCK: u32 = 32;
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {SETTLE:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
+    let mut options = StackOptions::new(MODEL, 2).expect("stack options");
+    options.block_size = BLOCK;
+    options.sim_args = vec!["--speedup".into(), "50".into()];
+    let stack = Stack::start(options, |config| config.debug_headers = true).expect("stack starts");
+
+    // A 40-block token prompt, then the same prefix with another tail: the
+    // second lands where the first cached it, and the engine says so.
+    let prefix: Vec<u32> = (1_000..1_000 + 40 * BLOCK).collect();
+    let send = |tail: u32| {
+        let mut prompt = prefix.clone();
+        prompt.extend(tail..tail + 7);
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2});
+        let url = format!("{}/v1/completions", stack.envoy.gateway_url());
+        let response = post_json(&http_client(), &url, &body).expect("gateway answers");
+        assert_eq!(response.status, 200, "{}", response.text);
+        response
+    };
+    let first = send(90_000);
+    let holder = first
+        .header("x-kvmesh-worker")
+        .expect("worker header")
+        .to_owned();
+    wait_for("the sidecar indexes the prefix", || {
+        stack.sidecar.metric("kvmesh_serve_index_blocks", "") >= 40.0
+    });
+    let second = send(95_000);
+    assert_eq!(second.header("x-kvmesh-worker"), Some(holder.as_str()));
+    assert_eq!(second.header("x-kvmesh-mode"), Some("precise"));
+    assert!(
+        second.cached_tokens() >= u64::from(40 * BLOCK),
+        "cached_tokens {}",
+        second.cached_tokens()
+    );
+
+    // Another relay for the first engine, hashing 16-token blocks.
+    let engine = &stack.workers[0].sim;
+    let metrics = format!("{}/metrics", engine.url());
+    let _wrong = Relay::start(&RelayOptions {
+        engine: "vllm".into(),
+        nats_url: stack.nats.url(),
+        worker_id: "wrong-block-size".into(),
+        model: MODEL.into(),
+        address: engine.address(),
+        block_size: 16,
+        // Its events are never looked at: the heartbeat is refused.
+        zmq_endpoint: Some(format!("tcp://127.0.0.1:{}", free_port())),
+        zmq_replay_endpoint: None,
+        metrics_url: Some(metrics),
+        extra_args: Vec::new(),
+    })
+    .expect("relay starts");
+    let metric = "kvmesh_serve_workers_block_size_mismatch_total";
+    wait_for("the sidecar refuses the relay", || {
+        stack.sidecar.metric(metric, "") >= 1.0
+    });
+    // Heartbeats keep coming every second: still refused, counted once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(stack.sidecar.metric(metric, ""), 1.0);
+    let workers: Value = reqwest::blocking::get(format!("{}/v1/workers", stack.sidecar.http_url()))
+        .and_then(|r| r.json())
+        .expect("/v1/workers");
+    let ids: Vec<&str> = workers["workers"]
+        .as_array()
+        .expect("workers array")
+        .iter()
+        .filter_map(|w| w["worker_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["worker-0", "worker-1"]);
+    let mut sidecar = stack.sidecar;
+    let logs = sidecar.process().logs();
+    assert!(
+        logs.contains("ERROR") && logs.contains("wrong-block-size"),
+        "no error logged:\n{logs}"
+    );
+}
