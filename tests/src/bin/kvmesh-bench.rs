@@ -13,7 +13,7 @@ use kvmesh_tests::fleet_bench::mooncake::MooncakeReplay;
 use kvmesh_tests::fleet_bench::policy::Policy;
 use kvmesh_tests::fleet_bench::prompts::PromptBlocker;
 use kvmesh_tests::fleet_bench::report::{self, RunContext};
-use kvmesh_tests::fleet_bench::run::{run_policy, FleetParams};
+use kvmesh_tests::fleet_bench::run::{run_policy, BenchEngine, FleetParams};
 use kvmesh_tests::fleet_bench::summary::Summary;
 use kvmesh_tests::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
 use kvmesh_tests::harness::paths;
@@ -55,8 +55,6 @@ struct Args {
     multi_turn: MultiTurn,
 }
 
-const BLOCK_SIZE: u32 = 16;
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let command = std::iter::once("scripts/bench".to_owned())
@@ -66,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     let blocker = PromptBlocker::new(
         &args.fleet.model,
         &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
-        BLOCK_SIZE,
+        args.fleet.engine.block_size(),
     )?;
     for kind in &args.workloads {
         let workload = match kind {
@@ -124,6 +122,16 @@ fn run_workload(
 }
 
 fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
+    if fleet.engine == BenchEngine::Vllm {
+        let block_size = BenchEngine::Vllm.block_size();
+        let tokens = workload.cache_blocks * BenchEngine::Sim.block_size();
+        return format!(
+            "{} real vLLM 0.32 CPU engines (tiny random-weight Qwen3: 2 layers, hidden 128), {} KV blocks of {block_size} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server, all on one shared 2-core machine; every policy on a fresh fleet",
+            fleet.workers,
+            tokens / block_size,
+            fleet.speedup(workload),
+        );
+    }
     format!(
         "{} simulated GPUs (precise + P/D: {} prefill + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server; every policy on a fresh fleet{}",
         fleet.workers,
@@ -135,7 +143,7 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
             format!(" with {}", workload.sim_args.join(" "))
         },
         workload.cache_blocks,
-        BLOCK_SIZE,
+        BenchEngine::Sim.block_size(),
         fleet.speedup(workload),
         if fleet.sim_args.is_empty() {
             String::new()

@@ -15,12 +15,35 @@ use crate::harness::client::prometheus_sum;
 use crate::harness::load::{stream_timed, Streamed};
 use crate::harness::stack::{Stack, StackOptions};
 
+/// What the fleet's workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchEngine {
+    /// sim-engine with the 8B-on-H100 timing model.
+    Sim,
+    /// Real CPU vLLM serving a tiny random-weight Qwen3 (`scripts/setup
+    /// --with-vllm`): real caching and scheduling, CPU timings.
+    Vllm,
+}
+
+impl BenchEngine {
+    /// Tokens per KV block: vLLM's CPU backend wants a multiple of 32.
+    pub fn block_size(self) -> u32 {
+        match self {
+            Self::Sim => 16,
+            Self::Vllm => 32,
+        }
+    }
+}
+
 /// Longest a single request may take, real time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The fleet every policy runs on.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetParams {
+    /// What the workers run.
+    #[arg(long, value_enum, default_value_t = BenchEngine::Sim)]
+    pub engine: BenchEngine,
     /// Simulated GPUs (prefill plus decode for `precise-disagg`).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -112,7 +135,31 @@ pub fn run_policy(
         prefill_workers < fleet.workers,
         "--prefill-workers must leave at least one decode worker"
     );
-    let mut options = StackOptions::new(&fleet.model, fleet.workers - prefill_workers)?;
+    let decode_workers = fleet.workers - prefill_workers;
+    let mut options = match fleet.engine {
+        BenchEngine::Sim => StackOptions::new(&fleet.model, decode_workers)?,
+        BenchEngine::Vllm => {
+            anyhow::ensure!(
+                prefill_workers == 0,
+                "precise-disagg needs --engine sim (the CPU vLLM has no KV transfer)"
+            );
+            let mut options = StackOptions::vllm(&fleet.model, decode_workers)?;
+            if let Some(vllm) = options.vllm.as_mut() {
+                // The same KV memory in tokens as the sim fleet the workload
+                // was sized for, in vLLM's larger blocks.
+                let tokens =
+                    u64::from(workload.cache_blocks) * u64::from(BenchEngine::Sim.block_size());
+                vllm.cache_blocks = tokens / u64::from(options.block_size);
+                // vLLM refuses a context longer than its cache, whose first
+                // block it keeps as the null block.
+                let usable = vllm.cache_blocks.saturating_sub(1) * u64::from(options.block_size);
+                vllm.max_model_len = workload
+                    .max_model_len
+                    .min(u32::try_from(usable).unwrap_or(u32::MAX));
+            }
+            options
+        }
+    };
     options.sim_args = fleet.sim_args(workload);
     options.prefill_workers = prefill_workers;
     options.disaggregation = ("auto".to_owned(), "vllm".to_owned());
@@ -136,28 +183,23 @@ pub fn run_policy(
     let wall = started.elapsed().as_secs_f64();
     // With remote prefill the decode engines "hit" the blocks they pulled;
     // the prefill engines' counters say what caching saved.
+    let prefill_urls: Vec<String> = stack.prefill_workers.iter().map(|w| w.sim.url()).collect();
     let prefilling = if policy.disaggregated() {
-        &stack.prefill_workers
+        prefill_urls.clone()
     } else {
-        &stack.workers
+        stack.worker_urls()
     };
     let (mut cache_hits, mut cache_queries) = (0.0, 0.0);
-    for worker in prefilling {
-        let metrics = format!("{}/metrics", worker.sim.url());
+    for url in &prefilling {
+        let metrics = format!("{url}/metrics");
         cache_hits += prometheus_sum(&metrics, "vllm:prefix_cache_hits_total", "");
         cache_queries += prometheus_sum(&metrics, "vllm:prefix_cache_queries_total", "");
     }
     let preemptions = stack
-        .workers
+        .worker_urls()
         .iter()
-        .chain(&stack.prefill_workers)
-        .map(|w| {
-            prometheus_sum(
-                &format!("{}/metrics", w.sim.url()),
-                "vllm:num_preemptions_total",
-                "",
-            )
-        })
+        .chain(&prefill_urls)
+        .map(|url| prometheus_sum(&format!("{url}/metrics"), "vllm:num_preemptions_total", ""))
         .sum();
     let modes = if matches!(policy, Policy::RoundRobin | Policy::LeastRequest) {
         None
