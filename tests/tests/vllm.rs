@@ -45,6 +45,7 @@ fn real_vllm_fleet_routes_on_its_cache_and_the_sidecar_follows_it() -> anyhow::R
     eprintln!("stack up in {:?}", started.elapsed());
 
     let holder = repeated_prefix_goes_to_its_holder(&stack)?;
+    orca_headers_reach_the_filter(&stack)?;
     load_follows_the_engine(&stack, holder)?;
     reset_prefix_cache_empties_the_view(&stack, 1 - holder)?;
     relay_started_after_the_engine_replays_history(&mut stack, holder)?;
@@ -202,6 +203,17 @@ fn repeated_prefix_goes_to_its_holder(stack: &Stack) -> anyhow::Result<usize> {
         first_holder.get_or_insert(holder);
     }
     first_holder.context("no rounds")
+}
+
+/// The filter asks every request for vLLM's ORCA `endpoint-load-metrics`
+/// header (`orca_load_reports` is on by default) and parses vLLM's answers.
+fn orca_headers_reach_the_filter(stack: &Stack) -> anyhow::Result<()> {
+    let reports = stack.envoy.stat("wasmcustom.kvmesh_orca_reports")?;
+    let errors = stack.envoy.stat("wasmcustom.kvmesh_orca_report_errors")?;
+    eprintln!("ORCA: {reports} reports parsed, {errors} errors");
+    anyhow::ensure!(reports >= 6, "only {reports} ORCA reports from 6 responses");
+    anyhow::ensure!(errors == 0, "{errors} ORCA reports did not parse");
+    Ok(())
 }
 
 /// The sidecar's running + waiting of a worker follows vLLM's own gauges
