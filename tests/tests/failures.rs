@@ -120,9 +120,12 @@ fn a_killed_engine_costs_only_its_in_flight_requests_and_is_routed_to_again_when
             .stat("wasmcustom.kvmesh_upstream_failovers")
             .unwrap()
     );
+    // A request Envoy writes onto a pooled connection in the instant before
+    // it sees that connection reset is in flight on the dead engine too.
+    let in_flight_until = killed_at + Duration::from_millis(100);
     for failure in &failures {
         assert!(
-            failure.started < killed_at,
+            failure.started < in_flight_until,
             "a request started {:?} after the kill failed with {}",
             failure.started - killed_at,
             failure.status
