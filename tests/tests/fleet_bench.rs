@@ -134,6 +134,17 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{expected} missing:\n{markdown}"
         );
     }
+    // TTFT split by prompt length, with each policy's requests counted.
+    let (_, by_length) = markdown
+        .split_once("TTFT by prompt length")
+        .expect("the prompt-length table");
+    for policy in ["Envoy round_robin", "kvmesh precise"] {
+        let row = by_length
+            .lines()
+            .find(|l| l.starts_with(&format!("| {policy} |")))
+            .unwrap_or_else(|| panic!("no prompt-length row for {policy}:\n{by_length}"));
+        assert!(row.contains(" / ") && row.contains('('), "{row}");
+    }
     for plot in ["multi-tenant-ttft-cdf.svg", "multi-tenant-hit-rate.svg"] {
         let svg = std::fs::read_to_string(out.path().join(plot)).unwrap();
         assert!(

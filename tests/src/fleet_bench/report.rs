@@ -10,7 +10,7 @@ use plotters::prelude::*;
 
 use crate::fleet_bench::bound::BlockedPrompt;
 use crate::fleet_bench::run::PolicyRun;
-use crate::fleet_bench::summary::Summary;
+use crate::fleet_bench::summary::{Summary, PROMPT_CLASSES};
 
 /// How the results came about, printed above the table.
 #[derive(Debug, Clone)]
@@ -68,7 +68,30 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
             row.preemptions, row.requests, row.errors, modes
         );
     }
+    prompt_length_table(&mut out, rows);
     out
+}
+
+/// TTFT p50/p90/p99 of each policy by prompt length.
+fn prompt_length_table(out: &mut String, rows: &[Summary]) {
+    let _ = writeln!(
+        out,
+        "\nTTFT by prompt length (simulated ms, p50 / p90 / p99, requests):\n"
+    );
+    let classes: Vec<&str> = PROMPT_CLASSES.iter().map(|(name, _)| *name).collect();
+    let _ = writeln!(out, "| policy | {} |", classes.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(classes.len()));
+    for row in rows {
+        let cells: Vec<String> = row
+            .ttft_by_prompt
+            .iter()
+            .map(|c| match c.requests {
+                0 => "–".to_owned(),
+                n => format!("{:.0} / {:.0} / {:.0} ({n})", c.p50, c.p90, c.p99),
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", row.policy, cells.join(" | "));
+    }
 }
 
 /// The same rows as CSV (milliseconds, rates as fractions).

@@ -4,6 +4,21 @@ use crate::fleet_bench::bound::HitRateBound;
 use crate::fleet_bench::run::PolicyRun;
 use crate::harness::stats::quantile;
 
+/// Prompt-length classes TTFT is also reported by: a name and the class's
+/// largest prompt (tokens). Routing that trades short prompts' latency for
+/// long prompts' cache hits shows only in such a split.
+pub const PROMPT_CLASSES: [(&str, u64); 3] =
+    [("< 2k", 2_047), ("2k–8k", 8_191), ("≥ 8k", u64::MAX)];
+
+/// TTFT quantiles of the requests of one prompt-length class.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClassTtft {
+    pub requests: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
 /// One row of the results table. Latencies in simulated milliseconds
 /// (client-side real time × speedup).
 #[derive(Debug, Clone)]
@@ -36,6 +51,8 @@ pub struct Summary {
     pub modes: Option<[u64; 3]>,
     /// Every successful request's TTFT, sorted, for the CDF.
     pub ttfts: Vec<f64>,
+    /// TTFT by [`PROMPT_CLASSES`], over the requests that reported usage.
+    pub ttft_by_prompt: [ClassTtft; PROMPT_CLASSES.len()],
 }
 
 impl Summary {
@@ -47,10 +64,18 @@ impl Summary {
         let mut output_tokens = 0usize;
         let mut errors = 0;
         let (mut cached_tokens, mut prompt_tokens) = (0u64, 0u64);
+        let mut by_class: [Vec<f64>; PROMPT_CLASSES.len()] = Default::default();
         for record in &run.records {
             match &record.outcome {
                 Ok(streamed) => {
                     ttfts.extend(streamed.ttft().map(|t| t * ms));
+                    if let (Some(usage), Some(ttft)) = (streamed.usage, streamed.ttft()) {
+                        let class = PROMPT_CLASSES
+                            .iter()
+                            .position(|(_, largest)| usage.prompt_tokens <= *largest)
+                            .unwrap_or(PROMPT_CLASSES.len() - 1);
+                        by_class[class].push(ttft * ms);
+                    }
                     gaps.extend(streamed.mean_inter_token().map(|g| g * ms));
                     totals.push(streamed.total * ms);
                     output_tokens += streamed.token_times.len();
@@ -91,6 +116,12 @@ impl Summary {
             bound,
             modes: run.modes,
             ttfts,
+            ttft_by_prompt: by_class.map(|mut class| ClassTtft {
+                requests: class.len(),
+                p50: quantile(&mut class, 0.5),
+                p90: quantile(&mut class, 0.9),
+                p99: quantile(&mut class, 0.99),
+            }),
         }
     }
 
