@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use kvmesh_tests::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
 use kvmesh_tests::harness::envoy::{validate_config, Disaggregation};
-use kvmesh_tests::harness::raw_http::{h1_chunked_post_with_trailers, h2_post};
+use kvmesh_tests::harness::raw_http::{h1_chunked_post_with_trailers, h2_post, http1_exchange};
 use kvmesh_tests::harness::sim::SimEngineOptions;
 use kvmesh_tests::harness::{
     free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
@@ -603,12 +603,10 @@ fn errors_envoy_makes_itself_are_openai_shaped() {
     assert_gateway_error(&response.text);
 
     // HTTP/1.0 is refused (426).
-    let response = raw_request(
-        &authority,
-        "POST /v1/completions HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}",
-    );
-    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
-    assert_gateway_error(response.split("\r\n\r\n").nth(1).unwrap_or_default());
+    let request = b"POST /v1/completions HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}";
+    let response = http1_exchange(&authority, request).unwrap();
+    assert_eq!(response.status, 426);
+    assert_gateway_error(&String::from_utf8_lossy(&response.body));
 
     // The whole pool is gone (503): Envoy's own answer, OpenAI-shaped.
     fleet.workers[0].process().kill();
@@ -636,16 +634,4 @@ fn assert_gateway_error(body: &str) {
         "{body}"
     );
     assert!(error["error"]["code"].is_string(), "{body}");
-}
-
-/// Sends `request` as is and reads the whole answer.
-fn raw_request(authority: &str, request: &str) -> String {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(authority).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    tcp.write_all(request.as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    let _ = tcp.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer).into_owned()
 }

@@ -199,9 +199,10 @@ impl InferenceStream {
         })
     }
 
-    /// Parses the complete body and sets the destination header.
-    fn route(&mut self, endpoint: Endpoint, body_size: usize) -> Action {
-        let body = match host::buffer(BufferType::HttpRequestBody, 0, body_size) {
+    /// Parses the complete body (`self.body_size` bytes) and sets the
+    /// destination header.
+    fn route(&mut self, endpoint: Endpoint) -> Action {
+        let body = match host::buffer(BufferType::HttpRequestBody, 0, self.body_size) {
             Ok(body) => body,
             Err(err) => {
                 // An unread body cannot be checked for handshake fields:
@@ -218,7 +219,6 @@ impl InferenceStream {
             Ok(request) => request,
             Err(err) => return self.reject_request(&err),
         };
-        self.body_size = body_size;
         self.client_streams = request.stream;
         let Some(model) = self.config.model(&request.model) else {
             let message = format!("The model '{}' does not exist.", request.model);
@@ -727,7 +727,7 @@ impl InferenceStream {
             return Action::Pause;
         }
         self.endpoint = None;
-        self.route(endpoint, body_size)
+        self.route(endpoint)
     }
 
     /// Trailers end a request whose body never saw `end_of_stream` (HTTP/2,
@@ -735,7 +735,7 @@ impl InferenceStream {
     /// now and takes the same path.
     fn request_trailers(&mut self) -> Action {
         match self.endpoint.take() {
-            Some(endpoint) => self.route(endpoint, self.body_size),
+            Some(endpoint) => self.route(endpoint),
             None => Action::Continue,
         }
     }

@@ -107,8 +107,6 @@ pub fn h1_chunked_post_with_trailers(
     body: &[u8],
     trailers: &[(&str, &str)],
 ) -> anyhow::Result<RawResponse> {
-    let mut tcp = TcpStream::connect(authority)?;
-    tcp.set_read_timeout(Some(TIMEOUT))?;
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\n\
          transfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n",
@@ -121,7 +119,15 @@ pub fn h1_chunked_post_with_trailers(
         request.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     request.extend_from_slice(b"\r\n");
-    tcp.write_all(&request)?;
+    http1_exchange(authority, &request)
+}
+
+/// Writes `request` byte for byte and reads the answer until the server
+/// closes the connection (the request must ask for that, or be HTTP/1.0).
+pub fn http1_exchange(authority: &str, request: &[u8]) -> anyhow::Result<RawResponse> {
+    let mut tcp = TcpStream::connect(authority)?;
+    tcp.set_read_timeout(Some(TIMEOUT))?;
+    tcp.write_all(request)?;
     let mut raw = Vec::new();
     tcp.read_to_end(&mut raw)?;
     parse_http1_response(&raw)
