@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 
-use router_core::selection::CostWeights;
+use router_core::routing::disagg::{PrefillPolicy, PrefillRouting};
+use router_core::routing::select::CostWeights;
+use router_core::routing::ModelRouting;
 use router_core::{BlockHasher, BlockSize, HashSeed};
 
-pub use crate::disagg::{Policy, Protocol};
+pub use crate::disagg::Protocol;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -113,7 +115,7 @@ struct RawModel {
 #[serde(deny_unknown_fields)]
 struct RawDisaggregation {
     #[serde(default)]
-    policy: Policy,
+    policy: PrefillPolicy,
     #[serde(default)]
     protocol: Protocol,
     /// Envoy cluster of the prefill pool.
@@ -160,13 +162,11 @@ fn default_block_size() -> u32 {
 pub struct ModelConfig {
     pub name: String,
     pub hasher: BlockHasher,
-    /// `ip:port` of each worker, exactly as the pool cluster lists it; used
-    /// only while no fleet state is available.
-    pub endpoints: Vec<String>,
+    /// The decode pool, as routing sees it.
+    pub routing: ModelRouting,
     /// The pool cluster the request is steered to (`x-kvmesh-pool`); `None`
     /// leaves the route's own cluster.
     pub cluster: Option<String>,
-    pub weights: CostWeights,
     /// Remote prefill, when configured and not `never`.
     pub disaggregation: Option<Disaggregation>,
 }
@@ -174,15 +174,10 @@ pub struct ModelConfig {
 /// How a model's requests are split between the prefill and decode pools.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Disaggregation {
-    pub policy: Policy,
+    /// The prefill pool, as routing sees it.
+    pub routing: PrefillRouting,
     pub protocol: Protocol,
     pub prefill_cluster: String,
-    pub prefill_endpoints: Vec<String>,
-    /// `auto`: remote prefill once the decode worker would compute at least
-    /// this many prompt tokens itself.
-    pub min_prefill_tokens: u64,
-    /// `auto`: only onto a prefill worker with less prefill queued than this.
-    pub max_prefill_queue_tokens: u64,
     /// A prefill leg slower than this is abandoned for local prefill.
     pub timeout: std::time::Duration,
     /// SGLang: the prefill engines' bootstrap port.
@@ -354,7 +349,7 @@ impl PluginConfig {
             .disaggregation
             .map(|d| Self::parse_disaggregation(index, d))
             .transpose()?
-            .filter(|d| d.policy != Policy::Never);
+            .filter(|d| d.routing.policy != PrefillPolicy::Never);
         let valid = |x: f64| x.is_finite() && x >= 0.0;
         if !valid(raw.overlap_weight) {
             return Err(ConfigError::OverlapWeight { index });
@@ -366,12 +361,15 @@ impl PluginConfig {
         Ok(ModelConfig {
             name: raw.name,
             hasher,
-            endpoints: raw.endpoints,
-            cluster: raw.cluster,
-            weights: CostWeights {
-                overlap_weight: raw.overlap_weight,
-                temperature: raw.temperature,
+            routing: ModelRouting {
+                block_size,
+                weights: CostWeights {
+                    overlap_weight: raw.overlap_weight,
+                    temperature: raw.temperature,
+                },
+                endpoints: raw.endpoints,
             },
+            cluster: raw.cluster,
             disaggregation,
         })
     }
@@ -394,12 +392,14 @@ impl PluginConfig {
             });
         }
         Ok(Disaggregation {
-            policy: raw.policy,
+            routing: PrefillRouting {
+                policy: raw.policy,
+                endpoints: raw.prefill_endpoints,
+                min_prefill_tokens: raw.min_prefill_tokens,
+                max_prefill_queue_tokens: raw.max_prefill_queue_tokens,
+            },
             protocol: raw.protocol,
             prefill_cluster: raw.prefill_cluster,
-            prefill_endpoints: raw.prefill_endpoints,
-            min_prefill_tokens: raw.min_prefill_tokens,
-            max_prefill_queue_tokens: raw.max_prefill_queue_tokens,
             timeout: std::time::Duration::from_millis(raw.timeout_ms),
             bootstrap_port: raw.bootstrap_port,
         })
@@ -440,8 +440,8 @@ mod tests {
         assert_eq!(config.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         let model = config.model("qwen3").unwrap();
         assert_eq!(model.hasher.block_size().get(), 16);
-        assert_eq!(model.endpoints.len(), 2);
-        assert_eq!(model.weights, CostWeights::default());
+        assert_eq!(model.routing.endpoints.len(), 2);
+        assert_eq!(model.routing.weights, CostWeights::default());
         assert!(config.sidecar.is_none());
         assert!(config.orca_load_reports);
         assert_eq!(config.approximate.table_entries.get(), 65_536);
@@ -462,8 +462,14 @@ mod tests {
             .disaggregation
             .clone()
             .unwrap();
-        assert_eq!((d.policy, d.protocol), (Policy::Auto, Protocol::Sglang));
-        assert_eq!((d.min_prefill_tokens, d.bootstrap_port), (1024, 8998));
+        assert_eq!(
+            (d.routing.policy, d.protocol),
+            (PrefillPolicy::Auto, Protocol::Sglang)
+        );
+        assert_eq!(
+            (d.routing.min_prefill_tokens, d.bootstrap_port),
+            (1024, 8998)
+        );
         assert!(disaggregated.model("n").unwrap().disaggregation.is_none());
         let sidecar = with_sidecar.sidecar.unwrap();
         assert_eq!(sidecar.cluster, "kv_sidecar");

@@ -10,19 +10,15 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod approximate;
 pub mod config;
 pub mod disagg;
 mod host;
-pub mod inflight;
 mod metrics;
 pub mod orca;
 pub mod prompt_cache;
 pub mod replica;
 mod root;
-pub mod routing;
 mod stream;
-pub mod unreachable;
 mod vm_state;
 
 proxy_wasm::main! {{

@@ -7,34 +7,27 @@ use std::rc::Rc;
 use prost::Message;
 use router_core::gateway::GatewayReport;
 
-use crate::approximate::LearnedTable;
+use router_core::routing::learned::LearnedTable;
+use router_core::routing::LocalState;
+
 use crate::config::ApproximateConfig;
 use crate::host;
-use crate::inflight::InFlight;
 use crate::metrics::WorkerCounters;
-use crate::orca::OrcaLoads;
 use crate::prompt_cache::PromptCache;
 use crate::replica::FleetReplica;
-use crate::routing::Scratch;
-use crate::unreachable::Unreachable;
 
 pub type SharedVmState = Rc<RefCell<VmState>>;
 
 pub struct VmState {
     /// `None` when no sidecar is configured.
     pub replica: Option<FleetReplica>,
-    pub inflight: InFlight,
-    /// Workers' own load reports from ORCA response headers.
-    pub orca: OrcaLoads,
-    /// Where this VM sent which prompt prefixes (approximate mode).
-    pub learned: LearnedTable,
+    /// What this VM observed itself: in-flight load, ORCA reports, workers
+    /// that refused connections, where it sent which prefixes.
+    pub router: LocalState,
     /// The sidecar's block hashes of recent chats, by message prefix.
     pub prompt_cache: PromptCache,
     /// Requests this VM routed to each worker.
     pub routed: WorkerCounters,
-    /// Workers that just refused a connection.
-    pub unreachable: Unreachable,
-    pub scratch: Scratch,
     /// Reports decisions back to the sidecar while the state stream is open.
     pub reporter: Reporter,
     rng: u64,
@@ -96,13 +89,12 @@ impl VmState {
     pub fn new(replica: Option<FleetReplica>, approximate: ApproximateConfig, seed: u64) -> Self {
         Self {
             replica,
-            inflight: InFlight::default(),
-            orca: OrcaLoads::default(),
-            learned: LearnedTable::new(approximate.table_entries, approximate.entry_ttl_ms),
+            router: LocalState::new(LearnedTable::new(
+                approximate.table_entries,
+                approximate.entry_ttl_ms,
+            )),
             prompt_cache: PromptCache::default(),
             routed: WorkerCounters::default(),
-            unreachable: Unreachable::default(),
-            scratch: Scratch::default(),
             reporter: Reporter::new(format!("envoy-vm-{seed:016x}")),
             // xorshift must not start at zero.
             rng: seed | 1,

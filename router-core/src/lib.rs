@@ -1,5 +1,6 @@
 //! Routing logic that must behave identically inside the Envoy wasm VM (32-bit
-//! `usize`) and in the native sidecar: block hashing and request parsing. No I/O.
+//! `usize`) and in the native sidecar: block hashing, request parsing and the
+//! routing decision. No I/O.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -12,7 +13,7 @@ pub mod index;
 pub mod openai_error;
 pub mod protocol;
 pub mod request;
-pub mod selection;
+pub mod routing;
 pub mod state_stream;
 
 pub use hashing::{BlockHasher, BlockSize, HashSeed, LocalBlockHash, SeqHash};

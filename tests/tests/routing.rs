@@ -40,11 +40,17 @@ impl Stack {
     }
 
     fn start_with(configure: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start_with_sims(&["--speedup", "20"], configure)
+    }
+
+    fn start_with_sims(sim_args: &[&str], configure: impl FnOnce(&mut GatewayConfig)) -> Self {
         let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
         options.block_size = BLOCK;
-        options.sim_args = ["--speedup", "20", "--max-model-len", "65536"]
-            .map(str::to_owned)
-            .to_vec();
+        options.sim_args = sim_args
+            .iter()
+            .chain(&["--max-model-len", "65536"])
+            .map(|arg| (*arg).to_owned())
+            .collect();
         Self(
             harness::stack::Stack::start(options, |config| {
                 config.debug_headers = true;
@@ -203,6 +209,119 @@ fn shared_prefixes_land_where_they_are_cached() {
         received >= 2.0 * precise as f64,
         "sidecar got {received} reports"
     );
+}
+
+/// A token-id completion: `blocks` full blocks of prefix `id`, then one
+/// block unique to `probe`.
+fn prefixed_completion(id: u32, blocks: u32, probe: u32, max_tokens: u32) -> Value {
+    let mut tokens: Vec<u32> = (0..blocks * BLOCK).map(|t| id * 100_000 + t).collect();
+    tokens.extend((0..BLOCK).map(|t| 90_000_000 + probe * 1_000 + t));
+    json!({"model": MODEL, "prompt": tokens, "max_tokens": max_tokens})
+}
+
+/// Asks the sidecar's `/debug/route` about `body`, then sends it through
+/// the gateway: the filter must choose a worker `/debug/route` ranks
+/// cheapest (ties are broken at random on both sides), and see as many of
+/// the prompt's blocks cached on it. Returns the explanation.
+fn assert_debug_route_matches_the_filter(stack: &Stack, body: &Value) -> Value {
+    let url = format!("{}/debug/route", stack.sidecar.http_url());
+    let explained: Value = post_json(&http_client(), &url, body)
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(explained["mode"], "precise", "{explained}");
+    let workers = explained["workers"].as_array().unwrap();
+    let cost = |w: &Value| w["cost"].as_f64().unwrap();
+    let best = workers.iter().map(cost).fold(f64::INFINITY, f64::min);
+    let response = stack.send("/v1/completions", body);
+    assert_eq!(response.header("x-kvmesh-mode"), Some("precise"));
+    let chosen = workers
+        .iter()
+        .filter(|w| cost(w) == best)
+        .find(|w| w["address"].as_str() == response.header("x-kvmesh-worker"));
+    let Some(chosen) = chosen else {
+        panic!(
+            "the filter chose {:?}, not a cheapest worker of /debug/route: {explained}",
+            response.header("x-kvmesh-worker")
+        );
+    };
+    assert_eq!(
+        response
+            .header("x-kvmesh-cached-blocks")
+            .and_then(|b| b.parse::<u64>().ok()),
+        chosen["cached_blocks"].as_u64(),
+        "{explained}"
+    );
+    explained
+}
+
+#[test]
+fn debug_route_explains_the_filters_choice_idle_and_under_load() {
+    // Sims at their own speed, so long streams stay in flight while probed;
+    // one Envoy thread, so the probing VM made every decision it holds.
+    let stack = Stack::start_with_sims(&[], |config| config.worker_threads = 1);
+    // Three cached prefixes of different lengths, and one a tenant salted.
+    let salted = |mut body: Value| {
+        body["cache_salt"] = json!("tenant-7");
+        body
+    };
+    let prefixes = [(1, 12), (2, 8), (3, 4)];
+    for (id, blocks) in prefixes {
+        stack.send("/v1/completions", &prefixed_completion(id, blocks, 0, 2));
+        stack.wait_indexed(&prefixed_completion(id, blocks, 1, 2), u64::from(blocks));
+    }
+    // The sims ignore the salt and store the blocks unsalted: a salted
+    // prompt must then find nothing cached, by both accounts.
+    stack.send("/v1/completions", &salted(prefixed_completion(4, 8, 0, 2)));
+    stack.wait_indexed(&prefixed_completion(4, 8, 1, 2), 8);
+    // ORCA reports of the warm-up (and of each probe) are fresh for 2 s in
+    // the filter, which /debug/route does not see: let them age out.
+    let orca_fresh = Duration::from_millis(2_100);
+    let probes = prefixes
+        .iter()
+        .enumerate()
+        .map(|(probe, &(id, blocks))| {
+            let body = prefixed_completion(id, blocks, 10 + probe as u32, 2);
+            (body, u64::from(blocks))
+        })
+        .chain([(salted(prefixed_completion(4, 8, 10, 2)), 0)]);
+    for (body, cached) in probes {
+        std::thread::sleep(orca_fresh);
+        let explained = assert_debug_route_matches_the_filter(&stack, &body);
+        assert_eq!(
+            explained["choice"]["cached_blocks"].as_u64(),
+            Some(cached),
+            "{explained}"
+        );
+    }
+
+    // Under load: long streams on prefix 1, left unread so they stay in
+    // flight; both sides see them (the filter in its own ledger, the
+    // sidecar through the filter's reports).
+    let client = http_client();
+    let url = format!("{}/v1/completions", stack.envoy.gateway_url());
+    let streams: Vec<reqwest::blocking::Response> = (0..6)
+        .map(|i| {
+            let mut body = prefixed_completion(1, 12, 100 + i, 4_000);
+            body["stream"] = json!(true);
+            let response = client.post(&url).json(&body).send().unwrap();
+            assert_eq!(response.status(), 200);
+            response
+        })
+        .collect();
+    std::thread::sleep(orca_fresh);
+    for (probe, (id, blocks)) in prefixes.into_iter().enumerate() {
+        let body = prefixed_completion(id, blocks, 200 + probe as u32, 2);
+        let explained = assert_debug_route_matches_the_filter(&stack, &body);
+        let busy = explained["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["active_blocks"].as_u64().unwrap_or(0) > 0);
+        assert!(busy, "the streams' load is not in the state: {explained}");
+        std::thread::sleep(orca_fresh);
+    }
+    drop(streams);
 }
 
 #[test]

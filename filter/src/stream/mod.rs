@@ -9,24 +9,24 @@ use router_core::gateway::{
     gateway_report, GatewayReport, RequestPhase, RequestProgress, RoutingDecision,
 };
 use router_core::openai_error::{error_body, ErrorKind};
-use router_core::request::{parse_request, Endpoint, Prompt, RequestError};
-use router_core::{BlockHasher, SeqHash};
+use router_core::request::{parse_request, Endpoint, RequestError};
+use router_core::routing::inflight::{RequestLoad, Ticket};
+use router_core::routing::prefix_keys::PrefixKeys;
+use router_core::routing::prompt::{is_tokenizable, PromptIdentity};
+use router_core::routing::{plan, Decision, Mode, RoutedPrompt, Signals};
+use router_core::SeqHash;
 use serde::Deserialize;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod prefill;
 
 use prefill::PrefillWait;
 
-use crate::approximate::PrefixKeys;
 use crate::config::PluginConfig;
-use crate::disagg::{body, wants_remote_prefill};
+use crate::disagg::body;
 use crate::host;
-use crate::inflight::Ticket;
 use crate::metrics::FilterMetrics;
 use crate::orca;
 use crate::prompt_cache::prompt_keys;
-use crate::routing::{decide, Decision, Knowledge, Mode, Pool, RoutedPrompt};
 use crate::vm_state::SharedVmState;
 
 /// Header read by Envoy's `override_host` load balancer.
@@ -107,11 +107,6 @@ fn call_succeeded() -> bool {
         .ok()
         .flatten()
         .is_some_and(|status| status == b"200")
-}
-
-/// Prompts the sidecar can tokenize (a batch of texts is routed by load).
-fn is_tokenizable(prompt: &Prompt) -> bool {
-    matches!(prompt, Prompt::Text(_) | Prompt::Chat(_))
 }
 
 impl InferenceStream {
@@ -228,23 +223,20 @@ impl InferenceStream {
             );
         };
         let model_name = model.name.clone();
-        let hasher = model.hasher;
-        // Engines treat an empty salt as none; so do the relays.
-        let salt = request.cache_salt.as_deref().filter(|s| !s.is_empty());
         let started_ns = host::now_ns().unwrap_or(0);
         // Token ids are hashed, then dropped, before the body is rewritten:
         // at most two body-sized buffers are alive at a time.
-        let exact = request
-            .prompt
-            .token_ids()
-            .map(|tokens| hasher.sequence_hashes_after(salt.map(|s| hasher.salt_root(s)), tokens));
-        let seed = text_seed(&hasher, salt);
-        let keys = match &exact {
-            Some(exact) => PrefixKeys::from_blocks(exact, hasher.block_size()),
-            None => PrefixKeys::from_text(&request.prompt, seed),
-        };
+        let PromptIdentity {
+            exact,
+            keys,
+            text_seed,
+        } = PromptIdentity::of(
+            &model.hasher,
+            &request.prompt,
+            request.cache_salt.as_deref(),
+        );
         let tokenizable = is_tokenizable(&request.prompt);
-        let cache_keys = prompt_keys(&request.prompt, &body, seed);
+        let cache_keys = prompt_keys(&request.prompt, &body, text_seed);
         let has_handshake_fields = request.has_handshake_fields;
         drop(request);
         let body = if has_handshake_fields {
@@ -388,57 +380,34 @@ impl InferenceStream {
             self.select_pool(cluster);
         }
         let now = host::now_ms().unwrap_or(0);
-        let decision = {
+        let plan = {
             let mut guard = self.state.borrow_mut();
             let state = &mut *guard;
             if state.replica.as_ref().is_some_and(|r| r.is_stale(now)) {
                 self.metrics.stale_state.inc();
             }
             let random = state.next_random();
-            let mut known = Knowledge {
+            let signals = Signals {
                 view: state
                     .replica
                     .as_ref()
                     .and_then(|r| r.fresh_view(&model.name, now)),
-                inflight: &state.inflight,
-                orca: &state.orca,
-                unreachable: &state.unreachable,
-                learned: &mut state.learned,
                 now_ms: now,
                 random,
             };
+            let prefill = model.disaggregation.as_ref().map(|d| &d.routing);
             let prompt = RoutedPrompt { exact, keys };
-            let decision = decide(model, Pool::Decode, prompt, &mut known, &mut state.scratch);
-            let prefill = model.disaggregation.as_ref().and_then(|d| {
-                let prefill = decide(model, Pool::Prefill, prompt, &mut known, &mut state.scratch);
-                let uncached = decision
-                    .prompt_blocks
-                    .saturating_sub(decision.cached_blocks);
-                let wanted = prefill.address.is_some()
-                    && wants_remote_prefill(
-                        d.policy,
-                        u64::from(uncached) * block_size,
-                        prefill.load.queued_prefill_tokens,
-                        d.min_prefill_tokens,
-                        d.max_prefill_queue_tokens,
-                    );
-                wanted.then_some((d, prefill))
-            });
-            if let Some(address) = &decision.address {
-                state.learned.record(keys.keys(), address, now);
-            }
-            (decision, prefill)
+            plan(&model.routing, prefill, prompt, signals, &mut state.router)
         };
         self.metrics.decision_us.record(elapsed_us(started_ns));
-        let (decision, prefill) = decision;
-        let prefill_worker = prefill.as_ref().and_then(|(_, p)| p.worker_id.as_deref());
-        self.report_decision(&model.name, &decision, block_size, prefill_worker);
-        match prefill {
-            Some((disaggregation, prefill)) => {
-                self.start_prefill(disaggregation, decision, &prefill, block_size)
+        let prefill_worker = plan.prefill.as_ref().and_then(|p| p.worker_id.as_deref());
+        self.report_decision(&model.name, &plan.decode, block_size, prefill_worker);
+        match (plan.prefill, &model.disaggregation) {
+            (Some(prefill), Some(disaggregation)) => {
+                self.start_prefill(disaggregation, plan.decode, &prefill, block_size)
             }
-            None => {
-                self.apply_decision(&decision, block_size, false);
+            _ => {
+                self.apply_decision(&plan.decode, block_size, false);
                 Next::Continue
             }
         }
@@ -551,6 +520,7 @@ impl InferenceStream {
         let mut state = self.state.borrow_mut();
         state.routed.routed_to(address);
         state
+            .router
             .orca
             .observe_prompt(u64::from(decision.prompt_blocks) * block_size);
         let prefill_tokens = if remote_prefill {
@@ -558,10 +528,12 @@ impl InferenceStream {
         } else {
             uncached * block_size
         };
-        let ticket =
-            state
-                .inflight
-                .admit(address, prefill_tokens, u64::from(decision.prompt_blocks));
+        let ticket = state.router.inflight.admit(RequestLoad {
+            decode: address,
+            prefill: None,
+            prefill_tokens,
+            blocks: u64::from(decision.prompt_blocks),
+        });
         self.ticket = Some(ticket);
     }
 
@@ -588,7 +560,11 @@ impl InferenceStream {
             Ok(report) => {
                 self.metrics.orca_reports.inc();
                 let now = host::now_ms().unwrap_or(0);
-                self.state.borrow_mut().orca.record(address, report, now);
+                self.state
+                    .borrow_mut()
+                    .router
+                    .orca
+                    .record(address, report, now);
             }
             Err(err) => {
                 self.metrics.orca_report_errors.inc();
@@ -596,13 +572,6 @@ impl InferenceStream {
             }
         }
     }
-}
-
-/// The seed of a prompt's text keys (prompt cache and approximate mode):
-/// salted prompts never share a key with another salt's.
-fn text_seed(hasher: &BlockHasher, salt: Option<&str>) -> u64 {
-    let seed = hasher.seed().get();
-    salt.map_or(seed, |salt| xxh3_64_with_seed(salt.as_bytes(), seed))
 }
 
 impl InferenceStream {
@@ -619,12 +588,15 @@ impl InferenceStream {
         };
         let mut state = self.state.borrow_mut();
         if served.as_deref() == Some(chosen.as_bytes()) {
-            state.unreachable.clear(chosen);
+            state.router.unreachable.clear(chosen);
             return;
         }
         self.metrics.upstream_failovers.inc();
         log::info!("{chosen} did not serve a request routed to it; leaving it out for now");
-        state.unreachable.mark(chosen, host::now_ms().unwrap_or(0));
+        state
+            .router
+            .unreachable
+            .mark(chosen, host::now_ms().unwrap_or(0));
     }
 }
 
@@ -742,7 +714,7 @@ impl InferenceStream {
 
     fn response_headers(&mut self) {
         if let Some(ticket) = &mut self.ticket {
-            self.state.borrow_mut().inflight.prefill_done(ticket);
+            self.state.borrow_mut().router.inflight.prefill_done(ticket);
         }
         self.observe_upstream();
         self.take_load_report();
@@ -792,7 +764,7 @@ impl HttpContext for InferenceStream {
 
     fn on_log(&mut self) {
         if let Some(ticket) = self.ticket.take() {
-            self.state.borrow_mut().inflight.finish(ticket);
+            self.state.borrow_mut().router.inflight.finish(ticket);
         }
         self.finish_prefill_ticket();
         self.report_progress(RequestPhase::Done);

@@ -5,13 +5,14 @@
 //! decode worker unchanged, which then prefills locally.
 
 use proxy_wasm::types::{BufferType, MapType};
+use router_core::routing::inflight::RequestLoad;
+use router_core::routing::Decision;
 use thiserror::Error;
 
 use super::{call_succeeded, InferenceStream, Next, DESTINATION_HEADER};
 use crate::config::{Disaggregation, Protocol};
 use crate::disagg::body::{self, BodyError, ContextOutcome};
 use crate::host;
-use crate::routing::Decision;
 
 /// A request whose prefill leg is in flight.
 pub(super) struct PrefillWait {
@@ -203,17 +204,19 @@ impl InferenceStream {
 
     fn admit_prefill(&mut self, prefill: &Decision, address: &str, block_size: u64) {
         let uncached = u64::from(prefill.prompt_blocks.saturating_sub(prefill.cached_blocks));
-        let ticket = self.state.borrow_mut().inflight.admit(
-            address,
-            uncached * block_size,
-            u64::from(prefill.prompt_blocks),
-        );
+        // The prefill worker holds the prompt's blocks until it hands them over.
+        let ticket = self.state.borrow_mut().router.inflight.admit(RequestLoad {
+            decode: address,
+            prefill: None,
+            prefill_tokens: uncached * block_size,
+            blocks: u64::from(prefill.prompt_blocks),
+        });
         self.prefill_ticket = Some(ticket);
     }
 
     pub(super) fn finish_prefill_ticket(&mut self) {
         if let Some(ticket) = self.prefill_ticket.take() {
-            self.state.borrow_mut().inflight.finish(ticket);
+            self.state.borrow_mut().router.inflight.finish(ticket);
         }
     }
 

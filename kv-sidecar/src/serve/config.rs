@@ -194,7 +194,7 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        let weights = router_core::selection::CostWeights::default();
+        let weights = router_core::routing::select::CostWeights::default();
         Self {
             overlap_weight: weights.overlap_weight,
             temperature: weights.temperature,
@@ -500,7 +500,7 @@ models:
         assert_eq!(config.state.worker_timeout_ms, 2500);
         assert_eq!(
             config.models[0].routing.overlap_weight,
-            router_core::selection::CostWeights::DEFAULT_OVERLAP_WEIGHT
+            router_core::routing::select::CostWeights::DEFAULT_OVERLAP_WEIGHT
         );
         assert_eq!(
             config.models[0].disaggregation.policy,

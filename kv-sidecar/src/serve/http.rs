@@ -148,7 +148,7 @@ struct TokenizeRequest {
 }
 
 /// What to tokenize, owned so it can move to a blocking thread.
-pub enum TokenizeInput {
+enum TokenizeInput {
     Chat {
         messages: Vec<Value>,
         tools: Option<Value>,
@@ -158,7 +158,21 @@ pub enum TokenizeInput {
 }
 
 async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let request: TokenizeRequest = serde_json::from_slice(&body).map_err(|e| {
+    let (model, tokenized) = tokenize_body(&http, &body).await?;
+    let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
+    Ok(Json(json!({
+        "model": model,
+        "token_ids_by_segment": segments,
+        "block_hashes": tokenized.block_hashes,
+        "history_blocks": tokenized.history_blocks,
+        "num_tokens": tokenized.num_tokens,
+    })))
+}
+
+/// Tokenizes an OpenAI request body as the filter sends it to
+/// `/v1/tokenize`; returns the model and its tokens and block hashes.
+pub async fn tokenize_body(http: &HttpState, body: &[u8]) -> Result<(String, Tokenized), ApiError> {
+    let request: TokenizeRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {e}"),
@@ -178,25 +192,15 @@ async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Val
             ))
         }
     };
-    let mut tokenized = run_tokenizer(&http, &request.model, input).await?;
-    // An empty salt is no salt, as engines treat it.
+    let mut tokenized = run_tokenizer(http, &request.model, input).await?;
     let salt = request.cache_salt.as_deref().filter(|s| !s.is_empty());
     if let (Some(salt), Some(tokenizer)) = (salt, http.tokenizers.get(&request.model)) {
         tokenizer.salt(&mut tokenized, salt);
     }
-    let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
-    Ok(Json(json!({
-        "model": request.model,
-        "token_ids_by_segment": segments,
-        "block_hashes": tokenized.block_hashes,
-        "history_blocks": tokenized.history_blocks,
-        "num_tokens": tokenized.num_tokens,
-    })))
+    Ok((request.model, tokenized))
 }
 
-/// Tokenizes on the blocking pool: a long prompt takes milliseconds of CPU,
-/// which must not stall the reactor serving the state stream.
-pub async fn run_tokenizer(
+async fn run_tokenizer(
     http: &HttpState,
     model: &str,
     input: TokenizeInput,

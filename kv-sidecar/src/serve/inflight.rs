@@ -1,6 +1,6 @@
-//! Predicted load from gateways' routing decisions (docs/architecture.md#the-request-path): a decision
-//! adds the prompt's blocks to its decode worker's active blocks and its
-//! uncached tokens to the prefill worker's queue; the first token frees the
+//! Predicted load from gateways' routing decisions (docs/architecture.md#the-request-path):
+//! each reported decision is admitted to router-core's in-flight ledger, the
+//! same one a filter VM keeps for its own requests. The first token frees the
 //! queued prefill, completion frees the rest. Bounded in count and age, since
 //! a gateway may die before reporting completions.
 
@@ -8,14 +8,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use router_core::gateway::{RequestPhase, RoutingDecision};
-use router_core::selection::WorkerLoad;
+use router_core::routing::inflight::{self, RequestLoad, Ticket};
+use router_core::routing::select::WorkerLoad;
 
 struct Entry {
-    decode: String,
-    prefill: String,
-    active_blocks: u64,
-    /// Still queued on `prefill` (0 once the first token arrived).
-    queued_tokens: u64,
+    ticket: Ticket,
     since: Instant,
 }
 
@@ -25,10 +22,11 @@ pub enum Dropped {
     Full,
 }
 
+/// Requests by (gateway, request id), and the load they put on each worker.
 #[derive(Default)]
 pub struct InFlight {
     requests: HashMap<(String, String), Entry>,
-    predicted: HashMap<String, WorkerLoad>,
+    ledger: inflight::InFlight,
 }
 
 impl InFlight {
@@ -37,7 +35,7 @@ impl InFlight {
     }
 
     pub fn load_of(&self, worker_id: &str) -> WorkerLoad {
-        self.predicted.get(worker_id).copied().unwrap_or_default()
+        self.ledger.load(worker_id)
     }
 
     /// Records a decision; returns the workers whose predicted load changed.
@@ -53,21 +51,15 @@ impl InFlight {
         if self.requests.len() >= limit {
             return Err(Dropped::Full);
         }
-        let prefill = if decision.prefill_worker_id.is_empty() {
-            decision.worker_id.clone()
-        } else {
-            decision.prefill_worker_id.clone()
-        };
-        let entry = Entry {
-            decode: decision.worker_id.clone(),
+        let prefill = Some(decision.prefill_worker_id.as_str()).filter(|p| !p.is_empty());
+        let ticket = self.ledger.admit(RequestLoad {
+            decode: &decision.worker_id,
             prefill,
-            active_blocks: u64::from(decision.prompt_blocks),
-            queued_tokens: decision.prefill_tokens,
-            since: now,
-        };
-        self.add(&entry, 1);
-        touched.extend([entry.decode.clone(), entry.prefill.clone()]);
-        self.requests.insert(key, entry);
+            prefill_tokens: decision.prefill_tokens,
+            blocks: u64::from(decision.prompt_blocks),
+        });
+        touched.extend(ticket.workers().map(str::to_owned));
+        self.requests.insert(key, Entry { ticket, since: now });
         Ok(touched)
     }
 
@@ -84,19 +76,15 @@ impl InFlight {
                 let Some(entry) = self.requests.get_mut(&key) else {
                     return Vec::new();
                 };
-                let queued = std::mem::take(&mut entry.queued_tokens);
-                let prefill = entry.prefill.clone();
-                if let Some(load) = self.predicted.get_mut(&prefill) {
-                    load.queued_prefill_tokens = load.queued_prefill_tokens.saturating_sub(queued);
-                }
-                vec![prefill]
+                self.ledger.prefill_done(&mut entry.ticket);
+                entry.ticket.workers().map(str::to_owned).collect()
             }
             RequestPhase::Done => self.finish(&key),
             RequestPhase::Unspecified => Vec::new(),
         }
     }
 
-    /// Drops decisions older than `ttl` and those naming workers that left.
+    /// Drops decisions older than `ttl`.
     pub fn expire(&mut self, ttl: Duration, now: Instant) -> (usize, Vec<String>) {
         let old: Vec<(String, String)> = self
             .requests
@@ -116,38 +104,25 @@ impl InFlight {
         let keys: Vec<(String, String)> = self
             .requests
             .iter()
-            .filter(|(_, e)| e.decode == worker_id || e.prefill == worker_id)
+            .filter(|(_, e)| e.ticket.involves(worker_id))
             .map(|(k, _)| k.clone())
             .collect();
         for key in &keys {
             self.finish(key);
         }
-        self.predicted.remove(worker_id);
+        self.ledger.forget(worker_id);
         keys.len()
     }
 
     fn finish(&mut self, key: &(String, String)) -> Vec<String> {
         match self.requests.remove(key) {
             Some(entry) => {
-                self.add(&entry, -1);
-                vec![entry.decode, entry.prefill]
+                let touched = entry.ticket.workers().map(str::to_owned).collect();
+                self.ledger.finish(entry.ticket);
+                touched
             }
             None => Vec::new(),
         }
-    }
-
-    fn add(&mut self, entry: &Entry, sign: i8) {
-        let apply = |value: &mut u64, delta: u64| {
-            *value = if sign > 0 {
-                value.saturating_add(delta)
-            } else {
-                value.saturating_sub(delta)
-            };
-        };
-        let decode = self.predicted.entry(entry.decode.clone()).or_default();
-        apply(&mut decode.active_blocks, entry.active_blocks);
-        let prefill = self.predicted.entry(entry.prefill.clone()).or_default();
-        apply(&mut prefill.queued_prefill_tokens, entry.queued_tokens);
     }
 }
 

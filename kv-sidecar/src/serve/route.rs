@@ -1,36 +1,40 @@
-//! `POST /debug/route`: what the filter would decide for a request body,
-//! computed with the same router-core code the filter runs (request parsing,
-//! block hashing, fleet overlaps, `selection::select`).
+//! `POST /debug/route`: what a filter would decide for a request body, by
+//! the same router-core code the filter runs (request parsing, prompt
+//! identity, tokenization as `/v1/tokenize` does it, `routing::plan`) over
+//! this sidecar's fleet state. A filter also counts its own in-flight
+//! requests and ORCA reports, which this sidecar does not see; with none
+//! outstanding, both choose alike.
 
 use std::hash::{BuildHasher, RandomState};
+use std::num::NonZeroUsize;
 
 use axum::http::StatusCode;
-use router_core::index::OverlapScratch;
-use router_core::request::{parse_request, Endpoint, Prompt};
-use router_core::selection::{self, Candidate, CostWeights, PromptShape, WorkerLoad};
-use router_core::state_stream::WorkerRole;
-use router_core::SeqHash;
+use router_core::request::{parse_request, Endpoint};
+use router_core::routing::learned::LearnedTable;
+use router_core::routing::prompt::{is_tokenizable, PromptIdentity};
+use router_core::routing::score::{KvCost, Scorer};
+use router_core::routing::select::{CostWeights, PromptShape};
+use router_core::routing::{plan, LocalState, Mode, ModelRouting, RoutedPrompt, Signals};
+use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};
 use serde_json::{json, Value};
 
-use crate::serve::http::{run_tokenizer, ApiError, HttpState, TokenizeInput};
+use crate::serve::http::{tokenize_body, ApiError, HttpState};
 
 pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
-    let raw: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })?;
-    let endpoint = if raw.get("messages").is_some() {
-        Endpoint::ChatCompletions
-    } else {
-        Endpoint::Completions
-    };
-    let request = parse_request(endpoint, body, http.max_body_bytes)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let bad_request = |message: String| ApiError(StatusCode::BAD_REQUEST, message);
+    // Chat bodies carry `messages`; anything else is read as a completion.
+    let request = parse_request(Endpoint::ChatCompletions, body, http.max_body_bytes)
+        .or_else(|_| parse_request(Endpoint::Completions, body, http.max_body_bytes))
+        .map_err(|e| bad_request(e.to_string()))?;
     let model = request.model.clone();
-    let block_size = match http.state.lock(&model) {
-        Some(guard) => guard.config.block_size,
+    let (block_size, weights) = match http.state.lock(&model) {
+        Some(guard) => (
+            guard.config.block_size,
+            CostWeights {
+                overlap_weight: guard.config.routing.overlap_weight,
+                temperature: guard.config.routing.temperature,
+            },
+        ),
         None => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -38,36 +42,17 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
             ))
         }
     };
-    let hashes: Vec<u64> = match &request.prompt {
-        Prompt::Tokens(_) | Prompt::TokenBatch(_) => {
-            let tokens = request.prompt.token_ids().unwrap_or_default();
-            let seed = router_core::HashSeed::for_model(&model, None);
-            let size = router_core::BlockSize::new(block_size)
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            router_core::BlockHasher::new(size, seed)
-                .sequence_hashes(tokens)
-                .into_iter()
-                .map(|h| h.0)
-                .collect()
+    let block_size = BlockSize::new(block_size)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let hasher = BlockHasher::new(block_size, HashSeed::for_model(&model, None));
+    let identity = PromptIdentity::of(&hasher, &request.prompt, request.cache_salt.as_deref());
+    let exact: Option<Vec<SeqHash>> = match identity.exact {
+        Some(exact) => Some(exact),
+        None if is_tokenizable(&request.prompt) => {
+            let (_, tokenized) = tokenize_body(http, body).await?;
+            Some(tokenized.block_hashes.into_iter().map(SeqHash).collect())
         }
-        Prompt::Text(text) => text_hashes(http, &model, text.clone()).await?,
-        Prompt::TextBatch(first) => text_hashes(http, &model, first.clone()).await?,
-        Prompt::Chat(_) => {
-            let messages = raw
-                .get("messages")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let input = TokenizeInput::Chat {
-                messages,
-                tools: raw.get("tools").cloned(),
-                kwargs: raw
-                    .get("chat_template_kwargs")
-                    .and_then(Value::as_object)
-                    .cloned(),
-            };
-            run_tokenizer(http, &model, input).await?.block_hashes
-        }
+        None => None,
     };
     let Some(guard) = http.state.lock(&model) else {
         return Err(ApiError(
@@ -75,70 +60,60 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
             format!("model '{model}' is gone"),
         ));
     };
-    let weights = CostWeights {
-        overlap_weight: guard.config.routing.overlap_weight,
-        temperature: guard.config.routing.temperature,
-    };
-    let prompt: Vec<SeqHash> = hashes.iter().copied().map(SeqHash).collect();
-    let mut scratch = OverlapScratch::default();
-    let overlaps = guard.fleet.overlaps(&prompt, &mut scratch).to_vec();
-    let shape = PromptShape {
-        blocks: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
+    let routing = ModelRouting {
         block_size,
+        weights,
+        endpoints: Vec::new(),
     };
-    let mut candidates = Vec::new();
+    // This sidecar has no decisions of its own to learn from.
+    let mut local = LocalState::new(LearnedTable::new(NonZeroUsize::MIN, 1));
+    let signals = Signals {
+        view: Some(&guard.fleet),
+        now_ms: 0,
+        // Only ties and temperature sampling use it; no need for a strong RNG.
+        random: RandomState::new().hash_one(body.len()),
+    };
+    let prompt = RoutedPrompt {
+        exact: exact.as_deref(),
+        keys: &identity.keys,
+    };
+    let plan = plan(&routing, None, prompt, signals, &mut local);
+    let shape = PromptShape {
+        blocks: plan.decode.prompt_blocks,
+        block_size: block_size.get(),
+    };
+    let scorer = KvCost::from(weights);
     let mut workers = Vec::new();
-    let mut entries: Vec<_> = guard
-        .fleet
-        .workers()
-        .filter(|w| w.role != WorkerRole::Prefill)
-        .collect();
-    entries.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-    for entry in entries {
-        let cached_blocks = overlaps
-            .iter()
-            .find(|o| o.worker == entry.slot)
-            .map_or(0, |o| o.blocks);
-        let candidate = Candidate {
-            worker: entry.slot,
-            cached_blocks,
-            load: WorkerLoad {
-                active_blocks: entry.load.active_blocks,
-                queued_prefill_tokens: entry.load.queued_prefill_tokens,
-            },
-        };
-        workers.push(json!({
-            "worker_id": entry.worker_id,
-            "address": entry.address,
-            "cached_blocks": cached_blocks,
-            "active_blocks": entry.load.active_blocks,
-            "queued_prefill_tokens": entry.load.queued_prefill_tokens,
-            "cost": selection::logit(shape, &candidate, weights),
-        }));
-        candidates.push(candidate);
+    if plan.mode() == Mode::Precise {
+        for candidate in local.last_decode_candidates() {
+            let Some(entry) = guard.fleet.worker_at(candidate.worker) else {
+                continue;
+            };
+            workers.push(json!({
+                "worker_id": entry.worker_id,
+                "address": entry.address,
+                "cached_blocks": candidate.cached_blocks,
+                "active_blocks": candidate.load.active_blocks,
+                "queued_prefill_tokens": candidate.load.queued_prefill_tokens,
+                "cost": scorer.cost(shape, candidate),
+            }));
+        }
+        workers.sort_by(|a, b| a["worker_id"].as_str().cmp(&b["worker_id"].as_str()));
     }
-    // Only ties and temperature sampling use it; no need for a strong RNG.
-    let random = RandomState::new().hash_one(prompt.len());
-    let choice = selection::select(shape, &candidates, weights, random).and_then(|s| {
-        let entry = guard.fleet.worker_at(s.worker)?;
-        Some(json!({
-            "worker_id": entry.worker_id,
-            "address": entry.address,
-            "cached_blocks": s.cached_blocks,
-            "cost": s.logit,
-        }))
+    let decode = &plan.decode;
+    let choice = decode.address.as_ref().map(|address| {
+        json!({
+            "worker_id": decode.worker_id,
+            "address": address,
+            "cached_blocks": decode.cached_blocks,
+        })
     });
     Ok(json!({
         "model": model,
-        "prompt_blocks": prompt.len(),
-        "block_hashes": hashes,
+        "mode": plan.mode().as_str(),
+        "prompt_blocks": decode.prompt_blocks,
+        "block_hashes": exact.unwrap_or_default().iter().map(|h| h.0).collect::<Vec<_>>(),
         "workers": workers,
         "choice": choice,
     }))
-}
-
-async fn text_hashes(http: &HttpState, model: &str, text: String) -> Result<Vec<u64>, ApiError> {
-    Ok(run_tokenizer(http, model, TokenizeInput::Prompt(text))
-        .await?
-        .block_hashes)
 }

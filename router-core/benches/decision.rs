@@ -7,14 +7,13 @@
 use std::num::NonZeroUsize;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use kvmesh_filter::approximate::{LearnedTable, PrefixKeys};
-use kvmesh_filter::config::PluginConfig;
-use kvmesh_filter::inflight::InFlight;
-use kvmesh_filter::orca::OrcaLoads;
-use kvmesh_filter::routing::{decide, Knowledge, Pool, RoutedPrompt, Scratch};
-use kvmesh_filter::unreachable::Unreachable;
 use router_core::fleet::FleetView;
+use router_core::routing::learned::LearnedTable;
+use router_core::routing::prefix_keys::PrefixKeys;
+use router_core::routing::select::CostWeights;
+use router_core::routing::{plan, LocalState, ModelRouting, RoutedPrompt, Signals};
 use router_core::state_stream::{change, BlocksChanged, Change, WorkerJoined, WorkerRole};
+use router_core::{BlockHasher, BlockSize, HashSeed};
 
 const MODEL: &str = "bench";
 const ENTRIES: usize = 1_000_000;
@@ -39,8 +38,7 @@ fn stored(worker: u32, hashes: Vec<u64>) -> Change {
     }
 }
 
-fn fleet(config: &PluginConfig, workers: u32) -> FleetView {
-    let hasher = &config.model(MODEL).expect("bench model").hasher;
+fn fleet(hasher: &BlockHasher, workers: u32) -> FleetView {
     let chain = |id: u32| -> Vec<u64> {
         hasher
             .sequence_hashes(&tokens(id))
@@ -75,41 +73,36 @@ fn fleet(config: &PluginConfig, workers: u32) -> FleetView {
 }
 
 fn decision(c: &mut Criterion) {
-    let config = PluginConfig::parse(br#"{"models":[{"name":"bench"}]}"#).expect("config");
-    let model = config.model(MODEL).expect("bench model");
+    let block_size = BlockSize::VLLM_DEFAULT;
+    let hasher = BlockHasher::new(block_size, HashSeed::for_model(MODEL, None));
+    let model = ModelRouting {
+        block_size,
+        weights: CostWeights::default(),
+        endpoints: Vec::new(),
+    };
     let prompt: Vec<u32> = tokens(u32::MAX)[..PROMPT_TOKENS as usize].to_vec();
     let mut group = c.benchmark_group("decision_8k_token_prompt_1M_entries");
     for workers in [64u32, 256] {
-        let view = fleet(&config, workers);
-        let inflight = InFlight::default();
-        let orca = OrcaLoads::default();
-        let unreachable = Unreachable::default();
+        let view = fleet(&hasher, workers);
         let capacity = NonZeroUsize::new(65_536).expect("nonzero");
-        let mut learned = LearnedTable::new(capacity, 300_000);
-        let mut scratch = Scratch::default();
+        let mut local = LocalState::new(LearnedTable::new(capacity, 300_000));
         let id = BenchmarkId::new("precise", format!("{workers}_workers"));
         group.bench_with_input(id, &prompt, |b, prompt| {
             b.iter(|| {
-                let exact = model.hasher.sequence_hashes(prompt);
-                let keys = PrefixKeys::from_blocks(&exact, model.hasher.block_size());
-                let mut known = Knowledge {
-                    view: Some(&view),
-                    inflight: &inflight,
-                    orca: &orca,
-                    unreachable: &unreachable,
-                    learned: &mut learned,
-                    now_ms: 1_000,
-                    random: 0,
-                };
+                let exact = hasher.sequence_hashes(prompt);
+                let keys = PrefixKeys::from_blocks(&exact, block_size);
                 let routed = RoutedPrompt {
                     exact: Some(&exact),
                     keys: &keys,
                 };
-                let chosen = decide(model, Pool::Decode, routed, &mut known, &mut scratch);
-                if let Some(address) = &chosen.address {
-                    learned.record(keys.keys(), address, 1_000);
-                }
-                chosen.cached_blocks
+                let signals = Signals {
+                    view: Some(&view),
+                    now_ms: 1_000,
+                    random: 0,
+                };
+                plan(&model, None, routed, signals, &mut local)
+                    .decode
+                    .cached_blocks
             })
         });
     }

@@ -1,18 +1,10 @@
-//! The cost function that picks a worker (docs/architecture.md#the-request-path).
-//!
-//! For each candidate `w`:
-//! `logit(w) = overlap_weight × prefill_blocks(w) + decode_blocks(w)`, where
-//! `prefill_blocks(w)` is the prompt blocks `w` must compute (not cached) plus
-//! the prefill work already queued on it, and `decode_blocks(w)` is the KV
-//! blocks active on `w` once this request runs. The lowest logit wins; with a
-//! temperature > 0 the choice is sampled with `p ∝ exp(−normalized_logit / T)`.
-//! Ties go to the least-loaded worker, then to a random one.
-//!
-//! The load term is what keeps a cache-affine router from herding: every
-//! request routed to the worker holding a popular prefix raises its queued
-//! prefill and active blocks until another worker becomes cheaper.
+//! Choosing one worker among candidates: a [`Scorer`] gives each candidate a
+//! cost, a [`Picker`] chooses by cost (docs/architecture.md#the-request-path).
+//! A new policy is one scorer or picker; [`select`] is the configured one.
 
 use crate::index::WorkerSlot;
+use crate::routing::pick::{LowestCost, Picker, Scored, Softmax};
+use crate::routing::score::{KvCost, Scorer};
 
 /// What the router knows of one worker's current load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,15 +34,11 @@ pub struct CostWeights {
 }
 
 impl CostWeights {
-    /// A block to prefill costs compute time before the first token; a block
-    /// of decode load costs memory and a few microseconds per step. At 2, a
-    /// worker running two more ~4k-token requests than an idle one lost its
-    /// tenants' prefixes to it — a 140 ms re-prefill to dodge under 1 ms of
-    /// batching — and on the fleet benchmark's multi-tenant workload every
-    /// avoidable miss was such a move. At 4 a worker keeps its prefixes until
-    /// it runs about four more requests than another, which still bounds
-    /// herding (hit rate 86–88% → 91–92% of a 92% bound, TTFT p90 lower on
-    /// three seeds; docs/benchmarks.md).
+    /// A block to prefill costs compute before the first token; a block of
+    /// decode load costs memory and microseconds per step. At 4 a worker
+    /// keeps its cached prefixes until it runs about four more requests than
+    /// another, which still bounds herding (how it was chosen:
+    /// docs/benchmarks.md#cost-function-weight).
     pub const DEFAULT_OVERLAP_WEIGHT: f64 = 4.0;
 }
 
@@ -76,93 +64,51 @@ pub struct PromptShape {
 pub struct Selection {
     pub worker: WorkerSlot,
     pub cached_blocks: u32,
-    pub logit: f64,
+    pub cost: f64,
 }
 
-/// Cost of sending the prompt to one candidate.
-pub fn logit(prompt: PromptShape, candidate: &Candidate, weights: CostWeights) -> f64 {
-    let block_size = f64::from(prompt.block_size.max(1));
-    let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
-    let queued = candidate.load.queued_prefill_tokens as f64 / block_size;
-    let prefill_blocks = uncached + queued;
-    let decode_blocks = candidate.load.active_blocks as f64 + f64::from(prompt.blocks);
-    weights.overlap_weight * prefill_blocks + decode_blocks
+/// Scores every candidate with `scorer` and lets `picker` choose; `None`
+/// only when there are no candidates. `random` is a uniformly random value
+/// supplied by the caller (no I/O here).
+pub fn select_with(
+    prompt: PromptShape,
+    candidates: &[Candidate],
+    scorer: &dyn Scorer,
+    picker: &dyn Picker,
+    random: u64,
+) -> Option<Selection> {
+    let scored: Vec<Scored<'_>> = candidates
+        .iter()
+        .map(|candidate| Scored {
+            cost: scorer.cost(prompt, candidate),
+            candidate,
+        })
+        .collect();
+    let chosen = scored.get(picker.pick(&scored, random)?)?;
+    Some(Selection {
+        worker: chosen.candidate.worker,
+        cached_blocks: chosen.candidate.cached_blocks,
+        cost: chosen.cost,
+    })
 }
 
-/// Picks a worker; `None` only when there are no candidates. `random` is a
-/// uniformly random value supplied by the caller (no I/O here).
+/// The configured policy: the KV cost function, then the lowest cost (or a
+/// softmax sample when the temperature is above 0).
 pub fn select(
     prompt: PromptShape,
     candidates: &[Candidate],
     weights: CostWeights,
     random: u64,
 ) -> Option<Selection> {
-    let scored: Vec<(f64, &Candidate)> = candidates
-        .iter()
-        .map(|c| (logit(prompt, c, weights), c))
-        .collect();
-    let index = if weights.temperature > 0.0 {
-        sample(&scored, weights.temperature, random)?
+    let scorer = KvCost::from(weights);
+    if weights.temperature > 0.0 {
+        let picker = Softmax {
+            temperature: weights.temperature,
+        };
+        select_with(prompt, candidates, &scorer, &picker, random)
     } else {
-        argmin(&scored, random)?
-    };
-    let (logit, candidate) = scored.get(index)?;
-    Some(Selection {
-        worker: candidate.worker,
-        cached_blocks: candidate.cached_blocks,
-        logit: *logit,
-    })
-}
-
-fn load_of(candidate: &Candidate) -> u64 {
-    candidate
-        .load
-        .active_blocks
-        .saturating_add(candidate.load.queued_prefill_tokens)
-}
-
-/// Lowest logit; ties by least load, then uniformly at random.
-fn argmin(scored: &[(f64, &Candidate)], random: u64) -> Option<usize> {
-    let best = scored.iter().map(|(l, _)| *l).fold(f64::INFINITY, f64::min);
-    let least_load = scored
-        .iter()
-        .filter(|(l, _)| *l == best)
-        .map(|(_, c)| load_of(c))
-        .min()?;
-    let ties: Vec<usize> = scored
-        .iter()
-        .enumerate()
-        .filter(|(_, (l, c))| *l == best && load_of(c) == least_load)
-        .map(|(i, _)| i)
-        .collect();
-    ties.get((random % ties.len() as u64) as usize).copied()
-}
-
-/// Softmax sampling over min-max normalized logits.
-fn sample(scored: &[(f64, &Candidate)], temperature: f64, random: u64) -> Option<usize> {
-    let min = scored.iter().map(|(l, _)| *l).fold(f64::INFINITY, f64::min);
-    let max = scored
-        .iter()
-        .map(|(l, _)| *l)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let range = if max > min { max - min } else { 1.0 };
-    let weights: Vec<f64> = scored
-        .iter()
-        .map(|(l, _)| (-((l - min) / range) / temperature).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    if !(total.is_finite() && total > 0.0) {
-        return argmin(scored, random);
+        select_with(prompt, candidates, &scorer, &LowestCost, random)
     }
-    // 53 random bits → uniform in [0, 1).
-    let mut point = (random >> 11) as f64 / (1u64 << 53) as f64 * total;
-    for (i, weight) in weights.iter().enumerate() {
-        if point < *weight {
-            return Some(i);
-        }
-        point -= weight;
-    }
-    scored.len().checked_sub(1)
 }
 
 #[cfg(test)]
@@ -216,7 +162,7 @@ mod tests {
             temperature: 0.0,
         };
         // uncached 60 + queued 32/16=2 → prefill 62; decode = 5 + 100.
-        let l = logit(PROMPT, &candidate(0, 40, 5, 32), weights);
+        let l = KvCost::from(weights).cost(PROMPT, &candidate(0, 40, 5, 32));
         assert!((l - (2.0 * 62.0 + 105.0)).abs() < 1e-9, "{l}");
     }
 

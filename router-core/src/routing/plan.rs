@@ -1,26 +1,27 @@
 //! The per-request decision: precise (exact block hashes over fresh fleet
-//! state), approximate (the prefix table learned from this VM's decisions,
-//! over the pool's workers), or none at all (Envoy's own balancing).
+//! state), approximate (the prefix table learned from this router's own
+//! decisions, over the pool's workers), or none at all (the proxy's own
+//! balancing); then whether the prompt is prefilled on the prefill pool.
 
-use router_core::fleet::FleetView;
-use router_core::index::{OverlapScratch, WorkerSlot};
-use router_core::selection::{select, Candidate, PromptShape, WorkerLoad};
-use router_core::state_stream::{LoadReport, WorkerRole};
-use router_core::SeqHash;
-
-use crate::approximate::{LearnedTable, PrefixKeys};
-use crate::config::ModelConfig;
-use crate::inflight::InFlight;
-use crate::orca::OrcaLoads;
-use crate::unreachable::Unreachable;
+use crate::fleet::FleetView;
+use crate::index::{OverlapScratch, WorkerSlot};
+use crate::routing::disagg::PrefillRouting;
+use crate::routing::inflight::InFlight;
+use crate::routing::learned::LearnedTable;
+use crate::routing::load::{merged, OrcaLoads};
+use crate::routing::prefix_keys::PrefixKeys;
+use crate::routing::select::{select, Candidate, CostWeights, PromptShape, WorkerLoad};
+use crate::routing::unreachable::Unreachable;
+use crate::state_stream::{LoadReport, WorkerRole};
+use crate::{BlockSize, SeqHash};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Chosen by exact KV overlap and load from fresh fleet state.
     Precise,
-    /// Chosen by the learned prefix table and the load this VM knows of.
+    /// Chosen by the learned prefix table and the load this router knows of.
     Approximate,
-    /// No choice: Envoy's fallback load balancing picks.
+    /// No choice: the proxy's fallback load balancing picks.
     Fallback,
 }
 
@@ -34,10 +35,11 @@ impl Mode {
     }
 }
 
+/// The choice of one worker in one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub mode: Mode,
-    /// `ip:port` for the override header; `None` in fallback mode.
+    /// `ip:port` of the chosen worker; `None` in fallback mode.
     pub address: Option<String>,
     /// The chosen worker's id, known when fleet state is.
     pub worker_id: Option<String>,
@@ -59,34 +61,62 @@ impl Decision {
             load: WorkerLoad::default(),
         }
     }
+
+    /// Prompt blocks the chosen worker must compute.
+    pub fn uncached_blocks(&self) -> u32 {
+        self.prompt_blocks.saturating_sub(self.cached_blocks)
+    }
+}
+
+/// Where a request goes: its decode worker, and the prefill worker when the
+/// prompt is prefilled remotely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingPlan {
+    pub decode: Decision,
+    pub prefill: Option<Decision>,
+}
+
+impl RoutingPlan {
+    pub fn mode(&self) -> Mode {
+        self.decode.mode
+    }
+}
+
+/// A model's decode pool, as routing sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRouting {
+    pub block_size: BlockSize,
+    pub weights: CostWeights,
+    /// `ip:port` of each worker, exactly as the pool cluster lists it; used
+    /// only while no fleet state is available.
+    pub endpoints: Vec<String>,
 }
 
 /// Which of a model's pools a decision is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pool {
+#[derive(Debug, Clone, Copy)]
+enum Pool<'a> {
     /// Workers that generate: the model's own pool.
-    Decode,
+    Decode(&'a ModelRouting),
     /// Workers that only prefill, for disaggregated requests.
-    Prefill,
+    Prefill(&'a PrefillRouting),
 }
 
-impl Pool {
+impl Pool<'_> {
     fn admits(self, role: WorkerRole) -> bool {
         match self {
-            Pool::Decode => matches!(
+            Pool::Decode(_) => matches!(
                 role,
                 WorkerRole::Decode | WorkerRole::Both | WorkerRole::Unspecified
             ),
-            Pool::Prefill => role == WorkerRole::Prefill,
+            Pool::Prefill(_) => role == WorkerRole::Prefill,
         }
     }
 
     /// The pool's configured endpoints, used without fleet state.
-    fn endpoints(self, model: &ModelConfig) -> &[String] {
-        match (self, &model.disaggregation) {
-            (Pool::Decode, _) => &model.endpoints,
-            (Pool::Prefill, Some(d)) => &d.prefill_endpoints,
-            (Pool::Prefill, None) => &[],
+    fn endpoints(&self) -> &[String] {
+        match self {
+            Pool::Decode(model) => &model.endpoints,
+            Pool::Prefill(prefill) => &prefill.endpoints,
         }
     }
 }
@@ -100,65 +130,128 @@ pub struct RoutedPrompt<'a> {
     pub keys: &'a PrefixKeys,
 }
 
-/// This VM's state the decision reads.
-pub struct Knowledge<'a> {
+/// The shared state a decision reads, and this moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Signals<'a> {
     /// The model's fleet view, when fresh.
     pub view: Option<&'a FleetView>,
-    pub inflight: &'a InFlight,
-    pub orca: &'a OrcaLoads,
-    /// Workers left out for now: they just refused a connection.
-    pub unreachable: &'a Unreachable,
-    pub learned: &'a mut LearnedTable,
     pub now_ms: u64,
     /// Uniformly random; breaks ties in precise mode.
     pub random: u64,
 }
 
-/// Working memory reused across requests of one VM.
-#[derive(Default)]
-pub struct Scratch {
-    overlaps: OverlapScratch,
-    candidates: Vec<Candidate>,
+/// What one router (a filter VM, or the sidecar explaining a decision) has
+/// learned on its own, beyond the shared fleet state.
+pub struct LocalState {
+    /// Load it sent and has not seen finish.
+    pub inflight: InFlight,
+    /// Workers' own load reports from response headers.
+    pub orca: OrcaLoads,
+    /// Workers left out for now: they just refused a connection.
+    pub unreachable: Unreachable,
+    /// Where it sent which prompt prefixes.
+    pub learned: LearnedTable,
+    scratch: Scratch,
 }
 
-pub fn decide(
-    model: &ModelConfig,
-    pool: Pool,
-    prompt: RoutedPrompt<'_>,
-    known: &mut Knowledge<'_>,
-    scratch: &mut Scratch,
-) -> Decision {
-    // A view without a worker of this pool (the sidecar lost NATS and
-    // forgot them, say) knows less than the configured endpoints and the
-    // learned table: route approximately instead of not at all.
-    let live = known
-        .view
-        .filter(|view| view.workers().any(|w| pool.admits(w.role)));
-    match (live, prompt.exact) {
-        (Some(view), Some(exact)) => precise(model, pool, exact, view, known, scratch),
-        _ => approximate(model, pool, prompt, live, known, scratch),
+impl LocalState {
+    pub fn new(learned: LearnedTable) -> Self {
+        Self {
+            inflight: InFlight::default(),
+            orca: OrcaLoads::default(),
+            unreachable: Unreachable::default(),
+            learned,
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// The decode pool's candidates of the last plan, with the cached
+    /// blocks and merged load they were scored with. In precise mode their
+    /// slots are the fleet view's.
+    pub fn last_decode_candidates(&self) -> &[Candidate] {
+        &self.scratch.decode
     }
 }
 
-/// Whether a worker may be chosen now.
-fn reachable(known: &Knowledge<'_>, address: &str) -> bool {
-    !known.unreachable.is_down(address, known.now_ms)
+/// Working memory reused across requests.
+#[derive(Default)]
+struct Scratch {
+    overlaps: OverlapScratch,
+    candidates: Vec<Candidate>,
+    /// The decode pool's candidates of the last plan.
+    decode: Vec<Candidate>,
+}
+
+/// Decides where a request for `model` goes, and whether `prefill` (the
+/// model's prefill pool, if it has one) prefills it. Remembers the decode
+/// choice in the learned table.
+pub fn plan(
+    model: &ModelRouting,
+    prefill: Option<&PrefillRouting>,
+    prompt: RoutedPrompt<'_>,
+    signals: Signals<'_>,
+    local: &mut LocalState,
+) -> RoutingPlan {
+    let decode = decide(model, Pool::Decode(model), prompt, signals, local);
+    let scratch = &mut local.scratch;
+    std::mem::swap(&mut scratch.candidates, &mut scratch.decode);
+    let prefill = prefill.and_then(|pool| {
+        let chosen = decide(model, Pool::Prefill(pool), prompt, signals, local);
+        let uncached_tokens =
+            u64::from(decode.uncached_blocks()) * u64::from(model.block_size.get());
+        let wanted = chosen.address.is_some()
+            && pool.wants_remote_prefill(uncached_tokens, chosen.load.queued_prefill_tokens);
+        wanted.then_some(chosen)
+    });
+    if let Some(address) = &decode.address {
+        local
+            .learned
+            .record(prompt.keys.keys(), address, signals.now_ms);
+    }
+    RoutingPlan { decode, prefill }
+}
+
+fn decide(
+    model: &ModelRouting,
+    pool: Pool<'_>,
+    prompt: RoutedPrompt<'_>,
+    signals: Signals<'_>,
+    local: &mut LocalState,
+) -> Decision {
+    local.scratch.candidates.clear();
+    // A view without a worker of this pool (the sidecar lost NATS and
+    // forgot them, say) knows less than the configured endpoints and the
+    // learned table: route approximately instead of not at all.
+    let live = signals
+        .view
+        .filter(|view| view.workers().any(|w| pool.admits(w.role)));
+    match (live, prompt.exact) {
+        (Some(view), Some(exact)) => precise(model, pool, exact, view, signals, local),
+        _ => approximate(model, pool, prompt, live, signals, local),
+    }
 }
 
 fn precise(
-    model: &ModelConfig,
-    pool: Pool,
+    model: &ModelRouting,
+    pool: Pool<'_>,
     prompt: &[SeqHash],
     view: &FleetView,
-    known: &Knowledge<'_>,
-    scratch: &mut Scratch,
+    signals: Signals<'_>,
+    local: &mut LocalState,
 ) -> Decision {
     let prompt_blocks = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+    let LocalState {
+        scratch,
+        inflight,
+        orca,
+        unreachable,
+        ..
+    } = local;
     scratch.candidates.clear();
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
     for worker in view
         .workers()
-        .filter(|w| pool.admits(w.role) && reachable(known, &w.address))
+        .filter(|w| pool.admits(w.role) && !unreachable.is_down(&w.address, signals.now_ms))
     {
         let cached_blocks = overlaps
             .iter()
@@ -167,14 +260,21 @@ fn precise(
         scratch.candidates.push(Candidate {
             worker: worker.slot,
             cached_blocks,
-            load: current_load(model, known, &worker.address, reported(&worker.load)),
+            load: current_load(
+                model,
+                inflight,
+                orca,
+                signals,
+                &worker.address,
+                reported(&worker.load),
+            ),
         });
     }
     let shape = PromptShape {
         blocks: prompt_blocks,
-        block_size: model.hasher.block_size().get(),
+        block_size: model.block_size.get(),
     };
-    let chosen = select(shape, &scratch.candidates, model.weights, known.random).and_then(|s| {
+    let chosen = select(shape, &scratch.candidates, model.weights, signals.random).and_then(|s| {
         let load = chosen_load(&scratch.candidates, s.worker);
         view.worker_at(s.worker).map(|w| (w, s.cached_blocks, load))
     });
@@ -192,14 +292,14 @@ fn precise(
 }
 
 fn approximate(
-    model: &ModelConfig,
-    pool: Pool,
+    model: &ModelRouting,
+    pool: Pool<'_>,
     prompt: RoutedPrompt<'_>,
     view: Option<&FleetView>,
-    known: &mut Knowledge<'_>,
-    scratch: &mut Scratch,
+    signals: Signals<'_>,
+    local: &mut LocalState,
 ) -> Decision {
-    let block_size = model.hasher.block_size();
+    let block_size = model.block_size;
     let keys = prompt.keys;
     let key_count = u32::try_from(keys.keys().len()).unwrap_or(u32::MAX);
     let prompt_blocks = match prompt.exact {
@@ -209,11 +309,19 @@ fn approximate(
     let Some(&first_key) = keys.keys().first() else {
         return Decision::fallback(prompt_blocks);
     };
+    let LocalState {
+        scratch,
+        inflight,
+        orca,
+        unreachable,
+        learned,
+    } = local;
+    let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
     // (address, worker id, load the fleet state reports)
     let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match view {
         Some(view) => view
             .workers()
-            .filter(|w| pool.admits(w.role) && reachable(known, &w.address))
+            .filter(|w| pool.admits(w.role) && reachable(&w.address))
             .map(|w| {
                 (
                     w.address.as_str(),
@@ -223,14 +331,14 @@ fn approximate(
             })
             .collect(),
         None => pool
-            .endpoints(model)
+            .endpoints()
             .iter()
-            .filter(|e| reachable(known, e))
+            .filter(|e| reachable(e))
             .map(|e| (e.as_str(), None, WorkerLoad::default()))
             .collect(),
     };
     let mut matched = vec![0u32; workers.len()];
-    for (address, run) in known.learned.matches(keys.keys(), known.now_ms) {
+    for (address, run) in learned.matches(keys.keys(), signals.now_ms) {
         if let Some(index) = workers.iter().position(|w| w.0 == address) {
             if let Some(slot) = matched.get_mut(index) {
                 *slot = run;
@@ -243,7 +351,7 @@ fn approximate(
         scratch.candidates.push(Candidate {
             worker: WorkerSlot(u32::try_from(index).unwrap_or(u32::MAX)),
             cached_blocks: keys.blocks(run, block_size).min(prompt_blocks),
-            load: current_load(model, known, address, *reported),
+            load: current_load(model, inflight, orca, signals, address, *reported),
         });
     }
     let shape = PromptShape {
@@ -272,31 +380,19 @@ fn approximate(
 }
 
 /// The load a worker is under, by the freshest account of it: the fleet
-/// state (engines' metrics plus every gateway's reported decisions), this
-/// VM's own in-flight requests and the engine's ORCA reports. They estimate
-/// the same thing with different lags, so the largest wins; adding them
-/// would count a request several times.
+/// state, this router's in-flight requests and the engine's ORCA reports.
 fn current_load(
-    model: &ModelConfig,
-    known: &Knowledge<'_>,
+    model: &ModelRouting,
+    inflight: &InFlight,
+    orca: &OrcaLoads,
+    signals: Signals<'_>,
     address: &str,
     reported: WorkerLoad,
 ) -> WorkerLoad {
-    let local = known.inflight.load(address);
-    let orca = known
-        .orca
-        .load(address, model.hasher.block_size().get(), known.now_ms)
+    let orca = orca
+        .load(address, model.block_size.get(), signals.now_ms)
         .unwrap_or_default();
-    WorkerLoad {
-        active_blocks: reported
-            .active_blocks
-            .max(local.active_blocks)
-            .max(orca.active_blocks),
-        queued_prefill_tokens: reported
-            .queued_prefill_tokens
-            .max(local.queued_prefill_tokens)
-            .max(orca.queued_prefill_tokens),
-    }
+    merged([reported, inflight.load(address), orca])
 }
 
 /// The part of a worker's load report the cost function uses.
@@ -319,18 +415,26 @@ mod tests {
     use std::num::NonZeroUsize;
 
     use super::*;
-    use crate::config::PluginConfig;
-    use crate::orca::OrcaReport;
-    use router_core::state_stream::{change, BlocksChanged, Change, LoadReport, WorkerJoined};
+    use crate::routing::disagg::PrefillPolicy;
+    use crate::routing::inflight::RequestLoad;
+    use crate::routing::load::OrcaReport;
+    use crate::state_stream::{change, BlocksChanged, Change, LoadReport, WorkerJoined};
 
-    fn model() -> ModelConfig {
-        PluginConfig::parse(
-            br#"{"models":[{"name":"m","endpoints":["127.0.0.1:1","127.0.0.1:2"]}]}"#,
-        )
-        .unwrap()
-        .model("m")
-        .unwrap()
-        .clone()
+    fn model() -> ModelRouting {
+        ModelRouting {
+            block_size: BlockSize::new(16).unwrap(),
+            weights: CostWeights::default(),
+            endpoints: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+        }
+    }
+
+    fn prefill_pool(endpoints: &[&str]) -> PrefillRouting {
+        PrefillRouting {
+            policy: PrefillPolicy::Always,
+            endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+            min_prefill_tokens: 0,
+            max_prefill_queue_tokens: u64::MAX,
+        }
     }
 
     fn view() -> FleetView {
@@ -342,71 +446,56 @@ mod tests {
                 role: role as i32,
             })),
         };
+        let stored = |id: &str, hashes: Vec<u64>| Change {
+            kind: Some(change::Kind::Stored(BlocksChanged {
+                worker_id: id.into(),
+                hashes,
+            })),
+        };
         view.commit(vec![
             join("a", 10, WorkerRole::Decode),
             join("b", 11, WorkerRole::Both),
             join("p", 12, WorkerRole::Prefill),
-            Change {
-                kind: Some(change::Kind::Stored(BlocksChanged {
-                    worker_id: "b".into(),
-                    hashes: vec![1, 2, 3],
-                })),
-            },
-            Change {
-                kind: Some(change::Kind::Stored(BlocksChanged {
-                    worker_id: "p".into(),
-                    hashes: vec![1, 2, 3, 4],
-                })),
-            },
+            stored("b", vec![1, 2, 3]),
+            stored("p", vec![1, 2, 3, 4]),
         ]);
         view
     }
 
-    /// This VM's state, with nothing routed or reported yet.
+    /// One router's state, with nothing routed or reported yet.
     struct Vm {
-        inflight: InFlight,
-        orca: OrcaLoads,
-        unreachable: Unreachable,
-        learned: LearnedTable,
-        scratch: Scratch,
+        local: LocalState,
     }
 
     impl Vm {
         fn new() -> Self {
+            let learned = LearnedTable::new(NonZeroUsize::new(100).unwrap(), 60_000);
             Self {
-                inflight: InFlight::default(),
-                orca: OrcaLoads::default(),
-                unreachable: Unreachable::default(),
-                learned: LearnedTable::new(NonZeroUsize::new(100).unwrap(), 60_000),
-                scratch: Scratch::default(),
+                local: LocalState::new(learned),
             }
         }
 
         fn decide(&mut self, exact: Option<&[SeqHash]>, view: Option<&FleetView>) -> Decision {
             let keys = exact.map_or_else(PrefixKeys::default, |e| {
-                PrefixKeys::from_blocks(e, model().hasher.block_size())
+                PrefixKeys::from_blocks(e, model().block_size)
             });
-            self.decide_in(Pool::Decode, exact, &keys, view)
+            self.plan(None, exact, &keys, view).decode
         }
 
-        fn decide_in(
+        fn plan(
             &mut self,
-            pool: Pool,
+            prefill: Option<&PrefillRouting>,
             exact: Option<&[SeqHash]>,
             keys: &PrefixKeys,
             view: Option<&FleetView>,
-        ) -> Decision {
-            let mut known = Knowledge {
+        ) -> RoutingPlan {
+            let signals = Signals {
                 view,
-                inflight: &self.inflight,
-                orca: &self.orca,
-                unreachable: &self.unreachable,
-                learned: &mut self.learned,
                 now_ms: 1_000,
                 random: 0,
             };
             let prompt = RoutedPrompt { exact, keys };
-            decide(&model(), pool, prompt, &mut known, &mut self.scratch)
+            plan(&model(), prefill, prompt, signals, &mut self.local)
         }
     }
 
@@ -425,7 +514,12 @@ mod tests {
     #[test]
     fn local_inflight_load_moves_traffic_off_the_cached_worker() {
         let mut vm = Vm::new();
-        vm.inflight.admit("127.0.0.1:11", 16 * 50, 50);
+        vm.local.inflight.admit(RequestLoad {
+            decode: "127.0.0.1:11",
+            prefill: None,
+            prefill_tokens: 16 * 50,
+            blocks: 50,
+        });
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
     }
@@ -452,36 +546,43 @@ mod tests {
             waiting: 40,
             running: 8,
         };
-        vm.orca.record("127.0.0.1:11", busy, 900);
+        vm.local.orca.record("127.0.0.1:11", busy, 900);
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
     }
 
     #[test]
     fn without_state_the_learned_table_decides() {
-        let mut vm = Vm::new();
         let long: Vec<SeqHash> = (1..=32).map(SeqHash).collect();
+        let keys = PrefixKeys::from_blocks(&long, model().block_size);
+        let mut vm = Vm::new();
         let first = vm.decide(Some(&long), None);
         assert_eq!((first.mode, first.cached_blocks), (Mode::Approximate, 0));
         assert_eq!(first.prompt_blocks, 32);
-        let keys = PrefixKeys::from_blocks(&long, model().hasher.block_size());
+        // The plan remembered its choice: the prompt now goes there as a hit.
+        let again = vm.decide(Some(&long), None);
+        assert_eq!(
+            (again.address.clone(), again.cached_blocks),
+            (first.address.clone(), 32)
+        );
+        // Ties go the same way every time (every VM agrees on a new prefix).
+        assert_eq!(Vm::new().decide(Some(&long), None), first);
+        // Once the table says the other endpoint holds it, it goes there.
         let other = if first.address.as_deref() == Some("127.0.0.1:1") {
             "127.0.0.1:2"
         } else {
             "127.0.0.1:1"
         };
-        // Ties go the same way every time (every VM agrees on a new prefix).
-        assert_eq!(vm.decide(Some(&long), None), first);
-        // Once the table says the other endpoint holds it, it goes there.
-        vm.learned.record(keys.keys(), other, 1_000);
+        let mut vm = Vm::new();
+        vm.local.learned.record(keys.keys(), other, 1_000);
         let learned = vm.decide(Some(&long), None);
         assert_eq!(learned.address.as_deref(), Some(other));
         assert_eq!(learned.cached_blocks, 32);
         // Fresh fleet state without exact hashes (tokenization failed): the
         // table picks among the fleet's live workers.
-        vm.learned.record(keys.keys(), "127.0.0.1:10", 1_000);
+        vm.local.learned.record(keys.keys(), "127.0.0.1:10", 1_000);
         assert_eq!(vm.decide(None, Some(&view())).mode, Mode::Fallback);
-        let d = vm.decide_in(Pool::Decode, None, &keys, Some(&view()));
+        let d = vm.plan(None, None, &keys, Some(&view())).decode;
         assert_eq!(d.mode, Mode::Approximate);
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
         assert_eq!(d.worker_id.as_deref(), Some("a"));
@@ -490,14 +591,39 @@ mod tests {
     #[test]
     fn the_prefill_pool_holds_only_prefill_workers() {
         let exact = prompt();
-        let keys = PrefixKeys::from_blocks(&exact, model().hasher.block_size());
+        let keys = PrefixKeys::from_blocks(&exact, model().block_size);
         let mut vm = Vm::new();
-        let d = vm.decide_in(Pool::Prefill, Some(&exact), &keys, Some(&view()));
-        assert_eq!(d.worker_id.as_deref(), Some("p"));
-        assert_eq!(d.cached_blocks, 4);
+        let pool = prefill_pool(&[]);
+        let plan = vm.plan(Some(&pool), Some(&exact), &keys, Some(&view()));
+        let prefill = plan.prefill.expect("remote prefill");
+        assert_eq!(prefill.worker_id.as_deref(), Some("p"));
+        assert_eq!(prefill.cached_blocks, 4);
+        assert_eq!(plan.decode.worker_id.as_deref(), Some("b"));
         // Without state, a model without prefill endpoints has no choice.
-        let d = vm.decide_in(Pool::Prefill, Some(&exact), &keys, None);
-        assert_eq!(d.mode, Mode::Fallback);
+        let plan = vm.plan(Some(&pool), Some(&exact), &keys, None);
+        assert_eq!(plan.prefill, None);
+        let pool = prefill_pool(&["127.0.0.1:9"]);
+        let plan = vm.plan(Some(&pool), Some(&exact), &keys, None);
+        let prefill = plan.prefill.expect("remote prefill on the endpoints");
+        assert_eq!(prefill.address.as_deref(), Some("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn auto_keeps_a_cached_prompt_local() {
+        let exact = prompt();
+        let keys = PrefixKeys::from_blocks(&exact, model().block_size);
+        let pool = PrefillRouting {
+            policy: PrefillPolicy::Auto,
+            min_prefill_tokens: 2 * 16,
+            ..prefill_pool(&[])
+        };
+        // One uncached block on the decode worker: below the threshold.
+        let plan = Vm::new().plan(Some(&pool), Some(&exact), &keys, Some(&view()));
+        assert_eq!(plan.prefill, None);
+        let uncached: Vec<SeqHash> = (100..110).map(SeqHash).collect();
+        let keys = PrefixKeys::from_blocks(&uncached, model().block_size);
+        let plan = Vm::new().plan(Some(&pool), Some(&uncached), &keys, Some(&view()));
+        assert!(plan.prefill.is_some());
     }
 
     #[test]
@@ -505,7 +631,7 @@ mod tests {
         let mut vm = Vm::new();
         assert_eq!(vm.decide(Some(&[]), None).mode, Mode::Fallback);
         for address in ["127.0.0.1:1", "127.0.0.1:2"] {
-            vm.unreachable.mark(address, 1_000);
+            vm.local.unreachable.mark(address, 1_000);
         }
         assert_eq!(vm.decide(Some(&prompt()), None).mode, Mode::Fallback);
     }
@@ -523,18 +649,18 @@ mod tests {
     #[test]
     fn an_unreachable_worker_is_left_out_until_its_hold_ends() {
         let mut vm = Vm::new();
-        vm.unreachable.mark("127.0.0.1:11", 900);
+        vm.local.unreachable.mark("127.0.0.1:11", 900);
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(
             (d.mode, d.address.as_deref()),
             (Mode::Precise, Some("127.0.0.1:10"))
         );
-        vm.unreachable.mark("127.0.0.1:10", 900);
+        vm.local.unreachable.mark("127.0.0.1:10", 900);
         assert_eq!(
             vm.decide(Some(&prompt()), Some(&view())).mode,
             Mode::Fallback
         );
-        vm.unreachable.clear("127.0.0.1:11");
+        vm.local.unreachable.clear("127.0.0.1:11");
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:11"));
     }

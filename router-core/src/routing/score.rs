@@ -1,0 +1,40 @@
+//! Scorers: the cost of sending the prompt to one candidate.
+
+use crate::routing::select::{Candidate, CostWeights, PromptShape};
+
+/// Gives each candidate a cost; lower is better.
+pub trait Scorer {
+    fn cost(&self, prompt: PromptShape, candidate: &Candidate) -> f64;
+}
+
+/// KV-aware cost: `overlap_weight × prefill_blocks + decode_blocks`, where
+/// `prefill_blocks` is the prompt blocks the candidate must compute (not
+/// cached) plus the prefill already queued on it, and `decode_blocks` the KV
+/// blocks active on it once this request runs.
+///
+/// The load term is what keeps a cache-affine router from herding: every
+/// request routed to the worker holding a popular prefix raises its queued
+/// prefill and active blocks until another worker becomes cheaper.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvCost {
+    pub overlap_weight: f64,
+}
+
+impl From<CostWeights> for KvCost {
+    fn from(weights: CostWeights) -> Self {
+        Self {
+            overlap_weight: weights.overlap_weight,
+        }
+    }
+}
+
+impl Scorer for KvCost {
+    fn cost(&self, prompt: PromptShape, candidate: &Candidate) -> f64 {
+        let block_size = f64::from(prompt.block_size.max(1));
+        let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
+        let queued = candidate.load.queued_prefill_tokens as f64 / block_size;
+        let prefill_blocks = uncached + queued;
+        let decode_blocks = candidate.load.active_blocks as f64 + f64::from(prompt.blocks);
+        self.overlap_weight * prefill_blocks + decode_blocks
+    }
+}
