@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::free_port;
-use kvmesh_tests::harness::relay::{Relay, RelayOptions};
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::free_port;
+use kvmesh_stack::harness::relay::{Relay, RelayOptions};
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::fleet::KvWorker;
-use kvmesh_tests::harness::nats::NatsCluster;
-use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{Envoy, GatewayConfig, ModelRoute};
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::fleet::KvWorker;
+use kvmesh_stack::harness::nats::NatsCluster;
+use kvmesh_stack::harness::sidecar::{Sidecar, SidecarModel};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{Envoy, GatewayConfig, ModelRoute};
 use serde_json::json;
 
 const MODEL: &str = "qwen3";

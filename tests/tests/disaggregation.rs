@@ -5,10 +5,10 @@
 //! The sim-engines speak each engine family's handshake, with a real KV pull
 //! between the two engine processes.
 
-use kvmesh_tests::harness::client::{http_client, post_json, prometheus_sum};
-use kvmesh_tests::harness::envoy::Disaggregation;
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{free_port, Envoy, GatewayConfig, ModelRoute, SimEngine};
+use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum};
+use kvmesh_stack::harness::envoy::Disaggregation;
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{free_port, Envoy, GatewayConfig, ModelRoute, SimEngine};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";

@@ -12,12 +12,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::engine_publisher::{
+use kvmesh_stack::harness::engine_publisher::{
     Capabilities, EnginePublisher, EngineRelease, HashStyle,
 };
-use kvmesh_tests::harness::relay::{Relay, RelayOptions};
-use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
-use kvmesh_tests::harness::NatsServer;
+use kvmesh_stack::harness::relay::{Relay, RelayOptions};
+use kvmesh_stack::harness::sidecar::{Sidecar, SidecarModel};
+use kvmesh_stack::harness::NatsServer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};

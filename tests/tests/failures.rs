@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use serde_json::json;
 
 const MODEL: &str = "qwen3";
@@ -170,7 +170,7 @@ fn three_thousand_concurrent_streams_through_one_gateway_all_succeed_and_are_rou
         .enable_all()
         .build()
         .unwrap();
-    let results: Vec<anyhow::Result<kvmesh_tests::harness::load::Streamed>> =
+    let results: Vec<anyhow::Result<kvmesh_stack::harness::load::Streamed>> =
         runtime.block_on(async {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
@@ -186,7 +186,7 @@ fn three_thousand_concurrent_streams_through_one_gateway_all_succeed_and_are_rou
                         "messages": [
                             {"role": "system", "content": format!("You help tenant {}. ", i % 20).repeat(40)},
                             {"role": "user", "content": format!("Question number {i}?")}]});
-                    kvmesh_tests::harness::load::stream_timed(&client, &url, &body).await
+                    kvmesh_stack::harness::load::stream_timed(&client, &url, &body).await
                 }
             });
             futures_util::future::join_all(waves).await

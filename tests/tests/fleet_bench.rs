@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::{paths, ManagedProcess};
+use kvmesh_stack::harness::{paths, ManagedProcess};
 
 /// A run takes about 30 s; generous for a loaded CI machine.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(300);

@@ -4,11 +4,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use kvmesh_tests::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
-use kvmesh_tests::harness::envoy::{validate_config, Disaggregation};
-use kvmesh_tests::harness::raw_http::{h1_chunked_post_with_trailers, h2_post, http1_exchange};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{
+use kvmesh_stack::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
+use kvmesh_stack::harness::envoy::{validate_config, Disaggregation};
+use kvmesh_stack::harness::raw_http::{h1_chunked_post_with_trailers, h2_post, http1_exchange};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{
     free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
 };
 use serde_json::json;

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::envoy::{validate_config, PREFILL_POOL};
-use kvmesh_tests::harness::istio::{apply_envoy_filter, outbound_cluster};
-use kvmesh_tests::harness::nats_tap::NatsTap;
-use kvmesh_tests::harness::process::run_to_completion;
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
-use kvmesh_tests::harness::{paths, Envoy, GatewayConfig};
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::envoy::{validate_config, PREFILL_POOL};
+use kvmesh_stack::harness::istio::{apply_envoy_filter, outbound_cluster};
+use kvmesh_stack::harness::nats_tap::NatsTap;
+use kvmesh_stack::harness::process::run_to_completion;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::{paths, Envoy, GatewayConfig};
 use router_core::protocol::subjects;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -107,7 +107,7 @@ fn the_sidecar_and_nats_configurations_in_the_manifests_are_accepted() {
             &tokenizer.display().to_string(),
         )
         .replace("/etc/kvmesh/nats/password", &password.display().to_string());
-    let (ok, out) = kvmesh_tests::harness::sidecar::check_config(&sidecar_config).unwrap();
+    let (ok, out) = kvmesh_stack::harness::sidecar::check_config(&sidecar_config).unwrap();
     assert!(
         ok,
         "kv-sidecar check-config refused the ConfigMap's kvmesh.yaml:\n{out}"

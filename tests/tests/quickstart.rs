@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json, prometheus_sum};
-use kvmesh_tests::harness::{paths, readiness, ManagedProcess};
+use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum};
+use kvmesh_stack::harness::{paths, readiness, ManagedProcess};
 use serde_json::json;
 
 fn component_lines(logs: &str) -> Vec<(String, String)> {

@@ -5,11 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::fleet::KvWorker;
-use kvmesh_tests::harness::nats_tap::NatsTap;
-use kvmesh_tests::harness::relay::{Relay, RelayOptions};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{readiness, NatsServer, SimEngine};
+use kvmesh_stack::harness::fleet::KvWorker;
+use kvmesh_stack::harness::nats_tap::NatsTap;
+use kvmesh_stack::harness::relay::{Relay, RelayOptions};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{readiness, NatsServer, SimEngine};
 use router_core::protocol::{
     kv_event::Kind, subjects, ApplyOutcome, KvEventBatch, Message, WorkerInfo, WorkerLoad,
     WorkerView,

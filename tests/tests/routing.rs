@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json, JsonResponse};
-use kvmesh_tests::harness::sidecar::{Sidecar, SidecarModel};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::stack::StackOptions;
-use kvmesh_tests::harness::{self, Envoy, GatewayConfig, ModelRoute, NatsServer};
+use kvmesh_stack::harness::client::{http_client, post_json, JsonResponse};
+use kvmesh_stack::harness::sidecar::{Sidecar, SidecarModel};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::stack::StackOptions;
+use kvmesh_stack::harness::{self, Envoy, GatewayConfig, ModelRoute, NatsServer};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";
@@ -489,7 +489,7 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
     // tell the filters their state is current.
     let nats = NatsServer::start().unwrap();
     let sim =
-        kvmesh_tests::harness::SimEngine::start(SimEngineOptions::new(MODEL, "lone")).unwrap();
+        kvmesh_stack::harness::SimEngine::start(SimEngineOptions::new(MODEL, "lone")).unwrap();
     let model = SidecarModel {
         name: MODEL.to_owned(),
         block_size: BLOCK,

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use kvmesh_tests::harness::client::{http_client, post, post_json};
-use kvmesh_tests::harness::envoy::ENVOY_WORKER_THREADS;
-use kvmesh_tests::harness::raw_http::h2_post;
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
-use kvmesh_tests::harness::Envoy;
+use kvmesh_stack::harness::client::{http_client, post, post_json};
+use kvmesh_stack::harness::envoy::ENVOY_WORKER_THREADS;
+use kvmesh_stack::harness::raw_http::h2_post;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::Envoy;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -387,7 +387,7 @@ fn generated_hostile_requests_never_fail_a_vm() {
     // Forged handshake fields never reached an engine.
     for worker in &stack.workers {
         let metrics = format!("{}/metrics", worker.sim.url());
-        let fallbacks = kvmesh_tests::harness::client::prometheus_sum(
+        let fallbacks = kvmesh_stack::harness::client::prometheus_sum(
             &metrics,
             "sim:remote_prefill_fallbacks_total",
             "",

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kv_sidecar::serve::stream::StateStreamClient;
-use kvmesh_tests::harness::fleet::KvWorker;
-use kvmesh_tests::harness::nats_tap::NatsTap;
-use kvmesh_tests::harness::relay::Relay;
-use kvmesh_tests::harness::sidecar::{blocks_by_worker, Sidecar, SidecarModel};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{NatsServer, SimEngine};
+use kvmesh_stack::harness::fleet::KvWorker;
+use kvmesh_stack::harness::nats_tap::NatsTap;
+use kvmesh_stack::harness::relay::Relay;
+use kvmesh_stack::harness::sidecar::{blocks_by_worker, Sidecar, SidecarModel};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{NatsServer, SimEngine};
 use router_core::fleet::FleetView;
 use router_core::gateway::{gateway_report, GatewayHello, GatewayReport, RoutingDecision};
 use router_core::state_stream::{state_update, StateUpdate};

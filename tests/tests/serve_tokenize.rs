@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use kv_sidecar::tokenize::ModelTokenizer;
-use kvmesh_tests::harness::sidecar::{check_config, Sidecar, SidecarModel};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{free_port, paths, NatsServer, SimEngine};
+use kvmesh_stack::harness::sidecar::{check_config, Sidecar, SidecarModel};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{free_port, paths, NatsServer, SimEngine};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvmesh_tests::harness::client::{http_client, post, post_json, JsonResponse};
-use kvmesh_tests::harness::sim::SimEngineOptions;
-use kvmesh_tests::harness::{free_port, paths, SimEngine};
+use kvmesh_stack::harness::client::{http_client, post, post_json, JsonResponse};
+use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::{free_port, paths, SimEngine};
 use router_core::{BlockHasher, BlockSize, HashSeed};
 use serde_json::{json, Value};
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};

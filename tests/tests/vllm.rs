@@ -12,10 +12,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kvmesh_tests::harness::client::{http_client, post, post_json, JsonResponse};
-use kvmesh_tests::harness::relay::Relay;
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
-use kvmesh_tests::harness::vllm::{relay_options, VllmWorker};
+use kvmesh_stack::harness::client::{http_client, post, post_json, JsonResponse};
+use kvmesh_stack::harness::relay::Relay;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::vllm::{relay_options, VllmWorker};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";

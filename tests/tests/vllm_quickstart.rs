@@ -6,8 +6,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::{paths, readiness, ManagedProcess};
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::{paths, readiness, ManagedProcess};
 use serde_json::json;
 
 /// Two engines loading at once on a shared 2-core machine.

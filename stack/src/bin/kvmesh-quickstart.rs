@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kvmesh_tests::harness::free_port;
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
-use kvmesh_tests::harness::supervisor::Supervisor;
+use kvmesh_stack::harness::free_port;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::supervisor::Supervisor;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

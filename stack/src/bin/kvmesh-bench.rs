@@ -8,15 +8,15 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use kvmesh_tests::fleet_bench::bound::hit_rate_bound;
-use kvmesh_tests::fleet_bench::mooncake::MooncakeReplay;
-use kvmesh_tests::fleet_bench::policy::Policy;
-use kvmesh_tests::fleet_bench::prompts::PromptBlocker;
-use kvmesh_tests::fleet_bench::report::{self, RunContext};
-use kvmesh_tests::fleet_bench::run::{run_policy, BenchEngine, FleetParams};
-use kvmesh_tests::fleet_bench::summary::Summary;
-use kvmesh_tests::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
-use kvmesh_tests::harness::paths;
+use kvmesh_stack::fleet_bench::bound::hit_rate_bound;
+use kvmesh_stack::fleet_bench::mooncake::MooncakeReplay;
+use kvmesh_stack::fleet_bench::policy::Policy;
+use kvmesh_stack::fleet_bench::prompts::PromptBlocker;
+use kvmesh_stack::fleet_bench::report::{self, RunContext};
+use kvmesh_stack::fleet_bench::run::{run_policy, BenchEngine, FleetParams};
+use kvmesh_stack::fleet_bench::summary::Summary;
+use kvmesh_stack::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
+use kvmesh_stack::harness::paths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum WorkloadKind {

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use kvmesh_tests::harness::client::{http_client, post_json};
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
-use kvmesh_tests::harness::stats::quantile;
-use kvmesh_tests::harness::{Envoy, GatewayConfig};
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::stats::quantile;
+use kvmesh_stack::harness::{Envoy, GatewayConfig};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]

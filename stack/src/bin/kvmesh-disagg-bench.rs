@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kvmesh_tests::harness::load::stream_timed;
-use kvmesh_tests::harness::stack::{Stack, StackOptions};
-use kvmesh_tests::harness::stats::quantile;
+use kvmesh_stack::harness::load::stream_timed;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::stats::quantile;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
