@@ -30,7 +30,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let model = request.model.clone();
     let block_size = match http.state.lock(&model) {
-        Some(guard) => guard.config.block_size,
+        Some(guard) => guard.registry.config().block_size,
         None => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -75,21 +75,21 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
             format!("model '{model}' is gone"),
         ));
     };
+    let (routing, fleet) = (&guard.registry.config().routing, guard.registry.fleet());
     let weights = CostWeights {
-        overlap_weight: guard.config.routing.overlap_weight,
-        temperature: guard.config.routing.temperature,
+        overlap_weight: routing.overlap_weight,
+        temperature: routing.temperature,
     };
     let prompt: Vec<SeqHash> = hashes.iter().copied().map(SeqHash).collect();
     let mut scratch = OverlapScratch::default();
-    let overlaps = guard.fleet.overlaps(&prompt, &mut scratch).to_vec();
+    let overlaps = fleet.overlaps(&prompt, &mut scratch).to_vec();
     let shape = PromptShape {
         blocks: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
         block_size,
     };
     let mut candidates = Vec::new();
     let mut workers = Vec::new();
-    let mut entries: Vec<_> = guard
-        .fleet
+    let mut entries: Vec<_> = fleet
         .workers()
         .filter(|w| w.role != WorkerRole::Prefill)
         .collect();
@@ -120,7 +120,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     // Only ties and temperature sampling use it; no need for a strong RNG.
     let random = RandomState::new().hash_one(prompt.len());
     let choice = selection::select(shape, &candidates, weights, random).and_then(|s| {
-        let entry = guard.fleet.worker_at(s.worker)?;
+        let entry = fleet.worker_at(s.worker)?;
         Some(json!({
             "worker_id": entry.worker_id,
             "address": entry.address,
