@@ -175,7 +175,6 @@ fn state_task(c: &mut Criterion) {
                     let (sync_tx, _sync_rx) = tokio::sync::mpsc::channel(16);
                     let task = StateTask {
                         state: state.clone(),
-                        limits: config.state.clone(),
                         sync_tx,
                     };
                     for input in inputs {
@@ -183,7 +182,9 @@ fn state_task(c: &mut Criterion) {
                     }
                     drop(tx);
                     task.run(rx).await;
-                    let entries = state.lock("m").map(|m| m.fleet.index().entries());
+                    let entries = state
+                        .lock("m")
+                        .map(|m| m.registry.fleet().index().entries());
                     assert_eq!(entries, Some((BATCHES * EVENTS * HASHES) as usize));
                 })
             },

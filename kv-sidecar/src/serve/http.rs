@@ -84,9 +84,10 @@ async fn workers(State(http): State<HttpState>) -> Json<Value> {
         let Some(guard) = http.state.lock(&model) else {
             continue;
         };
-        for (info, in_sync) in guard.worker_infos() {
-            let entry = guard.fleet.worker(&info.worker_id);
-            let blocks = entry.map_or(0, |e| guard.fleet.index().blocks_of(e.slot));
+        let fleet = guard.registry.fleet();
+        for (info, in_sync) in guard.registry.worker_infos() {
+            let entry = fleet.worker(&info.worker_id);
+            let blocks = entry.map_or(0, |e| fleet.index().blocks_of(e.slot));
             let load = entry.map(|e| e.load.clone()).unwrap_or_default();
             all.push(json!({
                 "model": model,
@@ -115,7 +116,7 @@ async fn models(State(http): State<HttpState>) -> Json<Value> {
         let Some(guard) = http.state.lock(&model) else {
             continue;
         };
-        let config = &guard.config;
+        let (config, fleet) = (guard.registry.config(), guard.registry.fleet());
         all.push(json!({
             "name": model,
             "block_size": config.block_size,
@@ -123,10 +124,10 @@ async fn models(State(http): State<HttpState>) -> Json<Value> {
             "decode_cluster": config.decode_cluster,
             "prefill_cluster": config.prefill_cluster,
             "tokenizer": http.tokenizers.contains_key(&model),
-            "version": guard.fleet.version(),
-            "workers": guard.worker_infos().len(),
-            "index_entries": guard.fleet.index().entries(),
-            "index_blocks": guard.fleet.index().blocks(),
+            "version": fleet.version(),
+            "workers": guard.registry.worker_infos().len(),
+            "index_entries": fleet.index().entries(),
+            "index_blocks": fleet.index().blocks(),
         }));
     }
     Json(json!({ "models": all }))

@@ -3,15 +3,18 @@
 //! (gRPC `kvmesh.v1.StateStream`); serves tokenization and debugging over HTTP.
 //!
 //! One job per module: `config` (kvmesh.yaml), `nats` (ingest, sync
-//! requests, shared decisions), `state` (the state task and shared state),
-//! `seq` (relay sequence tracking), `inflight` (predicted load), `stream`
-//! (gRPC), `http` and `route` (HTTP API), `metrics`.
+//! requests, shared decisions), `registry` (each model's fleet state machine:
+//! membership, gaps, expiry, load; pure, time passed in), `state` (the task
+//! that feeds the registries and fans their deltas out, and the shared
+//! state), `seq` (relay sequence tracking), `inflight` (predicted load),
+//! `stream` (gRPC), `http` and `route` (HTTP API), `metrics`.
 
 pub mod config;
 pub mod http;
 pub mod inflight;
 pub mod metrics;
 pub mod nats;
+pub mod registry;
 pub mod route;
 pub mod seq;
 pub mod state;
@@ -61,7 +64,6 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     tasks.spawn(
         StateTask {
             state: state.clone(),
-            limits: config.state.clone(),
             sync_tx,
         }
         .run(input_rx),

@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
 use crate::serve::config::NatsConfig;
 use crate::serve::metrics::KindLabel;
-use crate::serve::state::{Input, ServeState, SyncRequest};
+use crate::serve::registry::SyncRequest;
+use crate::serve::state::{Input, ServeState};
 use crate::serve::stream::SharedReportOut;
 
 pub async fn connect(

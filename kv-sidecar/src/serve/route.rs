@@ -29,10 +29,10 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     let model = request.model.clone();
     let (block_size, weights) = match http.state.lock(&model) {
         Some(guard) => (
-            guard.config.block_size,
+            guard.registry.config().block_size,
             CostWeights {
-                overlap_weight: guard.config.routing.overlap_weight,
-                temperature: guard.config.routing.temperature,
+                overlap_weight: guard.registry.config().routing.overlap_weight,
+                temperature: guard.registry.config().routing.temperature,
             },
         ),
         None => {
@@ -68,7 +68,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     // This sidecar has no decisions of its own to learn from.
     let mut local = LocalState::new(LearnedTable::new(NonZeroUsize::MIN, 1));
     let signals = Signals {
-        view: Some(&guard.fleet),
+        view: Some(guard.registry.fleet()),
         now_ms: 0,
         // Only ties and temperature sampling use it; no need for a strong RNG.
         random: RandomState::new().hash_one(body.len()),
@@ -86,7 +86,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     let mut workers = Vec::new();
     if plan.mode() == Mode::Precise {
         for candidate in local.last_decode_candidates() {
-            let Some(entry) = guard.fleet.worker_at(candidate.worker) else {
+            let Some(entry) = guard.registry.fleet().worker_at(candidate.worker) else {
                 continue;
             };
             workers.push(json!({
