@@ -17,9 +17,11 @@ struct Entry {
 }
 
 /// A decision not counted because `max_inflight_requests` was reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dropped {
-    Full,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Full {
+    /// Workers whose load still changed: the request id's earlier decision
+    /// was replaced before the ledger turned out full.
+    pub touched: Vec<String>,
 }
 
 /// Requests by (gateway, request id), and the load they put on each worker.
@@ -45,11 +47,11 @@ impl InFlight {
         decision: &RoutingDecision,
         limit: usize,
         now: Instant,
-    ) -> Result<Vec<String>, Dropped> {
+    ) -> Result<Vec<String>, Full> {
         let key = (gateway.to_owned(), decision.request_id.clone());
         let mut touched = self.finish(&key);
         if self.requests.len() >= limit {
-            return Err(Dropped::Full);
+            return Err(Full { touched });
         }
         let prefill = Some(decision.prefill_worker_id.as_str()).filter(|p| !p.is_empty());
         let ticket = self.ledger.admit(RequestLoad {
@@ -162,10 +164,30 @@ mod tests {
         assert_eq!(f.load_of("w").active_blocks, 5);
         assert_eq!(
             f.decide("g", &decision("r3", "w", 1, 1), 1, now),
-            Err(Dropped::Full)
+            Err(Full {
+                touched: Vec::new()
+            })
         );
         let (expired, _) = f.expire(Duration::ZERO, now + Duration::from_millis(1));
         assert_eq!(expired, 1);
         assert_eq!(f.load_of("w"), WorkerLoad::default());
+    }
+
+    #[test]
+    fn a_re_reported_decision_refused_as_full_still_frees_the_old_one() {
+        let mut f = InFlight::default();
+        let now = Instant::now();
+        f.decide("g", &decision("r1", "a", 10, 0), 10, now).unwrap();
+        f.decide("g", &decision("r2", "b", 5, 0), 10, now).unwrap();
+        let refused = f.decide("g", &decision("r1", "c", 3, 0), 1, now);
+        assert_eq!(
+            refused,
+            Err(Full {
+                touched: vec!["a".to_owned()]
+            })
+        );
+        assert_eq!(f.load_of("a"), WorkerLoad::default());
+        assert_eq!(f.load_of("c"), WorkerLoad::default());
+        assert_eq!(f.count(), 1);
     }
 }

@@ -10,7 +10,7 @@ use router_core::protocol::WorkerLoad;
 use router_core::state_stream::{change, Change, LoadReport};
 
 use super::FleetRegistry;
-use crate::serve::inflight::Dropped;
+use crate::serve::inflight::Full;
 use crate::serve::metrics::ReasonLabel;
 
 impl FleetRegistry {
@@ -30,7 +30,8 @@ impl FleetRegistry {
         let limit = self.limits.max_inflight_requests;
         match self.inflight.decide(gateway, decision, limit, now) {
             Ok(touched) => self.publish_loads(touched),
-            Err(Dropped::Full) => {
+            Err(Full { touched }) => {
+                self.publish_loads(touched);
                 self.metrics
                     .inflight_dropped
                     .get_or_create(&ReasonLabel { reason: "full" })
