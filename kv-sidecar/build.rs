@@ -1,21 +1,29 @@
-//! Generates the `kvmesh.v1.StateStream` gRPC server and client with
-//! tonic-build's `manual` module: no protoc on the build machines, and the
-//! message types are router-core's hand-written prost structs.
+//! Generates the `kvmesh.v1.StateStream` gRPC server and client from
+//! `proto/kvmesh/v1/state_stream_service.proto` (workspace root): protox
+//! parses it (pure Rust, no `protoc`), tonic-prost-build writes the service.
+//! The messages are router-core's, generated there from the same files.
 
-fn main() {
-    let subscribe = tonic_build::manual::Method::builder()
-        .name("subscribe")
-        .route_name("Subscribe")
-        .input_type("router_core::gateway::GatewayReport")
-        .output_type("router_core::state_stream::StateUpdate")
-        .codec_path("tonic_prost::ProstCodec")
-        .client_streaming()
-        .server_streaming()
-        .build();
-    let service = tonic_build::manual::Service::builder()
-        .name("StateStream")
-        .package("kvmesh.v1")
-        .method(subscribe)
-        .build();
-    tonic_build::manual::Builder::new().compile(&[service]);
+use std::error::Error;
+use std::path::Path;
+
+const SERVICE: &str = "kvmesh/v1/state_stream_service.proto";
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    println!("cargo:rerun-if-changed={}", proto_dir.display());
+    let mut fds = protox::compile([SERVICE], [&proto_dir])?;
+    // Only the service file: the imported ones hold the messages, which would
+    // otherwise be generated a second time here.
+    fds.file.retain(|file| file.name() == SERVICE);
+    tonic_prost_build::configure()
+        .extern_path(
+            ".kvmesh.v1.GatewayReport",
+            "::router_core::gateway::GatewayReport",
+        )
+        .extern_path(
+            ".kvmesh.v1.StateUpdate",
+            "::router_core::state_stream::StateUpdate",
+        )
+        .compile_fds(fds)?;
+    Ok(())
 }

@@ -5,6 +5,9 @@
 //! tokens (64 events of 16 chained blocks, token ids above 65,535 as engines
 //! send them) and one batch removing them again, so the state stays bounded.
 //! Throughput counts stored blocks; removal work is included in the time.
+// A benchmark is test code: setup that fails is a bug to stop on, as in
+// the tests (clippy.toml), which cannot cover a benchmark's functions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kv_sidecar::decode::vllm::{decode_batch, Dialect};

@@ -2,6 +2,9 @@
 //! (counting allocator), snapshot encode/decode of 1M blocks, and relay
 //! events applied per second through the state task (NATS excluded).
 //! Run: `cargo bench -p kv-sidecar --bench serve`.
+// A benchmark is test code: setup that fails is a bug to stop on, as in
+// the tests (clippy.toml), which cannot cover a benchmark's functions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};

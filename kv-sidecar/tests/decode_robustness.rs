@@ -2,6 +2,9 @@
 //! batches with bytes flipped, truncated or extended, either decode or return
 //! a typed error; whatever decodes also normalizes without panicking. Runs in
 //! every `scripts/test` (the cargo-fuzz targets in `fuzz/` go deeper).
+// Integration test: its helpers fail the test by panicking, like its tests
+// (clippy.toml allows that in test functions only).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use kv_sidecar::decode::trtllm::decode_events;
 use kv_sidecar::decode::vllm::{decode_batch, Dialect};

@@ -1,6 +1,9 @@
 //! Golden vectors for every engine format, built by hand from the documented
 //! wire formats (docs/relay.md#input-formats-srcdecode) with `rmp` primitives or literal bytes, so they
 //! do not share code with the decoders; plus normalization edge cases.
+// Integration test: its helpers fail the test by panicking, like its tests
+// (clippy.toml allows that in test functions only).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use kv_sidecar::decode::trtllm::{decode_events, Decoded, NumberedEvent};
 use kv_sidecar::decode::vllm::{decode_batch, Dialect};

@@ -3,6 +3,9 @@
 //! view with 1M (block, worker) entries, the cost function over 64 or 256
 //! workers, and recording the keys for approximate mode. Run natively and
 //! inside V8 (see docs/benchmarks.md for the commands).
+// A benchmark is test code: setup that fails is a bug to stop on, as in
+// the tests (clippy.toml), which cannot cover a benchmark's functions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::num::NonZeroUsize;
 

@@ -4,6 +4,9 @@
 //! clients keep sending through both gateways. No request fails except those
 //! in flight on a killed engine, and once the fleet settles both gateways'
 //! views equal the engines' caches.
+// Integration test: its helpers fail the test by panicking, like its tests
+// (clippy.toml allows that in test functions only).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

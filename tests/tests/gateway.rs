@@ -1,15 +1,17 @@
 //! Walking skeleton through the real Envoy with the real compiled filter and
 //! real sim-engine workers: routing by prompt, forged headers, request errors,
-//! metrics, and config validation.
+//! and metrics (config validation: envoy_configs.rs).
+// Integration test: its helpers fail the test by panicking, like its tests
+// (clippy.toml allows that in test functions only).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{HashMap, HashSet};
 
 use kvmesh_stack::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
-use kvmesh_stack::harness::envoy::{validate_config, Disaggregation};
 use kvmesh_stack::harness::raw_http::{h1_chunked_post_with_trailers, h2_post, http1_exchange};
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::{
-    free_port, paths, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
+    free_port, Envoy, GatewayConfig, ModelRoute, SidecarEndpoints, SimEngine,
 };
 use serde_json::json;
 
@@ -458,58 +460,6 @@ fn prompts_without_a_full_block_fall_back_to_envoy_balancing() {
     );
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_fallback"), 1);
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), 0);
-}
-
-#[test]
-fn envoy_validates_every_config_in_envoy_dir() {
-    let endpoints = vec!["127.0.0.1:18001".to_owned(), "127.0.0.1:18002".to_owned()];
-    let standalone = GatewayConfig::new(vec![ModelRoute::new(MODEL, 16, endpoints)]).unwrap();
-    let mut with_sidecar = standalone.clone();
-    with_sidecar.sidecar = Some(SidecarEndpoints {
-        grpc: "127.0.0.1:18100".to_owned(),
-        http: "127.0.0.1:18101".to_owned(),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let mut validated = 0;
-    let entries: Vec<_> = std::fs::read_dir(paths::envoy_config_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    let mut plain = standalone.clone();
-    plain.filter = false;
-    let mut disaggregated = with_sidecar.clone();
-    disaggregated.models[0].disaggregation = Some(Disaggregation::new(
-        "auto",
-        "vllm",
-        vec!["127.0.0.1:18201".to_owned()],
-    ));
-    let variants = [
-        ("standalone", &standalone),
-        ("sidecar", &with_sidecar),
-        ("plain", &plain),
-        ("disaggregated", &disaggregated),
-    ];
-    for (path, (variant, config)) in entries
-        .iter()
-        .flat_map(|p| variants.iter().map(move |v| (p, v)))
-    {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let rendered = if name.ends_with(".yaml.j2") {
-            config.render(path).unwrap()
-        } else if name.ends_with(".yaml") {
-            std::fs::read_to_string(path).unwrap()
-        } else {
-            continue;
-        };
-        let out = dir
-            .path()
-            .join(format!("{variant}-{}", name.trim_end_matches(".j2")));
-        std::fs::write(&out, rendered).unwrap();
-        let (accepted, output) = validate_config(&out).unwrap();
-        assert!(accepted, "envoy rejected {name} ({variant}):\n{output}");
-        validated += 1;
-    }
-    assert!(validated >= 1, "no Envoy configs found in envoy/");
 }
 
 #[test]

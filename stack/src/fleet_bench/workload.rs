@@ -307,7 +307,7 @@ mod tests {
                 .iter()
                 .map(|a| match &a.conversation {
                     Conversation::Single { prompt, .. } => prompt.body("m", 1).to_string(),
-                    Conversation::Session { .. } => unreachable!(),
+                    Conversation::Session { .. } => panic!("multi-tenant requests are single"),
                 })
                 .collect()
         };

@@ -273,12 +273,18 @@ impl GatewayConfig {
         })
     }
 
-    /// Renders a template from `envoy/` with this configuration.
+    /// Renders a template (`envoy/gateway.yaml.j2`, a piece template beside
+    /// it, or any other) with this configuration; its imports are looked up
+    /// in `envoy/`.
     pub fn render(&self, template: &Path) -> anyhow::Result<String> {
         let source = std::fs::read_to_string(template)
             .with_context(|| format!("reading {}", template.display()))?;
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_loader(minijinja::path_loader(paths::envoy_config_dir()));
+        // YAML is written by the templates themselves; minijinja would
+        // otherwise JSON-escape every value of a `*.yaml` template it loads.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         let mut pools: Vec<Pool> = Vec::new();
         for model in &self.models {
             add_to_pool(&mut pools, model.pool(), &model.endpoints)?;
@@ -299,7 +305,9 @@ impl GatewayConfig {
             admin_port: self.admin_port,
             buffer_limit_bytes,
             wasm_path: self.wasm_path.display().to_string(),
-            plugin_config_json: serde_json::to_string(&PluginConfig {
+            // Pretty, so the examples rendered from these templates are
+            // readable and editable.
+            plugin_config_json: serde_json::to_string_pretty(&PluginConfig {
                 max_body_bytes: self.max_body_bytes,
                 sidecar: self.sidecar.as_ref().map(|_| SidecarSettings {
                     cluster: "kv_sidecar",
