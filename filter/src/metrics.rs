@@ -5,25 +5,25 @@ use std::collections::HashMap;
 
 use proxy_wasm::types::MetricType;
 
-use crate::host::{self, HostError};
+use crate::host::{Host, HostError};
 
 /// One Envoy counter owned by this VM.
 #[derive(Debug, Clone, Copy)]
 pub struct Counter(u32);
 
 impl Counter {
-    fn define(name: &str) -> Result<Self, HostError> {
-        host::define_metric(MetricType::Counter, name).map(Self)
+    fn define(host: &impl Host, name: &str) -> Result<Self, HostError> {
+        host.define_metric(MetricType::Counter, name).map(Self)
     }
 
     /// Counting is best effort: a failed increment must never fail a request.
-    pub fn inc(self) {
-        self.add(1);
+    pub fn inc(self, host: &impl Host) {
+        self.add(host, 1);
     }
 
-    pub fn add(self, value: u64) {
+    pub fn add(self, host: &impl Host, value: u64) {
         let value = i64::try_from(value).unwrap_or(i64::MAX);
-        if let Err(err) = host::increment_metric(self.0, value) {
+        if let Err(err) = host.increment_metric(self.0, value) {
             log::debug!("{err}");
         }
     }
@@ -41,9 +41,9 @@ pub struct WorkerCounters {
 const MAX_WORKER_COUNTERS: usize = 1024;
 
 impl WorkerCounters {
-    pub fn routed_to(&mut self, address: &str) {
+    pub fn routed_to(&mut self, host: &impl Host, address: &str) {
         if let Some(counter) = self.by_address.get(address) {
-            counter.inc();
+            counter.inc(host);
             return;
         }
         if self.by_address.len() >= MAX_WORKER_COUNTERS {
@@ -53,9 +53,9 @@ impl WorkerCounters {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        match Counter::define(&format!("kvmesh_routed_to_{name}")) {
+        match Counter::define(host, &format!("kvmesh_routed_to_{name}")) {
             Ok(counter) => {
-                counter.inc();
+                counter.inc(host);
                 self.by_address.insert(address.to_owned(), counter);
             }
             Err(err) => log::debug!("{err}"),
@@ -68,12 +68,12 @@ impl WorkerCounters {
 pub struct Histogram(u32);
 
 impl Histogram {
-    fn define(name: &str) -> Result<Self, HostError> {
-        host::define_metric(MetricType::Histogram, name).map(Self)
+    fn define(host: &impl Host, name: &str) -> Result<Self, HostError> {
+        host.define_metric(MetricType::Histogram, name).map(Self)
     }
 
-    pub fn record(self, value: u64) {
-        if let Err(err) = host::record_metric(self.0, value) {
+    pub fn record(self, host: &impl Host, value: u64) {
+        if let Err(err) = host.record_metric(self.0, value) {
             log::debug!("{err}");
         }
     }
@@ -146,38 +146,41 @@ pub struct FilterMetrics {
 }
 
 impl FilterMetrics {
-    pub fn define() -> Result<Self, HostError> {
+    pub fn define(host: &impl Host) -> Result<Self, HostError> {
         Ok(Self {
-            precise: Counter::define("kvmesh_requests_precise")?,
-            approximate: Counter::define("kvmesh_requests_approximate")?,
-            fallback: Counter::define("kvmesh_requests_fallback")?,
-            stale_state: Counter::define("kvmesh_requests_stale_state")?,
-            cached_blocks: Counter::define("kvmesh_routed_cached_blocks")?,
-            prompt_blocks: Counter::define("kvmesh_routed_prompt_blocks")?,
-            passthrough: Counter::define("kvmesh_requests_passthrough")?,
-            rejected_invalid: Counter::define("kvmesh_requests_rejected_invalid")?,
-            rejected_too_large: Counter::define("kvmesh_requests_rejected_too_large")?,
-            rejected_unknown_model: Counter::define("kvmesh_requests_rejected_unknown_model")?,
-            forged_headers_removed: Counter::define("kvmesh_forged_headers_removed")?,
-            host_errors: Counter::define("kvmesh_host_call_errors")?,
-            state_updates_applied: Counter::define("kvmesh_state_updates_applied")?,
-            state_update_errors: Counter::define("kvmesh_state_update_errors")?,
-            state_stream_opened: Counter::define("kvmesh_state_stream_opened")?,
-            state_stream_closed: Counter::define("kvmesh_state_stream_closed")?,
-            tokenize_calls: Counter::define("kvmesh_tokenize_calls")?,
-            tokenize_failures: Counter::define("kvmesh_tokenize_failures")?,
-            prompt_cache_hits: Counter::define("kvmesh_prompt_cache_hits")?,
-            prompt_cache_misses: Counter::define("kvmesh_prompt_cache_misses")?,
-            remote_prefills: Counter::define("kvmesh_remote_prefills")?,
-            prefill_failures: Counter::define("kvmesh_prefill_failures")?,
-            router_fields_removed: Counter::define("kvmesh_router_fields_removed")?,
-            reports_sent: Counter::define("kvmesh_gateway_reports_sent")?,
-            orca_reports: Counter::define("kvmesh_orca_reports")?,
-            orca_report_errors: Counter::define("kvmesh_orca_report_errors")?,
-            vm_starts: Counter::define("kvmesh_vm_starts")?,
-            upstream_failovers: Counter::define("kvmesh_upstream_failovers")?,
-            decision_us: Histogram::define("kvmesh_decision_us")?,
-            callback_us: Histogram::define("kvmesh_callback_us")?,
+            precise: Counter::define(host, "kvmesh_requests_precise")?,
+            approximate: Counter::define(host, "kvmesh_requests_approximate")?,
+            fallback: Counter::define(host, "kvmesh_requests_fallback")?,
+            stale_state: Counter::define(host, "kvmesh_requests_stale_state")?,
+            cached_blocks: Counter::define(host, "kvmesh_routed_cached_blocks")?,
+            prompt_blocks: Counter::define(host, "kvmesh_routed_prompt_blocks")?,
+            passthrough: Counter::define(host, "kvmesh_requests_passthrough")?,
+            rejected_invalid: Counter::define(host, "kvmesh_requests_rejected_invalid")?,
+            rejected_too_large: Counter::define(host, "kvmesh_requests_rejected_too_large")?,
+            rejected_unknown_model: Counter::define(
+                host,
+                "kvmesh_requests_rejected_unknown_model",
+            )?,
+            forged_headers_removed: Counter::define(host, "kvmesh_forged_headers_removed")?,
+            host_errors: Counter::define(host, "kvmesh_host_call_errors")?,
+            state_updates_applied: Counter::define(host, "kvmesh_state_updates_applied")?,
+            state_update_errors: Counter::define(host, "kvmesh_state_update_errors")?,
+            state_stream_opened: Counter::define(host, "kvmesh_state_stream_opened")?,
+            state_stream_closed: Counter::define(host, "kvmesh_state_stream_closed")?,
+            tokenize_calls: Counter::define(host, "kvmesh_tokenize_calls")?,
+            tokenize_failures: Counter::define(host, "kvmesh_tokenize_failures")?,
+            prompt_cache_hits: Counter::define(host, "kvmesh_prompt_cache_hits")?,
+            prompt_cache_misses: Counter::define(host, "kvmesh_prompt_cache_misses")?,
+            remote_prefills: Counter::define(host, "kvmesh_remote_prefills")?,
+            prefill_failures: Counter::define(host, "kvmesh_prefill_failures")?,
+            router_fields_removed: Counter::define(host, "kvmesh_router_fields_removed")?,
+            reports_sent: Counter::define(host, "kvmesh_gateway_reports_sent")?,
+            orca_reports: Counter::define(host, "kvmesh_orca_reports")?,
+            orca_report_errors: Counter::define(host, "kvmesh_orca_report_errors")?,
+            vm_starts: Counter::define(host, "kvmesh_vm_starts")?,
+            upstream_failovers: Counter::define(host, "kvmesh_upstream_failovers")?,
+            decision_us: Histogram::define(host, "kvmesh_decision_us")?,
+            callback_us: Histogram::define(host, "kvmesh_callback_us")?,
         })
     }
 }

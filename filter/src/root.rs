@@ -12,7 +12,7 @@ use router_core::gateway::{gateway_report, GatewayHello, GatewayReport};
 use router_core::state_stream::StateUpdate;
 
 use crate::config::PluginConfig;
-use crate::host;
+use crate::host::{self, EnvoyHost, Host};
 use crate::metrics::FilterMetrics;
 use crate::replica::FleetReplica;
 use crate::stream::InferenceStream;
@@ -54,7 +54,7 @@ impl KvmeshRoot {
     }
 
     fn now_ms(&self) -> u64 {
-        host::now_ms().unwrap_or(0)
+        EnvoyHost.now_ms().unwrap_or(0)
     }
 
     fn open_stream(&mut self, now_ms: u64, backoff_ms: u64) {
@@ -66,7 +66,7 @@ impl KvmeshRoot {
         };
         match host::open_grpc_stream(&sidecar.cluster, STATE_SERVICE, STATE_METHOD) {
             Ok(token) => {
-                metrics.state_stream_opened.inc();
+                metrics.state_stream_opened.inc(&EnvoyHost);
                 self.subscription = Subscription::Open { token, backoff_ms };
                 if let Some(state) = &self.state {
                     let mut state = state.borrow_mut();
@@ -76,7 +76,7 @@ impl KvmeshRoot {
                             gateway_id: state.reporter.gateway_id().to_owned(),
                         })),
                     };
-                    state.reporter.send(&hello);
+                    state.reporter.send(&EnvoyHost, &hello);
                 }
             }
             Err(err) => {
@@ -106,7 +106,8 @@ impl KvmeshRoot {
             return;
         };
         let now = self.now_ms();
-        let applied = host::buffer(BufferType::GrpcReceiveBuffer, 0, size)
+        let applied = EnvoyHost
+            .buffer(BufferType::GrpcReceiveBuffer, 0, size)
             .map_err(|err| err.to_string())
             .and_then(|bytes| StateUpdate::decode(bytes.as_slice()).map_err(|err| err.to_string()))
             .and_then(|update| {
@@ -116,13 +117,13 @@ impl KvmeshRoot {
             });
         match applied {
             Ok(_) => {
-                metrics.state_updates_applied.inc();
+                metrics.state_updates_applied.inc(&EnvoyHost);
                 if let Subscription::Open { backoff_ms, .. } = &mut self.subscription {
                     *backoff_ms = RECONNECT_MIN_MS;
                 }
             }
             Err(err) => {
-                metrics.state_update_errors.inc();
+                metrics.state_update_errors.inc(&EnvoyHost);
                 log::warn!("dropping the state stream after a bad update: {err}");
                 if let Err(err) = host::cancel_grpc_stream(token) {
                     log::debug!("cancelling the state stream: {err}");
@@ -151,7 +152,7 @@ impl Context for KvmeshRoot {
             return;
         }
         if let Some(metrics) = self.metrics {
-            metrics.state_stream_closed.inc();
+            metrics.state_stream_closed.inc(&EnvoyHost);
         }
         log::info!(
             "state stream closed (grpc status {status_code}); reconnecting in {backoff_ms} ms"
@@ -163,7 +164,7 @@ impl Context for KvmeshRoot {
 
 impl RootContext for KvmeshRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match host::buffer(BufferType::PluginConfiguration, 0, MAX_CONFIG_BYTES) {
+        let bytes = match EnvoyHost.buffer(BufferType::PluginConfiguration, 0, MAX_CONFIG_BYTES) {
             Ok(bytes) => bytes,
             Err(err) => {
                 log::error!("cannot read the plugin configuration: {err}");
@@ -177,14 +178,14 @@ impl RootContext for KvmeshRoot {
                 return false;
             }
         };
-        let metrics = match FilterMetrics::define() {
+        let metrics = match FilterMetrics::define(&EnvoyHost) {
             Ok(metrics) => metrics,
             Err(err) => {
                 log::error!("cannot define metrics: {err}");
                 return false;
             }
         };
-        metrics.vm_starts.inc();
+        metrics.vm_starts.inc(&EnvoyHost);
         let replica = config
             .sidecar
             .as_ref()
@@ -195,7 +196,7 @@ impl RootContext for KvmeshRoot {
                 return false;
             }
         }
-        let seed = host::now_ms().unwrap_or(0) ^ (u64::from(self.context_id) << 32);
+        let seed = self.now_ms() ^ (u64::from(self.context_id) << 32);
         log::info!(
             "configured: {} model(s), body limit {} bytes, fleet state from {}",
             config.models().count(),
@@ -234,7 +235,9 @@ impl RootContext for KvmeshRoot {
         let config = self.config.clone()?;
         let metrics = self.metrics?;
         let state = self.state.clone()?;
-        Some(Box::new(InferenceStream::new(config, metrics, state)))
+        Some(Box::new(InferenceStream::new(
+            EnvoyHost, config, metrics, state,
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -11,7 +11,7 @@ use router_core::routing::learned::LearnedTable;
 use router_core::routing::LocalState;
 
 use crate::config::ApproximateConfig;
-use crate::host;
+use crate::host::Host;
 use crate::metrics::WorkerCounters;
 use crate::prompt_cache::PromptCache;
 use crate::replica::FleetReplica;
@@ -70,12 +70,12 @@ impl Reporter {
     }
 
     /// Sends one report; false when no stream is open or the host refused it.
-    pub fn send(&self, report: &GatewayReport) -> bool {
+    pub fn send(&self, host: &impl Host, report: &GatewayReport) -> bool {
         let Some(stream) = self.stream else {
             return false;
         };
         let bytes = report.encode_to_vec();
-        match host::send_grpc_stream_message(stream, &bytes) {
+        match host.send_grpc_stream_message(stream, &bytes) {
             Ok(()) => true,
             Err(err) => {
                 log::debug!("cannot send a gateway report: {err}");

@@ -1,5 +1,10 @@
 //! One HTTP request through the filter: strip forged routing headers, buffer
 //! the body of inference calls, parse it, and choose the endpoint.
+//!
+//! The request moves through [`Phase`]s; each callback turns the current
+//! phase into the next, and what a phase holds is exactly what the steps
+//! after it need. Every host call goes through the stream's [`Host`], so the
+//! whole path runs against a mock in unit tests (`tests.rs`).
 
 use std::rc::Rc;
 
@@ -18,12 +23,14 @@ use router_core::SeqHash;
 use serde::Deserialize;
 
 mod prefill;
+#[cfg(test)]
+mod tests;
 
-use prefill::PrefillWait;
+use prefill::{PrefillLeg, PrefillWait};
 
 use crate::config::PluginConfig;
 use crate::disagg::body;
-use crate::host;
+use crate::host::{EnvoyHost, Host, HostError};
 use crate::metrics::FilterMetrics;
 use crate::orca;
 use crate::prompt_cache::prompt_keys;
@@ -39,41 +46,94 @@ pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
 /// and the request for an engine's load report (its answer is the filter's).
 const RESERVED_HEADERS: [&str; 2] = [DESTINATION_HEADER, orca::FORMAT_HEADER];
 
-pub struct InferenceStream {
+pub struct InferenceStream<H: Host = EnvoyHost> {
+    host: H,
     config: Rc<PluginConfig>,
     metrics: FilterMetrics,
     state: SharedVmState,
-    /// Set once the headers show an inference call whose body we buffer.
-    endpoint: Option<Endpoint>,
-    /// Bytes of the request body buffered so far (the whole body once routed).
-    body_size: usize,
+    phase: Phase,
+    /// A tokenization that only fills the prompt cache: the request was
+    /// routed from the cache without waiting for it.
+    cache_fill: Option<TokenizeCall>,
+    /// A decision reported to the sidecar, whose progress is reported too.
+    reported: Option<Reported>,
+}
+
+/// Where a request is.
+enum Phase {
+    /// The request headers have not arrived yet.
+    Headers,
+    /// An inference call's body is arriving; `body_size` bytes so far.
+    Buffering {
+        endpoint: Endpoint,
+        body_size: usize,
+    },
+    /// Routing waits for the sidecar's block hashes.
+    AwaitingTokens(PendingTokenize),
+    /// The decode leg waits for the prefill leg's answer.
+    AwaitingPrefill(PrefillWait),
+    /// Sent on upstream, to the chosen worker if there was one.
+    Routed(Routed),
+    /// Nothing (more) to do: not an inference call, or the stream ended.
+    Passthrough,
+    /// Answered by the filter itself: an error, or a context leg that
+    /// finished the request.
+    Answered,
+}
+
+impl Phase {
+    /// What Envoy does with the request in this phase.
+    fn action(&self) -> Action {
+        match self {
+            Phase::Headers | Phase::Routed(_) | Phase::Passthrough => Action::Continue,
+            Phase::Buffering { .. }
+            | Phase::AwaitingTokens(_)
+            | Phase::AwaitingPrefill(_)
+            | Phase::Answered => Action::Pause,
+        }
+    }
+}
+
+/// A routed request's hold on shared state until its stream ends.
+struct Routed {
+    /// Its share of the chosen worker's in-flight load; `None` when no
+    /// worker was chosen.
+    ticket: Option<Ticket>,
+    /// An SGLang prefill leg running beside the decode leg.
+    prefill: Option<PrefillLeg>,
+    /// The decision, for the opt-in debug response headers.
+    debug: Option<Decision>,
+}
+
+/// The buffered request body as routing found it.
+#[derive(Debug, Clone, Copy)]
+struct BufferedBody {
+    /// Its length now (after any rewrite).
+    size: usize,
     /// The client asked for a streamed response.
     client_streams: bool,
-    /// This request's share of the chosen worker's in-flight load.
-    ticket: Option<Ticket>,
-    /// Its prefill worker's share, while a remote prefill runs.
-    prefill_ticket: Option<Ticket>,
-    /// The tokenization callout in flight, if any.
-    tokenize_call: Option<u32>,
-    /// The prefill-leg callout in flight, if any.
-    prefill_call: Option<u32>,
-    /// A request waiting for its prefill leg.
-    prefill: Option<PrefillWait>,
-    /// A request waiting for the sidecar's tokenization.
-    pending_tokenize: Option<PendingTokenize>,
-    /// Prompt-cache key the pending tokenization's answer is stored under.
-    cache_fill: Option<u64>,
-    /// The decision, kept for the opt-in debug response headers.
-    decision: Option<Decision>,
-    /// (model, request id) of a decision reported to the sidecar.
-    reported: Option<(String, String)>,
+}
+
+/// A `/v1/tokenize` callout in flight.
+struct TokenizeCall {
+    token: u32,
+    /// Prompt-cache key its answer is stored under.
+    cache_key: Option<u64>,
 }
 
 /// What a request waiting for its block hashes already knows.
 struct PendingTokenize {
+    call: TokenizeCall,
     model: String,
     /// Approximate-mode keys, if the sidecar does not answer in time.
     keys: PrefixKeys,
+    body: BufferedBody,
+}
+
+/// A decision reported to the sidecar.
+struct Reported {
+    model: String,
+    request_id: String,
 }
 
 /// The part of `/v1/tokenize`'s answer routing needs.
@@ -85,55 +145,55 @@ struct TokenizeResponse {
     history_blocks: usize,
 }
 
-/// Whether the request goes on now or waits for a callout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
-    Continue,
-    Wait,
-}
-
-impl Next {
-    fn action(self) -> Action {
-        match self {
-            Next::Continue => Action::Continue,
-            Next::Wait => Action::Pause,
-        }
-    }
-}
-
-/// Whether the callout whose response is being delivered answered 200.
-fn call_succeeded() -> bool {
-    host::header(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .is_some_and(|status| status == b"200")
-}
-
-impl InferenceStream {
-    pub fn new(config: Rc<PluginConfig>, metrics: FilterMetrics, state: SharedVmState) -> Self {
+impl<H: Host> InferenceStream<H> {
+    pub fn new(
+        host: H,
+        config: Rc<PluginConfig>,
+        metrics: FilterMetrics,
+        state: SharedVmState,
+    ) -> Self {
         Self {
+            host,
             config,
             metrics,
             state,
-            endpoint: None,
-            body_size: 0,
-            client_streams: false,
-            ticket: None,
-            prefill_ticket: None,
-            tokenize_call: None,
-            prefill_call: None,
-            prefill: None,
-            pending_tokenize: None,
+            phase: Phase::Headers,
             cache_fill: None,
-            decision: None,
             reported: None,
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.host.now_ns().unwrap_or(0)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.host.now_ms().unwrap_or(0)
+    }
+
+    /// Microseconds since `started_ns` on the host clock.
+    fn elapsed_us(&self, started_ns: u64) -> u64 {
+        self.host
+            .now_ns()
+            .unwrap_or(started_ns)
+            .saturating_sub(started_ns)
+            / 1_000
+    }
+
+    /// Runs one request-path callback, timing how long it holds the thread.
+    fn timed<T>(&mut self, callback: impl FnOnce(&mut Self, u64) -> T) -> T {
+        let started_ns = self.now_ns();
+        let result = callback(self, started_ns);
+        self.metrics
+            .callback_us
+            .record(&self.host, self.elapsed_us(started_ns));
+        result
     }
 
     /// Removes every client-supplied routing header, so only this filter's
     /// decision can steer the load balancer.
     fn strip_reserved_headers(&self) {
-        let pairs = match host::header_pairs(MapType::HttpRequestHeaders) {
+        let pairs = match self.host.header_pairs(MapType::HttpRequestHeaders) {
             Ok(pairs) => pairs,
             Err(err) => {
                 self.host_error(err);
@@ -142,8 +202,8 @@ impl InferenceStream {
         };
         for (name, _) in pairs {
             if is_reserved(&name) {
-                self.metrics.forged_headers_removed.inc();
-                if let Err(err) = host::remove_header(MapType::HttpRequestHeaders, &name) {
+                self.metrics.forged_headers_removed.inc(&self.host);
+                if let Err(err) = self.host.remove_header(MapType::HttpRequestHeaders, &name) {
                     self.host_error(err);
                 }
             }
@@ -151,7 +211,7 @@ impl InferenceStream {
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
-        match host::header(MapType::HttpRequestHeaders, name) {
+        match self.host.header(MapType::HttpRequestHeaders, name) {
             Ok(value) => value.and_then(|v| String::from_utf8(v).ok()),
             Err(err) => {
                 self.host_error(err);
@@ -160,13 +220,13 @@ impl InferenceStream {
         }
     }
 
-    fn host_error(&self, err: host::HostError) {
-        self.metrics.host_errors.inc();
+    fn host_error(&self, err: HostError) {
+        self.metrics.host_errors.inc(&self.host);
         log::warn!("{err}");
     }
 
     /// Answers the client with an OpenAI error and stops the request.
-    fn reject(&self, kind: ErrorKind, body: &str) -> Action {
+    fn reject(&self, kind: ErrorKind, body: &str) -> Phase {
         let counter = match kind {
             ErrorKind::RequestTooLarge => self.metrics.rejected_too_large,
             ErrorKind::ModelNotFound => self.metrics.rejected_unknown_model,
@@ -174,30 +234,32 @@ impl InferenceStream {
                 self.metrics.rejected_invalid
             }
         };
-        counter.inc();
+        counter.inc(&self.host);
         let headers = [("content-type", "application/json")];
-        if let Err(err) = host::send_response(u32::from(kind.status()), &headers, body.as_bytes()) {
+        if let Err(err) =
+            self.host
+                .send_response(u32::from(kind.status()), &headers, body.as_bytes())
+        {
             self.host_error(err);
         }
-        Action::Pause
+        Phase::Answered
     }
 
-    fn reject_request(&self, err: &RequestError) -> Action {
+    fn reject_request(&self, err: &RequestError) -> Phase {
         let (_, body) = err.to_response();
         self.reject(err.kind(), &body)
     }
 
-    fn too_large(&self, size: usize) -> Action {
+    fn too_large(&self, size: usize) -> Phase {
         self.reject_request(&RequestError::TooLarge {
             size,
             limit: self.config.max_body_bytes,
         })
     }
 
-    /// Parses the complete body (`self.body_size` bytes) and sets the
-    /// destination header.
-    fn route(&mut self, endpoint: Endpoint) -> Action {
-        let body = match host::buffer(BufferType::HttpRequestBody, 0, self.body_size) {
+    /// Parses the complete body (`body_size` bytes) and routes the request.
+    fn route(&mut self, endpoint: Endpoint, body_size: usize) -> Phase {
+        let body = match self.host.buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body,
             Err(err) => {
                 // An unread body cannot be checked for handshake fields:
@@ -214,7 +276,7 @@ impl InferenceStream {
             Ok(request) => request,
             Err(err) => return self.reject_request(&err),
         };
-        self.client_streams = request.stream;
+        let client_streams = request.stream;
         let Some(model) = self.config.model(&request.model) else {
             let message = format!("The model '{}' does not exist.", request.model);
             return self.reject(
@@ -223,7 +285,7 @@ impl InferenceStream {
             );
         };
         let model_name = model.name.clone();
-        let started_ns = host::now_ns().unwrap_or(0);
+        let started_ns = self.now_ns();
         // Token ids are hashed, then dropped, before the body is rewritten:
         // at most two body-sized buffers are alive at a time.
         let PromptIdentity {
@@ -239,9 +301,12 @@ impl InferenceStream {
         let cache_keys = prompt_keys(&request.prompt, &body, text_seed);
         let has_handshake_fields = request.has_handshake_fields;
         drop(request);
-        let body = if has_handshake_fields {
-            match self.strip_router_fields(&body) {
-                Some(stripped) => stripped,
+        let (body, body_size) = if has_handshake_fields {
+            match self.strip_router_fields(&body, body_size) {
+                Some(stripped) => {
+                    let size = stripped.len();
+                    (stripped, size)
+                }
                 // Never forward fields that could not be removed.
                 None => {
                     let message = "the request's handshake fields could not be removed";
@@ -252,64 +317,69 @@ impl InferenceStream {
                 }
             }
         } else {
-            body
+            (body, body_size)
         };
+        let buffered = BufferedBody {
+            size: body_size,
+            client_streams,
+        };
+        let prompt = |exact| RoutedPrompt { exact, keys: &keys };
         if exact.is_some() || !tokenizable {
-            return self
-                .decide_and_apply(&model_name, exact.as_deref(), &keys, started_ns)
-                .action();
+            return self.decide_and_apply(
+                &model_name,
+                prompt(exact.as_deref()),
+                buffered,
+                started_ns,
+            );
         }
         let hit = self.state.borrow_mut().prompt_cache.lookup(&cache_keys);
-        let dispatched = match &hit {
-            Some(hit) if hit.complete => false,
+        let call = match &hit {
+            Some(hit) if hit.complete => None,
             // A miss, or a new turn: ask the sidecar, so the cache learns this
             // request's messages for the turn after it.
-            _ => self.dispatch_tokenize(&model_name, &body),
+            _ => self
+                .dispatch_tokenize(&model_name, &body)
+                .map(|token| TokenizeCall {
+                    token,
+                    cache_key: cache_keys.last().copied(),
+                }),
         };
-        if dispatched {
-            self.cache_fill = cache_keys.last().copied();
-        }
-        match hit {
-            Some(hit) => {
-                self.metrics.prompt_cache_hits.inc();
-                self.decide_and_apply(&model_name, Some(&hit.hashes), &keys, started_ns)
-                    .action()
+        match (hit, call) {
+            (Some(hit), call) => {
+                self.cache_fill = call;
+                self.metrics.prompt_cache_hits.inc(&self.host);
+                self.decide_and_apply(&model_name, prompt(Some(&hit.hashes)), buffered, started_ns)
             }
-            None if dispatched => {
-                self.metrics.prompt_cache_misses.inc();
-                self.pending_tokenize = Some(PendingTokenize {
+            (None, Some(call)) => {
+                self.metrics.prompt_cache_misses.inc(&self.host);
+                // The request waits for the sidecar; the Envoy thread does not.
+                Phase::AwaitingTokens(PendingTokenize {
+                    call,
                     model: model_name,
                     keys,
-                });
-                // The request waits for the sidecar; the Envoy thread does not.
-                Action::Pause
+                    body: buffered,
+                })
             }
-            None => self
-                .decide_and_apply(&model_name, None, &keys, started_ns)
-                .action(),
+            (None, None) => self.decide_and_apply(&model_name, prompt(None), buffered, started_ns),
         }
     }
 
     /// Removes the handshake fields a client put in the body (matched by
     /// parsed key, whatever the escaping): only the router may tell an
     /// engine where to fetch KV from. The stripped body replaces the
-    /// buffered one; `None` if it could not be rewritten.
-    fn strip_router_fields(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
+    /// buffered one (`body_size` bytes); `None` if it could not be rewritten.
+    fn strip_router_fields(&self, raw: &[u8], body_size: usize) -> Option<Vec<u8>> {
         let stripped = body::strip_router_fields(raw).ok()?;
-        self.metrics.router_fields_removed.inc();
-        self.replace_body(&stripped).then_some(stripped)
+        self.metrics.router_fields_removed.inc(&self.host);
+        self.replace_body(body_size, &stripped).then_some(stripped)
     }
 
     /// Asks the sidecar for the prompt's block hashes when precise routing is
-    /// possible at all; false when routing must go on without them.
-    fn dispatch_tokenize(&mut self, model: &str, body: &[u8]) -> bool {
-        let Some(sidecar) = &self.config.sidecar else {
-            return false;
-        };
-        let Some(cluster) = &sidecar.http_cluster else {
-            return false;
-        };
-        let now = host::now_ms().unwrap_or(0);
+    /// possible at all; `None` when routing must go on without them.
+    fn dispatch_tokenize(&self, model: &str, body: &[u8]) -> Option<u32> {
+        let sidecar = self.config.sidecar.as_ref()?;
+        let cluster = sidecar.http_cluster.as_ref()?;
+        let now = self.now_ms();
         let fresh = self
             .state
             .borrow()
@@ -317,7 +387,7 @@ impl InferenceStream {
             .as_ref()
             .is_some_and(|r| r.fresh_view(model, now).is_some());
         if !fresh {
-            return false;
+            return None;
         }
         let headers = [
             (":method", "POST"),
@@ -325,37 +395,76 @@ impl InferenceStream {
             (":authority", "kv-sidecar"),
             ("content-type", "application/json"),
         ];
-        match host::dispatch_http_call(cluster, &headers, body, sidecar.tokenize_timeout) {
+        match self
+            .host
+            .dispatch_http_call(cluster, &headers, body, sidecar.tokenize_timeout)
+        {
             Ok(token) => {
-                self.metrics.tokenize_calls.inc();
-                self.tokenize_call = Some(token);
-                true
+                self.metrics.tokenize_calls.inc(&self.host);
+                Some(token)
             }
             Err(err) => {
-                self.metrics.tokenize_failures.inc();
+                self.metrics.tokenize_failures.inc(&self.host);
                 log::debug!("cannot call the tokenizer on {cluster}: {err}");
-                false
+                None
             }
         }
     }
 
-    /// The sidecar's `/v1/tokenize` answer, if it gave one.
-    fn tokenize_response(&self, body_size: usize) -> Option<TokenizeResponse> {
-        if !call_succeeded() {
+    /// Whether the callout whose response is being delivered answered 200.
+    fn call_succeeded(&self) -> bool {
+        self.host
+            .header(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .is_some_and(|status| status == b"200")
+    }
+
+    /// The block hashes in the sidecar's `/v1/tokenize` answer, if it gave
+    /// one; their history fills the prompt cache.
+    fn tokenized(&self, call: &TokenizeCall, body_size: usize) -> Option<Vec<SeqHash>> {
+        if !self.call_succeeded() {
             return None;
         }
-        let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size).ok()?;
-        serde_json::from_slice(&body).ok()
+        let body = self
+            .host
+            .buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()?;
+        let response: TokenizeResponse = serde_json::from_slice(&body).ok()?;
+        let hashes: Vec<SeqHash> = response.block_hashes.into_iter().map(SeqHash).collect();
+        if let (Some(key), Some(history)) = (call.cache_key, hashes.get(..response.history_blocks))
+        {
+            self.state.borrow_mut().prompt_cache.insert(key, history);
+        }
+        Some(hashes)
+    }
+
+    /// The tokenization a request waited for answered (or failed, or timed
+    /// out): route it.
+    fn on_tokens(&mut self, pending: PendingTokenize, body_size: usize, started_ns: u64) -> Phase {
+        let exact = self.tokenized(&pending.call, body_size);
+        if exact.is_none() {
+            // Timeout, error or garbage: route approximately rather than fail.
+            self.metrics.tokenize_failures.inc(&self.host);
+        }
+        let prompt = RoutedPrompt {
+            exact: exact.as_deref(),
+            keys: &pending.keys,
+        };
+        self.decide_and_apply(&pending.model, prompt, pending.body, started_ns)
     }
 
     /// Sends the request to the model's own pool cluster. The route was
     /// picked before the body was read, so Envoy must pick it again.
     fn select_pool(&self, cluster: &str) {
-        if let Err(err) = host::set_header(MapType::HttpRequestHeaders, POOL_HEADER, cluster) {
+        if let Err(err) = self
+            .host
+            .set_header(MapType::HttpRequestHeaders, POOL_HEADER, cluster)
+        {
             self.host_error(err);
             return;
         }
-        if let Err(err) = host::call_foreign_function("clear_route_cache") {
+        if let Err(err) = self.host.call_foreign_function("clear_route_cache") {
             self.host_error(err);
         }
     }
@@ -366,25 +475,29 @@ impl InferenceStream {
     fn decide_and_apply(
         &mut self,
         model: &str,
-        exact: Option<&[SeqHash]>,
-        keys: &PrefixKeys,
+        prompt: RoutedPrompt<'_>,
+        body: BufferedBody,
         started_ns: u64,
-    ) -> Next {
+    ) -> Phase {
         let config = Rc::clone(&self.config);
         let Some(model) = config.model(model) else {
-            self.metrics.fallback.inc();
-            return Next::Continue;
+            self.metrics.fallback.inc(&self.host);
+            return Phase::Routed(Routed {
+                ticket: None,
+                prefill: None,
+                debug: None,
+            });
         };
         let block_size = u64::from(model.hasher.block_size().get());
         if let Some(cluster) = &model.cluster {
             self.select_pool(cluster);
         }
-        let now = host::now_ms().unwrap_or(0);
+        let now = self.now_ms();
         let plan = {
             let mut guard = self.state.borrow_mut();
             let state = &mut *guard;
             if state.replica.as_ref().is_some_and(|r| r.is_stale(now)) {
-                self.metrics.stale_state.inc();
+                self.metrics.stale_state.inc(&self.host);
             }
             let random = state.next_random();
             let signals = Signals {
@@ -396,20 +509,18 @@ impl InferenceStream {
                 random,
             };
             let prefill = model.disaggregation.as_ref().map(|d| &d.routing);
-            let prompt = RoutedPrompt { exact, keys };
             plan(&model.routing, prefill, prompt, signals, &mut state.router)
         };
-        self.metrics.decision_us.record(elapsed_us(started_ns));
+        self.metrics
+            .decision_us
+            .record(&self.host, self.elapsed_us(started_ns));
         let prefill_worker = plan.prefill.as_ref().and_then(|p| p.worker_id.as_deref());
         self.report_decision(&model.name, &plan.decode, block_size, prefill_worker);
         match (plan.prefill, &model.disaggregation) {
             (Some(prefill), Some(disaggregation)) => {
-                self.start_prefill(disaggregation, plan.decode, &prefill, block_size)
+                self.start_prefill(disaggregation, plan.decode, &prefill, block_size, body)
             }
-            _ => {
-                self.apply_decision(&plan.decode, block_size, false);
-                Next::Continue
-            }
+            _ => Phase::Routed(self.apply_decision(&plan.decode, block_size, false)),
         }
     }
 
@@ -440,25 +551,28 @@ impl InferenceStream {
                 prefill_tokens: u64::from(uncached) * block_size,
             })),
         };
-        if state.reporter.send(&report) {
-            self.metrics.reports_sent.inc();
-            self.reported = Some((model.to_owned(), request_id));
+        if state.reporter.send(&self.host, &report) {
+            self.metrics.reports_sent.inc(&self.host);
+            self.reported = Some(Reported {
+                model: model.to_owned(),
+                request_id,
+            });
         }
     }
 
     fn report_progress(&self, phase: RequestPhase) {
-        let Some((model, request_id)) = &self.reported else {
+        let Some(reported) = &self.reported else {
             return;
         };
         let report = GatewayReport {
             kind: Some(gateway_report::Kind::Progress(RequestProgress {
-                model: model.clone(),
-                request_id: request_id.clone(),
+                model: reported.model.clone(),
+                request_id: reported.request_id.clone(),
                 phase: phase as i32,
             })),
         };
-        if self.state.borrow().reporter.send(&report) {
-            self.metrics.reports_sent.inc();
+        if self.state.borrow().reporter.send(&self.host, &report) {
+            self.metrics.reports_sent.inc(&self.host);
         }
     }
 
@@ -470,35 +584,47 @@ impl InferenceStream {
             ("x-kvmesh-cached-blocks", cached.as_str()),
         ];
         for (name, value) in headers {
-            if let Err(err) = host::set_header(MapType::HttpResponseHeaders, name, value) {
+            if let Err(err) = self
+                .host
+                .set_header(MapType::HttpResponseHeaders, name, value)
+            {
                 self.host_error(err);
             }
         }
     }
 
-    /// Steers the load balancer and records the request's in-flight load
-    /// (without its prefill when another worker prefills it).
-    fn apply_decision(&mut self, decision: &Decision, block_size: u64, remote_prefill: bool) {
-        if self.config.debug_headers {
-            self.decision = Some(decision.clone());
+    /// Steers the request to the decision's worker, counting it, and holds
+    /// its in-flight load there (without its prefill when another worker
+    /// prefills it).
+    fn apply_decision(&self, decision: &Decision, block_size: u64, remote_prefill: bool) -> Routed {
+        Routed {
+            ticket: self.steer(decision, block_size, remote_prefill),
+            prefill: None,
+            debug: self.config.debug_headers.then(|| decision.clone()),
         }
+    }
+
+    fn steer(&self, decision: &Decision, block_size: u64, remote_prefill: bool) -> Option<Ticket> {
         let Some(address) = &decision.address else {
-            self.metrics.fallback.inc();
-            return;
+            self.metrics.fallback.inc(&self.host);
+            return None;
         };
-        if let Err(err) = host::set_header(MapType::HttpRequestHeaders, DESTINATION_HEADER, address)
+        if let Err(err) =
+            self.host
+                .set_header(MapType::HttpRequestHeaders, DESTINATION_HEADER, address)
         {
             self.host_error(err);
-            self.metrics.fallback.inc();
-            return;
+            self.metrics.fallback.inc(&self.host);
+            return None;
         }
-        match decision.mode {
-            Mode::Precise => self.metrics.precise.inc(),
-            Mode::Approximate => self.metrics.approximate.inc(),
-            Mode::Fallback => self.metrics.fallback.inc(),
-        }
+        let mode = match decision.mode {
+            Mode::Precise => self.metrics.precise,
+            Mode::Approximate => self.metrics.approximate,
+            Mode::Fallback => self.metrics.fallback,
+        };
+        mode.inc(&self.host);
         if self.config.orca_load_reports {
-            if let Err(err) = host::set_header(
+            if let Err(err) = self.host.set_header(
                 MapType::HttpRequestHeaders,
                 orca::FORMAT_HEADER,
                 orca::FORMAT,
@@ -508,17 +634,13 @@ impl InferenceStream {
         }
         self.metrics
             .cached_blocks
-            .add(u64::from(decision.cached_blocks));
+            .add(&self.host, u64::from(decision.cached_blocks));
         self.metrics
             .prompt_blocks
-            .add(u64::from(decision.prompt_blocks));
-        let uncached = u64::from(
-            decision
-                .prompt_blocks
-                .saturating_sub(decision.cached_blocks),
-        );
+            .add(&self.host, u64::from(decision.prompt_blocks));
+        let uncached = u64::from(decision.uncached_blocks());
         let mut state = self.state.borrow_mut();
-        state.routed.routed_to(address);
+        state.routed.routed_to(&self.host, address);
         state
             .router
             .orca
@@ -528,29 +650,38 @@ impl InferenceStream {
         } else {
             uncached * block_size
         };
-        let ticket = state.router.inflight.admit(RequestLoad {
+        Some(state.router.inflight.admit(RequestLoad {
             decode: address,
             prefill: None,
             prefill_tokens,
             blocks: u64::from(decision.prompt_blocks),
-        });
-        self.ticket = Some(ticket);
+        }))
+    }
+
+    /// Gives a request's share of a worker's in-flight load back.
+    fn finish(&self, ticket: Ticket) {
+        self.state.borrow_mut().router.inflight.finish(ticket);
     }
 
     /// Takes the worker's ORCA load report off its response: it is the
-    /// filter's, never the client's.
-    fn take_load_report(&self) {
-        let value = match host::header(MapType::HttpResponseHeaders, orca::LOAD_HEADER) {
+    /// filter's, never the client's. Recorded for `chosen`, the worker the
+    /// request was routed to.
+    fn take_load_report(&self, chosen: Option<&str>) {
+        let value = match self
+            .host
+            .header(MapType::HttpResponseHeaders, orca::LOAD_HEADER)
+        {
             Ok(Some(value)) => value,
             Ok(None) => return,
             Err(err) => return self.host_error(err),
         };
-        if let Err(err) =
-            host::remove_header(MapType::HttpResponseHeaders, orca::LOAD_HEADER.as_bytes())
+        if let Err(err) = self
+            .host
+            .remove_header(MapType::HttpResponseHeaders, orca::LOAD_HEADER.as_bytes())
         {
             self.host_error(err);
         }
-        let Some(address) = self.ticket.as_ref().map(Ticket::address) else {
+        let Some(address) = chosen else {
             return;
         };
         match std::str::from_utf8(&value)
@@ -558,8 +689,8 @@ impl InferenceStream {
             .and_then(orca::parse)
         {
             Ok(report) => {
-                self.metrics.orca_reports.inc();
-                let now = host::now_ms().unwrap_or(0);
+                self.metrics.orca_reports.inc(&self.host);
+                let now = self.now_ms();
                 self.state
                     .borrow_mut()
                     .router
@@ -567,22 +698,17 @@ impl InferenceStream {
                     .record(address, report, now);
             }
             Err(err) => {
-                self.metrics.orca_report_errors.inc();
+                self.metrics.orca_report_errors.inc(&self.host);
                 log::debug!("{address}: {err}");
             }
         }
     }
-}
 
-impl InferenceStream {
     /// Learns from where Envoy actually sent the request: served elsewhere
     /// (or nowhere), the chosen worker refused it and is left out for a
     /// while; served by it, it is reachable.
-    fn observe_upstream(&self) {
-        let Some(chosen) = self.ticket.as_ref().map(Ticket::address) else {
-            return;
-        };
-        let served = match host::property(&["upstream", "address"]) {
+    fn observe_upstream(&self, chosen: &str) {
+        let served = match self.host.property(&["upstream", "address"]) {
             Ok(served) => served,
             Err(err) => return self.host_error(err),
         };
@@ -591,12 +717,97 @@ impl InferenceStream {
             state.router.unreachable.clear(chosen);
             return;
         }
-        self.metrics.upstream_failovers.inc();
+        self.metrics.upstream_failovers.inc(&self.host);
         log::info!("{chosen} did not serve a request routed to it; leaving it out for now");
-        state
-            .router
-            .unreachable
-            .mark(chosen, host::now_ms().unwrap_or(0));
+        state.router.unreachable.mark(chosen, self.now_ms());
+    }
+
+    /// A callout answered (or failed, or timed out): the phase it belongs
+    /// to moves on, and a request that waited for it is resumed.
+    fn on_callout(&mut self, phase: Phase, token: u32, body_size: usize, started_ns: u64) -> Phase {
+        let next = match phase {
+            Phase::AwaitingTokens(pending) if pending.call.token == token => {
+                self.on_tokens(pending, body_size, started_ns)
+            }
+            Phase::AwaitingPrefill(wait) if wait.leg.token == token => {
+                self.on_prefill_response(wait, body_size)
+            }
+            Phase::Routed(Routed {
+                ticket,
+                prefill: Some(leg),
+                debug,
+            }) if leg.token == token => {
+                // The decode leg never waited for it: nothing to resume.
+                self.on_prefill_beside(leg);
+                return Phase::Routed(Routed {
+                    ticket,
+                    prefill: None,
+                    debug,
+                });
+            }
+            other => return other,
+        };
+        if next.action() == Action::Continue {
+            if let Err(err) = self.host.resume_request() {
+                self.host_error(err);
+            }
+        }
+        next
+    }
+
+    fn request_headers(&self, end_of_stream: bool) -> Phase {
+        self.strip_reserved_headers();
+        let is_post = self.request_header(":method").as_deref() == Some("POST");
+        let endpoint = self
+            .request_header(":path")
+            .as_deref()
+            .and_then(Endpoint::from_path);
+        let Some(endpoint) = endpoint.filter(|_| is_post) else {
+            self.metrics.passthrough.inc(&self.host);
+            return Phase::Passthrough;
+        };
+        if end_of_stream {
+            return self.reject_request(&RequestError::EmptyBody);
+        }
+        let declared = self
+            .request_header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(size) = declared.filter(|&size| size > self.config.max_body_bytes) {
+            return self.too_large(size);
+        }
+        // Hold the headers until the body is parsed; requires
+        // `allow_on_headers_stop_iteration` in the Wasm filter config.
+        Phase::Buffering {
+            endpoint,
+            body_size: 0,
+        }
+    }
+
+    fn response_headers(&mut self) {
+        let debug = match &mut self.phase {
+            Phase::Routed(routed) => {
+                if let Some(ticket) = &mut routed.ticket {
+                    self.state.borrow_mut().router.inflight.prefill_done(ticket);
+                }
+                routed.debug.take()
+            }
+            _ => None,
+        };
+        let chosen = match &self.phase {
+            Phase::Routed(Routed {
+                ticket: Some(ticket),
+                ..
+            }) => Some(ticket.address()),
+            _ => None,
+        };
+        if let Some(chosen) = chosen {
+            self.observe_upstream(chosen);
+        }
+        self.take_load_report(chosen);
+        if let Some(decision) = debug {
+            self.add_debug_headers(&decision);
+        }
+        self.report_progress(RequestPhase::FirstToken);
     }
 }
 
@@ -609,7 +820,7 @@ fn is_reserved(name: &[u8]) -> bool {
             .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
 }
 
-impl Context for InferenceStream {
+impl<H: Host> Context for InferenceStream<H> {
     fn on_http_call_response(
         &mut self,
         token: u32,
@@ -617,172 +828,78 @@ impl Context for InferenceStream {
         body_size: usize,
         _trailers: usize,
     ) {
-        let started_ns = host::now_ns().unwrap_or(0);
-        if self.prefill_call == Some(token) {
-            self.prefill_call = None;
-            self.on_prefill_response(body_size);
-        } else if self.tokenize_call == Some(token) {
-            self.tokenize_call = None;
-            self.on_tokenize_response(body_size, started_ns);
-        }
-        self.metrics.callback_us.record(elapsed_us(started_ns));
-    }
-}
-
-impl InferenceStream {
-    /// The sidecar's tokenization answered (or failed, or timed out): fill
-    /// the prompt cache, and route the request if it was waiting.
-    fn on_tokenize_response(&mut self, body_size: usize, started_ns: u64) {
-        let response = self.tokenize_response(body_size);
-        let exact: Option<Vec<SeqHash>> = response.map(|r| {
-            let hashes: Vec<SeqHash> = r.block_hashes.into_iter().map(SeqHash).collect();
-            if let (Some(key), Some(history)) =
-                (self.cache_fill.take(), hashes.get(..r.history_blocks))
-            {
-                self.state.borrow_mut().prompt_cache.insert(key, history);
+        self.timed(|stream, started_ns| {
+            if let Some(call) = stream.cache_fill.take_if(|call| call.token == token) {
+                stream.tokenized(&call, body_size);
+                return;
             }
-            hashes
+            let phase = std::mem::replace(&mut stream.phase, Phase::Passthrough);
+            stream.phase = stream.on_callout(phase, token, body_size, started_ns);
         });
-        if let Some(pending) = self.pending_tokenize.take() {
-            if exact.is_none() {
-                // Timeout, error or garbage: route approximately rather than fail.
-                self.metrics.tokenize_failures.inc();
-            }
-            let next =
-                self.decide_and_apply(&pending.model, exact.as_deref(), &pending.keys, started_ns);
-            if next == Next::Continue {
-                if let Err(err) = host::resume_request() {
-                    self.host_error(err);
-                }
-            }
-        }
     }
 }
 
-impl InferenceStream {
-    fn request_headers(&mut self, end_of_stream: bool) -> Action {
-        self.strip_reserved_headers();
-        let is_post = self.request_header(":method").as_deref() == Some("POST");
-        let endpoint = self
-            .request_header(":path")
-            .as_deref()
-            .and_then(Endpoint::from_path);
-        let Some(endpoint) = endpoint.filter(|_| is_post) else {
-            self.metrics.passthrough.inc();
-            return Action::Continue;
-        };
-        if end_of_stream {
-            return self.reject_request(&RequestError::EmptyBody);
-        }
-        let declared = self
-            .request_header("content-length")
-            .and_then(|v| v.trim().parse::<usize>().ok());
-        if let Some(size) = declared.filter(|&size| size > self.config.max_body_bytes) {
-            return self.too_large(size);
-        }
-        self.endpoint = Some(endpoint);
-        // Hold the headers until the body is parsed; requires
-        // `allow_on_headers_stop_iteration` in the Wasm filter config.
-        Action::Pause
+impl<H: Host> HttpContext for InferenceStream<H> {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.timed(|stream, _| {
+            stream.phase = stream.request_headers(end_of_stream);
+            stream.phase.action()
+        })
     }
 
-    fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(endpoint) = self.endpoint else {
-            return Action::Continue;
-        };
-        if body_size > self.config.max_body_bytes {
-            self.endpoint = None;
-            return self.too_large(body_size);
-        }
-        self.body_size = body_size;
-        if !end_of_stream {
-            return Action::Pause;
-        }
-        self.endpoint = None;
-        self.route(endpoint)
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.timed(|stream, _| {
+            let Phase::Buffering { endpoint, .. } = stream.phase else {
+                return Action::Continue;
+            };
+            stream.phase = if body_size > stream.config.max_body_bytes {
+                stream.too_large(body_size)
+            } else if end_of_stream {
+                stream.route(endpoint, body_size)
+            } else {
+                Phase::Buffering {
+                    endpoint,
+                    body_size,
+                }
+            };
+            stream.phase.action()
+        })
     }
 
     /// Trailers end a request whose body never saw `end_of_stream` (HTTP/2,
     /// or chunked HTTP/1.1 with a trailer section): the body is complete
     /// now and takes the same path.
-    fn request_trailers(&mut self) -> Action {
-        match self.endpoint.take() {
-            Some(endpoint) => self.route(endpoint),
-            None => Action::Continue,
-        }
-    }
-
-    fn response_headers(&mut self) {
-        if let Some(ticket) = &mut self.ticket {
-            self.state.borrow_mut().router.inflight.prefill_done(ticket);
-        }
-        self.observe_upstream();
-        self.take_load_report();
-        if let Some(decision) = self.decision.take() {
-            self.add_debug_headers(&decision);
-        }
-        self.report_progress(RequestPhase::FirstToken);
-    }
-}
-
-/// Microseconds since `started_ns` on the host clock.
-fn elapsed_us(started_ns: u64) -> u64 {
-    host::now_ns()
-        .unwrap_or(started_ns)
-        .saturating_sub(started_ns)
-        / 1_000
-}
-
-impl HttpContext for InferenceStream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let started_ns = host::now_ns().unwrap_or(0);
-        let action = self.request_headers(end_of_stream);
-        self.metrics.callback_us.record(elapsed_us(started_ns));
-        action
-    }
-
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let started_ns = host::now_ns().unwrap_or(0);
-        let action = self.request_body(body_size, end_of_stream);
-        self.metrics.callback_us.record(elapsed_us(started_ns));
-        action
-    }
-
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        let started_ns = host::now_ns().unwrap_or(0);
-        let action = self.request_trailers();
-        self.metrics.callback_us.record(elapsed_us(started_ns));
-        action
+        self.timed(|stream, _| {
+            let Phase::Buffering {
+                endpoint,
+                body_size,
+            } = stream.phase
+            else {
+                return Action::Continue;
+            };
+            stream.phase = stream.route(endpoint, body_size);
+            stream.phase.action()
+        })
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let started_ns = host::now_ns().unwrap_or(0);
-        self.response_headers();
-        self.metrics.callback_us.record(elapsed_us(started_ns));
+        self.timed(|stream, _| stream.response_headers());
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            self.state.borrow_mut().router.inflight.finish(ticket);
+        match std::mem::replace(&mut self.phase, Phase::Passthrough) {
+            Phase::Routed(Routed {
+                ticket, prefill, ..
+            }) => {
+                for ticket in ticket.into_iter().chain(prefill.map(|leg| leg.ticket)) {
+                    self.finish(ticket);
+                }
+            }
+            Phase::AwaitingPrefill(wait) => self.finish(wait.leg.ticket),
+            _ => {}
         }
-        self.finish_prefill_ticket();
         self.report_progress(RequestPhase::Done);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reserved_headers() {
-        assert!(is_reserved(b"x-gateway-destination-endpoint"));
-        assert!(is_reserved(b"X-Gateway-Destination-Endpoint"));
-        assert!(is_reserved(b"x-kvmesh-mode"));
-        assert!(is_reserved(b"X-KVMESH-anything"));
-        assert!(is_reserved(b"Endpoint-Load-Metrics-Format"));
-        assert!(!is_reserved(b"x-kvmes"));
-        assert!(!is_reserved(b"x-request-id"));
     }
 }

@@ -5,20 +5,29 @@
 //! decode worker unchanged, which then prefills locally.
 
 use proxy_wasm::types::{BufferType, MapType};
-use router_core::routing::inflight::RequestLoad;
+use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::Decision;
 use thiserror::Error;
 
-use super::{call_succeeded, InferenceStream, Next, DESTINATION_HEADER};
+use super::{BufferedBody, InferenceStream, Phase, Routed, DESTINATION_HEADER};
 use crate::config::{Disaggregation, Protocol};
 use crate::disagg::body::{self, BodyError, ContextOutcome};
-use crate::host;
+use crate::host::Host;
 
-/// A request whose prefill leg is in flight.
+/// A prefill leg in flight: its callout, and the prefill worker's share of
+/// in-flight load until the leg answers.
+pub(super) struct PrefillLeg {
+    pub(super) token: u32,
+    pub(super) ticket: Ticket,
+}
+
+/// A request whose decode leg waits for its prefill leg.
 pub(super) struct PrefillWait {
+    pub(super) leg: PrefillLeg,
     protocol: Protocol,
-    /// The original request (router fields already stripped).
+    /// The original request (router fields already stripped), as buffered.
     body: Vec<u8>,
+    client_streams: bool,
     decode: Decision,
     block_size: u64,
 }
@@ -34,19 +43,21 @@ enum LocalPrefill {
     Response(BodyError),
 }
 
-impl InferenceStream {
+impl<H: Host> InferenceStream<H> {
     /// Starts the prefill leg on `prefill` for a request whose decode leg
-    /// goes to `decode`. `Next::Wait` while the leg is in flight; otherwise
-    /// the decode leg is already set up.
+    /// goes to `decode`: the request waits for the leg, or (SGLang, or when
+    /// the leg cannot start) is routed to its decode worker at once.
     pub(super) fn start_prefill(
-        &mut self,
+        &self,
         disaggregation: &Disaggregation,
         decode: Decision,
         prefill: &Decision,
         block_size: u64,
-    ) -> Next {
-        let (Some(address), Some(body)) = (prefill.address.clone(), self.buffered_body()) else {
-            return self.decode_locally(decode, block_size, LocalPrefill::Dispatch);
+        buffered: BufferedBody,
+    ) -> Phase {
+        let (Some(address), Some(body)) = (prefill.address.clone(), self.buffered_body(buffered))
+        else {
+            return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
         let protocol = disaggregation.protocol;
         let leg = match protocol {
@@ -62,66 +73,61 @@ impl InferenceStream {
             }
         };
         let Ok(leg) = leg else {
-            return self.decode_locally(decode, block_size, LocalPrefill::Dispatch);
+            return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
-        self.admit_prefill(prefill, &address, block_size);
+        let ticket = self.admit_prefill(prefill, &address, block_size);
         let Some(token) = self.dispatch_prefill(disaggregation, &address, &leg) else {
-            self.finish_prefill_ticket();
-            return self.decode_locally(decode, block_size, LocalPrefill::Dispatch);
+            self.finish(ticket);
+            return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
-        self.prefill_call = Some(token);
+        let prefill_leg = PrefillLeg { token, ticket };
         if protocol == Protocol::Sglang {
             // Both legs at once: the decode engine meets the prefill at its
             // bootstrap server; the prefill's own answer is not needed.
-            self.replace_body(&leg);
-            self.apply_decision(&decode, block_size, true);
-            return Next::Continue;
+            self.replace_body(buffered.size, &leg);
+            return Phase::Routed(Routed {
+                prefill: Some(prefill_leg),
+                ..self.apply_decision(&decode, block_size, true)
+            });
         }
-        self.prefill = Some(PrefillWait {
+        Phase::AwaitingPrefill(PrefillWait {
+            leg: prefill_leg,
             protocol,
             body,
+            client_streams: buffered.client_streams,
             decode,
             block_size,
-        });
-        Next::Wait
+        })
     }
 
-    /// The prefill leg answered (or failed, or timed out).
-    pub(super) fn on_prefill_response(&mut self, body_size: usize) {
-        self.finish_prefill_ticket();
-        let ok = call_succeeded();
-        let Some(wait) = self.prefill.take() else {
-            // SGLang: the decode leg is already on its way.
-            if ok {
-                self.metrics.remote_prefills.inc();
-            } else {
-                self.metrics.prefill_failures.inc();
-            }
-            return;
-        };
-        let response = if ok {
-            host::buffer(BufferType::HttpCallResponseBody, 0, body_size).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+    /// The prefill leg the decode leg waited for answered (or failed, or
+    /// timed out).
+    pub(super) fn on_prefill_response(&self, wait: PrefillWait, body_size: usize) -> Phase {
         let PrefillWait {
+            leg,
             protocol,
             body,
+            client_streams,
             decode,
             block_size,
         } = wait;
-        let outcome = if !ok {
+        self.finish(leg.ticket);
+        let buffered_size = body.len();
+        let outcome = if !self.call_succeeded() {
             Err(LocalPrefill::Status)
         } else {
+            let response = self
+                .host
+                .buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .unwrap_or_default();
             match protocol {
                 Protocol::Vllm => body::vllm_transfer_params(&response)
                     .and_then(|params| body::vllm_decode(&body, &params)),
                 Protocol::Trtllm => match body::trtllm_context_outcome(&response) {
-                    Ok(ContextOutcome::Finished) if !self.client_streams => {
+                    Ok(ContextOutcome::Finished) if !client_streams => {
                         // The context leg produced the whole answer.
-                        self.metrics.remote_prefills.inc();
-                        self.answer_from_context(&response);
-                        return;
+                        self.metrics.remote_prefills.inc(&self.host);
+                        return self.answer_from_context(&response);
                     }
                     Ok(ContextOutcome::Finished) => {
                         Err(BodyError::MissingParams("disaggregated_params"))
@@ -136,29 +142,34 @@ impl InferenceStream {
         };
         match outcome {
             Ok(decode_leg) => {
-                self.metrics.remote_prefills.inc();
-                self.replace_body(&decode_leg);
-                self.apply_decision(&decode, block_size, true);
+                self.metrics.remote_prefills.inc(&self.host);
+                self.replace_body(buffered_size, &decode_leg);
+                Phase::Routed(self.apply_decision(&decode, block_size, true))
             }
-            Err(reason) => {
-                self.decode_locally(decode, block_size, reason);
-            }
+            Err(reason) => self.decode_locally(&decode, block_size, reason),
         }
-        if let Err(err) = host::resume_request() {
-            self.host_error(err);
-        }
+    }
+
+    /// SGLang: the prefill leg running beside the decode leg answered.
+    pub(super) fn on_prefill_beside(&self, leg: PrefillLeg) {
+        self.finish(leg.ticket);
+        let counter = if self.call_succeeded() {
+            self.metrics.remote_prefills
+        } else {
+            self.metrics.prefill_failures
+        };
+        counter.inc(&self.host);
     }
 
     /// The decode worker computes the prompt itself.
-    fn decode_locally(&mut self, decode: Decision, block_size: u64, reason: LocalPrefill) -> Next {
+    fn decode_locally(&self, decode: &Decision, block_size: u64, reason: LocalPrefill) -> Phase {
         log::info!("prefilling locally: {reason}");
-        self.metrics.prefill_failures.inc();
-        self.apply_decision(&decode, block_size, false);
-        Next::Continue
+        self.metrics.prefill_failures.inc(&self.host);
+        Phase::Routed(self.apply_decision(decode, block_size, false))
     }
 
     fn dispatch_prefill(
-        &mut self,
+        &self,
         disaggregation: &Disaggregation,
         address: &str,
         leg: &[u8],
@@ -173,7 +184,7 @@ impl InferenceStream {
             ("x-request-id", request_id.as_str()),
             (DESTINATION_HEADER, address),
         ];
-        match host::dispatch_http_call(
+        match self.host.dispatch_http_call(
             &disaggregation.prefill_cluster,
             &headers,
             leg,
@@ -191,58 +202,62 @@ impl InferenceStream {
     }
 
     /// One request id for both legs: the client's, or one made up here.
-    fn request_id(&mut self) -> String {
+    fn request_id(&self) -> String {
         if let Some(id) = self.request_header("x-request-id") {
             return id;
         }
         let id = self.state.borrow_mut().reporter.next_request_id();
-        if let Err(err) = host::set_header(MapType::HttpRequestHeaders, "x-request-id", &id) {
+        if let Err(err) = self
+            .host
+            .set_header(MapType::HttpRequestHeaders, "x-request-id", &id)
+        {
             self.host_error(err);
         }
         id
     }
 
-    fn admit_prefill(&mut self, prefill: &Decision, address: &str, block_size: u64) {
-        let uncached = u64::from(prefill.prompt_blocks.saturating_sub(prefill.cached_blocks));
+    fn admit_prefill(&self, prefill: &Decision, address: &str, block_size: u64) -> Ticket {
+        let uncached = u64::from(prefill.uncached_blocks());
         // The prefill worker holds the prompt's blocks until it hands them over.
-        let ticket = self.state.borrow_mut().router.inflight.admit(RequestLoad {
+        self.state.borrow_mut().router.inflight.admit(RequestLoad {
             decode: address,
             prefill: None,
             prefill_tokens: uncached * block_size,
             blocks: u64::from(prefill.prompt_blocks),
-        });
-        self.prefill_ticket = Some(ticket);
-    }
-
-    pub(super) fn finish_prefill_ticket(&mut self) {
-        if let Some(ticket) = self.prefill_ticket.take() {
-            self.state.borrow_mut().router.inflight.finish(ticket);
-        }
+        })
     }
 
     /// TensorRT-LLM: the context leg finished the request; answer with it.
-    fn answer_from_context(&self, response: &[u8]) {
+    fn answer_from_context(&self, response: &[u8]) -> Phase {
         let headers = [("content-type", "application/json")];
-        if let Err(err) = host::send_response(200, &headers, response) {
+        if let Err(err) = self.host.send_response(200, &headers, response) {
             self.host_error(err);
         }
+        Phase::Answered
     }
 
     /// The buffered request body (already validated as a JSON object).
-    fn buffered_body(&self) -> Option<Vec<u8>> {
-        host::buffer(BufferType::HttpRequestBody, 0, self.body_size).ok()
+    fn buffered_body(&self, buffered: BufferedBody) -> Option<Vec<u8>> {
+        self.host
+            .buffer(BufferType::HttpRequestBody, 0, buffered.size)
+            .ok()
     }
 
-    /// Replaces the buffered request body (and its length); false if the
-    /// host refused.
-    pub(super) fn replace_body(&mut self, bytes: &[u8]) -> bool {
-        if let Err(err) = host::set_buffer(BufferType::HttpRequestBody, 0, self.body_size, bytes) {
+    /// Replaces the buffered request body (`size` bytes) and its length;
+    /// false if the host refused.
+    pub(super) fn replace_body(&self, size: usize, bytes: &[u8]) -> bool {
+        if let Err(err) = self
+            .host
+            .set_buffer(BufferType::HttpRequestBody, 0, size, bytes)
+        {
             self.host_error(err);
             return false;
         }
-        self.body_size = bytes.len();
         let length = bytes.len().to_string();
-        if let Err(err) = host::set_header(MapType::HttpRequestHeaders, "content-length", &length) {
+        if let Err(err) =
+            self.host
+                .set_header(MapType::HttpRequestHeaders, "content-length", &length)
+        {
             self.host_error(err);
         }
         true
