@@ -7,51 +7,9 @@
 //! `seq[0] = local[0]`, `seq[i] = xxh3_64(le(seq[i-1]) ‖ le(local[i]), seed)`.
 //! Only full blocks are hashed: a partial block is never shared by engines.
 
-use std::num::NonZeroU32;
-
-use thiserror::Error;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-/// Number of tokens in one KV block; must equal the engine's block size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct BlockSize(NonZeroU32);
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum BlockSizeError {
-    #[error("block size must be at least 1")]
-    Zero,
-    #[error("block size {0} exceeds the maximum of {max}", max = BlockSize::MAX)]
-    TooLarge(u32),
-}
-
-impl BlockSize {
-    /// Largest block size accepted; engines use 1..=256 in practice.
-    pub const MAX: u32 = 4096;
-    /// vLLM's default KV block size.
-    pub const VLLM_DEFAULT: BlockSize = BlockSize(NonZeroU32::MIN.saturating_add(15));
-
-    pub fn new(tokens: u32) -> Result<Self, BlockSizeError> {
-        let size = NonZeroU32::new(tokens).ok_or(BlockSizeError::Zero)?;
-        if tokens > Self::MAX {
-            return Err(BlockSizeError::TooLarge(tokens));
-        }
-        Ok(Self(size))
-    }
-
-    pub fn get(self) -> u32 {
-        self.0.get()
-    }
-
-    /// `usize` view for slicing; lossless because `MAX` fits in 32 bits.
-    pub fn as_usize(self) -> usize {
-        self.0.get() as usize
-    }
-
-    /// Number of full blocks in `tokens` tokens.
-    pub fn full_blocks(self, tokens: usize) -> usize {
-        tokens / self.as_usize()
-    }
-}
+pub use kvmesh_config::{BlockSize, BlockSizeError};
 
 /// Per-model hash seed, so equal token ids of different models (or LoRA
 /// adapters) never alias in a shared index.
@@ -225,13 +183,6 @@ mod tests {
         // Extending a salted chain from its last hash needs no salt.
         let tail = h.sequence_hashes_after(Some(a[1]), &tokens[8..]);
         assert_eq!(tail, a[2..]);
-    }
-
-    #[test]
-    fn block_size_rejects_zero_and_huge() {
-        assert_eq!(BlockSize::new(0), Err(BlockSizeError::Zero));
-        assert_eq!(BlockSize::new(5000), Err(BlockSizeError::TooLarge(5000)));
-        assert_eq!(BlockSize::VLLM_DEFAULT.get(), 16);
     }
 
     #[test]

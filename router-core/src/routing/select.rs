@@ -24,32 +24,7 @@ pub struct Candidate {
     pub load: WorkerLoad,
 }
 
-/// Tunables of the cost function.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CostWeights {
-    /// How much a block of prefill counts against a block of decode load.
-    pub overlap_weight: f64,
-    /// 0 picks the lowest cost; larger values spread load by sampling.
-    pub temperature: f64,
-}
-
-impl CostWeights {
-    /// A block to prefill costs compute before the first token; a block of
-    /// decode load costs memory and microseconds per step. At 4 a worker
-    /// keeps its cached prefixes until it runs about four more requests than
-    /// another, which still bounds herding (how it was chosen:
-    /// docs/benchmarks.md#cost-function-weight).
-    pub const DEFAULT_OVERLAP_WEIGHT: f64 = 4.0;
-}
-
-impl Default for CostWeights {
-    fn default() -> Self {
-        Self {
-            overlap_weight: Self::DEFAULT_OVERLAP_WEIGHT,
-            temperature: 0.0,
-        }
-    }
-}
+pub use kvmesh_config::CostWeights;
 
 /// The prompt being routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
