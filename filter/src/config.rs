@@ -1,14 +1,20 @@
-//! The plugin configuration (JSON in the Envoy Wasm filter's `configuration`).
+//! The plugin configuration (JSON in the Envoy Wasm filter's `configuration`,
+//! docs/configuration.md#filter-json). The per-model fields shared with the
+//! sidecar are `kvmesh_config::ModelSpec`; the pool fields are the filter's own.
 //!
 //! Validated completely in `on_configure`: a bad configuration is refused with
-//! one clear log line, so Envoy rejects it instead of routing with half a config.
+//! one log entry listing every bad field, so Envoy rejects it instead of
+//! routing with half a config.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 
-use router_core::routing::disagg::{PrefillPolicy, PrefillRouting};
-use router_core::routing::select::CostWeights;
+use kvmesh_config::{
+    check_index_entries, validate_models, EngineKind, FieldError, Invalid, ModelSpec, Problem,
+    WithLocal, DEFAULT_MAX_INDEX_ENTRIES,
+};
+use router_core::routing::disagg::PrefillRouting;
 use router_core::routing::ModelRouting;
 use router_core::{BlockHasher, BlockSize, HashSeed};
 
@@ -39,6 +45,9 @@ struct RawConfig {
     orca_load_reports: bool,
     models: Vec<RawModel>,
 }
+
+/// A model: the shared spec plus the filter's pool fields.
+type RawModel = WithLocal<ModelSpec<RawPrefillPool>, RawPool>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -85,60 +94,39 @@ fn default_stale_after_ms() -> u64 {
 }
 
 fn default_max_index_entries() -> usize {
-    4_000_000
+    DEFAULT_MAX_INDEX_ENTRIES
 }
 
 fn default_max_body_bytes() -> usize {
     DEFAULT_MAX_BODY_BYTES
 }
 
+/// The model's decode pool.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawModel {
-    name: String,
-    #[serde(default = "default_block_size")]
-    block_size: u32,
+struct RawPool {
     #[serde(default)]
     endpoints: Vec<String>,
     /// Envoy cluster of this model's pool, when models have separate pools.
     #[serde(default)]
     cluster: Option<String>,
-    #[serde(default = "default_overlap_weight")]
-    overlap_weight: f64,
-    #[serde(default)]
-    temperature: f64,
-    #[serde(default)]
-    disaggregation: Option<RawDisaggregation>,
 }
 
+/// The prefill pool and handshake, beside the shared `disaggregation` fields.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDisaggregation {
+struct RawPrefillPool {
     #[serde(default)]
-    policy: PrefillPolicy,
-    #[serde(default)]
-    protocol: Protocol,
+    protocol: EngineKind,
     /// Envoy cluster of the prefill pool.
     prefill_cluster: String,
     /// `ip:port` of each prefill worker, used while no fleet state is known.
     #[serde(default)]
     prefill_endpoints: Vec<String>,
-    #[serde(default = "default_min_prefill_tokens")]
-    min_prefill_tokens: u64,
-    #[serde(default = "default_max_prefill_queue_tokens")]
-    max_prefill_queue_tokens: u64,
     #[serde(default = "default_prefill_timeout_ms")]
     timeout_ms: u64,
     #[serde(default = "default_bootstrap_port")]
     bootstrap_port: u16,
-}
-
-fn default_min_prefill_tokens() -> u64 {
-    1024
-}
-
-fn default_max_prefill_queue_tokens() -> u64 {
-    262_144
 }
 
 fn default_prefill_timeout_ms() -> u64 {
@@ -147,14 +135,6 @@ fn default_prefill_timeout_ms() -> u64 {
 
 fn default_bootstrap_port() -> u16 {
     8998
-}
-
-fn default_overlap_weight() -> f64 {
-    CostWeights::DEFAULT_OVERLAP_WEIGHT
-}
-
-fn default_block_size() -> u32 {
-    BlockSize::VLLM_DEFAULT.get()
 }
 
 /// A model this gateway serves and the endpoints of its pool.
@@ -222,187 +202,139 @@ pub struct ApproximateConfig {
 pub enum ConfigError {
     #[error("plugin configuration is not valid JSON for kvmesh: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("models: at least one model is required")]
-    NoModels,
-    #[error("max_body_bytes: must be between 1 and {MAX_BODY_BYTES_LIMIT}, got {0}")]
-    BodyLimit(usize),
-    #[error("models[{index}].name: must not be empty")]
-    EmptyModelName { index: usize },
-    #[error("models[{index}].name: model '{name}' is configured twice")]
-    DuplicateModel { index: usize, name: String },
-    #[error("models[{index}].block_size: {source}")]
-    BlockSize {
-        index: usize,
-        source: router_core::hashing::BlockSizeError,
-    },
-    #[error("sidecar.cluster and sidecar.http_cluster: must not be empty")]
-    EmptySidecarCluster,
-    #[error("sidecar.tokenize_timeout_ms: must be at least 1")]
-    ZeroTokenizeTimeout,
-    #[error("sidecar.stale_after_ms: must be at least 1")]
-    ZeroStaleAfter,
-    #[error("models[{index}].cluster: must be a non-empty ASCII cluster name")]
-    Cluster { index: usize },
-    #[error("models[{index}].overlap_weight: must be a finite number >= 0")]
-    OverlapWeight { index: usize },
-    #[error("approximate.table_entries and approximate.entry_ttl_ms: must be at least 1")]
-    Approximate,
-    #[error("models[{index}].temperature: must be a finite number >= 0")]
-    Temperature { index: usize },
-    #[error(
-        "models[{index}].disaggregation.prefill_cluster: must be a non-empty ASCII cluster name"
-    )]
-    PrefillCluster { index: usize },
-    #[error("models[{index}].disaggregation.timeout_ms: must be at least 1")]
-    PrefillTimeout { index: usize },
-    #[error("models[{index}].disaggregation.prefill_endpoints[{endpoint}]: '{value}' is not an ip:port address")]
-    PrefillEndpoint {
-        index: usize,
-        endpoint: usize,
-        value: String,
-    },
-    #[error("models[{index}].endpoints[{endpoint}]: '{value}' is not an ip:port address")]
-    Endpoint {
-        index: usize,
-        endpoint: usize,
-        value: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
 }
 
 impl PluginConfig {
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_slice(bytes)?;
+        let mut errors = validate_models(raw.models.iter().map(|m| &m.shared));
+        let mut fail = |field: String, problem| errors.push(FieldError::new(field, problem));
         if !(1..=MAX_BODY_BYTES_LIMIT).contains(&raw.max_body_bytes) {
-            return Err(ConfigError::BodyLimit(raw.max_body_bytes));
+            fail(
+                "max_body_bytes".into(),
+                Problem::OutOfRange {
+                    value: raw.max_body_bytes as u64,
+                    max: MAX_BODY_BYTES_LIMIT as u64,
+                },
+            );
         }
-        if raw.models.is_empty() {
-            return Err(ConfigError::NoModels);
+        if raw.approximate.table_entries == 0 {
+            fail("approximate.table_entries".into(), Problem::Zero);
         }
-        let sidecar = raw.sidecar.map(Self::parse_sidecar).transpose()?;
-        let approximate = match NonZeroUsize::new(raw.approximate.table_entries) {
-            Some(table_entries) if raw.approximate.entry_ttl_ms > 0 => ApproximateConfig {
-                table_entries,
-                entry_ttl_ms: raw.approximate.entry_ttl_ms,
-            },
-            _ => return Err(ConfigError::Approximate),
+        if raw.approximate.entry_ttl_ms == 0 {
+            fail("approximate.entry_ttl_ms".into(), Problem::Zero);
+        }
+        if let Some(sidecar) = &raw.sidecar {
+            Self::check_sidecar(sidecar, &mut fail);
+        }
+        for (index, model) in raw.models.iter().enumerate() {
+            Self::check_pools(&format!("models[{index}]"), model, &mut fail);
+        }
+        let raw = Invalid::check(raw, errors)?;
+        let approximate = ApproximateConfig {
+            // Checked above; the minimum is never taken.
+            table_entries: NonZeroUsize::new(raw.approximate.table_entries)
+                .unwrap_or(NonZeroUsize::MIN),
+            entry_ttl_ms: raw.approximate.entry_ttl_ms,
         };
-        let mut models = HashMap::with_capacity(raw.models.len());
-        for (index, model) in raw.models.into_iter().enumerate() {
-            let parsed = Self::parse_model(index, model)?;
-            if models.contains_key(&parsed.name) {
-                return Err(ConfigError::DuplicateModel {
-                    index,
-                    name: parsed.name,
-                });
-            }
-            models.insert(parsed.name.clone(), parsed);
-        }
         Ok(Self {
             max_body_bytes: raw.max_body_bytes,
-            sidecar,
+            sidecar: raw.sidecar.map(|sidecar| SidecarConfig {
+                cluster: sidecar.cluster,
+                http_cluster: sidecar.http_cluster,
+                tokenize_timeout: std::time::Duration::from_millis(sidecar.tokenize_timeout_ms),
+                stale_after_ms: sidecar.stale_after_ms,
+                max_index_entries: sidecar.max_index_entries,
+            }),
             debug_headers: raw.debug_headers,
             approximate,
             orca_load_reports: raw.orca_load_reports,
-            models,
+            models: raw
+                .models
+                .into_iter()
+                .map(|model| (model.name.clone(), Self::build_model(model)))
+                .collect(),
         })
     }
 
-    fn parse_sidecar(raw: RawSidecar) -> Result<SidecarConfig, ConfigError> {
-        if raw.cluster.is_empty() {
-            return Err(ConfigError::EmptySidecarCluster);
+    fn check_sidecar(sidecar: &RawSidecar, fail: &mut impl FnMut(String, Problem)) {
+        if sidecar.cluster.is_empty() {
+            fail("sidecar.cluster".into(), Problem::Empty);
         }
-        if raw.stale_after_ms == 0 {
-            return Err(ConfigError::ZeroStaleAfter);
+        if sidecar.http_cluster.as_deref() == Some("") {
+            fail("sidecar.http_cluster".into(), Problem::Empty);
         }
-        if raw.http_cluster.as_deref() == Some("") {
-            return Err(ConfigError::EmptySidecarCluster);
+        if sidecar.tokenize_timeout_ms == 0 {
+            fail("sidecar.tokenize_timeout_ms".into(), Problem::Zero);
         }
-        if raw.tokenize_timeout_ms == 0 {
-            return Err(ConfigError::ZeroTokenizeTimeout);
+        if sidecar.stale_after_ms == 0 {
+            fail("sidecar.stale_after_ms".into(), Problem::Zero);
         }
-        Ok(SidecarConfig {
-            cluster: raw.cluster,
-            http_cluster: raw.http_cluster,
-            tokenize_timeout: std::time::Duration::from_millis(raw.tokenize_timeout_ms),
-            stale_after_ms: raw.stale_after_ms,
-            max_index_entries: raw.max_index_entries,
-        })
+        if let Some(e) = check_index_entries("sidecar.max_index_entries", sidecar.max_index_entries)
+        {
+            fail(e.field, e.problem);
+        }
     }
 
-    fn parse_model(index: usize, raw: RawModel) -> Result<ModelConfig, ConfigError> {
-        if raw.name.is_empty() {
-            return Err(ConfigError::EmptyModelName { index });
+    /// The filter's own fields of one model: clusters and addresses.
+    fn check_pools(at: &str, model: &RawModel, fail: &mut impl FnMut(String, Problem)) {
+        check_addresses(&format!("{at}.endpoints"), &model.local.endpoints, fail);
+        if model
+            .local
+            .cluster
+            .as_deref()
+            .is_some_and(|c| !is_cluster_name(c))
+        {
+            fail(format!("{at}.cluster"), Problem::ClusterName);
         }
-        let block_size = BlockSize::new(raw.block_size)
-            .map_err(|source| ConfigError::BlockSize { index, source })?;
-        if let Some((endpoint, value)) = first_bad_address(&raw.endpoints) {
-            return Err(ConfigError::Endpoint {
-                index,
-                endpoint,
-                value: value.to_owned(),
-            });
+        let Some(prefill) = model.disaggregation.as_ref().map(|d| &d.local) else {
+            return;
+        };
+        if !is_cluster_name(&prefill.prefill_cluster) {
+            fail(
+                format!("{at}.disaggregation.prefill_cluster"),
+                Problem::ClusterName,
+            );
         }
-        if raw.cluster.as_deref().is_some_and(|c| !is_cluster_name(c)) {
-            return Err(ConfigError::Cluster { index });
+        if prefill.timeout_ms == 0 {
+            fail(format!("{at}.disaggregation.timeout_ms"), Problem::Zero);
         }
-        let disaggregation = raw
-            .disaggregation
-            .map(|d| Self::parse_disaggregation(index, d))
-            .transpose()?
-            .filter(|d| d.routing.policy != PrefillPolicy::Never);
-        let valid = |x: f64| x.is_finite() && x >= 0.0;
-        if !valid(raw.overlap_weight) {
-            return Err(ConfigError::OverlapWeight { index });
-        }
-        if !valid(raw.temperature) {
-            return Err(ConfigError::Temperature { index });
-        }
-        let hasher = BlockHasher::new(block_size, HashSeed::for_model(&raw.name, None));
-        Ok(ModelConfig {
-            name: raw.name,
-            hasher,
+        check_addresses(
+            &format!("{at}.disaggregation.prefill_endpoints"),
+            &prefill.prefill_endpoints,
+            fail,
+        );
+    }
+
+    /// A validated model in the form routing reads.
+    fn build_model(raw: RawModel) -> ModelConfig {
+        // Validated by `validate_models`; the default is never taken.
+        let block_size = BlockSize::new(raw.block_size).unwrap_or_default();
+        let disaggregation = raw.remote_prefill().map(|d| Disaggregation {
+            routing: PrefillRouting {
+                policy: d.policy,
+                endpoints: d.local.prefill_endpoints.clone(),
+                min_prefill_tokens: d.min_prefill_tokens,
+                max_prefill_queue_tokens: d.max_prefill_queue_tokens,
+            },
+            protocol: d.local.protocol,
+            prefill_cluster: d.local.prefill_cluster.clone(),
+            timeout: std::time::Duration::from_millis(d.local.timeout_ms),
+            bootstrap_port: d.local.bootstrap_port,
+        });
+        ModelConfig {
+            hasher: BlockHasher::new(block_size, HashSeed::for_model(&raw.name, None)),
             routing: ModelRouting {
                 block_size,
-                weights: CostWeights {
-                    overlap_weight: raw.overlap_weight,
-                    temperature: raw.temperature,
-                },
-                endpoints: raw.endpoints,
+                weights: raw.weights(),
+                endpoints: raw.local.endpoints,
             },
-            cluster: raw.cluster,
             disaggregation,
-        })
-    }
-
-    fn parse_disaggregation(
-        index: usize,
-        raw: RawDisaggregation,
-    ) -> Result<Disaggregation, ConfigError> {
-        if !is_cluster_name(&raw.prefill_cluster) {
-            return Err(ConfigError::PrefillCluster { index });
+            name: raw.shared.name,
+            cluster: raw.local.cluster,
         }
-        if raw.timeout_ms == 0 {
-            return Err(ConfigError::PrefillTimeout { index });
-        }
-        if let Some((endpoint, value)) = first_bad_address(&raw.prefill_endpoints) {
-            return Err(ConfigError::PrefillEndpoint {
-                index,
-                endpoint,
-                value: value.to_owned(),
-            });
-        }
-        Ok(Disaggregation {
-            routing: PrefillRouting {
-                policy: raw.policy,
-                endpoints: raw.prefill_endpoints,
-                min_prefill_tokens: raw.min_prefill_tokens,
-                max_prefill_queue_tokens: raw.max_prefill_queue_tokens,
-            },
-            protocol: raw.protocol,
-            prefill_cluster: raw.prefill_cluster,
-            timeout: std::time::Duration::from_millis(raw.timeout_ms),
-            bootstrap_port: raw.bootstrap_port,
-        })
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
@@ -418,18 +350,23 @@ fn is_cluster_name(name: &str) -> bool {
     !name.is_empty() && name.is_ascii()
 }
 
-/// The first entry that is not an `ip:port` address, with its position.
-fn first_bad_address(addresses: &[String]) -> Option<(usize, &str)> {
-    addresses
-        .iter()
-        .enumerate()
-        .find(|(_, a)| a.parse::<SocketAddr>().is_err())
-        .map(|(i, a)| (i, a.as_str()))
+/// Every entry of `field` that is not an `ip:port` address.
+fn check_addresses(field: &str, addresses: &[String], fail: &mut impl FnMut(String, Problem)) {
+    for (i, address) in addresses.iter().enumerate() {
+        if address.parse::<SocketAddr>().is_err() {
+            fail(
+                format!("{field}[{i}]"),
+                Problem::NotAnAddress(address.clone()),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use router_core::routing::disagg::PrefillPolicy;
+    use router_core::routing::select::CostWeights;
 
     #[test]
     fn parses_with_defaults() {
@@ -518,6 +455,10 @@ mod tests {
                 "sidecar.stale_after_ms",
             ),
             (
+                r#"{"sidecar":{"cluster":"c","max_index_entries":16000001},"models":[{"name":"m"}]}"#,
+                "sidecar.max_index_entries",
+            ),
+            (
                 r#"{"models":[{"name":"m","overlap_weight":-1}]}"#,
                 "models[0].overlap_weight",
             ),
@@ -560,5 +501,24 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let err = PluginConfig::parse(
+            br#"{"max_body_bytes":0,"models":[{"name":"m","block_size":0,"cluster":"",
+                 "disaggregation":{"policy":"auto","prefill_cluster":"p","timeout_ms":0}}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err.lines().collect::<Vec<_>>(),
+            [
+                "models[0].block_size: must be at least 1",
+                "max_body_bytes: must be between 1 and 16777216, got 0",
+                "models[0].cluster: must be a non-empty ASCII cluster name",
+                "models[0].disaggregation.timeout_ms: must be at least 1",
+            ]
+        );
     }
 }

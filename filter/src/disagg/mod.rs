@@ -5,27 +5,7 @@
 
 pub mod body;
 
-use serde::Deserialize;
+/// Which engine family's handshake the pools speak: the configuration's
+/// engine kind.
+pub use kvmesh_config::EngineKind as Protocol;
 
-/// Which engine family's handshake the pools speak.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Prefill leg first; its `kv_transfer_params` go into the decode leg.
-    #[default]
-    Vllm,
-    /// Both legs at once, meeting at the prefill engine's bootstrap server.
-    Sglang,
-    /// Context leg first; its `disaggregated_params` go into generation.
-    Trtllm,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Vllm => "vllm",
-            Protocol::Sglang => "sglang",
-            Protocol::Trtllm => "trtllm",
-        }
-    }
-}

@@ -1,18 +1,8 @@
 //! Whether a request's prompt is prefilled on the prefill pool.
 
-use serde::Deserialize;
-
-/// When a model's requests are prefilled remotely.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PrefillPolicy {
-    #[default]
-    Never,
-    Always,
-    /// Only when the decode worker would compute enough of the prompt itself
-    /// and a prefill worker has room.
-    Auto,
-}
+/// When a model's requests are prefilled remotely: the configuration's
+/// disaggregation policy.
+pub use kvmesh_config::DisaggregationPolicy as PrefillPolicy;
 
 /// A model's prefill pool, as routing sees it.
 #[derive(Debug, Clone, PartialEq)]
