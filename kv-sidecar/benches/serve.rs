@@ -123,7 +123,7 @@ fn state_task(c: &mut Criterion) {
     let config = Config::parse(
         "nats: {url: 'nats://127.0.0.1:4222'}\n\
          listen: {http: '127.0.0.1:1', grpc: '127.0.0.1:2'}\n\
-         models: [{name: m, block_size: 16, backend: vllm, decode_cluster: d}]\n",
+         models: [{name: m, block_size: 16}]\n",
         "bench",
     )
     .expect("bench config");

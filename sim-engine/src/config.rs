@@ -4,19 +4,14 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use kvmesh_config::BlockSize;
 
 use crate::faults::FaultSettings;
 use crate::timing::TimingModel;
 
-/// How KV events are encoded inside a batch (docs/relay.md#input-formats-srcdecode).
-/// A worker's part in disaggregated serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    Prefill,
-    Decode,
-    Both,
-}
+pub use kvmesh_config::Role;
 
+/// How KV events are encoded inside a batch (docs/relay.md#input-formats-srcdecode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EventFormat {
     /// Each event a msgpack array `[tag, field, ...]` (vLLM ≤ 0.23, SGLang).
@@ -49,8 +44,8 @@ pub struct Config {
     pub worker_id: String,
 
     /// Tokens per KV block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: u32,
+    #[arg(long, default_value_t = BlockSize::VLLM_DEFAULT)]
+    pub block_size: BlockSize,
     /// KV blocks on the simulated GPU (default ≈ an 8B model on an 80 GB H100).
     #[arg(long, default_value_t = 30_000)]
     pub num_gpu_blocks: usize,
@@ -118,7 +113,6 @@ pub struct Config {
 impl Config {
     /// Checks the combinations clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.block_size >= 1, "--block-size must be at least 1");
         anyhow::ensure!(
             self.num_gpu_blocks >= 1,
             "--num-gpu-blocks must be at least 1"

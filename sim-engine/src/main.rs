@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
-use router_core::{BlockHasher, BlockSize, HashSeed};
+use router_core::{BlockHasher, HashSeed};
 
 use crate::api::kv_transfer::{TransferSettings, Transfers};
 use crate::api::{AppState, ServedModel};
@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => ChatTemplate::for_tokenizer(path)?,
         None => ChatTemplate::fallback()?,
     };
-    let block_size = BlockSize::new(config.block_size).context("--block-size")?;
+    let block_size = config.block_size;
     let kvmesh_hasher = BlockHasher::new(block_size, HashSeed::for_model(&config.model, None));
     let cache = KvCache::new(
         config.num_gpu_blocks,
@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
                     replay_endpoint: config.kv_events_replay_endpoint.clone(),
                     topic: config.kv_events_topic.clone(),
                     format: config.kv_events_format,
-                    block_size: config.block_size,
+                    block_size: block_size.get(),
                     replay_capacity: config.kv_events_replay_buffer,
                 },
                 Arc::clone(&faults),
@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
             name: config.model.clone(),
             max_model_len: config.max_model_len,
             default_max_tokens: config.default_max_tokens,
-            block_size: config.block_size as usize,
+            block_size: block_size.as_usize(),
             num_gpu_blocks: config.num_gpu_blocks,
             role: config.role,
         },
@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
         model = %config.model,
         worker_id = %config.worker_id,
         blocks = config.num_gpu_blocks,
-        block_size = config.block_size,
+        block_size = block_size.get(),
         speedup = config.speedup,
         "sim-engine listening"
     );

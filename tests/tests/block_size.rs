@@ -64,7 +64,7 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
     let engine = &stack.workers[0].sim;
     let metrics = format!("{}/metrics", engine.url());
     let _wrong = Relay::start(&RelayOptions {
-        engine: "vllm".into(),
+        engine: kvmesh_config::EngineKind::Vllm,
         nats_url: stack.nats.url(),
         worker_id: "wrong-block-size".into(),
         model: MODEL.into(),

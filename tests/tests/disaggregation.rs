@@ -8,6 +8,7 @@
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use kvmesh_config::{DisaggregationPolicy, EngineKind, Role};
 use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum};
 use kvmesh_stack::harness::envoy::Disaggregation;
 use kvmesh_stack::harness::sim::SimEngineOptions;
@@ -28,17 +29,17 @@ impl Pools {
     /// One decode and one prefill sim speaking `protocol` (the prefill one
     /// with `extra_prefill_args`); the filter's prefill pool lists the
     /// prefill sim, or a dead port.
-    fn start(protocol: &str, dead_prefill: bool, extra_prefill_args: &[&str]) -> Self {
+    fn start(protocol: EngineKind, dead_prefill: bool, extra_prefill_args: &[&str]) -> Self {
         let bootstrap_port = free_port();
         let (mut prefill_args, decode_args): (Vec<String>, Vec<String>) = match protocol {
-            "sglang" => (
+            EngineKind::Sglang => (
                 vec![
                     "--role".into(),
-                    "prefill".into(),
+                    Role::Prefill.to_string(),
                     "--disaggregation-bootstrap-port".into(),
                     bootstrap_port.to_string(),
                 ],
-                vec!["--role".into(), "decode".into()],
+                vec!["--role".into(), Role::Decode.to_string()],
             ),
             _ => (Vec::new(), Vec::new()),
         };
@@ -53,7 +54,11 @@ impl Pools {
             prefill.address()
         };
         let mut route = ModelRoute::new(MODEL, 16, vec![decode.address()]);
-        let mut disaggregation = Disaggregation::new("always", protocol, vec![prefill_endpoint]);
+        let mut disaggregation = Disaggregation::new(
+            DisaggregationPolicy::Always,
+            protocol,
+            vec![prefill_endpoint],
+        );
         disaggregation.timeout_ms = Some(5_000);
         disaggregation.bootstrap_port = Some(bootstrap_port);
         route.disaggregation = Some(disaggregation);
@@ -112,7 +117,7 @@ fn prompt_tokens_served(sim: &SimEngine) -> f64 {
 
 #[test]
 fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
-    for protocol in ["vllm", "sglang", "trtllm"] {
+    for &protocol in EngineKind::ALL {
         let pools = Pools::start(protocol, true, &[]);
         pools.complete(false);
         pools.complete(true);
@@ -128,7 +133,7 @@ fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
 
 #[test]
 fn every_protocol_prefills_remotely_and_the_decode_engine_computes_none_of_it() {
-    for protocol in ["vllm", "sglang", "trtllm"] {
+    for &protocol in EngineKind::ALL {
         let pools = Pools::start(protocol, false, &[]);
         let answer = pools.complete(false).unwrap();
         // The decode engine found the whole prompt cached but its last block
@@ -170,7 +175,11 @@ fn every_protocol_prefills_remotely_and_the_decode_engine_computes_none_of_it() 
 #[test]
 fn expired_prefilled_kv_means_local_prefill_on_the_decode_engine() {
     // The prefill engine lets go of its KV before the decode engine asks.
-    let pools = Pools::start("vllm", false, &["--kv-transfer-timeout-secs", "0.000001"]);
+    let pools = Pools::start(
+        EngineKind::Vllm,
+        false,
+        &["--kv-transfer-timeout-secs", "0.000001"],
+    );
     let answer = pools.complete(false).unwrap();
     assert_eq!(answer["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     assert_eq!(

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use kvmesh_config::EngineKind;
 use kvmesh_stack::harness::engine_publisher::{
     Capabilities, EnginePublisher, EngineRelease, HashStyle,
 };
@@ -270,7 +271,7 @@ impl Bench {
     /// (a PUB socket drops what it sends before then).
     fn relay(&self, release: &EngineRelease, engine: &EnginePublisher, worker: &str) -> Relay {
         let relay = Relay::start(&RelayOptions {
-            engine: release.engine.into(),
+            engine: release.engine,
             nats_url: self.nats.url(),
             worker_id: worker.into(),
             model: MODEL.into(),
@@ -453,7 +454,7 @@ fn conform(release: EngineRelease, seed: u64) {
     );
 }
 
-fn release(engine: &'static str, version: &'static str, hash_style: HashStyle) -> EngineRelease {
+fn release(engine: EngineKind, version: &'static str, hash_style: HashStyle) -> EngineRelease {
     EngineRelease {
         engine,
         version,
@@ -464,53 +465,65 @@ fn release(engine: &'static str, version: &'static str, hash_style: HashStyle) -
 /// vLLM 0.9: array events, Python `hash()` block hashes (signed), no medium.
 #[test]
 fn vllm_0_9_array_events_with_signed_hashes() {
-    conform(release("vllm", "0.9.2", HashStyle::Signed), 9);
+    conform(release(EngineKind::Vllm, "0.9.2", HashStyle::Signed), 9);
 }
 
 /// vLLM 0.23: the last release with array events (extra_keys, group_idx).
 #[test]
 fn vllm_0_23_last_array_release() {
-    conform(release("vllm", "0.23.0", HashStyle::Unsigned), 23);
+    conform(release(EngineKind::Vllm, "0.23.0", HashStyle::Unsigned), 23);
 }
 
 /// vLLM 0.24: the first release with map events.
 #[test]
 fn vllm_0_24_first_map_release() {
-    conform(release("vllm", "0.24.0", HashStyle::Bytes), 24);
+    conform(release(EngineKind::Vllm, "0.24.0", HashStyle::Bytes), 24);
 }
 
 /// vLLM 0.26: replay replies gain a topic frame.
 #[test]
 fn vllm_0_26_replay_with_topic_frame() {
-    conform(release("vllm", "0.26.0", HashStyle::Unsigned), 26);
+    conform(release(EngineKind::Vllm, "0.26.0", HashStyle::Unsigned), 26);
 }
 
 /// The newest vLLM release downloaded by scripts/setup.
 #[test]
 fn vllm_newest() {
-    conform(release("vllm", "0.33.0", HashStyle::Bytes), 33);
+    conform(release(EngineKind::Vllm, "0.33.0", HashStyle::Bytes), 33);
 }
 
 /// SGLang 0.4: array events without a medium, signed hashes.
 #[test]
 fn sglang_0_4_array_events() {
-    conform(release("sglang", "0.4.10.post2", HashStyle::Signed), 4);
+    conform(
+        release(EngineKind::Sglang, "0.4.10.post2", HashStyle::Signed),
+        4,
+    );
 }
 
 /// SGLang 0.5.19: salted stores append a `{"cache_salt"}` map.
 #[test]
 fn sglang_0_5_19_salted_array_stores() {
-    conform(release("sglang", "0.5.19", HashStyle::Signed), 519);
+    conform(
+        release(EngineKind::Sglang, "0.5.19", HashStyle::Signed),
+        519,
+    );
 }
 
 /// SGLang 0.5.21: map events with `cache_salt`.
 #[test]
 fn sglang_0_5_21_map_events() {
-    conform(release("sglang", "0.5.21", HashStyle::Signed), 521);
+    conform(
+        release(EngineKind::Sglang, "0.5.21", HashStyle::Signed),
+        521,
+    );
 }
 
 /// The newest SGLang release downloaded by scripts/setup (4-frame replay).
 #[test]
 fn sglang_newest() {
-    conform(release("sglang", "0.5.23", HashStyle::Signed), 523);
+    conform(
+        release(EngineKind::Sglang, "0.5.23", HashStyle::Signed),
+        523,
+    );
 }

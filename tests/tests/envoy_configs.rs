@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kvmesh_config::{DisaggregationPolicy, EngineKind};
 use kvmesh_stack::harness::envoy::{
     validate_config, Disaggregation, FallbackBalancing, GatewayLimits, ENVOY_WORKER_THREADS,
     INFERENCE_PATHS,
@@ -171,8 +172,8 @@ fn envoy_accepts_every_gateway_variant() {
     round_robin.fallback = FallbackBalancing::RoundRobin;
     let mut disaggregated = with_sidecar.clone();
     disaggregated.models[0].disaggregation = Some(Disaggregation::new(
-        "auto",
-        "vllm",
+        DisaggregationPolicy::Auto,
+        EngineKind::Vllm,
         vec!["127.0.0.1:18201".to_owned()],
     ));
     let dir = tempfile::tempdir().unwrap();

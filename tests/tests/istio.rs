@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kvmesh_config::{DisaggregationPolicy, EngineKind};
 use kvmesh_stack::harness::client::{http_client, post_json};
 use kvmesh_stack::harness::envoy::{validate_config, PREFILL_POOL};
 use kvmesh_stack::harness::istio::{apply_envoy_filter, outbound_cluster};
@@ -192,7 +193,7 @@ fn token_prompt(prefix: u32, length: u32, tail: u32) -> Value {
 fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache() {
     let mut options = StackOptions::new(MODEL, 2).unwrap();
     options.prefill_workers = 1;
-    options.disaggregation = ("auto".to_owned(), "vllm".to_owned());
+    options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);
     let stack = Stack::start(options, |_| {}).unwrap();
     let (gateway, merged) = istio_gateway_config(&stack);
 

@@ -268,7 +268,7 @@ fn garbage_on_the_zmq_socket_is_counted_and_skipped() {
     let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
     let (mut engine, port) = FakeEngine::bind();
     let relay = Relay::start(&RelayOptions {
-        engine: "sglang".into(),
+        engine: kvmesh_config::EngineKind::Sglang,
         nats_url: nats.url(),
         worker_id: "w-g".into(),
         model: MODEL.into(),
@@ -408,7 +408,7 @@ fn trtllm_partial_blocks_tier_moves_hex_hashes_and_one_reset() {
     let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
     let engine = FakeTrtllm::start();
     let relay = Relay::start(&RelayOptions {
-        engine: "trtllm".into(),
+        engine: kvmesh_config::EngineKind::Trtllm,
         nats_url: nats.url(),
         worker_id: "w-t".into(),
         model: MODEL.into(),

@@ -284,7 +284,7 @@ fn check_config_reports_one_clear_error_per_problem() {
     let nats = format!("nats: {{url: 'nats://127.0.0.1:{nats_port}'}}");
     let good = format!(
         "{nats}\nlisten: {{http: '127.0.0.1:{http_port}', grpc: '127.0.0.1:{grpc_port}'}}\n\
-         models:\n  - {{name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}}\n"
+         models:\n  - {{name: m, block_size: 16, temperature: 0}}\n"
     );
     let with_auth = format!(
         "nats: {{url: 'nats://127.0.0.1:{nats_port}', auth: {{token: t, user: u, password: p}}}}"
@@ -293,15 +293,51 @@ fn check_config_reports_one_clear_error_per_problem() {
     assert!(ok, "{out}");
     assert_eq!(out.trim(), "OK");
     let cases = [
-        (good.replace("block_size: 16", "block_size: 5000"), "models[0].block_size: must be between 1 and 4096"),
-        (good.replace("backend: vllm", "backend: tgi"), "unknown variant `tgi`"),
-        (good.replace("decode_cluster:", "decode_clusterz:"), "unknown field `decode_clusterz`"),
-        (good.replace("nats://", "http://"), "nats.url: must start with nats://"),
-        (good.replace(&grpc_port.to_string(), &http_port.to_string()), "listen.grpc: must differ from listen.http"),
-        (good.replace("decode_pool}", "decode_pool, routing: {temperature: -1}}"), "models[0].routing.temperature: must be a finite number >= 0"),
-        (good.replace("decode_pool}", "decode_pool, tokenizer: /nonexistent/tokenizer.json}"), "models[0].tokenizer: file does not exist"),
-        (good.replace("models:\n  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}\n", "models: []\n"), "models: must list at least one model"),
-        (good.replace(&nats, &with_auth), "nats.auth: set exactly one of"),
+        (
+            good.replace("block_size: 16", "block_size: 5000"),
+            "models[0].block_size: 5000 exceeds the maximum of 4096",
+        ),
+        (
+            good.replace(
+                "temperature: 0}",
+                "temperature: 0, disaggregation: {policy: sometimes}}",
+            ),
+            "unknown variant `sometimes`",
+        ),
+        (
+            good.replace("temperature:", "temperatur:"),
+            "unknown field `temperatur`",
+        ),
+        (
+            good.replace("nats://", "http://"),
+            "nats.url: must start with nats://",
+        ),
+        (
+            good.replace(&grpc_port.to_string(), &http_port.to_string()),
+            "listen.grpc: must differ from listen.http",
+        ),
+        (
+            good.replace("temperature: 0}", "temperature: -1}"),
+            "models[0].temperature: must be a finite number >= 0",
+        ),
+        (
+            good.replace(
+                "temperature: 0}",
+                "temperature: 0, tokenizer: /nonexistent/tokenizer.json}",
+            ),
+            "models[0].tokenizer: file does not exist",
+        ),
+        (
+            good.replace(
+                "models:\n  - {name: m, block_size: 16, temperature: 0}\n",
+                "models: []\n",
+            ),
+            "models: must list at least one model",
+        ),
+        (
+            good.replace(&nats, &with_auth),
+            "nats.auth: set exactly one of",
+        ),
     ];
     for (yaml, expected) in cases {
         let (ok, out) = check_config(&yaml).unwrap();

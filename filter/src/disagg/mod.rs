@@ -8,4 +8,3 @@ pub mod body;
 /// Which engine family's handshake the pools speak: the configuration's
 /// engine kind.
 pub use kvmesh_config::EngineKind as Protocol;
-

@@ -4,47 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
-use router_core::protocol::{EngineKind, WorkerRole};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Engine {
-    Vllm,
-    Sglang,
-    Trtllm,
-}
-
-impl Engine {
-    pub fn kind(self) -> EngineKind {
-        match self {
-            Engine::Vllm => EngineKind::Vllm,
-            Engine::Sglang => EngineKind::Sglang,
-            Engine::Trtllm => EngineKind::Trtllm,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    Prefill,
-    Decode,
-    Both,
-}
-
-impl Role {
-    pub fn wire(self) -> WorkerRole {
-        match self {
-            Role::Prefill => WorkerRole::Prefill,
-            Role::Decode => WorkerRole::Decode,
-            Role::Both => WorkerRole::Both,
-        }
-    }
-}
+use clap::Args;
+use kvmesh_config::{BlockSize, EngineKind, Role};
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
     #[arg(long, value_enum, env = "KVMESH_ENGINE")]
-    pub engine: Engine,
+    pub engine: EngineKind,
     /// vLLM/SGLang ZMQ PUB endpoint of KV events, e.g. `tcp://127.0.0.1:5557`.
     #[arg(long, env = "KVMESH_ZMQ_ENDPOINT")]
     pub zmq_endpoint: Option<String>,
@@ -75,8 +41,8 @@ pub struct RelayArgs {
     #[arg(long, env = "KVMESH_MODEL")]
     pub model: String,
     /// KV block size; must equal the engine's, blocks of another size are refused.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: u32,
+    #[arg(long, default_value_t = BlockSize::VLLM_DEFAULT)]
+    pub block_size: BlockSize,
     /// Non-GPU media whose blocks are indexed too (e.g. `CPU`); GPU always is.
     #[arg(long = "index-medium")]
     pub index_media: Vec<String>,

@@ -9,24 +9,24 @@ use prost::Message;
 use router_core::protocol::WorkerLoad;
 use tokio::sync::Notify;
 
-use crate::relay::args::Engine;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
+use kvmesh_config::EngineKind;
 
 /// Metric names per engine: running, waiting, KV usage (0..1). vLLM renamed
 /// its usage gauge; the older name is a fallback.
-fn names(engine: Engine) -> (&'static str, &'static str, &'static [&'static str]) {
+fn names(engine: EngineKind) -> (&'static str, &'static str, &'static [&'static str]) {
     match engine {
-        Engine::Vllm => (
+        EngineKind::Vllm => (
             "vllm:num_requests_running",
             "vllm:num_requests_waiting",
             &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
         ),
-        Engine::Sglang => (
+        EngineKind::Sglang => (
             "sglang:num_running_reqs",
             "sglang:num_queue_reqs",
             &["sglang:token_usage"],
         ),
-        Engine::Trtllm => (
+        EngineKind::Trtllm => (
             "trtllm_num_requests_running",
             "trtllm_num_requests_waiting",
             &["trtllm_kv_cache_utilization"],
@@ -45,7 +45,7 @@ pub struct Load {
 /// series that differ only in labels (one engine may report per-rank series).
 /// `None` when none of the metrics is present: that is a misconfiguration,
 /// not an idle engine.
-pub fn parse(engine: Engine, text: &str) -> Option<Load> {
+pub fn parse(engine: EngineKind, text: &str) -> Option<Load> {
     let (running_name, waiting_name, usage_names) = names(engine);
     let (mut running, mut waiting) = (None::<f64>, None::<f64>);
     let mut usage: Vec<Option<f64>> = vec![None; usage_names.len()];
@@ -97,7 +97,7 @@ fn sample(line: &str) -> Option<(&str, f64)> {
 const UNREACHABLE_AFTER: u32 = 2;
 
 pub struct LoadReporter {
-    pub engine: Engine,
+    pub engine: EngineKind,
     pub url: String,
     pub interval: Duration,
     pub subject: String,
@@ -196,7 +196,7 @@ mod tests {
             vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25 1700000000\n\
             vllm:prefix_cache_hits_total{model_name=\"m\"} 10\n";
         assert_eq!(
-            parse(Engine::Vllm, text),
+            parse(EngineKind::Vllm, text),
             Some(Load {
                 running: 3,
                 waiting: 2,
@@ -209,7 +209,7 @@ mod tests {
     fn sglang_and_trtllm_and_missing() {
         let sglang = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 4\nsglang:token_usage 0.5\n";
         assert_eq!(
-            parse(Engine::Sglang, sglang),
+            parse(EngineKind::Sglang, sglang),
             Some(Load {
                 running: 1,
                 waiting: 4,
@@ -217,8 +217,8 @@ mod tests {
             })
         );
         let trt = "trtllm_num_requests_running 2\ntrtllm_num_requests_waiting 0\ntrtllm_kv_cache_utilization 0.9\n";
-        assert_eq!(parse(Engine::Trtllm, trt).map(|l| l.running), Some(2));
-        assert_eq!(parse(Engine::Vllm, sglang), None);
+        assert_eq!(parse(EngineKind::Trtllm, trt).map(|l| l.running), Some(2));
+        assert_eq!(parse(EngineKind::Vllm, sglang), None);
         // Label values may contain braces and spaces.
         assert_eq!(
             sample("vllm:num_requests_running{model_name=\"a} b\"} 7"),

@@ -21,14 +21,14 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use kvmesh_config::EngineKind;
 use prometheus_client::registry::Registry;
-use router_core::protocol::{subjects, WorkerInfo};
-use router_core::BlockSize;
+use router_core::protocol::{self, subjects, WorkerInfo, WorkerRole};
 use tokio::sync::{mpsc, Notify};
 
 use crate::decode::vllm::Dialect;
 use crate::normalize::{MediaPolicy, Normalizer};
-use args::{Engine, RelayArgs};
+use args::RelayArgs;
 use metrics::RelayMetrics;
 use pipeline::Pipeline;
 
@@ -40,7 +40,7 @@ const SOURCE_QUEUE: usize = 1024;
 const OUTBOX_QUEUE: usize = 4096;
 
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
-    let block_size = BlockSize::new(args.block_size).context("--block-size")?;
+    let block_size = args.block_size;
     let prefix = args.subject_prefix.trim_end_matches('.').to_owned();
     anyhow::ensure!(!prefix.is_empty(), "--subject-prefix must not be empty");
     let epoch = SystemTime::now()
@@ -96,8 +96,8 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 worker_id: args.worker_id.clone(),
                 model: args.model.clone(),
                 address: args.address.to_string(),
-                role: args.role.wire() as i32,
-                engine: args.engine.kind() as i32,
+                role: WorkerRole::from(args.role) as i32,
+                engine: protocol::EngineKind::from(args.engine) as i32,
                 block_size: block_size.get(),
                 epoch,
                 last_seq: 0,
@@ -135,7 +135,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         );
     }
     match args.engine {
-        Engine::Vllm | Engine::Sglang => {
+        EngineKind::Vllm | EngineKind::Sglang => {
             let endpoint = args
                 .zmq_endpoint
                 .clone()
@@ -145,7 +145,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                     endpoint,
                     replay_endpoint: args.zmq_replay_endpoint.clone(),
                     topic: args.zmq_topic.clone(),
-                    dialect: if args.engine == Engine::Sglang {
+                    dialect: if args.engine == EngineKind::Sglang {
                         Dialect::Sglang
                     } else {
                         Dialect::Vllm
@@ -156,7 +156,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 .run(),
             );
         }
-        Engine::Trtllm => {
+        EngineKind::Trtllm => {
             let url = args
                 .trtllm_url
                 .clone()
@@ -165,7 +165,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 engine_trtllm::TrtllmSource {
                     url,
                     interval: args.trtllm_poll_interval,
-                    block_size: args.block_size,
+                    block_size: block_size.get(),
                     metrics: metrics.clone(),
                     tx: source_tx,
                 }

@@ -1,18 +1,22 @@
-//! `kvmesh.yaml`: what `kv-sidecar serve` connects to, listens on and routes.
-//! Unknown keys are errors (a typo must not silently fall back to a default),
-//! and every validation problem names its field, e.g.
-//! `models[0].block_size: must be between 1 and 4096`.
+//! `kvmesh.yaml`: what `kv-sidecar serve` connects to, listens on and routes
+//! (docs/configuration.md#sidecar-yaml). Its models are `kvmesh_config::ModelSpec`,
+//! the filter's per-model fields, plus the tokenizer files. Unknown keys are
+//! errors (a typo must not silently fall back to a default), and every
+//! validation problem names its field, e.g.
+//! `models[0].block_size: must be at least 1`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use kvmesh_config::{
+    check_index_entries, validate_models, FieldError, Invalid, ModelSpec, Problem, WithLocal,
+    DEFAULT_MAX_INDEX_ENTRIES,
+};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::nats_options::server_addrs;
-
-pub const MAX_BLOCK_SIZE: u32 = 4096;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,10 +79,7 @@ impl NatsAuth {
                     Err(e) => format!("cannot read {}: {e}", path.display()),
                 }
             };
-            errors.push(FieldError {
-                field: field.to_owned(),
-                problem,
-            });
+            errors.push(FieldError::new(field, Problem::Other(problem)));
         }
     }
 }
@@ -126,7 +127,7 @@ impl Default for StateConfig {
             // Relays heartbeat every second: tolerate one lost heartbeat and
             // still remove a dead worker within 3 s.
             worker_timeout_ms: 2500,
-            max_index_entries: 20_000_000,
+            max_index_entries: DEFAULT_MAX_INDEX_ENTRIES,
             max_workers: 4096,
             max_inflight_requests: 100_000,
             inflight_ttl_ms: 600_000,
@@ -155,89 +156,23 @@ impl Default for TokenizeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A model: the spec the filter shares, plus what tokenizes its prompts.
+pub type ModelConfig = WithLocal<ModelSpec, ModelFiles>;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub name: String,
+pub struct ModelFiles {
     /// `tokenizer.json`; without it the model has no tokenization service.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
     /// A `tokenizer_config.json`-shaped file whose `chat_template` replaces
     /// the one beside `tokenizer`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<PathBuf>,
-    pub block_size: u32,
-    pub backend: Backend,
-    pub decode_cluster: String,
-    #[serde(default)]
-    pub prefill_cluster: Option<String>,
-    #[serde(default)]
-    pub routing: RoutingConfig,
-    #[serde(default)]
-    pub disaggregation: DisaggregationConfig,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Vllm,
-    Sglang,
-    Trtllm,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoutingConfig {
-    pub overlap_weight: f64,
-    pub temperature: f64,
-}
-
-impl Default for RoutingConfig {
-    fn default() -> Self {
-        let weights = router_core::routing::select::CostWeights::default();
-        Self {
-            overlap_weight: weights.overlap_weight,
-            temperature: weights.temperature,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DisaggregationPolicy {
-    Never,
-    Always,
-    /// Prefill remotely when the uncached prompt exceeds `threshold_tokens`.
-    Auto,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DisaggregationConfig {
-    pub policy: DisaggregationPolicy,
-    #[serde(default)]
-    pub threshold_tokens: Option<u32>,
-}
-
-impl Default for DisaggregationConfig {
-    fn default() -> Self {
-        Self {
-            policy: DisaggregationPolicy::Never,
-            threshold_tokens: None,
-        }
-    }
 }
 
 fn default_prefix() -> String {
     "kvmesh".to_owned()
-}
-
-/// One problem with one field.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{field}: {problem}")]
-pub struct FieldError {
-    pub field: String,
-    pub problem: String,
 }
 
 #[derive(Debug, Error)]
@@ -249,16 +184,8 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{}", join_lines(.0))]
-    Invalid(Vec<FieldError>),
-}
-
-fn join_lines(errors: &[FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
 }
 
 impl Config {
@@ -282,11 +209,7 @@ impl Config {
             auth.read_secret_files(&mut errors);
         }
         errors.extend(config.validate());
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(errors))
-        }
+        Ok(Invalid::check(config, errors)?)
     }
 
     pub fn http_addr(&self) -> Result<SocketAddr, FieldError> {
@@ -299,12 +222,13 @@ impl Config {
 
     /// Every problem, not just the first: fixing a config should take one round.
     pub fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
+        let mut errors = validate_models(self.models.iter().map(|m| &m.shared));
+        errors.extend(check_index_entries(
+            "state.max_index_entries",
+            self.state.max_index_entries,
+        ));
         let mut fail = |field: &str, problem: &str| {
-            errors.push(FieldError {
-                field: field.to_owned(),
-                problem: problem.to_owned(),
-            })
+            errors.push(FieldError::new(field, Problem::Other(problem.to_owned())))
         };
         let schemes = ["nats://", "tls://", "ws://", "wss://"];
         let urls: Vec<&str> = self.nats.url.split(',').map(str::trim).collect();
@@ -366,7 +290,7 @@ impl Config {
         }
         for result in [self.http_addr(), self.grpc_addr()] {
             if let Err(e) = result {
-                fail(&e.field, &e.problem);
+                fail(&e.field, &e.problem.to_string());
             }
         }
         if self.listen.http == self.listen.grpc {
@@ -375,7 +299,6 @@ impl Config {
         let state = &self.state;
         for (field, value) in [
             ("state.worker_timeout_ms", state.worker_timeout_ms as usize),
-            ("state.max_index_entries", state.max_index_entries),
             ("state.max_workers", state.max_workers),
             ("state.max_inflight_requests", state.max_inflight_requests),
             ("state.inflight_ttl_ms", state.inflight_ttl_ms as usize),
@@ -392,76 +315,32 @@ impl Config {
         if self.tokenize.max_body_bytes == 0 {
             fail("tokenize.max_body_bytes", "must be greater than 0");
         }
-        if self.models.is_empty() {
-            fail("models", "must list at least one model");
-        }
-        let mut names = HashSet::new();
-        let mut subject_tokens = HashSet::new();
+        let mut subject_tokens = HashMap::new();
         for (i, model) in self.models.iter().enumerate() {
             let at = |field: &str| format!("models[{i}].{field}");
-            if model.name.is_empty() {
-                fail(&at("name"), "must not be empty");
-            } else if !names.insert(model.name.as_str()) {
-                fail(&at("name"), "is listed twice");
-            } else if !subject_tokens.insert(router_core::protocol::subjects::token(&model.name)) {
+            let token = router_core::protocol::subjects::token(&model.name);
+            // A name listed twice is reported as such by `validate_models`.
+            if subject_tokens
+                .insert(token, model.name.as_str())
+                .is_some_and(|other| other != model.name)
+            {
                 fail(
                     &at("name"),
                     "maps to the same NATS subject token as another model",
                 );
             }
-            if !(1..=MAX_BLOCK_SIZE).contains(&model.block_size) {
-                fail(&at("block_size"), "must be between 1 and 4096");
-            }
-            if let Some(tokenizer) = &model.tokenizer {
+            if let Some(tokenizer) = &model.local.tokenizer {
                 if !tokenizer.is_file() {
                     fail(&at("tokenizer"), "file does not exist");
                 }
             }
-            if let Some(template) = &model.chat_template {
-                if model.tokenizer.is_none() {
+            if let Some(template) = &model.local.chat_template {
+                if model.local.tokenizer.is_none() {
                     fail(&at("chat_template"), "needs models[].tokenizer");
                 }
                 if !template.is_file() {
                     fail(&at("chat_template"), "file does not exist");
                 }
-            }
-            if model.decode_cluster.is_empty() {
-                fail(&at("decode_cluster"), "must not be empty");
-            }
-            if model.prefill_cluster.as_deref() == Some("") {
-                fail(&at("prefill_cluster"), "must not be empty when set");
-            }
-            let routing = model.routing;
-            if !(routing.overlap_weight.is_finite() && routing.overlap_weight >= 0.0) {
-                fail(
-                    &at("routing.overlap_weight"),
-                    "must be a finite number >= 0",
-                );
-            }
-            if !(routing.temperature.is_finite() && routing.temperature >= 0.0) {
-                fail(&at("routing.temperature"), "must be a finite number >= 0");
-            }
-            let disagg = model.disaggregation;
-            if disagg.policy != DisaggregationPolicy::Never && model.prefill_cluster.is_none() {
-                fail(
-                    &at("disaggregation.policy"),
-                    "needs models[].prefill_cluster unless it is 'never'",
-                );
-            }
-            match (disagg.policy, disagg.threshold_tokens) {
-                (DisaggregationPolicy::Auto, None) => fail(
-                    &at("disaggregation.threshold_tokens"),
-                    "is required when policy is 'auto'",
-                ),
-                (DisaggregationPolicy::Auto, Some(0)) => fail(
-                    &at("disaggregation.threshold_tokens"),
-                    "must be greater than 0",
-                ),
-                (DisaggregationPolicy::Never | DisaggregationPolicy::Always, Some(_)) => fail(
-                    &at("disaggregation.threshold_tokens"),
-                    "only applies when policy is 'auto'",
-                ),
-                _ => {}
             }
         }
         errors
@@ -469,10 +348,9 @@ impl Config {
 }
 
 fn parse_addr(field: &str, value: &str) -> Result<SocketAddr, FieldError> {
-    value.parse().map_err(|_| FieldError {
-        field: field.to_owned(),
-        problem: format!("'{value}' is not an ip:port socket address"),
-    })
+    value
+        .parse()
+        .map_err(|_| FieldError::new(field, Problem::NotAnAddress(value.to_owned())))
 }
 
 #[cfg(test)]
@@ -483,7 +361,7 @@ mod tests {
 nats: {url: 'nats://127.0.0.1:4222'}
 listen: {http: '127.0.0.1:9100', grpc: '127.0.0.1:9101'}
 models:
-  - {name: m, block_size: 16, backend: vllm, decode_cluster: decode_pool}
+  - {name: m, block_size: 16, tokenizer: null}
 ";
 
     fn errors(text: &str) -> String {
@@ -498,39 +376,73 @@ models:
         let config = Config::parse(MINIMAL, "x").unwrap();
         assert_eq!(config.nats.subject_prefix, "kvmesh");
         assert_eq!(config.state.worker_timeout_ms, 2500);
-        assert_eq!(
-            config.models[0].routing.overlap_weight,
-            router_core::routing::select::CostWeights::DEFAULT_OVERLAP_WEIGHT
-        );
-        assert_eq!(
-            config.models[0].disaggregation.policy,
-            DisaggregationPolicy::Never
-        );
+        assert_eq!(config.state.max_index_entries, DEFAULT_MAX_INDEX_ENTRIES);
+        assert_eq!(config.models[0].shared, ModelSpec::new("m"));
+        assert_eq!(config.models[0].local, ModelFiles::default());
     }
 
     #[test]
     fn each_problem_names_its_field() {
         assert_eq!(
             errors(&MINIMAL.replace("block_size: 16", "block_size: 0")),
-            "models[0].block_size: must be between 1 and 4096"
+            "models[0].block_size: must be at least 1"
         );
-        assert!(errors(&MINIMAL.replace("backend: vllm", "backend: vlm")).contains("vlm"));
-        assert!(
-            errors(&MINIMAL.replace("decode_cluster:", "decode_clustr:"))
-                .contains("unknown field `decode_clustr`")
-        );
+        for (from, to, expected) in [
+            ("block_size: 16", "backend: vllm", "unknown field `backend`"),
+            ("tokenizer:", "tokenizr:", "unknown field `tokenizr`"),
+            (
+                "tokenizer: null",
+                "disaggregation: {policy: auto, threshold_tokens: 1024}",
+                "unknown field `threshold_tokens`",
+            ),
+            (
+                "tokenizer: null",
+                "disaggregation: {policy: sometimes}",
+                "unknown variant `sometimes`",
+            ),
+        ] {
+            let err = errors(&MINIMAL.replace(from, to));
+            assert!(err.contains(expected), "{to}: {err}");
+        }
         assert_eq!(
             errors(&MINIMAL.replace("9101", "x")),
-            "listen.grpc: '127.0.0.1:x' is not an ip:port socket address"
+            "listen.grpc: '127.0.0.1:x' is not an ip:port address"
         );
+        // Every problem at once, shared fields first.
         assert_eq!(
-            errors(&MINIMAL.replace(
-                "decode_pool}",
-                "decode_pool, disaggregation: {policy: auto}}"
-            )),
-            "models[0].disaggregation.policy: needs models[].prefill_cluster unless it is 'never'\n\
-             models[0].disaggregation.threshold_tokens: is required when policy is 'auto'"
+            errors(
+                &MINIMAL
+                    .replace(
+                        "tokenizer: null",
+                        "overlap_weight: -1, tokenizer: /nonexistent"
+                    )
+                    .replace("listen:", "state: {max_index_entries: 0}\nlisten:")
+            ),
+            "models[0].overlap_weight: must be a finite number >= 0\n\
+             state.max_index_entries: must be between 1 and 16000000, got 0\n\
+             models[0].tokenizer: file does not exist"
         );
+    }
+
+    #[test]
+    fn models_read_the_filters_per_model_fields() {
+        let config = Config::parse(
+            &MINIMAL.replace(
+                "tokenizer: null",
+                "overlap_weight: 2, temperature: 0.5, disaggregation: {policy: auto, min_prefill_tokens: 512}",
+            ),
+            "x",
+        )
+        .unwrap();
+        let model = &config.models[0];
+        assert_eq!((model.overlap_weight, model.temperature), (2.0, 0.5));
+        let disaggregation = model.remote_prefill().unwrap();
+        assert_eq!(
+            disaggregation.policy,
+            kvmesh_config::DisaggregationPolicy::Auto
+        );
+        assert_eq!(disaggregation.min_prefill_tokens, 512);
+        assert_eq!(disaggregation.max_prefill_queue_tokens, 262_144);
     }
 
     #[test]

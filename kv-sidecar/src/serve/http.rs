@@ -120,9 +120,9 @@ async fn models(State(http): State<HttpState>) -> Json<Value> {
         all.push(json!({
             "name": model,
             "block_size": config.block_size,
-            "backend": format!("{:?}", config.backend).to_lowercase(),
-            "decode_cluster": config.decode_cluster,
-            "prefill_cluster": config.prefill_cluster,
+            "overlap_weight": config.overlap_weight,
+            "temperature": config.temperature,
+            "disaggregation": config.disaggregation,
             "tokenizer": http.tokenizers.contains_key(&model),
             "version": fleet.version(),
             "workers": guard.registry.worker_infos().len(),

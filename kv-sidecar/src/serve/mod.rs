@@ -122,10 +122,10 @@ pub fn check_config(args: &ConfigArgs) -> Result<(), config::ConfigError> {
 async fn load_tokenizers(config: &Config) -> anyhow::Result<HashMap<String, Arc<ModelTokenizer>>> {
     let mut tokenizers = HashMap::new();
     for (i, model) in config.models.iter().enumerate() {
-        let Some(path) = model.tokenizer.clone() else {
+        let Some(path) = model.local.tokenizer.clone() else {
             continue;
         };
-        let (name, template) = (model.name.clone(), model.chat_template.clone());
+        let (name, template) = (model.name.clone(), model.local.chat_template.clone());
         let (block_size, entries) = (model.block_size, config.tokenize.cache_entries);
         // Loading takes ~0.4 s of CPU per tokenizer.
         let tokenizer = tokio::task::spawn_blocking(move || {

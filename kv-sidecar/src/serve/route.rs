@@ -10,11 +10,12 @@ use std::num::NonZeroUsize;
 
 use axum::http::StatusCode;
 use router_core::request::{parse_request, Endpoint};
+use router_core::routing::disagg::PrefillRouting;
 use router_core::routing::learned::LearnedTable;
 use router_core::routing::prompt::{is_tokenizable, PromptIdentity};
 use router_core::routing::score::{KvCost, Scorer};
-use router_core::routing::select::{CostWeights, PromptShape};
-use router_core::routing::{plan, LocalState, Mode, ModelRouting, RoutedPrompt, Signals};
+use router_core::routing::select::PromptShape;
+use router_core::routing::{plan, Decision, LocalState, Mode, ModelRouting, RoutedPrompt, Signals};
 use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};
 use serde_json::{json, Value};
 
@@ -27,14 +28,18 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
         .or_else(|_| parse_request(Endpoint::Completions, body, http.max_body_bytes))
         .map_err(|e| bad_request(e.to_string()))?;
     let model = request.model.clone();
-    let (block_size, weights) = match http.state.lock(&model) {
-        Some(guard) => (
-            guard.registry.config().block_size,
-            CostWeights {
-                overlap_weight: guard.registry.config().routing.overlap_weight,
-                temperature: guard.registry.config().routing.temperature,
-            },
-        ),
+    // The model spec the gateway's filter reads too, so the plan is the same.
+    let (block_size, weights, prefill) = match http.state.lock(&model) {
+        Some(guard) => {
+            let spec = guard.registry.config();
+            let prefill = spec.remote_prefill().map(|d| PrefillRouting {
+                policy: d.policy,
+                endpoints: Vec::new(),
+                min_prefill_tokens: d.min_prefill_tokens,
+                max_prefill_queue_tokens: d.max_prefill_queue_tokens,
+            });
+            (spec.block_size, spec.weights(), prefill)
+        }
         None => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -77,7 +82,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
         exact: exact.as_deref(),
         keys: &identity.keys,
     };
-    let plan = plan(&routing, None, prompt, signals, &mut local);
+    let plan = plan(&routing, prefill.as_ref(), prompt, signals, &mut local);
     let shape = PromptShape {
         blocks: plan.decode.prompt_blocks,
         block_size: block_size.get(),
@@ -101,19 +106,22 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
         workers.sort_by(|a, b| a["worker_id"].as_str().cmp(&b["worker_id"].as_str()));
     }
     let decode = &plan.decode;
-    let choice = decode.address.as_ref().map(|address| {
-        json!({
-            "worker_id": decode.worker_id,
-            "address": address,
-            "cached_blocks": decode.cached_blocks,
+    let chosen = |decision: &Decision| {
+        decision.address.as_ref().map(|address| {
+            json!({
+                "worker_id": decision.worker_id,
+                "address": address,
+                "cached_blocks": decision.cached_blocks,
+            })
         })
-    });
+    };
     Ok(json!({
         "model": model,
         "mode": plan.mode().as_str(),
         "prompt_blocks": decode.prompt_blocks,
         "block_hashes": exact.unwrap_or_default().iter().map(|h| h.0).collect::<Vec<_>>(),
         "workers": workers,
-        "choice": choice,
+        "choice": chosen(decode),
+        "prefill": plan.prefill.as_ref().and_then(chosen),
     }))
 }

@@ -352,12 +352,11 @@ fn fan_out(subscriber: &Subscriber, index: usize, update: &StateUpdate) -> bool 
     }
 }
 
-/// Role names for the HTTP API.
+/// Role names for the HTTP API: the configuration's (`--role`), or
+/// `unspecified` for a relay that predates roles.
 pub fn role_name(role: i32) -> &'static str {
-    match WorkerRole::try_from(role).unwrap_or(WorkerRole::Unspecified) {
-        WorkerRole::Unspecified => "unspecified",
-        WorkerRole::Prefill => "prefill",
-        WorkerRole::Decode => "decode",
-        WorkerRole::Both => "both",
-    }
+    WorkerRole::try_from(role)
+        .ok()
+        .and_then(|wire| kvmesh_config::Role::try_from(wire).ok())
+        .map_or("unspecified", kvmesh_config::Role::as_str)
 }

@@ -13,10 +13,11 @@ use kvmesh_stack::fleet_bench::mooncake::MooncakeReplay;
 use kvmesh_stack::fleet_bench::policy::Policy;
 use kvmesh_stack::fleet_bench::prompts::PromptBlocker;
 use kvmesh_stack::fleet_bench::report::{self, RunContext};
-use kvmesh_stack::fleet_bench::run::{run_policy, BenchEngine, FleetParams};
+use kvmesh_stack::fleet_bench::run::{run_policy, FleetParams};
 use kvmesh_stack::fleet_bench::summary::Summary;
 use kvmesh_stack::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
 use kvmesh_stack::harness::paths;
+use kvmesh_stack::harness::stack::WorkerEngine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum WorkloadKind {
@@ -122,9 +123,9 @@ fn run_workload(
 }
 
 fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
-    if fleet.engine == BenchEngine::Vllm {
-        let block_size = BenchEngine::Vllm.block_size();
-        let tokens = workload.cache_blocks * BenchEngine::Sim.block_size();
+    if fleet.engine == WorkerEngine::Vllm {
+        let block_size = WorkerEngine::Vllm.block_size();
+        let tokens = workload.cache_blocks * WorkerEngine::Sim.block_size();
         return format!(
             "{} real vLLM 0.32 CPU engines (tiny random-weight Qwen3: 2 layers, hidden 128), {} KV blocks of {block_size} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server, all on one shared 2-core machine; every policy on a fresh fleet",
             fleet.workers,
@@ -143,7 +144,7 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
             format!(" with {}", workload.sim_args.join(" "))
         },
         workload.cache_blocks,
-        BenchEngine::Sim.block_size(),
+        WorkerEngine::Sim.block_size(),
         fleet.speedup(workload),
         if fleet.sim_args.is_empty() {
             String::new()

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use kvmesh_config::{DisaggregationPolicy, EngineKind};
 use kvmesh_stack::harness::load::stream_timed;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::stats::quantile;
@@ -36,9 +37,9 @@ struct Args {
     /// Simulated time runs this many times faster than real time.
     #[arg(long, default_value_t = 4.0)]
     speedup: f64,
-    /// `vllm`, `sglang` (one prefill worker only) or `trtllm`.
-    #[arg(long, default_value = "vllm")]
-    protocol: String,
+    /// The handshake (`sglang`: one prefill worker only).
+    #[arg(long, value_enum, default_value_t = EngineKind::Vllm)]
+    protocol: EngineKind,
 }
 
 async fn run_load(
@@ -101,7 +102,7 @@ fn main() -> anyhow::Result<()> {
             "65536".to_owned(),
         ];
         options.prefill_workers = prefill_workers;
-        options.disaggregation = ("always".to_owned(), args.protocol.clone());
+        options.disaggregation = (DisaggregationPolicy::Always, args.protocol);
         let stack =
             Stack::start(options, |_| {}).with_context(|| format!("starting the {name} fleet"))?;
         let (mut ttft, mut gaps, errors) =

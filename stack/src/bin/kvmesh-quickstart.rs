@@ -12,36 +12,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use kvmesh_config::{DisaggregationPolicy, EngineKind};
 use kvmesh_stack::harness::free_port;
-use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::stack::{Stack, StackOptions, WorkerEngine};
 use kvmesh_stack::harness::supervisor::Supervisor;
 use signal_hook::consts::{SIGINT, SIGTERM};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum EngineKind {
-    /// sim-engine: simulated GPUs with a timing model.
-    Sim,
-    /// Real vLLM on CPU serving a tiny random-weight Qwen3
-    /// (`scripts/setup --with-vllm`).
-    Vllm,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum DisaggProtocol {
-    Vllm,
-    Sglang,
-    Trtllm,
-}
-
-impl DisaggProtocol {
-    fn name(self) -> &'static str {
-        match self {
-            DisaggProtocol::Vllm => "vllm",
-            DisaggProtocol::Sglang => "sglang",
-            DisaggProtocol::Trtllm => "trtllm",
-        }
-    }
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,8 +24,8 @@ impl DisaggProtocol {
 )]
 struct Args {
     /// What the workers run.
-    #[arg(long, value_enum, default_value_t = EngineKind::Sim)]
-    engine: EngineKind,
+    #[arg(long, value_enum, default_value_t = WorkerEngine::Sim)]
+    engine: WorkerEngine,
     /// Number of (decode) workers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
@@ -59,8 +34,8 @@ struct Args {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
     prefill_workers: u16,
     /// The prefill/decode handshake the workers speak.
-    #[arg(long, value_enum, default_value_t = DisaggProtocol::Vllm)]
-    disagg_protocol: DisaggProtocol,
+    #[arg(long, value_enum, default_value_t = EngineKind::Vllm)]
+    disagg_protocol: EngineKind,
     /// Gateway port on 127.0.0.1 (default: a free port).
     #[arg(long)]
     gateway_port: Option<u16>,
@@ -90,22 +65,17 @@ fn main() -> anyhow::Result<()> {
         .context("installing signal handlers")?;
 
     let workers = usize::from(args.workers);
-    let mut options = match args.engine {
-        EngineKind::Sim => StackOptions::new(&args.model, workers)?,
-        EngineKind::Vllm => {
-            anyhow::ensure!(
-                args.prefill_workers == 0,
-                "--prefill-workers needs --engine sim"
-            );
-            StackOptions::vllm(&args.model, workers)?
-        }
-    };
+    anyhow::ensure!(
+        args.engine == WorkerEngine::Sim || args.prefill_workers == 0,
+        "--prefill-workers needs --engine sim"
+    );
+    let mut options = StackOptions::for_engine(args.engine, &args.model, workers)?;
     if let Some(block_size) = args.block_size {
         options.block_size = block_size;
     }
     options.sim_args = vec!["--speedup".to_owned(), args.speedup.to_string()];
     options.prefill_workers = usize::from(args.prefill_workers);
-    options.disaggregation = ("auto".to_owned(), args.disagg_protocol.name().to_owned());
+    options.disaggregation = (DisaggregationPolicy::Auto, args.disagg_protocol);
     if let Some(tokenizer) = args.tokenizer.clone() {
         options.tokenizer = tokenizer;
     }

@@ -13,27 +13,8 @@ use crate::fleet_bench::policy::Policy;
 use crate::fleet_bench::workload::{Conversation, Prompt, Workload};
 use crate::harness::client::prometheus_sum;
 use crate::harness::load::{stream_timed, Streamed};
-use crate::harness::stack::{Stack, StackOptions};
-
-/// What the fleet's workers run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchEngine {
-    /// sim-engine with the 8B-on-H100 timing model.
-    Sim,
-    /// Real CPU vLLM serving a tiny random-weight Qwen3 (`scripts/setup
-    /// --with-vllm`): real caching and scheduling, CPU timings.
-    Vllm,
-}
-
-impl BenchEngine {
-    /// Tokens per KV block: vLLM's CPU backend wants a multiple of 32.
-    pub fn block_size(self) -> u32 {
-        match self {
-            Self::Sim => 16,
-            Self::Vllm => 32,
-        }
-    }
-}
+use crate::harness::stack::{Stack, StackOptions, WorkerEngine};
+use kvmesh_config::{DisaggregationPolicy, EngineKind};
 
 /// Longest a single request may take, real time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -42,8 +23,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetParams {
     /// What the workers run.
-    #[arg(long, value_enum, default_value_t = BenchEngine::Sim)]
-    pub engine: BenchEngine,
+    #[arg(long, value_enum, default_value_t = WorkerEngine::Sim)]
+    pub engine: WorkerEngine,
     /// Simulated GPUs (prefill plus decode for `precise-disagg`).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -137,8 +118,8 @@ pub fn run_policy(
     );
     let decode_workers = fleet.workers - prefill_workers;
     let mut options = match fleet.engine {
-        BenchEngine::Sim => StackOptions::new(&fleet.model, decode_workers)?,
-        BenchEngine::Vllm => {
+        WorkerEngine::Sim => StackOptions::new(&fleet.model, decode_workers)?,
+        WorkerEngine::Vllm => {
             anyhow::ensure!(
                 prefill_workers == 0,
                 "precise-disagg needs --engine sim (the CPU vLLM has no KV transfer)"
@@ -148,7 +129,7 @@ pub fn run_policy(
                 // The same KV memory in tokens as the sim fleet the workload
                 // was sized for, in vLLM's larger blocks.
                 let tokens =
-                    u64::from(workload.cache_blocks) * u64::from(BenchEngine::Sim.block_size());
+                    u64::from(workload.cache_blocks) * u64::from(WorkerEngine::Sim.block_size());
                 vllm.cache_blocks = tokens / u64::from(options.block_size);
                 // vLLM refuses a context longer than its cache, whose first
                 // block it keeps as the null block.
@@ -162,7 +143,7 @@ pub fn run_policy(
     };
     options.sim_args = fleet.sim_args(workload);
     options.prefill_workers = prefill_workers;
-    options.disaggregation = ("auto".to_owned(), "vllm".to_owned());
+    options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);
     let stack = Stack::start(options, |config| {
         policy.configure(config);
         config.worker_threads = fleet.gateway_threads;

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{ChildStdin, ChildStdout, Command};
 
 use anyhow::Context;
+use kvmesh_config::EngineKind;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -35,8 +36,8 @@ impl HashStyle {
 /// One engine release under test.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineRelease {
-    /// `vllm` or `sglang`: the PyPI distribution and the relay's `--engine`.
-    pub engine: &'static str,
+    /// vLLM or SGLang: the PyPI distribution and the relay's `--engine`.
+    pub engine: EngineKind,
     pub version: &'static str,
     pub hash_style: HashStyle,
 }
@@ -108,7 +109,7 @@ impl EnginePublisher {
         pub_port: u16,
         replay_port: u16,
     ) -> anyhow::Result<(ManagedProcess, ChildStdin, BufReader<ChildStdout>)> {
-        let wheel = paths::engine_wheel(release.engine, release.version)?;
+        let wheel = paths::engine_wheel(release.engine.as_str(), release.version)?;
         let script = paths::repo_root()
             .join("tests")
             .join("conformance")
@@ -118,7 +119,7 @@ impl EnginePublisher {
             .arg(script)
             .arg("--wheel")
             .arg(&wheel)
-            .args(["--engine", release.engine])
+            .args(["--engine", release.engine.as_str()])
             .args(["--pub-port", &pub_port.to_string()])
             .args(["--replay-port", &replay_port.to_string()])
             .args(["--hash-style", release.hash_style.flag()]);

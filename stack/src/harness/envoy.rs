@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use kvmesh_config::{DisaggregationPolicy, EngineKind};
 use serde::Serialize;
 
 use crate::harness::{free_port, paths, process, readiness, ManagedProcess};
@@ -45,10 +46,8 @@ pub struct ModelRoute {
 /// become the `prefill_cluster` pool.
 #[derive(Debug, Clone, Serialize)]
 pub struct Disaggregation {
-    /// `never`, `always` or `auto`.
-    pub policy: String,
-    /// `vllm`, `sglang` or `trtllm`.
-    pub protocol: String,
+    pub policy: DisaggregationPolicy,
+    pub protocol: EngineKind,
     pub prefill_cluster: String,
     pub prefill_endpoints: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,10 +61,14 @@ pub struct Disaggregation {
 impl Disaggregation {
     /// `policy` remote prefill with `protocol` on `prefill_endpoints`, in the
     /// `prefill_pool` cluster.
-    pub fn new(policy: &str, protocol: &str, prefill_endpoints: Vec<String>) -> Self {
+    pub fn new(
+        policy: DisaggregationPolicy,
+        protocol: EngineKind,
+        prefill_endpoints: Vec<String>,
+    ) -> Self {
         Self {
-            policy: policy.to_owned(),
-            protocol: protocol.to_owned(),
+            policy,
+            protocol,
             prefill_cluster: PREFILL_POOL.to_owned(),
             prefill_endpoints,
             min_prefill_tokens: None,

@@ -2,6 +2,8 @@
 //! publishing vLLM KV events, and the `kv-sidecar relay` beside it forwarding
 //! them (and the engine's load) to NATS.
 
+use kvmesh_config::{EngineKind, Role};
+
 use crate::harness::relay::{Relay, RelayOptions};
 use crate::harness::sim::SimEngineOptions;
 use crate::harness::{free_port, SimEngine};
@@ -18,16 +20,16 @@ impl KvWorker {
         options: SimEngineOptions,
         block_size: u32,
     ) -> anyhow::Result<Self> {
-        Self::start_as(nats_url, options, block_size, "both")
+        Self::start_as(nats_url, options, block_size, Role::Both)
     }
 
     /// As [`start`](Self::start), for a worker of a disaggregated fleet:
-    /// `role` is `prefill`, `decode` or `both`, for the engine and the relay.
+    /// `role` is the engine's and the relay's.
     pub fn start_as(
         nats_url: &str,
         options: SimEngineOptions,
         block_size: u32,
-        role: &str,
+        role: Role,
     ) -> anyhow::Result<Self> {
         let (events, replay) = (free_port(), free_port());
         let model = options.model.clone();
@@ -40,11 +42,11 @@ impl KvWorker {
             "--block-size".to_owned(),
             block_size.to_string(),
             "--role".to_owned(),
-            role.to_owned(),
+            role.to_string(),
         ]);
         let sim = SimEngine::start(options)?;
         let relay = Relay::start(&RelayOptions {
-            engine: "vllm".into(),
+            engine: EngineKind::Vllm,
             nats_url: nats_url.to_owned(),
             worker_id,
             model,
@@ -57,7 +59,7 @@ impl KvWorker {
                 "--load-interval".into(),
                 "200ms".into(),
                 "--role".into(),
-                role.into(),
+                role.to_string(),
             ],
         })?;
         Ok(Self { sim, relay })

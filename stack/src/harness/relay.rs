@@ -3,12 +3,14 @@
 use std::process::Command;
 use std::time::Duration;
 
+use kvmesh_config::EngineKind;
+
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
 /// How to start one relay.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
-    pub engine: String,
+    pub engine: EngineKind,
     pub nats_url: String,
     pub worker_id: String,
     pub model: String,
@@ -51,7 +53,7 @@ impl Relay {
         command.env("RUST_LOG", "info").args([
             "relay",
             "--engine",
-            &options.engine,
+            options.engine.as_str(),
             "--nats-url",
             &options.nats_url,
             "--worker-id",

@@ -7,18 +7,35 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use kv_sidecar::serve::config::{ModelConfig, ModelFiles};
 use kv_sidecar::serve::stream::StateStreamClient;
+use kvmesh_config::ModelSpec;
 use router_core::gateway::GatewayReport;
 use router_core::state_stream::{state_update, StateUpdate};
 
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
-/// One model of the generated config.
+/// One model of the generated config; the rest of its spec is the default.
 #[derive(Debug, Clone)]
 pub struct SidecarModel {
     pub name: String,
     pub block_size: u32,
     pub tokenizer: Option<PathBuf>,
+}
+
+impl SidecarModel {
+    fn config(&self) -> ModelConfig {
+        ModelConfig {
+            shared: ModelSpec {
+                block_size: self.block_size,
+                ..ModelSpec::new(&self.name)
+            },
+            local: ModelFiles {
+                tokenizer: self.tokenizer.clone(),
+                chat_template: None,
+            },
+        }
+    }
 }
 
 pub struct Sidecar {
@@ -47,16 +64,10 @@ impl Sidecar {
                 yaml.push_str(&format!("  {line}\n"));
             }
         }
-        yaml.push_str("models:\n");
-        for model in models {
-            yaml.push_str(&format!(
-                "  - name: '{}'\n    block_size: {}\n    backend: vllm\n    decode_cluster: decode_pool\n",
-                model.name, model.block_size
-            ));
-            if let Some(tokenizer) = &model.tokenizer {
-                yaml.push_str(&format!("    tokenizer: '{}'\n", tokenizer.display()));
-            }
-        }
+        let models: Vec<ModelConfig> = models.iter().map(SidecarModel::config).collect();
+        yaml.push_str(&serde_norway::to_string(&BTreeMap::from([(
+            "models", models,
+        )]))?);
         let config_dir = tempfile::tempdir()?;
         let config_path = config_dir.path().join("kvmesh.yaml");
         std::fs::write(&config_path, yaml)?;

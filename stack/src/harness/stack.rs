@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use kvmesh_config::{DisaggregationPolicy, EngineKind, Role};
 
 use crate::harness::envoy::Disaggregation;
 use crate::harness::fleet::KvWorker;
@@ -18,6 +19,26 @@ use crate::harness::{free_port, paths, Envoy, GatewayConfig, ModelRoute, NatsSer
 /// How long the sidecar may take to connect to NATS and load its state, and
 /// the filters to receive it.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a stack's workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerEngine {
+    /// sim-engine: simulated GPUs with a timing model.
+    Sim,
+    /// Real vLLM on CPU serving a tiny random-weight Qwen3 (`scripts/setup
+    /// --with-vllm`): real caching and scheduling, CPU timings.
+    Vllm,
+}
+
+impl WorkerEngine {
+    /// Tokens per KV block: vLLM's CPU backend wants a multiple of 32.
+    pub fn block_size(self) -> u32 {
+        match self {
+            Self::Sim => 16,
+            Self::Vllm => 32,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -31,8 +52,8 @@ pub struct StackOptions {
     /// Prefill-only workers; with any, the others decode only and the
     /// filter prefills remotely as `disaggregation` says.
     pub prefill_workers: usize,
-    /// `(policy, protocol)` of remote prefill, e.g. `("auto", "vllm")`.
-    pub disaggregation: (String, String),
+    /// `(policy, protocol)` of remote prefill.
+    pub disaggregation: (DisaggregationPolicy, EngineKind),
     /// `Some`: the workers are real vLLM engines (`scripts/setup
     /// --with-vllm`) instead of sim-engines, in [`Stack::vllm_workers`].
     pub vllm: Option<VllmFleet>,
@@ -66,22 +87,29 @@ impl StackOptions {
         Ok(Self {
             workers,
             model: model.to_owned(),
-            block_size: 16,
+            block_size: WorkerEngine::Sim.block_size(),
             tokenizer: paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
             sim_args: Vec::new(),
             prefill_workers: 0,
-            disaggregation: ("auto".to_owned(), "vllm".to_owned()),
+            disaggregation: (DisaggregationPolicy::Auto, EngineKind::Vllm),
             vllm: None,
         })
     }
 
-    /// `workers` real vLLM workers with 32-token blocks (vLLM's CPU backend
-    /// wants a multiple of 32).
+    /// `workers` real vLLM workers with their block size.
     pub fn vllm(model: &str, workers: usize) -> anyhow::Result<Self> {
         let mut options = Self::new(model, workers)?;
-        options.block_size = 32;
+        options.block_size = WorkerEngine::Vllm.block_size();
         options.vllm = Some(VllmFleet::default());
         Ok(options)
+    }
+
+    /// `workers` workers running `engine`.
+    pub fn for_engine(engine: WorkerEngine, model: &str, workers: usize) -> anyhow::Result<Self> {
+        match engine {
+            WorkerEngine::Sim => Self::new(model, workers),
+            WorkerEngine::Vllm => Self::vllm(model, workers),
+        }
     }
 }
 
@@ -108,14 +136,14 @@ impl Stack {
         configure: impl FnOnce(&mut GatewayConfig),
     ) -> anyhow::Result<Self> {
         let nats = NatsServer::start().context("starting nats-server")?;
-        let sglang = options.disaggregation.1 == "sglang";
+        let sglang = options.disaggregation.1 == EngineKind::Sglang;
         anyhow::ensure!(
             !(sglang && options.prefill_workers > 1),
             "SGLang-style disaggregation on one host supports one prefill worker: the filter names one bootstrap port per model"
         );
         let bootstrap_port = free_port();
         let disaggregated = options.prefill_workers > 0;
-        let start = |name: String, role: &str, extra: Vec<String>| {
+        let start = |name: String, role: Role, extra: Vec<String>| {
             let sim = SimEngineOptions::new(&options.model, &name)
                 .tokenizer(options.tokenizer.clone())
                 .args(options.sim_args.clone())
@@ -140,7 +168,11 @@ impl Stack {
         };
         let mut workers = Vec::with_capacity(sim_workers);
         for index in 0..sim_workers {
-            let role = if disaggregated { "decode" } else { "both" };
+            let role = if disaggregated {
+                Role::Decode
+            } else {
+                Role::Both
+            };
             workers.push(start(format!("worker-{index}"), role, Vec::new())?);
         }
         let mut prefill_workers = Vec::with_capacity(options.prefill_workers);
@@ -153,7 +185,7 @@ impl Stack {
             } else {
                 Vec::new()
             };
-            prefill_workers.push(start(format!("prefill-{index}"), "prefill", bootstrap)?);
+            prefill_workers.push(start(format!("prefill-{index}"), Role::Prefill, bootstrap)?);
         }
         let model = SidecarModel {
             name: options.model.clone(),
@@ -280,7 +312,7 @@ fn model_route(
 ) -> ModelRoute {
     let mut route = ModelRoute::new(&options.model, options.block_size, workers.to_vec());
     if !prefill_workers.is_empty() {
-        let (policy, protocol) = &options.disaggregation;
+        let (policy, protocol) = options.disaggregation;
         let mut disaggregation = Disaggregation::new(
             policy,
             protocol,

@@ -185,7 +185,7 @@ impl VllmWorker {
 /// A relay for `engine` hashing `block_size`-token blocks.
 pub fn relay_options(nats_url: &str, engine: &VllmEngine, block_size: u32) -> RelayOptions {
     RelayOptions {
-        engine: "vllm".into(),
+        engine: kvmesh_config::EngineKind::Vllm,
         nats_url: nats_url.to_owned(),
         worker_id: engine.options.worker_id.clone(),
         model: engine.options.model.clone(),

@@ -45,7 +45,7 @@ impl Harness {
         let yaml = format!(
             "nats: {{url: 'nats://127.0.0.1:4222'}}\n\
              listen: {{http: '127.0.0.1:1', grpc: '127.0.0.1:2'}}\n\
-             models: [{{name: {MODEL}, block_size: {BLOCK_SIZE}, backend: vllm, decode_cluster: d}}]\n"
+             models: [{{name: {MODEL}, block_size: {BLOCK_SIZE}}}]\n"
         );
         let config = Config::parse(&yaml, "test").expect("test config");
         let model = config.models[0].clone();
