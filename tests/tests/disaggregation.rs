@@ -11,7 +11,9 @@
 use kvmesh_config::{DisaggregationPolicy, EngineKind, Role};
 use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum};
 use kvmesh_stack::harness::envoy::Disaggregation;
+use kvmesh_stack::harness::fleet::KvWorker;
 use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::{free_port, Envoy, GatewayConfig, ModelRoute, SimEngine};
 use serde_json::{json, Value};
 
@@ -189,5 +191,31 @@ fn expired_prefilled_kv_means_local_prefill_on_the_decode_engine() {
     assert_eq!(
         metric(&pools.decode, "sim:kv_transfer_blocks_received_total"),
         0.0
+    );
+}
+
+/// The sidecar reads the filter's model spec, disaggregation included, so
+/// `/debug/route` plans the remote prefill as the gateway does.
+#[test]
+fn debug_route_plans_the_remote_prefill_of_the_model_spec() {
+    let always = DisaggregationPolicy::Always;
+    let options = StackOptions::disaggregated(MODEL, 1, 1, always, EngineKind::Vllm).unwrap();
+    let stack = Stack::start(options, |_| {}).unwrap();
+    let url = format!("{}/debug/route", stack.sidecar.http_url());
+    let body = json!({"model": MODEL, "prompt": (0..64).collect::<Vec<u32>>(), "max_tokens": 1});
+    let explained: Value = post_json(&http_client(), &url, &body)
+        .unwrap()
+        .json()
+        .unwrap();
+    let address = |worker: &KvWorker| Value::from(worker.sim.address());
+    assert_eq!(
+        explained["choice"]["address"],
+        address(&stack.workers[0]),
+        "{explained}"
+    );
+    assert_eq!(
+        explained["prefill"]["address"],
+        address(&stack.prefill_workers[0]),
+        "{explained}"
     );
 }

@@ -191,9 +191,9 @@ fn token_prompt(prefix: u32, length: u32, tail: u32) -> Value {
 
 #[test]
 fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache() {
-    let mut options = StackOptions::new(MODEL, 2).unwrap();
-    options.prefill_workers = 1;
-    options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);
+    let options =
+        StackOptions::disaggregated(MODEL, 2, 1, DisaggregationPolicy::Auto, EngineKind::Vllm)
+            .unwrap();
     let stack = Stack::start(options, |_| {}).unwrap();
     let (gateway, merged) = istio_gateway_config(&stack);
 

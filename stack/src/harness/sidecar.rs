@@ -24,7 +24,7 @@ pub struct SidecarModel {
 }
 
 impl SidecarModel {
-    fn config(&self) -> ModelConfig {
+    pub fn config(&self) -> ModelConfig {
         ModelConfig {
             shared: ModelSpec {
                 block_size: self.block_size,
@@ -54,6 +54,16 @@ impl Sidecar {
         models: &[SidecarModel],
         extra_state_yaml: &str,
     ) -> anyhow::Result<Self> {
+        let models: Vec<ModelConfig> = models.iter().map(SidecarModel::config).collect();
+        Self::start_with_specs(nats_url, &models, extra_state_yaml)
+    }
+
+    /// As [`start`](Self::start), with each model's whole spec.
+    pub fn start_with_specs(
+        nats_url: &str,
+        models: &[ModelConfig],
+        extra_state_yaml: &str,
+    ) -> anyhow::Result<Self> {
         let (http_port, grpc_port) = (free_port(), free_port());
         let mut yaml = format!(
             "nats:\n  url: '{nats_url}'\nlisten:\n  http: '127.0.0.1:{http_port}'\n  grpc: '127.0.0.1:{grpc_port}'\n"
@@ -64,7 +74,6 @@ impl Sidecar {
                 yaml.push_str(&format!("  {line}\n"));
             }
         }
-        let models: Vec<ModelConfig> = models.iter().map(SidecarModel::config).collect();
         yaml.push_str(&serde_norway::to_string(&BTreeMap::from([(
             "models", models,
         )]))?);

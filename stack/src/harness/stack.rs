@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kvmesh_config::{DisaggregationPolicy, EngineKind, Role};
+use kvmesh_config::{
+    DisaggregationPolicy, DisaggregationSpec, EngineKind, NoLocalFields, Role, WithLocal,
+};
 
 use crate::harness::envoy::Disaggregation;
 use crate::harness::fleet::KvWorker;
@@ -104,6 +106,22 @@ impl StackOptions {
         Ok(options)
     }
 
+    /// `decode` decode-only and `prefill` prefill-only sim workers; the
+    /// filter (and the sidecar's `/debug/route`) prefill remotely as
+    /// `policy` says, over `protocol`'s handshake.
+    pub fn disaggregated(
+        model: &str,
+        decode: usize,
+        prefill: usize,
+        policy: DisaggregationPolicy,
+        protocol: EngineKind,
+    ) -> anyhow::Result<Self> {
+        let mut options = Self::new(model, decode)?;
+        options.prefill_workers = prefill;
+        options.disaggregation = (policy, protocol);
+        Ok(options)
+    }
+
     /// `workers` workers running `engine`.
     pub fn for_engine(engine: WorkerEngine, model: &str, workers: usize) -> anyhow::Result<Self> {
         match engine {
@@ -187,13 +205,24 @@ impl Stack {
             };
             prefill_workers.push(start(format!("prefill-{index}"), Role::Prefill, bootstrap)?);
         }
-        let model = SidecarModel {
+        let mut model = SidecarModel {
             name: options.model.clone(),
             block_size: options.block_size,
             tokenizer: Some(options.tokenizer.clone()),
-        };
-        let mut sidecar =
-            Sidecar::start(&nats.url(), &[model], "").context("starting kv-sidecar serve")?;
+        }
+        .config();
+        // The filter's model spec, so /debug/route plans the remote prefill too.
+        if disaggregated {
+            model.disaggregation = Some(WithLocal {
+                shared: DisaggregationSpec {
+                    policy: options.disaggregation.0,
+                    ..DisaggregationSpec::default()
+                },
+                local: NoLocalFields {},
+            });
+        }
+        let mut sidecar = Sidecar::start_with_specs(&nats.url(), &[model], "")
+            .context("starting kv-sidecar serve")?;
         sidecar
             .wait_ready(READY_TIMEOUT)
             .context("waiting for kv-sidecar serve to be ready")?;
