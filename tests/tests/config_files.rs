@@ -18,7 +18,7 @@ use kvmesh_config::{DisaggregationPolicy, EngineKind, ModelSpec};
 use kvmesh_filter::config::PluginConfig;
 use kvmesh_stack::harness::envoy::Disaggregation;
 use kvmesh_stack::harness::{
-    paths, FallbackBalancing, GatewayConfig, GatewayLimits, ModelRoute, SidecarEndpoints,
+    free_port, paths, FallbackBalancing, GatewayConfig, GatewayLimits, ModelRoute, SidecarEndpoints,
 };
 use serde_json::Value;
 
@@ -182,29 +182,31 @@ fn every_filter_config_in_the_envoy_examples_is_valid() {
 
 #[test]
 fn the_envoy_template_renders_a_valid_filter_config() {
-    let mut decode_pool = ModelRoute::new("m", 32, vec!["127.0.0.1:8000".into()]);
+    // Only rendered, never bound; free ports keep the test hermetic anyway.
+    let address = || format!("127.0.0.1:{}", free_port());
+    let mut decode_pool = ModelRoute::new("m", 32, vec![address()]);
     decode_pool.overlap_weight = Some(2.0);
-    let mut disaggregated = ModelRoute::new("d", 16, vec!["127.0.0.1:8001".into()]);
+    let mut disaggregated = ModelRoute::new("d", 16, vec![address()]);
     disaggregated.cluster = Some("d_pool".into());
     let mut disaggregation = Disaggregation::new(
         DisaggregationPolicy::Auto,
         EngineKind::Sglang,
-        vec!["127.0.0.1:8002".into()],
+        vec![address()],
     );
     disaggregation.min_prefill_tokens = Some(512);
-    disaggregation.bootstrap_port = Some(8998);
+    disaggregation.bootstrap_port = Some(free_port());
     disaggregation.timeout_ms = Some(1000);
     disaggregated.disaggregation = Some(disaggregation);
     let gateway = GatewayConfig {
         listen_address: "127.0.0.1".into(),
-        gateway_port: 8080,
-        admin_port: 8081,
+        gateway_port: free_port(),
+        admin_port: free_port(),
         max_body_bytes: Some(1 << 20),
         models: vec![decode_pool, disaggregated],
         wasm_path: PathBuf::from("kvmesh_filter.wasm"),
         sidecar: Some(SidecarEndpoints {
-            grpc: "127.0.0.1:9101".into(),
-            http: "127.0.0.1:9100".into(),
+            grpc: address(),
+            http: address(),
         }),
         debug_headers: true,
         worker_threads: 2,

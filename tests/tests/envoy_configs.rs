@@ -15,7 +15,7 @@ use kvmesh_stack::harness::envoy::{
     validate_config, Disaggregation, FallbackBalancing, GatewayLimits, ENVOY_WORKER_THREADS,
     INFERENCE_PATHS,
 };
-use kvmesh_stack::harness::{paths, GatewayConfig, ModelRoute, SidecarEndpoints};
+use kvmesh_stack::harness::{free_port, paths, GatewayConfig, ModelRoute, SidecarEndpoints};
 use serde_json::{json, Value};
 
 /// Set to rewrite the committed examples from the templates.
@@ -44,7 +44,8 @@ const EXAMPLES: [(&str, Piece); 4] = [
 ];
 
 /// One model on two local workers, with the sidecar on its default
-/// listeners (`kv-sidecar serve`'s `listen`).
+/// listeners (`kv-sidecar serve`'s `listen`). These are the committed
+/// examples' own values; `envoy --mode validate` never binds them.
 fn example_config(wasm_path: &Path) -> GatewayConfig {
     let workers = vec!["127.0.0.1:8001".to_owned(), "127.0.0.1:8002".to_owned()];
     GatewayConfig {
@@ -159,12 +160,13 @@ fn bootstrap(piece: Piece, rendered: &str) -> Value {
 
 #[test]
 fn envoy_accepts_every_gateway_variant() {
-    let endpoints = vec!["127.0.0.1:18001".to_owned(), "127.0.0.1:18002".to_owned()];
+    let address = || format!("127.0.0.1:{}", free_port());
+    let endpoints = vec![address(), address()];
     let standalone = GatewayConfig::new(vec![ModelRoute::new("qwen3", 16, endpoints)]).unwrap();
     let mut with_sidecar = standalone.clone();
     with_sidecar.sidecar = Some(SidecarEndpoints {
-        grpc: "127.0.0.1:18100".to_owned(),
-        http: "127.0.0.1:18101".to_owned(),
+        grpc: address(),
+        http: address(),
     });
     let mut plain = standalone.clone();
     plain.filter = false;
@@ -174,7 +176,7 @@ fn envoy_accepts_every_gateway_variant() {
     disaggregated.models[0].disaggregation = Some(Disaggregation::new(
         DisaggregationPolicy::Auto,
         EngineKind::Vllm,
-        vec!["127.0.0.1:18201".to_owned()],
+        vec![address()],
     ));
     let dir = tempfile::tempdir().unwrap();
     let template = paths::envoy_config_dir().join("gateway.yaml.j2");
