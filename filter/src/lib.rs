@@ -11,7 +11,6 @@ pub mod disagg;
 mod host;
 mod metrics;
 pub mod orca;
-pub mod prompt_cache;
 pub mod replica;
 mod root;
 mod stream;

@@ -13,8 +13,8 @@ use router_core::routing::LocalState;
 use crate::config::ApproximateConfig;
 use crate::host::Host;
 use crate::metrics::WorkerCounters;
-use crate::prompt_cache::PromptCache;
 use crate::replica::FleetReplica;
+use router_core::routing::prompt_cache::PromptCache;
 
 pub type SharedVmState = Rc<RefCell<VmState>>;
 

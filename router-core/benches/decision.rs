@@ -1,8 +1,11 @@
-//! The whole routing decision of a token-id request as the filter makes it:
-//! hashing an 8k-token prompt, the learned-table keys, KV overlap over a fleet
-//! view with 1M (block, worker) entries, the cost function over 64 or 256
-//! workers, and recording the keys for approximate mode. Run natively and
-//! inside V8 (see docs/benchmarks.md for the commands).
+//! The whole routing decision as the filter makes it, over a fleet view with
+//! 1M (block, worker) entries and 4 to 256 workers, run natively and inside
+//! V8 (see docs/benchmarks.md for the commands):
+//! - an 8k-token token-id prompt: hashing, the learned-table keys, KV
+//!   overlap, the cost function, recording the keys for approximate mode;
+//! - a warm chat turn: parsing the body, the text keys, the prompt-cache
+//!   keys and lookup (which yields the block hashes the sidecar tokenized on
+//!   the previous turn), then the same plan.
 // A benchmark is test code: setup that fails is a bug to stop on, as in
 // the tests (clippy.toml), which cannot cover a benchmark's functions.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -11,12 +14,16 @@ use std::num::NonZeroUsize;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use router_core::fleet::FleetView;
+use router_core::request::{parse_request, Endpoint};
 use router_core::routing::learned::LearnedTable;
 use router_core::routing::prefix_keys::PrefixKeys;
+use router_core::routing::prompt::PromptIdentity;
+use router_core::routing::prompt_cache::{prompt_keys, PromptCache};
 use router_core::routing::select::CostWeights;
 use router_core::routing::{plan, LocalState, ModelRouting, RoutedPrompt, Signals};
 use router_core::state_stream::{change, BlocksChanged, Change, WorkerJoined, WorkerRole};
-use router_core::{BlockHasher, BlockSize, HashSeed};
+use router_core::{BlockHasher, BlockSize, HashSeed, SeqHash};
+use serde_json::json;
 
 const MODEL: &str = "bench";
 const ENTRIES: usize = 1_000_000;
@@ -25,6 +32,13 @@ const PROMPT_TOKENS: u32 = 8_192;
 const CHAIN: u32 = 512;
 /// Workers holding the benchmark prompt, at depths of 1/4 to all of it.
 const HOLDERS: u32 = 4;
+const WORKERS: [u32; 4] = [4, 16, 64, 256];
+/// The warm chat: a 400-word system prompt, then this many turns of a
+/// 30-word question and a 120-word answer; the benchmark routes the last.
+const CHAT_TURNS: usize = 8;
+/// Tokens the sidecar found in the previous turn (≈ 1.3 per word plus the
+/// template), as block hashes in the prompt cache.
+const CHAT_HISTORY_TOKENS: usize = 2_048;
 
 fn tokens(id: u32) -> Vec<u32> {
     (0..CHAIN * 16)
@@ -85,7 +99,7 @@ fn decision(c: &mut Criterion) {
     };
     let prompt: Vec<u32> = tokens(u32::MAX)[..PROMPT_TOKENS as usize].to_vec();
     let mut group = c.benchmark_group("decision_8k_token_prompt_1M_entries");
-    for workers in [64u32, 256] {
+    for workers in WORKERS {
         let view = fleet(&hasher, workers);
         let capacity = NonZeroUsize::new(65_536).expect("nonzero");
         let mut local = LocalState::new(LearnedTable::new(capacity, 300_000));
@@ -112,5 +126,77 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision);
+fn words(seed: usize, count: usize) -> String {
+    (0..count)
+        .map(|i| format!("w{}", (seed * 7_919 + i * 104_729) % 50_000))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The chat body of `turns` turns: every turn re-sends the history.
+fn chat_body(turns: usize) -> Vec<u8> {
+    let mut messages = vec![json!({"role": "system", "content": words(0, 400)})];
+    for turn in 0..turns {
+        messages.push(json!({"role": "user", "content": words(turn * 2 + 1, 30)}));
+        if turn + 1 < turns {
+            messages.push(json!({"role": "assistant", "content": words(turn * 2 + 2, 120)}));
+        }
+    }
+    serde_json::to_vec(&json!({"model": MODEL, "messages": messages, "stream": true}))
+        .expect("serializable")
+}
+
+/// A warm chat turn: the prompt cache holds the block hashes of the
+/// conversation so far (one of the cached chains of the fleet), keyed by the
+/// previous turn's messages, as the sidecar's last tokenization left them.
+fn warm_chat_turn(c: &mut Criterion) {
+    let block_size = BlockSize::VLLM_DEFAULT;
+    let hasher = BlockHasher::new(block_size, HashSeed::for_model(MODEL, None));
+    let model = ModelRouting {
+        block_size,
+        weights: CostWeights::default(),
+        endpoints: Vec::new(),
+    };
+    let body = chat_body(CHAT_TURNS);
+    let history: Vec<SeqHash> = hasher.sequence_hashes(&tokens(u32::MAX)[..CHAT_HISTORY_TOKENS]);
+    let mut group = c.benchmark_group("decision_warm_chat_turn_1M_entries");
+    group.throughput(criterion::Throughput::Bytes(body.len() as u64));
+    for workers in WORKERS {
+        let view = fleet(&hasher, workers);
+        let mut cache = PromptCache::default();
+        let previous = {
+            let request = parse_request(Endpoint::ChatCompletions, &body, usize::MAX).unwrap();
+            let seed = PromptIdentity::of(&hasher, &request.prompt, None).text_seed;
+            let keys = prompt_keys(&request.prompt, &body, seed);
+            keys[keys.len() - 2]
+        };
+        cache.insert(previous, &history);
+        let capacity = NonZeroUsize::new(65_536).expect("nonzero");
+        let mut local = LocalState::new(LearnedTable::new(capacity, 300_000));
+        let id = BenchmarkId::new("precise", format!("{workers}_workers"));
+        group.bench_with_input(id, &body, |b, body| {
+            b.iter(|| {
+                let request = parse_request(Endpoint::ChatCompletions, body, usize::MAX).unwrap();
+                let identity = PromptIdentity::of(&hasher, &request.prompt, None);
+                let keys = prompt_keys(&request.prompt, body, identity.text_seed);
+                let hit = cache.lookup(&keys).expect("the previous turn is cached");
+                let routed = RoutedPrompt {
+                    exact: Some(&hit.hashes),
+                    keys: &identity.keys,
+                };
+                let signals = Signals {
+                    view: Some(&view),
+                    now_ms: 1_000,
+                    random: 0,
+                };
+                plan(&model, None, routed, signals, &mut local)
+                    .decode
+                    .cached_blocks
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision, warm_chat_turn);
 criterion_main!(benches);

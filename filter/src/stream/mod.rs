@@ -33,8 +33,8 @@ use crate::disagg::body;
 use crate::host::{EnvoyHost, Host, HostError};
 use crate::metrics::FilterMetrics;
 use crate::orca;
-use crate::prompt_cache::prompt_keys;
 use crate::vm_state::SharedVmState;
+use router_core::routing::prompt_cache::prompt_keys;
 
 /// Header read by Envoy's `override_host` load balancer.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -332,25 +332,29 @@ impl<H: Host> InferenceStream<H> {
                 started_ns,
             );
         }
-        let hit = self.state.borrow_mut().prompt_cache.lookup(&cache_keys);
-        let call = match &hit {
-            Some(hit) if hit.complete => None,
-            // A miss, or a new turn: ask the sidecar, so the cache learns this
-            // request's messages for the turn after it.
-            _ => self
+        let tokenize = |stream: &Self| {
+            stream
                 .dispatch_tokenize(&model_name, &body)
                 .map(|token| TokenizeCall {
                     token,
                     cache_key: cache_keys.last().copied(),
-                }),
+                })
         };
-        match (hit, call) {
-            (Some(hit), call) => {
-                self.cache_fill = call;
-                self.metrics.prompt_cache_hits.inc(&self.host);
-                self.decide_and_apply(&model_name, prompt(Some(&hit.hashes)), buffered, started_ns)
+        let hit = self.state.borrow_mut().prompt_cache.lookup(&cache_keys);
+        if let Some(hit) = hit {
+            self.metrics.prompt_cache_hits.inc(&self.host);
+            let phase =
+                self.decide_and_apply(&model_name, prompt(Some(&hit.hashes)), buffered, started_ns);
+            // A new turn: ask the sidecar in the background, so the cache
+            // learns this request's messages for the turn after it. Sent
+            // after deciding, so the decision never waits on the callout.
+            if !hit.complete {
+                self.cache_fill = tokenize(self);
             }
-            (None, Some(call)) => {
+            return phase;
+        }
+        match tokenize(self) {
+            Some(call) => {
                 self.metrics.prompt_cache_misses.inc(&self.host);
                 // The request waits for the sidecar; the Envoy thread does not.
                 Phase::AwaitingTokens(PendingTokenize {
@@ -360,7 +364,7 @@ impl<H: Host> InferenceStream<H> {
                     body: buffered,
                 })
             }
-            (None, None) => self.decide_and_apply(&model_name, prompt(None), buffered, started_ns),
+            None => self.decide_and_apply(&model_name, prompt(None), buffered, started_ns),
         }
     }
 

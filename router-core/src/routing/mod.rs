@@ -12,6 +12,7 @@ pub mod pick;
 mod plan;
 pub mod prefix_keys;
 pub mod prompt;
+pub mod prompt_cache;
 pub mod score;
 pub mod select;
 pub mod unreachable;

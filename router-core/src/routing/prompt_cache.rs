@@ -19,9 +19,9 @@
 use std::num::NonZeroUsize;
 use std::rc::Rc;
 
+use crate::request::Prompt;
+use crate::SeqHash;
 use lru::LruCache;
-use router_core::request::Prompt;
-use router_core::SeqHash;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -129,7 +129,7 @@ impl PromptCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use router_core::request::{parse_request, Endpoint};
+    use crate::request::{parse_request, Endpoint};
 
     fn keys(body: &str) -> Vec<u64> {
         let request = parse_request(Endpoint::ChatCompletions, body.as_bytes(), 1 << 20)
