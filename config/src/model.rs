@@ -74,6 +74,12 @@ pub struct DisaggregationSpec {
     pub min_prefill_tokens: u64,
     /// `auto`: only onto a prefill worker with less prefill queued than this.
     pub max_prefill_queue_tokens: u64,
+    /// Workers of role `both` also prefill for other workers, and the
+    /// prefill pool's workers serve whole requests: the decode worker is
+    /// chosen among all, and `auto` prefills remotely only where that is
+    /// not slower than prefilling locally. Needs engines that take either
+    /// side of a handoff per request (vLLM with a `kv_both` connector).
+    pub shared_workers: bool,
 }
 
 impl DisaggregationSpec {
@@ -89,6 +95,7 @@ impl Default for DisaggregationSpec {
             policy: DisaggregationPolicy::Never,
             min_prefill_tokens: Self::DEFAULT_MIN_PREFILL_TOKENS,
             max_prefill_queue_tokens: Self::DEFAULT_MAX_PREFILL_QUEUE_TOKENS,
+            shared_workers: false,
         }
     }
 }
@@ -216,6 +223,7 @@ mod tests {
         assert_eq!(disaggregation.shared, DisaggregationSpec::default());
         assert_eq!(disaggregation.min_prefill_tokens, 1024);
         assert_eq!(disaggregation.max_prefill_queue_tokens, 262_144);
+        assert!(!disaggregation.shared_workers);
         assert!(
             spec.remote_prefill().is_none(),
             "never is no remote prefill"

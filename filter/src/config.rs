@@ -289,9 +289,17 @@ impl PluginConfig {
         {
             fail(format!("{at}.cluster"), Problem::ClusterName);
         }
-        let Some(prefill) = model.disaggregation.as_ref().map(|d| &d.local) else {
+        let Some(disaggregation) = model.disaggregation.as_ref() else {
             return;
         };
+        let prefill = &disaggregation.local;
+        if disaggregation.shared_workers && prefill.protocol == EngineKind::Sglang {
+            // An SGLang engine's side of a handoff is fixed when it starts.
+            fail(
+                format!("{at}.disaggregation.shared_workers"),
+                Problem::Other("SGLang workers cannot be shared: use vllm or trtllm".into()),
+            );
+        }
         if !is_cluster_name(&prefill.prefill_cluster) {
             fail(
                 format!("{at}.disaggregation.prefill_cluster"),
@@ -314,10 +322,8 @@ impl PluginConfig {
         let block_size = BlockSize::new(raw.block_size).unwrap_or_default();
         let disaggregation = raw.remote_prefill().map(|d| Disaggregation {
             routing: PrefillRouting {
-                policy: d.policy,
+                spec: d.shared,
                 endpoints: d.local.prefill_endpoints.clone(),
-                min_prefill_tokens: d.min_prefill_tokens,
-                max_prefill_queue_tokens: d.max_prefill_queue_tokens,
             },
             protocol: d.local.protocol,
             prefill_cluster: d.local.prefill_cluster.clone(),
@@ -400,11 +406,11 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(
-            (d.routing.policy, d.protocol),
+            (d.routing.spec.policy, d.protocol),
             (PrefillPolicy::Auto, Protocol::Sglang)
         );
         assert_eq!(
-            (d.routing.min_prefill_tokens, d.bootstrap_port),
+            (d.routing.spec.min_prefill_tokens, d.bootstrap_port),
             (1024, 8998)
         );
         assert!(disaggregated.model("n").unwrap().disaggregation.is_none());
@@ -493,6 +499,10 @@ mod tests {
             (
                 r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":"p","timeout_ms":0}}]}"#,
                 "models[0].disaggregation.timeout_ms",
+            ),
+            (
+                r#"{"models":[{"name":"m","disaggregation":{"prefill_cluster":"p","protocol":"sglang","shared_workers":true}}]}"#,
+                "models[0].disaggregation.shared_workers: SGLang workers cannot be shared",
             ),
         ];
         for (json, expected) in cases {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kv_sidecar::serve::config::Config as SidecarConfig;
-use kvmesh_config::{DisaggregationPolicy, EngineKind, ModelSpec};
+use kvmesh_config::{DisaggregationPolicy, DisaggregationSpec, EngineKind, ModelSpec};
 use kvmesh_filter::config::PluginConfig;
 use kvmesh_stack::harness::envoy::Disaggregation;
 use kvmesh_stack::harness::{
@@ -93,7 +93,7 @@ struct Decision {
     block_size: u32,
     overlap_weight: f64,
     temperature: f64,
-    disaggregation: Option<(DisaggregationPolicy, u64, u64)>,
+    disaggregation: Option<DisaggregationSpec>,
 }
 
 fn filter_decisions(config: &PluginConfig) -> BTreeMap<String, Decision> {
@@ -107,8 +107,7 @@ fn filter_decisions(config: &PluginConfig) -> BTreeMap<String, Decision> {
                 disaggregation: m
                     .disaggregation
                     .as_ref()
-                    .map(|d| &d.routing)
-                    .map(|d| (d.policy, d.min_prefill_tokens, d.max_prefill_queue_tokens)),
+                    .map(|d| d.routing.spec),
             };
             (m.name.clone(), decision)
         })
@@ -120,9 +119,7 @@ fn sidecar_decision(spec: &ModelSpec) -> Decision {
         block_size: spec.block_size,
         overlap_weight: spec.overlap_weight,
         temperature: spec.temperature,
-        disaggregation: spec
-            .remote_prefill()
-            .map(|d| (d.policy, d.min_prefill_tokens, d.max_prefill_queue_tokens)),
+        disaggregation: spec.remote_prefill().map(|d| d.shared),
     }
 }
 
@@ -235,7 +232,12 @@ fn the_envoy_template_renders_a_valid_filter_config() {
     assert_eq!(decisions["m"].block_size, 32);
     assert_eq!(
         decisions["d"].disaggregation,
-        Some((DisaggregationPolicy::Auto, 512, 262_144))
+        Some(DisaggregationSpec {
+            policy: DisaggregationPolicy::Auto,
+            min_prefill_tokens: 512,
+            max_prefill_queue_tokens: 262_144,
+            shared_workers: false,
+        })
     );
     let d = config.model("d").unwrap().disaggregation.as_ref().unwrap();
     assert_eq!(d.protocol, EngineKind::Sglang);

@@ -219,3 +219,72 @@ fn debug_route_plans_the_remote_prefill_of_the_model_spec() {
         "{explained}"
     );
 }
+
+/// A fleet of one decode worker and two workers of role `both` shared by
+/// both pools (`shared_workers`), with `policy`.
+fn shared_fleet(policy: DisaggregationPolicy) -> Stack {
+    let mut options = StackOptions::disaggregated(MODEL, 1, 2, policy, EngineKind::Vllm).unwrap();
+    options.shared_workers = true;
+    Stack::start(options, |_| {}).unwrap()
+}
+
+fn every_worker(stack: &Stack) -> Vec<&KvWorker> {
+    stack.workers.iter().chain(&stack.prefill_workers).collect()
+}
+
+/// Sends `prompt_tokens` tokens unique to `seed` through the gateway and
+/// returns the worker that answered.
+fn complete_through(stack: &Stack, seed: u32, prompt_tokens: u32) -> String {
+    let prompt: Vec<u32> = (0..prompt_tokens).map(|t| seed * 100_000 + t).collect();
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2});
+    let url = format!("{}/v1/completions", stack.envoy.gateway_url());
+    let response = post_json(&http_client(), &url, &body).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text);
+    response.header("x-sim-worker-id").unwrap().to_owned()
+}
+
+fn blocks_sent(worker: &KvWorker) -> f64 {
+    metric(&worker.sim, "sim:kv_transfer_blocks_sent_total")
+}
+
+/// Shared workers serve whole requests and prefill for the others, but a
+/// worker never prefills for itself.
+#[test]
+fn shared_workers_decode_and_prefill_for_others_never_for_themselves() {
+    let stack = shared_fleet(DisaggregationPolicy::Always);
+    let workers = every_worker(&stack);
+    let mut served = std::collections::BTreeSet::new();
+    for seed in 0..12 {
+        let sent_before: Vec<f64> = workers.iter().map(|w| blocks_sent(w)).collect();
+        let decode = complete_through(&stack, seed, PROMPT);
+        let sent: Vec<f64> = workers.iter().map(|w| blocks_sent(w)).collect();
+        let prefilled_by: Vec<&str> = workers
+            .iter()
+            .zip(sent.iter().zip(&sent_before))
+            .filter(|(_, (after, before))| after > before)
+            .map(|(w, _)| w.sim.worker_id())
+            .collect();
+        assert_eq!(prefilled_by.len(), 1, "one prefill leg per request");
+        assert_ne!(prefilled_by[0], decode, "a worker prefilled for itself");
+        assert_ne!(prefilled_by[0], "worker-0", "the decode-only worker prefilled");
+        served.insert(decode);
+    }
+    // The idle fleet's ties are random: the shared workers decode too.
+    assert!(served.iter().any(|w| w.starts_with("prefill-")), "{served:?}");
+}
+
+/// `auto` with shared workers on an idle fleet: the decode worker's own
+/// prefill is as fast as a remote one, so every long prompt is served
+/// aggregated, on any of the three workers.
+#[test]
+fn auto_with_shared_workers_keeps_an_idle_fleet_aggregated() {
+    let stack = shared_fleet(DisaggregationPolicy::Auto);
+    let mut served = std::collections::BTreeSet::new();
+    for seed in 0..9 {
+        served.insert(complete_through(&stack, seed, 1_088));
+    }
+    let remote = stack.envoy.stat("wasmcustom.kvmesh_remote_prefills").unwrap();
+    assert_eq!(remote, 0);
+    assert!(every_worker(&stack).iter().all(|w| blocks_sent(w) == 0.0));
+    assert!(served.len() >= 2, "{served:?}");
+}

@@ -33,10 +33,8 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
         Some(guard) => {
             let spec = guard.registry.config();
             let prefill = spec.remote_prefill().map(|d| PrefillRouting {
-                policy: d.policy,
+                spec: d.shared,
                 endpoints: Vec::new(),
-                min_prefill_tokens: d.min_prefill_tokens,
-                max_prefill_queue_tokens: d.max_prefill_queue_tokens,
             });
             (spec.block_size, spec.weights(), prefill)
         }

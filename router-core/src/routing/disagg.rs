@@ -1,33 +1,72 @@
 //! Whether a request's prompt is prefilled on the prefill pool.
 
-/// When a model's requests are prefilled remotely: the configuration's
-/// disaggregation policy.
-pub use kvmesh_config::DisaggregationPolicy as PrefillPolicy;
+use crate::routing::plan::Decision;
+pub use kvmesh_config::{DisaggregationPolicy as PrefillPolicy, DisaggregationSpec};
 
 /// A model's prefill pool, as routing sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefillRouting {
-    pub policy: PrefillPolicy,
+    /// The policy and its limits, from the model's configuration.
+    pub spec: DisaggregationSpec,
     /// `ip:port` of each prefill worker, used while no fleet state is known.
     pub endpoints: Vec<String>,
-    /// `auto`: remote prefill once the decode worker would compute at least
-    /// this many prompt tokens itself.
-    pub min_prefill_tokens: u64,
-    /// `auto`: only onto a prefill worker with less prefill queued than this.
-    pub max_prefill_queue_tokens: u64,
+}
+
+/// The prefill a worker would do before this prompt's first token: the
+/// prompt tokens it must compute, after what is queued on it already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrefillWork {
+    pub uncached_tokens: u64,
+    pub queued_tokens: u64,
+}
+
+impl PrefillWork {
+    /// The prefill of the worker `decision` chose.
+    pub fn of(decision: &Decision, block_size: u32) -> Self {
+        Self {
+            uncached_tokens: u64::from(decision.uncached_blocks()) * u64::from(block_size),
+            queued_tokens: decision.load.queued_prefill_tokens,
+        }
+    }
+
+    /// Tokens computed before this prompt's last one, on a compute-bound
+    /// worker: what its time to first token grows with.
+    fn until_done(self) -> u64 {
+        self.uncached_tokens.saturating_add(self.queued_tokens)
+    }
+
+    /// Whether this (remote) prefill ends before `local`'s by at least half
+    /// of `local`'s own prompt tokens.
+    fn saves_against(self, local: Self) -> bool {
+        self.until_done()
+            .saturating_add(local.uncached_tokens / 2)
+            <= local.until_done()
+    }
 }
 
 impl PrefillRouting {
-    /// Whether to prefill remotely, given how many prompt tokens the decode
-    /// worker would have to compute and how much prefill the best prefill
-    /// worker has queued.
-    pub fn wants_remote_prefill(&self, uncached_tokens: u64, prefill_queue_tokens: u64) -> bool {
-        match self.policy {
+    /// Whether to prefill remotely: `local` is the decode worker's own
+    /// prefill of the prompt, `remote` the best prefill worker's.
+    ///
+    /// `auto` wants a long uncached prompt and a prefill worker below the
+    /// queue limit. With shared workers it also wants the remote prefill to
+    /// finish earlier than the local one by half the prompt's own prefill,
+    /// a margin for moving the KV to the decode worker (in the simulated
+    /// fleet of docs/benchmarks.md moving a prompt's KV takes about 0.6 of
+    /// computing it): a decode worker keeps the prompt (aggregated
+    /// serving) unless the prefill pool is clearly less busy, which keeps a
+    /// shared fleet's time to first token near aggregated serving's. A
+    /// dedicated pool exists to take prefill off the decode workers, so
+    /// there only the limit applies.
+    pub fn wants_remote_prefill(&self, local: PrefillWork, remote: PrefillWork) -> bool {
+        let spec = &self.spec;
+        match spec.policy {
             PrefillPolicy::Never => false,
             PrefillPolicy::Always => true,
             PrefillPolicy::Auto => {
-                uncached_tokens >= self.min_prefill_tokens
-                    && prefill_queue_tokens < self.max_prefill_queue_tokens
+                local.uncached_tokens >= spec.min_prefill_tokens
+                    && remote.queued_tokens < spec.max_prefill_queue_tokens
+                    && (!spec.shared_workers || remote.saves_against(local))
             }
         }
     }
@@ -37,22 +76,50 @@ impl PrefillRouting {
 mod tests {
     use super::*;
 
-    fn pool(policy: PrefillPolicy) -> PrefillRouting {
+    fn pool(policy: PrefillPolicy, shared_workers: bool) -> PrefillRouting {
         PrefillRouting {
-            policy,
+            spec: DisaggregationSpec {
+                policy,
+                min_prefill_tokens: 1024,
+                max_prefill_queue_tokens: 10_000,
+                shared_workers,
+            },
             endpoints: Vec::new(),
-            min_prefill_tokens: 1024,
-            max_prefill_queue_tokens: 10,
+        }
+    }
+
+    fn work(uncached_tokens: u64, queued_tokens: u64) -> PrefillWork {
+        PrefillWork {
+            uncached_tokens,
+            queued_tokens,
         }
     }
 
     #[test]
     fn auto_needs_a_long_uncached_prompt_and_room() {
-        assert!(!pool(PrefillPolicy::Never).wants_remote_prefill(1 << 20, 0));
-        assert!(pool(PrefillPolicy::Always).wants_remote_prefill(0, 1 << 20));
-        let auto = pool(PrefillPolicy::Auto);
-        assert!(auto.wants_remote_prefill(1024, 9));
-        assert!(!auto.wants_remote_prefill(1023, 0));
-        assert!(!auto.wants_remote_prefill(4096, 10));
+        let idle = work(0, 0);
+        assert!(!pool(PrefillPolicy::Never, false).wants_remote_prefill(work(1 << 20, 0), idle));
+        assert!(pool(PrefillPolicy::Always, false).wants_remote_prefill(idle, work(0, 1 << 20)));
+        let auto = pool(PrefillPolicy::Auto, false);
+        assert!(auto.wants_remote_prefill(work(1024, 0), work(1024, 9_999)));
+        assert!(!auto.wants_remote_prefill(work(1023, 0), idle));
+        assert!(!auto.wants_remote_prefill(work(4096, 0), work(4096, 10_000)));
+    }
+
+    #[test]
+    fn shared_workers_prefill_remotely_only_when_not_slower() {
+        let auto = pool(PrefillPolicy::Auto, true);
+        // The decode worker is idle: its own prefill is as fast as any.
+        assert!(!auto.wants_remote_prefill(work(4096, 0), work(4096, 0)));
+        // It is busy prefilling: an idle prefill worker is faster, by at
+        // least half the prompt.
+        assert!(auto.wants_remote_prefill(work(4096, 8192), work(4096, 2048)));
+        assert!(auto.wants_remote_prefill(work(4096, 2048), work(4096, 0)));
+        assert!(!auto.wants_remote_prefill(work(4096, 2047), work(4096, 0)));
+        // The prefill worker holds more of the prompt.
+        assert!(auto.wants_remote_prefill(work(4096, 1024), work(1024, 1024)));
+        // Still a long prompt and under the limit.
+        assert!(!auto.wants_remote_prefill(work(1000, 9000), work(1000, 0)));
+        assert!(!auto.wants_remote_prefill(work(4096, 50_000), work(4096, 10_000)));
     }
 }

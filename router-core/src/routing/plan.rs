@@ -5,7 +5,7 @@
 
 use crate::fleet::FleetView;
 use crate::index::{OverlapScratch, WorkerSlot};
-use crate::routing::disagg::PrefillRouting;
+use crate::routing::disagg::{PrefillRouting, PrefillWork};
 use crate::routing::inflight::InFlight;
 use crate::routing::learned::LearnedTable;
 use crate::routing::load::{merged, OrcaLoads};
@@ -97,18 +97,35 @@ pub struct ModelRouting {
 enum Pool<'a> {
     /// Workers that generate: the model's own pool.
     Decode(&'a ModelRouting),
-    /// Workers that only prefill, for disaggregated requests.
-    Prefill(&'a PrefillRouting),
+    /// Workers that prefill for others, except the decode worker itself
+    /// (`exclude`, its address).
+    Prefill {
+        routing: &'a PrefillRouting,
+        exclude: Option<&'a str>,
+    },
 }
 
 impl Pool<'_> {
-    fn admits(self, role: WorkerRole) -> bool {
+    /// Whether a worker of the fleet state belongs to the pool.
+    fn admits(self, role: WorkerRole, address: &str) -> bool {
         match self {
             Pool::Decode(_) => matches!(
                 role,
                 WorkerRole::Decode | WorkerRole::Both | WorkerRole::Unspecified
             ),
-            Pool::Prefill(_) => role == WorkerRole::Prefill,
+            Pool::Prefill { routing, .. } => {
+                let prefills = role == WorkerRole::Prefill
+                    || (routing.spec.shared_workers && role == WorkerRole::Both);
+                prefills && self.admits_endpoint(address)
+            }
+        }
+    }
+
+    /// Whether a configured endpoint may be chosen.
+    fn admits_endpoint(self, address: &str) -> bool {
+        match self {
+            Pool::Decode(_) => true,
+            Pool::Prefill { exclude, .. } => exclude != Some(address),
         }
     }
 
@@ -116,7 +133,7 @@ impl Pool<'_> {
     fn endpoints(&self) -> &[String] {
         match self {
             Pool::Decode(model) => &model.endpoints,
-            Pool::Prefill(prefill) => &prefill.endpoints,
+            Pool::Prefill { routing, .. } => &routing.endpoints,
         }
     }
 }
@@ -195,12 +212,18 @@ pub fn plan(
     let decode = decide(model, Pool::Decode(model), prompt, signals, local);
     let scratch = &mut local.scratch;
     std::mem::swap(&mut scratch.candidates, &mut scratch.decode);
-    let prefill = prefill.and_then(|pool| {
-        let chosen = decide(model, Pool::Prefill(pool), prompt, signals, local);
-        let uncached_tokens =
-            u64::from(decode.uncached_blocks()) * u64::from(model.block_size.get());
+    let prefill = prefill.and_then(|routing| {
+        let pool = Pool::Prefill {
+            routing,
+            exclude: decode.address.as_deref(),
+        };
+        let chosen = decide(model, pool, prompt, signals, local);
+        let block_size = model.block_size.get();
         let wanted = chosen.address.is_some()
-            && pool.wants_remote_prefill(uncached_tokens, chosen.load.queued_prefill_tokens);
+            && routing.wants_remote_prefill(
+                PrefillWork::of(&decode, block_size),
+                PrefillWork::of(&chosen, block_size),
+            );
         wanted.then_some(chosen)
     });
     if let Some(address) = &decode.address {
@@ -224,7 +247,7 @@ fn decide(
     // learned table: route approximately instead of not at all.
     let live = signals
         .view
-        .filter(|view| view.workers().any(|w| pool.admits(w.role)));
+        .filter(|view| view.workers().any(|w| pool.admits(w.role, &w.address)));
     match (live, prompt.exact) {
         (Some(view), Some(exact)) => precise(model, pool, exact, view, signals, local),
         _ => approximate(model, pool, prompt, live, signals, local),
@@ -251,7 +274,9 @@ fn precise(
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
     for worker in view
         .workers()
-        .filter(|w| pool.admits(w.role) && !unreachable.is_down(&w.address, signals.now_ms))
+        .filter(|w| {
+            pool.admits(w.role, &w.address) && !unreachable.is_down(&w.address, signals.now_ms)
+        })
     {
         let cached_blocks = overlaps
             .iter()
@@ -321,7 +346,7 @@ fn approximate(
     let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match view {
         Some(view) => view
             .workers()
-            .filter(|w| pool.admits(w.role) && reachable(&w.address))
+            .filter(|w| pool.admits(w.role, &w.address) && reachable(&w.address))
             .map(|w| {
                 (
                     w.address.as_str(),
@@ -333,7 +358,7 @@ fn approximate(
         None => pool
             .endpoints()
             .iter()
-            .filter(|e| reachable(e))
+            .filter(|e| pool.admits_endpoint(e) && reachable(e))
             .map(|e| (e.as_str(), None, WorkerLoad::default()))
             .collect(),
     };
@@ -415,7 +440,7 @@ mod tests {
     use std::num::NonZeroUsize;
 
     use super::*;
-    use crate::routing::disagg::PrefillPolicy;
+    use crate::routing::disagg::{DisaggregationSpec, PrefillPolicy};
     use crate::routing::inflight::RequestLoad;
     use crate::routing::load::OrcaReport;
     use crate::state_stream::{change, BlocksChanged, Change, LoadReport, WorkerJoined};
@@ -430,11 +455,22 @@ mod tests {
 
     fn prefill_pool(endpoints: &[&str]) -> PrefillRouting {
         PrefillRouting {
-            policy: PrefillPolicy::Always,
+            spec: DisaggregationSpec {
+                policy: PrefillPolicy::Always,
+                min_prefill_tokens: 0,
+                max_prefill_queue_tokens: u64::MAX,
+                shared_workers: false,
+            },
             endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
-            min_prefill_tokens: 0,
-            max_prefill_queue_tokens: u64::MAX,
         }
+    }
+
+    fn auto_pool(min_prefill_tokens: u64, shared_workers: bool) -> PrefillRouting {
+        let mut pool = prefill_pool(&[]);
+        pool.spec.policy = PrefillPolicy::Auto;
+        pool.spec.min_prefill_tokens = min_prefill_tokens;
+        pool.spec.shared_workers = shared_workers;
+        pool
     }
 
     fn view() -> FleetView {
@@ -612,11 +648,7 @@ mod tests {
     fn auto_keeps_a_cached_prompt_local() {
         let exact = prompt();
         let keys = PrefixKeys::from_blocks(&exact, model().block_size);
-        let pool = PrefillRouting {
-            policy: PrefillPolicy::Auto,
-            min_prefill_tokens: 2 * 16,
-            ..prefill_pool(&[])
-        };
+        let pool = auto_pool(2 * 16, false);
         // One uncached block on the decode worker: below the threshold.
         let plan = Vm::new().plan(Some(&pool), Some(&exact), &keys, Some(&view()));
         assert_eq!(plan.prefill, None);
@@ -624,6 +656,55 @@ mod tests {
         let keys = PrefixKeys::from_blocks(&uncached, model().block_size);
         let plan = Vm::new().plan(Some(&pool), Some(&uncached), &keys, Some(&view()));
         assert!(plan.prefill.is_some());
+    }
+
+    #[test]
+    fn shared_workers_prefill_for_others_only_when_faster() {
+        let uncached: Vec<SeqHash> = (100..110).map(SeqHash).collect();
+        let keys = PrefixKeys::from_blocks(&uncached, model().block_size);
+        let dedicated = auto_pool(16, false);
+        let shared = auto_pool(16, true);
+        // Idle fleet: the decode worker (a, the least loaded) prefills itself
+        // when workers are shared, and never for itself.
+        let mut vm = Vm::new();
+        let plan = vm.plan(Some(&shared), Some(&uncached), &keys, Some(&view()));
+        assert_eq!(plan.decode.worker_id.as_deref(), Some("a"));
+        assert_eq!(plan.prefill, None);
+        let plan = vm.plan(Some(&dedicated), Some(&uncached), &keys, Some(&view()));
+        assert_eq!(plan.prefill.and_then(|p| p.worker_id).as_deref(), Some("p"));
+        // The decode-capable workers a and b are busy prefilling, the
+        // prefill worker is down, and c (role `both`) holds many decoding
+        // sequences but has no prefill queued: c is no decode choice, but
+        // prefills for the busy worker, only when workers are shared.
+        let mut vm = Vm::new();
+        let load = [
+            ("127.0.0.1:10", 4_000, 0),
+            ("127.0.0.1:11", 4_000, 0),
+            ("127.0.0.1:13", 0, 10_000),
+        ];
+        for (address, prefill_tokens, blocks) in load {
+            vm.local.inflight.admit(RequestLoad {
+                decode: address,
+                prefill: None,
+                prefill_tokens,
+                blocks,
+            });
+        }
+        vm.local.unreachable.mark("127.0.0.1:12", 1_000);
+        let mut view = view();
+        view.commit(vec![Change {
+            kind: Some(change::Kind::Joined(WorkerJoined {
+                worker_id: "c".into(),
+                address: "127.0.0.1:13".into(),
+                role: WorkerRole::Both as i32,
+            })),
+        }]);
+        let plan = vm.plan(Some(&shared), Some(&uncached), &keys, Some(&view));
+        assert!(matches!(plan.decode.worker_id.as_deref(), Some("a" | "b")));
+        let prefill = plan.prefill.expect("c prefills");
+        assert_eq!(prefill.worker_id.as_deref(), Some("c"));
+        let plan = vm.plan(Some(&dedicated), Some(&uncached), &keys, Some(&view));
+        assert_eq!(plan.prefill, None, "a `both` worker prefills only when shared");
     }
 
     #[test]

@@ -134,9 +134,14 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
         );
     }
     format!(
-        "{} simulated GPUs (precise + P/D: {} prefill + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server; every policy on a fresh fleet{}",
+        "{} simulated GPUs (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server; every policy on a fresh fleet{}",
         fleet.workers,
         fleet.prefill_workers,
+        if fleet.dedicated_prefill {
+            ""
+        } else {
+            " that also serve whole requests (`shared_workers`)"
+        },
         fleet.workers.saturating_sub(fleet.prefill_workers),
         if workload.sim_args.is_empty() {
             String::new()

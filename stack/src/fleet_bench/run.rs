@@ -31,6 +31,11 @@ pub struct FleetParams {
     /// Of `--workers`, how many prefill for `precise-disagg`.
     #[arg(long, default_value_t = 2)]
     pub prefill_workers: usize,
+    /// `precise-disagg`'s prefill workers only prefill (role `prefill`),
+    /// instead of also serving whole requests (role `both`, the model's
+    /// `shared_workers`).
+    #[arg(long)]
+    pub dedicated_prefill: bool,
     /// Simulated time runs this many times faster than real time, for every
     /// workload (default: each workload's own).
     #[arg(long)]
@@ -144,6 +149,7 @@ pub fn run_policy(
     options.sim_args = fleet.sim_args(workload);
     options.prefill_workers = prefill_workers;
     options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);
+    options.shared_workers = prefill_workers > 0 && !fleet.dedicated_prefill;
     let stack = Stack::start(options, |config| {
         policy.configure(config);
         config.worker_threads = fleet.gateway_threads;

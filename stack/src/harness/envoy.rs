@@ -56,6 +56,10 @@ pub struct Disaggregation {
     pub bootstrap_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// The prefill workers are of role `both`: they also serve whole
+    /// requests, and are in the model's pool too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared_workers: bool,
 }
 
 impl Disaggregation {
@@ -74,6 +78,7 @@ impl Disaggregation {
             min_prefill_tokens: None,
             bootstrap_port: None,
             timeout_ms: None,
+            shared_workers: false,
         }
     }
 }

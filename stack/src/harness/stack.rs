@@ -56,6 +56,10 @@ pub struct StackOptions {
     pub prefill_workers: usize,
     /// `(policy, protocol)` of remote prefill.
     pub disaggregation: (DisaggregationPolicy, EngineKind),
+    /// The prefill workers are of role `both` (`shared_workers` of the
+    /// model's disaggregation): they serve whole requests too, so they are
+    /// in the model's pool as well as in the prefill pool.
+    pub shared_workers: bool,
     /// `Some`: the workers are real vLLM engines (`scripts/setup
     /// --with-vllm`) instead of sim-engines, in [`Stack::vllm_workers`].
     pub vllm: Option<VllmFleet>,
@@ -94,6 +98,7 @@ impl StackOptions {
             sim_args: Vec::new(),
             prefill_workers: 0,
             disaggregation: (DisaggregationPolicy::Auto, EngineKind::Vllm),
+            shared_workers: false,
             vllm: None,
         })
     }
@@ -203,7 +208,12 @@ impl Stack {
             } else {
                 Vec::new()
             };
-            prefill_workers.push(start(format!("prefill-{index}"), Role::Prefill, bootstrap)?);
+            let role = if options.shared_workers {
+                Role::Both
+            } else {
+                Role::Prefill
+            };
+            prefill_workers.push(start(format!("prefill-{index}"), role, bootstrap)?);
         }
         let mut model = SidecarModel {
             name: options.model.clone(),
@@ -216,6 +226,7 @@ impl Stack {
             model.disaggregation = Some(WithLocal {
                 shared: DisaggregationSpec {
                     policy: options.disaggregation.0,
+                    shared_workers: options.shared_workers,
                     ..DisaggregationSpec::default()
                 },
                 local: NoLocalFields {},
@@ -339,15 +350,17 @@ fn model_route(
     prefill_workers: &[KvWorker],
     bootstrap_port: u16,
 ) -> ModelRoute {
-    let mut route = ModelRoute::new(&options.model, options.block_size, workers.to_vec());
+    let prefill: Vec<String> = prefill_workers.iter().map(|w| w.sim.address()).collect();
+    let mut pool = workers.to_vec();
+    if options.shared_workers {
+        pool.extend(prefill.iter().cloned());
+    }
+    let mut route = ModelRoute::new(&options.model, options.block_size, pool);
     if !prefill_workers.is_empty() {
         let (policy, protocol) = options.disaggregation;
-        let mut disaggregation = Disaggregation::new(
-            policy,
-            protocol,
-            prefill_workers.iter().map(|w| w.sim.address()).collect(),
-        );
+        let mut disaggregation = Disaggregation::new(policy, protocol, prefill);
         disaggregation.bootstrap_port = Some(bootstrap_port);
+        disaggregation.shared_workers = options.shared_workers;
         route.disaggregation = Some(disaggregation);
     }
     route
