@@ -104,10 +104,7 @@ fn filter_decisions(config: &PluginConfig) -> BTreeMap<String, Decision> {
                 block_size: m.hasher.block_size().get(),
                 overlap_weight: m.routing.weights.overlap_weight,
                 temperature: m.routing.weights.temperature,
-                disaggregation: m
-                    .disaggregation
-                    .as_ref()
-                    .map(|d| d.routing.spec),
+                disaggregation: m.disaggregation.as_ref().map(|d| d.routing.spec),
             };
             (m.name.clone(), decision)
         })

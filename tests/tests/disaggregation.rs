@@ -266,11 +266,17 @@ fn shared_workers_decode_and_prefill_for_others_never_for_themselves() {
             .collect();
         assert_eq!(prefilled_by.len(), 1, "one prefill leg per request");
         assert_ne!(prefilled_by[0], decode, "a worker prefilled for itself");
-        assert_ne!(prefilled_by[0], "worker-0", "the decode-only worker prefilled");
+        assert_ne!(
+            prefilled_by[0], "worker-0",
+            "the decode-only worker prefilled"
+        );
         served.insert(decode);
     }
     // The idle fleet's ties are random: the shared workers decode too.
-    assert!(served.iter().any(|w| w.starts_with("prefill-")), "{served:?}");
+    assert!(
+        served.iter().any(|w| w.starts_with("prefill-")),
+        "{served:?}"
+    );
 }
 
 /// `auto` with shared workers on an idle fleet: the decode worker's own
@@ -283,7 +289,10 @@ fn auto_with_shared_workers_keeps_an_idle_fleet_aggregated() {
     for seed in 0..9 {
         served.insert(complete_through(&stack, seed, 1_088));
     }
-    let remote = stack.envoy.stat("wasmcustom.kvmesh_remote_prefills").unwrap();
+    let remote = stack
+        .envoy
+        .stat("wasmcustom.kvmesh_remote_prefills")
+        .unwrap();
     assert_eq!(remote, 0);
     assert!(every_worker(&stack).iter().all(|w| blocks_sent(w) == 0.0));
     assert!(served.len() >= 2, "{served:?}");

@@ -38,9 +38,7 @@ impl PrefillWork {
     /// Whether this (remote) prefill ends before `local`'s by at least half
     /// of `local`'s own prompt tokens.
     fn saves_against(self, local: Self) -> bool {
-        self.until_done()
-            .saturating_add(local.uncached_tokens / 2)
-            <= local.until_done()
+        self.until_done().saturating_add(local.uncached_tokens / 2) <= local.until_done()
     }
 }
 

@@ -272,12 +272,9 @@ fn precise(
     } = local;
     scratch.candidates.clear();
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
-    for worker in view
-        .workers()
-        .filter(|w| {
-            pool.admits(w.role, &w.address) && !unreachable.is_down(&w.address, signals.now_ms)
-        })
-    {
+    for worker in view.workers().filter(|w| {
+        pool.admits(w.role, &w.address) && !unreachable.is_down(&w.address, signals.now_ms)
+    }) {
         let cached_blocks = overlaps
             .iter()
             .find(|o| o.worker == worker.slot)
@@ -704,7 +701,10 @@ mod tests {
         let prefill = plan.prefill.expect("c prefills");
         assert_eq!(prefill.worker_id.as_deref(), Some("c"));
         let plan = vm.plan(Some(&dedicated), Some(&uncached), &keys, Some(&view));
-        assert_eq!(plan.prefill, None, "a `both` worker prefills only when shared");
+        assert_eq!(
+            plan.prefill, None,
+            "a `both` worker prefills only when shared"
+        );
     }
 
     #[test]
