@@ -1,6 +1,7 @@
-//! `scripts/bench`'s binary end to end on a tiny fleet: two policies on the
-//! multi-tenant workload, with the cache too small for every tenant on every
-//! worker, so where a tenant's requests go decides its hit rate.
+//! `scripts/bench`'s binary end to end on a tiny fleet behind two gateways:
+//! two policies on the multi-tenant workload, with the cache too small for
+//! every tenant on every worker, so where a tenant's requests go decides its
+//! hit rate.
 // Integration test: its helpers fail the test by panicking, like its tests
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -25,6 +26,8 @@ struct Row {
     bound_seen_before: f64,
     requests: usize,
     errors: usize,
+    workers: usize,
+    gateways: usize,
 }
 
 fn parse_csv(text: &str) -> Vec<Row> {
@@ -46,6 +49,8 @@ fn parse_csv(text: &str) -> Vec<Row> {
                 bound_seen_before: number("bound_seen_before"),
                 requests: fields[column("requests")].parse().unwrap(),
                 errors: fields[column("errors")].parse().unwrap(),
+                workers: fields[column("workers")].parse().unwrap(),
+                gateways: fields[column("gateways")].parse().unwrap(),
             }
         })
         .collect()
@@ -57,6 +62,7 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
     let mut command = Command::new(paths::binary("kvmesh-bench").unwrap());
     command.current_dir(paths::repo_root()).args([
         "--workers=2",
+        "--gateways=2",
         "--speedup=2",
         "--workloads=multi-tenant",
         "--policies=round-robin,precise",
@@ -93,6 +99,7 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
     assert_eq!(policies, ["round-robin", "precise"], "{csv}");
     for row in &rows {
         assert_eq!(row.requests, 48, "{row:?}");
+        assert_eq!((row.workers, row.gateways), (2, 2), "{row:?}");
         assert_eq!(row.errors, 0, "{row:?}");
         assert!(
             row.ttft_p90_ms > 0.0 && row.output_tokens_per_s > 0.0,
@@ -127,10 +134,12 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
 
     let markdown = std::fs::read_to_string(out.path().join("multi-tenant.md")).unwrap();
     for expected in [
+        "### Fleet benchmark: multi-tenant, 2 workers, 2 gateways",
         "Envoy round_robin",
         "kvmesh precise",
-        "scripts/bench --workers=2",
+        "scripts/bench --workers=2 --gateways=2",
         "Best achievable hit rate",
+        "TTFT by prompt length, 2 workers, 2 gateways",
     ] {
         assert!(
             markdown.contains(expected),
@@ -148,6 +157,17 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             .unwrap_or_else(|| panic!("no prompt-length row for {policy}:\n{by_length}"));
         assert!(row.contains(" / ") && row.contains('('), "{row}");
     }
+    // The client spread each policy's requests evenly over the gateways.
+    let (_, pacing) = markdown
+        .split_once("Client pacing and machine load, 2 workers, 2 gateways")
+        .expect("the pacing table");
+    for policy in ["Envoy round_robin", "kvmesh precise"] {
+        let row = pacing
+            .lines()
+            .find(|l| l.starts_with(&format!("| {policy} |")))
+            .unwrap_or_else(|| panic!("no pacing row for {policy}:\n{pacing}"));
+        assert!(row.ends_with("| 24 / 24 |"), "{row}");
+    }
     for plot in ["multi-tenant-ttft-cdf.svg", "multi-tenant-hit-rate.svg"] {
         let svg = std::fs::read_to_string(out.path().join(plot)).unwrap();
         assert!(
@@ -157,9 +177,9 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
     }
 }
 
-/// Every request has a row naming its worker and what the engine found
-/// cached (from the stream's usage chunk), and those per-request figures add
-/// up to each policy's hit rate in the summary.
+/// Every request has a row naming its gateway, its worker and what the
+/// engine found cached (from the stream's usage chunk), and those
+/// per-request figures add up to each policy's hit rate in the summary.
 fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
@@ -171,6 +191,7 @@ fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
         let fields: Vec<&str> = line.split(',').collect();
         let worker = fields[column("worker")];
         assert!(worker.starts_with("worker-"), "{line}");
+        assert!(["0", "1"].contains(&fields[column("gateway")]), "{line}");
         assert!(
             fields[column("ttft_ms")].parse::<f64>().unwrap() > 0.0,
             "{line}"

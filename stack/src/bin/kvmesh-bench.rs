@@ -14,6 +14,7 @@ use kvmesh_stack::fleet_bench::policy::Policy;
 use kvmesh_stack::fleet_bench::prompts::PromptBlocker;
 use kvmesh_stack::fleet_bench::report::{self, RunContext};
 use kvmesh_stack::fleet_bench::run::{run_policy, FleetParams};
+use kvmesh_stack::fleet_bench::scale::{LoadScale, SIZED_FOR_WORKERS};
 use kvmesh_stack::fleet_bench::summary::Summary;
 use kvmesh_stack::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
 use kvmesh_stack::harness::paths;
@@ -48,6 +49,16 @@ struct Args {
     /// Seed of the synthetic workloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Scale every workload's load by this factor, or `auto` (workers ÷ 4):
+    /// the defaults are sized for 4 GPUs. Arrival rates and request counts
+    /// are multiplied, and so are multi-tenant's tenants and multi-turn's
+    /// sessions; Mooncake replays more of the trace at a higher rate (and the
+    /// trace again, with fresh hash ids, past its end). KV blocks per GPU stay,
+    /// so each GPU sees the same load and cache pressure and the run spans the
+    /// same simulated time. Real time per simulated second grows with the
+    /// factor: lower `--speedup` as the scale grows (docs/benchmarks.md).
+    #[arg(long, default_value = "1")]
+    scale: LoadScale,
     #[command(flatten)]
     mooncake: MooncakeReplay,
     #[command(flatten)]
@@ -67,12 +78,19 @@ fn main() -> anyhow::Result<()> {
         &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
         args.fleet.engine.block_size(),
     )?;
+    let factor = args.scale.factor(args.fleet.workers);
     for kind in &args.workloads {
-        let workload = match kind {
-            WorkloadKind::Mooncake => args.mooncake.workload()?,
-            WorkloadKind::MultiTenant => args.multi_tenant.workload(args.seed),
-            WorkloadKind::MultiTurn => args.multi_turn.workload(args.seed),
+        let mut workload = match kind {
+            WorkloadKind::Mooncake => args.mooncake.scaled(factor).workload()?,
+            WorkloadKind::MultiTenant => args.multi_tenant.scaled(factor).workload(args.seed),
+            WorkloadKind::MultiTurn => args.multi_turn.scaled(factor).workload(args.seed),
         };
+        if factor != 1.0 {
+            workload.description.push_str(&format!(
+                "; load scaled ×{factor} from the {SIZED_FOR_WORKERS}-GPU sizing (`--scale {}`)",
+                args.scale
+            ));
+        }
         let (rows, requests) = run_workload(&workload, &args, &blocker)?;
         if args.per_request {
             let path = args.out.join(format!("{}-requests.csv", workload.name));
@@ -85,6 +103,8 @@ fn main() -> anyhow::Result<()> {
             command: command.clone(),
             workload: workload.description.clone(),
             fleet: fleet_description(&args.fleet, &workload),
+            workers: args.fleet.workers,
+            gateways: usize::from(args.fleet.gateways),
         };
         let written = report::write(&args.out, &workload.name, &context, &rows)?;
         println!("{}", report::markdown(&workload.name, &context, &rows));
@@ -127,14 +147,15 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
         let block_size = WorkerEngine::Vllm.block_size();
         let tokens = workload.cache_blocks * WorkerEngine::Sim.block_size();
         return format!(
-            "{} real vLLM 0.32 CPU engines (tiny random-weight Qwen3: 2 layers, hidden 128), {} KV blocks of {block_size} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server, all on one shared 2-core machine; every policy on a fresh fleet",
+            "{} real vLLM 0.32 CPU engines (tiny random-weight Qwen3: 2 layers, hidden 128), {} KV blocks of {block_size} tokens each, --speedup {}, {}, one nats-server, all on one shared 2-core machine; every policy on a fresh fleet",
             fleet.workers,
             tokens / block_size,
             fleet.speedup(workload),
+            gateways_description(fleet),
         );
     }
     format!(
-        "{} simulated GPUs (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, 2 Envoy worker threads, one kv-sidecar, one nats-server; every policy on a fresh fleet{}",
+        "{} simulated GPUs (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, {}, one nats-server; every policy on a fresh fleet{}",
         fleet.workers,
         fleet.prefill_workers,
         if fleet.dedicated_prefill {
@@ -151,10 +172,21 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
         workload.cache_blocks,
         WorkerEngine::Sim.block_size(),
         fleet.speedup(workload),
+        gateways_description(fleet),
         if fleet.sim_args.is_empty() {
             String::new()
         } else {
             format!("; sim-engine {}", fleet.sim_args.join(" "))
         }
     )
+}
+
+fn gateways_description(fleet: &FleetParams) -> String {
+    let threads = fleet.gateway_threads;
+    match fleet.gateways {
+        1 => format!("one gateway (Envoy with {threads} worker threads and its kv-sidecar)"),
+        n => format!(
+            "{n} gateways (each Envoy with {threads} worker threads and its own kv-sidecar; the client sends requests to them in turn)"
+        ),
+    }
 }

@@ -2,10 +2,12 @@
 //! workload under each routing policy, one after the other.
 
 pub mod bound;
+pub mod cpu;
 pub mod mooncake;
 pub mod policy;
 pub mod prompts;
 pub mod report;
 pub mod run;
+pub mod scale;
 pub mod summary;
 pub mod workload;

@@ -62,27 +62,36 @@ pub struct MooncakeReplay {
 }
 
 impl MooncakeReplay {
+    /// The same replay for a fleet `factor` times larger: the trace's
+    /// arrival rate and the requests replayed both × `factor`, so the run
+    /// spans as much simulated time as before.
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            trace_requests: (self.trace_requests as f64 * factor).round().max(1.0) as usize,
+            trace_load_scale: self.trace_load_scale * factor,
+            ..self.clone()
+        }
+    }
+
     pub fn workload(&self) -> anyhow::Result<Workload> {
         anyhow::ensure!(
             self.trace_load_scale > 0.0,
             "--trace-load-scale must be positive"
         );
-        let file = std::fs::File::open(&self.trace)
-            .with_context(|| format!("opening the trace {}", self.trace.display()))?;
+        let rows = self.read_rows()?;
+        let passes = TracePasses::of(&rows);
         let mut arrivals = Vec::with_capacity(self.trace_requests);
         let mut truncated = 0;
-        for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
-            if arrivals.len() == self.trace_requests {
-                break;
-            }
-            let line = line.with_context(|| format!("reading {}", self.trace.display()))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let row: TraceRow = serde_json::from_str(&line)
-                .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
+        for index in 0..self.trace_requests {
+            let row = passes.row(&rows, index);
             let (tokens, was_truncated) = prompt_tokens(&row, self.trace_max_model_len as usize)
-                .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
+                .with_context(|| {
+                    format!(
+                        "{}: request {}",
+                        self.trace.display(),
+                        index % rows.len() + 1
+                    )
+                })?;
             truncated += usize::from(was_truncated);
             arrivals.push(Arrival {
                 at: row.timestamp as f64 / 1_000.0 / self.trace_load_scale,
@@ -92,16 +101,20 @@ impl MooncakeReplay {
                 },
             });
         }
-        anyhow::ensure!(
-            !arrivals.is_empty(),
-            "{} holds no request",
-            self.trace.display()
-        );
         let span = arrivals.last().map_or(0.0, |a| a.at);
+        let repeated = if self.trace_requests > rows.len() {
+            format!(
+                ", {} passes over the trace's {} requests, each later pass with fresh hash ids",
+                self.trace_requests.div_ceil(rows.len()),
+                rows.len()
+            )
+        } else {
+            String::new()
+        };
         Ok(Workload {
             name: "mooncake".to_owned(),
             description: format!(
-                "Mooncake trace {}: first {} requests ({:.0} s of trace at {}× its load), token-id prompts, {} truncated to {} tokens of context",
+                "Mooncake trace {}: first {} requests ({:.0} s of trace at {}× its load{repeated}), token-id prompts, {} truncated to {} tokens of context",
                 self.trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
                 arrivals.len(), span, self.trace_load_scale, truncated, self.trace_max_model_len
             ),
@@ -114,6 +127,78 @@ impl MooncakeReplay {
             )],
             speedup: self.trace_speedup,
         })
+    }
+
+    /// The trace's rows, up to `--trace-requests`, each checked.
+    fn read_rows(&self) -> anyhow::Result<Vec<TraceRow>> {
+        let file = std::fs::File::open(&self.trace)
+            .with_context(|| format!("opening the trace {}", self.trace.display()))?;
+        let mut rows = Vec::with_capacity(self.trace_requests);
+        for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+            if rows.len() == self.trace_requests {
+                break;
+            }
+            let line = line.with_context(|| format!("reading {}", self.trace.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row: TraceRow = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
+            rows.push(row);
+        }
+        anyhow::ensure!(
+            !rows.is_empty(),
+            "{} holds no request",
+            self.trace.display()
+        );
+        Ok(rows)
+    }
+}
+
+/// Replaying more requests than the trace holds: the trace again after its
+/// end, as often as needed. Each later pass starts one mean inter-arrival
+/// gap after the previous one ends, with every hash id shifted past the
+/// trace's largest, so a pass is a fresh population of users whose prompts
+/// share prefixes among themselves as the trace's do, never with another
+/// pass.
+struct TracePasses {
+    /// Trace milliseconds from one pass's start to the next's.
+    period_ms: u64,
+    /// Added to every hash id per pass.
+    id_shift: u64,
+}
+
+impl TracePasses {
+    fn of(rows: &[TraceRow]) -> Self {
+        let first = rows.first().map_or(0, |r| r.timestamp);
+        let last = rows.last().map_or(0, |r| r.timestamp);
+        let span = last.saturating_sub(first);
+        let gaps = (rows.len() as u64).saturating_sub(1).max(1);
+        let max_id = rows
+            .iter()
+            .flat_map(|r| r.hash_ids.iter().copied())
+            .max()
+            .unwrap_or(0);
+        Self {
+            period_ms: span + (span / gaps).max(1),
+            id_shift: max_id.saturating_add(1),
+        }
+    }
+
+    /// Request `index` of the replay.
+    fn row(&self, rows: &[TraceRow], index: usize) -> TraceRow {
+        let pass = (index / rows.len()) as u64;
+        let row = &rows[index % rows.len()];
+        TraceRow {
+            timestamp: row.timestamp + pass * self.period_ms,
+            input_length: row.input_length,
+            output_length: row.output_length,
+            hash_ids: row
+                .hash_ids
+                .iter()
+                .map(|id| id + pass * self.id_shift)
+                .collect(),
+        }
     }
 }
 
@@ -179,6 +264,45 @@ mod tests {
         let (tokens, cut) = prompt_tokens(&row(vec![1, 2, 3, 4], 2_000), 1_000).unwrap();
         assert!(cut);
         assert_eq!(tokens.len(), 992);
+    }
+
+    #[test]
+    fn later_passes_follow_the_trace_with_fresh_hash_ids() {
+        let rows = vec![
+            TraceRow {
+                timestamp: 100,
+                ..row(vec![1, 2], 700)
+            },
+            TraceRow {
+                timestamp: 400,
+                ..row(vec![1, 5], 900)
+            },
+        ];
+        let passes = TracePasses::of(&rows);
+        let first = passes.row(&rows, 1);
+        assert_eq!((first.timestamp, first.hash_ids), (400, vec![1, 5]));
+        // One mean gap (300 ms) after the first pass's end; ids past 5.
+        let again = passes.row(&rows, 2);
+        assert_eq!((again.timestamp, again.hash_ids), (700, vec![7, 8]));
+        let third = passes.row(&rows, 5);
+        assert_eq!((third.timestamp, third.hash_ids), (1_600, vec![13, 17]));
+    }
+
+    #[test]
+    fn scaling_keeps_the_replayed_trace_span() {
+        let replay = MooncakeReplay {
+            trace: PathBuf::from("trace.jsonl"),
+            trace_requests: 1_200,
+            trace_load_scale: 3.0,
+            trace_max_model_len: 65_536,
+            trace_cache_blocks: 30_000,
+            trace_compute_us_per_token: 8.0,
+            trace_speedup: 4.0,
+        };
+        let scaled = replay.scaled(4.0);
+        assert_eq!(scaled.trace_requests, 4_800);
+        assert_eq!(scaled.trace_load_scale, 12.0);
+        assert_eq!(scaled.trace_cache_blocks, 30_000);
     }
 
     #[test]

@@ -18,12 +18,29 @@ pub struct RunContext {
     pub command: String,
     pub workload: String,
     pub fleet: String,
+    /// Simulated GPUs (prefill plus decode for P/D).
+    pub workers: usize,
+    pub gateways: usize,
+}
+
+impl RunContext {
+    /// "16 workers, 2 gateways", for every table's caption.
+    fn size(&self) -> String {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        format!(
+            "{} worker{}, {} gateway{}",
+            self.workers,
+            plural(self.workers),
+            self.gateways,
+            plural(self.gateways)
+        )
+    }
 }
 
 /// The results table in markdown, with its context.
 pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "### Fleet benchmark: {name}\n");
+    let _ = writeln!(out, "### Fleet benchmark: {name}, {}\n", context.size());
     let _ = writeln!(out, "- Command: `{}`", context.command);
     let _ = writeln!(out, "- Workload: {}", context.workload);
     let _ = writeln!(out, "- Fleet: {}", context.fleet);
@@ -68,15 +85,17 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
             row.preemptions, row.requests, row.errors, modes
         );
     }
-    prompt_length_table(&mut out, rows);
+    prompt_length_table(&mut out, context, rows);
+    pacing_table(&mut out, context, rows);
     out
 }
 
 /// TTFT p50/p90/p99 of each policy by prompt length.
-fn prompt_length_table(out: &mut String, rows: &[Summary]) {
+fn prompt_length_table(out: &mut String, context: &RunContext, rows: &[Summary]) {
     let _ = writeln!(
         out,
-        "\nTTFT by prompt length (simulated ms, p50 / p90 / p99, requests):\n"
+        "\nTTFT by prompt length, {} (simulated ms, p50 / p90 / p99, requests):\n",
+        context.size()
     );
     let classes: Vec<&str> = PROMPT_CLASSES.iter().map(|(name, _)| *name).collect();
     let _ = writeln!(out, "| policy | {} |", classes.join(" | "));
@@ -94,15 +113,44 @@ fn prompt_length_table(out: &mut String, rows: &[Summary]) {
     }
 }
 
+/// Whether the machine kept up: how late arrivals left the client, how busy
+/// the cores were, how the client spread requests over the gateways.
+fn pacing_table(out: &mut String, context: &RunContext, rows: &[Summary]) {
+    let _ = writeln!(
+        out,
+        "\nClient pacing and machine load, {}: arrivals sent after their schedule (real ms; more than a few ms means the client or the machine could not keep the open-loop schedule), share of all cores' time busy during the replay and the part the bench and its fleet used (the rest is other work on the machine), requests per gateway:\n",
+        context.size()
+    );
+    let _ = writeln!(
+        out,
+        "| policy | sent late p50 | sent late p99 | sent late max | CPU busy | of it the bench | requests by gateway |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let percent =
+        |share: Option<f64>| share.map_or_else(|| "–".to_owned(), |s| format!("{:.0}%", s * 100.0));
+    for row in rows {
+        let [p50, p99, max] = row.late_ms;
+        let spread: Vec<String> = row.by_gateway.iter().map(usize::to_string).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {p50:.1} | {p99:.1} | {max:.1} | {} | {} | {} |",
+            row.policy,
+            percent(row.cpu.map(|c| c.machine)),
+            percent(row.cpu.map(|c| c.bench)),
+            spread.join(" / ")
+        );
+    }
+}
+
 /// The same rows as CSV (milliseconds, rates as fractions).
-pub fn csv(rows: &[Summary]) -> String {
+pub fn csv(context: &RunContext, rows: &[Summary]) -> String {
     let mut out = String::from(
-        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_seen_before,preemptions,requests,errors\n",
+        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_seen_before,preemptions,requests,errors,workers,gateways,sent_late_p99_ms,sent_late_max_ms,cpu_busy,cpu_bench\n",
     );
     for row in rows {
         let _ = writeln!(
             out,
-            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{},{},{}",
+            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{},{},{},{},{},{:.3},{:.3},{},{}",
             row.slug,
             row.ttft_p50,
             row.ttft_p90,
@@ -119,15 +167,26 @@ pub fn csv(rows: &[Summary]) -> String {
             row.bound.seen_before,
             row.preemptions,
             row.requests,
-            row.errors
+            row.errors,
+            context.workers,
+            context.gateways,
+            row.late_ms[1],
+            row.late_ms[2],
+            csv_share(row.cpu.map(|c| c.machine)),
+            csv_share(row.cpu.map(|c| c.bench))
         );
     }
     out
 }
 
+/// A share as a CSV fraction; empty when unknown.
+fn csv_share(share: Option<f64>) -> String {
+    share.map_or_else(String::new, |s| format!("{s:.3}"))
+}
+
 /// Header of the per-request CSV (`kvmesh-bench --per-request`).
 pub const REQUESTS_CSV_HEADER: &str =
-    "policy,sent_ms,worker,prompt_tokens,cached_tokens,first_block,ttft_ms,e2e_ms,error\n";
+    "policy,sent_ms,gateway,worker,prompt_tokens,cached_tokens,first_block,ttft_ms,e2e_ms,error\n";
 
 /// One CSV line per request of `run` (times in simulated ms; `first_block`
 /// is the hash of the prompt's first KV block, which names its prefix).
@@ -161,9 +220,10 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
         };
         let _ = writeln!(
             out,
-            "{},{:.3},{worker},{},{cached},{first_block},{ttft},{e2e},{error}",
+            "{},{:.3},{},{worker},{},{cached},{first_block},{ttft},{e2e},{error}",
             run.policy.slug(),
             record.sent_at * ms,
+            record.gateway,
             prompt.tokens,
         );
     }
@@ -190,7 +250,7 @@ pub fn write(
     let hits = dir.join(format!("{name}-hit-rate.svg"));
     std::fs::write(&md, markdown(name, context, rows))
         .with_context(|| format!("writing {}", md.display()))?;
-    std::fs::write(&csv_path, csv(rows))
+    std::fs::write(&csv_path, csv(context, rows))
         .with_context(|| format!("writing {}", csv_path.display()))?;
     ttft_cdf(&cdf, name, rows).with_context(|| format!("plotting {}", cdf.display()))?;
     hit_rates(&hits, name, rows).with_context(|| format!("plotting {}", hits.display()))?;

@@ -2,6 +2,7 @@
 //! real time (simulated time ÷ speedup), collect what the client saw and what
 //! the engines counted.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,11 +10,13 @@ use anyhow::Context;
 use indicatif::ProgressBar;
 use serde_json::json;
 
+use crate::fleet_bench::cpu::{CpuShare, CpuTimes};
 use crate::fleet_bench::policy::Policy;
 use crate::fleet_bench::workload::{Conversation, Prompt, Workload};
 use crate::harness::client::prometheus_sum;
 use crate::harness::load::{stream_timed, Streamed};
 use crate::harness::stack::{Stack, StackOptions, WorkerEngine};
+use crate::harness::{Envoy, GatewayConfig};
 use kvmesh_config::{DisaggregationPolicy, EngineKind};
 
 /// Longest a single request may take, real time.
@@ -46,6 +49,13 @@ pub struct FleetParams {
     /// prefix table in approximate mode.
     #[arg(long, default_value_t = 2)]
     pub gateway_threads: u64,
+    /// Gateways, each an Envoy with `--gateway-threads` and its own
+    /// `kv-sidecar serve`, all on the fleet's one NATS, so kvmesh's sidecars
+    /// share each gateway's decisions with the others; plain-Envoy policies
+    /// balance per gateway. The client sends each request to the next
+    /// gateway in turn, as an L4 balancer in front of them would.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub gateways: u16,
     /// kvmesh's weight of uncached prompt blocks against load (the
     /// filter's `overlap_weight`; its default when unset).
     #[arg(long)]
@@ -82,6 +92,12 @@ pub struct RequestRecord {
     pub conversation: usize,
     /// Real seconds from the start of the replay.
     pub sent_at: f64,
+    /// Real seconds the request left after its scheduled arrival (the first
+    /// request of a conversation; later turns follow their answers): a
+    /// client or machine too busy to keep the open-loop schedule.
+    pub late_by: Option<f64>,
+    /// Index of the gateway it went through.
+    pub gateway: usize,
     pub prompt: Prompt,
     pub outcome: Result<Streamed, String>,
 }
@@ -101,8 +117,14 @@ pub struct PolicyRun {
     /// A preempted request is looked up in the prefix cache again when it is
     /// re-admitted, as in vLLM, so preemptions inflate the counters' hit rate.
     pub preemptions: f64,
-    /// kvmesh requests routed precise / approximate / fallback.
+    /// kvmesh requests routed precise / approximate / fallback, over every
+    /// gateway.
     pub modes: Option<[u64; 3]>,
+    /// Shares of the cores' time busy during the replay, and used by the
+    /// bench and its fleet (Linux only): near 1, the fleet's processes and
+    /// the client compete for the cores and latencies measure the machine
+    /// more than routing.
+    pub cpu: Option<CpuShare>,
 }
 
 /// Starts a fleet for `policy`, replays `workload` through it and stops it.
@@ -150,24 +172,31 @@ pub fn run_policy(
     options.prefill_workers = prefill_workers;
     options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);
     options.shared_workers = prefill_workers > 0 && !fleet.dedicated_prefill;
-    let stack = Stack::start(options, |config| {
+    let configure = |config: &mut GatewayConfig| {
         policy.configure(config);
         config.worker_threads = fleet.gateway_threads;
         for model in &mut config.models {
             model.overlap_weight = fleet.overlap_weight;
         }
-    })
-    .with_context(|| format!("starting the fleet for {}", policy.label()))?;
+    };
+    let mut stack = Stack::start(options, configure)
+        .with_context(|| format!("starting the fleet for {}", policy.label()))?;
+    for _ in 1..fleet.gateways {
+        stack.add_gateway(configure)?;
+    }
+    let gateways: Vec<String> = stack.envoys().map(Envoy::gateway_url).collect();
     let runtime = tokio::runtime::Runtime::new()?;
+    let cpu = CpuTimes::now();
     let started = Instant::now();
     let records = runtime.block_on(replay(
         workload,
         &fleet.model,
-        &stack.envoy.gateway_url(),
+        &gateways,
         fleet.speedup(workload),
         progress,
     ))?;
     let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu.and_then(|before| CpuTimes::now()?.share_since(&before));
     // With remote prefill the decode engines "hit" the blocks they pulled;
     // the prefill engines' counters say what caching saved.
     let prefill_urls: Vec<String> = stack.prefill_workers.iter().map(|w| w.sim.url()).collect();
@@ -191,10 +220,9 @@ pub fn run_policy(
     let modes = if matches!(policy, Policy::RoundRobin | Policy::LeastRequest) {
         None
     } else {
-        let stat = |mode: &str| {
-            stack
-                .envoy
-                .stat(&format!("wasmcustom.kvmesh_requests_{mode}"))
+        let stat = |mode: &str| -> anyhow::Result<u64> {
+            let name = format!("wasmcustom.kvmesh_requests_{mode}");
+            stack.envoys().map(|envoy| envoy.stat(&name)).sum()
         };
         Some([stat("precise")?, stat("approximate")?, stat("fallback")?])
     };
@@ -206,23 +234,26 @@ pub fn run_policy(
         cache_queries,
         preemptions,
         modes,
+        cpu,
     })
 }
 
 async fn replay(
     workload: &Workload,
     model: &str,
-    gateway: &str,
+    gateways: &[String],
     speedup: f64,
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<RequestRecord>> {
+    anyhow::ensure!(!gateways.is_empty(), "no gateway to send to");
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .pool_max_idle_per_host(256)
         .build()?;
     let context = Arc::new(Replay {
         client,
-        gateway: gateway.to_owned(),
+        gateways: gateways.to_vec(),
+        next_gateway: AtomicUsize::new(0),
         model: model.to_owned(),
         speedup,
         started: tokio::time::Instant::now(),
@@ -230,12 +261,12 @@ async fn replay(
     });
     let mut tasks = Vec::with_capacity(workload.arrivals.len());
     for (index, arrival) in workload.arrivals.iter().enumerate() {
-        let at = context.started + Duration::from_secs_f64(arrival.at / speedup);
-        tokio::time::sleep_until(at).await;
+        let scheduled = arrival.at / speedup;
+        tokio::time::sleep_until(context.started + Duration::from_secs_f64(scheduled)).await;
         let context = Arc::clone(&context);
         let conversation = arrival.conversation.clone();
         tasks.push(tokio::spawn(async move {
-            context.converse(index, conversation).await
+            context.converse(index, scheduled, conversation).await
         }));
     }
     let mut records = Vec::with_capacity(workload.requests());
@@ -248,7 +279,10 @@ async fn replay(
 
 struct Replay {
     client: reqwest::Client,
-    gateway: String,
+    /// Base URL of every gateway.
+    gateways: Vec<String>,
+    /// Round robin over `gateways`, request by request.
+    next_gateway: AtomicUsize,
     model: String,
     speedup: f64,
     started: tokio::time::Instant,
@@ -256,10 +290,17 @@ struct Replay {
 }
 
 impl Replay {
-    async fn converse(&self, index: usize, conversation: Conversation) -> Vec<RequestRecord> {
+    /// Sends a conversation that was scheduled `scheduled` real seconds
+    /// into the replay.
+    async fn converse(
+        &self,
+        index: usize,
+        scheduled: f64,
+        conversation: Conversation,
+    ) -> Vec<RequestRecord> {
         match conversation {
             Conversation::Single { prompt, max_tokens } => {
-                vec![self.send(index, prompt, max_tokens).await]
+                vec![self.send(index, prompt, max_tokens, Some(scheduled)).await]
             }
             Conversation::Session {
                 system,
@@ -275,8 +316,9 @@ impl Replay {
                         tokio::time::sleep(Duration::from_secs_f64(think / self.speedup)).await;
                     }
                     messages.push(json!({"role": "user", "content": user}));
+                    let schedule = (turn == 0).then_some(scheduled);
                     let record = self
-                        .send(index, Prompt::Chat(messages.clone()), max_tokens)
+                        .send(index, Prompt::Chat(messages.clone()), max_tokens, schedule)
                         .await;
                     let Ok(answer) = &record.outcome else {
                         // A session whose answer is lost ends, as a user
@@ -293,9 +335,16 @@ impl Replay {
         }
     }
 
-    async fn send(&self, conversation: usize, prompt: Prompt, max_tokens: u32) -> RequestRecord {
+    async fn send(
+        &self,
+        conversation: usize,
+        prompt: Prompt,
+        max_tokens: u32,
+        scheduled: Option<f64>,
+    ) -> RequestRecord {
         let sent_at = self.started.elapsed().as_secs_f64();
-        let url = format!("{}{}", self.gateway, prompt.path());
+        let gateway = self.next_gateway.fetch_add(1, Ordering::Relaxed) % self.gateways.len();
+        let url = format!("{}{}", self.gateways[gateway], prompt.path());
         let body = prompt.body(&self.model, max_tokens);
         let outcome = stream_timed(&self.client, &url, &body)
             .await
@@ -304,6 +353,8 @@ impl Replay {
         RequestRecord {
             conversation,
             sent_at,
+            late_by: scheduled.map(|at| (sent_at - at).max(0.0)),
+            gateway,
             prompt,
             outcome,
         }

@@ -1,6 +1,7 @@
 //! Per-policy numbers from a run, in simulated time.
 
 use crate::fleet_bench::bound::HitRateBound;
+use crate::fleet_bench::cpu::CpuShare;
 use crate::fleet_bench::run::PolicyRun;
 use crate::harness::stats::quantile;
 
@@ -53,6 +54,13 @@ pub struct Summary {
     pub ttfts: Vec<f64>,
     /// TTFT by [`PROMPT_CLASSES`], over the requests that reported usage.
     pub ttft_by_prompt: [ClassTtft; PROMPT_CLASSES.len()],
+    /// How late arrivals left the client (real ms, p50 / p99 / max): the
+    /// replay keeping its open-loop schedule, or not.
+    pub late_ms: [f64; 3],
+    /// Shares of the cores' time busy and used by the bench during the replay.
+    pub cpu: Option<CpuShare>,
+    /// Requests sent through each gateway.
+    pub by_gateway: Vec<usize>,
 }
 
 impl Summary {
@@ -65,7 +73,14 @@ impl Summary {
         let mut errors = 0;
         let (mut cached_tokens, mut prompt_tokens) = (0u64, 0u64);
         let mut by_class: [Vec<f64>; PROMPT_CLASSES.len()] = Default::default();
+        let mut late: Vec<f64> = Vec::new();
+        let mut by_gateway: Vec<usize> = Vec::new();
         for record in &run.records {
+            late.extend(record.late_by.map(|s| s * 1e3));
+            if by_gateway.len() <= record.gateway {
+                by_gateway.resize(record.gateway + 1, 0);
+            }
+            by_gateway[record.gateway] += 1;
             match &record.outcome {
                 Ok(streamed) => {
                     ttfts.extend(streamed.ttft().map(|t| t * ms));
@@ -122,6 +137,13 @@ impl Summary {
                 p90: quantile(&mut class, 0.9),
                 p99: quantile(&mut class, 0.99),
             }),
+            late_ms: [
+                quantile(&mut late, 0.5),
+                quantile(&mut late, 0.99),
+                quantile(&mut late, 1.0),
+            ],
+            cpu: run.cpu,
+            by_gateway,
         }
     }
 

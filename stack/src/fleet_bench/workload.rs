@@ -5,6 +5,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use crate::fleet_bench::scale::scaled_count;
+
 /// The prompt of one request as the engine receives it.
 #[derive(Debug, Clone)]
 pub enum Prompt {
@@ -127,6 +129,18 @@ pub struct MultiTenant {
 }
 
 impl MultiTenant {
+    /// The same workload for a fleet `factor` times larger: tenants,
+    /// requests and their rate × `factor`, so each GPU keeps the share of
+    /// tenants and load it had and the run spans as much simulated time.
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            tenants: scaled_count(self.tenants, factor),
+            tenant_requests: scaled_count(self.tenant_requests, factor),
+            tenant_rate: self.tenant_rate * factor,
+            ..self.clone()
+        }
+    }
+
     pub fn workload(&self, seed: u64) -> Workload {
         let mut rng = StdRng::seed_from_u64(seed);
         let systems: Vec<String> = (0..self.tenants)
@@ -202,6 +216,16 @@ pub struct MultiTurn {
 }
 
 impl MultiTurn {
+    /// The same workload for a fleet `factor` times larger: sessions and
+    /// their rate × `factor` (they share one system prompt).
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            sessions: scaled_count(self.sessions, factor),
+            session_rate: self.session_rate * factor,
+            ..self.clone()
+        }
+    }
+
     pub fn workload(&self, seed: u64) -> Workload {
         let mut rng = StdRng::seed_from_u64(seed);
         let system = format!(
@@ -315,6 +339,34 @@ mod tests {
         // Mean inter-arrival near 1/rate.
         let mean = a.arrivals.last().unwrap().at / 50.0;
         assert!((0.05..0.2).contains(&mean), "mean gap {mean}");
+    }
+
+    #[test]
+    fn scaling_multiplies_tenants_requests_and_rate() {
+        let params = MultiTenant {
+            tenants: 16,
+            tenant_prefix_tokens: 20,
+            users_per_tenant: 8,
+            question_tokens: 5,
+            tenant_requests: 400,
+            tenant_rate: 6.0,
+            tenant_output_tokens: 4,
+            tenant_cache_blocks: 1_500,
+        };
+        let scaled = params.scaled(4.0);
+        assert_eq!(
+            (scaled.tenants, scaled.tenant_requests, scaled.tenant_rate),
+            (64, 1_600, 24.0)
+        );
+        assert_eq!(
+            (scaled.users_per_tenant, scaled.tenant_cache_blocks),
+            (8, 1_500)
+        );
+        let (base, big) = (params.workload(1), scaled.workload(1));
+        assert_eq!(big.requests(), 1_600);
+        // The same simulated span, within Poisson noise.
+        let span = |w: &Workload| w.arrivals.last().unwrap().at;
+        assert!((span(&big) / span(&base) - 1.0).abs() < 0.15);
     }
 
     #[test]

@@ -444,6 +444,11 @@ impl Envoy {
         format!("http://127.0.0.1:{}", self.config.gateway_port)
     }
 
+    /// The configuration Envoy was started with.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.config.admin_port)
     }

@@ -4,6 +4,7 @@ pub mod client;
 pub mod engine_publisher;
 pub mod envoy;
 pub mod fleet;
+pub mod gateway;
 pub mod istio;
 pub mod load;
 pub mod nats;

@@ -1,26 +1,24 @@
 //! The whole kvmesh stack on one machine: nats-server, simulated (or real
-//! vLLM) workers each with its `kv-sidecar relay`, `kv-sidecar serve`, and
-//! Envoy with the filter fed by the sidecar. Used by `scripts/quickstart`,
-//! the benchmarks and the end-to-end tests.
+//! vLLM) workers each with its `kv-sidecar relay`, and a gateway — Envoy
+//! with the filter fed by its own `kv-sidecar serve` — or several
+//! ([`Stack::add_gateway`]). Used by `scripts/quickstart`, the benchmarks and
+//! the end-to-end tests.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use kv_sidecar::serve::config::ModelConfig;
 use kvmesh_config::{
     DisaggregationPolicy, DisaggregationSpec, EngineKind, NoLocalFields, Role, WithLocal,
 };
 
 use crate::harness::envoy::Disaggregation;
 use crate::harness::fleet::KvWorker;
+use crate::harness::gateway::{wait_for_fleet_state, Gateway};
 use crate::harness::sidecar::{Sidecar, SidecarModel};
 use crate::harness::sim::SimEngineOptions;
 use crate::harness::vllm::{VllmEngine, VllmOptions, VllmWorker};
 use crate::harness::{free_port, paths, Envoy, GatewayConfig, ModelRoute, NatsServer};
-
-/// How long the sidecar may take to connect to NATS and load its state, and
-/// the filters to receive it.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a stack's workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -136,9 +134,12 @@ impl StackOptions {
     }
 }
 
-/// Fields drop in order: Envoy first, so no request reaches a dead worker.
+/// Fields drop in order: the Envoys first, so no request reaches a dead
+/// worker. `envoy` and `sidecar` are the first gateway.
 pub struct Stack {
     pub envoy: Envoy,
+    /// Gateways started by [`Stack::add_gateway`], each with its own sidecar.
+    pub more_gateways: Vec<Gateway>,
     pub sidecar: Sidecar,
     pub workers: Vec<KvWorker>,
     pub prefill_workers: Vec<KvWorker>,
@@ -215,53 +216,63 @@ impl Stack {
             };
             prefill_workers.push(start(format!("prefill-{index}"), role, bootstrap)?);
         }
-        let mut model = SidecarModel {
-            name: options.model.clone(),
-            block_size: options.block_size,
-            tokenizer: Some(options.tokenizer.clone()),
-        }
-        .config();
-        // The filter's model spec, so /debug/route plans the remote prefill too.
-        if disaggregated {
-            model.disaggregation = Some(WithLocal {
-                shared: DisaggregationSpec {
-                    policy: options.disaggregation.0,
-                    shared_workers: options.shared_workers,
-                    ..DisaggregationSpec::default()
-                },
-                local: NoLocalFields {},
-            });
-        }
-        let mut sidecar = Sidecar::start_with_specs(&nats.url(), &[model], "")
-            .context("starting kv-sidecar serve")?;
-        sidecar
-            .wait_ready(READY_TIMEOUT)
-            .context("waiting for kv-sidecar serve to be ready")?;
-        let mut config = GatewayConfig::new(vec![model_route(
-            &options,
-            &worker_addresses(&workers, &vllm_workers),
-            &prefill_workers,
-            bootstrap_port,
-        )])?;
-        config.sidecar = Some(sidecar.endpoints());
-        configure(&mut config);
-        let vms = config.worker_threads;
-        let routes_on_fleet_state = config.filter && config.sidecar.is_some();
-        let envoy = Envoy::start(config).context("starting Envoy")?;
+        let gateway = Gateway::start(
+            &nats.url(),
+            &[sidecar_model(&options)],
+            vec![model_route(
+                &options,
+                &worker_addresses(&workers, &vllm_workers),
+                &prefill_workers,
+                bootstrap_port,
+            )],
+            configure,
+        )?;
+        let Gateway { envoy, sidecar } = gateway;
         let stack = Self {
             workers,
             prefill_workers,
             vllm_workers,
             sidecar,
             envoy,
+            more_gateways: Vec::new(),
             nats,
             options,
             bootstrap_port,
         };
-        if routes_on_fleet_state {
-            stack.wait_for_fleet_state(vms)?;
-        }
+        wait_for_fleet_state(&stack.envoy, &stack.sidecar, stack.worker_count())?;
         Ok(stack)
+    }
+
+    /// Starts one more gateway — Envoy and its own `kv-sidecar serve` — on
+    /// this stack's NATS and workers, as a deployment scales its gateways
+    /// out; returns once its filter VMs have fleet state. `configure` adjusts
+    /// its Envoy as [`start`](Self::start)'s does the first gateway's.
+    pub fn add_gateway(
+        &mut self,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> anyhow::Result<&Gateway> {
+        let index = self.more_gateways.len() + 1;
+        let gateway = Gateway::start(
+            &self.nats.url(),
+            &[sidecar_model(&self.options)],
+            vec![self.model_route()],
+            configure,
+        )
+        .with_context(|| format!("starting gateway {index}"))?;
+        gateway.wait_for_fleet_state(self.worker_count())?;
+        self.more_gateways.push(gateway);
+        Ok(&self.more_gateways[self.more_gateways.len() - 1])
+    }
+
+    /// Every gateway's Envoy: the first one's, then those of
+    /// [`add_gateway`](Self::add_gateway) in order.
+    pub fn envoys(&self) -> impl Iterator<Item = &Envoy> {
+        std::iter::once(&self.envoy).chain(self.more_gateways.iter().map(|g| &g.envoy))
+    }
+
+    /// Every gateway's sidecar, in the order of [`envoys`](Self::envoys).
+    pub fn sidecars(&self) -> impl Iterator<Item = &Sidecar> {
+        std::iter::once(&self.sidecar).chain(self.more_gateways.iter().map(|g| &g.sidecar))
     }
 
     /// The model's route over this stack's workers, for another gateway.
@@ -287,29 +298,32 @@ impl Stack {
             .collect()
     }
 
-    /// Every worker known to the sidecar and fleet state in each filter VM:
-    /// before that the gateway would route blind.
-    fn wait_for_fleet_state(&self, vms: u64) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let known = self.sidecar.known_workers().unwrap_or(0);
-            let updates = self
-                .envoy
-                .stat("wasmcustom.kvmesh_state_updates_applied")
-                .unwrap_or(0);
-            let expected =
-                self.workers.len() + self.prefill_workers.len() + self.vllm_workers.len();
-            if known >= expected && updates >= vms {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                anyhow::bail!(
-                    "fleet state not ready after {READY_TIMEOUT:?}: sidecar knows {known}/{expected} workers, filters applied {updates} updates"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    /// Workers of every pool, as the sidecars count them.
+    fn worker_count(&self) -> usize {
+        self.workers.len() + self.prefill_workers.len() + self.vllm_workers.len()
     }
+}
+
+/// The sidecars' spec of the stack's model: the filter's, so `/debug/route`
+/// plans the remote prefill too.
+fn sidecar_model(options: &StackOptions) -> ModelConfig {
+    let mut model = SidecarModel {
+        name: options.model.clone(),
+        block_size: options.block_size,
+        tokenizer: Some(options.tokenizer.clone()),
+    }
+    .config();
+    if options.prefill_workers > 0 {
+        model.disaggregation = Some(WithLocal {
+            shared: DisaggregationSpec {
+                policy: options.disaggregation.0,
+                shared_workers: options.shared_workers,
+                ..DisaggregationSpec::default()
+            },
+            local: NoLocalFields {},
+        });
+    }
+    model
 }
 
 /// Spawns every engine first so they load in parallel, then gives each ready

@@ -1,0 +1,177 @@
+//! Two gateways sharing load through NATS, as `kvmesh-bench --gateways 2`
+//! runs them: each Envoy with the compiled filter and its own `kv-sidecar
+//! serve`, one nats-server, sim-engines with their relays. Both route with
+//! fleet state, and a request in flight through one gateway is load the
+//! other gateway's sidecar — and through it that gateway's filter — sees.
+// Integration test: its helpers fail the test by panicking, like its tests
+// (clippy.toml allows that in test functions only).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::sidecar::Sidecar;
+use kvmesh_stack::harness::stack::{Stack, StackOptions};
+use kvmesh_stack::harness::Envoy;
+use serde_json::{json, Value};
+
+const MODEL: &str = "qwen3";
+const WORKERS: usize = 2;
+/// Simulated time 10× slower than real time, so a long answer stays in
+/// flight for seconds.
+const SIM_SPEEDUP: &str = "--speedup=0.1";
+/// Tokens of the long request's prompt: 20 blocks of 16.
+const LONG_PROMPT_TOKENS: u32 = 320;
+const LONG_PROMPT_BLOCKS: u64 = 20;
+/// Output tokens of the long request (~60 ms each in real time).
+const LONG_ANSWER_TOKENS: u32 = 150;
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn completions(envoy: &Envoy) -> String {
+    format!("{}/v1/completions", envoy.gateway_url())
+}
+
+/// `tokens` token ids of their own, starting at `first`.
+fn prompt(first: u32, tokens: u32) -> Vec<u32> {
+    (first..first + tokens).collect()
+}
+
+/// Predicted active blocks of each worker in the sidecar's fleet state.
+fn active_blocks(sidecar: &Sidecar) -> Vec<(String, u64)> {
+    let body: Value = reqwest::blocking::get(format!("{}/v1/workers", sidecar.http_url()))
+        .unwrap()
+        .json()
+        .unwrap();
+    body["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["worker_id"].as_str().unwrap().to_owned(),
+                w["load"]["active_blocks"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn blocks_of(blocks: &[(String, u64)], worker: &str) -> u64 {
+    blocks
+        .iter()
+        .find(|(id, _)| id == worker)
+        .map_or(0, |(_, blocks)| *blocks)
+}
+
+/// Waits until `check` holds for the sidecar's fleet state.
+fn wait_for(sidecar: &Sidecar, what: &str, check: impl Fn(&[(String, u64)]) -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let blocks = active_blocks(sidecar);
+        if check(&blocks) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {blocks:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A long streamed request through `envoy`, in the background: sends the
+/// worker that answers once the headers are in, then reads the answer to
+/// its end and returns its status.
+fn long_request(
+    envoy: &Envoy,
+    first_token: u32,
+) -> (mpsc::Receiver<String>, thread::JoinHandle<u16>) {
+    let url = completions(envoy);
+    let body = json!({"model": MODEL, "prompt": prompt(first_token, LONG_PROMPT_TOKENS),
+        "max_tokens": LONG_ANSWER_TOKENS, "stream": true});
+    let (worker_tx, worker_rx) = mpsc::channel();
+    let request = thread::spawn(move || {
+        let mut response = http_client().post(url).json(&body).send().unwrap();
+        let worker = response
+            .headers()
+            .get("x-sim-worker-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap()
+            .to_owned();
+        worker_tx.send(worker).unwrap();
+        let mut answer = String::new();
+        response.read_to_string(&mut answer).unwrap();
+        response.status().as_u16()
+    });
+    (worker_rx, request)
+}
+
+#[test]
+fn gateways_on_one_nats_see_each_others_in_flight_requests() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
+    let mut stack = Stack::start(options, |_| {}).unwrap();
+    stack.add_gateway(|_| {}).unwrap();
+    let envoys: Vec<&Envoy> = stack.envoys().collect();
+    let sidecars: Vec<&Sidecar> = stack.sidecars().collect();
+    assert_eq!((envoys.len(), sidecars.len()), (2, 2));
+    assert_ne!(envoys[0].gateway_url(), envoys[1].gateway_url());
+    assert_ne!(sidecars[0].http_url(), sidecars[1].http_url());
+
+    // Each gateway answers, routing on its own sidecar's fleet state.
+    let http = http_client();
+    for (index, envoy) in envoys.iter().enumerate() {
+        let body =
+            json!({"model": MODEL, "prompt": prompt(1_000 * index as u32, 40), "max_tokens": 2});
+        let response = post_json(&http, &completions(envoy), &body).unwrap();
+        assert_eq!(response.status, 200, "gateway {index}: {}", response.text);
+        assert_eq!(
+            envoy.stat("wasmcustom.kvmesh_requests_precise").unwrap(),
+            1,
+            "gateway {index} did not route on fleet state"
+        );
+    }
+    for sidecar in &sidecars {
+        wait_for(sidecar, "the short requests still count", |blocks| {
+            blocks.len() == WORKERS && blocks.iter().all(|(_, b)| *b == 0)
+        });
+    }
+
+    for (from, to) in [(0, 1), (1, 0)] {
+        let (worker_rx, request) = long_request(envoys[from], 100_000 * (from as u32 + 1));
+        let busy = worker_rx.recv_timeout(SETTLE).unwrap();
+        // The other gateway's sidecar heard of the decision only over NATS.
+        wait_for(
+            sidecars[to],
+            "the other gateway's request never showed",
+            |blocks| blocks_of(blocks, &busy) >= LONG_PROMPT_BLOCKS,
+        );
+        // And the other gateway's filter, fed by that sidecar, steers new
+        // prompts (no cache anywhere) away from the loaded worker.
+        for probe in 0..3u32 {
+            assert!(!request.is_finished(), "the long request ended too soon");
+            let first = 500_000 + 1_000 * (probe + 10 * from as u32);
+            let body = json!({"model": MODEL, "prompt": prompt(first, 48), "max_tokens": 1});
+            let response = post_json(&http, &completions(envoys[to]), &body).unwrap();
+            assert_eq!(response.status, 200, "{}", response.text);
+            assert_ne!(
+                response.sim_worker().unwrap(),
+                busy,
+                "gateway {to} sent probe {probe} to the worker gateway {from} loaded"
+            );
+        }
+        assert_eq!(request.join().unwrap(), 200);
+        // Completion is shared too: the load is gone on both sidecars.
+        for sidecar in &sidecars {
+            wait_for(sidecar, "the finished request still counts", |blocks| {
+                blocks_of(blocks, &busy) == 0
+            });
+        }
+    }
+    for (index, envoy) in envoys.iter().enumerate() {
+        assert_eq!(
+            envoy.stat("wasmcustom.kvmesh_requests_fallback").unwrap(),
+            0,
+            "gateway {index}"
+        );
+    }
+}
