@@ -146,26 +146,16 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{expected} missing:\n{markdown}"
         );
     }
-    // TTFT split by prompt length, with each policy's requests counted.
-    let (_, by_length) = markdown
-        .split_once("TTFT by prompt length")
-        .expect("the prompt-length table");
     for policy in ["Envoy round_robin", "kvmesh precise"] {
-        let row = by_length
-            .lines()
-            .find(|l| l.starts_with(&format!("| {policy} |")))
-            .unwrap_or_else(|| panic!("no prompt-length row for {policy}:\n{by_length}"));
+        // TTFT split by prompt length, with each policy's requests counted.
+        let row = table_row(&markdown, "TTFT by prompt length", policy);
         assert!(row.contains(" / ") && row.contains('('), "{row}");
-    }
-    // The client spread each policy's requests evenly over the gateways.
-    let (_, pacing) = markdown
-        .split_once("Client pacing and machine load, 2 workers, 2 gateways")
-        .expect("the pacing table");
-    for policy in ["Envoy round_robin", "kvmesh precise"] {
-        let row = pacing
-            .lines()
-            .find(|l| l.starts_with(&format!("| {policy} |")))
-            .unwrap_or_else(|| panic!("no pacing row for {policy}:\n{pacing}"));
+        // The client spread each policy's requests evenly over the gateways.
+        let row = table_row(
+            &markdown,
+            "Client pacing and machine load, 2 workers, 2 gateways",
+            policy,
+        );
         assert!(row.ends_with("| 24 / 24 |"), "{row}");
     }
     for plot in ["multi-tenant-ttft-cdf.svg", "multi-tenant-hit-rate.svg"] {
@@ -175,6 +165,17 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{plot}"
         );
     }
+}
+
+/// The row of `policy` in the first table after `caption`.
+fn table_row<'a>(markdown: &'a str, caption: &str, policy: &str) -> &'a str {
+    let (_, table) = markdown
+        .split_once(caption)
+        .unwrap_or_else(|| panic!("no table {caption}:\n{markdown}"));
+    table
+        .lines()
+        .find(|l| l.starts_with(&format!("| {policy} |")))
+        .unwrap_or_else(|| panic!("no row for {policy} after {caption}:\n{table}"))
 }
 
 /// Every request has a row naming its gateway, its worker and what the

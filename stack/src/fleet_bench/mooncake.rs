@@ -34,7 +34,8 @@ pub struct MooncakeReplay {
         default_value = "../shared/data/mooncake_synthetic_trace.jsonl"
     )]
     pub trace: PathBuf,
-    /// Replay the first this many requests of the trace.
+    /// Replay the first this many requests of the trace; past its end, the
+    /// trace again with fresh hash ids.
     #[arg(long, default_value_t = 1_200)]
     pub trace_requests: usize,
     /// Arrival times are divided by this (2: twice the trace's load).
