@@ -1,7 +1,8 @@
 //! The whole routing decision of a token-id request as the filter makes it:
 //! hashing an 8k-token prompt, the learned-table keys, KV overlap over a fleet
-//! view with 1M (block, worker) entries, the cost function over 64 or 256
-//! workers, and recording the keys for approximate mode. Run natively and
+//! view with 1M (block, worker) entries, the cost function over 4, 16, 64 or
+//! 256 workers (the cost curves' fleet sizes), and recording the keys for
+//! approximate mode. Run natively and
 //! inside V8 (see docs/benchmarks.md for the commands).
 // A benchmark is test code: setup that fails is a bug to stop on, as in
 // the tests (clippy.toml), which cannot cover a benchmark's functions.
@@ -85,7 +86,7 @@ fn decision(c: &mut Criterion) {
     };
     let prompt: Vec<u32> = tokens(u32::MAX)[..PROMPT_TOKENS as usize].to_vec();
     let mut group = c.benchmark_group("decision_8k_token_prompt_1M_entries");
-    for workers in [64u32, 256] {
+    for workers in [4u32, 16, 64, 256] {
         let view = fleet(&hasher, workers);
         let capacity = NonZeroUsize::new(65_536).expect("nonzero");
         let mut local = LocalState::new(LearnedTable::new(capacity, 300_000));
