@@ -1,4 +1,4 @@
-//! The filter's Envoy counters and histograms (visible in `/stats/prometheus`, summed over
+//! The filter's Envoy counters, histograms and gauge (visible in `/stats/prometheus`, summed over
 //! every worker VM).
 
 use std::collections::HashMap;
@@ -22,10 +22,15 @@ impl Counter {
     }
 
     pub fn add(self, host: &impl Host, value: u64) {
-        let value = i64::try_from(value).unwrap_or(i64::MAX);
-        if let Err(err) = host.increment_metric(self.0, value) {
-            log::debug!("{err}");
-        }
+        increment(host, self.0, value);
+    }
+}
+
+/// Counting is best effort: a failed increment must never fail a request.
+fn increment(host: &impl Host, metric: u32, value: u64) {
+    let value = i64::try_from(value).unwrap_or(i64::MAX);
+    if let Err(err) = host.increment_metric(metric, value) {
+        log::debug!("{err}");
     }
 }
 
@@ -76,6 +81,37 @@ impl Histogram {
         if let Err(err) = host.record_metric(self.0, value) {
             log::debug!("{err}");
         }
+    }
+}
+
+/// One Envoy gauge shared by every VM: each adds its own share, so the
+/// gauge holds their sum.
+#[derive(Debug, Clone, Copy)]
+pub struct Gauge(u32);
+
+impl Gauge {
+    fn define(host: &impl Host, name: &str) -> Result<Self, HostError> {
+        host.define_metric(MetricType::Gauge, name).map(Self)
+    }
+
+    pub fn add(self, host: &impl Host, value: u64) {
+        increment(host, self.0, value);
+    }
+}
+
+/// Size of this VM's linear memory: everything the filter allocated (fleet
+/// replica, learned table, prompt cache, request buffers) plus its stack and
+/// static data, at its high-water mark, since wasm memory never shrinks.
+/// Zero outside wasm (unit tests).
+pub fn linear_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        const PAGE_BYTES: u64 = 65_536;
+        core::arch::wasm32::memory_size(0) as u64 * PAGE_BYTES
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
     }
 }
 
@@ -143,6 +179,15 @@ pub struct FilterMetrics {
     /// Time inside each request-path callback of the filter (µs): how long
     /// the filter holds the Envoy worker thread at a stretch.
     pub callback_us: Histogram,
+    /// Time inside each state-stream callback (µs): reading, decoding and
+    /// applying one snapshot chunk, or one delta. These hold the Envoy
+    /// worker thread too, between requests.
+    pub state_snapshot_us: Histogram,
+    pub state_delta_us: Histogram,
+    /// Linear memory of every filter VM with a state stream together
+    /// ([`linear_memory_bytes`], each adding its growth): divided by the
+    /// sidecar's stream subscribers (one per VM), one VM's.
+    pub vm_memory_bytes: Gauge,
 }
 
 impl FilterMetrics {
@@ -181,6 +226,9 @@ impl FilterMetrics {
             upstream_failovers: Counter::define(host, "kvmesh_upstream_failovers")?,
             decision_us: Histogram::define(host, "kvmesh_decision_us")?,
             callback_us: Histogram::define(host, "kvmesh_callback_us")?,
+            state_snapshot_us: Histogram::define(host, "kvmesh_state_snapshot_us")?,
+            state_delta_us: Histogram::define(host, "kvmesh_state_delta_us")?,
+            vm_memory_bytes: Gauge::define(host, "kvmesh_vm_memory_bytes")?,
         })
     }
 }

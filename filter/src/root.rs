@@ -9,11 +9,11 @@ use prost::Message;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use router_core::gateway::{gateway_report, GatewayHello, GatewayReport};
-use router_core::state_stream::StateUpdate;
+use router_core::state_stream::{state_update, StateUpdate};
 
 use crate::config::PluginConfig;
 use crate::host::{self, EnvoyHost, Host};
-use crate::metrics::FilterMetrics;
+use crate::metrics::{linear_memory_bytes, FilterMetrics};
 use crate::replica::FleetReplica;
 use crate::stream::InferenceStream;
 use crate::vm_state::{SharedVmState, VmState};
@@ -37,6 +37,8 @@ pub struct KvmeshRoot {
     metrics: Option<FilterMetrics>,
     state: Option<SharedVmState>,
     subscription: Subscription,
+    /// This VM's linear memory as last added to `kvmesh_vm_memory_bytes`.
+    reported_memory_bytes: u64,
 }
 
 impl KvmeshRoot {
@@ -50,6 +52,23 @@ impl KvmeshRoot {
                 retry_at_ms: 0,
                 backoff_ms: RECONNECT_MIN_MS,
             },
+            reported_memory_bytes: 0,
+        }
+    }
+
+    /// Adds this VM's memory growth since the last report to the shared
+    /// gauge (memory only grows, so the gauge stays the sum over the VMs
+    /// that report: those fed by a state stream, whose replica it measures).
+    fn report_memory(&mut self) {
+        let Some(metrics) = self.metrics else {
+            return;
+        };
+        let bytes = linear_memory_bytes();
+        if bytes > self.reported_memory_bytes {
+            metrics
+                .vm_memory_bytes
+                .add(&EnvoyHost, bytes - self.reported_memory_bytes);
+            self.reported_memory_bytes = bytes;
         }
     }
 
@@ -105,16 +124,30 @@ impl KvmeshRoot {
         let (Some(metrics), Some(state)) = (self.metrics, &self.state) else {
             return;
         };
-        let now = self.now_ms();
+        let started_ns = EnvoyHost.now_ns().unwrap_or(0);
+        let now = started_ns / 1_000_000;
+        let mut snapshot = false;
         let applied = EnvoyHost
             .buffer(BufferType::GrpcReceiveBuffer, 0, size)
             .map_err(|err| err.to_string())
             .and_then(|bytes| StateUpdate::decode(bytes.as_slice()).map_err(|err| err.to_string()))
             .and_then(|update| {
+                snapshot = matches!(update.kind, Some(state_update::Kind::Snapshot(_)));
                 let mut state = state.borrow_mut();
                 let replica = state.replica.as_mut().ok_or("no replica configured")?;
                 replica.apply(&update, now).map_err(|err| err.to_string())
             });
+        let elapsed_us = EnvoyHost
+            .now_ns()
+            .unwrap_or(started_ns)
+            .saturating_sub(started_ns)
+            / 1_000;
+        let histogram = if snapshot {
+            metrics.state_snapshot_us
+        } else {
+            metrics.state_delta_us
+        };
+        histogram.record(&EnvoyHost, elapsed_us);
         match applied {
             Ok(_) => {
                 metrics.state_updates_applied.inc(&EnvoyHost);
@@ -217,6 +250,9 @@ impl RootContext for KvmeshRoot {
     }
 
     fn on_tick(&mut self) {
+        if let Subscription::Open { .. } = self.subscription {
+            self.report_memory();
+        }
         if let Subscription::Closed {
             retry_at_ms,
             backoff_ms,

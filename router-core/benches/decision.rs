@@ -1,6 +1,7 @@
 //! The whole routing decision as the filter makes it, over a fleet view with
-//! 1M (block, worker) entries and 4 to 256 workers, run natively and inside
-//! V8 (see docs/benchmarks.md for the commands):
+//! 1M (block, worker) entries and 4 to 256 workers (the cost curves' fleet
+//! sizes), run natively and inside V8 (see docs/benchmarks.md for the
+//! commands):
 //! - an 8k-token token-id prompt: hashing, the learned-table keys, KV
 //!   overlap, the cost function, recording the keys for approximate mode;
 //! - a warm chat turn: parsing the body, the text keys, the prompt-cache

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use kvmesh_config::{BlockSize, EngineKind, Role};
+use router_core::protocol::subjects;
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
@@ -70,7 +71,7 @@ pub struct RelayArgs {
     pub nats_tls_cert: Option<PathBuf>,
     #[arg(long, requires = "nats_tls_cert")]
     pub nats_tls_key: Option<PathBuf>,
-    #[arg(long, default_value = "kvmesh")]
+    #[arg(long, default_value = subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
     /// Where `/metrics` and `/healthz` of the relay listen.
     #[arg(long, default_value = "127.0.0.1:9464")]

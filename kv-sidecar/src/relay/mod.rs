@@ -13,7 +13,7 @@ mod engine_zmq;
 mod http;
 pub mod load;
 pub mod metrics;
-mod nats;
+pub mod nats;
 pub mod pipeline;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use kvmesh_config::EngineKind;
 use prometheus_client::registry::Registry;
-use router_core::protocol::{self, subjects, WorkerInfo, WorkerRole};
+use router_core::protocol::subjects;
 use tokio::sync::{mpsc, Notify};
 
 use crate::decode::vllm::Dialect;
@@ -34,10 +34,10 @@ use pipeline::Pipeline;
 
 /// Engine batches waiting for the pipeline. The ZMQ source waits when this is
 /// full; ZMQ then drops at its own high-water mark and the gap is replayed.
-const SOURCE_QUEUE: usize = 1024;
+pub const SOURCE_QUEUE: usize = 1024;
 /// NATS messages waiting for the publisher; overflow is dropped and counted,
 /// then repaired with a snapshot.
-const OUTBOX_QUEUE: usize = 4096;
+pub const OUTBOX_QUEUE: usize = 4096;
 
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let block_size = args.block_size;
@@ -92,19 +92,15 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         nats::Heartbeat {
             client: client.clone(),
             subject: subjects::workers(&prefix, &args.model),
-            info: WorkerInfo {
-                worker_id: args.worker_id.clone(),
-                model: args.model.clone(),
-                address: args.address.to_string(),
-                role: WorkerRole::from(args.role) as i32,
-                engine: protocol::EngineKind::from(args.engine) as i32,
+            info: nats::registration(nats::Registration {
+                worker_id: &args.worker_id,
+                model: &args.model,
+                address: &args.address.to_string(),
+                role: args.role,
+                engine: args.engine,
                 block_size: block_size.get(),
                 epoch,
-                last_seq: 0,
-                heartbeat_interval_ms: nats::HEARTBEAT.as_millis() as u32,
-                timestamp_ms: 0,
-                engine_unreachable: false,
-            },
+            }),
             last_seq,
             engine_unreachable: engine_unreachable.clone(),
             registration: registration.clone(),

@@ -1,6 +1,8 @@
 //! NATS side of the relay: connection with auth/TLS and reconnect handling,
 //! the publisher task draining the bounded outbox, registration heartbeats,
-//! and the sync responder.
+//! and the sync responder. Public so that synthetic workers (the cost
+//! benchmark's load generator in `kvmesh-stack`) register, publish and answer
+//! sync requests with this same code.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use kvmesh_config::{EngineKind, Role};
 use prost::Message;
-use router_core::protocol::WorkerInfo;
+use router_core::protocol::{self, WorkerInfo, WorkerRole};
 use tokio::sync::{mpsc, Notify};
 
 use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
@@ -86,6 +89,38 @@ pub async fn publish_outbox(
             metrics.publish_error(message.kind);
             tracing::warn!(%error, kind = message.kind, "NATS publish failed");
         }
+    }
+}
+
+/// Who a relay's worker is, as its registration tells the sidecars.
+#[derive(Debug, Clone, Copy)]
+pub struct Registration<'a> {
+    pub worker_id: &'a str,
+    pub model: &'a str,
+    /// `ip:port` Envoy knows the worker as.
+    pub address: &'a str,
+    pub role: Role,
+    pub engine: EngineKind,
+    pub block_size: u32,
+    /// This relay incarnation; its event seqs start at 1.
+    pub epoch: u64,
+}
+
+/// The registration message; [`Heartbeat`] fills in the last seq, the time
+/// and the engine's reachability each time it sends it.
+pub fn registration(worker: Registration<'_>) -> WorkerInfo {
+    WorkerInfo {
+        worker_id: worker.worker_id.to_owned(),
+        model: worker.model.to_owned(),
+        address: worker.address.to_owned(),
+        role: WorkerRole::from(worker.role) as i32,
+        engine: protocol::EngineKind::from(worker.engine) as i32,
+        block_size: worker.block_size,
+        epoch: worker.epoch,
+        last_seq: 0,
+        heartbeat_interval_ms: HEARTBEAT.as_millis() as u32,
+        timestamp_ms: 0,
+        engine_unreachable: false,
     }
 }
 

@@ -13,6 +13,7 @@ use kvmesh_config::{
     check_index_entries, validate_models, FieldError, Invalid, ModelSpec, Problem, WithLocal,
     DEFAULT_MAX_INDEX_ENTRIES,
 };
+use router_core::protocol::subjects;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -172,7 +173,7 @@ pub struct ModelFiles {
 }
 
 fn default_prefix() -> String {
-    "kvmesh".to_owned()
+    subjects::DEFAULT_PREFIX.to_owned()
 }
 
 #[derive(Debug, Error)]

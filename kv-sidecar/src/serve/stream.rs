@@ -32,8 +32,9 @@ pub use proto::state_stream_server::{StateStream, StateStreamServer};
 /// the real backlog bound is `state.subscriber_buffer`.
 const OUTBOUND: usize = 8;
 /// Blocks per snapshot message: a filter applies each message in one Envoy
-/// callback, and ~8k blocks keep that well under a millisecond or two.
-const SNAPSHOT_CHUNK_BLOCKS: usize = 8192;
+/// callback, which at a million indexed blocks must stay under 2 ms
+/// (docs/benchmarks.md#cost-curves).
+const SNAPSHOT_CHUNK_BLOCKS: usize = 4096;
 
 /// Decisions and progress from gateways, on their way to the state task and NATS.
 #[derive(Debug, Clone)]

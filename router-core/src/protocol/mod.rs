@@ -17,6 +17,10 @@ include!(concat!(env!("OUT_DIR"), "/protocol/kvmesh.v1.rs"));
 /// wildcard the subject, so they become `_` (the message body carries the
 /// exact names).
 pub mod subjects {
+    /// Prefix of every subject unless configured otherwise (relay
+    /// `--subject-prefix`, sidecar `nats.subject_prefix`).
+    pub const DEFAULT_PREFIX: &str = "kvmesh";
+
     pub fn token(name: &str) -> String {
         let token: String = name
             .chars()

@@ -20,6 +20,7 @@ pub mod sim;
 pub mod stack;
 pub mod stats;
 pub mod supervisor;
+pub mod synthetic_fleet;
 pub mod vllm;
 
 pub use envoy::{

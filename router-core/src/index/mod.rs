@@ -7,13 +7,15 @@
 //! reuse. Hashes are uniformly distributed already, so the maps use them as
 //! their own hash (no rehashing on the hot path).
 
+mod holders;
+
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 
 use nohash_hasher::NoHashHasher;
-use smallvec::SmallVec;
 
 use crate::hashing::SeqHash;
+use holders::HolderTable;
 
 impl nohash_hasher::IsEnabled for SeqHash {}
 
@@ -22,9 +24,6 @@ type NoHash = BuildHasherDefault<NoHashHasher<SeqHash>>;
 /// Dense worker number assigned by a registry; small so holder lists stay inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerSlot(pub u32);
-
-/// Most blocks are held by few workers: keep up to three inline.
-type Holders = SmallVec<[WorkerSlot; 3]>;
 
 /// Cached-prefix length of one worker for one prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +43,7 @@ pub struct StoreOutcome {
 
 #[derive(Debug, Clone)]
 pub struct PrefixIndex {
-    holders: HashMap<SeqHash, Holders, NoHash>,
+    holders: HolderTable,
     by_worker: HashMap<WorkerSlot, HashSet<SeqHash, NoHash>>,
     /// Upper bound on (block, worker) entries, to bound memory.
     max_entries: usize,
@@ -54,7 +53,7 @@ pub struct PrefixIndex {
 impl PrefixIndex {
     pub fn new(max_entries: usize) -> Self {
         Self {
-            holders: HashMap::default(),
+            holders: HolderTable::default(),
             by_worker: HashMap::new(),
             max_entries,
             entries: 0,
@@ -104,7 +103,7 @@ impl PrefixIndex {
                 continue;
             }
             set.insert(hash);
-            self.holders.entry(hash).or_default().push(worker);
+            self.holders.add(hash, worker);
             self.entries += 1;
             outcome.added += 1;
         }
@@ -122,7 +121,7 @@ impl PrefixIndex {
         let mut removed = 0;
         for hash in hashes {
             if set.remove(hash) {
-                Self::unlink(&mut self.holders, *hash, worker);
+                self.holders.remove(*hash, worker);
                 removed += 1;
             }
         }
@@ -139,19 +138,10 @@ impl PrefixIndex {
             return 0;
         };
         for hash in &set {
-            Self::unlink(&mut self.holders, *hash, worker);
+            self.holders.remove(*hash, worker);
         }
         self.entries -= set.len();
         set.len()
-    }
-
-    fn unlink(holders: &mut HashMap<SeqHash, Holders, NoHash>, hash: SeqHash, worker: WorkerSlot) {
-        if let Some(list) = holders.get_mut(&hash) {
-            list.retain(|w| *w != worker);
-            if list.is_empty() {
-                holders.remove(&hash);
-            }
-        }
     }
 
     /// Cached-prefix length per worker for a prompt's sequence hashes. Workers
