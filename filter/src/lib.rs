@@ -6,6 +6,8 @@
 //! worker thread to the failure policy. Host calls go through [`host`], which
 //! returns errors where the SDK would panic.
 
+#[cfg(target_arch = "wasm32")]
+mod allocator;
 pub mod config;
 pub mod disagg;
 mod host;
@@ -15,6 +17,11 @@ pub mod replica;
 mod root;
 mod stream;
 mod vm_state;
+
+/// Grows the VM's memory in large steps (see `allocator`).
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: allocator::GrowInSteps = allocator::GrowInSteps;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
