@@ -147,16 +147,8 @@ impl SimEngine {
                 list(events.iter().map(|e| e.replay.clone()).collect()),
             ]);
         }
-        let mut command = Command::new(paths::binary("sim-engine")?);
-        command
-            .args(["--host", "127.0.0.1", "--model", &options.model])
-            .args(&per_worker);
-        if let Some(tokenizer) = &options.tokenizer {
-            command.arg("--tokenizer").arg(tokenizer);
-        }
-        command.args(&options.extra_args);
         let name = format!("sim-engine-{}..{}", first.worker_id, last.worker_id);
-        let mut process = ManagedProcess::spawn(&name, command)?;
+        let mut process = ManagedProcess::spawn(&name, Self::command(options, &per_worker)?)?;
         for port in &ports {
             let health = format!("http://127.0.0.1:{port}/health");
             readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
@@ -177,22 +169,30 @@ impl SimEngine {
     }
 
     fn spawn(options: &SimEngineOptions, port: u16) -> anyhow::Result<ManagedProcess> {
+        let per_worker = [
+            "--port".to_owned(),
+            port.to_string(),
+            "--worker-id".to_owned(),
+            options.worker_id.clone(),
+        ];
+        ManagedProcess::spawn(
+            &format!("sim-engine-{}", options.worker_id),
+            Self::command(options, &per_worker)?,
+        )
+    }
+
+    /// sim-engine on loopback serving `options`' model with its tokenizer,
+    /// the `per_worker` flags, then `options`' own flags.
+    fn command(options: &SimEngineOptions, per_worker: &[String]) -> anyhow::Result<Command> {
         let mut command = Command::new(paths::binary("sim-engine")?);
-        command.args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--model",
-            &options.model,
-            "--worker-id",
-            &options.worker_id,
-        ]);
+        command
+            .args(["--host", "127.0.0.1", "--model", &options.model])
+            .args(per_worker);
         if let Some(tokenizer) = &options.tokenizer {
             command.arg("--tokenizer").arg(tokenizer);
         }
         command.args(&options.extra_args);
-        ManagedProcess::spawn(&format!("sim-engine-{}", options.worker_id), command)
+        Ok(command)
     }
 
     /// Kills the engine and starts it again on the same port with the same
