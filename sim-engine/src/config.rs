@@ -27,11 +27,19 @@ pub enum EventFormat {
     about = "Simulated GPU worker speaking vLLM's protocols"
 )]
 pub struct Config {
-    /// Address to listen on for the OpenAI API, /metrics and /sim/*.
+    /// Simulated workers this process hosts. Each is a whole engine (KV
+    /// cache, scheduler, metrics, HTTP listener, KV event sockets) sharing
+    /// only the flags and the loaded tokenizer; per-worker flags take one
+    /// comma-separated value per worker.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Address to listen on for the OpenAI API, /metrics and /sim/* (every worker).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
+    /// HTTP port per worker; one port with `--workers N` means N consecutive
+    /// ports from it (0: any free port, logged).
+    #[arg(long, value_delimiter = ',', default_value = "8000")]
+    pub port: Vec<u16>,
     /// Model name served (`model` in requests, `model_name` metric label).
     #[arg(long, default_value = "sim-model")]
     pub model: String,
@@ -39,9 +47,10 @@ pub struct Config {
     /// `tokenizer_config.json`. Without it: byte-level fallback (token id = byte).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Identity reported in the `x-sim-worker-id` response header.
-    #[arg(long, default_value = "sim-0")]
-    pub worker_id: String,
+    /// Identity reported in the `x-sim-worker-id` response header, one per
+    /// worker (default: `sim-0`, `sim-1`, …).
+    #[arg(long, value_delimiter = ',')]
+    pub worker_id: Vec<String>,
 
     /// Tokens per KV block.
     #[arg(long, default_value_t = BlockSize::VLLM_DEFAULT)]
@@ -66,12 +75,14 @@ pub struct Config {
     #[arg(long, default_value_t = 1.0)]
     pub speedup: f64,
 
-    /// ZMQ PUB endpoint to bind for KV events, e.g. `tcp://127.0.0.1:5557`.
-    #[arg(long)]
-    pub kv_events_endpoint: Option<String>,
-    /// ZMQ ROUTER endpoint to bind for replaying buffered event batches.
-    #[arg(long)]
-    pub kv_events_replay_endpoint: Option<String>,
+    /// ZMQ PUB endpoint to bind for KV events, e.g. `tcp://127.0.0.1:5557`;
+    /// one per worker.
+    #[arg(long, value_delimiter = ',')]
+    pub kv_events_endpoint: Vec<String>,
+    /// ZMQ ROUTER endpoint to bind for replaying buffered event batches; one
+    /// per worker.
+    #[arg(long, value_delimiter = ',')]
+    pub kv_events_replay_endpoint: Vec<String>,
     #[arg(long, default_value = "kv-events")]
     pub kv_events_topic: String,
     #[arg(long, value_enum, default_value_t = EventFormat::Array)]
@@ -83,9 +94,10 @@ pub struct Config {
     /// legs look alike (SGLang's `bootstrap_*` fields).
     #[arg(long, value_enum, default_value_t = Role::Both)]
     pub role: Role,
-    /// SGLang rendezvous port of a prefill engine (0: any free port, logged).
-    #[arg(long)]
-    pub disaggregation_bootstrap_port: Option<u16>,
+    /// SGLang rendezvous port of a prefill engine (0: any free port, logged);
+    /// one per worker.
+    #[arg(long, value_delimiter = ',')]
+    pub disaggregation_bootstrap_port: Vec<u16>,
     /// Host decode engines pull this engine's KV from (default: the bound
     /// address; set it when binding 0.0.0.0).
     #[arg(long)]
@@ -125,10 +137,6 @@ impl Config {
         anyhow::ensure!(
             self.speedup.is_finite() && self.speedup > 0.0,
             "--speedup must be a positive number"
-        );
-        anyhow::ensure!(
-            self.kv_events_replay_endpoint.is_none() || self.kv_events_endpoint.is_some(),
-            "--kv-events-replay-endpoint needs --kv-events-endpoint"
         );
         anyhow::ensure!(
             self.kv_transfer_timeout_secs.is_finite() && self.kv_transfer_timeout_secs > 0.0,

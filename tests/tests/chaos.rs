@@ -180,7 +180,7 @@ fn every_component_killed_in_turn_costs_only_in_flight_engine_requests() {
     // A request in flight can fail as soon as the signal lands, before
     // kill() has reaped the process: bracket the kill.
     let kill_started = Instant::now();
-    workers[2].sim.process().kill();
+    workers[2].sim.process().unwrap().kill();
     let kill_done = Instant::now();
     thread::sleep(DOWN);
     workers[2].sim.restart().unwrap();

@@ -88,7 +88,7 @@ fn a_killed_engine_costs_only_its_in_flight_requests_and_is_routed_to_again_when
         move || envoy.stat(&name).unwrap()
     };
     thread::sleep(Duration::from_secs(3));
-    stack.workers[0].sim.process().kill();
+    stack.workers[0].sim.process().unwrap().kill();
     let killed_at = Instant::now();
     // Within 2 s the relay has reported the engine unreachable and every
     // filter has stopped choosing it.

@@ -559,7 +559,7 @@ fn errors_envoy_makes_itself_are_openai_shaped() {
     assert_gateway_error(&String::from_utf8_lossy(&response.body));
 
     // The whole pool is gone (503): Envoy's own answer, OpenAI-shaped.
-    fleet.workers[0].process().kill();
+    fleet.workers[0].process().unwrap().kill();
     let body = json!({"model": MODEL, "prompt": token_prompt(7), "max_tokens": 1});
     let response = post_json(&client, &fleet.completions(), &body).unwrap();
     assert_eq!(response.status, 503, "{}", response.text);

@@ -5,10 +5,11 @@
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use kvmesh_stack::harness::client::{http_client, post_json, JsonResponse};
+use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum, JsonResponse};
+use kvmesh_stack::harness::fleet::SimHosting;
 use kvmesh_stack::harness::sidecar::{Sidecar, SidecarModel};
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::stack::StackOptions;
@@ -47,8 +48,17 @@ impl Stack {
     }
 
     fn start_with_sims(sim_args: &[&str], configure: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start_hosted(sim_args, SimHosting::ProcessPerWorker, configure)
+    }
+
+    fn start_hosted(
+        sim_args: &[&str],
+        hosting: SimHosting,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
         let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
         options.block_size = BLOCK;
+        options.sim_hosting = hosting;
         options.sim_args = sim_args
             .iter()
             .chain(&["--max-model-len", "65536"])
@@ -256,6 +266,108 @@ fn assert_debug_route_matches_the_filter(stack: &Stack, body: &Value) -> Value {
         "{explained}"
     );
     explained
+}
+
+/// Three sim workers hosted by one sim-engine process (`--workers 3`), each
+/// with its own relay, behind the sidecar and Envoy with the filter. Each
+/// must act as a GPU of its own: its cache and counters hold only its
+/// requests, the sidecar indexes its blocks under its id and address, and
+/// the filter sends a repeated prefix back to it. Shared caches, or events,
+/// ports or ids wired to the wrong worker, fail one of these checks.
+#[test]
+fn workers_hosted_by_one_sim_process_are_routed_as_separate_gpus() {
+    let mut stack = Stack::start_hosted(&["--speedup", "20"], SimHosting::OneProcess, |_| {});
+    assert!(
+        stack.workers[0].sim.process().is_err(),
+        "the workers share one process"
+    );
+    let ids: Vec<String> = (0..WORKERS).map(|i| format!("worker-{i}")).collect();
+    let listed: Value = http_client()
+        .get(format!("{}/v1/workers", stack.sidecar.http_url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let listed: BTreeMap<String, String> = listed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let field = |name: &str| w[name].as_str().unwrap().to_owned();
+            (field("worker_id"), field("address"))
+        })
+        .collect();
+    let expected: BTreeMap<String, String> =
+        ids.iter().cloned().zip(stack.worker_addresses()).collect();
+    assert_eq!(
+        listed, expected,
+        "the sidecar knows each worker at its own address"
+    );
+
+    // Prefix i + 1 warmed on worker i directly, bypassing the gateway.
+    let blocks = 8;
+    for (i, worker) in stack.workers.iter().enumerate() {
+        let url = format!("{}/v1/completions", worker.sim.url());
+        let body = prefixed_completion(i as u32 + 1, blocks, 0, 2);
+        let response = post_json(&http_client(), &url, &body).unwrap();
+        assert_eq!(response.sim_worker().unwrap(), ids[i]);
+    }
+    let hasher = router_core::BlockHasher::new(
+        router_core::BlockSize::new(BLOCK).unwrap(),
+        router_core::HashSeed::for_model(MODEL, None),
+    );
+    let truth: BTreeMap<String, HashSet<u64>> = stack
+        .workers
+        .iter()
+        .map(|w| {
+            (
+                w.sim.worker_id().to_owned(),
+                w.sim.cached_seq_hashes().unwrap(),
+            )
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let body = prefixed_completion(i as u32 + 1, blocks, 0, 2);
+        let tokens: Vec<u32> = serde_json::from_value(body["prompt"].clone()).unwrap();
+        let own: HashSet<u64> = hasher
+            .sequence_hashes(&tokens)
+            .iter()
+            .map(|h| h.0)
+            .collect();
+        assert!(truth[id].is_superset(&own), "{id} cached its prompt");
+        for (other, cached) in &truth {
+            assert!(
+                other == id || cached.is_disjoint(&own),
+                "{other} holds blocks of {id}'s prompt"
+            );
+        }
+    }
+    stack.wait_for("the sidecar to index every worker's own blocks", || {
+        stack.sidecar.blocks_by_worker().ok().as_ref() == Some(&truth)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The follow-ups through the gateway go back to the worker holding them.
+    for (i, id) in ids.iter().enumerate() {
+        let response = stack.send(
+            "/v1/completions",
+            &prefixed_completion(i as u32 + 1, blocks, 1, 2),
+        );
+        assert_eq!(response.header("x-kvmesh-mode"), Some("precise"));
+        assert_eq!(response.sim_worker().unwrap(), *id);
+        assert!(response.cached_tokens() >= u64::from(blocks * BLOCK));
+    }
+    // Each worker counted exactly its own two prompts of 9 blocks.
+    for worker in &stack.workers {
+        let metrics = format!("{}/metrics", worker.sim.url());
+        let prompt_tokens = prometheus_sum(&metrics, "vllm:prompt_tokens_total", "");
+        assert_eq!(
+            prompt_tokens,
+            f64::from(2 * (blocks + 1) * BLOCK),
+            "{}",
+            worker.sim.worker_id()
+        );
+    }
 }
 
 #[test]

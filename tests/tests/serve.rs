@@ -229,7 +229,7 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
     let mut dead = workers.remove(3);
     dead.relay.process().kill();
     let killed = Instant::now();
-    dead.sim.process().kill();
+    dead.sim.process().unwrap().kill();
     while worker_listed(&sidecar, "w3") {
         assert!(
             killed.elapsed() < Duration::from_secs(3),

@@ -5,13 +5,13 @@
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvmesh_stack::harness::client::{http_client, post, post_json, JsonResponse};
-use kvmesh_stack::harness::sim::SimEngineOptions;
+use kvmesh_stack::harness::sim::{HostedWorker, KvEventEndpoints, SimEngineOptions};
 use kvmesh_stack::harness::{free_port, paths, SimEngine};
 use router_core::{BlockHasher, BlockSize, HashSeed};
 use serde_json::{json, Value};
@@ -983,11 +983,120 @@ fn faults_inject_errors_gaps_and_crashes() {
     );
     assert!(crashed.is_err(), "the connection dies with the process");
     let deadline = Instant::now() + WAIT;
-    while engine.process().exit_status().is_none() && Instant::now() < deadline {
+    while engine.process().unwrap().exit_status().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
-        engine.process().exit_status().and_then(|s| s.code()),
+        engine
+            .process()
+            .unwrap()
+            .exit_status()
+            .and_then(|s| s.code()),
         Some(1)
     );
+}
+
+/// What a subscriber to one worker's events reconstructs, as kvmesh seq
+/// hashes (every chain here reaches its root).
+fn seq_hashes_from_events(batches: &[(u64, Bytes)]) -> HashSet<u64> {
+    let mut view = Reconstructed::default();
+    for (_, payload) in batches {
+        for event in decode_batch(payload, "array") {
+            view.apply(&event);
+        }
+    }
+    let (hasher, mut memo) = (kvmesh_hasher(), HashMap::new());
+    let hashes: Vec<u64> = view.blocks.keys().copied().collect();
+    hashes
+        .into_iter()
+        .map(|hash| view.seq_hash(hash, &hasher, &mut memo).unwrap())
+        .collect()
+}
+
+#[test]
+fn workers_hosted_in_one_process_are_independent_engines() {
+    let hosted: Vec<HostedWorker> = (0..3)
+        .map(|i| HostedWorker {
+            worker_id: format!("h{i}"),
+            kv_events: Some(KvEventEndpoints::on_free_ports()),
+        })
+        .collect();
+    let events = |i: usize| hosted[i].kv_events.clone().unwrap();
+    let mut engines = SimEngine::start_hosted(
+        &SimEngineOptions::new(MODEL, "unused").args(["--speedup", "100"]),
+        &hosted,
+    )
+    .unwrap();
+    let mut subscribers: Vec<Subscriber> = (0..3)
+        .map(|i| Subscriber::connect(&events(i).publish))
+        .collect();
+
+    // Worker i serves i + 1 prompts of three blocks, none sharing a block
+    // with another worker's (distinct first tokens).
+    let prompts =
+        |i: u32| -> Vec<Vec<u32>> { (0..=i).map(|r| tokens(60 * i + 17 * r, 48)).collect() };
+    for (i, engine) in engines.iter().enumerate() {
+        for prompt in prompts(i as u32) {
+            let response = complete_ids(engine, &prompt, 1);
+            assert_eq!(response.sim_worker().unwrap(), format!("h{i}"));
+        }
+    }
+
+    let hasher = kvmesh_hasher();
+    let mut caches: Vec<HashSet<u64>> = Vec::new();
+    for (i, engine) in engines.iter().enumerate() {
+        let served = i as f64 + 1.0;
+        let metrics = scrape(engine);
+        assert_eq!(
+            sample(&metrics, "vllm:prompt_tokens_total"),
+            48.0 * served,
+            "h{i} counts only its own prompts"
+        );
+        assert_eq!(sample(&metrics, "vllm:generation_tokens_total"), served);
+        assert_eq!(sim_cache(engine)["worker_id"], format!("h{i}"));
+        let own: HashSet<u64> = prompts(i as u32)
+            .iter()
+            .flat_map(|p| hasher.sequence_hashes(p))
+            .map(|h| h.0)
+            .collect();
+        let cached = engine.cached_seq_hashes().unwrap();
+        assert_eq!(cached, own, "h{i} caches exactly its own prompts");
+        // Its own PUB socket carried exactly those blocks, and its own
+        // replay socket serves the same batches.
+        let last = settled_last_seq(engine).unwrap();
+        let published = subscribers[i].until_seq(last);
+        assert_eq!(seq_hashes_from_events(&published), own, "h{i} events");
+        let replayed: Vec<(u64, Bytes)> = replay(&events(i).replay, 0)
+            .into_iter()
+            .map(|(seq, payload)| (seq as u64, payload))
+            .collect();
+        assert_eq!(replayed, published, "h{i} replay");
+        caches.push(cached);
+    }
+    assert!(caches[0].is_disjoint(&caches[1]) && caches[1].is_disjoint(&caches[2]));
+
+    // Faults are per worker too.
+    let faults = post(
+        &http_client(),
+        &format!("{}/sim/faults", engines[0].url()),
+        r#"{"error_rate": 1.0}"#.to_owned(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(faults.status, 200, "{}", faults.text);
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 1});
+    let status = |engine: &SimEngine| {
+        post_json(
+            &http_client(),
+            &format!("{}/v1/completions", engine.url()),
+            &body,
+        )
+        .unwrap()
+        .status
+    };
+    assert_eq!(status(&engines[0]), 500);
+    assert_eq!(status(&engines[1]), 200);
+
+    // One process: no worker can be killed alone.
+    assert!(engines[1].process().is_err());
 }

@@ -44,8 +44,9 @@ pub struct ServedModel {
 pub struct AppState {
     pub model: ServedModel,
     pub worker_id: HeaderValue,
-    pub codec: TextCodec,
-    pub template: ChatTemplate,
+    /// Shared with the other workers of the process.
+    pub codec: Arc<TextCodec>,
+    pub template: Arc<ChatTemplate>,
     pub engine: Arc<Engine>,
     pub metrics: Arc<EngineMetrics>,
     pub faults: Arc<Faults>,
@@ -61,8 +62,8 @@ impl AppState {
     pub fn new(
         model: ServedModel,
         worker_id: &str,
-        codec: TextCodec,
-        template: ChatTemplate,
+        codec: Arc<TextCodec>,
+        template: Arc<ChatTemplate>,
         engine: Arc<Engine>,
         metrics: Arc<EngineMetrics>,
         faults: Arc<Faults>,

@@ -17,6 +17,7 @@ use kvmesh_stack::fleet_bench::run::{run_policy, FleetParams};
 use kvmesh_stack::fleet_bench::scale::{LoadScale, SIZED_FOR_WORKERS};
 use kvmesh_stack::fleet_bench::summary::Summary;
 use kvmesh_stack::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
+use kvmesh_stack::harness::fleet::SimHosting;
 use kvmesh_stack::harness::paths;
 use kvmesh_stack::harness::stack::WorkerEngine;
 
@@ -155,7 +156,7 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
         );
     }
     format!(
-        "{} simulated GPUs (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, {}, one nats-server; every policy on a fresh fleet{}",
+        "{} simulated GPUs (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, relays scraping load every {} ms, {}, one nats-server{}; every policy on a fresh fleet{}",
         fleet.workers,
         fleet.prefill_workers,
         if fleet.dedicated_prefill {
@@ -172,7 +173,12 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
         workload.cache_blocks,
         WorkerEngine::Sim.block_size(),
         fleet.speedup(workload),
+        fleet.relay_load_interval().as_millis(),
         gateways_description(fleet),
+        match fleet.sim_hosting() {
+            SimHosting::ProcessPerWorker => "",
+            SimHosting::OneProcess => ", all sim-engines in one process (a relay each)",
+        },
         if fleet.sim_args.is_empty() {
             String::new()
         } else {

@@ -14,6 +14,7 @@ use crate::fleet_bench::cpu::{CpuShare, CpuTimes};
 use crate::fleet_bench::policy::Policy;
 use crate::fleet_bench::workload::{Conversation, Prompt, Workload};
 use crate::harness::client::prometheus_sum;
+use crate::harness::fleet::SimHosting;
 use crate::harness::load::{stream_timed, Streamed};
 use crate::harness::stack::{Stack, StackOptions, WorkerEngine};
 use crate::harness::{Envoy, GatewayConfig};
@@ -64,9 +65,47 @@ pub struct FleetParams {
     /// `--sim-arg=--timing-compute-us-per-token=40`.
     #[arg(long = "sim-arg", allow_hyphen_values = true)]
     pub sim_args: Vec<String>,
+    /// How the sim-engines run (default: one process per worker up to 8
+    /// workers, all in one process beyond). Relays stay one per worker.
+    #[arg(long, value_enum)]
+    pub sim_hosting: Option<SimHosting>,
+    /// How often each relay scrapes its engine's load, in ms (default: 200
+    /// up to 8 workers; beyond, 1000, the relay's own default: 64 relays
+    /// at 200 ms make 320 scrapes/s).
+    #[arg(long)]
+    pub relay_load_interval_ms: Option<u64>,
 }
 
+/// Largest fleet run as the published 4-worker results were (one sim
+/// process per worker, load scraped every 200 ms) unless told otherwise.
+const SMALL_FLEET_WORKERS: usize = 8;
+const SMALL_FLEET_LOAD_INTERVAL: Duration = Duration::from_millis(200);
+/// Larger fleets scrape at the relay's default, as production does.
+const LARGE_FLEET_LOAD_INTERVAL: Duration = Duration::from_secs(1);
+
 impl FleetParams {
+    fn small(&self) -> bool {
+        self.workers <= SMALL_FLEET_WORKERS
+    }
+
+    /// `--sim-hosting`, else one process per worker for small fleets.
+    pub fn sim_hosting(&self) -> SimHosting {
+        self.sim_hosting.unwrap_or(if self.small() {
+            SimHosting::ProcessPerWorker
+        } else {
+            SimHosting::OneProcess
+        })
+    }
+
+    /// `--relay-load-interval-ms`, else by fleet size.
+    pub fn relay_load_interval(&self) -> Duration {
+        match self.relay_load_interval_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None if self.small() => SMALL_FLEET_LOAD_INTERVAL,
+            None => LARGE_FLEET_LOAD_INTERVAL,
+        }
+    }
+
     /// How much faster than real time `workload` runs.
     pub fn speedup(&self, workload: &Workload) -> f64 {
         self.speedup.unwrap_or(workload.speedup)
@@ -169,6 +208,8 @@ pub fn run_policy(
         }
     };
     options.sim_args = fleet.sim_args(workload);
+    options.sim_hosting = fleet.sim_hosting();
+    options.relay_load_interval = fleet.relay_load_interval();
     options.prefill_workers = prefill_workers;
     options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);
     options.shared_workers = prefill_workers > 0 && !fleet.dedicated_prefill;

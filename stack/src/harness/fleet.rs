@@ -1,16 +1,140 @@
-//! A simulated GPU worker as kvmesh sees it in production: a sim-engine
-//! publishing vLLM KV events, and the `kv-sidecar relay` beside it forwarding
-//! them (and the engine's load) to NATS.
+//! Simulated GPU workers as kvmesh sees them in production: sim-engines
+//! publishing vLLM KV events, each with the `kv-sidecar relay` beside it
+//! forwarding them (and the engine's load) to NATS. The engines run one
+//! process each or all in one process ([`SimHosting`]); the relays run one
+//! process per engine either way, as in production.
 
+use std::time::Duration;
+
+use anyhow::Context;
 use kvmesh_config::{EngineKind, Role};
 
 use crate::harness::relay::{Relay, RelayOptions};
-use crate::harness::sim::SimEngineOptions;
-use crate::harness::{free_port, SimEngine};
+use crate::harness::sim::{HostedWorker, KvEventEndpoints, SimEngineOptions};
+use crate::harness::SimEngine;
+
+/// How often a relay scrapes its engine's `/metrics` for load unless told
+/// otherwise: often enough that tests see load move within a second.
+pub const DEFAULT_LOAD_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How a fleet's sim-engines are hosted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimHosting {
+    /// One sim-engine process per worker, so each can be killed and
+    /// restarted alone (the failure and chaos tests do).
+    #[default]
+    ProcessPerWorker,
+    /// One sim-engine process hosting every worker (`sim-engine --workers
+    /// N`), each still with its own engine, ports, events and metrics: one
+    /// runtime and one loaded tokenizer for tens of workers.
+    OneProcess,
+}
 
 pub struct KvWorker {
     pub sim: SimEngine,
     pub relay: Relay,
+}
+
+/// Workers alike but for their ids, and how to start them.
+#[derive(Debug, Clone)]
+pub struct SimFleet {
+    /// Model, tokenizer and flags of every engine; its worker id is unused.
+    pub engine: SimEngineOptions,
+    pub block_size: u32,
+    /// The engines' and the relays' role.
+    pub role: Role,
+    pub hosting: SimHosting,
+    /// The relays' `--load-interval`.
+    pub load_interval: Duration,
+}
+
+impl SimFleet {
+    /// Workers of `role` serving `engine` in one process each, relays
+    /// scraping load every [`DEFAULT_LOAD_INTERVAL`].
+    pub fn new(engine: SimEngineOptions, block_size: u32, role: Role) -> Self {
+        Self {
+            engine,
+            block_size,
+            role,
+            hosting: SimHosting::default(),
+            load_interval: DEFAULT_LOAD_INTERVAL,
+        }
+    }
+
+    /// Starts one worker per id, with ZMQ events and replay on free ports,
+    /// then each worker's relay.
+    pub fn start(&self, nats_url: &str, worker_ids: &[String]) -> anyhow::Result<Vec<KvWorker>> {
+        let events: Vec<KvEventEndpoints> = worker_ids
+            .iter()
+            .map(|_| KvEventEndpoints::on_free_ports())
+            .collect();
+        let engine = self.engine.clone().args([
+            "--block-size".to_owned(),
+            self.block_size.to_string(),
+            "--role".to_owned(),
+            self.role.to_string(),
+        ]);
+        let sims = match self.hosting {
+            SimHosting::ProcessPerWorker => worker_ids
+                .iter()
+                .zip(&events)
+                .map(|(id, events)| {
+                    let options = SimEngineOptions {
+                        worker_id: id.clone(),
+                        ..engine.clone()
+                    };
+                    SimEngine::start(options.args(events.args()))
+                        .with_context(|| format!("starting sim-engine {id}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            SimHosting::OneProcess => {
+                let hosted: Vec<HostedWorker> = worker_ids
+                    .iter()
+                    .zip(&events)
+                    .map(|(id, events)| HostedWorker {
+                        worker_id: id.clone(),
+                        kv_events: Some(events.clone()),
+                    })
+                    .collect();
+                SimEngine::start_hosted(&engine, &hosted)
+                    .context("starting the sim-engine process hosting the fleet")?
+            }
+        };
+        sims.into_iter()
+            .zip(&events)
+            .map(|(sim, events)| {
+                let relay = self
+                    .start_relay(nats_url, &sim, events)
+                    .with_context(|| format!("starting the relay of {}", sim.worker_id()))?;
+                Ok(KvWorker { sim, relay })
+            })
+            .collect()
+    }
+
+    fn start_relay(
+        &self,
+        nats_url: &str,
+        sim: &SimEngine,
+        events: &KvEventEndpoints,
+    ) -> anyhow::Result<Relay> {
+        Relay::start(&RelayOptions {
+            engine: EngineKind::Vllm,
+            nats_url: nats_url.to_owned(),
+            worker_id: sim.worker_id().to_owned(),
+            model: self.engine.model.clone(),
+            address: sim.address(),
+            block_size: self.block_size,
+            zmq_endpoint: Some(events.publish.clone()),
+            zmq_replay_endpoint: Some(events.replay.clone()),
+            metrics_url: Some(format!("{}/metrics", sim.url())),
+            extra_args: vec![
+                "--load-interval".into(),
+                format!("{}ms", self.load_interval.as_millis()),
+                "--role".into(),
+                self.role.to_string(),
+            ],
+        })
+    }
 }
 
 impl KvWorker {
@@ -31,37 +155,10 @@ impl KvWorker {
         block_size: u32,
         role: Role,
     ) -> anyhow::Result<Self> {
-        let (events, replay) = (free_port(), free_port());
-        let model = options.model.clone();
-        let worker_id = options.worker_id.clone();
-        let options = options.args([
-            "--kv-events-endpoint".to_owned(),
-            format!("tcp://127.0.0.1:{events}"),
-            "--kv-events-replay-endpoint".to_owned(),
-            format!("tcp://127.0.0.1:{replay}"),
-            "--block-size".to_owned(),
-            block_size.to_string(),
-            "--role".to_owned(),
-            role.to_string(),
-        ]);
-        let sim = SimEngine::start(options)?;
-        let relay = Relay::start(&RelayOptions {
-            engine: EngineKind::Vllm,
-            nats_url: nats_url.to_owned(),
-            worker_id,
-            model,
-            address: sim.address(),
-            block_size,
-            zmq_endpoint: Some(format!("tcp://127.0.0.1:{events}")),
-            zmq_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay}")),
-            metrics_url: Some(format!("{}/metrics", sim.url())),
-            extra_args: vec![
-                "--load-interval".into(),
-                "200ms".into(),
-                "--role".into(),
-                role.to_string(),
-            ],
-        })?;
-        Ok(Self { sim, relay })
+        let ids = [options.worker_id.clone()];
+        SimFleet::new(options, block_size, role)
+            .start(nats_url, &ids)?
+            .pop()
+            .context("a fleet of one started no worker")
     }
 }

@@ -1,7 +1,9 @@
-//! A real sim-engine process on a free loopback port.
+//! Real sim-engine workers on free loopback ports: one process each, or
+//! many in one process (`sim-engine --workers N`).
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
@@ -42,10 +44,55 @@ impl SimEngineOptions {
     }
 }
 
+/// The per-worker flags of one worker in a shared process.
+#[derive(Debug, Clone)]
+pub struct HostedWorker {
+    pub worker_id: String,
+    /// Its own KV event sockets; every worker of a process has them or none.
+    pub kv_events: Option<KvEventEndpoints>,
+}
+
+/// ZMQ endpoints a worker binds for its KV events.
+#[derive(Debug, Clone)]
+pub struct KvEventEndpoints {
+    /// PUB socket of live event batches.
+    pub publish: String,
+    /// ROUTER socket answering replay requests.
+    pub replay: String,
+}
+
+impl KvEventEndpoints {
+    /// Both sockets on free loopback ports.
+    pub fn on_free_ports() -> Self {
+        Self {
+            publish: format!("tcp://127.0.0.1:{}", free_port()),
+            replay: format!("tcp://127.0.0.1:{}", free_port()),
+        }
+    }
+
+    /// The sim-engine flags binding them, for a worker with a process of its own.
+    pub fn args(&self) -> [String; 4] {
+        [
+            "--kv-events-endpoint".to_owned(),
+            self.publish.clone(),
+            "--kv-events-replay-endpoint".to_owned(),
+            self.replay.clone(),
+        ]
+    }
+}
+
+/// One simulated worker: its own process, or one of several a process hosts.
 pub struct SimEngine {
-    process: ManagedProcess,
+    process: SimProcess,
     port: u16,
     options: SimEngineOptions,
+}
+
+enum SimProcess {
+    Own(ManagedProcess),
+    /// Shared with the other workers started with it: it stops when the last
+    /// of them is dropped.
+    Hosted(Arc<ManagedProcess>),
 }
 
 impl SimEngine {
@@ -56,37 +103,107 @@ impl SimEngine {
         let health = format!("http://127.0.0.1:{port}/health");
         readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
         Ok(Self {
-            process,
+            process: SimProcess::Own(process),
             port,
             options,
         })
     }
 
+    /// Starts one sim-engine process hosting one worker per entry of
+    /// `workers`, each on a free port of its own, and waits until every one
+    /// answers `GET /health`. All share `options`' model, tokenizer and
+    /// flags; its worker id is replaced by each worker's.
+    pub fn start_hosted(
+        options: &SimEngineOptions,
+        workers: &[HostedWorker],
+    ) -> anyhow::Result<Vec<Self>> {
+        let (Some(first), Some(last)) = (workers.first(), workers.last()) else {
+            return Ok(Vec::new());
+        };
+        let with_events = workers.iter().filter(|w| w.kv_events.is_some()).count();
+        anyhow::ensure!(
+            with_events == 0 || with_events == workers.len(),
+            "the workers of one sim-engine process publish KV events all or none"
+        );
+        let ports: Vec<u16> = workers.iter().map(|_| free_port()).collect();
+        let list = |values: Vec<String>| values.join(",");
+        let mut per_worker = vec![
+            "--workers".to_owned(),
+            workers.len().to_string(),
+            "--port".to_owned(),
+            list(ports.iter().map(u16::to_string).collect()),
+            "--worker-id".to_owned(),
+            list(workers.iter().map(|w| w.worker_id.clone()).collect()),
+        ];
+        let events: Vec<&KvEventEndpoints> = workers
+            .iter()
+            .filter_map(|w| w.kv_events.as_ref())
+            .collect();
+        if !events.is_empty() {
+            per_worker.extend([
+                "--kv-events-endpoint".to_owned(),
+                list(events.iter().map(|e| e.publish.clone()).collect()),
+                "--kv-events-replay-endpoint".to_owned(),
+                list(events.iter().map(|e| e.replay.clone()).collect()),
+            ]);
+        }
+        let name = format!("sim-engine-{}..{}", first.worker_id, last.worker_id);
+        let mut process = ManagedProcess::spawn(&name, Self::command(options, &per_worker)?)?;
+        for port in &ports {
+            let health = format!("http://127.0.0.1:{port}/health");
+            readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
+        }
+        let process = Arc::new(process);
+        Ok(workers
+            .iter()
+            .zip(ports)
+            .map(|(worker, port)| Self {
+                process: SimProcess::Hosted(Arc::clone(&process)),
+                port,
+                options: SimEngineOptions {
+                    worker_id: worker.worker_id.clone(),
+                    ..options.clone()
+                },
+            })
+            .collect())
+    }
+
     fn spawn(options: &SimEngineOptions, port: u16) -> anyhow::Result<ManagedProcess> {
+        let per_worker = [
+            "--port".to_owned(),
+            port.to_string(),
+            "--worker-id".to_owned(),
+            options.worker_id.clone(),
+        ];
+        ManagedProcess::spawn(
+            &format!("sim-engine-{}", options.worker_id),
+            Self::command(options, &per_worker)?,
+        )
+    }
+
+    /// sim-engine on loopback serving `options`' model with its tokenizer,
+    /// the `per_worker` flags, then `options`' own flags.
+    fn command(options: &SimEngineOptions, per_worker: &[String]) -> anyhow::Result<Command> {
         let mut command = Command::new(paths::binary("sim-engine")?);
-        command.args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--model",
-            &options.model,
-            "--worker-id",
-            &options.worker_id,
-        ]);
+        command
+            .args(["--host", "127.0.0.1", "--model", &options.model])
+            .args(per_worker);
         if let Some(tokenizer) = &options.tokenizer {
             command.arg("--tokenizer").arg(tokenizer);
         }
         command.args(&options.extra_args);
-        ManagedProcess::spawn(&format!("sim-engine-{}", options.worker_id), command)
+        Ok(command)
     }
 
-    /// Kills the engine and starts it again on the same port with the same flags.
+    /// Kills the engine and starts it again on the same port with the same
+    /// flags; refused for a worker sharing its process.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.process.kill();
-        self.process = Self::spawn(&self.options, self.port)?;
+        let (options, port) = (self.options.clone(), self.port);
         let health = format!("{}/health", self.url());
-        readiness::wait_http_ok(&mut self.process, &health, Duration::from_secs(30))
+        let process = self.process()?;
+        process.kill();
+        *process = Self::spawn(&options, port)?;
+        readiness::wait_http_ok(process, &health, Duration::from_secs(30))
     }
 
     /// `ip:port` as Envoy knows this worker.
@@ -102,8 +219,17 @@ impl SimEngine {
         &self.options.worker_id
     }
 
-    pub fn process(&mut self) -> &mut ManagedProcess {
-        &mut self.process
+    /// The worker's own process; an error for a worker sharing its process,
+    /// which cannot be killed or restarted alone.
+    pub fn process(&mut self) -> anyhow::Result<&mut ManagedProcess> {
+        match &mut self.process {
+            SimProcess::Own(process) => Ok(process),
+            SimProcess::Hosted(shared) => anyhow::bail!(
+                "{} shares its sim-engine process (pid {}) with other workers: start one process per worker to kill or restart it alone",
+                self.options.worker_id,
+                shared.pid()
+            ),
+        }
     }
 
     /// The kvmesh sequence hashes of the blocks the engine caches now

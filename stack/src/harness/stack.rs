@@ -5,6 +5,7 @@
 //! the end-to-end tests.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use kv_sidecar::serve::config::ModelConfig;
@@ -13,7 +14,7 @@ use kvmesh_config::{
 };
 
 use crate::harness::envoy::Disaggregation;
-use crate::harness::fleet::KvWorker;
+use crate::harness::fleet::{KvWorker, SimFleet, SimHosting, DEFAULT_LOAD_INTERVAL};
 use crate::harness::gateway::{wait_for_fleet_state, Gateway};
 use crate::harness::sidecar::{Sidecar, SidecarModel};
 use crate::harness::sim::SimEngineOptions;
@@ -61,6 +62,11 @@ pub struct StackOptions {
     /// `Some`: the workers are real vLLM engines (`scripts/setup
     /// --with-vllm`) instead of sim-engines, in [`Stack::vllm_workers`].
     pub vllm: Option<VllmFleet>,
+    /// One sim-engine process per worker (default: engines can be killed
+    /// alone), or one for the decode workers and one for the prefill workers.
+    pub sim_hosting: SimHosting,
+    /// How often each sim worker's relay scrapes its engine's load.
+    pub relay_load_interval: Duration,
 }
 
 /// The real-vLLM workers of a stack; the block size is the stack's.
@@ -98,6 +104,8 @@ impl StackOptions {
             disaggregation: (DisaggregationPolicy::Auto, EngineKind::Vllm),
             shared_workers: false,
             vllm: None,
+            sim_hosting: SimHosting::default(),
+            relay_load_interval: DEFAULT_LOAD_INTERVAL,
         })
     }
 
@@ -167,13 +175,20 @@ impl Stack {
         );
         let bootstrap_port = free_port();
         let disaggregated = options.prefill_workers > 0;
-        let start = |name: String, role: Role, extra: Vec<String>| {
-            let sim = SimEngineOptions::new(&options.model, &name)
+        let start = |prefix: &str, count: usize, role: Role, extra: Vec<String>| {
+            let engine = SimEngineOptions::new(&options.model, "")
                 .tokenizer(options.tokenizer.clone())
                 .args(options.sim_args.clone())
                 .args(extra);
-            KvWorker::start_as(&nats.url(), sim, options.block_size, role)
-                .with_context(|| format!("starting {name} and its relay"))
+            let fleet = SimFleet {
+                hosting: options.sim_hosting,
+                load_interval: options.relay_load_interval,
+                ..SimFleet::new(engine, options.block_size, role)
+            };
+            let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+            fleet
+                .start(&nats.url(), &ids)
+                .with_context(|| format!("starting the {prefix}s and their relays"))
         };
         let vllm_workers = match &options.vllm {
             Some(fleet) => {
@@ -190,32 +205,26 @@ impl Stack {
         } else {
             options.workers
         };
-        let mut workers = Vec::with_capacity(sim_workers);
-        for index in 0..sim_workers {
-            let role = if disaggregated {
-                Role::Decode
-            } else {
-                Role::Both
-            };
-            workers.push(start(format!("worker-{index}"), role, Vec::new())?);
-        }
-        let mut prefill_workers = Vec::with_capacity(options.prefill_workers);
-        for index in 0..options.prefill_workers {
-            let bootstrap = if sglang {
-                vec![
-                    "--disaggregation-bootstrap-port".to_owned(),
-                    bootstrap_port.to_string(),
-                ]
-            } else {
-                Vec::new()
-            };
-            let role = if options.shared_workers {
-                Role::Both
-            } else {
-                Role::Prefill
-            };
-            prefill_workers.push(start(format!("prefill-{index}"), role, bootstrap)?);
-        }
+        let role = if disaggregated {
+            Role::Decode
+        } else {
+            Role::Both
+        };
+        let workers = start("worker", sim_workers, role, Vec::new())?;
+        let bootstrap = if sglang {
+            vec![
+                "--disaggregation-bootstrap-port".to_owned(),
+                bootstrap_port.to_string(),
+            ]
+        } else {
+            Vec::new()
+        };
+        let prefill_role = if options.shared_workers {
+            Role::Both
+        } else {
+            Role::Prefill
+        };
+        let prefill_workers = start("prefill", options.prefill_workers, prefill_role, bootstrap)?;
         let gateway = Gateway::start(
             &nats.url(),
             &[sidecar_model(&options)],

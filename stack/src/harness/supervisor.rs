@@ -37,6 +37,9 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Takes over `stack`, linking each child's log into a new directory.
+    /// Refuses a stack whose sim workers share a process
+    /// ([`SimHosting::OneProcess`](crate::harness::fleet::SimHosting)): it
+    /// restarts engines one at a time.
     pub fn new(mut stack: Stack) -> anyhow::Result<Self> {
         let logs = LogDir::create()?;
         let mut components = vec![Component::Nats];
@@ -47,7 +50,7 @@ impl Supervisor {
         let now = Instant::now();
         let mut children = Vec::with_capacity(components.len());
         for component in components {
-            let process = component.process(&mut stack);
+            let process = component.process(&mut stack)?;
             logs.link(process)?;
             children.push(Child {
                 component,
@@ -88,7 +91,7 @@ impl Supervisor {
             match child.restart_at {
                 None => {
                     let process = child.component.process(&mut self.stack);
-                    if let Some(status) = process.exit_status() {
+                    if let Some(status) = process.ok().and_then(ManagedProcess::exit_status) {
                         child.exited(status, &self.logs);
                         changed = true;
                     }
@@ -111,7 +114,7 @@ impl Supervisor {
         let mut text = String::new();
         for child in &self.children {
             if child.restart_at.is_none() {
-                let pid = child.component.process(&mut self.stack).pid();
+                let pid = child.component.process(&mut self.stack)?.pid();
                 text.push_str(&format!("{} {pid}\n", child.name));
             }
         }
@@ -133,17 +136,19 @@ enum Component {
 }
 
 impl Component {
-    fn process(self, stack: &mut Stack) -> &mut ManagedProcess {
-        match self {
+    /// Its process; an error for a sim worker sharing its process with
+    /// others, which this supervisor cannot restart alone.
+    fn process(self, stack: &mut Stack) -> anyhow::Result<&mut ManagedProcess> {
+        Ok(match self {
             Component::Nats => stack.nats.process(),
             Component::Engine(n) => match engine(stack, n) {
-                Engine::Sim(sim) => sim.process(),
+                Engine::Sim(sim) => sim.process()?,
                 Engine::Vllm(vllm) => vllm.process(),
             },
             Component::Relay(n) => relay(stack, n).process(),
             Component::Sidecar => stack.sidecar.process(),
             Component::Envoy => stack.envoy.process(),
-        }
+        })
     }
 
     /// Starts the (exited) process again on its ports and waits until it is
@@ -237,13 +242,15 @@ impl Child {
     fn restart(&mut self, stack: &mut Stack, logs: &LogDir) -> bool {
         match self.component.restart(stack) {
             Ok(()) => {
-                let process = self.component.process(stack);
-                eprintln!(
-                    "quickstart: {} restarted (pid {})",
-                    self.name,
-                    process.pid()
-                );
-                if let Err(error) = logs.link(process) {
+                let linked = self.component.process(stack).and_then(|process| {
+                    eprintln!(
+                        "quickstart: {} restarted (pid {})",
+                        self.name,
+                        process.pid()
+                    );
+                    logs.link(process)
+                });
+                if let Err(error) = linked {
                     eprintln!("quickstart: {error:#}");
                 }
                 self.started = Instant::now();
