@@ -109,22 +109,34 @@ fn decision(c: &mut Criterion) {
             b.iter(|| {
                 let exact = hasher.sequence_hashes(prompt);
                 let keys = PrefixKeys::from_blocks(&exact, block_size);
-                let routed = RoutedPrompt {
-                    exact: Some(&exact),
-                    keys: &keys,
-                };
-                let signals = Signals {
-                    view: Some(&view),
-                    now_ms: 1_000,
-                    random: 0,
-                };
-                plan(&model, None, routed, signals, &mut local)
-                    .decode
-                    .cached_blocks
+                cached_blocks(&model, &view, &exact, &keys, &mut local)
             })
         });
     }
     group.finish();
+}
+
+/// Plans a request with `exact` block hashes and returns the decode
+/// worker's cached blocks (something the optimizer cannot drop).
+fn cached_blocks(
+    model: &ModelRouting,
+    view: &FleetView,
+    exact: &[SeqHash],
+    keys: &PrefixKeys,
+    local: &mut LocalState,
+) -> u32 {
+    let routed = RoutedPrompt {
+        exact: Some(exact),
+        keys,
+    };
+    let signals = Signals {
+        view: Some(view),
+        now_ms: 1_000,
+        random: 0,
+    };
+    plan(model, None, routed, signals, local)
+        .decode
+        .cached_blocks
 }
 
 fn words(seed: usize, count: usize) -> String {
@@ -181,18 +193,7 @@ fn warm_chat_turn(c: &mut Criterion) {
                 let identity = PromptIdentity::of(&hasher, &request.prompt, None);
                 let keys = prompt_keys(&request.prompt, body, identity.text_seed);
                 let hit = cache.lookup(&keys).expect("the previous turn is cached");
-                let routed = RoutedPrompt {
-                    exact: Some(&hit.hashes),
-                    keys: &identity.keys,
-                };
-                let signals = Signals {
-                    view: Some(&view),
-                    now_ms: 1_000,
-                    random: 0,
-                };
-                plan(&model, None, routed, signals, &mut local)
-                    .decode
-                    .cached_blocks
+                cached_blocks(&model, &view, &hit.hashes, &identity.keys, &mut local)
             })
         });
     }
