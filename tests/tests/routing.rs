@@ -441,8 +441,13 @@ fn debug_route_explains_the_filters_choice_idle_and_under_load() {
 
 #[test]
 fn the_next_turn_of_a_chat_is_routed_from_the_prompt_cache() {
-    // One Envoy worker thread: one filter VM, one prompt cache.
-    let stack = Stack::start_with(|config| config.worker_threads = 1);
+    // One Envoy worker thread: one filter VM, one prompt cache. A loaded
+    // machine must not time the first tokenization out (that is
+    // `losing_the_sidecar_*`'s subject, not this test's).
+    let stack = Stack::start_with(|config| {
+        config.worker_threads = 1;
+        config.tokenize_timeout_ms = Some(10_000);
+    });
     let system = json!({"role": "system", "content": long_text("handbook", 300)});
     let first = json!([system, {"role": "user", "content": "What is section 4?"}]);
     let mut second = first.as_array().unwrap().clone();
