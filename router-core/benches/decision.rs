@@ -90,7 +90,9 @@ fn fleet(hasher: &BlockHasher, workers: u32) -> FleetView {
     view
 }
 
-fn decision(c: &mut Criterion) {
+/// The benchmarked model's hasher and routing: vLLM's block size, default
+/// weights, no configured endpoints (the fleet view is fresh).
+fn bench_model() -> (BlockHasher, ModelRouting) {
     let block_size = BlockSize::VLLM_DEFAULT;
     let hasher = BlockHasher::new(block_size, HashSeed::for_model(MODEL, None));
     let model = ModelRouting {
@@ -98,6 +100,12 @@ fn decision(c: &mut Criterion) {
         weights: CostWeights::default(),
         endpoints: Vec::new(),
     };
+    (hasher, model)
+}
+
+fn decision(c: &mut Criterion) {
+    let (hasher, model) = bench_model();
+    let block_size = model.block_size;
     let prompt: Vec<u32> = tokens(u32::MAX)[..PROMPT_TOKENS as usize].to_vec();
     let mut group = c.benchmark_group("decision_8k_token_prompt_1M_entries");
     for workers in WORKERS {
@@ -163,13 +171,7 @@ fn chat_body(turns: usize) -> Vec<u8> {
 /// conversation so far (one of the cached chains of the fleet), keyed by the
 /// previous turn's messages, as the sidecar's last tokenization left them.
 fn warm_chat_turn(c: &mut Criterion) {
-    let block_size = BlockSize::VLLM_DEFAULT;
-    let hasher = BlockHasher::new(block_size, HashSeed::for_model(MODEL, None));
-    let model = ModelRouting {
-        block_size,
-        weights: CostWeights::default(),
-        endpoints: Vec::new(),
-    };
+    let (hasher, model) = bench_model();
     let body = chat_body(CHAT_TURNS);
     let history: Vec<SeqHash> = hasher.sequence_hashes(&tokens(u32::MAX)[..CHAT_HISTORY_TOKENS]);
     let mut group = c.benchmark_group("decision_warm_chat_turn_1M_entries");
