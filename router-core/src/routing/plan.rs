@@ -10,7 +10,8 @@ use crate::routing::inflight::InFlight;
 use crate::routing::learned::LearnedTable;
 use crate::routing::load::{merged, OrcaLoads};
 use crate::routing::prefix_keys::PrefixKeys;
-use crate::routing::select::{select, Candidate, CostWeights, PromptShape, WorkerLoad};
+use crate::routing::score::{KvCost, PrefillCost};
+use crate::routing::select::{select, Candidate, CostWeights, PromptShape, Selection, WorkerLoad};
 use crate::routing::unreachable::Unreachable;
 use crate::state_stream::{LoadReport, WorkerRole};
 use crate::{BlockSize, SeqHash};
@@ -126,6 +127,30 @@ impl Pool<'_> {
         match self {
             Pool::Decode(_) => true,
             Pool::Prefill { exclude, .. } => exclude != Some(address),
+        }
+    }
+
+    /// Chooses among the pool's candidates: a decode worker by the KV cost,
+    /// a prefill worker by when it would finish the prompt.
+    fn select(
+        self,
+        prompt: PromptShape,
+        candidates: &[Candidate],
+        weights: CostWeights,
+        random: u64,
+    ) -> Option<Selection> {
+        match self {
+            Pool::Decode(_) => {
+                let scorer = KvCost::from(weights);
+                select(prompt, candidates, &scorer, weights.temperature, random)
+            }
+            Pool::Prefill { .. } => select(
+                prompt,
+                candidates,
+                &PrefillCost,
+                weights.temperature,
+                random,
+            ),
         }
     }
 
@@ -296,7 +321,8 @@ fn precise(
         blocks: prompt_blocks,
         block_size: model.block_size.get(),
     };
-    let chosen = select(shape, &scratch.candidates, model.weights, signals.random).and_then(|s| {
+    let selected = pool.select(shape, &scratch.candidates, model.weights, signals.random);
+    let chosen = selected.and_then(|s| {
         let load = chosen_load(&scratch.candidates, s.worker);
         view.worker_at(s.worker).map(|w| (w, s.cached_blocks, load))
     });
@@ -382,7 +408,7 @@ fn approximate(
     };
     // Ties broken by the prompt, not at random: every VM and gateway sends a
     // new prefix to the same worker while they know nothing else.
-    let selected = select(shape, &scratch.candidates, model.weights, first_key);
+    let selected = pool.select(shape, &scratch.candidates, model.weights, first_key);
     let chosen = selected.and_then(|s| {
         let index = usize::try_from(s.worker.0).ok()?;
         let load = chosen_load(&scratch.candidates, s.worker);
@@ -661,22 +687,24 @@ mod tests {
         let keys = PrefixKeys::from_blocks(&uncached, model().block_size);
         let dedicated = auto_pool(16, false);
         let shared = auto_pool(16, true);
-        // Idle fleet: the decode worker (a, the least loaded) prefills itself
-        // when workers are shared, and never for itself.
+        // Idle fleet: the decode worker (a or b, equally idle) prefills
+        // itself when workers are shared.
         let mut vm = Vm::new();
         let plan = vm.plan(Some(&shared), Some(&uncached), &keys, Some(&view()));
-        assert_eq!(plan.decode.worker_id.as_deref(), Some("a"));
+        assert!(matches!(plan.decode.worker_id.as_deref(), Some("a" | "b")));
         assert_eq!(plan.prefill, None);
         let plan = vm.plan(Some(&dedicated), Some(&uncached), &keys, Some(&view()));
         assert_eq!(plan.prefill.and_then(|p| p.worker_id).as_deref(), Some("p"));
         // The decode-capable workers a and b are busy prefilling, the
         // prefill worker is down, and c (role `both`) holds many decoding
         // sequences but has no prefill queued: c is no decode choice, but
-        // prefills for the busy worker, only when workers are shared.
+        // prefills for the busy worker, only when workers are shared. a
+        // decodes (one block less queued than b); b (role `both`) could
+        // prefill too, but its queue is longer than c's.
         let mut vm = Vm::new();
         let load = [
             ("127.0.0.1:10", 4_000, 0),
-            ("127.0.0.1:11", 4_000, 0),
+            ("127.0.0.1:11", 4_016, 0),
             ("127.0.0.1:13", 0, 10_000),
         ];
         for (address, prefill_tokens, blocks) in load {
@@ -697,7 +725,7 @@ mod tests {
             })),
         }]);
         let plan = vm.plan(Some(&shared), Some(&uncached), &keys, Some(&view));
-        assert!(matches!(plan.decode.worker_id.as_deref(), Some("a" | "b")));
+        assert_eq!(plan.decode.worker_id.as_deref(), Some("a"));
         let prefill = plan.prefill.expect("c prefills");
         assert_eq!(prefill.worker_id.as_deref(), Some("c"));
         let plan = vm.plan(Some(&dedicated), Some(&uncached), &keys, Some(&view));

@@ -38,3 +38,18 @@ impl Scorer for KvCost {
         self.overlap_weight * prefill_blocks + decode_blocks
     }
 }
+
+/// Prefill-only cost: `prefill_blocks` alone, the work done on the candidate
+/// before the prompt's last token. A prefill worker holds the prompt's KV only
+/// until it is sent to the decode worker, so its decoding load does not make
+/// it a worse place to prefill; its queue does.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PrefillCost;
+
+impl Scorer for PrefillCost {
+    fn cost(&self, prompt: PromptShape, candidate: &Candidate) -> f64 {
+        let block_size = f64::from(prompt.block_size.max(1));
+        let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
+        uncached + candidate.load.queued_prefill_tokens as f64 / block_size
+    }
+}

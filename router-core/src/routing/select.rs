@@ -4,7 +4,7 @@
 
 use crate::index::WorkerSlot;
 use crate::routing::pick::{LowestCost, Picker, Scored, Softmax};
-use crate::routing::score::{KvCost, Scorer};
+use crate::routing::score::Scorer;
 
 /// What the router knows of one worker's current load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,28 +67,38 @@ pub fn select_with(
     })
 }
 
-/// The configured policy: the KV cost function, then the lowest cost (or a
-/// softmax sample when the temperature is above 0).
+/// The configured policy: `scorer`, then the lowest cost (or a softmax
+/// sample when the temperature is above 0).
 pub fn select(
     prompt: PromptShape,
     candidates: &[Candidate],
-    weights: CostWeights,
+    scorer: &dyn Scorer,
+    temperature: f64,
     random: u64,
 ) -> Option<Selection> {
-    let scorer = KvCost::from(weights);
-    if weights.temperature > 0.0 {
-        let picker = Softmax {
-            temperature: weights.temperature,
-        };
-        select_with(prompt, candidates, &scorer, &picker, random)
+    if temperature > 0.0 {
+        let picker = Softmax { temperature };
+        select_with(prompt, candidates, scorer, &picker, random)
     } else {
-        select_with(prompt, candidates, &scorer, &LowestCost, random)
+        select_with(prompt, candidates, scorer, &LowestCost, random)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::score::{KvCost, PrefillCost};
+
+    /// The decode pool's policy with `weights`.
+    fn kv_select(
+        prompt: PromptShape,
+        candidates: &[Candidate],
+        weights: CostWeights,
+        random: u64,
+    ) -> Option<Selection> {
+        let scorer = KvCost::from(weights);
+        select(prompt, candidates, &scorer, weights.temperature, random)
+    }
 
     const PROMPT: PromptShape = PromptShape {
         blocks: 100,
@@ -107,7 +117,7 @@ mod tests {
     }
 
     fn pick(candidates: &[Candidate], weights: CostWeights, random: u64) -> u32 {
-        select(PROMPT, candidates, weights, random)
+        kv_select(PROMPT, candidates, weights, random)
             .unwrap()
             .worker
             .0
@@ -192,13 +202,30 @@ mod tests {
             block_size: 16,
         };
         let c = [candidate(0, 249, 3 * 263, 0), candidate(1, 0, 0, 0)];
-        let chosen = select(prompt, &c, CostWeights::default(), 0).unwrap();
+        let chosen = kv_select(prompt, &c, CostWeights::default(), 0).unwrap();
         assert_eq!(chosen.worker.0, 0);
     }
 
     #[test]
+    fn a_prefill_goes_to_the_shortest_queue_whatever_it_decodes() {
+        // Worker 0 decodes many sequences with nothing queued; worker 1
+        // decodes nothing but has 2000 prompt tokens queued. Decoding the
+        // prompt, worker 1 is cheaper; prefilling it, worker 0 ends first.
+        let c = [candidate(0, 0, 5_000, 0), candidate(1, 0, 0, 2_000)];
+        assert_eq!(pick(&c, CostWeights::default(), 0), 1);
+        let prefill = select(PROMPT, &c, &PrefillCost, 0.0, 0).unwrap();
+        assert_eq!(prefill.worker.0, 0);
+        // Cached blocks count the same way as queued ones.
+        let c = [candidate(0, 0, 0, 320), candidate(1, 30, 0, 0)];
+        assert_eq!(
+            select(PROMPT, &c, &PrefillCost, 0.0, 0).unwrap().worker.0,
+            1
+        );
+    }
+
+    #[test]
     fn no_candidates_no_choice() {
-        assert!(select(PROMPT, &[], CostWeights::default(), 0).is_none());
+        assert!(kv_select(PROMPT, &[], CostWeights::default(), 0).is_none());
     }
 
     #[test]
@@ -214,7 +241,7 @@ mod tests {
         workers[0].cached_blocks = 64;
         let mut routed = [0u32; 4];
         for request in 0..40u64 {
-            let chosen = select(prompt, &workers, CostWeights::default(), request).unwrap();
+            let chosen = kv_select(prompt, &workers, CostWeights::default(), request).unwrap();
             let w = &mut workers[chosen.worker.0 as usize];
             routed[chosen.worker.0 as usize] += 1;
             let uncached = prompt.blocks - w.cached_blocks;
