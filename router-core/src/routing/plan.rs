@@ -10,7 +10,7 @@ use crate::routing::inflight::InFlight;
 use crate::routing::learned::LearnedTable;
 use crate::routing::load::{merged, OrcaLoads};
 use crate::routing::prefix_keys::PrefixKeys;
-use crate::routing::score::{KvCost, PrefillCost};
+use crate::routing::score::{KvCost, PrefillCost, Scorer};
 use crate::routing::select::{select, Candidate, CostWeights, PromptShape, Selection, WorkerLoad};
 use crate::routing::unreachable::Unreachable;
 use crate::state_stream::{LoadReport, WorkerRole};
@@ -139,19 +139,15 @@ impl Pool<'_> {
         weights: CostWeights,
         random: u64,
     ) -> Option<Selection> {
-        match self {
+        let kv_cost;
+        let scorer: &dyn Scorer = match self {
             Pool::Decode(_) => {
-                let scorer = KvCost::from(weights);
-                select(prompt, candidates, &scorer, weights.temperature, random)
+                kv_cost = KvCost::from(weights);
+                &kv_cost
             }
-            Pool::Prefill { .. } => select(
-                prompt,
-                candidates,
-                &PrefillCost,
-                weights.temperature,
-                random,
-            ),
-        }
+            Pool::Prefill { .. } => &PrefillCost,
+        };
+        select(prompt, candidates, scorer, weights.temperature, random)
     }
 
     /// The pool's configured endpoints, used without fleet state.

@@ -30,12 +30,8 @@ impl From<CostWeights> for KvCost {
 
 impl Scorer for KvCost {
     fn cost(&self, prompt: PromptShape, candidate: &Candidate) -> f64 {
-        let block_size = f64::from(prompt.block_size.max(1));
-        let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
-        let queued = candidate.load.queued_prefill_tokens as f64 / block_size;
-        let prefill_blocks = uncached + queued;
         let decode_blocks = candidate.load.active_blocks as f64 + f64::from(prompt.blocks);
-        self.overlap_weight * prefill_blocks + decode_blocks
+        self.overlap_weight * prefill_blocks(prompt, candidate) + decode_blocks
     }
 }
 
@@ -48,8 +44,14 @@ pub struct PrefillCost;
 
 impl Scorer for PrefillCost {
     fn cost(&self, prompt: PromptShape, candidate: &Candidate) -> f64 {
-        let block_size = f64::from(prompt.block_size.max(1));
-        let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
-        uncached + candidate.load.queued_prefill_tokens as f64 / block_size
+        prefill_blocks(prompt, candidate)
     }
+}
+
+/// Blocks the candidate computes before the prompt's last token: the prompt
+/// blocks it has not cached, plus the prefill already queued on it.
+fn prefill_blocks(prompt: PromptShape, candidate: &Candidate) -> f64 {
+    let block_size = f64::from(prompt.block_size.max(1));
+    let uncached = f64::from(prompt.blocks.saturating_sub(candidate.cached_blocks));
+    uncached + candidate.load.queued_prefill_tokens as f64 / block_size
 }
