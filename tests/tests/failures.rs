@@ -8,6 +8,7 @@
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,18 +29,20 @@ struct Outcome {
     worker: Option<String>,
 }
 
-/// `CLIENTS` loops of fresh four-block prompts until `until`.
-fn run_load(url: String, until: Instant) -> Vec<Outcome> {
+/// `CLIENTS` loops of fresh four-block prompts until `stop` is set or
+/// `until`, whichever comes first.
+fn run_load(url: String, stop: Arc<AtomicBool>, until: Instant) -> Vec<Outcome> {
     let url = Arc::new(url);
     let loops: Vec<_> = (0..CLIENTS as u32)
         .map(|client| {
             let url = Arc::clone(&url);
+            let stop = Arc::clone(&stop);
             thread::spawn(move || {
                 let http = http_client();
                 let mut outcomes = Vec::new();
                 for i in 0u32.. {
                     let started = Instant::now();
-                    if started >= until {
+                    if started >= until || stop.load(Ordering::Relaxed) {
                         break;
                     }
                     let tokens: Vec<u32> = (0..64)
@@ -74,9 +77,11 @@ fn a_killed_engine_costs_only_its_in_flight_requests_and_is_routed_to_again_when
     let victim = stack.workers[0].sim.worker_id().to_owned();
     let url = format!("{}/v1/completions", stack.envoy.gateway_url());
     let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let url = url.clone();
-        thread::spawn(move || run_load(url, started + Duration::from_secs(14)))
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || run_load(url, stop, started + Duration::from_secs(40)))
     };
 
     let routed_to_victim = {
@@ -103,6 +108,17 @@ fn a_killed_engine_costs_only_its_in_flight_requests_and_is_routed_to_again_when
     );
     stack.workers[0].sim.restart().unwrap();
     let back_at = Instant::now();
+    // The load lasts until the filter routes to the engine again (its relay
+    // sees it answer, the sidecar re-adds it, the state reaches the filter),
+    // plus time for those requests to finish: on a loaded machine that takes
+    // seconds, and a fixed load length made the test flaky.
+    let routed_at_restart = routed_to_victim();
+    let give_up = back_at + Duration::from_secs(20);
+    while routed_to_victim() == routed_at_restart && Instant::now() < give_up {
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
     let outcomes = load.join().unwrap();
 
     let served_by_victim_before = outcomes
