@@ -7,9 +7,7 @@
 //! such connections too. uvicorn (vLLM, SGLang) and tonic set `TCP_NODELAY`;
 //! `axum::serve` leaves it to the listener.
 //!
-//! The listen backlog is raised too: Envoy's HTTP/1.1 pools open one upstream
-//! connection per concurrent request, so a burst of thousands of streams is a
-//! burst of thousands of SYNs at each engine.
+//! Its accept queue is deeper than tokio's default too ([`BACKLOG`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,9 +18,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, ToSocketAddrs};
 
 pub type NoDelayListener = TapIo<TcpListener, fn(&mut TcpStream)>;
 
-/// Length of the queue of connections the kernel has accepted for us. Tokio's
-/// default of 1,024 overflowed when 3,000 streams reached three engines at
-/// once: the kernel drops a SYN it cannot queue, and the client's retry comes
+/// Length of the queue of connections the kernel has accepted for us. Envoy's
+/// HTTP/1.1 pools open one upstream connection per concurrent request, and
+/// tokio's default of 1,024 overflowed when 3,000 streams reached three
+/// engines at once: the kernel drops a SYN it cannot queue, and the client's retry comes
 /// 1 s and then 3 s later, past the pools' 2 s connect timeout. uvicorn (vLLM,
 /// SGLang) asks for 2,048; Linux caps the value at `net.core.somaxconn`
 /// (4,096 by default since 5.4).
@@ -107,6 +106,5 @@ mod tests {
             }
         }
         assert_eq!(open.len(), burst, "connections completed without accept");
-        drop(listener);
     }
 }
