@@ -28,6 +28,11 @@ def load_crd_schemas(path):
                 if schema:
                     key = (spec["group"], version["name"], spec["names"]["kind"])
                     schemas[key] = (schema, spec.get("scope") == "Namespaced")
+    # Istio 1.22 served its v1beta1 APIs as v1 with the schema unchanged;
+    # CRDs older than that (scripts/setup's) have v1beta1 only.
+    for group, version, kind in list(schemas):
+        if version == "v1beta1":
+            schemas.setdefault((group, "v1", kind), schemas[(group, version, kind)])
     return schemas
 
 
@@ -109,12 +114,12 @@ def check_kustomization(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory", nargs="?", default=str(ROOT / "istio"))
-    parser.add_argument("--crds", default=str(ROOT.parent / "shared/data/istio-crds.gen.yaml"))
+    parser.add_argument("--crds", default=str(ROOT / ".data/istio-crds/crd-all.gen.yaml"))
     parser.add_argument("--kubernetes-version", default="1.33.0")
     args = parser.parse_args()
 
     if not pathlib.Path(args.crds).is_file():
-        print(f"Istio CRD schemas not found at {args.crds} (pass --crds FILE)", file=sys.stderr)
+        print(f"Istio CRD schemas not found at {args.crds} (run scripts/setup, or pass --crds FILE)", file=sys.stderr)
         return 2
     schemas = load_crd_schemas(args.crds)
     directory = pathlib.Path(args.directory)

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmesh_stack::fleet_bench::bound::hit_rate_bound;
-use kvmesh_stack::fleet_bench::mooncake::MooncakeReplay;
+use kvmesh_stack::fleet_bench::mooncake::{MooncakeReplay, TRACE_HINT};
 use kvmesh_stack::fleet_bench::policy::Policy;
 use kvmesh_stack::fleet_bench::prompts::PromptBlocker;
 use kvmesh_stack::fleet_bench::report::{self, RunContext};
@@ -36,8 +36,10 @@ enum WorkloadKind {
 struct Args {
     #[command(flatten)]
     fleet: FleetParams,
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [WorkloadKind::Mooncake, WorkloadKind::MultiTenant, WorkloadKind::MultiTurn])]
-    workloads: Vec<WorkloadKind>,
+    /// Workloads to run, comma-separated [default: all; mooncake only with
+    /// a trace (--trace)]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    workloads: Option<Vec<WorkloadKind>>,
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Policy::ALL)]
     policies: Vec<Policy>,
     /// Where the markdown, CSV and SVG files go.
@@ -68,8 +70,41 @@ struct Args {
     multi_turn: MultiTurn,
 }
 
+/// What runs: the workloads asked for, else all of them, Mooncake only with
+/// a trace to replay (the project ships none).
+#[derive(Debug, PartialEq, Eq)]
+struct Selection {
+    workloads: Vec<WorkloadKind>,
+    mooncake_skipped: bool,
+}
+
+fn select_workloads(asked: Option<&[WorkloadKind]>, has_trace: bool) -> anyhow::Result<Selection> {
+    if let Some(asked) = asked {
+        anyhow::ensure!(
+            has_trace || !asked.contains(&WorkloadKind::Mooncake),
+            "the mooncake workload needs a trace: {TRACE_HINT}"
+        );
+        return Ok(Selection {
+            workloads: asked.to_vec(),
+            mooncake_skipped: false,
+        });
+    }
+    Ok(Selection {
+        workloads: WorkloadKind::value_variants()
+            .iter()
+            .copied()
+            .filter(|&kind| has_trace || kind != WorkloadKind::Mooncake)
+            .collect(),
+        mooncake_skipped: !has_trace,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let selection = select_workloads(args.workloads.as_deref(), args.mooncake.trace.is_some())?;
+    if selection.mooncake_skipped {
+        eprintln!("kvmesh-bench: skipping the mooncake workload (no trace): {TRACE_HINT}");
+    }
     let command = std::iter::once("scripts/bench".to_owned())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
@@ -80,7 +115,7 @@ fn main() -> anyhow::Result<()> {
         args.fleet.engine.block_size(),
     )?;
     let factor = args.scale.factor(args.fleet.workers);
-    for kind in &args.workloads {
+    for kind in &selection.workloads {
         let mut workload = match kind {
             WorkloadKind::Mooncake => args.mooncake.scaled(factor).workload()?,
             WorkloadKind::MultiTenant => args.multi_tenant.scaled(factor).workload(args.seed),
@@ -194,5 +229,48 @@ fn gateways_description(fleet: &FleetParams) -> String {
         n => format!(
             "{n} gateways (each Envoy with {threads} worker threads and its own kv-sidecar; the client sends requests to them in turn)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use WorkloadKind::{Mooncake, MultiTenant, MultiTurn};
+
+    #[test]
+    fn the_default_workloads_leave_mooncake_out_without_a_trace() {
+        assert_eq!(
+            select_workloads(None, true).unwrap(),
+            Selection {
+                workloads: vec![Mooncake, MultiTenant, MultiTurn],
+                mooncake_skipped: false
+            }
+        );
+        assert_eq!(
+            select_workloads(None, false).unwrap(),
+            Selection {
+                workloads: vec![MultiTenant, MultiTurn],
+                mooncake_skipped: true
+            }
+        );
+    }
+
+    #[test]
+    fn asking_for_mooncake_without_a_trace_is_an_error() {
+        let error = select_workloads(Some(&[MultiTurn, Mooncake]), false).unwrap_err();
+        assert!(error.to_string().contains("--trace FILE"), "{error}");
+        assert_eq!(
+            select_workloads(Some(&[MultiTurn, Mooncake]), true)
+                .unwrap()
+                .workloads,
+            [MultiTurn, Mooncake]
+        );
+        assert_eq!(
+            select_workloads(Some(&[MultiTenant]), false).unwrap(),
+            Selection {
+                workloads: vec![MultiTenant],
+                mooncake_skipped: false
+            }
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! prefixes. Each id becomes a deterministic block of token ids.
 
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -13,6 +13,8 @@ use crate::fleet_bench::workload::{Arrival, Conversation, Prompt, Workload};
 
 /// Tokens each trace hash id stands for.
 pub const TRACE_BLOCK_TOKENS: usize = 512;
+/// How to give the replay its trace, for messages about a missing one.
+pub const TRACE_HINT: &str = "pass a Mooncake-format JSONL trace (one {timestamp, input_length, output_length, hash_ids} object per line, as in FAST'25) with --trace FILE or KVMESH_TRACE=FILE";
 /// Token ids drawn from `[FIRST_TOKEN, FIRST_TOKEN + TOKEN_RANGE)`: ordinary
 /// vocabulary of any real tokenizer, clear of special tokens.
 const FIRST_TOKEN: u32 = 1_000;
@@ -28,12 +30,10 @@ struct TraceRow {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MooncakeReplay {
-    /// The JSONL trace.
-    #[arg(
-        long = "trace",
-        default_value = "../shared/data/mooncake_synthetic_trace.jsonl"
-    )]
-    pub trace: PathBuf,
+    /// The Mooncake-format JSONL trace to replay. The project ships none:
+    /// without one the default workloads leave Mooncake out.
+    #[arg(long = "trace", env = "KVMESH_TRACE", value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Replay the first this many requests of the trace; past its end, the
     /// trace again with fresh hash ids.
     #[arg(long, default_value_t = 1_200)]
@@ -79,7 +79,11 @@ impl MooncakeReplay {
             self.trace_load_scale > 0.0,
             "--trace-load-scale must be positive"
         );
-        let rows = self.read_rows()?;
+        let trace = self
+            .trace
+            .as_deref()
+            .with_context(|| format!("no Mooncake trace: {TRACE_HINT}"))?;
+        let rows = self.read_rows(trace)?;
         let passes = TracePasses::of(&rows);
         let mut arrivals = Vec::with_capacity(self.trace_requests);
         let mut truncated = 0;
@@ -87,11 +91,7 @@ impl MooncakeReplay {
             let row = passes.row(&rows, index);
             let (tokens, was_truncated) = prompt_tokens(&row, self.trace_max_model_len as usize)
                 .with_context(|| {
-                    format!(
-                        "{}: request {}",
-                        self.trace.display(),
-                        index % rows.len() + 1
-                    )
+                    format!("{}: request {}", trace.display(), index % rows.len() + 1)
                 })?;
             truncated += usize::from(was_truncated);
             arrivals.push(Arrival {
@@ -116,7 +116,7 @@ impl MooncakeReplay {
             name: "mooncake".to_owned(),
             description: format!(
                 "Mooncake trace {}: first {} requests ({:.0} s of trace at {}× its load{repeated}), token-id prompts, {} truncated to {} tokens of context",
-                self.trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
                 arrivals.len(), span, self.trace_load_scale, truncated, self.trace_max_model_len
             ),
             arrivals,
@@ -131,27 +131,23 @@ impl MooncakeReplay {
     }
 
     /// The trace's rows, up to `--trace-requests`, each checked.
-    fn read_rows(&self) -> anyhow::Result<Vec<TraceRow>> {
-        let file = std::fs::File::open(&self.trace)
-            .with_context(|| format!("opening the trace {}", self.trace.display()))?;
+    fn read_rows(&self, trace: &Path) -> anyhow::Result<Vec<TraceRow>> {
+        let file = std::fs::File::open(trace)
+            .with_context(|| format!("opening the trace {}", trace.display()))?;
         let mut rows = Vec::with_capacity(self.trace_requests);
         for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
             if rows.len() == self.trace_requests {
                 break;
             }
-            let line = line.with_context(|| format!("reading {}", self.trace.display()))?;
+            let line = line.with_context(|| format!("reading {}", trace.display()))?;
             if line.trim().is_empty() {
                 continue;
             }
             let row: TraceRow = serde_json::from_str(&line)
-                .with_context(|| format!("{}:{}", self.trace.display(), number + 1))?;
+                .with_context(|| format!("{}:{}", trace.display(), number + 1))?;
             rows.push(row);
         }
-        anyhow::ensure!(
-            !rows.is_empty(),
-            "{} holds no request",
-            self.trace.display()
-        );
+        anyhow::ensure!(!rows.is_empty(), "{} holds no request", trace.display());
         Ok(rows)
     }
 }
@@ -292,7 +288,7 @@ mod tests {
     #[test]
     fn scaling_keeps_the_replayed_trace_span() {
         let replay = MooncakeReplay {
-            trace: PathBuf::from("trace.jsonl"),
+            trace: Some(PathBuf::from("trace.jsonl")),
             trace_requests: 1_200,
             trace_load_scale: 3.0,
             trace_max_model_len: 65_536,
