@@ -55,7 +55,7 @@ fn main() {
         .collect();
     let mut replica = FleetView::new("m", usize::MAX);
     for round in ["into an empty replica", "replacing the full one"] {
-        let mut steps_us: Vec<f64> = chunks
+        let steps_us: Vec<f64> = chunks
             .iter()
             .map(|bytes| {
                 let started = Instant::now();
@@ -65,12 +65,22 @@ fn main() {
             })
             .collect();
         let total_ms = steps_us.iter().sum::<f64>() / 1e3;
-        steps_us.sort_unstable_by(f64::total_cmp);
+        // Which chunks were slow tells work (the same chunks every run) from
+        // the machine preempting the process (anywhere).
+        let mut by_time: Vec<(usize, f64)> = steps_us.iter().copied().enumerate().collect();
+        by_time.sort_unstable_by(|a, b| a.1.total_cmp(&b.1));
+        let longest: Vec<String> = by_time
+            .iter()
+            .rev()
+            .take(5)
+            .map(|(chunk, us)| format!("#{chunk} {us:.0}"))
+            .collect();
         println!(
-            "{workers} workers × {blocks} blocks, {} chunks of {chunk}, {round}: total {total_ms:.1} ms, median {:.0} µs, longest {:.0} µs",
+            "{workers} workers × {blocks} blocks, {} chunks of {chunk}, {round}: total {total_ms:.1} ms, median {:.0} µs, p99 {:.0} µs, longest (chunk µs) {}",
             chunks.len(),
-            steps_us[steps_us.len() / 2],
-            steps_us[steps_us.len() - 1],
+            by_time[by_time.len() / 2].1,
+            by_time[by_time.len() * 99 / 100].1,
+            longest.join(", "),
         );
     }
 }

@@ -3,8 +3,12 @@
 //! A hash table grows by moving every entry into a table twice its size, all
 //! at once: one table of a million blocks would hold a filter callback (and
 //! the Envoy thread) for tens of milliseconds when it did. So blocks are
-//! spread over [`SHARDS`] tables by their hash; shards fill up at slightly
-//! different moments, and a growing shard moves only its own ~1/1024th.
+//! spread over [`SHARDS`] tables by their hash, and a growing shard moves
+//! only its own ~1/1024th. Equal shards would still fill up together and
+//! grow within a few callbacks of each other (a 1M-entry snapshot's chunks
+//! 217–227 of 256 took 4–5× the median), so shards get unequal shares of
+//! the hash space, from one to three times the smallest: at any fleet size
+//! only a few of them are near their growth threshold.
 //!
 //! An entry keeps up to [`INLINE`] holders in place and owns no memory, so
 //! dropping or replacing the table frees its allocations without visiting
@@ -18,10 +22,11 @@ use crate::hashing::SeqHash;
 
 /// Tables the blocks are spread over.
 const SHARDS: usize = 1 << 10;
-/// A shard is chosen by hash bits 40..50, which hashbrown uses for neither
+/// A shard is chosen by hash bits 40..57, which hashbrown uses for neither
 /// the bucket (low bits) nor the control byte (bits 57..64 natively, 25..32
 /// on 32-bit targets such as wasm32), so each shard still spreads its keys.
 const SHARD_SHIFT: u32 = 40;
+const SHARD_BITS: u32 = 17;
 /// Holders kept in place; most blocks are held by few workers.
 const INLINE: usize = 3;
 
@@ -150,8 +155,17 @@ impl HolderTable {
     }
 }
 
+/// With `u` a hash's place in `[0, 1)`, its shard is `SHARDS · (u² + u) / 2`:
+/// the slope, shards per unit of `u`, runs from 1/2 to 3/2, so shares of
+/// the hash space run from 2× to ⅔× an equal one and the shards cross each
+/// growth threshold at fleet sizes spread over more than a doubling instead
+/// of all at once. One multiply and a shift (`u` in units of 2^-17): this
+/// runs once per block looked up.
 fn shard_of(hash: &SeqHash) -> usize {
-    (hash.0 >> SHARD_SHIFT) as usize & (SHARDS - 1)
+    const ONE: u64 = 1 << SHARD_BITS;
+    let u = (hash.0 >> SHARD_SHIFT) & (ONE - 1);
+    // Below 2^35, so below SHARDS (2^10) after the shift.
+    ((u * (u + ONE)) >> (2 * SHARD_BITS + 1 - SHARDS.trailing_zeros())) as usize
 }
 
 #[cfg(test)]
@@ -204,5 +218,29 @@ mod tests {
         let sizes: Vec<usize> = table.shards.iter().map(|s| s.inline.len()).collect();
         assert_eq!(sizes.iter().sum::<usize>(), table.len());
         assert!(sizes.iter().all(|&n| n > 0 && n < 64), "{sizes:?}");
+    }
+
+    /// Every place in the hash space maps to a shard, in order, and the
+    /// shares run from 2× to ⅔× an equal one: equal shares would make every
+    /// shard grow within the same few callbacks.
+    #[test]
+    fn shard_shares_fall_threefold_across_the_shards() {
+        let mut shares = vec![0u64; SHARDS];
+        let mut previous = 0;
+        for u in 0..1u64 << SHARD_BITS {
+            let shard = shard_of(&SeqHash(u << SHARD_SHIFT));
+            assert!(shard >= previous && shard < SHARDS, "u {u}: shard {shard}");
+            shares[shard] += 1;
+            previous = shard;
+        }
+        let equal = (1u64 << SHARD_BITS) as f64 / SHARDS as f64;
+        let relative = |shard: usize| shares[shard] as f64 / equal;
+        assert!(shares.iter().all(|&n| n > 0));
+        assert!((1.9..=2.1).contains(&relative(0)), "{}", relative(0));
+        assert!(
+            (0.6..=0.72).contains(&relative(SHARDS - 1)),
+            "{}",
+            relative(SHARDS - 1)
+        );
     }
 }
