@@ -9,7 +9,11 @@ use std::path::Path;
 const SERVICE: &str = "kvmesh/v1/state_stream_service.proto";
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read when the script runs, not baked in when it is compiled: cargo
+    // reuses a compiled build script across checkouts sharing a target dir.
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?;
+    let proto_dir = Path::new(&manifest_dir).join("../proto");
     println!("cargo:rerun-if-changed={}", proto_dir.display());
     let mut fds = protox::compile([SERVICE], [&proto_dir])?;
     // Only the service file: the imported ones hold the messages, which would

@@ -26,7 +26,11 @@ const FILES: [(&str, &str, &str); 3] = [
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read when the script runs, not baked in when it is compiled: cargo
+    // reuses a compiled build script across checkouts sharing a target dir.
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?;
+    let proto_dir = Path::new(&manifest_dir).join("../proto");
     println!("cargo:rerun-if-changed={}", proto_dir.display());
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
     let fds = protox::compile(FILES.map(|(file, ..)| file), [&proto_dir])?;
