@@ -105,10 +105,7 @@ fn main() -> anyhow::Result<()> {
     if selection.mooncake_skipped {
         eprintln!("kvmesh-bench: skipping the mooncake workload (no trace): {TRACE_HINT}");
     }
-    let command = std::iter::once("scripts/bench".to_owned())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = reported_command(std::env::args().skip(1));
     let blocker = PromptBlocker::new(
         &args.fleet.model,
         &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
@@ -232,6 +229,33 @@ fn gateways_description(fleet: &FleetParams) -> String {
     }
 }
 
+/// The command line the result files name: `scripts/bench` and the
+/// arguments, the trace by its file name only, since where it sits on the
+/// machine that ran the bench is no part of the result.
+fn reported_command(arguments: impl Iterator<Item = String>) -> String {
+    let mut words = vec!["scripts/bench".to_owned()];
+    let mut trace_follows = false;
+    for argument in arguments {
+        let word = if trace_follows {
+            file_name(&argument)
+        } else if let Some(path) = argument.strip_prefix("--trace=") {
+            format!("--trace={}", file_name(path))
+        } else {
+            argument.clone()
+        };
+        trace_follows = argument == "--trace";
+        words.push(word);
+    }
+    words.join(" ")
+}
+
+fn file_name(path: &str) -> String {
+    std::path::Path::new(path).file_name().map_or_else(
+        || path.to_owned(),
+        |name| name.to_string_lossy().into_owned(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +295,21 @@ mod tests {
                 workloads: vec![MultiTenant],
                 mooncake_skipped: false
             }
+        );
+    }
+
+    #[test]
+    fn the_reported_command_names_the_trace_by_its_file_name() {
+        let arguments = [
+            "--trace",
+            "/data/traces/t.jsonl",
+            "--trace=../x/u.jsonl",
+            "--out",
+            "/tmp/o",
+        ];
+        assert_eq!(
+            reported_command(arguments.iter().map(|a| a.to_string())),
+            "scripts/bench --trace t.jsonl --trace=u.jsonl --out /tmp/o"
         );
     }
 }
