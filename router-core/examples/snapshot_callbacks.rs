@@ -55,7 +55,9 @@ fn main() {
         .collect();
     let mut replica = FleetView::new("m", usize::MAX);
     for round in ["into an empty replica", "replacing the full one"] {
-        let steps_us: Vec<f64> = chunks
+        // Which chunks were slow tells work (the same chunks every run) from
+        // the machine preempting the process (anywhere).
+        let mut by_time: Vec<(usize, f64)> = chunks
             .iter()
             .map(|bytes| {
                 let started = Instant::now();
@@ -63,11 +65,9 @@ fn main() {
                 replica.apply(&update).unwrap();
                 started.elapsed().as_secs_f64() * 1e6
             })
+            .enumerate()
             .collect();
-        let total_ms = steps_us.iter().sum::<f64>() / 1e3;
-        // Which chunks were slow tells work (the same chunks every run) from
-        // the machine preempting the process (anywhere).
-        let mut by_time: Vec<(usize, f64)> = steps_us.iter().copied().enumerate().collect();
+        let total_ms = by_time.iter().map(|(_, us)| us).sum::<f64>() / 1e3;
         by_time.sort_unstable_by(|a, b| a.1.total_cmp(&b.1));
         let longest: Vec<String> = by_time
             .iter()

@@ -3,13 +3,13 @@
 //! fleet (empty caches). Writes a markdown table, a CSV and SVG plots per
 //! workload (see docs/benchmarks.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmesh_stack::fleet_bench::bound::hit_rate_bound;
-use kvmesh_stack::fleet_bench::mooncake::{MooncakeReplay, TRACE_HINT};
+use kvmesh_stack::fleet_bench::mooncake::{trace_name, MooncakeReplay, TRACE_HINT};
 use kvmesh_stack::fleet_bench::policy::Policy;
 use kvmesh_stack::fleet_bench::prompts::PromptBlocker;
 use kvmesh_stack::fleet_bench::report::{self, RunContext};
@@ -230,30 +230,23 @@ fn gateways_description(fleet: &FleetParams) -> String {
 }
 
 /// The command line the result files name: `scripts/bench` and the
-/// arguments, the trace by its file name only, since where it sits on the
-/// machine that ran the bench is no part of the result.
+/// arguments, the trace by its [`trace_name`].
 fn reported_command(arguments: impl Iterator<Item = String>) -> String {
     let mut words = vec!["scripts/bench".to_owned()];
     let mut trace_follows = false;
     for argument in arguments {
+        let is_trace_flag = argument == "--trace";
         let word = if trace_follows {
-            file_name(&argument)
+            trace_name(Path::new(&argument))
         } else if let Some(path) = argument.strip_prefix("--trace=") {
-            format!("--trace={}", file_name(path))
+            format!("--trace={}", trace_name(Path::new(path)))
         } else {
-            argument.clone()
+            argument
         };
-        trace_follows = argument == "--trace";
+        trace_follows = is_trace_flag;
         words.push(word);
     }
     words.join(" ")
-}
-
-fn file_name(path: &str) -> String {
-    std::path::Path::new(path).file_name().map_or_else(
-        || path.to_owned(),
-        |name| name.to_string_lossy().into_owned(),
-    )
 }
 
 #[cfg(test)]

@@ -20,6 +20,15 @@ pub const TRACE_HINT: &str = "pass a Mooncake-format JSONL trace (one {timestamp
 const FIRST_TOKEN: u32 = 1_000;
 const TOKEN_RANGE: u64 = 100_000;
 
+/// A trace as results name it: its file name, since where it sits on the
+/// machine that replayed it is no part of the result.
+pub fn trace_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    )
+}
+
 #[derive(Debug, Deserialize)]
 struct TraceRow {
     timestamp: u64,
@@ -116,7 +125,7 @@ impl MooncakeReplay {
             name: "mooncake".to_owned(),
             description: format!(
                 "Mooncake trace {}: first {} requests ({:.0} s of trace at {}× its load{repeated}), token-id prompts, {} truncated to {} tokens of context",
-                trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                trace_name(trace),
                 arrivals.len(), span, self.trace_load_scale, truncated, self.trace_max_model_len
             ),
             arrivals,
