@@ -181,8 +181,9 @@ pub struct SidecarConfig {
 pub struct PluginConfig {
     pub max_body_bytes: usize,
     pub sidecar: Option<SidecarConfig>,
-    /// Adds `x-kvmesh-mode`, `x-kvmesh-worker` and `x-kvmesh-cached-blocks` to
-    /// responses. Off by default: it tells clients about the fleet.
+    /// Adds `x-kvmesh-mode`, `x-kvmesh-worker`, `x-kvmesh-cached-blocks` and
+    /// `x-kvmesh-most-cached-blocks` to responses. Off by default: it tells
+    /// clients about the fleet.
     pub debug_headers: bool,
     pub approximate: ApproximateConfig,
     pub orca_load_reports: bool,

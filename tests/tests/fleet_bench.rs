@@ -23,6 +23,7 @@ struct Row {
     request_hit_rate: f64,
     preemptions: u64,
     bound_pooled_lru: f64,
+    bound_pooled_free: f64,
     bound_seen_before: f64,
     requests: usize,
     errors: usize,
@@ -46,6 +47,7 @@ fn parse_csv(text: &str) -> Vec<Row> {
                 request_hit_rate: number("request_hit_rate"),
                 preemptions: fields[column("preemptions")].parse().unwrap(),
                 bound_pooled_lru: number("bound_pooled_lru"),
+                bound_pooled_free: number("bound_pooled_free"),
                 bound_seen_before: number("bound_seen_before"),
                 requests: fields[column("requests")].parse().unwrap(),
                 errors: fields[column("errors")].parse().unwrap(),
@@ -123,6 +125,11 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{row:?}"
         );
         assert!(row.bound_pooled_lru > 0.5, "{row:?}");
+        // Running requests only take room from the pooled cache.
+        assert!(
+            row.bound_pooled_free <= row.bound_pooled_lru + 1e-9 && row.bound_pooled_free > 0.0,
+            "{row:?}"
+        );
     }
     let (round_robin, precise) = (&rows[0], &rows[1]);
     assert!(
@@ -181,6 +188,8 @@ fn table_row<'a>(markdown: &'a str, caption: &str, policy: &str) -> &'a str {
 /// Every request has a row naming its gateway, its worker and what the
 /// engine found cached (from the stream's usage chunk), and those
 /// per-request figures add up to each policy's hit rate in the summary.
+/// kvmesh's rows also say what its router saw cached on the chosen worker
+/// and on the one holding the most; plain Envoy's leave them empty.
 fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
@@ -188,6 +197,7 @@ fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
     let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let mut per_policy: std::collections::HashMap<String, (usize, f64, f64)> =
         std::collections::HashMap::new();
+    let mut routed_hits = 0;
     for line in lines {
         let fields: Vec<&str> = line.split(',').collect();
         let worker = fields[column("worker")];
@@ -197,13 +207,25 @@ fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
             fields[column("ttft_ms")].parse::<f64>().unwrap() > 0.0,
             "{line}"
         );
-        let entry = per_policy
-            .entry(fields[column("policy")].to_owned())
-            .or_default();
+        let policy = fields[column("policy")];
+        let routed = fields[column("routed_cached_blocks")];
+        let most = fields[column("most_cached_blocks")];
+        if policy == "round-robin" {
+            assert_eq!((routed, most), ("", ""), "{line}");
+        } else {
+            let (routed, most): (u64, u64) = (routed.parse().unwrap(), most.parse().unwrap());
+            assert!(routed <= most, "{line}");
+            if most > 0 {
+                routed_hits += 1;
+            }
+        }
+        let entry = per_policy.entry(policy.to_owned()).or_default();
         entry.0 += 1;
         entry.1 += fields[column("cached_tokens")].parse::<f64>().unwrap();
         entry.2 += fields[column("prompt_tokens")].parse::<f64>().unwrap();
     }
+    // Tenants repeat their system prompts: the router saw most of them.
+    assert!(routed_hits > 0, "precise saw no prefix cached anywhere");
     for row in rows {
         let (requests, cached, prompt) = per_policy[&row.policy];
         assert_eq!(requests, row.requests, "{row:?}");

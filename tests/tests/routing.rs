@@ -235,7 +235,8 @@ fn prefixed_completion(id: u32, blocks: u32, probe: u32, max_tokens: u32) -> Val
 /// Asks the sidecar's `/debug/route` about `body`, then sends it through
 /// the gateway: the filter must choose a worker `/debug/route` ranks
 /// cheapest (ties are broken at random on both sides), and see as many of
-/// the prompt's blocks cached on it. Returns the explanation.
+/// the prompt's blocks cached on it and on the worker holding the most.
+/// Returns the explanation.
 fn assert_debug_route_matches_the_filter(stack: &Stack, body: &Value) -> Value {
     let url = format!("{}/debug/route", stack.sidecar.http_url());
     let explained: Value = post_json(&http_client(), &url, body)
@@ -263,6 +264,17 @@ fn assert_debug_route_matches_the_filter(stack: &Stack, body: &Value) -> Value {
             .header("x-kvmesh-cached-blocks")
             .and_then(|b| b.parse::<u64>().ok()),
         chosen["cached_blocks"].as_u64(),
+        "{explained}"
+    );
+    let most_cached = workers
+        .iter()
+        .filter_map(|w| w["cached_blocks"].as_u64())
+        .max();
+    assert_eq!(
+        response
+            .header("x-kvmesh-most-cached-blocks")
+            .and_then(|b| b.parse::<u64>().ok()),
+        most_cached,
         "{explained}"
     );
     explained

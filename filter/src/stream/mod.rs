@@ -582,10 +582,12 @@ impl<H: Host> InferenceStream<H> {
 
     fn add_debug_headers(&self, decision: &Decision) {
         let cached = decision.cached_blocks.to_string();
+        let most_cached = decision.most_cached_blocks.to_string();
         let headers = [
             ("x-kvmesh-mode", decision.mode.as_str()),
             ("x-kvmesh-worker", decision.address.as_deref().unwrap_or("")),
             ("x-kvmesh-cached-blocks", cached.as_str()),
+            ("x-kvmesh-most-cached-blocks", most_cached.as_str()),
         ];
         for (name, value) in headers {
             if let Err(err) = self

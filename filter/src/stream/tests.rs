@@ -496,6 +496,12 @@ fn the_response_releases_the_load_and_reports_progress() {
         vm.host.get(RESPONSE, "x-kvmesh-cached-blocks").as_deref(),
         Some("3")
     );
+    assert_eq!(
+        vm.host
+            .get(RESPONSE, "x-kvmesh-most-cached-blocks")
+            .as_deref(),
+        Some("3")
+    );
     assert_eq!(vm.host.counter("kvmesh_upstream_failovers"), 0);
 
     stream.on_log();

@@ -46,6 +46,9 @@ pub struct Decision {
     pub worker_id: Option<String>,
     /// Prompt blocks cached on the chosen worker (estimated when approximate).
     pub cached_blocks: u32,
+    /// The most prompt blocks any candidate held: above `cached_blocks`
+    /// when load outweighed the longest prefix.
+    pub most_cached_blocks: u32,
     pub prompt_blocks: u32,
     /// The chosen worker's load before this request.
     pub load: WorkerLoad,
@@ -58,6 +61,7 @@ impl Decision {
             address: None,
             worker_id: None,
             cached_blocks: 0,
+            most_cached_blocks: 0,
             prompt_blocks,
             load: WorkerLoad::default(),
         }
@@ -328,6 +332,7 @@ fn precise(
             address: Some(worker.address.clone()),
             worker_id: Some(worker.worker_id.clone()),
             cached_blocks,
+            most_cached_blocks: most_cached(&scratch.candidates),
             prompt_blocks,
             load,
         },
@@ -416,6 +421,7 @@ fn approximate(
             address: Some((*address).to_owned()),
             worker_id: worker_id.map(str::to_owned),
             cached_blocks,
+            most_cached_blocks: most_cached(&scratch.candidates),
             prompt_blocks,
             load,
         },
@@ -445,6 +451,14 @@ fn reported(load: &LoadReport) -> WorkerLoad {
         active_blocks: load.active_blocks,
         queued_prefill_tokens: load.queued_prefill_tokens,
     }
+}
+
+fn most_cached(candidates: &[Candidate]) -> u32 {
+    candidates
+        .iter()
+        .map(|c| c.cached_blocks)
+        .max()
+        .unwrap_or(0)
 }
 
 fn chosen_load(candidates: &[Candidate], worker: WorkerSlot) -> WorkerLoad {
@@ -564,6 +578,7 @@ mod tests {
         assert_eq!(d.mode, Mode::Precise);
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:11"));
         assert_eq!((d.cached_blocks, d.prompt_blocks), (3, 4));
+        assert_eq!(d.most_cached_blocks, 3);
     }
 
     #[test]
@@ -577,6 +592,8 @@ mod tests {
         });
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+        // The decision still says what the load cost it.
+        assert_eq!((d.cached_blocks, d.most_cached_blocks), (0, 3));
     }
 
     #[test]

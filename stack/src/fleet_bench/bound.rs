@@ -1,20 +1,26 @@
 //! The best prefix-cache hit rate a workload allows a fleet: what the
 //! engines' own counters are compared against.
 //!
-//! Two numbers, from the block hashes of the prompts in the order they were
+//! Three numbers, from the block hashes of the prompts in the order they were
 //! sent:
 //! * **seen before** — a block can only hit if an earlier prompt computed it
 //!   (an infinite cache): a hard upper bound for any router;
 //! * **pooled LRU** — one LRU cache as large as the whole fleet's KV memory
 //!   (every worker's blocks pooled, as if the router always knew and reached
-//!   the one cache): what perfect routing with the fleet's memory reaches.
+//!   the one cache): what perfect routing with the fleet's memory reaches;
+//! * **pooled free memory** — the same cache, except that the blocks of
+//!   requests still running in the run cannot be evicted and take room from
+//!   it, as in the engines. On long prompts at high load running requests
+//!   hold most of the memory, which no router can give back. It depends on
+//!   the run's own timing, so it is a bound per policy.
 //!
 //! Like the engines, the last token of a prompt is always computed, so a
 //! fully cached prompt still misses its last block. The engines also cache
 //! the full blocks of what they generate; a chat's next turn re-sends that
 //! answer, so those blocks count as computed too (`answer_blocks`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
 
 /// One prompt as the engine blocks it.
 #[derive(Debug, Clone)]
@@ -25,6 +31,18 @@ pub struct BlockedPrompt {
     /// Full blocks the engine computed while generating the answer, as
     /// hashed in the conversation's next prompt (empty for the last turn).
     pub answer_blocks: Vec<u64>,
+    /// When the request held KV memory in the run; `None` when it failed.
+    pub held: Option<Held>,
+}
+
+/// A request's hold on KV memory: its prompt's and generated blocks, from
+/// when it was sent until its answer ended (seconds from the run's start).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Held {
+    pub from: f64,
+    pub until: f64,
+    /// Full blocks of generated tokens.
+    pub generated_blocks: usize,
 }
 
 impl BlockedPrompt {
@@ -33,6 +51,7 @@ impl BlockedPrompt {
             block_hashes,
             tokens,
             answer_blocks: Vec::new(),
+            held: None,
         }
     }
 
@@ -55,6 +74,7 @@ impl BlockedPrompt {
 pub struct HitRateBound {
     pub seen_before: f64,
     pub pooled_lru: f64,
+    pub pooled_free: f64,
 }
 
 /// Hit rates (cached prompt tokens ÷ prompt tokens) of `prompts` in order.
@@ -63,22 +83,35 @@ pub fn hit_rate_bound(
     block_size: usize,
     fleet_blocks: usize,
 ) -> HitRateBound {
-    let mut infinite = LruBlocks::new(usize::MAX);
-    let mut pooled = LruBlocks::new(fleet_blocks);
-    let (mut queried, mut seen_hits, mut pooled_hits) = (0usize, 0usize, 0usize);
-    for prompt in prompts {
+    let mut infinite = PooledCache::new(usize::MAX);
+    let mut pooled = PooledCache::new(fleet_blocks);
+    let mut pooled_free = PooledCache::new(fleet_blocks);
+    let (mut queried, mut seen_hits, mut pooled_hits, mut free_hits) = (0, 0, 0, 0);
+    for (request, prompt) in prompts.iter().enumerate() {
         // The engine recomputes at least the prompt's last token.
         let reusable = prompt.tokens.saturating_sub(1) / block_size;
-        let blocks = &prompt.block_hashes[..prompt.block_hashes.len().min(reusable)];
+        let lookup: Vec<Block> = prompt.block_hashes[..prompt.block_hashes.len().min(reusable)]
+            .iter()
+            .map(|&hash| Block::Hash(hash))
+            .collect();
         queried += prompt.tokens;
-        let computed: Vec<u64> = prompt
+        let computed: Vec<Block> = prompt
             .block_hashes
             .iter()
             .chain(&prompt.answer_blocks)
-            .copied()
+            .map(|&hash| Block::Hash(hash))
             .collect();
-        seen_hits += infinite.lookup_then_insert(blocks, &computed) * block_size;
-        pooled_hits += pooled.lookup_then_insert(blocks, &computed) * block_size;
+        seen_hits += infinite.admit(&lookup, &computed, None) * block_size;
+        pooled_hits += pooled.admit(&lookup, &computed, None) * block_size;
+        let held = prompt.held.map(|held| {
+            let unhashed = held
+                .generated_blocks
+                .saturating_sub(prompt.answer_blocks.len());
+            let generated = (0..unhashed).map(|index| Block::Generated { request, index });
+            let blocks = computed.iter().copied().chain(generated).collect();
+            (held, blocks)
+        });
+        free_hits += pooled_free.admit(&lookup, &computed, held) * block_size;
     }
     let rate = |hits: usize| {
         if queried == 0 {
@@ -90,50 +123,150 @@ pub fn hit_rate_bound(
     HitRateBound {
         seen_before: rate(seen_hits),
         pooled_lru: rate(pooled_hits),
+        pooled_free: rate(free_hits),
     }
 }
 
-/// Block hashes with their last use; evicts the least recently used.
-struct LruBlocks {
-    capacity: usize,
-    clock: u64,
-    last_use: HashMap<u64, u64>,
-    /// `(last use, hash)`, ordered oldest first.
-    by_age: std::collections::BTreeSet<(u64, u64)>,
+/// A KV block as the bound tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Block {
+    /// A block some prompt can hit: its sequence hash.
+    Hash(u64),
+    /// A generated block no later prompt re-sends: it only takes room.
+    Generated { request: usize, index: usize },
 }
 
-impl LruBlocks {
+/// One cache for the whole fleet: blocks of running requests stay, the
+/// others go least recently used first when the room is needed.
+struct PooledCache {
+    capacity: usize,
+    /// Blocks running requests hold, with how many hold each.
+    held: HashMap<Block, u32>,
+    /// Running requests' blocks by when they end (µs, then arrival order).
+    running: BTreeMap<(u64, u64), Vec<Block>>,
+    arrivals: u64,
+    free: LruBlocks<Block>,
+}
+
+impl PooledCache {
     fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            clock: 0,
-            last_use: HashMap::new(),
-            by_age: std::collections::BTreeSet::new(),
+            held: HashMap::new(),
+            running: BTreeMap::new(),
+            arrivals: 0,
+            free: LruBlocks::default(),
         }
     }
 
-    /// The cached prefix length of `lookup` in blocks; then every block of
-    /// `computed` becomes most recently used.
-    fn lookup_then_insert(&mut self, lookup: &[u64], computed: &[u64]) -> usize {
+    /// The cached prefix length of `lookup` in blocks when a request
+    /// arrives; then its `computed` blocks are cached, and held until it
+    /// ends if it `holds` memory (with more blocks than it computed).
+    fn admit(
+        &mut self,
+        lookup: &[Block],
+        computed: &[Block],
+        holds: Option<(Held, Vec<Block>)>,
+    ) -> usize {
+        let now = holds.as_ref().map(|(held, _)| micros(held.from));
+        if let Some(now) = now {
+            self.release_until(now);
+        }
         let hits = lookup
             .iter()
-            .take_while(|hash| self.last_use.contains_key(hash))
+            .take_while(|block| self.held.contains_key(block) || self.free.contains(block))
             .count();
-        for &hash in computed {
-            self.clock += 1;
-            if let Some(previous) = self.last_use.insert(hash, self.clock) {
-                self.by_age.remove(&(previous, hash));
+        match holds {
+            Some((held, blocks)) => {
+                for block in &blocks {
+                    self.free.remove(block);
+                    *self.held.entry(*block).or_default() += 1;
+                }
+                self.arrivals += 1;
+                self.running
+                    .insert((micros(held.until), self.arrivals), blocks);
             }
-            self.by_age.insert((self.clock, hash));
+            None => {
+                for block in computed {
+                    if !self.held.contains_key(block) {
+                        self.free.touch(*block);
+                    }
+                }
+            }
         }
-        while self.last_use.len() > self.capacity {
-            let Some((used, hash)) = self.by_age.pop_first() else {
+        let room = self.capacity.saturating_sub(self.held.len());
+        self.free.evict_down_to(room);
+        hits
+    }
+
+    /// Frees the blocks of requests that ended by `now`.
+    fn release_until(&mut self, now: u64) {
+        while let Some(entry) = self.running.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            for block in entry.remove() {
+                if let Some(holders) = self.held.get_mut(&block) {
+                    *holders -= 1;
+                    if *holders == 0 {
+                        self.held.remove(&block);
+                        self.free.touch(block);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn micros(seconds: f64) -> u64 {
+    (seconds.max(0.0) * 1e6) as u64
+}
+
+/// Keys with their last use; evicts the least recently used.
+struct LruBlocks<K> {
+    clock: u64,
+    last_use: HashMap<K, u64>,
+    /// `(last use, key)`, ordered oldest first.
+    by_age: BTreeSet<(u64, K)>,
+}
+
+impl<K> Default for LruBlocks<K> {
+    fn default() -> Self {
+        Self {
+            clock: 0,
+            last_use: HashMap::new(),
+            by_age: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash + Ord> LruBlocks<K> {
+    fn contains(&self, key: &K) -> bool {
+        self.last_use.contains_key(key)
+    }
+
+    /// Makes `key` the most recently used, adding it if absent.
+    fn touch(&mut self, key: K) {
+        self.clock += 1;
+        if let Some(previous) = self.last_use.insert(key, self.clock) {
+            self.by_age.remove(&(previous, key));
+        }
+        self.by_age.insert((self.clock, key));
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Some(used) = self.last_use.remove(key) {
+            self.by_age.remove(&(used, *key));
+        }
+    }
+
+    fn evict_down_to(&mut self, capacity: usize) {
+        while self.last_use.len() > capacity {
+            let Some((_, key)) = self.by_age.pop_first() else {
                 break;
             };
-            debug_assert_eq!(self.last_use.get(&hash), Some(&used));
-            self.last_use.remove(&hash);
+            self.last_use.remove(&key);
         }
-        hits
     }
 }
 
@@ -175,6 +308,47 @@ mod tests {
         let expected = (32.0 + 48.0) / (48.0 + 48.0 + 70.0);
         assert!((bound.seen_before - expected).abs() < 1e-12);
         assert_eq!(bound.seen_before, bound.pooled_lru);
+    }
+
+    fn held(prompt: &mut BlockedPrompt, from: f64, until: f64, generated_blocks: usize) {
+        prompt.held = Some(Held {
+            from,
+            until,
+            generated_blocks,
+        });
+    }
+
+    #[test]
+    fn running_requests_hold_their_blocks_out_of_the_free_memory() {
+        // A pool of 4 blocks. Prompt A (2 blocks) ends at t=1; B (2 blocks
+        // and 2 generated) runs from t=2 to t=10; C repeats A at t=3.
+        let mut a = prompt(&[1, 2], 40);
+        held(&mut a, 0.0, 1.0, 0);
+        let mut b = prompt(&[7, 8], 40);
+        held(&mut b, 2.0, 10.0, 2);
+        let mut c = prompt(&[1, 2], 40);
+        held(&mut c, 3.0, 4.0, 0);
+        let bound = hit_rate_bound(&[a.clone(), b.clone(), c.clone()], 16, 4);
+        // All memory: B's 2 blocks leave room for A's, which C hits.
+        assert!((bound.pooled_lru - 32.0 / 120.0).abs() < 1e-12);
+        // Free memory: B's 4 held blocks fill the pool and evicted A's.
+        assert_eq!(bound.pooled_free, 0.0);
+        // Without generated blocks B leaves A's 2 blocks room.
+        held(&mut b, 2.0, 10.0, 0);
+        let bound = hit_rate_bound(&[a, b, c], 16, 4);
+        assert_eq!(bound.pooled_free, bound.pooled_lru);
+    }
+
+    #[test]
+    fn a_running_request_shares_its_blocks() {
+        // B arrives while A runs: A's blocks are held, not evicted, and hit.
+        let mut a = prompt(&[1, 2, 3], 60);
+        held(&mut a, 0.0, 10.0, 0);
+        let mut b = prompt(&[1, 2, 3], 60);
+        held(&mut b, 1.0, 2.0, 0);
+        let bound = hit_rate_bound(&[a, b], 16, 3);
+        assert!((bound.pooled_free - 48.0 / 120.0).abs() < 1e-12);
+        assert_eq!(bound.pooled_free, bound.pooled_lru);
     }
 
     #[test]

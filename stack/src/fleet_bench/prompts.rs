@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use anyhow::Context;
 use kv_sidecar::tokenize::ModelTokenizer;
 
-use crate::fleet_bench::bound::BlockedPrompt;
+use crate::fleet_bench::bound::{BlockedPrompt, Held};
 use crate::fleet_bench::run::PolicyRun;
 use crate::fleet_bench::workload::Prompt;
+use crate::harness::load::Streamed;
 
 /// Token ids and chat messages to block hashes, with the engines'
 /// tokenizer, chat template and block size.
@@ -62,18 +63,33 @@ impl PromptBlocker {
             .iter()
             .map(|r| self.blocked(&r.prompt))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let block_size = self.block_size();
+        for (prompt, record) in prompts.iter_mut().zip(&run.records) {
+            prompt.held = record.outcome.as_ref().ok().map(|streamed| Held {
+                from: record.sent_at,
+                until: record.sent_at + streamed.total,
+                generated_blocks: generated_tokens(streamed) / block_size,
+            });
+        }
         let mut last_turn: HashMap<usize, usize> = HashMap::new();
         for (i, record) in run.records.iter().enumerate() {
             if let Some(previous) = last_turn.insert(record.conversation, i) {
-                let generated = run.records[previous].outcome.as_ref().map_or(0, |s| {
-                    s.usage
-                        .map_or(s.token_times.len(), |u| u.completion_tokens as usize)
-                });
+                let generated = run.records[previous]
+                    .outcome
+                    .as_ref()
+                    .map_or(0, generated_tokens);
                 // `previous < i`: the earlier turn is in the left half.
                 let (earlier, later) = prompts.split_at_mut(i);
-                earlier[previous].answered_in(&later[0], generated, self.block_size());
+                earlier[previous].answered_in(&later[0], generated, block_size);
             }
         }
         Ok(prompts)
     }
+}
+
+/// Tokens a request generated, by its usage report or else its chunks.
+fn generated_tokens(streamed: &Streamed) -> usize {
+    streamed
+        .usage
+        .map_or(streamed.token_times.len(), |u| u.completion_tokens as usize)
 }

@@ -47,7 +47,7 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
     if let Some(first) = rows.first() {
         let _ = writeln!(
             out,
-            "- Best achievable hit rate: {:.1}% with the fleet's KV memory pooled as one LRU cache; {:.1}% if every block seen before were still cached",
+            "- Best achievable hit rate: {:.1}% with the fleet's KV memory pooled as one LRU cache; {:.1}% if every block seen before were still cached. The free-memory bound is the pooled cache less the blocks each policy's running requests held at each arrival (per policy: it follows the run's timing)",
             first.bound.pooled_lru * 100.0,
             first.bound.seen_before * 100.0
         );
@@ -58,30 +58,30 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
     );
     let _ = writeln!(
         out,
-        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | engine counters | preemptions | requests | errors | kvmesh modes (precise/approx/fallback) |"
+        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | of free-memory bound | engine counters | preemptions | requests | errors | kvmesh modes (precise/approx/fallback) |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in rows {
-        let of_bound = if row.bound.pooled_lru > 0.0 {
-            format!(
-                "{:.0}%",
-                row.comparable_hit_rate() / row.bound.pooled_lru * 100.0
-            )
-        } else {
-            "–".to_owned()
+        let share_of = |bound: f64| {
+            if bound > 0.0 {
+                format!("{:.0}%", row.comparable_hit_rate() / bound * 100.0)
+            } else {
+                "–".to_owned()
+            }
         };
         let modes = row
             .modes
             .map_or_else(|| "–".to_owned(), |[p, a, f]| format!("{p}/{a}/{f}"));
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {:.1}% | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {} | {:.1}% | {} | {} | {} | {} |",
             row.policy, row.ttft_p50, row.ttft_p90, row.ttft_p99, row.itl_p50, row.itl_p99,
             row.e2e_p50, row.e2e_p99, row.output_tokens_per_s,
-            row.comparable_hit_rate() * 100.0, of_bound, row.hit_rate * 100.0,
+            row.comparable_hit_rate() * 100.0, share_of(row.bound.pooled_lru),
+            share_of(row.bound.pooled_free), row.hit_rate * 100.0,
             row.preemptions, row.requests, row.errors, modes
         );
     }
@@ -145,12 +145,12 @@ fn pacing_table(out: &mut String, context: &RunContext, rows: &[Summary]) {
 /// The same rows as CSV (milliseconds, rates as fractions).
 pub fn csv(context: &RunContext, rows: &[Summary]) -> String {
     let mut out = String::from(
-        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_seen_before,preemptions,requests,errors,workers,gateways,sent_late_p99_ms,sent_late_max_ms,cpu_busy,cpu_bench\n",
+        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_pooled_free,bound_seen_before,preemptions,requests,errors,workers,gateways,sent_late_p99_ms,sent_late_max_ms,cpu_busy,cpu_bench\n",
     );
     for row in rows {
         let _ = writeln!(
             out,
-            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{},{},{},{},{},{:.3},{:.3},{},{}",
+            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{:.5},{},{},{},{},{},{:.3},{:.3},{},{}",
             row.slug,
             row.ttft_p50,
             row.ttft_p90,
@@ -164,6 +164,7 @@ pub fn csv(context: &RunContext, rows: &[Summary]) -> String {
             row.request_hit_rate
                 .map_or_else(String::new, |r| format!("{r:.5}")),
             row.bound.pooled_lru,
+            row.bound.pooled_free,
             row.bound.seen_before,
             row.preemptions,
             row.requests,
@@ -185,11 +186,14 @@ fn csv_share(share: Option<f64>) -> String {
 }
 
 /// Header of the per-request CSV (`kvmesh-bench --per-request`).
-pub const REQUESTS_CSV_HEADER: &str =
-    "policy,sent_ms,gateway,worker,prompt_tokens,cached_tokens,first_block,ttft_ms,e2e_ms,error\n";
+pub const REQUESTS_CSV_HEADER: &str = "policy,sent_ms,gateway,worker,prompt_tokens,cached_tokens,\
+routed_cached_blocks,most_cached_blocks,first_block,ttft_ms,e2e_ms,error\n";
 
 /// One CSV line per request of `run` (times in simulated ms; `first_block`
-/// is the hash of the prompt's first KV block, which names its prefix).
+/// is the hash of the prompt's first KV block, which names its prefix;
+/// `routed_cached_blocks` and `most_cached_blocks` are the prompt's blocks
+/// the router saw cached on the chosen worker and on the candidate holding
+/// the most, empty for the plain Envoy policies).
 pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) -> String {
     let ms = speedup * 1e3;
     let mut out = String::new();
@@ -198,12 +202,16 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
             .block_hashes
             .first()
             .map_or_else(String::new, |h| format!("{h:016x}"));
-        let (worker, cached, ttft, e2e, error) = match &record.outcome {
+        let (worker, cached, routed, ttft, e2e, error) = match &record.outcome {
             Ok(streamed) => (
                 streamed.worker.clone().unwrap_or_default(),
                 streamed
                     .usage
                     .map_or_else(String::new, |u| u.cached_tokens.to_string()),
+                streamed.routed.map_or_else(
+                    || ",".to_owned(),
+                    |r| format!("{},{}", r.cached_blocks, r.most_cached_blocks),
+                ),
                 streamed
                     .ttft()
                     .map_or_else(String::new, |t| format!("{:.3}", t * ms)),
@@ -213,6 +221,7 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
             Err(e) => (
                 String::new(),
                 String::new(),
+                ",".to_owned(),
                 String::new(),
                 String::new(),
                 csv_field(e),
@@ -220,7 +229,7 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
         };
         let _ = writeln!(
             out,
-            "{},{:.3},{},{worker},{},{cached},{first_block},{ttft},{e2e},{error}",
+            "{},{:.3},{},{worker},{},{cached},{routed},{first_block},{ttft},{e2e},{error}",
             run.policy.slug(),
             record.sent_at * ms,
             record.gateway,

@@ -215,6 +215,8 @@ pub fn run_policy(
     options.shared_workers = prefill_workers > 0 && !fleet.dedicated_prefill;
     let configure = |config: &mut GatewayConfig| {
         policy.configure(config);
+        // The per-request CSV records what the router saw at each decision.
+        config.debug_headers = true;
         config.worker_threads = fleet.gateway_threads;
         for model in &mut config.models {
             model.overlap_weight = fleet.overlap_weight;

@@ -17,9 +17,32 @@ pub struct Streamed {
     pub text: String,
     /// The sim-engine that answered (its `x-sim-worker-id` header).
     pub worker: Option<String>,
+    /// What the router saw when it chose, when the gateway sends its debug
+    /// headers.
+    pub routed: Option<RoutedView>,
     /// The engine's final usage chunk, sent when the request asks for
     /// `stream_options.include_usage`.
     pub usage: Option<Usage>,
+}
+
+/// The prompt's cached blocks as the router saw them at its decision
+/// (`x-kvmesh-cached-blocks` and `x-kvmesh-most-cached-blocks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutedView {
+    /// On the worker it chose.
+    pub cached_blocks: u64,
+    /// On the candidate that held the most.
+    pub most_cached_blocks: u64,
+}
+
+impl RoutedView {
+    fn from_headers(headers: &reqwest::header::HeaderMap) -> Option<Self> {
+        let blocks = |name: &str| headers.get(name)?.to_str().ok()?.parse().ok();
+        Some(Self {
+            cached_blocks: blocks("x-kvmesh-cached-blocks")?,
+            most_cached_blocks: blocks("x-kvmesh-most-cached-blocks")?,
+        })
+    }
 }
 
 /// Prompt accounting of one request as its engine reported it.
@@ -77,6 +100,7 @@ pub async fn stream_timed(
         .get("x-sim-worker-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let routed = RoutedView::from_headers(response.headers());
     let mut chunks = response.bytes_stream();
     let mut pending = Vec::new();
     let mut streamed = Streamed {
@@ -84,6 +108,7 @@ pub async fn stream_timed(
         total: 0.0,
         text: String::new(),
         worker,
+        routed,
         usage: None,
     };
     while let Some(chunk) = chunks.next().await {
