@@ -4,6 +4,7 @@
 //! the [`RoutingPlan`]. Pure logic: time and randomness come in as values.
 //! docs/architecture.md#the-routing-engine describes the parts.
 
+pub mod computing;
 pub mod disagg;
 pub mod inflight;
 pub mod learned;

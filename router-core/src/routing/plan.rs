@@ -5,6 +5,7 @@
 
 use crate::fleet::FleetView;
 use crate::index::{OverlapScratch, WorkerSlot};
+use crate::routing::computing::Computing;
 use crate::routing::disagg::{PrefillRouting, PrefillWork};
 use crate::routing::inflight::InFlight;
 use crate::routing::learned::LearnedTable;
@@ -193,6 +194,8 @@ pub struct LocalState {
     pub unreachable: Unreachable,
     /// Where it sent which prompt prefixes.
     pub learned: LearnedTable,
+    /// Prompts it just sent to be computed, by exact block hashes.
+    pub computing: Computing,
     scratch: Scratch,
 }
 
@@ -203,6 +206,7 @@ impl LocalState {
             orca: OrcaLoads::default(),
             unreachable: Unreachable::default(),
             learned,
+            computing: Computing::default(),
             scratch: Scratch::default(),
         }
     }
@@ -256,6 +260,12 @@ pub fn plan(
             .learned
             .record(prompt.keys.keys(), address, signals.now_ms);
     }
+    let computes = prefill.as_ref().unwrap_or(&decode);
+    if let (Some(exact), Some(address), Mode::Precise) =
+        (prompt.exact, &computes.address, computes.mode)
+    {
+        local.computing.record(address, exact, signals.now_ms);
+    }
     RoutingPlan { decode, prefill }
 }
 
@@ -293,6 +303,7 @@ fn precise(
         inflight,
         orca,
         unreachable,
+        computing,
         ..
     } = local;
     scratch.candidates.clear();
@@ -300,10 +311,11 @@ fn precise(
     for worker in view.workers().filter(|w| {
         pool.admits(w.role, &w.address) && !unreachable.is_down(&w.address, signals.now_ms)
     }) {
-        let cached_blocks = overlaps
+        let indexed = overlaps
             .iter()
             .find(|o| o.worker == worker.slot)
             .map_or(0, |o| o.blocks);
+        let cached_blocks = computing.cached_on(&worker.address, prompt, indexed, signals.now_ms);
         scratch.candidates.push(Candidate {
             worker: worker.slot,
             cached_blocks,
@@ -364,6 +376,7 @@ fn approximate(
         orca,
         unreachable,
         learned,
+        ..
     } = local;
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
     // (address, worker id, load the fleet state reports)
@@ -594,6 +607,25 @@ mod tests {
         assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
         // The decision still says what the load cost it.
         assert_eq!((d.cached_blocks, d.most_cached_blocks), (0, 3));
+    }
+
+    #[test]
+    fn a_prompt_being_computed_counts_as_cached_where_it_is_computed() {
+        let long: Vec<SeqHash> = (100..132).map(SeqHash).collect();
+        let mut vm = Vm::new();
+        let first = vm.decide(Some(&long), Some(&view()));
+        assert_eq!(first.cached_blocks, 0);
+        // Its KV events have not arrived: the same prefix follows it.
+        let mut longer = long.clone();
+        longer.extend((900..904).map(SeqHash));
+        let second = vm.decide(Some(&longer), Some(&view()));
+        assert_eq!(second.address, first.address);
+        assert_eq!((second.cached_blocks, second.most_cached_blocks), (32, 32));
+        // Another router (or the sidecar explaining) knows nothing of it.
+        assert_eq!(
+            Vm::new().decide(Some(&longer), Some(&view())).cached_blocks,
+            0
+        );
     }
 
     #[test]
