@@ -19,7 +19,8 @@ use holders::HolderTable;
 
 impl nohash_hasher::IsEnabled for SeqHash {}
 
-type NoHash = BuildHasherDefault<NoHashHasher<SeqHash>>;
+/// Sequence hashes are already uniform: hash maps keyed by them use them as is.
+pub(crate) type NoHash = BuildHasherDefault<NoHashHasher<SeqHash>>;
 
 /// Dense worker number assigned by a registry; small so holder lists stay inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -20,13 +20,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::index::NoHash;
 use crate::SeqHash;
 
 /// How long a routed prompt counts as being computed.
 pub const COMPUTING_TTL_MS: u64 = 5_000;
 /// Blocks per credited step: 256 tokens at 16-token blocks.
 pub const STRIDE: usize = 16;
-/// Remembered blocks at most; the oldest prompts go first beyond it.
+/// Remembered stride blocks at most; the oldest prompts go first beyond it.
 const MAX_ENTRIES: usize = 1 << 14;
 
 /// One routed prompt: who computes it, until when it counts.
@@ -41,7 +42,7 @@ struct Sent {
 /// computing it (the latest, when two are).
 #[derive(Default)]
 pub struct Computing {
-    holders: HashMap<SeqHash, (Arc<str>, u64)>,
+    holders: HashMap<SeqHash, (Arc<str>, u64), NoHash>,
     /// Prompts in the order they were sent, to expire them.
     sent: VecDeque<Sent>,
     entries: usize,
@@ -84,8 +85,9 @@ impl Computing {
     pub fn cached_on(&self, worker: &str, prompt: &[SeqHash], indexed: u32, now_ms: u64) -> u32 {
         // Whether `worker` computes the first `strides` strides of `prompt`.
         let computes = |strides: usize| {
-            (strides * STRIDE)
-                .checked_sub(1)
+            strides
+                .checked_mul(STRIDE)
+                .and_then(|blocks| blocks.checked_sub(1))
                 .and_then(|last| prompt.get(last))
                 .and_then(|block| self.holders.get(block))
                 .is_some_and(|(held_by, until)| &**held_by == worker && *until > now_ms)
@@ -95,6 +97,7 @@ impl Computing {
         if !computes(first) {
             return indexed;
         }
+        // Past here whole strides fit in the prompt: no product overflows.
         // computes(low) holds; computes(high + 1) does not.
         let (mut low, mut high) = (first, prompt.len() / STRIDE);
         while low < high {
@@ -165,6 +168,8 @@ mod tests {
                 );
             }
         }
+        // Whatever the state claims, no overflow.
+        assert_eq!(computing.cached_on("a", &prompt, u32::MAX, 10), u32::MAX);
         // Too short to be remembered.
         computing.record("c", &blocks(500..515), 0);
         assert_eq!(computing.cached_on("c", &blocks(500..515), 0, 10), 0);
