@@ -20,7 +20,6 @@
 //! answer, so those blocks count as computed too (`answer_blocks`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::Hash;
 
 /// One prompt as the engine blocks it.
 #[derive(Debug, Clone)]
@@ -95,7 +94,7 @@ pub fn hit_rate_bound(
             .map(|&hash| Block::Hash(hash))
             .collect();
         queried += prompt.tokens;
-        let computed: Vec<Block> = prompt
+        let mut computed: Vec<Block> = prompt
             .block_hashes
             .iter()
             .chain(&prompt.answer_blocks)
@@ -103,15 +102,13 @@ pub fn hit_rate_bound(
             .collect();
         seen_hits += infinite.admit(&lookup, &computed, None) * block_size;
         pooled_hits += pooled.admit(&lookup, &computed, None) * block_size;
-        let held = prompt.held.map(|held| {
+        if let Some(held) = prompt.held {
             let unhashed = held
                 .generated_blocks
                 .saturating_sub(prompt.answer_blocks.len());
-            let generated = (0..unhashed).map(|index| Block::Generated { request, index });
-            let blocks = computed.iter().copied().chain(generated).collect();
-            (held, blocks)
-        });
-        free_hits += pooled_free.admit(&lookup, &computed, held) * block_size;
+            computed.extend((0..unhashed).map(|index| Block::Generated { request, index }));
+        }
+        free_hits += pooled_free.admit(&lookup, &computed, prompt.held) * block_size;
     }
     let rate = |hits: usize| {
         if queried == 0 {
@@ -145,7 +142,7 @@ struct PooledCache {
     /// Running requests' blocks by when they end (µs, then arrival order).
     running: BTreeMap<(u64, u64), Vec<Block>>,
     arrivals: u64,
-    free: LruBlocks<Block>,
+    free: LruBlocks,
 }
 
 impl PooledCache {
@@ -160,34 +157,28 @@ impl PooledCache {
     }
 
     /// The cached prefix length of `lookup` in blocks when a request
-    /// arrives; then its `computed` blocks are cached, and held until it
-    /// ends if it `holds` memory (with more blocks than it computed).
-    fn admit(
-        &mut self,
-        lookup: &[Block],
-        computed: &[Block],
-        holds: Option<(Held, Vec<Block>)>,
-    ) -> usize {
-        let now = holds.as_ref().map(|(held, _)| micros(held.from));
-        if let Some(now) = now {
-            self.release_until(now);
+    /// arrives; then its `blocks` are cached, and held from its arrival
+    /// until it ends if it `held` memory.
+    fn admit(&mut self, lookup: &[Block], blocks: &[Block], held: Option<Held>) -> usize {
+        if let Some(held) = held {
+            self.release_until(micros(held.from));
         }
         let hits = lookup
             .iter()
             .take_while(|block| self.held.contains_key(block) || self.free.contains(block))
             .count();
-        match holds {
-            Some((held, blocks)) => {
-                for block in &blocks {
+        match held {
+            Some(held) => {
+                for block in blocks {
                     self.free.remove(block);
                     *self.held.entry(*block).or_default() += 1;
                 }
                 self.arrivals += 1;
                 self.running
-                    .insert((micros(held.until), self.arrivals), blocks);
+                    .insert((micros(held.until), self.arrivals), blocks.to_vec());
             }
             None => {
-                for block in computed {
+                for block in blocks {
                     if !self.held.contains_key(block) {
                         self.free.touch(*block);
                     }
@@ -222,50 +213,41 @@ fn micros(seconds: f64) -> u64 {
     (seconds.max(0.0) * 1e6) as u64
 }
 
-/// Keys with their last use; evicts the least recently used.
-struct LruBlocks<K> {
+/// Blocks with their last use; evicts the least recently used.
+#[derive(Default)]
+struct LruBlocks {
     clock: u64,
-    last_use: HashMap<K, u64>,
-    /// `(last use, key)`, ordered oldest first.
-    by_age: BTreeSet<(u64, K)>,
+    last_use: HashMap<Block, u64>,
+    /// `(last use, block)`, ordered oldest first.
+    by_age: BTreeSet<(u64, Block)>,
 }
 
-impl<K> Default for LruBlocks<K> {
-    fn default() -> Self {
-        Self {
-            clock: 0,
-            last_use: HashMap::new(),
-            by_age: BTreeSet::new(),
-        }
-    }
-}
-
-impl<K: Copy + Eq + Hash + Ord> LruBlocks<K> {
-    fn contains(&self, key: &K) -> bool {
-        self.last_use.contains_key(key)
+impl LruBlocks {
+    fn contains(&self, block: &Block) -> bool {
+        self.last_use.contains_key(block)
     }
 
-    /// Makes `key` the most recently used, adding it if absent.
-    fn touch(&mut self, key: K) {
+    /// Makes `block` the most recently used, adding it if absent.
+    fn touch(&mut self, block: Block) {
         self.clock += 1;
-        if let Some(previous) = self.last_use.insert(key, self.clock) {
-            self.by_age.remove(&(previous, key));
+        if let Some(previous) = self.last_use.insert(block, self.clock) {
+            self.by_age.remove(&(previous, block));
         }
-        self.by_age.insert((self.clock, key));
+        self.by_age.insert((self.clock, block));
     }
 
-    fn remove(&mut self, key: &K) {
-        if let Some(used) = self.last_use.remove(key) {
-            self.by_age.remove(&(used, *key));
+    fn remove(&mut self, block: &Block) {
+        if let Some(used) = self.last_use.remove(block) {
+            self.by_age.remove(&(used, *block));
         }
     }
 
     fn evict_down_to(&mut self, capacity: usize) {
         while self.last_use.len() > capacity {
-            let Some((_, key)) = self.by_age.pop_first() else {
+            let Some((_, block)) = self.by_age.pop_first() else {
                 break;
             };
-            self.last_use.remove(&key);
+            self.last_use.remove(&block);
         }
     }
 }
