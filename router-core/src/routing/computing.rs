@@ -13,9 +13,11 @@
 //! Sequence hashes name a block and everything before it, so a worker
 //! computing a prompt's block `k` computes its blocks `0..k` too. Only every
 //! [`STRIDE`]th block is remembered (recording an 8k-token prompt is 32
-//! inserts, not 512), so the credit comes in whole strides, and how far it
-//! reaches is a binary search over them: in the usual case one lookup, of
-//! the first stride past what the fleet state shows.
+//! inserts, not 512; a hit records only the strides past what the worker
+//! held), so the credit comes in whole strides, and how far it reaches is a
+//! binary search over them: in the usual case one lookup per decision, of
+//! the first stride past what the fleet state shows, which most candidates
+//! share.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -49,12 +51,22 @@ pub struct Computing {
 }
 
 impl Computing {
-    /// `worker` (an address) was sent `prompt` to compute at `now_ms`.
-    pub fn record(&mut self, worker: &str, prompt: &[SeqHash], now_ms: u64) {
+    /// `worker` (an address) was sent `prompt` to compute at `now_ms`,
+    /// holding (or being credited) its first `cached_blocks` already: only
+    /// the strides past those need the credit, so a hit records little.
+    /// A request reusing a prompt in progress therefore does not extend its
+    /// credit: that runs from when the prompt was sent to be computed.
+    pub fn record(&mut self, worker: &str, prompt: &[SeqHash], cached_blocks: u32, now_ms: u64) {
         self.expire(now_ms);
+        let cached = usize::try_from(cached_blocks).unwrap_or(usize::MAX);
+        let first_uncached_stride = (cached / STRIDE)
+            .saturating_add(1)
+            .saturating_mul(STRIDE)
+            .saturating_sub(1);
         let strides: Box<[SeqHash]> = prompt
+            .get(first_uncached_stride..)
+            .unwrap_or_default()
             .iter()
-            .skip(STRIDE - 1)
             .step_by(STRIDE)
             .copied()
             .collect();
@@ -80,35 +92,22 @@ impl Computing {
         }
     }
 
-    /// How many leading blocks of `prompt` `worker` holds or is computing,
-    /// given that the fleet state shows it holding `indexed` of them.
-    pub fn cached_on(&self, worker: &str, prompt: &[SeqHash], indexed: u32, now_ms: u64) -> u32 {
-        // Whether `worker` computes the first `strides` strides of `prompt`.
-        let computes = |strides: usize| {
-            strides
-                .checked_mul(STRIDE)
-                .and_then(|blocks| blocks.checked_sub(1))
-                .and_then(|last| prompt.get(last))
-                .and_then(|block| self.holders.get(block))
-                .is_some_and(|(held_by, until)| &**held_by == worker && *until > now_ms)
-        };
-        let indexed_blocks = usize::try_from(indexed).unwrap_or(usize::MAX);
-        let first = indexed_blocks / STRIDE + 1;
-        if !computes(first) {
-            return indexed;
+    /// The credit for `prompt` at `now_ms`, to ask of each candidate.
+    pub fn credit<'a>(&'a self, prompt: &'a [SeqHash], now_ms: u64) -> PromptCredit<'a> {
+        PromptCredit {
+            computing: self,
+            prompt,
+            now_ms,
+            probed: None,
         }
-        // Past here whole strides fit in the prompt: no product overflows.
-        // computes(low) holds; computes(high + 1) does not.
-        let (mut low, mut high) = (first, prompt.len() / STRIDE);
-        while low < high {
-            let middle = low + (high - low).div_ceil(2);
-            if computes(middle) {
-                low = middle;
-            } else {
-                high = middle - 1;
-            }
-        }
-        u32::try_from(low * STRIDE).unwrap_or(u32::MAX)
+    }
+
+    /// Who computes the prompt's block `block`, while the credit lasts.
+    fn holder(&self, block: &SeqHash, now_ms: u64) -> Option<&str> {
+        self.holders
+            .get(block)
+            .filter(|(_, until)| *until > now_ms)
+            .map(|(worker, _)| &**worker)
     }
 
     /// Forgets prompts whose credit ended by `now_ms`.
@@ -131,12 +130,75 @@ impl Computing {
     }
 }
 
+/// One prompt's credit, asked of every candidate of a decision. Most
+/// candidates hold the same number of the prompt's blocks in the fleet state
+/// (often none), so they ask about the same stride: its holder is looked up
+/// once per decision, not once per candidate.
+pub struct PromptCredit<'a> {
+    computing: &'a Computing,
+    prompt: &'a [SeqHash],
+    now_ms: u64,
+    /// The last first stride asked about, and who computes it.
+    probed: Option<(usize, Option<&'a str>)>,
+}
+
+impl PromptCredit<'_> {
+    /// How many leading blocks of the prompt `worker` holds or is
+    /// computing, given that the fleet state shows it holding `indexed`.
+    pub fn cached_on(&mut self, worker: &str, indexed: u32) -> u32 {
+        let (computing, prompt, now_ms) = (self.computing, self.prompt, self.now_ms);
+        // Who computes the first `strides` strides of the prompt.
+        let holder = |strides: usize| {
+            strides
+                .checked_mul(STRIDE)
+                .and_then(|blocks| blocks.checked_sub(1))
+                .and_then(|last| prompt.get(last))
+                .and_then(|block| computing.holder(block, now_ms))
+        };
+        let indexed_blocks = usize::try_from(indexed).unwrap_or(usize::MAX);
+        let first = indexed_blocks / STRIDE + 1;
+        let first_holder = match self.probed {
+            Some((probed, held_by)) if probed == first => held_by,
+            _ => {
+                let held_by = holder(first);
+                self.probed = Some((first, held_by));
+                held_by
+            }
+        };
+        if first_holder != Some(worker) {
+            return indexed;
+        }
+        // Past here whole strides fit in the prompt: no product overflows.
+        // `worker` computes stride `low`, and none past `high`.
+        let (mut low, mut high) = (first, prompt.len() / STRIDE);
+        while low < high {
+            let middle = low + (high - low).div_ceil(2);
+            if holder(middle) == Some(worker) {
+                low = middle;
+            } else {
+                high = middle - 1;
+            }
+        }
+        u32::try_from(low * STRIDE).unwrap_or(u32::MAX)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn blocks(range: std::ops::Range<u64>) -> Vec<SeqHash> {
         range.map(SeqHash).collect()
+    }
+
+    fn cached_on(
+        computing: &Computing,
+        worker: &str,
+        prompt: &[SeqHash],
+        indexed: u32,
+        now_ms: u64,
+    ) -> u32 {
+        computing.credit(prompt, now_ms).cached_on(worker, indexed)
     }
 
     fn sharing(shared: u64, tail: u64) -> Vec<SeqHash> {
@@ -149,57 +211,90 @@ mod tests {
     #[test]
     fn a_prompt_in_progress_counts_as_cached_on_its_worker_only() {
         let mut computing = Computing::default();
-        computing.record("a", &blocks(0..70), 0);
+        computing.record("a", &blocks(0..70), 0, 0);
         let prompt = sharing(50, 10);
         // Whole strides: 48 of the 50 shared blocks.
-        assert_eq!(computing.cached_on("a", &prompt, 0, 10), 48);
-        assert_eq!(computing.cached_on("b", &prompt, 0, 10), 0);
+        assert_eq!(cached_on(&computing, "a", &prompt, 0, 10), 48);
+        assert_eq!(cached_on(&computing, "b", &prompt, 0, 10), 0);
         // The fleet state already shows more: it wins.
-        assert_eq!(computing.cached_on("a", &prompt, 49, 10), 49);
+        assert_eq!(cached_on(&computing, "a", &prompt, 49, 10), 49);
         // Every length of shared prefix, whatever the state shows below it.
         for shared in 0..=70u64 {
             let prompt = sharing(shared, 20);
             let credited = shared / STRIDE as u64 * STRIDE as u64;
             for indexed in 0..=shared {
                 assert_eq!(
-                    computing.cached_on("a", &prompt, indexed as u32, 10),
+                    cached_on(&computing, "a", &prompt, indexed as u32, 10),
                     credited.max(indexed) as u32,
                     "{shared} shared, {indexed} indexed"
                 );
             }
         }
         // Whatever the state claims, no overflow.
-        assert_eq!(computing.cached_on("a", &prompt, u32::MAX, 10), u32::MAX);
+        assert_eq!(cached_on(&computing, "a", &prompt, u32::MAX, 10), u32::MAX);
         // Too short to be remembered.
-        computing.record("c", &blocks(500..515), 0);
-        assert_eq!(computing.cached_on("c", &blocks(500..515), 0, 10), 0);
+        computing.record("c", &blocks(500..515), 0, 0);
+        assert_eq!(cached_on(&computing, "c", &blocks(500..515), 0, 10), 0);
     }
 
     #[test]
     fn the_credit_ends_with_its_time_to_live_unless_renewed() {
         let mut computing = Computing::default();
-        computing.record("a", &blocks(0..64), 0);
-        computing.record("a", &blocks(0..32), 3_000);
+        computing.record("a", &blocks(0..64), 0, 0);
+        computing.record("a", &blocks(0..32), 0, 3_000);
         let prompt = blocks(0..64);
         assert_eq!(
-            computing.cached_on("a", &prompt, 0, COMPUTING_TTL_MS - 1),
+            cached_on(&computing, "a", &prompt, 0, COMPUTING_TTL_MS - 1),
             64
         );
         // The first prompt expired; the second renewed its first 32 blocks.
-        computing.record("b", &blocks(500..516), COMPUTING_TTL_MS);
-        assert_eq!(computing.cached_on("a", &prompt, 0, COMPUTING_TTL_MS), 32);
-        computing.record("b", &blocks(500..516), 3_000 + COMPUTING_TTL_MS);
+        computing.record("b", &blocks(500..516), 0, COMPUTING_TTL_MS);
+        assert_eq!(cached_on(&computing, "a", &prompt, 0, COMPUTING_TTL_MS), 32);
+        computing.record("b", &blocks(500..516), 0, 3_000 + COMPUTING_TTL_MS);
         assert_eq!(
-            computing.cached_on("a", &prompt, 0, 3_000 + COMPUTING_TTL_MS),
+            cached_on(&computing, "a", &prompt, 0, 3_000 + COMPUTING_TTL_MS),
             0
         );
         assert_eq!(computing.holders.len(), 1);
         // A prompt another worker took over stays with it when the first
         // worker's credit ends.
-        computing.record("a", &blocks(0..16), 10_000);
-        computing.record("b", &blocks(0..16), 12_000);
-        computing.record("x", &blocks(600..616), 10_000 + COMPUTING_TTL_MS);
-        assert_eq!(computing.cached_on("b", &blocks(0..16), 0, 15_000), 16);
+        computing.record("a", &blocks(0..16), 0, 10_000);
+        computing.record("b", &blocks(0..16), 0, 12_000);
+        computing.record("x", &blocks(600..616), 0, 10_000 + COMPUTING_TTL_MS);
+        assert_eq!(cached_on(&computing, "b", &blocks(0..16), 0, 15_000), 16);
+    }
+
+    #[test]
+    fn only_strides_past_what_the_worker_holds_are_recorded() {
+        let mut computing = Computing::default();
+        // It held 40 blocks: strides 1 and 2 (blocks 15 and 31) need no
+        // credit, strides 3 and 4 do.
+        computing.record("a", &blocks(0..70), 40, 0);
+        assert_eq!(computing.entries, 2);
+        assert_eq!(cached_on(&computing, "a", &blocks(0..70), 40, 10), 64);
+        // Below what it held, the fleet state is asked, not the credit.
+        assert_eq!(cached_on(&computing, "a", &blocks(0..70), 0, 10), 0);
+        // A whole prompt held records nothing.
+        computing.record("a", &blocks(0..64), 64, 0);
+        assert_eq!(computing.entries, 2);
+        computing.record("b", &blocks(200..232), u32::MAX, 0);
+        assert_eq!(computing.entries, 2);
+    }
+
+    #[test]
+    fn one_credit_answers_every_candidate_of_a_decision() {
+        let mut computing = Computing::default();
+        computing.record("a", &blocks(0..64), 0, 0);
+        computing.record("b", &sharing(32, 32), 32, 0);
+        let prompt = sharing(32, 32);
+        let mut credit = computing.credit(&prompt, 10);
+        // Candidates in any order, the same stride asked again and again.
+        let asked = [("c", 0), ("a", 0), ("b", 0), ("a", 0), ("b", 32), ("a", 16)];
+        let answers: Vec<u32> = asked
+            .iter()
+            .map(|(worker, indexed)| credit.cached_on(worker, *indexed))
+            .collect();
+        assert_eq!(answers, [0, 32, 0, 32, 64, 32]);
     }
 
     #[test]
@@ -207,12 +302,12 @@ mod tests {
         let mut computing = Computing::default();
         let size = (MAX_ENTRIES * STRIDE / 4) as u64;
         for prompt in 0..8u64 {
-            computing.record("a", &blocks(prompt * size..(prompt + 1) * size), prompt);
+            computing.record("a", &blocks(prompt * size..(prompt + 1) * size), 0, prompt);
         }
         assert!(computing.entries <= MAX_ENTRIES);
         assert!(computing.holders.len() <= MAX_ENTRIES);
-        assert_eq!(computing.cached_on("a", &blocks(0..size), 0, 10), 0);
+        assert_eq!(cached_on(&computing, "a", &blocks(0..size), 0, 10), 0);
         let newest = blocks(7 * size..8 * size);
-        assert_eq!(computing.cached_on("a", &newest, 0, 10), size as u32);
+        assert_eq!(cached_on(&computing, "a", &newest, 0, 10), size as u32);
     }
 }

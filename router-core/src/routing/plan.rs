@@ -264,7 +264,10 @@ pub fn plan(
     if let (Some(exact), Some(address), Mode::Precise) =
         (prompt.exact, &computes.address, computes.mode)
     {
-        local.computing.record(address, exact, signals.now_ms);
+        let cached = computes.cached_blocks;
+        local
+            .computing
+            .record(address, exact, cached, signals.now_ms);
     }
     RoutingPlan { decode, prefill }
 }
@@ -308,6 +311,7 @@ fn precise(
     } = local;
     scratch.candidates.clear();
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
+    let mut credit = computing.credit(prompt, signals.now_ms);
     for worker in view.workers().filter(|w| {
         pool.admits(w.role, &w.address) && !unreachable.is_down(&w.address, signals.now_ms)
     }) {
@@ -315,7 +319,7 @@ fn precise(
             .iter()
             .find(|o| o.worker == worker.slot)
             .map_or(0, |o| o.blocks);
-        let cached_blocks = computing.cached_on(&worker.address, prompt, indexed, signals.now_ms);
+        let cached_blocks = credit.cached_on(&worker.address, indexed);
         scratch.candidates.push(Candidate {
             worker: worker.slot,
             cached_blocks,
