@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::client::{http_client, post_json, JsonResponse};
 use kvmesh_stack::harness::free_port;
 use kvmesh_stack::harness::relay::{Relay, RelayOptions};
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
@@ -32,7 +32,8 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
     let stack = Stack::start(options, |config| config.debug_headers = true).expect("stack starts");
 
     // A 40-block token prompt, then the same prefix with another tail: the
-    // second lands where the first cached it, and the engine says so.
+    // second lands on a worker the fleet state shows holding all 40 blocks,
+    // and the engine says so.
     let prefix: Vec<u32> = (1_000..1_000 + 40 * BLOCK).collect();
     let send = |tail: u32| {
         let mut prompt = prefix.clone();
@@ -43,17 +44,30 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
         assert_eq!(response.status, 200, "{}", response.text);
         response
     };
-    let first = send(90_000);
-    let holder = first
-        .header("x-kvmesh-worker")
-        .expect("worker header")
-        .to_owned();
+    send(90_000);
     wait_for("the sidecar indexes the prefix", || {
         stack.sidecar.metric("kvmesh_serve_index_blocks", "") >= 40.0
     });
-    let second = send(95_000);
-    assert_eq!(second.header("x-kvmesh-worker"), Some(holder.as_str()));
+    // Each Envoy worker thread's VM follows the state stream on its own:
+    // send until the one answering shows all 40 blocks on some worker (only
+    // the fleet state can: the VM's credit for prompts it sent comes in
+    // 16-block steps, 32 of them).
+    let most_cached = |response: &JsonResponse| {
+        response
+            .header("x-kvmesh-most-cached-blocks")
+            .and_then(|blocks| blocks.parse::<u32>().ok())
+    };
+    let deadline = Instant::now() + SETTLE;
+    let mut second = send(95_000);
+    while most_cached(&second) < Some(40) {
+        assert!(Instant::now() < deadline, "no VM saw the 40 cached blocks");
+        std::thread::sleep(Duration::from_millis(100));
+        second = send(95_000);
+    }
     assert_eq!(second.header("x-kvmesh-mode"), Some("precise"));
+    // Sent to a worker holding the prefix, by the fleet state and by the
+    // engine's own count.
+    assert_eq!(second.header("x-kvmesh-cached-blocks"), Some("40"));
     assert!(
         second.cached_tokens() >= u64::from(40 * BLOCK),
         "cached_tokens {}",
