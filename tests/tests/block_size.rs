@@ -52,11 +52,8 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
     // send until the one answering shows all 40 blocks on some worker (only
     // the fleet state can: the VM's credit for prompts it sent comes in
     // 16-block steps, 32 of them).
-    let most_cached = |response: &JsonResponse| {
-        response
-            .header("x-kvmesh-most-cached-blocks")
-            .and_then(|blocks| blocks.parse::<u32>().ok())
-    };
+    let most_cached =
+        |response: &JsonResponse| response.routed_view().map(|v| v.most_cached_blocks);
     let deadline = Instant::now() + SETTLE;
     let mut second = send(95_000);
     while most_cached(&second) < Some(40) {

@@ -259,10 +259,9 @@ fn assert_debug_route_matches_the_filter(stack: &Stack, body: &Value) -> Value {
             response.header("x-kvmesh-worker")
         );
     };
+    let routed = response.routed_view();
     assert_eq!(
-        response
-            .header("x-kvmesh-cached-blocks")
-            .and_then(|b| b.parse::<u64>().ok()),
+        routed.map(|r| r.cached_blocks),
         chosen["cached_blocks"].as_u64(),
         "{explained}"
     );
@@ -271,9 +270,7 @@ fn assert_debug_route_matches_the_filter(stack: &Stack, body: &Value) -> Value {
         .filter_map(|w| w["cached_blocks"].as_u64())
         .max();
     assert_eq!(
-        response
-            .header("x-kvmesh-most-cached-blocks")
-            .and_then(|b| b.parse::<u64>().ok()),
+        routed.map(|r| r.most_cached_blocks),
         most_cached,
         "{explained}"
     );

@@ -197,10 +197,7 @@ fn salted_prompts_never_count_another_salts_blocks() {
         let response = post_json(&client, &url, body).unwrap();
         assert_eq!(response.status, 200, "{}", response.text);
         assert_eq!(response.header("x-kvmesh-mode"), Some("precise"));
-        response
-            .header("x-kvmesh-most-cached-blocks")
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap()
+        response.routed_view().unwrap().most_cached_blocks
     };
     // Each Envoy worker thread's VM gets the engine's events on its own
     // stream: wait until the VM answering sees the prefix.
@@ -214,7 +211,6 @@ fn salted_prompts_never_count_another_salts_blocks() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    most_cached(&plain);
     wait_for_hit(&plain);
     // An empty salt is none: the same blocks.
     let empty = json!({"model": MODEL, "prompt": tokens, "max_tokens": 1, "cache_salt": ""});

@@ -59,12 +59,9 @@ impl Computing {
     pub fn record(&mut self, worker: &str, prompt: &[SeqHash], cached_blocks: u32, now_ms: u64) {
         self.expire(now_ms);
         let cached = usize::try_from(cached_blocks).unwrap_or(usize::MAX);
-        let first_uncached_stride = (cached / STRIDE)
-            .saturating_add(1)
-            .saturating_mul(STRIDE)
-            .saturating_sub(1);
+        let first = last_block_of(first_stride_past(cached)).unwrap_or(usize::MAX);
         let strides: Box<[SeqHash]> = prompt
-            .get(first_uncached_stride..)
+            .get(first..)
             .unwrap_or_default()
             .iter()
             .step_by(STRIDE)
@@ -130,6 +127,18 @@ impl Computing {
     }
 }
 
+/// The first stride (counted from 1) not wholly within a prompt's first
+/// `blocks` blocks.
+fn first_stride_past(blocks: usize) -> usize {
+    blocks / STRIDE + 1
+}
+
+/// The index of the last block of stride `stride` (counted from 1): the
+/// block whose hash stands for the whole stride.
+fn last_block_of(stride: usize) -> Option<usize> {
+    stride.checked_mul(STRIDE)?.checked_sub(1)
+}
+
 /// One prompt's credit, asked of every candidate of a decision. Most
 /// candidates hold the same number of the prompt's blocks in the fleet state
 /// (often none), so they ask about the same stride: its holder is looked up
@@ -149,14 +158,11 @@ impl PromptCredit<'_> {
         let (computing, prompt, now_ms) = (self.computing, self.prompt, self.now_ms);
         // Who computes the first `strides` strides of the prompt.
         let holder = |strides: usize| {
-            strides
-                .checked_mul(STRIDE)
-                .and_then(|blocks| blocks.checked_sub(1))
+            last_block_of(strides)
                 .and_then(|last| prompt.get(last))
                 .and_then(|block| computing.holder(block, now_ms))
         };
-        let indexed_blocks = usize::try_from(indexed).unwrap_or(usize::MAX);
-        let first = indexed_blocks / STRIDE + 1;
+        let first = first_stride_past(usize::try_from(indexed).unwrap_or(usize::MAX));
         let first_holder = match self.probed {
             Some((probed, held_by)) if probed == first => held_by,
             _ => {

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::harness::load::RoutedView;
+
 /// A response with its body parsed as JSON when possible.
 #[derive(Debug)]
 pub struct JsonResponse {
@@ -26,6 +28,11 @@ impl JsonResponse {
         self.header("x-sim-worker-id")
             .map(str::to_owned)
             .with_context(|| format!("no x-sim-worker-id header: {}", self.text))
+    }
+
+    /// What the router saw at its decision, from the filter's debug headers.
+    pub fn routed_view(&self) -> Option<RoutedView> {
+        RoutedView::from_headers(&self.headers)
     }
 
     /// `usage.prompt_tokens_details.cached_tokens`; 0 when absent.

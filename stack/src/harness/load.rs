@@ -36,7 +36,8 @@ pub struct RoutedView {
 }
 
 impl RoutedView {
-    fn from_headers(headers: &reqwest::header::HeaderMap) -> Option<Self> {
+    /// From a response's debug headers; `None` unless both are there.
+    pub fn from_headers(headers: &reqwest::header::HeaderMap) -> Option<Self> {
         let blocks = |name: &str| headers.get(name)?.to_str().ok()?.parse().ok();
         Some(Self {
             cached_blocks: blocks("x-kvmesh-cached-blocks")?,
