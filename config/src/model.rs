@@ -74,6 +74,13 @@ pub struct DisaggregationSpec {
     pub min_prefill_tokens: u64,
     /// `auto`: only onto a prefill worker with less prefill queued than this.
     pub max_prefill_queue_tokens: u64,
+    /// `auto` with a dedicated prefill pool: prefill remotely only while the
+    /// prefill worker would finish the prompt within this many tokens of
+    /// prefill after the decode worker would finish it itself. Beyond, the
+    /// decode worker prefills the prompt (aggregated serving): its decode
+    /// steps slow down, but the prompt's first token does not wait for a
+    /// backed-up prefill pool.
+    pub max_prefill_lag_tokens: u64,
     /// Workers of role `both` also prefill for other workers, and the
     /// prefill pool's workers serve whole requests: the decode worker is
     /// chosen among all, and `auto` prefills remotely only where that is
@@ -87,6 +94,7 @@ impl DisaggregationSpec {
     /// Lowering it to 32k made `auto` keep long prompts local while the
     /// prefill pool had room (docs/benchmarks.md).
     pub const DEFAULT_MAX_PREFILL_QUEUE_TOKENS: u64 = 262_144;
+    pub const DEFAULT_MAX_PREFILL_LAG_TOKENS: u64 = 262_144;
 }
 
 impl Default for DisaggregationSpec {
@@ -95,6 +103,7 @@ impl Default for DisaggregationSpec {
             policy: DisaggregationPolicy::Never,
             min_prefill_tokens: Self::DEFAULT_MIN_PREFILL_TOKENS,
             max_prefill_queue_tokens: Self::DEFAULT_MAX_PREFILL_QUEUE_TOKENS,
+            max_prefill_lag_tokens: Self::DEFAULT_MAX_PREFILL_LAG_TOKENS,
             shared_workers: false,
         }
     }
@@ -223,6 +232,7 @@ mod tests {
         assert_eq!(disaggregation.shared, DisaggregationSpec::default());
         assert_eq!(disaggregation.min_prefill_tokens, 1024);
         assert_eq!(disaggregation.max_prefill_queue_tokens, 262_144);
+        assert_eq!(disaggregation.max_prefill_lag_tokens, 262_144);
         assert!(!disaggregation.shared_workers);
         assert!(
             spec.remote_prefill().is_none(),

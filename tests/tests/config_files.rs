@@ -233,6 +233,7 @@ fn the_envoy_template_renders_a_valid_filter_config() {
             policy: DisaggregationPolicy::Auto,
             min_prefill_tokens: 512,
             max_prefill_queue_tokens: 262_144,
+            max_prefill_lag_tokens: DisaggregationSpec::DEFAULT_MAX_PREFILL_LAG_TOKENS,
             shared_workers: false,
         })
     );

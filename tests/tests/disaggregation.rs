@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use kvmesh_config::{DisaggregationPolicy, EngineKind, Role};
-use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum};
+use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum, JsonResponse};
 use kvmesh_stack::harness::envoy::Disaggregation;
 use kvmesh_stack::harness::fleet::KvWorker;
 use kvmesh_stack::harness::sim::SimEngineOptions;
@@ -236,11 +236,10 @@ fn every_worker(stack: &Stack) -> Vec<&KvWorker> {
 /// returns the worker that answered.
 fn complete_through(stack: &Stack, seed: u32, prompt_tokens: u32) -> String {
     let prompt: Vec<u32> = (0..prompt_tokens).map(|t| seed * 100_000 + t).collect();
-    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2});
-    let url = format!("{}/v1/completions", stack.envoy.gateway_url());
-    let response = post_json(&http_client(), &url, &body).unwrap();
-    assert_eq!(response.status, 200, "{}", response.text);
-    response.header("x-sim-worker-id").unwrap().to_owned()
+    send_tokens(&stack.envoy, &prompt)
+        .header("x-sim-worker-id")
+        .unwrap()
+        .to_owned()
 }
 
 fn blocks_sent(worker: &KvWorker) -> f64 {
@@ -296,4 +295,76 @@ fn auto_with_shared_workers_keeps_an_idle_fleet_aggregated() {
     assert_eq!(remote, 0);
     assert!(every_worker(&stack).iter().all(|w| blocks_sent(w) == 0.0));
     assert!(served.len() >= 2, "{served:?}");
+}
+
+/// Sends `prompt` through `envoy` and returns its response.
+fn send_tokens(envoy: &Envoy, prompt: &[u32]) -> JsonResponse {
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2});
+    let url = format!("{}/v1/completions", envoy.gateway_url());
+    let response = post_json(&http_client(), &url, &body).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text);
+    response
+}
+
+/// A dedicated prefill pool with `auto` and `max_prefill_lag_tokens: 0`: a
+/// long prompt whose start the decode worker holds, and the prefill worker
+/// does not, would be done later remotely, so the decode worker prefills
+/// it. A gateway with the default lag sends such a prompt to the pool.
+#[test]
+fn a_dedicated_pool_lagging_past_the_limit_leaves_the_prompt_local() {
+    let options =
+        StackOptions::disaggregated(MODEL, 1, 1, DisaggregationPolicy::Auto, EngineKind::Vllm)
+            .unwrap();
+    let mut stack = Stack::start(options, |config| {
+        config.debug_headers = true;
+        // One VM, so the wait below and the send after it see one state.
+        config.worker_threads = 1;
+        for model in &mut config.models {
+            model
+                .disaggregation
+                .as_mut()
+                .unwrap()
+                .max_prefill_lag_tokens = Some(0);
+        }
+    })
+    .unwrap();
+    stack.add_gateway(|_| {}).unwrap();
+    let envoys: Vec<&Envoy> = stack.envoys().collect();
+    let remote_prefills = |envoy: &Envoy| envoy.stat("wasmcustom.kvmesh_remote_prefills").unwrap();
+    let prefill_worker = &stack.prefill_workers[0];
+
+    // 60 blocks, under `min_prefill_tokens`: the decode worker computes them.
+    let start: Vec<u32> = (0..960).map(|t| 7_000 + t).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let held = send_tokens(envoys[0], &start)
+            .routed_view()
+            .unwrap()
+            .cached_blocks;
+        if held >= 59 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "holds {held} blocks");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(remote_prefills(envoys[0]), 0);
+    let longer = |seed: u32| -> Vec<u32> {
+        start
+            .iter()
+            .copied()
+            .chain((0..1_088).map(|t| seed * 100_000 + t))
+            .collect()
+    };
+
+    // The decode worker computes 1,088 tokens itself, the prefill worker
+    // would compute 2,048: later by 960, over the lag of 0.
+    let local = send_tokens(envoys[0], &longer(1));
+    assert_eq!(local.header("x-sim-worker-id"), Some("worker-0"));
+    assert_eq!(remote_prefills(envoys[0]), 0);
+    assert_eq!(blocks_sent(prefill_worker), 0.0);
+
+    let remote = send_tokens(envoys[1], &longer(2));
+    assert_eq!(remote.header("x-sim-worker-id"), Some("worker-0"));
+    assert_eq!(remote_prefills(envoys[1]), 1);
+    assert!(blocks_sent(prefill_worker) > 0.0);
 }

@@ -40,6 +40,11 @@ impl PrefillWork {
     fn saves_against(self, local: Self) -> bool {
         self.until_done().saturating_add(local.uncached_tokens / 2) <= local.until_done()
     }
+
+    /// Whether this (remote) prefill ends at most `lag` tokens after `local`'s.
+    fn lags_at_most(self, local: Self, lag: u64) -> bool {
+        self.until_done() <= local.until_done().saturating_add(lag)
+    }
 }
 
 impl PrefillRouting {
@@ -54,8 +59,10 @@ impl PrefillRouting {
     /// computing it): a decode worker keeps the prompt (aggregated
     /// serving) unless the prefill pool is clearly less busy, which keeps a
     /// shared fleet's time to first token near aggregated serving's. A
-    /// dedicated pool exists to take prefill off the decode workers, so
-    /// there only the limit applies.
+    /// dedicated pool exists to take prefill off the decode workers, so it
+    /// gets the prompt even when it would finish later, by up to
+    /// `max_prefill_lag_tokens`: past that the decode worker's steps are
+    /// cheaper to slow than the prompt's first token is to delay.
     pub fn wants_remote_prefill(&self, local: PrefillWork, remote: PrefillWork) -> bool {
         let spec = &self.spec;
         match spec.policy {
@@ -64,7 +71,11 @@ impl PrefillRouting {
             PrefillPolicy::Auto => {
                 local.uncached_tokens >= spec.min_prefill_tokens
                     && remote.queued_tokens < spec.max_prefill_queue_tokens
-                    && (!spec.shared_workers || remote.saves_against(local))
+                    && if spec.shared_workers {
+                        remote.saves_against(local)
+                    } else {
+                        remote.lags_at_most(local, spec.max_prefill_lag_tokens)
+                    }
             }
         }
     }
@@ -80,6 +91,7 @@ mod tests {
                 policy,
                 min_prefill_tokens: 1024,
                 max_prefill_queue_tokens: 10_000,
+                max_prefill_lag_tokens: 16_384,
                 shared_workers,
             },
             endpoints: Vec::new(),
@@ -119,5 +131,23 @@ mod tests {
         // Still a long prompt and under the limit.
         assert!(!auto.wants_remote_prefill(work(1000, 9000), work(1000, 0)));
         assert!(!auto.wants_remote_prefill(work(4096, 50_000), work(4096, 10_000)));
+    }
+
+    #[test]
+    fn a_dedicated_pool_prefills_remotely_until_it_lags_too_far_behind() {
+        let mut auto = pool(PrefillPolicy::Auto, false);
+        auto.spec.max_prefill_queue_tokens = 1 << 20;
+        // An idle decode worker: the prefill pool may be up to the lag behind.
+        assert!(auto.wants_remote_prefill(work(4096, 0), work(4096, 16_384)));
+        assert!(!auto.wants_remote_prefill(work(4096, 0), work(4096, 16_385)));
+        // A decode worker prefilling overflow itself: the pool takes prompts
+        // again once it is within the lag of that worker.
+        assert!(!auto.wants_remote_prefill(work(4096, 8192), work(4096, 24_577)));
+        assert!(auto.wants_remote_prefill(work(4096, 8192), work(4096, 24_576)));
+        // What the prefill worker holds of the prompt counts.
+        assert!(auto.wants_remote_prefill(work(4096, 0), work(1024, 19_456)));
+        // The queue limit still applies.
+        auto.spec.max_prefill_queue_tokens = 10_000;
+        assert!(!auto.wants_remote_prefill(work(4096, 0), work(4096, 10_000)));
     }
 }

@@ -509,6 +509,7 @@ mod tests {
                 policy: PrefillPolicy::Always,
                 min_prefill_tokens: 0,
                 max_prefill_queue_tokens: u64::MAX,
+                max_prefill_lag_tokens: u64::MAX,
                 shared_workers: false,
             },
             endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),

@@ -40,6 +40,10 @@ pub struct FleetParams {
     /// `shared_workers`).
     #[arg(long)]
     pub dedicated_prefill: bool,
+    /// With `--dedicated-prefill`: the model's `max_prefill_lag_tokens`
+    /// (the filter's default when unset).
+    #[arg(long)]
+    pub max_prefill_lag_tokens: Option<u64>,
     /// Simulated time runs this many times faster than real time, for every
     /// workload (default: each workload's own).
     #[arg(long)]
@@ -220,6 +224,9 @@ pub fn run_policy(
         config.worker_threads = fleet.gateway_threads;
         for model in &mut config.models {
             model.overlap_weight = fleet.overlap_weight;
+            if let Some(disaggregation) = model.disaggregation.as_mut() {
+                disaggregation.max_prefill_lag_tokens = fleet.max_prefill_lag_tokens;
+            }
         }
     };
     let mut stack = Stack::start(options, configure)

@@ -53,6 +53,8 @@ pub struct Disaggregation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_prefill_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_prefill_lag_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -76,6 +78,7 @@ impl Disaggregation {
             prefill_cluster: PREFILL_POOL.to_owned(),
             prefill_endpoints,
             min_prefill_tokens: None,
+            max_prefill_lag_tokens: None,
             bootstrap_port: None,
             timeout_ms: None,
             shared_workers: false,
