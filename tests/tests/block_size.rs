@@ -4,10 +4,11 @@
 //! sim-engines, so it holds where real vLLM cannot be installed too
 //! (`tests/vllm.rs` repeats the refusal against real vLLM).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvmesh_stack::harness::client::{http_client, post_json, JsonResponse};
 use kvmesh_stack::harness::free_port;
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::relay::{Relay, RelayOptions};
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use serde_json::{json, Value};
@@ -15,14 +16,6 @@ use serde_json::{json, Value};
 const MODEL: &str = "qwen3";
 const BLOCK: u32 = 32;
 const SETTLE: Duration = Duration::from_secs(15);
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + SETTLE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {SETTLE:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
@@ -45,22 +38,25 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
         response
     };
     send(90_000);
-    wait_for("the sidecar indexes the prefix", || {
+    poll_until("the sidecar indexes the prefix", SETTLE, || {
         stack.sidecar.metric("kvmesh_serve_index_blocks", "") >= 40.0
-    });
+    })
+    .unwrap();
     // Each Envoy worker thread's VM follows the state stream on its own:
     // send until the one answering shows all 40 blocks on some worker (only
     // the fleet state can: the VM's credit for prompts it sent comes in
     // 16-block steps, 32 of them).
     let most_cached =
         |response: &JsonResponse| response.routed_view().map(|v| v.most_cached_blocks);
-    let deadline = Instant::now() + SETTLE;
     let mut second = send(95_000);
-    while most_cached(&second) < Some(40) {
-        assert!(Instant::now() < deadline, "no VM saw the 40 cached blocks");
-        std::thread::sleep(Duration::from_millis(100));
-        second = send(95_000);
-    }
+    poll_until("a VM sees the 40 cached blocks", SETTLE, || {
+        let seen = most_cached(&second) >= Some(40);
+        if !seen {
+            second = send(95_000);
+        }
+        seen
+    })
+    .unwrap();
     assert_eq!(second.header("x-kvmesh-mode"), Some("precise"));
     // Sent to a worker holding the prefix, by the fleet state and by the
     // engine's own count.
@@ -89,9 +85,10 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
     })
     .expect("relay starts");
     let metric = "kvmesh_serve_workers_block_size_mismatch_total";
-    wait_for("the sidecar refuses the relay", || {
+    poll_until("the sidecar refuses the relay", SETTLE, || {
         stack.sidecar.metric(metric, "") >= 1.0
-    });
+    })
+    .unwrap();
     // Heartbeats keep coming every second: still refused, counted once.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stack.sidecar.metric(metric, ""), 1.0);

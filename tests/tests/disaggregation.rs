@@ -12,10 +12,12 @@ use kvmesh_config::{DisaggregationPolicy, EngineKind, Role};
 use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum, JsonResponse};
 use kvmesh_stack::harness::envoy::Disaggregation;
 use kvmesh_stack::harness::fleet::KvWorker;
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::{free_port, Envoy, GatewayConfig, ModelRoute, SimEngine};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 const MODEL: &str = "qwen3";
 /// Prompt tokens: 16 full blocks.
@@ -335,18 +337,18 @@ fn a_dedicated_pool_lagging_past_the_limit_leaves_the_prompt_local() {
 
     // 60 blocks, under `min_prefill_tokens`: the decode worker computes them.
     let start: Vec<u32> = (0..960).map(|t| 7_000 + t).collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let held = send_tokens(envoys[0], &start)
-            .routed_view()
-            .unwrap()
-            .cached_blocks;
-        if held >= 59 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "holds {held} blocks");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    poll_until(
+        "the decode worker holds the start",
+        Duration::from_secs(20),
+        || {
+            send_tokens(envoys[0], &start)
+                .routed_view()
+                .unwrap()
+                .cached_blocks
+                >= 59
+        },
+    )
+    .unwrap();
     assert_eq!(remote_prefills(envoys[0]), 0);
     let longer = |seed: u32| -> Vec<u32> {
         start

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum, JsonResponse};
 use kvmesh_stack::harness::fleet::SimHosting;
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::sidecar::{Sidecar, SidecarModel};
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::stack::StackOptions;
@@ -73,12 +74,8 @@ impl Stack {
         )
     }
 
-    fn wait_for(&self, what: &str, mut ready: impl FnMut() -> bool) {
-        let deadline = Instant::now() + SETTLE;
-        while !ready() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait_for(&self, what: &str, ready: impl FnMut() -> bool) {
+        poll_until(what, SETTLE, ready).unwrap();
     }
 
     /// Sends fresh requests until the filters route one precisely again
@@ -208,7 +205,13 @@ fn shared_prefixes_land_where_they_are_cached() {
         16,
     );
 
-    assert!(stack.counter("kvmesh_requests_precise") >= 6);
+    assert!(
+        stack.counter("kvmesh_requests_precise") >= 6,
+        "precise / approximate / fallback: {} / {} / {}",
+        stack.counter("kvmesh_requests_precise"),
+        stack.counter("kvmesh_requests_approximate"),
+        stack.counter("kvmesh_requests_fallback"),
+    );
     assert!(stack.counter("kvmesh_tokenize_calls") >= 4);
     assert_eq!(stack.counter("kvmesh_tokenize_failures"), 0);
     assert!(stack.counter("kvmesh_routed_cached_blocks") >= 50);

@@ -13,6 +13,7 @@ use std::time::Duration;
 use kvmesh_stack::harness::client::{http_client, post, post_json};
 use kvmesh_stack::harness::envoy::ENVOY_WORKER_THREADS;
 use kvmesh_stack::harness::raw_http::h2_post;
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::Envoy;
 use rand::rngs::StdRng;
@@ -202,14 +203,12 @@ fn salted_prompts_never_count_another_salts_blocks() {
     // Each Envoy worker thread's VM gets the engine's events on its own
     // stream: wait until the VM answering sees the prefix.
     let wait_for_hit = |body: &Value| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while most_cached(body) < 4 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the prefix never became a hit: {body}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll_until(
+            &format!("a hit on the prefix of {body}"),
+            Duration::from_secs(20),
+            || most_cached(body) >= 4,
+        )
+        .unwrap();
     };
     wait_for_hit(&plain);
     // An empty salt is none: the same blocks.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvmesh_stack::harness::client::{http_client, post, post_json, JsonResponse};
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::relay::Relay;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::vllm::{relay_options, VllmWorker};
@@ -148,15 +149,6 @@ fn prompt_hashes(stack: &Stack, prompt: &str) -> anyhow::Result<HashSet<u64>> {
         .collect())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 /// `/v1/workers` entry of `worker-<index>`.
 fn sidecar_worker(stack: &Stack, index: usize) -> Option<Value> {
     let body: Value = reqwest::blocking::get(format!("{}/v1/workers", stack.sidecar.http_url()))
@@ -181,7 +173,7 @@ fn repeated_prefix_goes_to_its_holder(stack: &Stack) -> anyhow::Result<usize> {
         let first = complete(stack, &format!("{prefix} first question?"), 2)?;
         let holder = worker_index(stack, &first)?;
         let full_blocks = prefix_tokens / u64::from(BLOCK);
-        wait_for("the sidecar sees the prefix on its worker", SETTLE, || {
+        poll_until("the sidecar sees the prefix on its worker", SETTLE, || {
             cached_blocks(stack, &prefix, holder).unwrap_or(0) >= full_blocks
         })?;
         let second = complete(stack, &format!("{prefix} another question?"), 2)?;
@@ -269,7 +261,7 @@ fn load_follows_the_engine(stack: &Stack, index: usize) -> anyhow::Result<()> {
     );
     anyhow::ensure!(waiting_seen, "the sidecar never saw a waiting request");
     anyhow::ensure!(matched >= 3, "only {matched} samples agreed");
-    wait_for("the sidecar sees the load drain", SETTLE, || {
+    poll_until("the sidecar sees the load drain", SETTLE, || {
         sidecar_worker(stack, index).is_some_and(|w| {
             w["load"]["running"].as_u64() == Some(0) && w["load"]["waiting"].as_u64() == Some(0)
         })
@@ -285,7 +277,7 @@ fn sidecar_blocks(stack: &Stack, index: usize) -> u64 {
 /// `POST /reset_prefix_cache` on an engine empties its view in the sidecar.
 fn reset_prefix_cache_empties_the_view(stack: &Stack, index: usize) -> anyhow::Result<()> {
     complete_on(stack, index, &text("resetme", 300))?;
-    wait_for("the sidecar sees the blocks", SETTLE, || {
+    poll_until("the sidecar sees the blocks", SETTLE, || {
         let blocks = sidecar_blocks(stack, index);
         blocks > 0 && blocks != u64::MAX
     })?;
@@ -298,7 +290,7 @@ fn reset_prefix_cache_empties_the_view(stack: &Stack, index: usize) -> anyhow::R
     // vLLM publishes the queued clear with its next engine step; a prompt
     // shorter than a block adds no block of its own.
     complete_on(stack, index, "flush")?;
-    wait_for("the view empties after the reset", SETTLE, || {
+    poll_until("the view empties after the reset", SETTLE, || {
         sidecar_blocks(stack, index) == 0
     })?;
     eprintln!("reset_prefix_cache: worker-{index} view {before} -> 0 blocks");
@@ -321,7 +313,7 @@ fn relay_started_after_the_engine_replays_history(
     // The first live batch tells the new relay what to replay.
     complete_on(stack, index, &text("afterrestart", 100))?;
     let id = format!("worker-{index}");
-    wait_for("the replayed blocks reach the sidecar", SETTLE, || {
+    poll_until("the replayed blocks reach the sidecar", SETTLE, || {
         stack
             .sidecar
             .blocks_by_worker()
@@ -348,7 +340,7 @@ fn eviction_removes_blocks(stack: &Stack, index: usize) -> anyhow::Result<()> {
     for i in 0..12 {
         complete_on(stack, index, &text(&format!("evict{i}y"), 250))?;
     }
-    wait_for("the evicted prefix leaves the view", SETTLE, || {
+    poll_until("the evicted prefix leaves the view", SETTLE, || {
         cached_blocks(stack, &victim, index).is_ok_and(|b| b == 0)
     })?;
     let blocks = sidecar_blocks(stack, index);
@@ -366,7 +358,7 @@ fn block_size_mismatch_is_refused(stack: &Stack) -> anyhow::Result<()> {
     options.worker_id = "worker-wrong-block-size".into();
     let _relay = Relay::start(&options)?;
     let metric = "kvmesh_serve_workers_block_size_mismatch_total";
-    wait_for("the sidecar refuses the relay", SETTLE, || {
+    poll_until("the sidecar refuses the relay", SETTLE, || {
         stack.sidecar.metric(metric, "") >= 1.0
     })?;
     thread::sleep(Duration::from_secs(2));

@@ -1,4 +1,4 @@
-//! Waiting for started processes to become ready.
+//! Waiting for started processes, and for what they serve, to become ready.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -31,6 +31,22 @@ pub fn wait_until(
     }
 }
 
+/// Polls `done` every 100 ms until it returns true; an error naming `what`
+/// once `timeout` has passed. For state that settles after requests (events
+/// reaching the sidecar, the filter's VMs), not for process start-up.
+pub fn poll_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// True when `url` answers 2xx.
 pub fn http_ok(client: &reqwest::blocking::Client, url: &str) -> bool {
     client
@@ -59,4 +75,22 @@ pub fn wait_http_ok(
     wait_until(process, &format!("GET {url}"), timeout, || {
         http_ok(&client, url)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_until_done_or_names_what_timed_out() {
+        let mut polls = 0;
+        poll_until("three polls", Duration::from_secs(5), || {
+            polls += 1;
+            polls == 3
+        })
+        .unwrap();
+        assert_eq!(polls, 3);
+        let err = poll_until("never", Duration::from_millis(150), || false).unwrap_err();
+        assert!(err.to_string().starts_with("never: not within"), "{err}");
+    }
 }
