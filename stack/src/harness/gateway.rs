@@ -65,15 +65,18 @@ pub fn wait_for_fleet_state(
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let known = sidecar.known_workers().unwrap_or(0);
+        // Envoy sums the VMs' counters, so updates alone could all be one
+        // VM's while another has not subscribed yet and routes without state.
+        let subscribed = sidecar.metric("kvmesh_serve_stream_subscribers", "") as u64;
         let updates = envoy
             .stat("wasmcustom.kvmesh_state_updates_applied")
             .unwrap_or(0);
-        if known >= workers && updates >= vms {
+        if known >= workers && subscribed >= vms && updates >= vms {
             return Ok(());
         }
         if Instant::now() >= deadline {
             anyhow::bail!(
-                "fleet state not ready after {READY_TIMEOUT:?}: sidecar knows {known}/{workers} workers, filters applied {updates} updates"
+                "fleet state not ready after {READY_TIMEOUT:?}: sidecar knows {known}/{workers} workers and {subscribed}/{vms} filter streams, filters applied {updates} updates"
             );
         }
         std::thread::sleep(Duration::from_millis(100));
