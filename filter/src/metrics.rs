@@ -99,6 +99,36 @@ impl Gauge {
     }
 }
 
+/// This VM's one-unit share of a gauge counting VMs in some condition: it
+/// adds 1 on entering the condition and takes it back on leaving, so the
+/// gauge holds how many VMs are in it.
+#[derive(Debug)]
+pub struct VmCount {
+    gauge: Gauge,
+    counted: bool,
+}
+
+impl VmCount {
+    pub fn new(gauge: Gauge) -> Self {
+        Self {
+            gauge,
+            counted: false,
+        }
+    }
+
+    pub fn set(&mut self, host: &impl Host, counted: bool) {
+        if counted == self.counted {
+            return;
+        }
+        let offset = if counted { 1 } else { -1 };
+        if let Err(err) = host.increment_metric(self.gauge.0, offset) {
+            log::debug!("{err}");
+            return;
+        }
+        self.counted = counted;
+    }
+}
+
 /// Size of this VM's linear memory: everything the filter allocated (fleet
 /// replica, learned table, prompt cache, request buffers) plus its stack and
 /// static data, at its high-water mark, since wasm memory never shrinks.
@@ -188,6 +218,10 @@ pub struct FilterMetrics {
     /// ([`linear_memory_bytes`], each adding its growth): divided by the
     /// sidecar's stream subscribers (one per VM), one VM's.
     pub vm_memory_bytes: Gauge,
+    /// Filter VMs routing with fleet state: their state stream is open, has
+    /// delivered a snapshot, and is not stale. Below the VM count (one per
+    /// Envoy worker thread), some threads route on load-blind fallbacks.
+    pub state_synced_vms: Gauge,
 }
 
 impl FilterMetrics {
@@ -229,6 +263,30 @@ impl FilterMetrics {
             state_snapshot_us: Histogram::define(host, "kvmesh_state_snapshot_us")?,
             state_delta_us: Histogram::define(host, "kvmesh_state_delta_us")?,
             vm_memory_bytes: Gauge::define(host, "kvmesh_vm_memory_bytes")?,
+            state_synced_vms: Gauge::define(host, "kvmesh_state_synced_vms")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::mock::MockHost;
+
+    #[test]
+    fn each_vm_counts_once_while_in_the_condition() {
+        let host = MockHost::default();
+        let gauge = Gauge::define(&host, "vms").unwrap();
+        let (mut first, mut second) = (VmCount::new(gauge), VmCount::new(gauge));
+        first.set(&host, true);
+        first.set(&host, true);
+        assert_eq!(host.counter("vms"), 1, "entering twice counts once");
+        second.set(&host, true);
+        assert_eq!(host.counter("vms"), 2);
+        first.set(&host, false);
+        first.set(&host, false);
+        assert_eq!(host.counter("vms"), 1, "leaving twice takes one back");
+        second.set(&host, false);
+        assert_eq!(host.counter("vms"), 0);
     }
 }

@@ -13,7 +13,7 @@ use router_core::state_stream::{state_update, StateUpdate};
 
 use crate::config::PluginConfig;
 use crate::host::{self, EnvoyHost, Host};
-use crate::metrics::{linear_memory_bytes, FilterMetrics};
+use crate::metrics::{linear_memory_bytes, FilterMetrics, VmCount};
 use crate::replica::FleetReplica;
 use crate::stream::InferenceStream;
 use crate::vm_state::{SharedVmState, VmState};
@@ -39,6 +39,8 @@ pub struct KvmeshRoot {
     subscription: Subscription,
     /// This VM's linear memory as last added to `kvmesh_vm_memory_bytes`.
     reported_memory_bytes: u64,
+    /// This VM's share of `kvmesh_state_synced_vms`.
+    synced: Option<VmCount>,
 }
 
 impl KvmeshRoot {
@@ -53,6 +55,14 @@ impl KvmeshRoot {
                 backoff_ms: RECONNECT_MIN_MS,
             },
             reported_memory_bytes: 0,
+            synced: None,
+        }
+    }
+
+    /// Counts this VM in `kvmesh_state_synced_vms` or takes it out.
+    fn set_synced(&mut self, synced: bool) {
+        if let Some(count) = &mut self.synced {
+            count.set(&EnvoyHost, synced);
         }
     }
 
@@ -109,6 +119,7 @@ impl KvmeshRoot {
     }
 
     fn retry_later(&mut self, now_ms: u64, backoff_ms: u64) {
+        self.set_synced(false);
         if let Some(state) = &self.state {
             state.borrow_mut().reporter.detach();
         }
@@ -151,6 +162,9 @@ impl KvmeshRoot {
         match applied {
             Ok(_) => {
                 metrics.state_updates_applied.inc(&EnvoyHost);
+                // A stream starts with snapshots, so any update applied
+                // on it means this VM holds fleet state.
+                self.set_synced(true);
                 if let Subscription::Open { backoff_ms, .. } = &mut self.subscription {
                     *backoff_ms = RECONNECT_MIN_MS;
                 }
@@ -245,6 +259,7 @@ impl RootContext for KvmeshRoot {
             seed,
         ))));
         self.config = Some(Rc::new(config));
+        self.synced = Some(VmCount::new(metrics.state_synced_vms));
         self.metrics = Some(metrics);
         true
     }
@@ -252,6 +267,17 @@ impl RootContext for KvmeshRoot {
     fn on_tick(&mut self) {
         if let Subscription::Open { .. } = self.subscription {
             self.report_memory();
+            let now = self.now_ms();
+            let stale = self.state.as_ref().is_some_and(|state| {
+                state
+                    .borrow()
+                    .replica
+                    .as_ref()
+                    .is_some_and(|replica| replica.is_stale(now))
+            });
+            if stale {
+                self.set_synced(false);
+            }
         }
         if let Subscription::Closed {
             retry_at_ms,

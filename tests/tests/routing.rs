@@ -596,12 +596,17 @@ fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
     let mut stack = Stack::start();
     let base = 20_000;
     let body = |i: u32| token_completion(base, i);
+    // One VM per worker thread and the main thread's, each holding state.
+    let vms = stack.envoy.config().worker_threads + 1;
+    assert_eq!(stack.counter("kvmesh_state_synced_vms"), vms);
     stack.send("/v1/completions", &body(0));
     assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
 
     stack.sidecar.process().kill();
-    // Past the staleness limit every request still succeeds, by approximate routing.
+    // Past the staleness limit every request still succeeds, by approximate
+    // routing, and the gauge says no VM holds fleet state.
     std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(stack.counter("kvmesh_state_synced_vms"), 0);
     for i in 1..6 {
         stack.send("/v1/completions", &body(i));
     }
@@ -612,6 +617,9 @@ fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
     stack.sidecar.restart().unwrap();
     stack.sidecar.wait_ready(SETTLE).unwrap();
     stack.wait_for_precise_again(base);
+    stack.wait_for("every VM to hold fleet state again", || {
+        stack.counter("kvmesh_state_synced_vms") == vms
+    });
     assert_eq!(stack.workers.len(), WORKERS);
 }
 
@@ -639,6 +647,11 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
         .stat("wasmcustom.kvmesh_state_updates_applied")
         .unwrap();
     assert!(applied >= 8, "only {applied} updates in 5 s across two VMs");
+    assert_eq!(
+        envoy.stat("wasmcustom.kvmesh_state_synced_vms").unwrap(),
+        envoy.config().worker_threads + 1,
+        "a quiet stream is not a stale one"
+    );
     let tokens: Vec<u32> = (0..64).collect();
     let body = json!({"model": MODEL, "prompt": tokens, "max_tokens": 2});
     let response = post_json(

@@ -61,22 +61,24 @@ pub fn wait_for_fleet_state(
     if !(config.filter && config.sidecar.is_some()) {
         return Ok(());
     }
-    let vms = config.worker_threads;
+    // Envoy runs a filter VM per worker thread and one on its main thread,
+    // and every one of them subscribes.
+    let vms = config.worker_threads + 1;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let known = sidecar.known_workers().unwrap_or(0);
-        // Envoy sums the VMs' counters, so updates alone could all be one
-        // VM's while another has not subscribed yet and routes without state.
-        let subscribed = sidecar.metric("kvmesh_serve_stream_subscribers", "") as u64;
-        let updates = envoy
-            .stat("wasmcustom.kvmesh_state_updates_applied")
+        // Each VM counts itself once it holds a snapshot (Envoy sums the
+        // VMs' update counters instead: one VM's deltas could fill those
+        // while another still waits for its snapshot).
+        let synced = envoy
+            .stat("wasmcustom.kvmesh_state_synced_vms")
             .unwrap_or(0);
-        if known >= workers && subscribed >= vms && updates >= vms {
+        if known >= workers && synced >= vms {
             return Ok(());
         }
         if Instant::now() >= deadline {
             anyhow::bail!(
-                "fleet state not ready after {READY_TIMEOUT:?}: sidecar knows {known}/{workers} workers and {subscribed}/{vms} filter streams, filters applied {updates} updates"
+                "fleet state not ready after {READY_TIMEOUT:?}: sidecar knows {known}/{workers} workers, {synced}/{vms} filter VMs hold fleet state"
             );
         }
         std::thread::sleep(Duration::from_millis(100));
