@@ -181,8 +181,9 @@ pub struct SidecarConfig {
 pub struct PluginConfig {
     pub max_body_bytes: usize,
     pub sidecar: Option<SidecarConfig>,
-    /// Adds `x-kvmesh-mode`, `x-kvmesh-worker`, `x-kvmesh-cached-blocks` and
-    /// `x-kvmesh-most-cached-blocks` to responses. Off by default: it tells
+    /// Adds `x-kvmesh-mode`, `x-kvmesh-worker`, `x-kvmesh-cached-blocks`,
+    /// `x-kvmesh-most-cached-blocks` and, after a remote prefill,
+    /// `x-kvmesh-prefill-worker` to responses. Off by default: it tells
     /// clients about the fleet.
     pub debug_headers: bool,
     pub approximate: ApproximateConfig,

@@ -330,7 +330,9 @@ fn a_dedicated_pool_lagging_past_the_limit_leaves_the_prompt_local() {
         }
     })
     .unwrap();
-    stack.add_gateway(|_| {}).unwrap();
+    stack
+        .add_gateway(|config| config.debug_headers = true)
+        .unwrap();
     let envoys: Vec<&Envoy> = stack.envoys().collect();
     let remote_prefills = |envoy: &Envoy| envoy.stat("wasmcustom.kvmesh_remote_prefills").unwrap();
     let prefill_worker = &stack.prefill_workers[0];
@@ -362,11 +364,17 @@ fn a_dedicated_pool_lagging_past_the_limit_leaves_the_prompt_local() {
     // would compute 2,048: later by 960, over the lag of 0.
     let local = send_tokens(envoys[0], &longer(1));
     assert_eq!(local.header("x-sim-worker-id"), Some("worker-0"));
+    assert_eq!(local.header("x-kvmesh-prefill-worker"), None);
     assert_eq!(remote_prefills(envoys[0]), 0);
     assert_eq!(blocks_sent(prefill_worker), 0.0);
 
     let remote = send_tokens(envoys[1], &longer(2));
     assert_eq!(remote.header("x-sim-worker-id"), Some("worker-0"));
+    // The debug header names the worker that prefilled it.
+    assert_eq!(
+        remote.header("x-kvmesh-prefill-worker"),
+        Some(prefill_worker.sim.address().as_str())
+    );
     assert_eq!(remote_prefills(envoys[1]), 1);
     assert!(blocks_sent(prefill_worker) > 0.0);
 }

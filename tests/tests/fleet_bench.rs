@@ -1,7 +1,7 @@
-//! `scripts/bench`'s binary end to end on a tiny fleet behind two gateways:
-//! two policies on the multi-tenant workload, with the cache too small for
+//! `scripts/bench`'s binary end to end on a tiny fleet: two policies on the
+//! multi-tenant workload behind two gateways, with the cache too small for
 //! every tenant on every worker, so where a tenant's requests go decides its
-//! hit rate.
+//! hit rate; and a disaggregated run's remote prefills.
 // Integration test: its helpers fail the test by panicking, like its tests
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -60,41 +60,13 @@ fn parse_csv(text: &str) -> Vec<Row> {
 
 #[test]
 fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
-    let out = tempfile::tempdir().unwrap();
-    let mut command = Command::new(paths::binary("kvmesh-bench").unwrap());
-    command.current_dir(paths::repo_root()).args([
-        "--workers=2",
+    let out = run_bench(&[
         "--gateways=2",
-        "--speedup=2",
-        "--workloads=multi-tenant",
         "--policies=round-robin,precise",
-        "--tenants=4",
-        "--tenant-prefix-tokens=1200",
-        "--users-per-tenant=3",
-        "--question-tokens=30",
         "--tenant-requests=48",
-        "--tenant-rate=3",
-        "--tenant-output-tokens=8",
         // About two tenants' prefixes per worker.
         "--tenant-cache-blocks=170",
-        "--per-request",
     ]);
-    command.arg("--out").arg(out.path());
-    let mut bench = ManagedProcess::spawn("kvmesh-bench", command).unwrap();
-    let deadline = Instant::now() + BENCH_TIMEOUT;
-    let status = loop {
-        if let Some(status) = bench.exit_status() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kvmesh-bench still running after {BENCH_TIMEOUT:?}:\n{}",
-            bench.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(status.success(), "kvmesh-bench failed:\n{}", bench.logs());
-
     let csv = std::fs::read_to_string(out.path().join("multi-tenant.csv")).unwrap();
     let rows = parse_csv(&csv);
     let policies: Vec<&str> = rows.iter().map(|r| r.policy.as_str()).collect();
@@ -144,7 +116,8 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
         "### Fleet benchmark: multi-tenant, 2 workers, 2 gateways",
         "Envoy round_robin",
         "kvmesh precise",
-        "scripts/bench --workers=2 --gateways=2",
+        "scripts/bench --workers=2 ",
+        " --gateways=2 ",
         "Best achievable hit rate",
         "TTFT by prompt length, 2 workers, 2 gateways",
     ] {
@@ -172,6 +145,88 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{plot}"
         );
     }
+}
+
+/// Runs `kvmesh-bench` on the multi-tenant workload of 4 tenants of 3
+/// users on 2 workers, with `args` added, and returns its output directory.
+fn run_bench(args: &[&str]) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    let mut command = Command::new(paths::binary("kvmesh-bench").unwrap());
+    command
+        .current_dir(paths::repo_root())
+        .args([
+            "--workers=2",
+            "--speedup=2",
+            "--workloads=multi-tenant",
+            "--tenants=4",
+            "--tenant-prefix-tokens=1200",
+            "--users-per-tenant=3",
+            "--question-tokens=30",
+            "--tenant-rate=3",
+            "--tenant-output-tokens=8",
+            "--per-request",
+        ])
+        .args(args);
+    command.arg("--out").arg(out.path());
+    let mut bench = ManagedProcess::spawn("kvmesh-bench", command).unwrap();
+    let deadline = Instant::now() + BENCH_TIMEOUT;
+    let status = loop {
+        if let Some(status) = bench.exit_status() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kvmesh-bench still running after {BENCH_TIMEOUT:?}:\n{}",
+            bench.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "kvmesh-bench failed:\n{}", bench.logs());
+    out
+}
+
+/// A dedicated prefill worker's run reports how many requests it
+/// prefilled, and each of those requests names it: the filter's counters
+/// agree with the debug headers the client saw.
+#[test]
+fn a_disaggregated_run_reports_its_remote_prefills() {
+    let out = run_bench(&[
+        "--gateways=1",
+        "--policies=precise-disagg",
+        "--dedicated-prefill",
+        "--prefill-workers=1",
+        "--tenant-requests=24",
+    ]);
+    let csv = std::fs::read_to_string(out.path().join("multi-tenant.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let row: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let field = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(field("policy"), "precise-disagg");
+    assert_eq!(field("errors"), "0", "{csv}");
+    let remote: usize = field("remote_prefills").parse().unwrap();
+    assert_eq!(field("prefill_failures"), "0", "{csv}");
+    // Each tenant's cold first prompt (1,200 tokens) is prefilled remotely.
+    assert!(remote >= 4, "{csv}");
+
+    let requests = std::fs::read_to_string(out.path().join("multi-tenant-requests.csv")).unwrap();
+    let mut lines = requests.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let prefill_workers: Vec<&str> = lines
+        .map(|line| line.split(',').nth(column("prefill_worker")).unwrap())
+        .filter(|worker| !worker.is_empty())
+        .collect();
+    assert_eq!(prefill_workers.len(), remote, "{requests}");
+    assert!(
+        prefill_workers.iter().all(|w| *w == prefill_workers[0]),
+        "one prefill worker: {prefill_workers:?}"
+    );
+    assert!(prefill_workers[0].starts_with("127.0.0.1:"), "{requests}");
+
+    let markdown = std::fs::read_to_string(out.path().join("multi-tenant.md")).unwrap();
+    let row = table_row(&markdown, "| policy |", "kvmesh precise + P/D");
+    assert!(row.ends_with(&format!("| {remote}/0 |")), "{row}");
 }
 
 /// The row of `policy` in the first table after `caption`.

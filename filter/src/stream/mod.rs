@@ -101,8 +101,15 @@ struct Routed {
     ticket: Option<Ticket>,
     /// An SGLang prefill leg running beside the decode leg.
     prefill: Option<PrefillLeg>,
-    /// The decision, for the opt-in debug response headers.
-    debug: Option<Decision>,
+    /// What the opt-in debug response headers say.
+    debug: Option<DebugHeaders>,
+}
+
+/// The decision, and the worker that prefilled the prompt for the chosen
+/// one (none when the chosen worker computes it itself).
+struct DebugHeaders {
+    decision: Decision,
+    prefill_worker: Option<String>,
 }
 
 /// The buffered request body as routing found it.
@@ -524,7 +531,7 @@ impl<H: Host> InferenceStream<H> {
             (Some(prefill), Some(disaggregation)) => {
                 self.start_prefill(disaggregation, plan.decode, &prefill, block_size, body)
             }
-            _ => Phase::Routed(self.apply_decision(&plan.decode, block_size, false)),
+            _ => Phase::Routed(self.apply_decision(&plan.decode, block_size, None)),
         }
     }
 
@@ -580,7 +587,8 @@ impl<H: Host> InferenceStream<H> {
         }
     }
 
-    fn add_debug_headers(&self, decision: &Decision) {
+    fn add_debug_headers(&self, debug: &DebugHeaders) {
+        let decision = &debug.decision;
         let cached = decision.cached_blocks.to_string();
         let most_cached = decision.most_cached_blocks.to_string();
         let headers = [
@@ -589,7 +597,11 @@ impl<H: Host> InferenceStream<H> {
             ("x-kvmesh-cached-blocks", cached.as_str()),
             ("x-kvmesh-most-cached-blocks", most_cached.as_str()),
         ];
-        for (name, value) in headers {
+        let prefill = debug
+            .prefill_worker
+            .as_deref()
+            .map(|worker| ("x-kvmesh-prefill-worker", worker));
+        for (name, value) in headers.into_iter().chain(prefill) {
             if let Err(err) = self
                 .host
                 .set_header(MapType::HttpResponseHeaders, name, value)
@@ -600,13 +612,21 @@ impl<H: Host> InferenceStream<H> {
     }
 
     /// Steers the request to the decision's worker, counting it, and holds
-    /// its in-flight load there (without its prefill when another worker
+    /// its in-flight load there (without its prefill when `prefill_worker`
     /// prefills it).
-    fn apply_decision(&self, decision: &Decision, block_size: u64, remote_prefill: bool) -> Routed {
+    fn apply_decision(
+        &self,
+        decision: &Decision,
+        block_size: u64,
+        prefill_worker: Option<&str>,
+    ) -> Routed {
         Routed {
-            ticket: self.steer(decision, block_size, remote_prefill),
+            ticket: self.steer(decision, block_size, prefill_worker.is_some()),
             prefill: None,
-            debug: self.config.debug_headers.then(|| decision.clone()),
+            debug: self.config.debug_headers.then(|| DebugHeaders {
+                decision: decision.clone(),
+                prefill_worker: prefill_worker.map(str::to_owned),
+            }),
         }
     }
 
@@ -810,8 +830,8 @@ impl<H: Host> InferenceStream<H> {
             self.observe_upstream(chosen);
         }
         self.take_load_report(chosen);
-        if let Some(decision) = debug {
-            self.add_debug_headers(&decision);
+        if let Some(debug) = debug {
+            self.add_debug_headers(&debug);
         }
         self.report_progress(RequestPhase::FirstToken);
     }

@@ -87,7 +87,7 @@ impl<H: Host> InferenceStream<H> {
             self.replace_body(buffered.size, &leg);
             return Phase::Routed(Routed {
                 prefill: Some(prefill_leg),
-                ..self.apply_decision(&decode, block_size, true)
+                ..self.apply_decision(&decode, block_size, Some(&address))
             });
         }
         Phase::AwaitingPrefill(PrefillWait {
@@ -111,6 +111,7 @@ impl<H: Host> InferenceStream<H> {
             decode,
             block_size,
         } = wait;
+        let prefill_worker = leg.ticket.address().to_owned();
         self.finish(leg.ticket);
         let buffered_size = body.len();
         let outcome = if !self.call_succeeded() {
@@ -144,7 +145,7 @@ impl<H: Host> InferenceStream<H> {
             Ok(decode_leg) => {
                 self.metrics.remote_prefills.inc(&self.host);
                 self.replace_body(buffered_size, &decode_leg);
-                Phase::Routed(self.apply_decision(&decode, block_size, true))
+                Phase::Routed(self.apply_decision(&decode, block_size, Some(&prefill_worker)))
             }
             Err(reason) => self.decode_locally(&decode, block_size, reason),
         }
@@ -165,7 +166,7 @@ impl<H: Host> InferenceStream<H> {
     fn decode_locally(&self, decode: &Decision, block_size: u64, reason: LocalPrefill) -> Phase {
         log::info!("prefilling locally: {reason}");
         self.metrics.prefill_failures.inc(&self.host);
-        Phase::Routed(self.apply_decision(decode, block_size, false))
+        Phase::Routed(self.apply_decision(decode, block_size, None))
     }
 
     fn dispatch_prefill(

@@ -584,6 +584,12 @@ fn vllm_decode_waits_for_the_prefill_leg() {
     assert_eq!(vm.load(PREFILL), WorkerLoad::default());
     // The decode worker prefills nothing itself.
     assert_eq!(vm.load(B).queued_prefill_tokens, 0);
+    vm.respond(&mut stream, B, &[]);
+    assert_eq!(vm.host.get(RESPONSE, "x-kvmesh-worker").as_deref(), Some(B));
+    assert_eq!(
+        vm.host.get(RESPONSE, "x-kvmesh-prefill-worker").as_deref(),
+        Some(PREFILL)
+    );
 
     // A failed leg: the decode worker prefills the original request.
     let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
@@ -591,6 +597,8 @@ fn vllm_decode_waits_for_the_prefill_leg() {
     assert_eq!(vm.host.recorded().resumed, 2);
     assert_eq!(vm.host.counter("kvmesh_prefill_failures"), 1);
     assert_eq!(vm.request_body().get("kv_transfer_params"), None);
+    vm.respond(&mut stream, B, &[]);
+    assert_eq!(vm.host.get(RESPONSE, "x-kvmesh-prefill-worker"), None);
 
     // The client leaves while the leg runs: its load is given back.
     let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
@@ -617,6 +625,11 @@ fn sglang_runs_both_legs_at_once() {
     assert_eq!(vm.load(PREFILL), WorkerLoad::default());
     // The decode leg was never paused, so it is not resumed.
     assert_eq!(vm.host.recorded().resumed, 0);
+    vm.respond(&mut stream, B, &[]);
+    assert_eq!(
+        vm.host.get(RESPONSE, "x-kvmesh-prefill-worker").as_deref(),
+        Some(PREFILL)
+    );
     stream.on_log();
     assert_eq!(vm.load(B), WorkerLoad::default());
 }

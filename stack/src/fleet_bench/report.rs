@@ -58,11 +58,11 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
     );
     let _ = writeln!(
         out,
-        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | of free-memory bound | engine counters | preemptions | requests | errors | kvmesh modes (precise/approx/fallback) |"
+        "| policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | output tok/s | hit rate | of pooled bound | of free-memory bound | engine counters | preemptions | requests | errors | kvmesh modes (precise/approx/fallback) | remote prefills (done/failed) |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in rows {
         let share_of = |bound: f64| {
@@ -75,14 +75,18 @@ pub fn markdown(name: &str, context: &RunContext, rows: &[Summary]) -> String {
         let modes = row
             .modes
             .map_or_else(|| "–".to_owned(), |[p, a, f]| format!("{p}/{a}/{f}"));
+        let remote = row.remote_prefills.map_or_else(
+            || "–".to_owned(),
+            |[done, failed]| format!("{done}/{failed}"),
+        );
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {} | {:.1}% | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {} | {} | {:.1}% | {} | {} | {} | {} | {} |",
             row.policy, row.ttft_p50, row.ttft_p90, row.ttft_p99, row.itl_p50, row.itl_p99,
             row.e2e_p50, row.e2e_p99, row.output_tokens_per_s,
             row.comparable_hit_rate() * 100.0, share_of(row.bound.pooled_lru),
             share_of(row.bound.pooled_free), row.hit_rate * 100.0,
-            row.preemptions, row.requests, row.errors, modes
+            row.preemptions, row.requests, row.errors, modes, remote
         );
     }
     prompt_length_table(&mut out, context, rows);
@@ -145,12 +149,12 @@ fn pacing_table(out: &mut String, context: &RunContext, rows: &[Summary]) {
 /// The same rows as CSV (milliseconds, rates as fractions).
 pub fn csv(context: &RunContext, rows: &[Summary]) -> String {
     let mut out = String::from(
-        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_pooled_free,bound_seen_before,preemptions,requests,errors,workers,gateways,sent_late_p99_ms,sent_late_max_ms,cpu_busy,cpu_bench\n",
+        "policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,e2e_p99_ms,output_tokens_per_s,hit_rate,request_hit_rate,bound_pooled_lru,bound_pooled_free,bound_seen_before,preemptions,requests,errors,workers,gateways,sent_late_p99_ms,sent_late_max_ms,cpu_busy,cpu_bench,remote_prefills,prefill_failures\n",
     );
     for row in rows {
         let _ = writeln!(
             out,
-            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{:.5},{},{},{},{},{},{:.3},{:.3},{},{}",
+            "{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.5},{},{:.5},{:.5},{:.5},{},{},{},{},{},{:.3},{:.3},{},{},{},{}",
             row.slug,
             row.ttft_p50,
             row.ttft_p90,
@@ -174,10 +178,17 @@ pub fn csv(context: &RunContext, rows: &[Summary]) -> String {
             row.late_ms[1],
             row.late_ms[2],
             csv_share(row.cpu.map(|c| c.machine)),
-            csv_share(row.cpu.map(|c| c.bench))
+            csv_share(row.cpu.map(|c| c.bench)),
+            csv_count(row.remote_prefills.map(|[done, _]| done)),
+            csv_count(row.remote_prefills.map(|[_, failed]| failed))
         );
     }
     out
+}
+
+/// A count as a CSV field; empty when it does not apply.
+fn csv_count(count: Option<u64>) -> String {
+    count.map_or_else(String::new, |c| c.to_string())
 }
 
 /// A share as a CSV fraction; empty when unknown.
@@ -187,13 +198,15 @@ fn csv_share(share: Option<f64>) -> String {
 
 /// Header of the per-request CSV (`kvmesh-bench --per-request`).
 pub const REQUESTS_CSV_HEADER: &str = "policy,sent_ms,gateway,worker,prompt_tokens,cached_tokens,\
-routed_cached_blocks,most_cached_blocks,first_block,ttft_ms,e2e_ms,error\n";
+routed_cached_blocks,most_cached_blocks,prefill_worker,first_block,ttft_ms,e2e_ms,error\n";
 
 /// One CSV line per request of `run` (times in simulated ms; `first_block`
 /// is the hash of the prompt's first KV block, which names its prefix;
 /// `routed_cached_blocks` and `most_cached_blocks` are the prompt's blocks
 /// the router saw cached on the chosen worker and on the candidate holding
-/// the most, empty for the plain Envoy policies).
+/// the most, empty for the plain Envoy policies; `prefill_worker` is the
+/// address of the worker that prefilled the prompt for `worker`, empty when
+/// `worker` computed it).
 pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) -> String {
     let ms = speedup * 1e3;
     let mut out = String::new();
@@ -202,7 +215,7 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
             .block_hashes
             .first()
             .map_or_else(String::new, |h| format!("{h:016x}"));
-        let (worker, cached, routed, ttft, e2e, error) = match &record.outcome {
+        let (worker, cached, routed, prefill_worker, ttft, e2e, error) = match &record.outcome {
             Ok(streamed) => (
                 streamed.worker.clone().unwrap_or_default(),
                 streamed
@@ -212,6 +225,7 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
                     || ",".to_owned(),
                     |r| format!("{},{}", r.cached_blocks, r.most_cached_blocks),
                 ),
+                streamed.prefill_worker.clone().unwrap_or_default(),
                 streamed
                     .ttft()
                     .map_or_else(String::new, |t| format!("{:.3}", t * ms)),
@@ -224,12 +238,13 @@ pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) ->
                 ",".to_owned(),
                 String::new(),
                 String::new(),
+                String::new(),
                 csv_field(e),
             ),
         };
         let _ = writeln!(
             out,
-            "{},{:.3},{},{worker},{},{cached},{routed},{first_block},{ttft},{e2e},{error}",
+            "{},{:.3},{},{worker},{},{cached},{routed},{prefill_worker},{first_block},{ttft},{e2e},{error}",
             run.policy.slug(),
             record.sent_at * ms,
             record.gateway,

@@ -163,6 +163,9 @@ pub struct PolicyRun {
     /// kvmesh requests routed precise / approximate / fallback, over every
     /// gateway.
     pub modes: Option<[u64; 3]>,
+    /// P/D requests prefilled on another worker, and those whose prefill
+    /// leg failed so their decode worker computed them, over every gateway.
+    pub remote_prefills: Option<[u64; 2]>,
     /// Shares of the cores' time busy during the replay, and used by the
     /// bench and its fleet (Linux only): near 1, the fleet's processes and
     /// the client compete for the cores and latencies measure the machine
@@ -267,14 +270,23 @@ pub fn run_policy(
         .chain(&prefill_urls)
         .map(|url| prometheus_sum(&format!("{url}/metrics"), "vllm:num_preemptions_total", ""))
         .sum();
+    let stat = |name: &str| -> anyhow::Result<u64> {
+        let name = format!("wasmcustom.kvmesh_{name}");
+        stack.envoys().map(|envoy| envoy.stat(&name)).sum()
+    };
     let modes = if matches!(policy, Policy::RoundRobin | Policy::LeastRequest) {
         None
     } else {
-        let stat = |mode: &str| -> anyhow::Result<u64> {
-            let name = format!("wasmcustom.kvmesh_requests_{mode}");
-            stack.envoys().map(|envoy| envoy.stat(&name)).sum()
-        };
-        Some([stat("precise")?, stat("approximate")?, stat("fallback")?])
+        Some([
+            stat("requests_precise")?,
+            stat("requests_approximate")?,
+            stat("requests_fallback")?,
+        ])
+    };
+    let remote_prefills = if policy.disaggregated() {
+        Some([stat("remote_prefills")?, stat("prefill_failures")?])
+    } else {
+        None
     };
     Ok(PolicyRun {
         policy,
@@ -284,6 +296,7 @@ pub fn run_policy(
         cache_queries,
         preemptions,
         modes,
+        remote_prefills,
         cpu,
     })
 }

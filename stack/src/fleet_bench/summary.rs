@@ -50,6 +50,9 @@ pub struct Summary {
     pub bound: HitRateBound,
     /// kvmesh requests routed precise / approximate / fallback.
     pub modes: Option<[u64; 3]>,
+    /// P/D requests prefilled remotely / by their decode worker after a
+    /// failed prefill leg.
+    pub remote_prefills: Option<[u64; 2]>,
     /// Every successful request's TTFT, sorted, for the CDF.
     pub ttfts: Vec<f64>,
     /// TTFT by [`PROMPT_CLASSES`], over the requests that reported usage.
@@ -130,6 +133,7 @@ impl Summary {
             preemptions: run.preemptions as u64,
             bound,
             modes: run.modes,
+            remote_prefills: run.remote_prefills,
             ttfts,
             ttft_by_prompt: by_class.map(|mut class| ClassTtft {
                 requests: class.len(),

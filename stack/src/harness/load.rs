@@ -20,6 +20,9 @@ pub struct Streamed {
     /// What the router saw when it chose, when the gateway sends its debug
     /// headers.
     pub routed: Option<RoutedView>,
+    /// The address of the worker that prefilled the prompt for the one that
+    /// answered, when another did (`x-kvmesh-prefill-worker`, a debug header).
+    pub prefill_worker: Option<String>,
     /// The engine's final usage chunk, sent when the request asks for
     /// `stream_options.include_usage`.
     pub usage: Option<Usage>,
@@ -96,11 +99,15 @@ pub async fn stream_timed(
         let text = response.text().await.unwrap_or_default();
         anyhow::bail!("{status}: {text}");
     }
-    let worker = response
-        .headers()
-        .get("x-sim-worker-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let worker = header("x-sim-worker-id");
+    let prefill_worker = header("x-kvmesh-prefill-worker");
     let routed = RoutedView::from_headers(response.headers());
     let mut chunks = response.bytes_stream();
     let mut pending = Vec::new();
@@ -110,6 +117,7 @@ pub async fn stream_timed(
         text: String::new(),
         worker,
         routed,
+        prefill_worker,
         usage: None,
     };
     while let Some(chunk) = chunks.next().await {
