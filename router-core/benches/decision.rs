@@ -182,7 +182,7 @@ fn warm_chat_turn(c: &mut Criterion) {
         let previous = {
             let request = parse_request(Endpoint::ChatCompletions, &body, usize::MAX).unwrap();
             let seed = PromptIdentity::of(&hasher, &request.prompt, None).text_seed;
-            let keys = prompt_keys(&request.prompt, &body, seed);
+            let keys = prompt_keys(&request.raw_digests, seed);
             keys[keys.len() - 2]
         };
         cache.insert(previous, &history);
@@ -193,7 +193,7 @@ fn warm_chat_turn(c: &mut Criterion) {
             b.iter(|| {
                 let request = parse_request(Endpoint::ChatCompletions, body, usize::MAX).unwrap();
                 let identity = PromptIdentity::of(&hasher, &request.prompt, None);
-                let keys = prompt_keys(&request.prompt, body, identity.text_seed);
+                let keys = prompt_keys(&request.raw_digests, identity.text_seed);
                 let hit = cache.lookup(&keys).expect("the previous turn is cached");
                 cached_blocks(&model, &view, &hit.hashes, &identity.keys, &mut local)
             })

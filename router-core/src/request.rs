@@ -9,11 +9,17 @@
 //! prompt is read by typed visitors straight into what routing keeps, fields
 //! routing ignores are skipped without allocating, a batch keeps only the
 //! prompt it is routed by, and element counts are capped.
+//!
+//! The body is scanned once at the top level, which splits a chat's
+//! messages out as raw JSON; each message is then parsed and digested from
+//! its own bytes (the digests key the prompt cache), so no pass reads the
+//! whole body a second time.
 
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use thiserror::Error;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::openai_error::{error_body, ErrorKind};
 
@@ -123,6 +129,27 @@ pub struct InferenceRequest {
     /// The client sent one of [`HANDSHAKE_FIELDS`] (matched by parsed key,
     /// whatever its escaping), even as `null`.
     pub has_handshake_fields: bool,
+    /// Digests of the prompt's JSON as the client sent it.
+    pub raw_digests: RawDigests,
+}
+
+/// xxh3 digests of a prompt's raw JSON, which the prompt cache keys its
+/// tokenizations by (`routing::prompt_cache`): a client that re-sends the
+/// same bytes gets the same digests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RawDigests {
+    /// Token-id prompts and batches, which need no tokenization.
+    #[default]
+    None,
+    /// The `prompt` string, quotes and escapes included.
+    Text(u64),
+    Chat {
+        /// `tools` then `chat_template_kwargs` (`null` when absent),
+        /// chained: they change how every message renders.
+        context: u64,
+        /// One per message, in order.
+        messages: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -177,7 +204,11 @@ struct RawRequest<'a> {
     #[serde(borrow, default)]
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    messages: Option<&'a RawValue>,
+    messages: Option<RawMessages<'a>>,
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    chat_template_kwargs: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
     max_tokens: Option<u32>,
@@ -197,6 +228,17 @@ struct RawRequest<'a> {
 }
 
 impl RawRequest<'_> {
+    /// Digest of what renders every message: the tools and the template
+    /// arguments.
+    fn chat_context(&self) -> u64 {
+        [self.tools, self.chat_template_kwargs]
+            .iter()
+            .fold(0, |digest, part| {
+                let raw = part.map_or("null", RawValue::get);
+                xxh3_64_with_seed(raw.as_bytes(), digest)
+            })
+    }
+
     fn has_handshake_fields(&self) -> bool {
         [
             self.kv_transfer_params,
@@ -235,23 +277,43 @@ pub fn parse_request(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::EmptyBody);
     }
-    let raw: RawRequest<'_> = serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;
+    let mut raw: RawRequest<'_> =
+        serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;
     let has_handshake_fields = raw.has_handshake_fields();
-    let model = raw.model.ok_or(RequestError::MissingField("model"))?;
+    let model = raw
+        .model
+        .take()
+        .ok_or(RequestError::MissingField("model"))?;
     if model.is_empty() {
         return Err(RequestError::InvalidField {
             field: "model",
             reason: "must not be empty",
         });
     }
-    let prompt = match endpoint {
-        Endpoint::Completions => parse_prompt(raw.prompt)?,
-        Endpoint::ChatCompletions => parse_messages(raw.messages)?,
+    let (prompt, raw_digests) = match endpoint {
+        Endpoint::Completions => {
+            let prompt = parse_prompt(raw.prompt)?;
+            let digests = match (&prompt, raw.prompt) {
+                (Prompt::Text(_), Some(text)) => RawDigests::Text(xxh3_64(text.get().as_bytes())),
+                _ => RawDigests::None,
+            };
+            (prompt, digests)
+        }
+        Endpoint::ChatCompletions => {
+            let context = raw.chat_context();
+            let (messages, digests) = parse_messages(raw.messages)?;
+            let digests = RawDigests::Chat {
+                context,
+                messages: digests,
+            };
+            (Prompt::Chat(messages), digests)
+        }
     };
     Ok(InferenceRequest {
         model,
         prompt,
         has_handshake_fields,
+        raw_digests,
         stream: raw.stream.unwrap_or(false),
         max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
         user: raw.user,
@@ -283,22 +345,42 @@ fn parse_prompt(value: Option<&RawValue>) -> Result<Prompt, RequestError> {
         })
 }
 
-fn parse_messages(value: Option<&RawValue>) -> Result<Prompt, RequestError> {
-    let value = value.ok_or(RequestError::MissingField("messages"))?;
-    let mut de = serde_json::Deserializer::from_str(value.get());
-    let messages = de
-        .deserialize_seq(MessagesVisitor)
-        .map_err(|_| RequestError::InvalidField {
-            field: "messages",
-            reason: "must be an array of {role, content} objects (at most 65536 messages and 65536 content parts)",
-        })?;
-    if messages.is_empty() {
+/// The chat's messages, and the digest of each one's raw JSON.
+fn parse_messages(
+    value: Option<RawMessages<'_>>,
+) -> Result<(Vec<ChatMessage>, Vec<u64>), RequestError> {
+    let invalid = || {
+        RequestError::InvalidField {
+        field: "messages",
+        reason: "must be an array of {role, content} objects (at most 65536 messages and 65536 content parts)",
+    }
+    };
+    let raw = match value.ok_or(RequestError::MissingField("messages"))? {
+        RawMessages::List(raw) => raw,
+        RawMessages::Invalid => return Err(invalid()),
+    };
+    if raw.is_empty() {
         return Err(RequestError::InvalidField {
             field: "messages",
             reason: "must contain at least one message",
         });
     }
-    Ok(Prompt::Chat(messages))
+    let mut messages = Vec::with_capacity(raw.len());
+    let mut digests = Vec::with_capacity(raw.len());
+    let mut parts = 0usize;
+    for message in raw {
+        let json = message.get();
+        let parsed: ChatMessage = serde_json::from_str(json).map_err(|_| invalid())?;
+        if let Some(MessageContent::Parts(p)) = &parsed.content {
+            parts = parts.saturating_add(p.len());
+        }
+        if parts > MAX_CONTENT_PARTS {
+            return Err(invalid());
+        }
+        digests.push(xxh3_64(json.as_bytes()));
+        messages.push(parsed);
+    }
+    Ok((messages, digests))
 }
 
 /// `prompt`: a string, token ids, or a batch of either. The first element
@@ -449,29 +531,68 @@ impl<'de> Deserialize<'de> for TokensOnly {
     }
 }
 
-/// `messages`, capped in messages and in content parts.
-struct MessagesVisitor;
+/// The `messages` field split into its elements' raw JSON, in the body's
+/// one top-level pass. Anything else is kept as invalid rather than failing
+/// the whole body: only the chat endpoint reads the field.
+enum RawMessages<'a> {
+    List(Vec<&'a RawValue>),
+    /// Not an array, or more than [`MAX_MESSAGES`] elements.
+    Invalid,
+}
 
-impl<'de> Visitor<'de> for MessagesVisitor {
-    type Value = Vec<ChatMessage>;
+impl<'de: 'a, 'a> Deserialize<'de> for RawMessages<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RawMessagesVisitor(std::marker::PhantomData))
+    }
+}
+
+struct RawMessagesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for RawMessagesVisitor<'a> {
+    type Value = RawMessages<'a>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an array of messages")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<ChatMessage>, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut messages = Vec::new();
-        let mut parts = 0usize;
-        while let Some(message) = seq.next_element::<ChatMessage>()? {
-            if let Some(MessageContent::Parts(p)) = &message.content {
-                parts = parts.saturating_add(p.len());
-            }
-            if messages.len() == MAX_MESSAGES || parts > MAX_CONTENT_PARTS {
-                return Err(de::Error::custom("too many messages or content parts"));
+        while let Some(message) = seq.next_element::<&'de RawValue>()? {
+            if messages.len() == MAX_MESSAGES {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                return Ok(RawMessages::Invalid);
             }
             messages.push(message);
         }
-        Ok(messages)
+        Ok(RawMessages::List(messages))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(RawMessages::Invalid)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(RawMessages::Invalid)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(RawMessages::Invalid)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(RawMessages::Invalid)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(RawMessages::Invalid)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(RawMessages::Invalid)
     }
 }
 
@@ -662,6 +783,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(salted.cache_salt.as_deref(), Some("tenant"));
+    }
+
+    #[test]
+    fn raw_digests_cover_each_message_and_the_text_prompt_as_sent() {
+        let chat = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user","content":"a"}, {"role":"user","content":"b"}]}"#,
+        )
+        .unwrap();
+        let RawDigests::Chat { messages, .. } = &chat.raw_digests else {
+            panic!("expected chat digests: {:?}", chat.raw_digests)
+        };
+        assert_eq!(
+            messages,
+            &[
+                xxh3_64(br#"{"role":"user","content":"a"}"#),
+                xxh3_64(br#"{"role":"user","content":"b"}"#)
+            ]
+        );
+        let text = parse(Endpoint::Completions, r#"{"model":"m","prompt":"hi\n"}"#).unwrap();
+        assert_eq!(text.raw_digests, RawDigests::Text(xxh3_64(br#""hi\n""#)));
+        for tokens in [r#"[1,2]"#, r#"[[1],[2]]"#, r#"["a","b"]"#] {
+            let body = format!(r#"{{"model":"m","prompt":{tokens}}}"#);
+            let request = parse(Endpoint::Completions, &body).unwrap();
+            assert_eq!(request.raw_digests, RawDigests::None, "{tokens}");
+        }
+    }
+
+    #[test]
+    fn only_the_chat_endpoint_reads_messages() {
+        for messages in ["{}", "1", r#""x""#, "true", r#"[{"role":"user"},1]"#] {
+            let body = format!(r#"{{"model":"m","prompt":"p","messages":{messages}}}"#);
+            assert!(parse(Endpoint::Completions, &body).is_ok(), "{body}");
+            let err = parse(Endpoint::ChatCompletions, &body).unwrap_err();
+            assert_eq!(err.param(), Some("messages"), "{body}");
+        }
+        let too_many = format!(
+            r#"{{"model":"m","messages":[{}]}}"#,
+            vec!["{}"; MAX_MESSAGES + 1].join(",")
+        );
+        let err = parse(Endpoint::ChatCompletions, &too_many).unwrap_err();
+        assert_eq!(err.param(), Some("messages"));
+        assert!(
+            parse(Endpoint::Completions, &too_many).is_err(),
+            "no prompt"
+        );
     }
 
     #[test]

@@ -305,7 +305,7 @@ impl<H: Host> InferenceStream<H> {
             request.cache_salt.as_deref(),
         );
         let tokenizable = is_tokenizable(&request.prompt);
-        let cache_keys = prompt_keys(&request.prompt, &body, text_seed);
+        let cache_keys = prompt_keys(&request.raw_digests, text_seed);
         let has_handshake_fields = request.has_handshake_fields;
         drop(request);
         let (body, body_size) = if has_handshake_fields {

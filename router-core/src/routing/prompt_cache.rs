@@ -11,69 +11,42 @@
 //! re-sends them plus the reply and a new question, so its longest cached
 //! message prefix finds them. Text prompts are keyed by the whole prompt.
 //!
-//! Digests cover the raw JSON of each message: a client that re-serializes a
-//! message differently only misses the cache. The entries are routing hints,
-//! never forwarded, so a stale or colliding entry can cost cache hits but not
-//! correctness.
+//! Digests cover the raw JSON of each message ([`RawDigests`], taken as the
+//! body is parsed): a client that re-serializes a message differently only
+//! misses the cache. The entries are routing hints, never forwarded, so a
+//! stale or colliding entry can cost cache hits but not correctness.
 
 use std::num::NonZeroUsize;
 use std::rc::Rc;
 
-use crate::request::Prompt;
+use crate::request::RawDigests;
 use crate::SeqHash;
 use lru::LruCache;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Block hashes held across all entries (8 bytes each): 8 MiB per VM.
 const MAX_HASHES: usize = 1 << 20;
 const ENTRIES: usize = 4096;
 
-#[derive(Deserialize)]
-struct ChatShape<'a> {
-    #[serde(borrow)]
-    messages: Vec<&'a RawValue>,
-    #[serde(borrow, default)]
-    tools: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    chat_template_kwargs: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct TextShape<'a> {
-    #[serde(borrow)]
-    prompt: &'a RawValue,
-}
-
 /// Cache keys of one request: one per message prefix for a chat (shortest
-/// first), one for a text prompt, none for anything else.
-pub fn prompt_keys(prompt: &Prompt, body: &[u8], seed: u64) -> Vec<u64> {
-    match prompt {
-        Prompt::Chat(_) => chat_keys(body, seed).unwrap_or_default(),
-        Prompt::Text(_) => serde_json::from_slice::<TextShape<'_>>(body)
-            .map(|t| vec![xxh3_64_with_seed(t.prompt.get().as_bytes(), seed)])
-            .unwrap_or_default(),
-        _ => Vec::new(),
+/// first), one for a text prompt, none for anything else. `seed` sets them
+/// apart by model and cache salt.
+pub fn prompt_keys(digests: &RawDigests, seed: u64) -> Vec<u64> {
+    let chain = |digest: u64, part: u64| xxh3_64_with_seed(&part.to_le_bytes(), digest);
+    match digests {
+        RawDigests::None => Vec::new(),
+        RawDigests::Text(text) => vec![chain(seed, *text)],
+        RawDigests::Chat { context, messages } => {
+            let mut digest = chain(seed, *context);
+            messages
+                .iter()
+                .map(|message| {
+                    digest = chain(digest, *message);
+                    digest
+                })
+                .collect()
+        }
     }
-}
-
-fn chat_keys(body: &[u8], seed: u64) -> Option<Vec<u64>> {
-    let chat: ChatShape<'_> = serde_json::from_slice(body).ok()?;
-    let mut digest = seed;
-    for part in [chat.tools, chat.chat_template_kwargs] {
-        let raw = part.map_or("null", RawValue::get);
-        digest = xxh3_64_with_seed(raw.as_bytes(), digest);
-    }
-    Some(
-        chat.messages
-            .iter()
-            .map(|message| {
-                digest = xxh3_64_with_seed(message.get().as_bytes(), digest);
-                digest
-            })
-            .collect(),
-    )
 }
 
 /// Block hashes by prompt key, bounded in entries and in hashes held.
@@ -135,7 +108,7 @@ mod tests {
         let request = parse_request(Endpoint::ChatCompletions, body.as_bytes(), 1 << 20)
             .or_else(|_| parse_request(Endpoint::Completions, body.as_bytes(), 1 << 20))
             .unwrap();
-        prompt_keys(&request.prompt, body.as_bytes(), 1)
+        prompt_keys(&request.raw_digests, 1)
     }
 
     #[test]
@@ -166,6 +139,14 @@ mod tests {
         assert_ne!(plain, tools);
         assert_ne!(plain, kwargs);
         assert_ne!(tools, kwargs);
+        // Only the prompt's JSON counts: not the other fields, nor their order.
+        let other_fields = keys(
+            r#"{"stream":true,"messages":[{"role":"user","content":"q"}],"max_tokens":9,"model":"m"}"#,
+        );
+        assert_eq!(plain, other_fields);
+        // A message serialized differently is another message.
+        let spaced = keys(r#"{"model":"m","messages":[{"role": "user","content":"q"}]}"#);
+        assert_ne!(plain, spaced);
         let text = keys(r#"{"model":"m","prompt":"hello"}"#);
         assert_eq!(text.len(), 1);
         assert!(keys(r#"{"model":"m","prompt":[1,2]}"#).is_empty());
