@@ -596,8 +596,7 @@ fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
     let mut stack = Stack::start();
     let base = 20_000;
     let body = |i: u32| token_completion(base, i);
-    // One VM per worker thread and the main thread's, each holding state.
-    let vms = stack.envoy.config().worker_threads + 1;
+    let vms = stack.envoy.config().filter_vms();
     assert_eq!(stack.counter("kvmesh_state_synced_vms"), vms);
     stack.send("/v1/completions", &body(0));
     assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
@@ -649,7 +648,7 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
     assert!(applied >= 8, "only {applied} updates in 5 s across two VMs");
     assert_eq!(
         envoy.stat("wasmcustom.kvmesh_state_synced_vms").unwrap(),
-        envoy.config().worker_threads + 1,
+        envoy.config().filter_vms(),
         "a quiet stream is not a stale one"
     );
     let tokens: Vec<u32> = (0..64).collect();

@@ -262,6 +262,13 @@ struct TemplateValues<'a> {
 }
 
 impl GatewayConfig {
+    /// Filter VMs Envoy runs: one per worker thread and one on its main
+    /// thread, which never serves requests but subscribes to the state
+    /// stream like the others (a module cannot tell which thread it is on).
+    pub fn filter_vms(&self) -> u64 {
+        self.worker_threads + 1
+    }
+
     /// A loopback gateway on free ports serving `models`, with the built filter.
     pub fn new(models: Vec<ModelRoute>) -> anyhow::Result<Self> {
         Ok(Self {

@@ -61,9 +61,7 @@ pub fn wait_for_fleet_state(
     if !(config.filter && config.sidecar.is_some()) {
         return Ok(());
     }
-    // Envoy runs a filter VM per worker thread and one on its main thread,
-    // and every one of them subscribes.
-    let vms = config.worker_threads + 1;
+    let vms = config.filter_vms();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let known = sidecar.known_workers().unwrap_or(0);
