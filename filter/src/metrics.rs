@@ -171,6 +171,9 @@ pub struct FilterMetrics {
     /// Host calls that returned an error status on the request path.
     pub host_errors: Counter,
     pub state_updates_applied: Counter,
+    /// State updates for models this gateway does not serve, skipped: the
+    /// sidecar serves more models than this gateway's configuration lists.
+    pub state_updates_skipped: Counter,
     /// State updates that could not be decoded or applied (the stream is
     /// reopened for a fresh snapshot).
     pub state_update_errors: Counter,
@@ -243,6 +246,7 @@ impl FilterMetrics {
             forged_headers_removed: Counter::define(host, "kvmesh_forged_headers_removed")?,
             host_errors: Counter::define(host, "kvmesh_host_call_errors")?,
             state_updates_applied: Counter::define(host, "kvmesh_state_updates_applied")?,
+            state_updates_skipped: Counter::define(host, "kvmesh_state_updates_skipped")?,
             state_update_errors: Counter::define(host, "kvmesh_state_update_errors")?,
             state_stream_opened: Counter::define(host, "kvmesh_state_stream_opened")?,
             state_stream_closed: Counter::define(host, "kvmesh_state_stream_closed")?,

@@ -4,17 +4,8 @@ use std::collections::HashMap;
 
 use router_core::fleet::{ApplyError, ApplyStats, FleetView};
 use router_core::state_stream::StateUpdate;
-use thiserror::Error;
 
 use crate::config::{PluginConfig, SidecarConfig};
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum ReplicaError {
-    #[error("state update for model '{0}', which this gateway does not serve")]
-    UnknownModel(String),
-    #[error(transparent)]
-    Apply(#[from] ApplyError),
-}
 
 pub struct FleetReplica {
     views: HashMap<String, FleetView>,
@@ -41,12 +32,18 @@ impl FleetReplica {
         }
     }
 
-    pub fn apply(&mut self, update: &StateUpdate, now_ms: u64) -> Result<ApplyStats, ReplicaError> {
-        let view = self
-            .views
-            .get_mut(&update.model)
-            .ok_or_else(|| ReplicaError::UnknownModel(update.model.clone()))?;
-        let stats = view.apply(update)?;
+    /// Applies one update of the stream; `None` when it is for a model this
+    /// gateway does not serve (a sidecar may serve more models than one
+    /// gateway routes): skipped, though it still shows the stream is live.
+    pub fn apply(
+        &mut self,
+        update: &StateUpdate,
+        now_ms: u64,
+    ) -> Result<Option<ApplyStats>, ApplyError> {
+        let stats = match self.views.get_mut(&update.model) {
+            Some(view) => Some(view.apply(update)?),
+            None => None,
+        };
         self.last_update_ms = Some(now_ms);
         Ok(stats)
     }
@@ -102,11 +99,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_model_is_an_error() {
+    fn another_models_update_is_skipped_and_keeps_the_stream_fresh() {
         let mut replica = replica();
-        assert_eq!(
-            replica.apply(&snapshot("x"), 0),
-            Err(ReplicaError::UnknownModel("x".into()))
-        );
+        assert_eq!(replica.apply(&snapshot("x"), 0), Ok(None));
+        assert!(!replica.is_stale(0));
+        assert!(replica.fresh_view("x", 0).is_none());
+        assert!(replica.apply(&snapshot("m"), 0).unwrap().is_some());
     }
 }

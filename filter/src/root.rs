@@ -160,11 +160,15 @@ impl KvmeshRoot {
         };
         histogram.record(&EnvoyHost, elapsed_us);
         match applied {
-            Ok(_) => {
-                metrics.state_updates_applied.inc(&EnvoyHost);
-                // A stream starts with snapshots, so any update applied
-                // on it means this VM holds fleet state.
-                self.set_synced(true);
+            Ok(stats) => {
+                if stats.is_some() {
+                    metrics.state_updates_applied.inc(&EnvoyHost);
+                    // A stream starts with snapshots, so any update applied
+                    // on it means this VM holds fleet state.
+                    self.set_synced(true);
+                } else {
+                    metrics.state_updates_skipped.inc(&EnvoyHost);
+                }
                 if let Subscription::Open { backoff_ms, .. } = &mut self.subscription {
                     *backoff_ms = RECONNECT_MIN_MS;
                 }

@@ -418,6 +418,7 @@ fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
         "kvmesh_routed_cached_blocks",
         "kvmesh_routed_prompt_blocks",
         "kvmesh_state_updates_applied",
+        "kvmesh_state_updates_skipped",
         "kvmesh_state_update_errors",
         "kvmesh_state_stream_opened",
         "kvmesh_state_stream_closed",

@@ -680,6 +680,39 @@ fn a_quiet_fleet_keeps_the_filters_fresh() {
     );
 }
 
+/// A sidecar may serve more models than one gateway routes: the other
+/// models' updates are skipped, not taken for a broken stream (which would
+/// drop it, and with it the fleet state, at every snapshot).
+#[test]
+fn a_gateway_routing_fewer_models_than_its_sidecar_keeps_its_state_stream() {
+    let nats = NatsServer::start().unwrap();
+    let sim =
+        kvmesh_stack::harness::SimEngine::start(SimEngineOptions::new(MODEL, "lone")).unwrap();
+    let spec = |name: &str| SidecarModel {
+        name: name.to_owned(),
+        block_size: BLOCK,
+        tokenizer: None,
+    };
+    let mut sidecar = Sidecar::start(&nats.url(), &[spec(MODEL), spec("other-model")], "").unwrap();
+    sidecar.wait_ready(SETTLE).unwrap();
+    let mut config =
+        GatewayConfig::new(vec![ModelRoute::new(MODEL, BLOCK, vec![sim.address()])]).unwrap();
+    config.sidecar = Some(sidecar.endpoints());
+    let envoy = Envoy::start(config).unwrap();
+    let vms = envoy.config().filter_vms();
+    let stat = |name: &str| envoy.stat(&format!("wasmcustom.{name}")).unwrap();
+    poll_until("every VM to hold fleet state", SETTLE, || {
+        stat("kvmesh_state_synced_vms") == vms
+    })
+    .unwrap();
+    // Two seconds of both models' keepalives.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(stat("kvmesh_state_update_errors"), 0);
+    assert_eq!(stat("kvmesh_state_stream_opened"), vms);
+    assert!(stat("kvmesh_state_updates_skipped") >= vms);
+    assert_eq!(stat("kvmesh_state_synced_vms"), vms);
+}
+
 #[test]
 fn losing_nats_routes_approximately_and_recovery_restores_precise_routing() {
     let mut stack = Stack::start();
