@@ -13,7 +13,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvmesh_config::{DisaggregationPolicy, EngineKind};
 use kvmesh_stack::harness::client::{http_client, post_json};
@@ -21,6 +21,7 @@ use kvmesh_stack::harness::envoy::{validate_config, PREFILL_POOL};
 use kvmesh_stack::harness::istio::{apply_envoy_filter, outbound_cluster};
 use kvmesh_stack::harness::nats_tap::NatsTap;
 use kvmesh_stack::harness::process::run_to_completion;
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::{paths, Envoy, GatewayConfig};
 use router_core::protocol::subjects;
@@ -209,20 +210,19 @@ fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache(
     let names: Vec<&str> = filters.iter().filter_map(|f| f["name"].as_str()).collect();
     assert_eq!(names, ["kvmesh", "envoy.filters.http.router"]);
 
-    let vms = gateway.worker_threads;
+    let vms = gateway.filter_vms();
     let envoy = Envoy::start_with_text(gateway, &serde_json::to_string(&merged).unwrap()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while envoy
-        .stat("wasmcustom.kvmesh_state_updates_applied")
-        .unwrap_or(0)
-        < vms
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the Istio gateway's filter never got fleet state"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_until(
+        "the Istio gateway's filter VMs to hold fleet state",
+        Duration::from_secs(30),
+        || {
+            envoy
+                .stat("wasmcustom.kvmesh_state_synced_vms")
+                .unwrap_or(0)
+                >= vms
+        },
+    )
+    .unwrap();
 
     // Prompts below min_prefill_tokens (1024) stay on the decode pool; each
     // follow-up lands where its prefix is cached.
@@ -265,18 +265,17 @@ fn dashboard_queries_only_exported_metrics(stack: &Stack, envoy: &Envoy) {
     let tap = NatsTap::subscribe(&stack.nats.url(), "kvmesh.>").unwrap();
     tap.publish(&subjects::load("kvmesh", MODEL, "bogus"), b"not protobuf")
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stack
-        .sidecar
-        .metric("kvmesh_serve_malformed_messages_total", "")
-        < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the malformed message was not counted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        "the malformed message to be counted",
+        Duration::from_secs(10),
+        || {
+            stack
+                .sidecar
+                .metric("kvmesh_serve_malformed_messages_total", "")
+                >= 1.0
+        },
+    )
+    .unwrap();
     let scrape = |url: String| reqwest::blocking::get(url).unwrap().text().unwrap();
     let exported = [
         envoy.prometheus_stats().unwrap(),
