@@ -292,6 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lag_limit_needs_a_dedicated_prefill_pool() {
+        let error =
+            Args::try_parse_from(["kvmesh-bench", "--max-prefill-lag-tokens", "4096"]).unwrap_err();
+        assert!(error.to_string().contains("--dedicated-prefill"), "{error}");
+        let args = Args::try_parse_from([
+            "kvmesh-bench",
+            "--dedicated-prefill",
+            "--max-prefill-lag-tokens",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(args.fleet.max_prefill_lag_tokens, Some(4096));
+    }
+
+    #[test]
     fn the_reported_command_names_the_trace_by_its_file_name() {
         let arguments = [
             "--trace",

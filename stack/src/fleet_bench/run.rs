@@ -41,8 +41,8 @@ pub struct FleetParams {
     #[arg(long)]
     pub dedicated_prefill: bool,
     /// With `--dedicated-prefill`: the model's `max_prefill_lag_tokens`
-    /// (the filter's default when unset).
-    #[arg(long)]
+    /// (the filter's default when unset). Shared workers have no lag limit.
+    #[arg(long, requires = "dedicated_prefill")]
     pub max_prefill_lag_tokens: Option<u64>,
     /// Simulated time runs this many times faster than real time, for every
     /// workload (default: each workload's own).
