@@ -97,6 +97,14 @@ impl Gauge {
     pub fn add(self, host: &impl Host, value: u64) {
         increment(host, self.0, value);
     }
+
+    /// Takes back what this VM added.
+    pub fn subtract(self, host: &impl Host, value: u64) {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        if let Err(err) = host.increment_metric(self.0, -value) {
+            log::debug!("{err}");
+        }
+    }
 }
 
 /// This VM's one-unit share of a gauge counting VMs in some condition: it
@@ -292,5 +300,15 @@ mod tests {
         assert_eq!(host.counter("vms"), 1, "leaving twice takes one back");
         second.set(&host, false);
         assert_eq!(host.counter("vms"), 0);
+    }
+
+    #[test]
+    fn a_gauge_share_can_be_taken_back() {
+        let host = MockHost::default();
+        let gauge = Gauge::define(&host, "bytes").unwrap();
+        gauge.add(&host, 5);
+        gauge.add(&host, 7);
+        gauge.subtract(&host, 5);
+        assert_eq!(host.counter("bytes"), 7);
     }
 }

@@ -186,6 +186,20 @@ impl KvmeshRoot {
 }
 
 impl Context for KvmeshRoot {
+    /// Envoy tears this VM down (its configuration changed or was removed):
+    /// its shares of the gauges every VM adds to go with it, or they would
+    /// count a VM that no longer exists.
+    fn on_done(&mut self) -> bool {
+        self.set_synced(false);
+        if let Some(metrics) = self.metrics {
+            metrics
+                .vm_memory_bytes
+                .subtract(&EnvoyHost, self.reported_memory_bytes);
+            self.reported_memory_bytes = 0;
+        }
+        true
+    }
+
     fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
         match self.subscription {
             Subscription::Open { token, .. } if token == token_id => {
