@@ -22,15 +22,23 @@ impl Counter {
     }
 
     pub fn add(self, host: &impl Host, value: u64) {
-        increment(host, self.0, value);
+        increment(host, self.0, saturating_i64(value));
     }
 }
 
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// Counting is best effort: a failed increment must never fail a request.
-fn increment(host: &impl Host, metric: u32, value: u64) {
-    let value = i64::try_from(value).unwrap_or(i64::MAX);
-    if let Err(err) = host.increment_metric(metric, value) {
-        log::debug!("{err}");
+/// Returns whether the host took it.
+fn increment(host: &impl Host, metric: u32, offset: i64) -> bool {
+    match host.increment_metric(metric, offset) {
+        Ok(()) => true,
+        Err(err) => {
+            log::debug!("{err}");
+            false
+        }
     }
 }
 
@@ -95,15 +103,12 @@ impl Gauge {
     }
 
     pub fn add(self, host: &impl Host, value: u64) {
-        increment(host, self.0, value);
+        increment(host, self.0, saturating_i64(value));
     }
 
     /// Takes back what this VM added.
     pub fn subtract(self, host: &impl Host, value: u64) {
-        let value = i64::try_from(value).unwrap_or(i64::MAX);
-        if let Err(err) = host.increment_metric(self.0, -value) {
-            log::debug!("{err}");
-        }
+        increment(host, self.0, -saturating_i64(value));
     }
 }
 
@@ -129,11 +134,9 @@ impl VmCount {
             return;
         }
         let offset = if counted { 1 } else { -1 };
-        if let Err(err) = host.increment_metric(self.gauge.0, offset) {
-            log::debug!("{err}");
-            return;
+        if increment(host, self.gauge.0, offset) {
+            self.counted = counted;
         }
-        self.counted = counted;
     }
 }
 

@@ -286,13 +286,10 @@ impl RootContext for KvmeshRoot {
         if let Subscription::Open { .. } = self.subscription {
             self.report_memory();
             let now = self.now_ms();
-            let stale = self.state.as_ref().is_some_and(|state| {
-                state
-                    .borrow()
-                    .replica
-                    .as_ref()
-                    .is_some_and(|replica| replica.is_stale(now))
-            });
+            let stale = self
+                .state
+                .as_ref()
+                .is_some_and(|state| state.borrow().replica_is_stale(now));
             if stale {
                 self.set_synced(false);
             }

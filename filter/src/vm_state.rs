@@ -101,6 +101,12 @@ impl VmState {
         }
     }
 
+    /// A sidecar is configured and its state stream has gone quiet past the
+    /// staleness limit (or never delivered).
+    pub fn replica_is_stale(&self, now_ms: u64) -> bool {
+        self.replica.as_ref().is_some_and(|r| r.is_stale(now_ms))
+    }
+
     /// xorshift64*: fast, and good enough to break ties and sample choices.
     pub fn next_random(&mut self) -> u64 {
         self.rng ^= self.rng >> 12;

@@ -345,19 +345,20 @@ fn parse_prompt(value: Option<&RawValue>) -> Result<Prompt, RequestError> {
         })
 }
 
+fn invalid_messages() -> RequestError {
+    RequestError::InvalidField {
+        field: "messages",
+        reason: "must be an array of {role, content} objects (at most 65536 messages and 65536 content parts)",
+    }
+}
+
 /// The chat's messages, and the digest of each one's raw JSON.
 fn parse_messages(
     value: Option<RawMessages<'_>>,
 ) -> Result<(Vec<ChatMessage>, Vec<u64>), RequestError> {
-    let invalid = || {
-        RequestError::InvalidField {
-        field: "messages",
-        reason: "must be an array of {role, content} objects (at most 65536 messages and 65536 content parts)",
-    }
-    };
     let raw = match value.ok_or(RequestError::MissingField("messages"))? {
         RawMessages::List(raw) => raw,
-        RawMessages::Invalid => return Err(invalid()),
+        RawMessages::Invalid => return Err(invalid_messages()),
     };
     if raw.is_empty() {
         return Err(RequestError::InvalidField {
@@ -370,12 +371,12 @@ fn parse_messages(
     let mut parts = 0usize;
     for message in raw {
         let json = message.get();
-        let parsed: ChatMessage = serde_json::from_str(json).map_err(|_| invalid())?;
+        let parsed: ChatMessage = serde_json::from_str(json).map_err(|_| invalid_messages())?;
         if let Some(MessageContent::Parts(p)) = &parsed.content {
             parts = parts.saturating_add(p.len());
         }
         if parts > MAX_CONTENT_PARTS {
-            return Err(invalid());
+            return Err(invalid_messages());
         }
         digests.push(xxh3_64(json.as_bytes()));
         messages.push(parsed);

@@ -507,7 +507,7 @@ impl<H: Host> InferenceStream<H> {
         let plan = {
             let mut guard = self.state.borrow_mut();
             let state = &mut *guard;
-            if state.replica.as_ref().is_some_and(|r| r.is_stale(now)) {
+            if state.replica_is_stale(now) {
                 self.metrics.stale_state.inc(&self.host);
             }
             let random = state.next_random();
