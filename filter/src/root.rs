@@ -145,8 +145,13 @@ impl KvmeshRoot {
             .and_then(|update| {
                 snapshot = matches!(update.kind, Some(state_update::Kind::Snapshot(_)));
                 let mut state = state.borrow_mut();
-                let replica = state.replica.as_mut().ok_or("no replica configured")?;
-                replica.apply(&update, now).map_err(|err| err.to_string())
+                let VmState {
+                    replica, router, ..
+                } = &mut *state;
+                let replica = replica.as_mut().ok_or("no replica configured")?;
+                replica
+                    .apply(&update, now, &mut router.computing)
+                    .map_err(|err| err.to_string())
             });
         let elapsed_us = EnvoyHost
             .now_ns()
@@ -160,9 +165,11 @@ impl KvmeshRoot {
         };
         histogram.record(&EnvoyHost, elapsed_us);
         match applied {
-            Ok(stats) => {
-                if stats.is_some() {
+            Ok(applied) => {
+                if let Some(applied) = applied {
                     metrics.state_updates_applied.inc(&EnvoyHost);
+                    let shared = u64::try_from(applied.shared_prompts).unwrap_or(u64::MAX);
+                    metrics.computing_shared.add(&EnvoyHost, shared);
                     // A stream starts with snapshots, so any update applied
                     // on it means this VM holds fleet state.
                     self.set_synced(true);
@@ -261,7 +268,7 @@ impl RootContext for KvmeshRoot {
                 return false;
             }
         }
-        let seed = self.now_ms() ^ (u64::from(self.context_id) << 32);
+        let seed = vm_seed(self.now_ms(), self.context_id);
         log::info!(
             "configured: {} model(s), body limit {} bytes, fleet state from {}",
             config.models().count(),
@@ -319,5 +326,29 @@ impl RootContext for KvmeshRoot {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// Seeds this VM's request ids (`envoy-vm-<seed>-<n>`, the key of its
+/// decisions in every sidecar's in-flight ledger) and its tie-breaking.
+/// Envoy configures its VMs, one per worker thread and all with the same
+/// root context id, in the same millisecond: seeded from the clock, VMs
+/// shared one seed, their requests' ids collided, and a sidecar took one
+/// VM's decision for a replacement of another's, losing its load.
+fn vm_seed(now_ms: u64, context_id: u32) -> u64 {
+    getrandom::u64().unwrap_or_else(|err| {
+        log::warn!("no randomness from the host ({err}): seeding from the clock");
+        now_ms ^ (u64::from(context_id) << 32)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vms_configured_together_get_their_own_seeds() {
+        let seeds: std::collections::HashSet<u64> = (0..8).map(|_| vm_seed(1_000, 1)).collect();
+        assert_eq!(seeds.len(), 8);
     }
 }
