@@ -188,6 +188,9 @@ pub struct FilterMetrics {
     /// State updates that could not be decoded or applied (the stream is
     /// reopened for a fresh snapshot).
     pub state_update_errors: Counter,
+    /// Prompts other routers (this gateway's other VMs, other gateways)
+    /// sent to be computed, credited as cached on the worker computing them.
+    pub computing_shared: Counter,
     pub state_stream_opened: Counter,
     pub state_stream_closed: Counter,
     /// Text and chat prompts sent to the sidecar for block hashes.
@@ -259,6 +262,7 @@ impl FilterMetrics {
             state_updates_applied: Counter::define(host, "kvmesh_state_updates_applied")?,
             state_updates_skipped: Counter::define(host, "kvmesh_state_updates_skipped")?,
             state_update_errors: Counter::define(host, "kvmesh_state_update_errors")?,
+            computing_shared: Counter::define(host, "kvmesh_computing_shared")?,
             state_stream_opened: Counter::define(host, "kvmesh_state_stream_opened")?,
             state_stream_closed: Counter::define(host, "kvmesh_state_stream_closed")?,
             tokenize_calls: Counter::define(host, "kvmesh_tokenize_calls")?,

@@ -3,9 +3,18 @@
 use std::collections::HashMap;
 
 use router_core::fleet::{ApplyError, ApplyStats, FleetView};
+use router_core::routing::computing::Computing;
 use router_core::state_stream::StateUpdate;
 
 use crate::config::{PluginConfig, SidecarConfig};
+
+/// What one applied update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub stats: ApplyStats,
+    /// Prompts other routers sent to be computed, now credited here.
+    pub shared_prompts: usize,
+}
 
 pub struct FleetReplica {
     views: HashMap<String, FleetView>,
@@ -32,20 +41,26 @@ impl FleetReplica {
         }
     }
 
-    /// Applies one update of the stream; `None` when it is for a model this
-    /// gateway does not serve (a sidecar may serve more models than one
-    /// gateway routes): skipped, though it still shows the stream is live.
+    /// Applies one update of the stream, and credits `computing` with the
+    /// prompts it says other routers sent to be computed. `None` when it is
+    /// for a model this gateway does not serve (a sidecar may serve more
+    /// models than one gateway routes): skipped, though it still shows the
+    /// stream is live.
     pub fn apply(
         &mut self,
         update: &StateUpdate,
         now_ms: u64,
-    ) -> Result<Option<ApplyStats>, ApplyError> {
-        let stats = match self.views.get_mut(&update.model) {
-            Some(view) => Some(view.apply(update)?),
+        computing: &mut Computing,
+    ) -> Result<Option<Applied>, ApplyError> {
+        let applied = match self.views.get_mut(&update.model) {
+            Some(view) => Some(Applied {
+                stats: view.apply(update)?,
+                shared_prompts: computing.record_shared(update, view, now_ms),
+            }),
             None => None,
         };
         self.last_update_ms = Some(now_ms);
-        Ok(stats)
+        Ok(applied)
     }
 
     /// The model's view if the stream delivered something recently enough.
@@ -91,7 +106,9 @@ mod tests {
         let mut replica = replica();
         assert!(replica.is_stale(0));
         assert!(replica.fresh_view("m", 0).is_none());
-        replica.apply(&snapshot("m"), 100).unwrap();
+        replica
+            .apply(&snapshot("m"), 100, &mut Computing::default())
+            .unwrap();
         assert_eq!(replica.fresh_view("m", 1100).unwrap().version(), 7);
         assert!(replica.fresh_view("m", 1101).is_none());
         assert!(replica.is_stale(1101));
@@ -101,9 +118,13 @@ mod tests {
     #[test]
     fn another_models_update_is_skipped_and_keeps_the_stream_fresh() {
         let mut replica = replica();
-        assert_eq!(replica.apply(&snapshot("x"), 0), Ok(None));
+        let computing = &mut Computing::default();
+        assert_eq!(replica.apply(&snapshot("x"), 0, computing), Ok(None));
         assert!(!replica.is_stale(0));
         assert!(replica.fresh_view("x", 0).is_none());
-        assert!(replica.apply(&snapshot("m"), 0).unwrap().is_some());
+        assert!(replica
+            .apply(&snapshot("m"), 0, computing)
+            .unwrap()
+            .is_some());
     }
 }

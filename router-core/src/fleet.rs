@@ -238,6 +238,9 @@ impl FleetView {
                     None => false,
                 },
                 Some(change::Kind::Load(load)) => self.set_load(load),
+                // Not fleet state: routers credit it on their own
+                // (`routing::computing`).
+                Some(change::Kind::Computing(c)) => self.workers.contains_key(&c.worker_id),
             };
             if !known {
                 stats.unknown_worker += 1;

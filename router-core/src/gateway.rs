@@ -34,6 +34,7 @@ mod tests {
                     prompt_blocks: 10,
                     cached_blocks: 4,
                     prefill_tokens: 96,
+                    computing: vec![7, 9],
                 })),
             }),
         };

@@ -423,6 +423,7 @@ fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
         "kvmesh_state_stream_opened",
         "kvmesh_state_stream_closed",
         "kvmesh_state_synced_vms",
+        "kvmesh_computing_shared",
         "kvmesh_tokenize_calls",
         "kvmesh_tokenize_failures",
         "kvmesh_gateway_reports_sent",

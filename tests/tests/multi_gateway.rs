@@ -2,7 +2,8 @@
 //! runs them: each Envoy with the compiled filter and its own `kv-sidecar
 //! serve`, one nats-server, sim-engines with their relays. Both route with
 //! fleet state, and a request in flight through one gateway is load the
-//! other gateway's sidecar — and through it that gateway's filter — sees.
+//! other gateway's sidecar — and through it that gateway's filter — sees,
+//! as is a prompt one gateway just sent to be computed.
 // Integration test: its helpers fail the test by panicking, like its tests
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -12,10 +13,14 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvmesh_stack::harness::client::{http_client, post_json};
+use kvmesh_stack::harness::client::{http_client, post_json, JsonResponse};
+use kvmesh_stack::harness::nats_tap::NatsTap;
+use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::sidecar::Sidecar;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
-use kvmesh_stack::harness::Envoy;
+use kvmesh_stack::harness::{Envoy, GatewayConfig};
+use prost::Message;
+use router_core::gateway::{decisions_subject, gateway_report, SharedReport};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen3";
@@ -174,4 +179,132 @@ fn gateways_on_one_nats_see_each_others_in_flight_requests() {
             "gateway {index}"
         );
     }
+}
+
+/// Simulated prefill time per prompt token (375× the timing model's), so a
+/// prompt stays being computed for seconds: the blocker ~9 s, the shared
+/// prompt ~12 s.
+const SLOW_PREFILL: &str = "--timing-compute-us-per-token=12000";
+/// The prompt both gateways send: 64 blocks, 4 credited strides of 16.
+const SHARED_PROMPT_TOKENS: u32 = 1_024;
+const SHARED_PROMPT_BLOCKS: &str = "64";
+/// A prompt that keeps one worker busy: 48 blocks. Enough load that the
+/// second gateway, knowing nothing of the shared prompt, would send it to
+/// the other worker; little enough that the credit for the prompt in
+/// progress outweighs it (see the costs below). Its queued prefill counts
+/// until its first token, so everything must happen within its prefill.
+const BLOCKER_TOKENS: u32 = 768;
+const BLOCKER_BLOCKS: u64 = 48;
+const BLOCKER_PREFILL: Duration = Duration::from_millis(9_200);
+
+/// Prompts other routers shared as being computed, credited by `envoy`'s VMs.
+fn computing_shared(envoy: &Envoy) -> u64 {
+    envoy.stat("wasmcustom.kvmesh_computing_shared").unwrap()
+}
+
+fn send_in_background(envoy: &Envoy, prompt: Vec<u32>) -> thread::JoinHandle<JsonResponse> {
+    let url = completions(envoy);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
+    thread::spawn(move || post_json(&http_client(), &url, &body).unwrap())
+}
+
+#[test]
+fn a_prompt_one_gateway_is_computing_draws_the_other_gateways_copy_of_it() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = vec![SLOW_PREFILL.to_owned()];
+    let debug = |config: &mut GatewayConfig| config.debug_headers = true;
+    let mut stack = Stack::start(options, debug).unwrap();
+    stack.add_gateway(debug).unwrap();
+    let envoys: Vec<&Envoy> = stack.envoys().collect();
+    let sidecars: Vec<&Sidecar> = stack.sidecars().collect();
+    let vms = envoys[0].config().filter_vms();
+    let decisions =
+        NatsTap::subscribe(&stack.nats.url(), &decisions_subject("kvmesh", MODEL)).unwrap();
+
+    // Gateway 0 keeps one worker (`busy`) prefilling a blocker, and both
+    // sidecars know its load.
+    let blocker_sent = Instant::now();
+    let blocker = send_in_background(envoys[0], prompt(1_000_000, BLOCKER_TOKENS));
+    for sidecar in &sidecars {
+        wait_for(sidecar, "the blocker's load never showed", |blocks| {
+            blocks.iter().any(|(_, b)| *b >= BLOCKER_BLOCKS)
+        });
+    }
+    let (busy, _) = active_blocks(sidecars[0])
+        .into_iter()
+        .find(|(_, b)| *b >= BLOCKER_BLOCKS)
+        .unwrap();
+    poll_until(
+        "the blocker was not shared as being computed",
+        SETTLE,
+        || computing_shared(envoys[1]) >= vms,
+    )
+    .unwrap();
+
+    // Gateway 0 sends the shared prompt to the idle worker, whose KV events
+    // will show none of it for ~8 s; every other VM hears of it within
+    // milliseconds (gateway 0's own other VMs included; the deciding VM
+    // skips its own decision coming back).
+    let first = send_in_background(envoys[0], prompt(0, SHARED_PROMPT_TOKENS));
+    poll_until(
+        "the prompt was not shared as being computed",
+        SETTLE,
+        || computing_shared(envoys[1]) >= 2 * vms && computing_shared(envoys[0]) >= 2 * (vms - 1),
+    )
+    .unwrap();
+    let elapsed = blocker_sent.elapsed();
+    eprintln!("the second gateway routes {elapsed:?} after the blocker was sent");
+    assert!(
+        elapsed < BLOCKER_PREFILL / 2 && !first.is_finished(),
+        "the machine took {elapsed:?} to get here, too close to the blocker's prefill \
+         ({BLOCKER_PREFILL:?}): the test would prove nothing"
+    );
+
+    // Gateway 1 routes the same prompt. Costs (4 × blocks to prefill +
+    // active blocks + the prompt's 64): the blocked worker 4 × (64 + 48) +
+    // 48 + 64 = 560; the other, credited with the prompt, 4 × (0 + 64
+    // queued) + 64 + 64 = 384 — without the credit 4 × (64 + 64) + 64 + 64
+    // = 640, and the prompt would be computed twice.
+    let second = post_json(
+        &http_client(),
+        &completions(envoys[1]),
+        &json!({"model": MODEL, "prompt": prompt(0, SHARED_PROMPT_TOKENS), "max_tokens": 1}),
+    )
+    .unwrap();
+    let (first, blocker) = (first.join().unwrap(), blocker.join().unwrap());
+    for response in [&first, &second, &blocker] {
+        assert_eq!(response.status, 200, "{}", response.text);
+    }
+    assert_eq!(blocker.sim_worker().unwrap(), busy);
+    let computing = first.sim_worker().unwrap();
+    assert_ne!(computing, busy);
+    assert_eq!(
+        second.sim_worker().unwrap(),
+        computing,
+        "gateway 1 computed the prompt again elsewhere: {:?}",
+        second.headers
+    );
+    assert_eq!(
+        second.header("x-kvmesh-cached-blocks"),
+        Some(SHARED_PROMPT_BLOCKS)
+    );
+    // Each shared prompt credited once per VM, never twice by its own.
+    assert_eq!(computing_shared(envoys[0]), 2 * (vms - 1));
+    assert_eq!(computing_shared(envoys[1]), 2 * vms);
+    // Every decision has its own request id, whichever VM made it: VMs
+    // seeded from the clock once shared ids, and a sidecar then took r1's
+    // decision for a replacement of the blocker's, losing the blocker's load.
+    let keys: Vec<(String, String)> = decisions
+        .drain()
+        .into_iter()
+        .filter_map(|message| {
+            let shared = SharedReport::decode(message.payload.as_slice()).unwrap();
+            match shared.report?.kind? {
+                gateway_report::Kind::Decision(d) => Some((shared.gateway_id, d.request_id)),
+                _ => None,
+            }
+        })
+        .collect();
+    let unique: std::collections::HashSet<&(String, String)> = keys.iter().collect();
+    assert_eq!((keys.len(), unique.len()), (3, 3), "{keys:?}");
 }

@@ -184,6 +184,7 @@ fn serve_index_equals_engine_caches_stream_replica_follows_and_dead_workers_leav
                 prompt_blocks: 7,
                 cached_blocks: 2,
                 prefill_tokens: 80,
+                computing: Vec::new(),
             })),
         })
         .unwrap();

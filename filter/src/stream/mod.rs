@@ -18,7 +18,7 @@ use router_core::request::{parse_request, Endpoint, RequestError};
 use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::prefix_keys::PrefixKeys;
 use router_core::routing::prompt::{is_tokenizable, PromptIdentity};
-use router_core::routing::{plan, Decision, Mode, RoutedPrompt, Signals};
+use router_core::routing::{plan, Decision, Mode, RoutedPrompt, RoutingPlan, Signals};
 use router_core::SeqHash;
 use serde::Deserialize;
 
@@ -525,8 +525,7 @@ impl<H: Host> InferenceStream<H> {
         self.metrics
             .decision_us
             .record(&self.host, self.elapsed_us(started_ns));
-        let prefill_worker = plan.prefill.as_ref().and_then(|p| p.worker_id.as_deref());
-        self.report_decision(&model.name, &plan.decode, block_size, prefill_worker);
+        self.report_decision(&model.name, &plan, block_size);
         match (plan.prefill, &model.disaggregation) {
             (Some(prefill), Some(disaggregation)) => {
                 self.start_prefill(disaggregation, plan.decode, &prefill, block_size, body)
@@ -535,17 +534,14 @@ impl<H: Host> InferenceStream<H> {
         }
     }
 
-    /// Tells the sidecar where this request went, so other gateways see it.
-    fn report_decision(
-        &mut self,
-        model: &str,
-        decision: &Decision,
-        block_size: u64,
-        prefill_worker: Option<&str>,
-    ) {
+    /// Tells the sidecar where this request went and what it computes, so
+    /// other gateways (and this one's other VMs) see it.
+    fn report_decision(&mut self, model: &str, plan: &RoutingPlan, block_size: u64) {
+        let decision = &plan.decode;
         let Some(worker_id) = &decision.worker_id else {
             return;
         };
+        let prefill_worker = plan.prefill.as_ref().and_then(|p| p.worker_id.as_deref());
         let mut state = self.state.borrow_mut();
         let request_id = state.reporter.next_request_id();
         let uncached = decision
@@ -560,6 +556,11 @@ impl<H: Host> InferenceStream<H> {
                 prompt_blocks: decision.prompt_blocks,
                 cached_blocks: decision.cached_blocks,
                 prefill_tokens: u64::from(uncached) * block_size,
+                computing: plan
+                    .computing
+                    .iter()
+                    .flat_map(|strides| strides.iter().map(|s| s.0))
+                    .collect(),
             })),
         };
         if state.reporter.send(&self.host, &report) {

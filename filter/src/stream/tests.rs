@@ -7,7 +7,10 @@ use std::time::Duration;
 use prost::Message;
 use router_core::gateway::{gateway_report, GatewayReport, RequestPhase};
 use router_core::routing::select::WorkerLoad;
-use router_core::state_stream::{state_update, Snapshot, StateUpdate, WorkerRole, WorkerSnapshot};
+use router_core::state_stream::{
+    change, state_update, Change, Delta, PromptComputing, Snapshot, StateUpdate, WorkerRole,
+    WorkerSnapshot,
+};
 use serde_json::{json, Value};
 
 use super::*;
@@ -111,11 +114,38 @@ impl Vm {
                 continues: false,
             })),
         };
-        let mut state = self.state.borrow_mut();
-        let replica = state.replica.as_mut().unwrap();
-        replica.apply(&update, NOW_MS).unwrap();
-        drop(state);
+        self.apply(&update);
         self
+    }
+
+    /// Applies a state update as the root context does; returns how many
+    /// prompts other routers shared it credited.
+    fn apply(&self, update: &StateUpdate) -> usize {
+        let mut state = self.state.borrow_mut();
+        let VmState {
+            replica, router, ..
+        } = &mut *state;
+        let applied = replica.as_mut().unwrap();
+        let applied = applied.apply(update, NOW_MS, &mut router.computing);
+        applied.unwrap().unwrap().shared_prompts
+    }
+
+    /// The next delta after `with_fleet`'s snapshot: `worker_id` computes a
+    /// prompt whose every 16th block hash is `strides`.
+    fn computing(worker_id: &str, strides: Vec<u64>) -> StateUpdate {
+        let change = Change {
+            kind: Some(change::Kind::Computing(PromptComputing {
+                worker_id: worker_id.into(),
+                strides,
+            })),
+        };
+        StateUpdate {
+            model: "m".into(),
+            version: 2,
+            kind: Some(state_update::Kind::Delta(Delta {
+                changes: vec![change],
+            })),
+        }
     }
 
     fn stream(&self) -> InferenceStream<MockHost> {
@@ -522,6 +552,43 @@ fn the_response_releases_the_load_and_reports_progress() {
         [RequestPhase::FirstToken as i32, RequestPhase::Done as i32]
     );
     assert_eq!(vm.host.counter("kvmesh_gateway_reports_sent"), 3);
+}
+
+#[test]
+fn its_decisions_share_the_prompt_being_computed() {
+    let vm = Vm::new(&config("")).with_fleet();
+    vm.state.borrow_mut().reporter.attach(9);
+    vm.send(COMPLETIONS, &completion(512, ""));
+    assert_eq!(vm.destination().as_deref(), Some(B));
+    let Some(gateway_report::Kind::Decision(decision)) = vm.reports().pop() else {
+        panic!("expected a decision report");
+    };
+    // B held 3 of the 32 blocks: both strides (blocks 15 and 31) are new.
+    let blocks = vm.blocks(512);
+    let strides = vec![blocks[15], blocks[31]];
+    assert_eq!(decision.computing, strides);
+    // The sidecar streams it back to this VM too: already credited.
+    assert_eq!(vm.apply(&Vm::computing("b", strides)), 0);
+    // A prompt shorter than one stride has nothing to share.
+    vm.send(COMPLETIONS, &completion(48, ""));
+    let Some(gateway_report::Kind::Decision(short)) = vm.reports().pop() else {
+        panic!("expected a decision report");
+    };
+    assert_eq!(short.computing, Vec::<u64>::new());
+}
+
+#[test]
+fn a_prompt_another_router_is_computing_routes_to_its_worker() {
+    let vm = Vm::new(&config("")).with_fleet();
+    let blocks = vm.blocks(512);
+    // Without the share B, holding 3 blocks, would win (see above).
+    assert_eq!(
+        vm.apply(&Vm::computing("a", vec![blocks[15], blocks[31]])),
+        1
+    );
+    vm.send(COMPLETIONS, &completion(512, ""));
+    assert_eq!(vm.destination().as_deref(), Some(A));
+    assert_eq!(vm.host.counter("kvmesh_routed_cached_blocks"), 32);
 }
 
 #[test]

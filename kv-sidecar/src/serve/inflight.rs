@@ -141,6 +141,7 @@ mod tests {
             prompt_blocks: blocks,
             cached_blocks: 0,
             prefill_tokens: tokens,
+            computing: Vec::new(),
         }
     }
 

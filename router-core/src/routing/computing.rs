@@ -18,11 +18,19 @@
 //! binary search over them: in the usual case one lookup per decision, of
 //! the first stride past what the fleet state shows, which most candidates
 //! share.
+//!
+//! Each router (filter VM) records its own decisions at once, and reports
+//! the strides it recorded to its sidecar, which shares them with every other
+//! router on the fleet's NATS and streams them back as `PromptComputing`
+//! changes: another Envoy thread or gateway credits the prompt too, some
+//! milliseconds later ([`Computing::record_shared`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::fleet::FleetView;
 use crate::index::NoHash;
+use crate::state_stream::{change, state_update, StateUpdate};
 use crate::SeqHash;
 
 /// How long a routed prompt counts as being computed.
@@ -30,14 +38,23 @@ pub const COMPUTING_TTL_MS: u64 = 5_000;
 /// Blocks per credited step: 256 tokens at 16-token blocks.
 pub const STRIDE: usize = 16;
 /// Remembered stride blocks at most; the oldest prompts go first beyond it.
-const MAX_ENTRIES: usize = 1 << 14;
+/// Every router holds the whole fleet's prompts in progress (they are
+/// shared): 5 s of 12k-token cold prompts (47 strides) up to ~280 requests
+/// a second, in ~3 MiB at most.
+const MAX_ENTRIES: usize = 1 << 16;
+/// Strides of one prompt another router shared, at most: 1M tokens at
+/// 16-token blocks. The rest of a longer list is not credited.
+pub const MAX_SHARED_STRIDES: usize = 4_096;
+
+/// The every [`STRIDE`]th block hashes of a prompt being computed, past what
+/// its worker held: what a router records, and shares.
+pub type Strides = Arc<[SeqHash]>;
 
 /// One routed prompt: who computes it, until when it counts.
 struct Sent {
     worker: Arc<str>,
     until_ms: u64,
-    /// Its every [`STRIDE`]th block hash.
-    strides: Box<[SeqHash]>,
+    strides: Strides,
 }
 
 /// Every [`STRIDE`]th block of prompts being computed, with the worker
@@ -56,11 +73,19 @@ impl Computing {
     /// the strides past those need the credit, so a hit records little.
     /// A request reusing a prompt in progress therefore does not extend its
     /// credit: that runs from when the prompt was sent to be computed.
-    pub fn record(&mut self, worker: &str, prompt: &[SeqHash], cached_blocks: u32, now_ms: u64) {
+    /// Returns the strides recorded, for the routers this one shares its
+    /// decisions with; `None` when nothing needed the credit.
+    pub fn record(
+        &mut self,
+        worker: &str,
+        prompt: &[SeqHash],
+        cached_blocks: u32,
+        now_ms: u64,
+    ) -> Option<Strides> {
         self.expire(now_ms);
         let cached = usize::try_from(cached_blocks).unwrap_or(usize::MAX);
         let first = last_block_of(first_stride_past(cached)).unwrap_or(usize::MAX);
-        let strides: Box<[SeqHash]> = prompt
+        let strides: Strides = prompt
             .get(first..)
             .unwrap_or_default()
             .iter()
@@ -68,8 +93,52 @@ impl Computing {
             .copied()
             .collect();
         if strides.is_empty() {
-            return;
+            return None;
         }
+        self.insert(worker, Arc::clone(&strides), now_ms);
+        Some(strides)
+    }
+
+    /// Credits the prompts other routers sent to be computed: `update`'s
+    /// `PromptComputing` changes, on the workers `view` (already brought up
+    /// to `update`) knows. Returns how many prompts it credited.
+    ///
+    /// This router's own decisions come back this way too, as may one prompt
+    /// sent twice: a prompt whose first stride this worker is already
+    /// credited with is skipped, so an echo neither extends its credit nor
+    /// takes memory twice.
+    pub fn record_shared(&mut self, update: &StateUpdate, view: &FleetView, now_ms: u64) -> usize {
+        let Some(state_update::Kind::Delta(delta)) = &update.kind else {
+            return 0;
+        };
+        self.expire(now_ms);
+        let mut credited = 0;
+        for change in &delta.changes {
+            let Some(change::Kind::Computing(computing)) = &change.kind else {
+                continue;
+            };
+            let (Some(worker), Some(first)) =
+                (view.worker(&computing.worker_id), computing.strides.first())
+            else {
+                continue;
+            };
+            if self.holder(&SeqHash(*first), now_ms) == Some(worker.address.as_str()) {
+                continue;
+            }
+            let strides: Strides = computing
+                .strides
+                .iter()
+                .take(MAX_SHARED_STRIDES)
+                .copied()
+                .map(SeqHash)
+                .collect();
+            self.insert(&worker.address, strides, now_ms);
+            credited += 1;
+        }
+        credited
+    }
+
+    fn insert(&mut self, worker: &str, strides: Strides, now_ms: u64) {
         let worker: Arc<str> = Arc::from(worker);
         let until_ms = now_ms.saturating_add(COMPUTING_TTL_MS);
         for block in strides.iter() {
@@ -192,6 +261,7 @@ impl PromptCredit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state_stream::{Change, Delta, PromptComputing, Snapshot, WorkerJoined, WorkerRole};
 
     fn blocks(range: std::ops::Range<u64>) -> Vec<SeqHash> {
         range.map(SeqHash).collect()
@@ -301,6 +371,97 @@ mod tests {
             .map(|(worker, indexed)| credit.cached_on(worker, *indexed))
             .collect();
         assert_eq!(answers, [0, 32, 0, 32, 64, 32]);
+    }
+
+    fn fleet() -> FleetView {
+        let mut view = FleetView::new("m", 1 << 10);
+        let joined = |id: &str, address: &str| Change {
+            kind: Some(change::Kind::Joined(WorkerJoined {
+                worker_id: id.into(),
+                address: address.into(),
+                role: WorkerRole::Both.into(),
+            })),
+        };
+        view.commit(vec![joined("w-a", "a"), joined("w-b", "b")]);
+        view
+    }
+
+    /// A delta of `PromptComputing` changes, as the sidecar streams them.
+    fn shared(computing: &[(&str, &[SeqHash])]) -> StateUpdate {
+        let changes = computing
+            .iter()
+            .map(|(worker_id, strides)| Change {
+                kind: Some(change::Kind::Computing(PromptComputing {
+                    worker_id: (*worker_id).into(),
+                    strides: strides.iter().map(|s| s.0).collect(),
+                })),
+            })
+            .collect();
+        StateUpdate {
+            model: "m".into(),
+            version: 2,
+            kind: Some(state_update::Kind::Delta(Delta { changes })),
+        }
+    }
+
+    #[test]
+    fn another_router_credits_what_one_shared() {
+        let view = fleet();
+        let (mut sender, mut receiver) = (Computing::default(), Computing::default());
+        let prompt = sharing(40, 30);
+        let strides = sender.record("a", &prompt, 0, 0).unwrap();
+        assert_eq!(strides.len(), 4);
+        assert_eq!(
+            receiver.record_shared(&shared(&[("w-a", &strides)]), &view, 5),
+            1
+        );
+        for (shared_blocks, credited) in [(40, 64), (70, 32)] {
+            let asked = sharing(shared_blocks, 30);
+            assert_eq!(cached_on(&receiver, "a", &asked, 0, 10), credited);
+            assert_eq!(cached_on(&receiver, "b", &asked, 0, 10), 0);
+        }
+        // Its credit runs from when it was shared.
+        assert_eq!(
+            cached_on(&receiver, "a", &prompt, 0, 5 + COMPUTING_TTL_MS),
+            0
+        );
+        // The sender hears its own decision back: nothing changes.
+        assert_eq!(
+            sender.record_shared(&shared(&[("w-a", &strides)]), &view, 5),
+            0
+        );
+        assert_eq!(sender.entries, 4);
+        assert_eq!(
+            cached_on(&sender, "a", &prompt, 0, COMPUTING_TTL_MS - 1),
+            64
+        );
+        assert_eq!(cached_on(&sender, "a", &prompt, 0, COMPUTING_TTL_MS), 0);
+    }
+
+    #[test]
+    fn shared_prompts_on_unknown_workers_or_outside_deltas_are_skipped() {
+        let view = fleet();
+        let mut computing = Computing::default();
+        let strides = blocks(0..4);
+        let update = shared(&[("w-gone", &strides), ("w-b", &[]), ("w-b", &strides)]);
+        assert_eq!(computing.record_shared(&update, &view, 0), 1);
+        assert_eq!(
+            cached_on(&computing, "b", &blocks(0..100), 0, 1),
+            0,
+            "not strides of this prompt"
+        );
+        let snapshot = StateUpdate {
+            kind: Some(state_update::Kind::Snapshot(Snapshot::default())),
+            ..update
+        };
+        assert_eq!(Computing::default().record_shared(&snapshot, &view, 0), 0);
+        // A list longer than any prompt is credited up to the limit.
+        let long = blocks(10_000..10_000 + MAX_SHARED_STRIDES as u64 + 5);
+        assert_eq!(
+            computing.record_shared(&shared(&[("w-a", &long)]), &view, 0),
+            1
+        );
+        assert_eq!(computing.entries, 4 + MAX_SHARED_STRIDES);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::fleet::FleetView;
 use crate::index::{OverlapScratch, WorkerSlot};
-use crate::routing::computing::Computing;
+use crate::routing::computing::{Computing, Strides};
 use crate::routing::disagg::{PrefillRouting, PrefillWork};
 use crate::routing::inflight::InFlight;
 use crate::routing::learned::LearnedTable;
@@ -80,6 +80,10 @@ impl Decision {
 pub struct RoutingPlan {
     pub decode: Decision,
     pub prefill: Option<Decision>,
+    /// What this router now credits as being computed on the worker that
+    /// computes the prompt (the prefill worker, if any, else the decode
+    /// one), for the routers it shares its decisions with.
+    pub computing: Option<Strides>,
 }
 
 impl RoutingPlan {
@@ -261,15 +265,20 @@ pub fn plan(
             .record(prompt.keys.keys(), address, signals.now_ms);
     }
     let computes = prefill.as_ref().unwrap_or(&decode);
-    if let (Some(exact), Some(address), Mode::Precise) =
-        (prompt.exact, &computes.address, computes.mode)
-    {
-        let cached = computes.cached_blocks;
-        local
-            .computing
-            .record(address, exact, cached, signals.now_ms);
+    let computing = match (prompt.exact, &computes.address, computes.mode) {
+        (Some(exact), Some(address), Mode::Precise) => {
+            let cached = computes.cached_blocks;
+            local
+                .computing
+                .record(address, exact, cached, signals.now_ms)
+        }
+        _ => None,
+    };
+    RoutingPlan {
+        decode,
+        prefill,
+        computing,
     }
-    RoutingPlan { decode, prefill }
 }
 
 fn decide(

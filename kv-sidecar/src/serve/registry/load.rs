@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use router_core::gateway::{RequestPhase, RequestProgress, RoutingDecision};
 use router_core::protocol::WorkerLoad;
-use router_core::state_stream::{change, Change, LoadReport};
+use router_core::routing::computing::MAX_SHARED_STRIDES;
+use router_core::state_stream::{change, Change, LoadReport, PromptComputing};
 
 use super::FleetRegistry;
 use crate::serve::inflight::Full;
@@ -25,8 +26,10 @@ impl FleetRegistry {
     }
 
     /// A gateway routed a request: its blocks and prefill count against the
-    /// chosen workers until it completes or expires.
+    /// chosen workers until it completes or expires, and the prompt it sent
+    /// to be computed goes to every router (`PromptComputing`).
     pub fn decision(&mut self, gateway: &str, decision: &RoutingDecision, now: Instant) {
+        self.share_computing(decision);
         let limit = self.limits.max_inflight_requests;
         match self.inflight.decide(gateway, decision, limit, now) {
             Ok(touched) => self.publish_loads(touched),
@@ -38,6 +41,27 @@ impl FleetRegistry {
                     .inc();
             }
         }
+    }
+
+    /// Streams the strides of a prompt being computed on a registered worker,
+    /// so routers that did not decide it credit it too (a router skips its
+    /// own). Past `MAX_SHARED_STRIDES` a list is cut: routers would not
+    /// credit more.
+    fn share_computing(&mut self, decision: &RoutingDecision) {
+        let worker = Some(decision.prefill_worker_id.as_str())
+            .filter(|w| !w.is_empty())
+            .unwrap_or(&decision.worker_id);
+        if decision.computing.is_empty() || !self.workers.contains_key(worker) {
+            return;
+        }
+        let strides = &decision.computing;
+        let strides = strides.get(..MAX_SHARED_STRIDES).unwrap_or(strides);
+        self.pending.push(Change {
+            kind: Some(change::Kind::Computing(PromptComputing {
+                worker_id: worker.to_owned(),
+                strides: strides.to_vec(),
+            })),
+        });
     }
 
     /// A gateway's request got its first token or completed.
@@ -179,6 +203,38 @@ mod tests {
         h.registry
             .progress("other", &progress("r1", RequestPhase::Done));
         assert!(h.commit(40).is_empty());
+    }
+
+    #[test]
+    fn a_prompt_being_computed_is_shared_with_its_computing_worker() {
+        let mut h = fleet(limits());
+        let computing = |request, worker: &str, prefill: &str, strides: Vec<u64>| RoutingDecision {
+            prefill_worker_id: prefill.into(),
+            computing: strides,
+            ..decision(request, worker, 40, 640)
+        };
+        h.registry
+            .decision("g", &computing("r1", "w1", "", vec![15, 31]), h.at(0));
+        h.registry
+            .decision("g", &computing("r2", "w1", "w2", vec![47]), h.at(0));
+        // Nothing being computed, or on a worker this sidecar does not know.
+        h.registry
+            .decision("g", &computing("r3", "w1", "", vec![]), h.at(0));
+        h.registry
+            .decision("g", &computing("r4", "w9", "", vec![63]), h.at(0));
+        let shared: Vec<String> = kinds(&h.commit(0))
+            .into_iter()
+            .filter(|kind| kind.starts_with("computing"))
+            .collect();
+        assert_eq!(shared, ["computing w1 [15, 31]", "computing w2 [47]"]);
+        let long = (0..MAX_SHARED_STRIDES as u64 + 3).collect();
+        h.registry
+            .decision("g", &computing("r5", "w2", "", long), h.at(0));
+        let cut = h.commit(0).into_iter().find_map(|c| match c.kind {
+            Some(change::Kind::Computing(c)) => Some(c.strides.len()),
+            _ => None,
+        });
+        assert_eq!(cut, Some(MAX_SHARED_STRIDES));
     }
 
     #[test]

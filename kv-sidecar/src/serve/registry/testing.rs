@@ -128,6 +128,9 @@ pub fn kinds(changes: &[Change]) -> Vec<String> {
                 "load {} running={} active={} queued={}",
                 l.worker_id, l.running, l.active_blocks, l.queued_prefill_tokens
             ),
+            Some(change::Kind::Computing(c)) => {
+                format!("computing {} {:?}", c.worker_id, c.strides)
+            }
             None => "empty".to_owned(),
         })
         .collect()
@@ -188,6 +191,7 @@ pub fn decision(request_id: &str, worker_id: &str, blocks: u32, tokens: u64) -> 
         prompt_blocks: blocks,
         cached_blocks: 0,
         prefill_tokens: tokens,
+        computing: Vec::new(),
     }
 }
 
