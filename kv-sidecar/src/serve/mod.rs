@@ -49,8 +49,14 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let http_addr = config.http_addr()?;
     let grpc_addr = config.grpc_addr()?;
     let prefix = config.nats.subject_prefix.clone();
-    // Names this process among the sidecars sharing decisions.
-    let origin = format!("{}-{}", std::process::id(), unix_nanos());
+    // Names this process among the sidecars sharing decisions; a sidecar
+    // skips what carries its own origin. In Kubernetes every pod's sidecar
+    // may be PID 1 and pods start together, so the name is random.
+    let origin = format!(
+        "{}-{:016x}",
+        std::process::id(),
+        getrandom::u64().context("no randomness to name this sidecar")?
+    );
 
     let mut registry = Registry::default();
     let metrics = ServeMetrics::new(&mut registry);
@@ -136,10 +142,4 @@ async fn load_tokenizers(config: &Config) -> anyhow::Result<HashMap<String, Arc<
         tokenizers.insert(model.name.clone(), Arc::new(tokenizer));
     }
     Ok(tokenizers)
-}
-
-fn unix_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }
