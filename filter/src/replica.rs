@@ -2,16 +2,15 @@
 
 use std::collections::HashMap;
 
-use router_core::fleet::{ApplyError, ApplyStats, FleetView};
-use router_core::routing::computing::Computing;
-use router_core::state_stream::StateUpdate;
+use router_core::fleet::{ApplyError, FleetView};
+use router_core::routing::computing::{Computing, MAX_SHARED_STRIDES};
+use router_core::state_stream::{change, state_update, StateUpdate};
 
 use crate::config::{PluginConfig, SidecarConfig};
 
-/// What one applied update did.
+/// What one applied update did beyond the fleet view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
-    pub stats: ApplyStats,
     /// Prompts other routers sent to be computed, now credited here.
     pub shared_prompts: usize,
 }
@@ -53,10 +52,12 @@ impl FleetReplica {
         computing: &mut Computing,
     ) -> Result<Option<Applied>, ApplyError> {
         let applied = match self.views.get_mut(&update.model) {
-            Some(view) => Some(Applied {
-                stats: view.apply(update)?,
-                shared_prompts: computing.record_shared(update, view, now_ms),
-            }),
+            Some(view) => {
+                view.apply(update)?;
+                Some(Applied {
+                    shared_prompts: credit_shared(update, view, computing, now_ms),
+                })
+            }
             None => None,
         };
         self.last_update_ms = Some(now_ms);
@@ -79,10 +80,43 @@ impl FleetReplica {
     }
 }
 
+/// Credits the prompts `update` (a delta, applied to `view`) says other
+/// routers sent to be computed, on the workers `view` knows, at most
+/// [`MAX_SHARED_STRIDES`] strides in all so one callback stays short.
+/// Returns how many prompts it credited.
+fn credit_shared(
+    update: &StateUpdate,
+    view: &FleetView,
+    computing: &mut Computing,
+    now_ms: u64,
+) -> usize {
+    let Some(state_update::Kind::Delta(delta)) = &update.kind else {
+        return 0;
+    };
+    let mut budget = MAX_SHARED_STRIDES;
+    let mut credited = 0;
+    for change in &delta.changes {
+        let Some(change::Kind::Computing(shared)) = &change.kind else {
+            continue;
+        };
+        let Some(worker) = view.worker(&shared.worker_id) else {
+            continue;
+        };
+        let strides = shared.strides.get(..budget).unwrap_or(&shared.strides);
+        budget -= strides.len();
+        if computing.record_shared(&worker.address, strides, now_ms) {
+            credited += 1;
+        }
+    }
+    credited
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use router_core::state_stream::{state_update, Snapshot};
+    use router_core::state_stream::{
+        Change, Delta, PromptComputing, Snapshot, WorkerJoined, WorkerRole,
+    };
 
     fn replica() -> FleetReplica {
         let config = PluginConfig::parse(
@@ -126,5 +160,44 @@ mod tests {
             .apply(&snapshot("m"), 0, computing)
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn shared_prompts_are_credited_on_known_workers_within_a_budget() {
+        const W: &str = "10.0.0.1:8000";
+        let mut replica = replica();
+        let computing = &mut Computing::default();
+        replica.apply(&snapshot("m"), 0, computing).unwrap();
+        let change = |kind| Change { kind: Some(kind) };
+        let shared = |worker_id: &str, strides: Vec<u64>| {
+            change(change::Kind::Computing(PromptComputing {
+                worker_id: worker_id.into(),
+                strides,
+            }))
+        };
+        let last = 100 + MAX_SHARED_STRIDES as u64 - 1;
+        let changes = vec![
+            change(change::Kind::Joined(WorkerJoined {
+                worker_id: "w".into(),
+                address: W.into(),
+                role: WorkerRole::Both.into(),
+            })),
+            shared("w", vec![1, 2]),
+            shared("gone", vec![3]),
+            shared("w", (100..=last).collect()),
+            shared("w", vec![9]),
+        ];
+        let delta = StateUpdate {
+            model: "m".into(),
+            version: 8,
+            kind: Some(state_update::Kind::Delta(Delta { changes })),
+        };
+        let applied = replica.apply(&delta, 10, computing).unwrap();
+        assert_eq!(applied, Some(Applied { shared_prompts: 2 }));
+        assert!(!computing.record_shared(W, &[1, 2], 10), "credited");
+        // The budget ran out two strides before the long list's end.
+        assert!(!computing.record_shared(W, &[last - 2], 10), "credited");
+        assert!(computing.record_shared(W, &[last - 1], 10), "cut");
+        assert!(computing.record_shared(W, &[9], 10), "past the budget");
     }
 }

@@ -168,8 +168,10 @@ impl KvmeshRoot {
             Ok(applied) => {
                 if let Some(applied) = applied {
                     metrics.state_updates_applied.inc(&EnvoyHost);
-                    let shared = u64::try_from(applied.shared_prompts).unwrap_or(u64::MAX);
-                    metrics.computing_shared.add(&EnvoyHost, shared);
+                    if applied.shared_prompts > 0 {
+                        let shared = u64::try_from(applied.shared_prompts).unwrap_or(u64::MAX);
+                        metrics.computing_shared.add(&EnvoyHost, shared);
+                    }
                     // A stream starts with snapshots, so any update applied
                     // on it means this VM holds fleet state.
                     self.set_synced(true);

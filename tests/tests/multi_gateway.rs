@@ -196,6 +196,8 @@ const SHARED_PROMPT_BLOCKS: &str = "64";
 const BLOCKER_TOKENS: u32 = 768;
 const BLOCKER_BLOCKS: u64 = 48;
 const BLOCKER_PREFILL: Duration = Duration::from_millis(9_200);
+/// What the second gateway's decision may still take after the check.
+const SLACK: Duration = Duration::from_secs(2);
 
 /// Prompts other routers shared as being computed, credited by `envoy`'s VMs.
 fn computing_shared(envoy: &Envoy) -> u64 {
@@ -234,15 +236,17 @@ fn a_prompt_one_gateway_is_computing_draws_the_other_gateways_copy_of_it() {
         .into_iter()
         .find(|(_, b)| *b >= BLOCKER_BLOCKS)
         .unwrap();
+    // Every VM but the one that decided it heard of it, and of its load (in
+    // the same delta).
     poll_until(
         "the blocker was not shared as being computed",
         SETTLE,
-        || computing_shared(envoys[1]) >= vms,
+        || computing_shared(envoys[1]) >= vms && computing_shared(envoys[0]) >= vms - 1,
     )
     .unwrap();
 
     // Gateway 0 sends the shared prompt to the idle worker, whose KV events
-    // will show none of it for ~8 s; every other VM hears of it within
+    // will show none of it for ~12 s; every other VM hears of it within
     // milliseconds (gateway 0's own other VMs included; the deciding VM
     // skips its own decision coming back).
     let first = send_in_background(envoys[0], prompt(0, SHARED_PROMPT_TOKENS));
@@ -255,7 +259,7 @@ fn a_prompt_one_gateway_is_computing_draws_the_other_gateways_copy_of_it() {
     let elapsed = blocker_sent.elapsed();
     eprintln!("the second gateway routes {elapsed:?} after the blocker was sent");
     assert!(
-        elapsed < BLOCKER_PREFILL / 2 && !first.is_finished(),
+        elapsed < BLOCKER_PREFILL - SLACK && !first.is_finished(),
         "the machine took {elapsed:?} to get here, too close to the blocker's prefill \
          ({BLOCKER_PREFILL:?}): the test would prove nothing"
     );

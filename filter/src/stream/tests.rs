@@ -125,8 +125,8 @@ impl Vm {
         let VmState {
             replica, router, ..
         } = &mut *state;
-        let applied = replica.as_mut().unwrap();
-        let applied = applied.apply(update, NOW_MS, &mut router.computing);
+        let replica = replica.as_mut().unwrap();
+        let applied = replica.apply(update, NOW_MS, &mut router.computing);
         applied.unwrap().unwrap().shared_prompts
     }
 

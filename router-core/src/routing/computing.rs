@@ -23,14 +23,13 @@
 //! the strides it recorded to its sidecar, which shares them with every other
 //! router on the fleet's NATS and streams them back as `PromptComputing`
 //! changes: another Envoy thread or gateway credits the prompt too, some
-//! milliseconds later ([`Computing::record_shared`]).
+//! milliseconds later, for as long from when it heard of it
+//! ([`Computing::record_shared`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::fleet::FleetView;
 use crate::index::NoHash;
-use crate::state_stream::{change, state_update, StateUpdate};
 use crate::SeqHash;
 
 /// How long a routed prompt counts as being computed.
@@ -40,10 +39,11 @@ pub const STRIDE: usize = 16;
 /// Remembered stride blocks at most; the oldest prompts go first beyond it.
 /// Every router holds the whole fleet's prompts in progress (they are
 /// shared): 5 s of 12k-token cold prompts (47 strides) up to ~280 requests
-/// a second, in ~3 MiB at most.
+/// a second, in ~3.5 MiB per VM at most.
 const MAX_ENTRIES: usize = 1 << 16;
 /// Strides of one prompt another router shared, at most: 1M tokens at
-/// 16-token blocks. The rest of a longer list is not credited.
+/// 16-token blocks. The rest of a longer list is not credited. Also what
+/// one state update may credit in all, so one callback stays short.
 pub const MAX_SHARED_STRIDES: usize = 4_096;
 
 /// The every [`STRIDE`]th block hashes of a prompt being computed, past what
@@ -99,43 +99,26 @@ impl Computing {
         Some(strides)
     }
 
-    /// Credits the prompts other routers sent to be computed: `update`'s
-    /// `PromptComputing` changes, on the workers `view` (already brought up
-    /// to `update`) knows. Returns how many prompts it credited.
-    ///
-    /// This router's own decisions come back this way too, as may one prompt
-    /// sent twice: a prompt whose first stride this worker is already
-    /// credited with is skipped, so an echo neither extends its credit nor
-    /// takes memory twice.
-    pub fn record_shared(&mut self, update: &StateUpdate, view: &FleetView, now_ms: u64) -> usize {
-        let Some(state_update::Kind::Delta(delta)) = &update.kind else {
-            return 0;
-        };
+    /// Credits a prompt another router sent `worker` (an address) to
+    /// compute: its strides as that router recorded them. Only the strides
+    /// not already credited to `worker` are recorded, so this router's own
+    /// decision coming back (or a prompt shared twice) changes nothing and
+    /// extends nothing, while a longer prompt over one in progress adds its
+    /// tail. Returns whether anything was new; at most
+    /// [`MAX_SHARED_STRIDES`] strides are taken.
+    pub fn record_shared(&mut self, worker: &str, strides: &[u64], now_ms: u64) -> bool {
         self.expire(now_ms);
-        let mut credited = 0;
-        for change in &delta.changes {
-            let Some(change::Kind::Computing(computing)) = &change.kind else {
-                continue;
-            };
-            let (Some(worker), Some(first)) =
-                (view.worker(&computing.worker_id), computing.strides.first())
-            else {
-                continue;
-            };
-            if self.holder(&SeqHash(*first), now_ms) == Some(worker.address.as_str()) {
-                continue;
-            }
-            let strides: Strides = computing
-                .strides
-                .iter()
-                .take(MAX_SHARED_STRIDES)
-                .copied()
-                .map(SeqHash)
-                .collect();
-            self.insert(&worker.address, strides, now_ms);
-            credited += 1;
+        let new: Strides = strides
+            .iter()
+            .take(MAX_SHARED_STRIDES)
+            .map(|s| SeqHash(*s))
+            .filter(|s| self.holder(s, now_ms) != Some(worker))
+            .collect();
+        if new.is_empty() {
+            return false;
         }
-        credited
+        self.insert(worker, new, now_ms);
+        true
     }
 
     fn insert(&mut self, worker: &str, strides: Strides, now_ms: u64) {
@@ -150,12 +133,7 @@ impl Computing {
             until_ms,
             strides,
         });
-        while self.entries > MAX_ENTRIES {
-            let Some(oldest) = self.sent.front().map(|s| s.until_ms) else {
-                break;
-            };
-            self.expire(oldest);
-        }
+        while self.entries > MAX_ENTRIES && self.forget_oldest() {}
     }
 
     /// The credit for `prompt` at `now_ms`, to ask of each candidate.
@@ -178,21 +156,26 @@ impl Computing {
 
     /// Forgets prompts whose credit ended by `now_ms`.
     fn expire(&mut self, now_ms: u64) {
-        while self.sent.front().is_some_and(|s| s.until_ms <= now_ms) {
-            let Some(sent) = self.sent.pop_front() else {
-                break;
-            };
-            self.entries -= sent.strides.len();
-            for block in sent.strides.iter() {
-                // Unless a later prompt renewed it, or another worker took it.
-                let ours = self.holders.get(block).is_some_and(|(held_by, until)| {
-                    *held_by == sent.worker && *until <= sent.until_ms
-                });
-                if ours {
-                    self.holders.remove(block);
-                }
+        while self.sent.front().is_some_and(|s| s.until_ms <= now_ms) && self.forget_oldest() {}
+    }
+
+    /// Forgets the prompt sent first; false when there is none.
+    fn forget_oldest(&mut self) -> bool {
+        let Some(sent) = self.sent.pop_front() else {
+            return false;
+        };
+        self.entries -= sent.strides.len();
+        for block in sent.strides.iter() {
+            // Unless a later prompt renewed it, or another worker took it.
+            let ours = self
+                .holders
+                .get(block)
+                .is_some_and(|(held_by, until)| *held_by == sent.worker && *until <= sent.until_ms);
+            if ours {
+                self.holders.remove(block);
             }
         }
+        true
     }
 }
 
@@ -261,7 +244,6 @@ impl PromptCredit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state_stream::{Change, Delta, PromptComputing, Snapshot, WorkerJoined, WorkerRole};
 
     fn blocks(range: std::ops::Range<u64>) -> Vec<SeqHash> {
         range.map(SeqHash).collect()
@@ -373,48 +355,17 @@ mod tests {
         assert_eq!(answers, [0, 32, 0, 32, 64, 32]);
     }
 
-    fn fleet() -> FleetView {
-        let mut view = FleetView::new("m", 1 << 10);
-        let joined = |id: &str, address: &str| Change {
-            kind: Some(change::Kind::Joined(WorkerJoined {
-                worker_id: id.into(),
-                address: address.into(),
-                role: WorkerRole::Both.into(),
-            })),
-        };
-        view.commit(vec![joined("w-a", "a"), joined("w-b", "b")]);
-        view
-    }
-
-    /// A delta of `PromptComputing` changes, as the sidecar streams them.
-    fn shared(computing: &[(&str, &[SeqHash])]) -> StateUpdate {
-        let changes = computing
-            .iter()
-            .map(|(worker_id, strides)| Change {
-                kind: Some(change::Kind::Computing(PromptComputing {
-                    worker_id: (*worker_id).into(),
-                    strides: strides.iter().map(|s| s.0).collect(),
-                })),
-            })
-            .collect();
-        StateUpdate {
-            model: "m".into(),
-            version: 2,
-            kind: Some(state_update::Kind::Delta(Delta { changes })),
-        }
+    fn raw(strides: &[SeqHash]) -> Vec<u64> {
+        strides.iter().map(|s| s.0).collect()
     }
 
     #[test]
     fn another_router_credits_what_one_shared() {
-        let view = fleet();
         let (mut sender, mut receiver) = (Computing::default(), Computing::default());
         let prompt = sharing(40, 30);
         let strides = sender.record("a", &prompt, 0, 0).unwrap();
         assert_eq!(strides.len(), 4);
-        assert_eq!(
-            receiver.record_shared(&shared(&[("w-a", &strides)]), &view, 5),
-            1
-        );
+        assert!(receiver.record_shared("a", &raw(&strides), 5));
         for (shared_blocks, credited) in [(40, 64), (70, 32)] {
             let asked = sharing(shared_blocks, 30);
             assert_eq!(cached_on(&receiver, "a", &asked, 0, 10), credited);
@@ -422,14 +373,15 @@ mod tests {
         }
         // Its credit runs from when it was shared.
         assert_eq!(
+            cached_on(&receiver, "a", &prompt, 0, 4 + COMPUTING_TTL_MS),
+            64
+        );
+        assert_eq!(
             cached_on(&receiver, "a", &prompt, 0, 5 + COMPUTING_TTL_MS),
             0
         );
         // The sender hears its own decision back: nothing changes.
-        assert_eq!(
-            sender.record_shared(&shared(&[("w-a", &strides)]), &view, 5),
-            0
-        );
+        assert!(!sender.record_shared("a", &raw(&strides), 5));
         assert_eq!(sender.entries, 4);
         assert_eq!(
             cached_on(&sender, "a", &prompt, 0, COMPUTING_TTL_MS - 1),
@@ -439,29 +391,44 @@ mod tests {
     }
 
     #[test]
-    fn shared_prompts_on_unknown_workers_or_outside_deltas_are_skipped() {
-        let view = fleet();
+    fn a_longer_prompt_shared_over_one_in_progress_adds_its_tail() {
         let mut computing = Computing::default();
-        let strides = blocks(0..4);
-        let update = shared(&[("w-gone", &strides), ("w-b", &[]), ("w-b", &strides)]);
-        assert_eq!(computing.record_shared(&update, &view, 0), 1);
-        assert_eq!(
-            cached_on(&computing, "b", &blocks(0..100), 0, 1),
-            0,
-            "not strides of this prompt"
-        );
-        let snapshot = StateUpdate {
-            kind: Some(state_update::Kind::Snapshot(Snapshot::default())),
-            ..update
-        };
-        assert_eq!(Computing::default().record_shared(&snapshot, &view, 0), 0);
+        let short = blocks(0..32);
+        let long = blocks(0..64);
+        let short_strides = computing.record("a", &short, 0, 0).unwrap();
+        // Another router sent the longer prompt before it heard of the
+        // shorter one: its list repeats the shorter one's strides.
+        let long_strides = Computing::default().record("a", &long, 0, 0).unwrap();
+        assert!(long_strides.starts_with(&short_strides));
+        assert!(computing.record_shared("a", &raw(&long_strides), 1));
+        assert_eq!(computing.entries, 4);
+        assert_eq!(cached_on(&computing, "a", &long, 0, 2), 64);
+        // The same prompt computed on another worker is that worker's now.
+        assert!(computing.record_shared("b", &raw(&short_strides), 2));
+        assert_eq!(cached_on(&computing, "b", &short, 0, 3), 32);
         // A list longer than any prompt is credited up to the limit.
-        let long = blocks(10_000..10_000 + MAX_SHARED_STRIDES as u64 + 5);
-        assert_eq!(
-            computing.record_shared(&shared(&[("w-a", &long)]), &view, 0),
-            1
-        );
-        assert_eq!(computing.entries, 4 + MAX_SHARED_STRIDES);
+        let huge: Vec<u64> = (10_000..10_000 + MAX_SHARED_STRIDES as u64 + 5).collect();
+        assert!(computing.record_shared("c", &huge, 3));
+        assert_eq!(computing.entries, 6 + MAX_SHARED_STRIDES);
+        assert!(!computing.record_shared("c", &[], 3));
+    }
+
+    #[test]
+    fn a_full_table_forgets_only_what_it_must() {
+        let mut computing = Computing::default();
+        // All in one millisecond, as one burst of shared prompts arrives.
+        let per_prompt = MAX_SHARED_STRIDES as u64;
+        let prompts = (MAX_ENTRIES / MAX_SHARED_STRIDES) as u64 + 1;
+        for prompt in 0..prompts {
+            let strides: Vec<u64> = (prompt * per_prompt..(prompt + 1) * per_prompt).collect();
+            assert!(computing.record_shared("a", &strides, 7));
+        }
+        assert_eq!(computing.entries, MAX_ENTRIES);
+        // The first prompt went; the last one, and the others, stayed.
+        let last = (prompts - 1) * per_prompt;
+        assert_eq!(computing.holder(&SeqHash(0), 7), None);
+        assert_eq!(computing.holder(&SeqHash(last), 7), Some("a"));
+        assert_eq!(computing.holder(&SeqHash(per_prompt), 7), Some("a"));
     }
 
     #[test]
