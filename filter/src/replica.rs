@@ -12,7 +12,7 @@ use crate::config::{PluginConfig, SidecarConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
     /// Prompts other routers sent to be computed, now credited here.
-    pub shared_prompts: usize,
+    pub shared_prompts: u64,
 }
 
 pub struct FleetReplica {
@@ -89,7 +89,7 @@ fn credit_shared(
     view: &FleetView,
     computing: &mut Computing,
     now_ms: u64,
-) -> usize {
+) -> u64 {
     let Some(state_update::Kind::Delta(delta)) = &update.kind else {
         return 0;
     };

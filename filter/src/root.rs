@@ -169,8 +169,9 @@ impl KvmeshRoot {
                 if let Some(applied) = applied {
                     metrics.state_updates_applied.inc(&EnvoyHost);
                     if applied.shared_prompts > 0 {
-                        let shared = u64::try_from(applied.shared_prompts).unwrap_or(u64::MAX);
-                        metrics.computing_shared.add(&EnvoyHost, shared);
+                        metrics
+                            .computing_shared
+                            .add(&EnvoyHost, applied.shared_prompts);
                     }
                     // A stream starts with snapshots, so any update applied
                     // on it means this VM holds fleet state.

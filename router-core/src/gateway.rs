@@ -7,6 +7,20 @@
 
 include!(concat!(env!("OUT_DIR"), "/gateway/kvmesh.v1.rs"));
 
+impl RoutingDecision {
+    /// The worker prefilling the prompt elsewhere, if any (proto3 has no
+    /// optional strings: empty means none).
+    pub fn prefill_worker(&self) -> Option<&str> {
+        Some(self.prefill_worker_id.as_str()).filter(|id| !id.is_empty())
+    }
+
+    /// The worker computing the prompt: the prefill worker, else the decode
+    /// worker.
+    pub fn computing_worker(&self) -> &str {
+        self.prefill_worker().unwrap_or(&self.worker_id)
+    }
+}
+
 /// NATS subject of shared decisions (docs/relay.md#output-router-coresrcprotocol).
 pub fn decisions_subject(prefix: &str, model: &str) -> String {
     format!(

@@ -120,7 +120,7 @@ impl Vm {
 
     /// Applies a state update as the root context does; returns how many
     /// prompts other routers shared it credited.
-    fn apply(&self, update: &StateUpdate) -> usize {
+    fn apply(&self, update: &StateUpdate) -> u64 {
         let mut state = self.state.borrow_mut();
         let VmState {
             replica, router, ..

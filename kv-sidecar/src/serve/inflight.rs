@@ -53,7 +53,7 @@ impl InFlight {
         if self.requests.len() >= limit {
             return Err(Full { touched });
         }
-        let prefill = Some(decision.prefill_worker_id.as_str()).filter(|p| !p.is_empty());
+        let prefill = decision.prefill_worker();
         let ticket = self.ledger.admit(RequestLoad {
             decode: &decision.worker_id,
             prefill,

@@ -48,9 +48,7 @@ impl FleetRegistry {
     /// own). Past `MAX_SHARED_STRIDES` a list is cut: routers would not
     /// credit more.
     fn share_computing(&mut self, decision: &RoutingDecision) {
-        let worker = Some(decision.prefill_worker_id.as_str())
-            .filter(|w| !w.is_empty())
-            .unwrap_or(&decision.worker_id);
+        let worker = decision.computing_worker();
         if decision.computing.is_empty() || !self.workers.contains_key(worker) {
             return;
         }
