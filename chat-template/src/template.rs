@@ -36,31 +36,42 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// The template from `tokenizer_config.json` beside `tokenizer_json`, or
-    /// the fallback when that file has no `chat_template`.
+    /// the fallback when that file is missing or has no `chat_template`.
     pub fn for_tokenizer(tokenizer_json: &Path) -> Result<Self, ChatTemplateError> {
         let config_path = tokenizer_json.with_file_name("tokenizer_config.json");
-        let config_error = |message: String| ChatTemplateError::Config {
-            path: config_path.display().to_string(),
-            message,
+        let Some(config) = read_config(&config_path)? else {
+            tracing::warn!(path = %config_path.display(), "no tokenizer_config.json; using the fallback chat template");
+            return Self::fallback();
         };
-        let text = match std::fs::read_to_string(&config_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(path = %config_path.display(), "no tokenizer_config.json; using the fallback chat template");
-                return Self::new(FALLBACK_TEMPLATE.to_owned(), String::new(), String::new());
-            }
-            Err(e) => return Err(config_error(e.to_string())),
-        };
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
         let template = template_source(&config).unwrap_or_else(|| {
             tracing::warn!("tokenizer_config.json has no chat_template; using the fallback");
             FALLBACK_TEMPLATE.to_owned()
         });
+        Self::from_config(template, &config)
+    }
+
+    /// The template of a `tokenizer_config.json`-shaped file an operator
+    /// named, whatever its name: unlike the tokenizer's own, it must exist and
+    /// hold a `chat_template`, since falling back would tokenize differently
+    /// from the engine without anyone noticing.
+    pub fn from_config_file(path: &Path) -> Result<Self, ChatTemplateError> {
+        let config_error = |message: &str| ChatTemplateError::Config {
+            path: path.display().to_string(),
+            message: message.to_owned(),
+        };
+        let config = read_config(path)?.ok_or_else(|| config_error("no such file"))?;
+        let template = template_source(&config).ok_or_else(|| config_error("no chat_template"))?;
+        Self::from_config(template, &config)
+    }
+
+    fn from_config(
+        template: String,
+        config: &serde_json::Value,
+    ) -> Result<Self, ChatTemplateError> {
         Self::new(
             template,
-            special_token(&config, "bos_token"),
-            special_token(&config, "eos_token"),
+            special_token(config, "bos_token"),
+            special_token(config, "eos_token"),
         )
     }
 
@@ -135,6 +146,22 @@ impl ChatTemplate {
 }
 
 /// `chat_template` is a string, or a list of `{name, template}` (pick "default").
+/// A `tokenizer_config.json`-shaped file's JSON, `None` when it does not exist.
+fn read_config(path: &Path) -> Result<Option<serde_json::Value>, ChatTemplateError> {
+    let config_error = |message: String| ChatTemplateError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(config_error(e.to_string())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| config_error(e.to_string()))
+}
+
 fn template_source(config: &serde_json::Value) -> Option<String> {
     match config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),

@@ -277,6 +277,55 @@ fn per_segment_ids_concatenate_to_whole_string_ids() {
     }
 }
 
+/// A `chat_template` override is read from the file named, whatever its name
+/// (it used to be read from a `tokenizer_config.json` beside it).
+#[test]
+fn a_chat_template_override_of_any_name_is_the_one_rendered() {
+    let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
+    let overrides = tempfile::tempdir().unwrap();
+    let template = overrides.path().join("override-template.json");
+    std::fs::write(
+        &template,
+        json!({"chat_template": "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"})
+            .to_string(),
+    )
+    .unwrap();
+    let tokenizer = ModelTokenizer::load(
+        MODEL,
+        &dir.join("tokenizer.json"),
+        Some(&template),
+        BLOCK,
+        64,
+    )
+    .expect("tokenizer loads");
+    let messages = [json!({"role": "user", "content": "hello"})];
+    assert_eq!(
+        tokenizer.render(&messages, None, None).unwrap(),
+        "[user] hello\n"
+    );
+    assert_eq!(
+        tokenizer
+            .tokenize_chat(&messages, None, None)
+            .unwrap()
+            .token_ids(),
+        tokenizer.encode_whole("[user] hello\n").unwrap()
+    );
+
+    // A named file that is missing or holds no template is an error, not
+    // the tokenizer's template or the fallback.
+    std::fs::write(&template, "{}").unwrap();
+    for path in [template.clone(), overrides.path().join("missing.json")] {
+        let error =
+            ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), Some(&path), BLOCK, 64)
+                .err()
+                .expect("an unusable override is refused");
+        assert!(
+            error.to_string().contains(&path.display().to_string()),
+            "{error}"
+        );
+    }
+}
+
 #[test]
 fn check_config_reports_one_clear_error_per_problem() {
     // check-config never connects, but ports still come from the kernel.
@@ -292,6 +341,25 @@ fn check_config_reports_one_clear_error_per_problem() {
     let (ok, out) = check_config(&good).unwrap();
     assert!(ok, "{out}");
     assert_eq!(out.trim(), "OK");
+    let tokenizer = paths::qwen3_tokenizer_dir()
+        .expect("Qwen3 tokenizer present")
+        .join("tokenizer.json")
+        .display()
+        .to_string();
+    let templates = tempfile::tempdir().unwrap();
+    let no_template = templates.path().join("template.json");
+    std::fs::write(&no_template, r#"{"bos_token": "<s>"}"#).unwrap();
+    let with_template = templates.path().join("custom.json");
+    std::fs::write(&with_template, r#"{"chat_template": "{{ messages }}"}"#).unwrap();
+    let (ok, out) = check_config(&good.replace(
+        "temperature: 0}",
+        &format!(
+            "temperature: 0, tokenizer: {tokenizer}, chat_template: {}}}",
+            with_template.display()
+        ),
+    ))
+    .unwrap();
+    assert!(ok, "a template file of any name: {out}");
     let cases = [
         (
             good.replace("block_size: 16", "block_size: 5000"),
@@ -337,6 +405,16 @@ fn check_config_reports_one_clear_error_per_problem() {
         (
             good.replace(&nats, &with_auth),
             "nats.auth: set exactly one of",
+        ),
+        (
+            good.replace(
+                "temperature: 0}",
+                &format!(
+                    "temperature: 0, tokenizer: {tokenizer}, chat_template: {}}}",
+                    no_template.display()
+                ),
+            ),
+            "models[0].chat_template: reading",
         ),
     ];
     for (yaml, expected) in cases {

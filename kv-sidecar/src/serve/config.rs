@@ -339,8 +339,8 @@ impl Config {
                 if model.local.tokenizer.is_none() {
                     fail(&at("chat_template"), "needs models[].tokenizer");
                 }
-                if !template.is_file() {
-                    fail(&at("chat_template"), "file does not exist");
+                if let Err(e) = chat_template::ChatTemplate::from_config_file(template) {
+                    fail(&at("chat_template"), &e.to_string());
                 }
             }
         }

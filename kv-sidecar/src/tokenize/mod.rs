@@ -69,9 +69,9 @@ pub struct ModelTokenizer {
 }
 
 impl ModelTokenizer {
-    /// Loads `tokenizer.json`; the chat template comes from the
-    /// `tokenizer_config.json` beside `template_config` (default: beside the
-    /// tokenizer).
+    /// Loads `tokenizer.json`; the chat template comes from `template_config`
+    /// (a `tokenizer_config.json`-shaped file of any name), else from the
+    /// `tokenizer_config.json` beside the tokenizer.
     pub fn load(
         model: &str,
         tokenizer_json: &Path,
@@ -85,12 +85,11 @@ impl ModelTokenizer {
         };
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_json)
             .map_err(|e| load_error(e.to_string()))?;
-        let template_anchor = template_config.map_or_else(
-            || tokenizer_json.to_path_buf(),
-            |c| c.with_file_name("tokenizer.json"),
-        );
-        let template = ChatTemplate::for_tokenizer(&template_anchor)
-            .map_err(|e| TokenizeError::Template(e.to_string()))?;
+        let template = match template_config {
+            Some(config) => ChatTemplate::from_config_file(config),
+            None => ChatTemplate::for_tokenizer(tokenizer_json),
+        }
+        .map_err(|e| TokenizeError::Template(e.to_string()))?;
         // Only tokens `tokenizers` matches verbatim: one that strips
         // neighbouring whitespace, must be a single word or is matched after
         // normalization stays inside its segment, where `tokenizers` handles it.

