@@ -217,6 +217,9 @@ pub struct FilterMetrics {
     /// worker refused the connection and the retry went to another host);
     /// the worker is then left out for a while.
     pub upstream_failovers: Counter,
+    /// Responses with a 5xx or 429 status from the worker the filter chose;
+    /// the worker is then left out for a while.
+    pub upstream_errors: Counter,
     /// Filter VMs configured: one per Envoy worker thread (and the main
     /// thread's) at start; any later rise is a VM that failed and was
     /// reloaded.
@@ -277,6 +280,7 @@ impl FilterMetrics {
             orca_report_errors: Counter::define(host, "kvmesh_orca_report_errors")?,
             vm_starts: Counter::define(host, "kvmesh_vm_starts")?,
             upstream_failovers: Counter::define(host, "kvmesh_upstream_failovers")?,
+            upstream_errors: Counter::define(host, "kvmesh_upstream_errors")?,
             decision_us: Histogram::define(host, "kvmesh_decision_us")?,
             callback_us: Histogram::define(host, "kvmesh_callback_us")?,
             state_snapshot_us: Histogram::define(host, "kvmesh_state_snapshot_us")?,

@@ -15,6 +15,8 @@
 //! its own bytes (the digests key the prompt cache), so no pass reads the
 //! whole body a second time.
 
+use std::collections::HashMap;
+
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -56,6 +58,13 @@ pub enum Prompt {
 }
 
 impl Prompt {
+    /// Whether the prompt may be prefilled on another worker. Not a batch:
+    /// an engine's prefill leg answers with the transfer parameters of its
+    /// first prompt only, and the decode leg would apply them to every one.
+    pub fn can_prefill_remotely(&self) -> bool {
+        !matches!(self, Prompt::TextBatch(_) | Prompt::TokenBatch(_))
+    }
+
     /// Token ids the engine will see without tokenization, if the client sent them.
     pub fn token_ids(&self) -> Option<&[u32]> {
         match self {
@@ -66,12 +75,17 @@ impl Prompt {
 }
 
 /// Body fields that steer a prefill/decode handshake: only the router may
-/// set them (a client's could make an engine fetch KV from any host).
-pub const HANDSHAKE_FIELDS: [&str; 5] = [
+/// set them (a client's could make an engine fetch KV from any host, or
+/// crash a connector that expects the router's shape). vLLM also reads
+/// `kv_transfer_params` and `ec_transfer_params` (its encoder-cache
+/// transfer) from `vllm_xargs`, which is refused when it names one.
+pub const HANDSHAKE_FIELDS: [&str; 7] = [
     "kv_transfer_params",
+    "ec_transfer_params",
     "bootstrap_host",
     "bootstrap_port",
     "bootstrap_room",
+    "disagg_prefill_dp_rank",
     "disaggregated_params",
 ];
 
@@ -218,13 +232,20 @@ struct RawRequest<'a> {
     #[serde(default)]
     kv_transfer_params: Present,
     #[serde(default)]
+    ec_transfer_params: Present,
+    #[serde(default)]
     bootstrap_host: Present,
     #[serde(default)]
     bootstrap_port: Present,
     #[serde(default)]
     bootstrap_room: Present,
     #[serde(default)]
+    disagg_prefill_dp_rank: Present,
+    #[serde(default)]
     disaggregated_params: Present,
+    /// vLLM's extra sampling arguments: only their keys matter here.
+    #[serde(default)]
+    vllm_xargs: Option<HashMap<String, de::IgnoredAny>>,
 }
 
 impl RawRequest<'_> {
@@ -242,12 +263,23 @@ impl RawRequest<'_> {
     fn has_handshake_fields(&self) -> bool {
         [
             self.kv_transfer_params,
+            self.ec_transfer_params,
             self.bootstrap_host,
             self.bootstrap_port,
             self.bootstrap_room,
+            self.disagg_prefill_dp_rank,
             self.disaggregated_params,
         ]
         .contains(&Present(true))
+    }
+
+    /// A handshake field inside `vllm_xargs` cannot be removed by a
+    /// top-level rewrite, so such a request is refused.
+    fn smuggles_handshake_fields(&self) -> bool {
+        self.vllm_xargs
+            .iter()
+            .flat_map(HashMap::keys)
+            .any(|key| HANDSHAKE_FIELDS.contains(&key.as_str()))
     }
 }
 
@@ -280,6 +312,12 @@ pub fn parse_request(
     let mut raw: RawRequest<'_> =
         serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;
     let has_handshake_fields = raw.has_handshake_fields();
+    if raw.smuggles_handshake_fields() {
+        return Err(RequestError::InvalidField {
+            field: "vllm_xargs",
+            reason: "must not set handshake fields such as kv_transfer_params",
+        });
+    }
     let model = raw
         .model
         .take()
@@ -784,6 +822,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(salted.cache_salt.as_deref(), Some("tenant"));
+    }
+
+    /// vLLM copies `vllm_xargs` into the request's extra arguments and takes
+    /// `kv_transfer_params` from there: a value a connector does not expect
+    /// (`""`) kills its engine core.
+    #[test]
+    fn handshake_fields_inside_vllm_xargs_are_refused() {
+        for key in [
+            "kv_transfer_params",
+            r"kv_tr\u0061nsfer_params",
+            "ec_transfer_params",
+        ] {
+            let body = format!(r#"{{"model":"m","prompt":"p","vllm_xargs":{{"a":1,"{key}":""}}}}"#);
+            let err = parse(Endpoint::Completions, &body).expect_err(&body);
+            let (status, json) = err.to_response();
+            assert_eq!(status, 400, "{body}");
+            assert!(json.contains(r#""param":"vllm_xargs""#), "{json}");
+        }
+        let fine = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":"p","vllm_xargs":{"temperature_boost":2,"x":[1]}}"#,
+        )
+        .unwrap();
+        assert!(!fine.has_handshake_fields);
+        assert!(parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":"p","vllm_xargs":null}"#
+        )
+        .is_ok());
     }
 
     #[test]

@@ -126,9 +126,13 @@ fn a_dead_prefill_pool_means_local_prefill_for_every_protocol() {
         pools.complete(false);
         pools.complete(true);
         assert_eq!(pools.counter("kvmesh_remote_prefills"), 0, "{protocol}");
+        // The VM whose leg failed leaves the prefill worker out for a while,
+        // so the second request tries it only on Envoy's other VM.
+        let failures = pools.counter_reaching("kvmesh_prefill_failures", 1);
+        assert!((1..=2).contains(&failures), "{protocol}: {failures}");
         assert_eq!(
-            pools.counter_reaching("kvmesh_prefill_failures", 2),
-            2,
+            pools.counter_reaching("kvmesh_upstream_errors", failures),
+            failures,
             "{protocol}"
         );
         assert_eq!(prompt_tokens_served(&pools.prefill), 0.0);

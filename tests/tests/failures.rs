@@ -233,3 +233,62 @@ fn three_thousand_concurrent_streams_through_one_gateway_all_succeed_and_are_rou
         "only {routed} of {STREAMS} streams were routed by kvmesh"
     );
 }
+
+/// An engine whose HTTP server still answers, but every inference with an
+/// error at once (a broken connector, a bad adapter, a rate limiter in
+/// front), looks idle to the cost function: its requests end at once and
+/// its KV index keeps its old prefixes. Without the filter's hold it drew
+/// nearly every request (98.5% of this load failed); with it, each VM sends
+/// it about one request per hold.
+#[test]
+fn an_engine_that_fails_fast_draws_few_requests() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = ["--speedup", "10"].map(str::to_owned).to_vec();
+    let stack = Stack::start(options, |_| {}).unwrap();
+    let broken = stack.workers[0].sim.worker_id().to_owned();
+    let faults = format!("{}/sim/faults", stack.workers[0].sim.url());
+    let set = post_json(&http_client(), &faults, &json!({"error_rate": 1.0})).unwrap();
+    assert_eq!(set.status, 200);
+    let url = format!("{}/v1/completions", stack.envoy.gateway_url());
+    let load_for = Duration::from_secs(8);
+    let outcomes = run_load(
+        url,
+        Arc::new(AtomicBool::new(false)),
+        Instant::now() + load_for,
+    );
+    let failed = outcomes.iter().filter(|o| o.status != 200).count();
+    let errors = stack
+        .envoy
+        .stat("wasmcustom.kvmesh_upstream_errors")
+        .unwrap();
+    println!(
+        "{} requests, {failed} failed, kvmesh_upstream_errors {errors}",
+        outcomes.len()
+    );
+    assert!(
+        outcomes.iter().all(|o| o.status == 200 || o.status == 500),
+        "only the broken engine's own errors may reach the client"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .filter(|o| o.status == 200)
+            .all(|o| o.worker.as_deref() != Some(broken.as_str())),
+        "the broken engine served a request"
+    );
+    // Each of Envoy's two VMs tries it again when its 2 s hold ends, and
+    // may have sent it every in-flight request by the time the first fails.
+    let holds = load_for.as_secs() / 2 + 1;
+    let bound = 2 * holds as usize * CLIENTS;
+    assert!(
+        failed <= bound,
+        "{failed} of {} requests failed: more than {bound}",
+        outcomes.len()
+    );
+    assert!(
+        failed * 5 < outcomes.len(),
+        "{failed} of {} requests failed",
+        outcomes.len()
+    );
+    assert!(errors > 0, "the filter never counted the engine's errors");
+}

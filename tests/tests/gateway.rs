@@ -226,6 +226,36 @@ fn handshake_fields_are_removed_whatever_the_escaping_protocol_or_trailers() {
         assert!(response.json().unwrap()["error"]["message"].is_string());
         assert!(response.header(WORKER_HEADER).is_none());
     }
+    // vLLM takes `kv_transfer_params` from `vllm_xargs` too, where a
+    // top-level rewrite cannot reach it: such a request never reaches an
+    // engine.
+    let nested = [
+        r#""vllm_xargs":{"kv_transfer_params":""}"#,
+        r#""vllm_xargs":{"kv_transfer_param\u0073":[1]}"#,
+        r#""vllm_xargs":{"ec_transfer_params":0}"#,
+    ];
+    for extra in nested {
+        let prompt = json!(token_prompt(40));
+        let body = format!(r#"{{"model":"{MODEL}","prompt":{prompt},"max_tokens":1,{extra}}}"#);
+        let h1 = post(&client, &fleet.completions(), body.clone(), &[]).unwrap();
+        let h2 = h2_post(&authority, "/v1/completions", body.into_bytes(), None).unwrap();
+        for (status, json, worker) in [
+            (
+                h1.status,
+                h1.json().unwrap(),
+                h1.header(WORKER_HEADER).is_some(),
+            ),
+            (
+                h2.status,
+                h2.json().unwrap(),
+                h2.header(WORKER_HEADER).is_some(),
+            ),
+        ] {
+            assert_eq!(status, 400, "{extra}");
+            assert_eq!(json["error"]["param"], "vllm_xargs", "{extra}: {json}");
+            assert!(!worker, "{extra}: an engine answered");
+        }
+    }
 }
 
 #[test]
@@ -424,6 +454,8 @@ fn non_inference_requests_pass_through_and_counters_reach_prometheus() {
         "kvmesh_state_stream_closed",
         "kvmesh_state_synced_vms",
         "kvmesh_computing_shared",
+        "kvmesh_upstream_failovers",
+        "kvmesh_upstream_errors",
         "kvmesh_tokenize_calls",
         "kvmesh_tokenize_failures",
         "kvmesh_gateway_reports_sent",

@@ -119,6 +119,8 @@ struct BufferedBody {
     size: usize,
     /// The client asked for a streamed response.
     client_streams: bool,
+    /// A prefill worker may compute the prompt (it is not a batch).
+    can_prefill_remotely: bool,
 }
 
 /// A `/v1/tokenize` callout in flight.
@@ -305,6 +307,7 @@ impl<H: Host> InferenceStream<H> {
             request.cache_salt.as_deref(),
         );
         let tokenizable = is_tokenizable(&request.prompt);
+        let can_prefill_remotely = request.prompt.can_prefill_remotely();
         let cache_keys = prompt_keys(&request.raw_digests, text_seed);
         let has_handshake_fields = request.has_handshake_fields;
         drop(request);
@@ -329,6 +332,7 @@ impl<H: Host> InferenceStream<H> {
         let buffered = BufferedBody {
             size: body_size,
             client_streams,
+            can_prefill_remotely,
         };
         let prompt = |exact| RoutedPrompt { exact, keys: &keys };
         if exact.is_some() || !tokenizable {
@@ -424,11 +428,13 @@ impl<H: Host> InferenceStream<H> {
 
     /// Whether the callout whose response is being delivered answered 200.
     fn call_succeeded(&self) -> bool {
-        self.host
-            .header(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .is_some_and(|status| status == b"200")
+        self.status(MapType::HttpCallResponseHeaders) == Some(200)
+    }
+
+    /// The `:status` of the response (or callout response) in `map`.
+    fn status(&self, map: MapType) -> Option<u16> {
+        let status = self.host.header(map, ":status").ok().flatten()?;
+        std::str::from_utf8(&status).ok()?.parse().ok()
     }
 
     /// The block hashes in the sidecar's `/v1/tokenize` answer, if it gave
@@ -519,7 +525,11 @@ impl<H: Host> InferenceStream<H> {
                 now_ms: now,
                 random,
             };
-            let prefill = model.disaggregation.as_ref().map(|d| &d.routing);
+            let prefill = model
+                .disaggregation
+                .as_ref()
+                .filter(|_| body.can_prefill_remotely)
+                .map(|d| &d.routing);
             plan(&model.routing, prefill, prompt, signals, &mut state.router)
         };
         self.metrics
@@ -731,22 +741,32 @@ impl<H: Host> InferenceStream<H> {
         }
     }
 
-    /// Learns from where Envoy actually sent the request: served elsewhere
-    /// (or nowhere), the chosen worker refused it and is left out for a
-    /// while; served by it, it is reachable.
+    /// Learns from where Envoy actually sent the request and how it went:
+    /// served elsewhere (or nowhere), the chosen worker refused it; served by
+    /// it with a 5xx or 429, the worker is failing or shedding load. Either
+    /// way it is left out for a while: an engine that fails fast looks idle
+    /// (its requests end at once), so the cost function alone would send it
+    /// ever more requests. Served by it otherwise, it is reachable.
     fn observe_upstream(&self, chosen: &str) {
         let served = match self.host.property(&["upstream", "address"]) {
             Ok(served) => served,
             Err(err) => return self.host_error(err),
         };
         let mut state = self.state.borrow_mut();
-        if served.as_deref() == Some(chosen.as_bytes()) {
-            state.router.unreachable.clear(chosen);
+        if served.as_deref() != Some(chosen.as_bytes()) {
+            self.metrics.upstream_failovers.inc(&self.host);
+            log::info!("{chosen} did not serve a request routed to it; leaving it out for now");
+            state.router.unreachable.mark(chosen, self.now_ms());
             return;
         }
-        self.metrics.upstream_failovers.inc(&self.host);
-        log::info!("{chosen} did not serve a request routed to it; leaving it out for now");
-        state.router.unreachable.mark(chosen, self.now_ms());
+        match self.status(MapType::HttpResponseHeaders) {
+            Some(status) if is_worker_failure(status) => {
+                self.metrics.upstream_errors.inc(&self.host);
+                log::info!("{chosen} answered {status}; leaving it out for now");
+                state.router.unreachable.mark(chosen, self.now_ms());
+            }
+            _ => state.router.unreachable.clear(chosen),
+        }
     }
 
     /// A callout answered (or failed, or timed out): the phase it belongs
@@ -838,6 +858,12 @@ impl<H: Host> InferenceStream<H> {
     }
 }
 
+/// A status that says the worker, not the request, is the problem: an
+/// engine error or overload (5xx), or its rate limit (429).
+fn is_worker_failure(status: u16) -> bool {
+    status >= 500 || status == 429
+}
+
 fn is_reserved(name: &[u8]) -> bool {
     RESERVED_HEADERS
         .iter()
@@ -924,7 +950,12 @@ impl<H: Host> HttpContext for InferenceStream<H> {
                     self.finish(ticket);
                 }
             }
-            Phase::AwaitingPrefill(wait) => self.finish(wait.leg.ticket),
+            Phase::AwaitingPrefill(wait) => {
+                self.finish(wait.leg.ticket);
+                if let Some(hold) = wait.decode_hold {
+                    self.finish(hold);
+                }
+            }
             _ => {}
         }
         self.report_progress(RequestPhase::Done);

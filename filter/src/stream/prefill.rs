@@ -9,7 +9,10 @@ use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::Decision;
 use thiserror::Error;
 
-use super::{BufferedBody, InferenceStream, Phase, Routed, DESTINATION_HEADER};
+use super::{is_worker_failure, BufferedBody, InferenceStream, Phase, Routed, DESTINATION_HEADER};
+
+/// Client headers the prefill leg carries too.
+const FORWARDED_HEADERS: [&str; 4] = ["authorization", "traceparent", "tracestate", "baggage"];
 use crate::config::{Disaggregation, Protocol};
 use crate::disagg::body::{self, BodyError, ContextOutcome};
 use crate::host::Host;
@@ -24,9 +27,14 @@ pub(super) struct PrefillLeg {
 /// A request whose decode leg waits for its prefill leg.
 pub(super) struct PrefillWait {
     pub(super) leg: PrefillLeg,
+    /// The decode worker's share of in-flight load meanwhile: the KV blocks
+    /// it is about to receive, so that other decisions do not see it idle.
+    pub(super) decode_hold: Option<Ticket>,
     protocol: Protocol,
-    /// The original request (router fields already stripped), as buffered.
-    body: Vec<u8>,
+    /// The size of the request body Envoy holds (router fields already
+    /// stripped); it is read again when the leg answers rather than copied,
+    /// so a request waiting for its prefill costs the VM no body memory.
+    body_size: usize,
     client_streams: bool,
     decode: Decision,
     block_size: u64,
@@ -39,6 +47,8 @@ enum LocalPrefill {
     Dispatch,
     #[error("the prefill leg failed or timed out")]
     Status,
+    #[error("the request body could not be read or rewritten")]
+    Body,
     #[error(transparent)]
     Response(BodyError),
 }
@@ -55,7 +65,8 @@ impl<H: Host> InferenceStream<H> {
         block_size: u64,
         buffered: BufferedBody,
     ) -> Phase {
-        let (Some(address), Some(body)) = (prefill.address.clone(), self.buffered_body(buffered))
+        let (Some(address), Some(body)) =
+            (prefill.address.clone(), self.buffered_body(buffered.size))
         else {
             return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
@@ -75,6 +86,7 @@ impl<H: Host> InferenceStream<H> {
         let Ok(leg) = leg else {
             return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
+        drop(body);
         let ticket = self.admit_prefill(prefill, &address, block_size);
         let Some(token) = self.dispatch_prefill(disaggregation, &address, &leg) else {
             self.finish(ticket);
@@ -84,16 +96,21 @@ impl<H: Host> InferenceStream<H> {
         if protocol == Protocol::Sglang {
             // Both legs at once: the decode engine meets the prefill at its
             // bootstrap server; the prefill's own answer is not needed.
-            self.replace_body(buffered.size, &leg);
+            let remote = self.replace_body(buffered.size, &leg);
+            if !remote {
+                log::info!("prefilling locally: {}", LocalPrefill::Body);
+                self.metrics.prefill_failures.inc(&self.host);
+            }
             return Phase::Routed(Routed {
                 prefill: Some(prefill_leg),
-                ..self.apply_decision(&decode, block_size, Some(&address))
+                ..self.apply_decision(&decode, block_size, remote.then_some(address.as_str()))
             });
         }
         Phase::AwaitingPrefill(PrefillWait {
             leg: prefill_leg,
+            decode_hold: self.hold_decode_worker(&decode),
             protocol,
-            body,
+            body_size: buffered.size,
             client_streams: buffered.client_streams,
             decode,
             block_size,
@@ -105,18 +122,22 @@ impl<H: Host> InferenceStream<H> {
     pub(super) fn on_prefill_response(&self, wait: PrefillWait, body_size: usize) -> Phase {
         let PrefillWait {
             leg,
+            decode_hold,
             protocol,
-            body,
+            body_size: buffered_size,
             client_streams,
             decode,
             block_size,
         } = wait;
         let prefill_worker = leg.ticket.address().to_owned();
         self.finish(leg.ticket);
-        let buffered_size = body.len();
+        if let Some(hold) = decode_hold {
+            self.finish(hold);
+        }
         let outcome = if !self.call_succeeded() {
+            self.hold_failed_prefill_worker(&prefill_worker);
             Err(LocalPrefill::Status)
-        } else {
+        } else if let Some(body) = self.buffered_body(buffered_size) {
             let response = self
                 .host
                 .buffer(BufferType::HttpCallResponseBody, 0, body_size)
@@ -140,11 +161,19 @@ impl<H: Host> InferenceStream<H> {
                 Protocol::Sglang => Ok(body),
             }
             .map_err(LocalPrefill::Response)
+        } else {
+            Err(LocalPrefill::Body)
         };
+        let outcome = outcome.and_then(|decode_leg| {
+            if self.replace_body(buffered_size, &decode_leg) {
+                Ok(())
+            } else {
+                Err(LocalPrefill::Body)
+            }
+        });
         match outcome {
-            Ok(decode_leg) => {
+            Ok(()) => {
                 self.metrics.remote_prefills.inc(&self.host);
-                self.replace_body(buffered_size, &decode_leg);
                 Phase::Routed(self.apply_decision(&decode, block_size, Some(&prefill_worker)))
             }
             Err(reason) => self.decode_locally(&decode, block_size, reason),
@@ -153,13 +182,39 @@ impl<H: Host> InferenceStream<H> {
 
     /// SGLang: the prefill leg running beside the decode leg answered.
     pub(super) fn on_prefill_beside(&self, leg: PrefillLeg) {
-        self.finish(leg.ticket);
-        let counter = if self.call_succeeded() {
-            self.metrics.remote_prefills
+        if self.call_succeeded() {
+            self.metrics.remote_prefills.inc(&self.host);
         } else {
-            self.metrics.prefill_failures
-        };
-        counter.inc(&self.host);
+            self.hold_failed_prefill_worker(leg.ticket.address());
+            self.metrics.prefill_failures.inc(&self.host);
+        }
+        self.finish(leg.ticket);
+    }
+
+    /// A prefill leg that timed out, could not connect or got a 5xx or 429
+    /// says its worker is failing: it is left out for a while, as a decode
+    /// worker would be. A 4xx is the request's fault, not the worker's.
+    fn hold_failed_prefill_worker(&self, worker: &str) {
+        let worker_failed = self
+            .status(MapType::HttpCallResponseHeaders)
+            .is_none_or(is_worker_failure);
+        if worker_failed {
+            self.metrics.upstream_errors.inc(&self.host);
+            log::info!("prefill worker {worker} failed; leaving it out for now");
+            let now = self.now_ms();
+            self.state.borrow_mut().router.unreachable.mark(worker, now);
+        }
+    }
+
+    /// The decode worker's share of load while the prefill leg runs.
+    fn hold_decode_worker(&self, decode: &Decision) -> Option<Ticket> {
+        let address = decode.address.as_deref()?;
+        Some(self.state.borrow_mut().router.inflight.admit(RequestLoad {
+            decode: address,
+            prefill: None,
+            prefill_tokens: 0,
+            blocks: u64::from(decode.prompt_blocks),
+        }))
     }
 
     /// The decode worker computes the prompt itself.
@@ -177,7 +232,13 @@ impl<H: Host> InferenceStream<H> {
     ) -> Option<u32> {
         let path = self.request_header(":path")?;
         let request_id = self.request_id();
-        let headers = [
+        // The engine may check the client's credentials (vLLM and SGLang's
+        // `--api-key`), and traces should follow both legs.
+        let forwarded: Vec<(&str, String)> = FORWARDED_HEADERS
+            .iter()
+            .filter_map(|&name| Some((name, self.request_header(name)?)))
+            .collect();
+        let mut headers = vec![
             (":method", "POST"),
             (":path", path.as_str()),
             (":authority", "kvmesh-prefill"),
@@ -185,6 +246,11 @@ impl<H: Host> InferenceStream<H> {
             ("x-request-id", request_id.as_str()),
             (DESTINATION_HEADER, address),
         ];
+        headers.extend(
+            forwarded
+                .iter()
+                .map(|(name, value)| (*name, value.as_str())),
+        );
         match self.host.dispatch_http_call(
             &disaggregation.prefill_cluster,
             &headers,
@@ -237,11 +303,10 @@ impl<H: Host> InferenceStream<H> {
         Phase::Answered
     }
 
-    /// The buffered request body (already validated as a JSON object).
-    fn buffered_body(&self, buffered: BufferedBody) -> Option<Vec<u8>> {
-        self.host
-            .buffer(BufferType::HttpRequestBody, 0, buffered.size)
-            .ok()
+    /// The buffered request body of `size` bytes (already validated as a
+    /// JSON object).
+    fn buffered_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.host.buffer(BufferType::HttpRequestBody, 0, size).ok()
     }
 
     /// Replaces the buffered request body (`size` bytes) and its length;

@@ -159,20 +159,29 @@ impl Vm {
 
     /// A new request's headers and complete body, and the two actions.
     fn send(&self, path: &str, body: &str) -> (InferenceStream<MockHost>, [Action; 2]) {
+        self.send_with(path, body, &[])
+    }
+
+    /// As [`send`](Self::send), with `extra` request headers.
+    fn send_with(
+        &self,
+        path: &str,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> (InferenceStream<MockHost>, [Action; 2]) {
         let length = body.len().to_string();
-        self.host.set_headers(
-            REQUEST,
-            &[
-                (":method", "POST"),
-                (":path", path),
-                ("content-type", "application/json"),
-                ("content-length", &length),
-            ],
-        );
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", path),
+            ("content-type", "application/json"),
+            ("content-length", &length),
+        ];
+        headers.extend_from_slice(extra);
+        self.host.set_headers(REQUEST, &headers);
         self.host
             .set_body(BufferType::HttpRequestBody, body.as_bytes());
         let mut stream = self.stream();
-        let headers = stream.on_http_request_headers(4, false);
+        let headers = stream.on_http_request_headers(headers.len(), false);
         let body = stream.on_http_request_body(body.len(), true);
         (stream, [headers, body])
     }
@@ -194,14 +203,18 @@ impl Vm {
         stream.on_http_call_response(token, headers.len(), body.len(), 0);
     }
 
-    /// The upstream `served_by` answers with `headers` (besides `:status`).
+    /// The upstream `served_by` answers with `headers` (`:status` 200
+    /// unless they hold one).
     fn respond(
         &self,
         stream: &mut InferenceStream<MockHost>,
         served_by: &str,
         headers: &[(&str, &str)],
     ) {
-        let mut all = vec![(":status", "200")];
+        let mut all = Vec::new();
+        if !headers.iter().any(|(name, _)| *name == ":status") {
+            all.push((":status", "200"));
+        }
         all.extend_from_slice(headers);
         self.host.set_headers(RESPONSE, &all);
         self.host.set_property(&["upstream", "address"], served_by);
@@ -620,6 +633,27 @@ fn a_worker_that_did_not_serve_its_request_is_left_out() {
     assert_eq!(vm.host.counter("kvmesh_upstream_failovers"), 1);
 }
 
+/// A worker that fails fast looks idle to the cost function (its requests
+/// end at once), so without the hold it would draw ever more of them.
+#[test]
+fn a_worker_that_answers_with_errors_is_left_out() {
+    let vm = Vm::new(&config("")).with_fleet();
+    for (status, held) in [("503", true), ("429", true), ("500", true), ("400", false)] {
+        vm.state.borrow_mut().router.unreachable.clear(B);
+        let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
+        assert_eq!(vm.destination().as_deref(), Some(B), "{status}");
+        vm.respond(&mut stream, B, &[(":status", status)]);
+        stream.on_log();
+        let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
+        let expected = if held { A } else { B };
+        assert_eq!(vm.destination().as_deref(), Some(expected), "{status}");
+        vm.respond(&mut stream, expected, &[]);
+        stream.on_log();
+    }
+    assert_eq!(vm.host.counter("kvmesh_upstream_errors"), 3);
+    assert_eq!(vm.host.counter("kvmesh_upstream_failovers"), 0);
+}
+
 #[test]
 fn vllm_decode_waits_for_the_prefill_leg() {
     let vm = Vm::new(&disaggregated("vllm")).with_fleet();
@@ -658,20 +692,80 @@ fn vllm_decode_waits_for_the_prefill_leg() {
         Some(PREFILL)
     );
 
-    // A failed leg: the decode worker prefills the original request.
-    let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
-    vm.answer(&mut stream, 2, Some("500"), "");
-    assert_eq!(vm.host.recorded().resumed, 2);
-    assert_eq!(vm.host.counter("kvmesh_prefill_failures"), 1);
-    assert_eq!(vm.request_body().get("kv_transfer_params"), None);
-    vm.respond(&mut stream, B, &[]);
-    assert_eq!(vm.host.get(RESPONSE, "x-kvmesh-prefill-worker"), None);
+    stream.on_log();
 
-    // The client leaves while the leg runs: its load is given back.
+    // While the leg runs the decode worker counts the blocks it is about to
+    // receive; the client leaving gives both workers' load back.
     let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
     assert_ne!(vm.load(PREFILL), WorkerLoad::default());
+    assert_eq!(vm.load(B).active_blocks, 4);
     stream.on_log();
     assert_eq!(vm.load(PREFILL), WorkerLoad::default());
+    assert_eq!(vm.load(B), WorkerLoad::default());
+
+    // A failed leg: the decode worker prefills the original request. A 4xx
+    // is the request's fault; a 5xx (or no answer) leaves the prefill
+    // worker out, so the next long prompt is not sent to it.
+    for (token, status, failures, held) in [(3, "400", 1, false), (4, "500", 2, true)] {
+        let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
+        vm.answer(&mut stream, token, Some(status), "");
+        assert_eq!(vm.host.counter("kvmesh_prefill_failures"), failures);
+        assert_eq!(vm.request_body().get("kv_transfer_params"), None);
+        assert_eq!(vm.destination().as_deref(), Some(B));
+        vm.respond(&mut stream, B, &[]);
+        assert_eq!(vm.host.get(RESPONSE, "x-kvmesh-prefill-worker"), None);
+        stream.on_log();
+        assert_eq!(vm.host.counter("kvmesh_upstream_errors"), i64::from(held));
+    }
+    let callouts = vm.host.recorded().callouts.len();
+    let (_stream, actions) = vm.send(COMPLETIONS, &completion(64, ""));
+    assert_eq!(actions, [Action::Pause, Action::Continue]);
+    assert_eq!(vm.host.recorded().callouts.len(), callouts);
+    assert_eq!(vm.destination().as_deref(), Some(B));
+}
+
+#[test]
+fn the_prefill_leg_carries_the_clients_credentials_and_trace() {
+    let vm = Vm::new(&disaggregated("vllm")).with_fleet();
+    let extra = [
+        ("authorization", "Bearer sk-test"),
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("cookie", "session=1"),
+    ];
+    vm.send_with(COMPLETIONS, &completion(64, ""), &extra);
+    let recorded = vm.host.recorded();
+    let [call] = recorded.callouts.as_slice() else {
+        panic!("expected the prefill leg");
+    };
+    assert_eq!(call.header("authorization"), Some("Bearer sk-test"));
+    assert_eq!(call.header("traceparent"), Some(extra[1].1));
+    assert_eq!(call.header("cookie"), None);
+}
+
+/// An engine answers a batch's prefill leg with its first prompt's transfer
+/// parameters only; the decode leg would apply them to every prompt.
+#[test]
+fn a_batch_of_prompts_is_never_prefilled_remotely() {
+    let vm = Vm::new(&disaggregated("vllm")).with_fleet();
+    let ids = |start: u32| {
+        (start..start + 64)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let body = format!(
+        r#"{{"model":"m","prompt":[[{}],[{}]],"max_tokens":4}}"#,
+        ids(0),
+        ids(1000)
+    );
+    let (_stream, actions) = vm.send(COMPLETIONS, &body);
+    assert_eq!(actions, [Action::Pause, Action::Continue]);
+    assert!(vm.host.recorded().callouts.is_empty());
+    assert_eq!(vm.destination().as_deref(), Some(B));
+    assert_eq!(vm.host.counter("kvmesh_prefill_failures"), 0);
 }
 
 #[test]

@@ -32,10 +32,13 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     let (block_size, weights, prefill) = match http.state.lock(&model) {
         Some(guard) => {
             let spec = guard.registry.config();
-            let prefill = spec.remote_prefill().map(|d| PrefillRouting {
-                spec: d.shared,
-                endpoints: Vec::new(),
-            });
+            let prefill = spec
+                .remote_prefill()
+                .filter(|_| request.prompt.can_prefill_remotely())
+                .map(|d| PrefillRouting {
+                    spec: d.shared,
+                    endpoints: Vec::new(),
+                });
             (spec.block_size, spec.weights(), prefill)
         }
         None => {

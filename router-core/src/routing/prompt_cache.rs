@@ -86,8 +86,10 @@ impl PromptCache {
         if hashes.is_empty() || hashes.len() > MAX_HASHES {
             return;
         }
-        if let Some(old) = self.entries.put(key, Rc::from(hashes)) {
-            self.hashes -= old.len();
+        // `push` hands back what it displaced: the key's old entry, or the
+        // least recently used one when the cache is full of entries.
+        if let Some((_, displaced)) = self.entries.push(key, Rc::from(hashes)) {
+            self.hashes -= displaced.len();
         }
         self.hashes += hashes.len();
         while self.hashes > MAX_HASHES {
@@ -125,6 +127,23 @@ mod tests {
         assert_eq!(&*hit.hashes, &[SeqHash(7), SeqHash(8)]);
         assert!(!hit.complete);
         assert!(cache.lookup(&k1).unwrap().complete);
+    }
+
+    /// Entries evicted for their count give their hashes back; otherwise
+    /// the budget shrinks until one long prompt flushes the whole cache.
+    #[test]
+    fn hashes_are_counted_for_the_entries_held() {
+        let mut cache = PromptCache::default();
+        for key in 0..(3 * ENTRIES as u64) {
+            cache.insert(key, &[SeqHash(key); 3]);
+        }
+        cache.insert(1, &[SeqHash(1); 5]);
+        let held: usize = cache.entries.iter().map(|(_, hashes)| hashes.len()).sum();
+        assert_eq!(cache.hashes, held);
+        let long = vec![SeqHash(9); MAX_HASHES / 2];
+        cache.insert(u64::MAX, &long);
+        assert!(cache.lookup(&[3 * ENTRIES as u64 - 1]).is_some());
+        assert!(cache.lookup(&[u64::MAX]).is_some());
     }
 
     #[test]
