@@ -6,7 +6,9 @@
 //!   `config_discovery` gets its `typed_config` (what Envoy runs once ECDS
 //!   delivers it), and remote Wasm code becomes the local module (what
 //!   istio-agent does after downloading and checking it).
-//! * `HTTP_FILTER` `INSERT_BEFORE` a sub-filter of a network filter.
+//! * `HTTP_FILTER` `INSERT_BEFORE` a sub-filter of a network filter, in
+//!   every listener or (`listener.portNumber`) in the gateway listener of
+//!   that port, which Istio names `0.0.0.0_<port>`.
 //! * `CLUSTER` `MERGE` (matched by service and port: Istio's
 //!   `outbound|<port>||<service>` names) with protobuf merge semantics:
 //!   messages merge field by field, lists append, scalars replace.
@@ -89,16 +91,24 @@ fn localize_wasm_code(typed_config: &mut Value, wasm_module: &Path) -> anyhow::R
     Ok(())
 }
 
-/// Every HTTP filter list in the listeners, with the name of the network
-/// filter (the connection manager) that holds it.
+/// Every HTTP filter list in the listeners on `port` (all listeners when
+/// `None`), with the name of the network filter (the connection manager)
+/// that holds it.
 fn http_filter_lists(
     bootstrap: &mut Value,
+    port: Option<u64>,
 ) -> anyhow::Result<impl Iterator<Item = (String, &mut Vec<Value>)>> {
     let listeners = bootstrap["static_resources"]["listeners"]
         .as_array_mut()
         .context("the configuration has no static_resources.listeners")?;
+    let suffix = port.map(|port| format!("_{port}"));
     Ok(listeners
         .iter_mut()
+        .filter(move |l| {
+            suffix
+                .as_deref()
+                .is_none_or(|suffix| l["name"].as_str().is_some_and(|n| n.ends_with(suffix)))
+        })
         .filter_map(|l| l["filter_chains"].as_array_mut())
         .flatten()
         .filter_map(|c| c["filters"].as_array_mut())
@@ -119,8 +129,9 @@ fn insert_http_filter(bootstrap: &mut Value, matcher: &Value, filter: Value) -> 
     let before = matcher["listener"]["filterChain"]["filter"]["subFilter"]["name"]
         .as_str()
         .context("match...subFilter.name is required")?;
+    let port = matcher["listener"]["portNumber"].as_u64();
     let mut inserted = 0;
-    for (name, http_filters) in http_filter_lists(bootstrap)? {
+    for (name, http_filters) in http_filter_lists(bootstrap, port)? {
         if name != network_filter {
             continue;
         }
@@ -177,7 +188,7 @@ fn resolve_config_discovery(
     bootstrap: &mut Value,
     extension_configs: &HashMap<String, Value>,
 ) -> anyhow::Result<()> {
-    for http_filter in http_filter_lists(bootstrap)?.flat_map(|(_, list)| list.iter_mut()) {
+    for http_filter in http_filter_lists(bootstrap, None)?.flat_map(|(_, list)| list.iter_mut()) {
         let Some(filter) = http_filter.as_object_mut() else {
             continue;
         };
@@ -210,6 +221,37 @@ mod tests {
             cluster,
             json!({"name": "c", "lb_policy": "RANDOM", "a": {"x": 1, "y": 2, "l": [1, 2]}})
         );
+    }
+
+    #[test]
+    fn a_listener_port_scopes_an_http_filter_to_that_listener() {
+        let listener = |name: &str| {
+            json!({"name": name, "filter_chains": [{"filters": [{
+                "name": "hcm",
+                "typed_config": {"http_filters": [{"name": "router"}]}
+            }]}]})
+        };
+        let mut bootstrap = json!({"static_resources": {
+            "listeners": [listener("0.0.0.0_8080"), listener("0.0.0.0_8443")]
+        }});
+        let matcher = |port: u64| {
+            json!({"listener": {"portNumber": port, "filterChain": {
+                "filter": {"name": "hcm", "subFilter": {"name": "router"}}
+            }}})
+        };
+        insert_http_filter(&mut bootstrap, &matcher(8080), json!({"name": "kvmesh"})).unwrap();
+        let names = |index: usize| {
+            bootstrap["static_resources"]["listeners"][index]["filter_chains"][0]["filters"][0]
+                ["typed_config"]["http_filters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(0), ["kvmesh", "router"]);
+        assert_eq!(names(1), ["router"]);
+        assert!(insert_http_filter(&mut bootstrap, &matcher(9999), json!({})).is_err());
     }
 
     #[test]
