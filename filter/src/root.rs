@@ -106,6 +106,8 @@ impl KvmeshRoot {
                         })),
                     };
                     state.reporter.send(&EnvoyHost, &hello);
+                    let kept = state.reporter.send_kept_completions(&EnvoyHost);
+                    metrics.reports_sent.add(&EnvoyHost, kept as u64);
                 }
             }
             Err(err) => {

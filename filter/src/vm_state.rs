@@ -2,6 +2,7 @@
 //! one Envoy worker thread, so `Rc<RefCell<_>>` is enough).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use prost::Message;
@@ -33,6 +34,10 @@ pub struct VmState {
     rng: u64,
 }
 
+/// Completions kept while no stream is open: beyond this the oldest are
+/// dropped, and sidecars let those requests expire instead.
+const MAX_UNSENT_COMPLETIONS: usize = 4_096;
+
 /// Sends this VM's routing decisions and their progress on the state stream,
 /// so the sidecar can share predicted load with every other gateway.
 pub struct Reporter {
@@ -40,6 +45,11 @@ pub struct Reporter {
     /// The open state stream, if any.
     stream: Option<u32>,
     next_request: u64,
+    /// Completions of reported requests that ended while no stream was open.
+    /// Every sidecar that heard of the decision (over NATS too) counts its
+    /// load until it hears the completion or the request expires, minutes
+    /// later; so they wait here for the next stream.
+    unsent_completions: VecDeque<GatewayReport>,
 }
 
 impl Reporter {
@@ -48,6 +58,7 @@ impl Reporter {
             gateway_id,
             stream: None,
             next_request: 0,
+            unsent_completions: VecDeque::new(),
         }
     }
 
@@ -67,6 +78,33 @@ impl Reporter {
     pub fn next_request_id(&mut self) -> String {
         self.next_request += 1;
         format!("{}-{}", self.gateway_id, self.next_request)
+    }
+
+    /// Sends a request's completion, or keeps it for the next stream; false
+    /// when it was kept.
+    pub fn send_completion(&mut self, host: &impl Host, report: GatewayReport) -> bool {
+        if self.send(host, &report) {
+            return true;
+        }
+        if self.unsent_completions.len() == MAX_UNSENT_COMPLETIONS {
+            self.unsent_completions.pop_front();
+        }
+        self.unsent_completions.push_back(report);
+        false
+    }
+
+    /// Sends the completions kept while no stream was open, oldest first;
+    /// returns how many were sent.
+    pub fn send_kept_completions(&mut self, host: &impl Host) -> usize {
+        let mut sent = 0;
+        while let Some(report) = self.unsent_completions.front() {
+            if !self.send(host, report) {
+                break;
+            }
+            self.unsent_completions.pop_front();
+            sent += 1;
+        }
+        sent
     }
 
     /// Sends one report; false when no stream is open or the host refused it.

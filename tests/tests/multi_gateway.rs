@@ -181,6 +181,34 @@ fn gateways_on_one_nats_see_each_others_in_flight_requests() {
     }
 }
 
+/// A request that ends while its gateway's sidecar is down cannot report
+/// its completion, but every sidecar heard of its decision (the other one
+/// over NATS) and would count its load for `inflight_ttl_ms` (10 minutes):
+/// the filter sends the completion once its sidecar is back.
+#[test]
+fn a_completion_made_while_the_sidecar_was_down_frees_the_load_everywhere() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
+    let mut stack = Stack::start(options, |_| {}).unwrap();
+    stack.add_gateway(|_| {}).unwrap();
+    let (worker_rx, request) = long_request(&stack.envoy, 700_000);
+    let busy = worker_rx.recv_timeout(SETTLE).unwrap();
+    let peer = &stack.more_gateways[0].sidecar;
+    wait_for(
+        peer,
+        "the other gateway's sidecar never heard of it",
+        |blocks| blocks_of(blocks, &busy) >= LONG_PROMPT_BLOCKS,
+    );
+    stack.sidecar.process().kill();
+    assert!(!request.is_finished(), "the long request ended too soon");
+    assert_eq!(request.join().unwrap(), 200);
+    stack.sidecar.restart().unwrap();
+    let peer = &stack.more_gateways[0].sidecar;
+    wait_for(peer, "the finished request still counts", |blocks| {
+        blocks_of(blocks, &busy) == 0
+    });
+}
+
 /// Simulated prefill time per prompt token (375× the timing model's), so a
 /// prompt stays being computed for seconds: the blocker ~9 s, the shared
 /// prompt ~12 s.

@@ -593,7 +593,12 @@ impl<H: Host> InferenceStream<H> {
                 phase: phase as i32,
             })),
         };
-        if self.state.borrow().reporter.send(&self.host, &report) {
+        let mut state = self.state.borrow_mut();
+        let sent = match phase {
+            RequestPhase::Done => state.reporter.send_completion(&self.host, report),
+            _ => state.reporter.send(&self.host, &report),
+        };
+        if sent {
             self.metrics.reports_sent.inc(&self.host);
         }
     }

@@ -567,6 +567,33 @@ fn the_response_releases_the_load_and_reports_progress() {
     assert_eq!(vm.host.counter("kvmesh_gateway_reports_sent"), 3);
 }
 
+/// Sidecars count a reported request's load until they hear it ended (or
+/// for minutes): a completion the stream could not carry waits for the next.
+#[test]
+fn a_completion_without_a_stream_is_sent_on_the_next_one() {
+    let vm = Vm::new(&config("")).with_fleet();
+    vm.state.borrow_mut().reporter.attach(9);
+    let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
+    vm.respond(&mut stream, B, &[]);
+    vm.state.borrow_mut().reporter.detach();
+    stream.on_log();
+    let done = |reports: Vec<gateway_report::Kind>| {
+        reports
+            .into_iter()
+            .filter(|kind| {
+                matches!(kind, gateway_report::Kind::Progress(p) if p.phase == RequestPhase::Done as i32)
+            })
+            .count()
+    };
+    assert_eq!(done(vm.reports()), 0);
+    let mut state = vm.state.borrow_mut();
+    state.reporter.attach(10);
+    assert_eq!(state.reporter.send_kept_completions(&vm.host), 1);
+    assert_eq!(state.reporter.send_kept_completions(&vm.host), 0);
+    drop(state);
+    assert_eq!(done(vm.reports()), 1);
+}
+
 #[test]
 fn its_decisions_share_the_prompt_being_computed() {
     let vm = Vm::new(&config("")).with_fleet();
