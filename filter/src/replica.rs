@@ -73,6 +73,12 @@ impl FleetReplica {
         self.views.get(model)
     }
 
+    /// The model's view however old: who the workers were when the stream
+    /// last spoke.
+    pub fn view(&self, model: &str) -> Option<&FleetView> {
+        self.views.get(model)
+    }
+
     /// True once updates stopped arriving for longer than the staleness limit.
     pub fn is_stale(&self, now_ms: u64) -> bool {
         self.last_update_ms

@@ -139,6 +139,7 @@ fn cached_blocks(
     };
     let signals = Signals {
         view: Some(view),
+        last_known: None,
         now_ms: 1_000,
         random: 0,
     };

@@ -195,7 +195,7 @@ fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache(
     let options =
         StackOptions::disaggregated(MODEL, 2, 1, DisaggregationPolicy::Auto, EngineKind::Vllm)
             .unwrap();
-    let stack = Stack::start(options, |_| {}).unwrap();
+    let mut stack = Stack::start(options, |_| {}).unwrap();
     let (gateway, merged) = istio_gateway_config(&stack);
 
     let (ok, out) = envoy_validate(&merged);
@@ -256,6 +256,36 @@ fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache(
     assert!(long.cached_tokens() >= 2_048, "{}", long.text);
 
     dashboard_queries_only_exported_metrics(&stack, &envoy);
+
+    // The sidecar gone: the manifests list no endpoints, so the workers of
+    // the last fleet state the filter heard are the candidates, rather than
+    // Envoy's own pick.
+    stack.sidecar.process().kill();
+    poll_until(
+        "the filter VMs to see their fleet state go stale",
+        Duration::from_secs(30),
+        || {
+            envoy
+                .stat("wasmcustom.kvmesh_state_synced_vms")
+                .unwrap_or(vms)
+                == 0
+        },
+    )
+    .unwrap();
+    // Past the staleness limit (`sidecar.stale_after_ms`, 5 s by default).
+    std::thread::sleep(Duration::from_secs(6));
+    let counter = |name: &str| envoy.stat(&format!("wasmcustom.{name}")).unwrap();
+    let (approximate, fallback) = (
+        counter("kvmesh_requests_approximate"),
+        counter("kvmesh_requests_fallback"),
+    );
+    for prefix in 20..24 {
+        let response = post_json(&client, &url, &token_prompt(prefix, 512, 0)).unwrap();
+        assert_eq!(response.status, 200, "{}", response.text);
+    }
+    assert_eq!(counter("kvmesh_requests_stale_state"), 4);
+    assert_eq!(counter("kvmesh_requests_approximate"), approximate + 4);
+    assert_eq!(counter("kvmesh_requests_fallback"), fallback);
 }
 
 /// Every metric the Grafana dashboard queries is one the gateway, the

@@ -517,11 +517,10 @@ impl<H: Host> InferenceStream<H> {
                 self.metrics.stale_state.inc(&self.host);
             }
             let random = state.next_random();
+            let replica = state.replica.as_ref();
             let signals = Signals {
-                view: state
-                    .replica
-                    .as_ref()
-                    .and_then(|r| r.fresh_view(&model.name, now)),
+                view: replica.and_then(|r| r.fresh_view(&model.name, now)),
+                last_known: replica.and_then(|r| r.view(&model.name)),
                 now_ms: now,
                 random,
             };

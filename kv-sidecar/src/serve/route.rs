@@ -75,6 +75,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     let mut local = LocalState::new(LearnedTable::new(NonZeroUsize::MIN, 1));
     let signals = Signals {
         view: Some(guard.registry.fleet()),
+        last_known: None,
         now_ms: 0,
         // Only ties and temperature sampling use it; no need for a strong RNG.
         random: RandomState::new().hash_one(body.len()),

@@ -182,6 +182,12 @@ pub struct RoutedPrompt<'a> {
 pub struct Signals<'a> {
     /// The model's fleet view, when fresh.
     pub view: Option<&'a FleetView>,
+    /// The model's fleet view however old. When `view` is stale and the pool
+    /// has no configured endpoints (Kubernetes: membership comes from the
+    /// fleet state only), approximate mode takes this view's workers as
+    /// candidates rather than leaving the choice to Envoy; their reported
+    /// load is not trusted.
+    pub last_known: Option<&'a FleetView>,
     pub now_ms: u64,
     /// Uniformly random; breaks ties in precise mode.
     pub random: u64,
@@ -292,13 +298,30 @@ fn decide(
     // A view without a worker of this pool (the sidecar lost NATS and
     // forgot them, say) knows less than the configured endpoints and the
     // learned table: route approximately instead of not at all.
-    let live = signals
-        .view
-        .filter(|view| view.workers().any(|w| pool.admits(w.role, &w.address)));
-    match (live, prompt.exact) {
-        (Some(view), Some(exact)) => precise(model, pool, exact, view, signals, local),
-        _ => approximate(model, pool, prompt, live, signals, local),
+    let serves_pool = |view: &&FleetView| view.workers().any(|w| pool.admits(w.role, &w.address));
+    let live = signals.view.filter(serves_pool);
+    if let (Some(view), Some(exact)) = (live, prompt.exact) {
+        return precise(model, pool, exact, view, signals, local);
     }
+    let membership = match live {
+        Some(view) => Membership::Live(view),
+        None => match signals.last_known.filter(serves_pool) {
+            Some(view) if pool.endpoints().is_empty() => Membership::Remembered(view),
+            _ => Membership::Endpoints,
+        },
+    };
+    approximate(model, pool, prompt, membership, signals, local)
+}
+
+/// Where approximate mode takes its candidates from.
+#[derive(Clone, Copy)]
+enum Membership<'a> {
+    /// The fresh fleet view: its workers and the load they report.
+    Live(&'a FleetView),
+    /// A stale view's workers, their reported load ignored.
+    Remembered(&'a FleetView),
+    /// The pool's configured endpoints.
+    Endpoints,
 }
 
 fn precise(
@@ -369,7 +392,7 @@ fn approximate(
     model: &ModelRouting,
     pool: Pool<'_>,
     prompt: RoutedPrompt<'_>,
-    view: Option<&FleetView>,
+    membership: Membership<'_>,
     signals: Signals<'_>,
     local: &mut LocalState,
 ) -> Decision {
@@ -393,19 +416,22 @@ fn approximate(
     } = local;
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
     // (address, worker id, load the fleet state reports)
-    let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match view {
-        Some(view) => view
-            .workers()
-            .filter(|w| pool.admits(w.role, &w.address) && reachable(&w.address))
-            .map(|w| {
-                (
-                    w.address.as_str(),
-                    Some(w.worker_id.as_str()),
-                    reported(&w.load),
-                )
-            })
-            .collect(),
-        None => pool
+    let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match membership {
+        Membership::Live(view) | Membership::Remembered(view) => {
+            let live = matches!(membership, Membership::Live(_));
+            view.workers()
+                .filter(|w| pool.admits(w.role, &w.address) && reachable(&w.address))
+                .map(|w| {
+                    let load = if live {
+                        reported(&w.load)
+                    } else {
+                        WorkerLoad::default()
+                    };
+                    (w.address.as_str(), Some(w.worker_id.as_str()), load)
+                })
+                .collect()
+        }
+        Membership::Endpoints => pool
             .endpoints()
             .iter()
             .filter(|e| pool.admits_endpoint(e) && reachable(e))
@@ -585,13 +611,26 @@ mod tests {
             keys: &PrefixKeys,
             view: Option<&FleetView>,
         ) -> RoutingPlan {
+            self.plan_with(&model(), prefill, exact, keys, view, None)
+        }
+
+        fn plan_with(
+            &mut self,
+            model: &ModelRouting,
+            prefill: Option<&PrefillRouting>,
+            exact: Option<&[SeqHash]>,
+            keys: &PrefixKeys,
+            view: Option<&FleetView>,
+            last_known: Option<&FleetView>,
+        ) -> RoutingPlan {
             let signals = Signals {
                 view,
+                last_known,
                 now_ms: 1_000,
                 random: 0,
             };
             let prompt = RoutedPrompt { exact, keys };
-            plan(&model(), prefill, prompt, signals, &mut self.local)
+            plan(model, prefill, prompt, signals, &mut self.local)
         }
     }
 
@@ -812,6 +851,36 @@ mod tests {
         let d = Vm::new().decide(Some(&prompt()), Some(&empty));
         assert_eq!(d.mode, Mode::Approximate);
         assert!(["127.0.0.1:1", "127.0.0.1:2"].contains(&d.address.as_deref().unwrap()));
+    }
+
+    /// On Kubernetes no endpoints are configured: a stale view (the sidecar
+    /// gone) still says who the workers are, better than Envoy's own pick.
+    #[test]
+    fn a_stale_view_names_the_candidates_only_when_no_endpoints_are_configured() {
+        let exact = prompt();
+        let keys = PrefixKeys::from_blocks(&exact, model().block_size);
+        let stale = view();
+        let no_endpoints = ModelRouting {
+            endpoints: Vec::new(),
+            ..model()
+        };
+        let mut vm = Vm::new();
+        let mut decide = |model: &ModelRouting, last_known| {
+            vm.plan_with(model, None, Some(&exact), &keys, None, last_known)
+                .decode
+        };
+        let d = decide(&no_endpoints, Some(&stale));
+        assert_eq!(d.mode, Mode::Approximate);
+        assert!(
+            matches!(d.address.as_deref(), Some("127.0.0.1:10" | "127.0.0.1:11")),
+            "{d:?}"
+        );
+        assert_eq!(decide(&no_endpoints, None).mode, Mode::Fallback);
+        let d = decide(&model(), Some(&stale));
+        assert!(
+            matches!(d.address.as_deref(), Some("127.0.0.1:1" | "127.0.0.1:2")),
+            "{d:?}"
+        );
     }
 
     #[test]
