@@ -95,14 +95,27 @@ impl MediaPolicy {
     }
 
     /// Slot 0 is the GPU; a block on two media is two engine blocks.
+    /// An unstated medium is the GPU's slot here; removals look wherever the
+    /// block is (`slots`).
     fn slot(&self, medium: &Medium) -> Option<u8> {
         match medium {
-            Medium::Gpu => Some(0),
+            Medium::Gpu | Medium::Unstated => Some(0),
             Medium::Other(name) => self
                 .extra
                 .iter()
                 .position(|m| m.eq_ignore_ascii_case(name))
                 .and_then(|i| u8::try_from(i + 1).ok()),
+        }
+    }
+
+    /// The slots a block on `medium` may be in: every indexed one when the
+    /// engine does not say.
+    fn slots(&self, medium: &Medium) -> Vec<u8> {
+        match medium {
+            Medium::Unstated => (0..=self.extra.len())
+                .filter_map(|slot| u8::try_from(slot).ok())
+                .collect(),
+            _ => self.slot(medium).into_iter().collect(),
         }
     }
 }
@@ -390,26 +403,28 @@ impl Normalizer {
     }
 
     fn removed(&mut self, event: &BlockRemoved, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
-        let Some(medium) = self.media.slot(&event.medium) else {
+        let slots = self.media.slots(&event.medium);
+        if slots.is_empty() {
             stats.ignored_medium += event.block_hashes.len() as u64;
             return;
-        };
+        }
         if self.partial_groups.contains(&event.group) {
             stats.partial_attention_group += event.block_hashes.len() as u64;
             return;
         }
-        let place = Place::new(medium, event.group);
         let mut gone = Vec::new();
         for engine_hash in &event.block_hashes {
-            let key = (*engine_hash, place);
-            match self.engine_to_seq.remove(&key) {
+            let keys = slots
+                .iter()
+                .map(|&slot| (*engine_hash, Place::new(slot, event.group)));
+            match keys.clone().find_map(|key| self.engine_to_seq.remove(&key)) {
                 Some(seq) => {
                     stats.blocks_removed += 1;
                     gone.extend(self.release(seq));
                 }
                 None => {
-                    let known =
-                        self.unresolved.remove(&key) || self.parked.remove(engine_hash).is_some();
+                    let known = keys.fold(false, |known, key| self.unresolved.remove(&key) | known)
+                        || self.parked.remove(engine_hash).is_some();
                     if !known {
                         stats.unknown_removed += 1;
                     }

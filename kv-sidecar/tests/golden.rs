@@ -354,7 +354,7 @@ fn trtllm_json_with_hashes_above_2_pow_53() {
             event_id: 4,
             event: Decoded::Event(EngineEvent::Removed(BlockRemoved {
                 block_hashes: vec![EngineHash(9_007_199_254_740_993)],
-                medium: Medium::Gpu,
+                medium: Medium::Unstated,
                 group: 0,
             })),
         },
@@ -1049,4 +1049,123 @@ fn blocks_moving_off_the_gpu_leave_the_view_and_come_back() {
     let (out, stats) = run(&mut n, &[removed(&[7])]);
     assert_eq!(out, vec![NormEvent::Removed { hashes: vec![want] }]);
     assert_eq!(stats.unknown_removed, 0);
+}
+
+/// One SGLang array-format `BlockStored` of one page, as 0.4.x's radix cache
+/// publishes it: content-only page hashes, `parent` as given.
+fn sglang_04_store(hash: i64, parent: i64, page: &[u32]) -> Buf {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_array_len(&mut b, 6).unwrap();
+    w_str(&mut b, "BlockStored");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_i64(&mut b, hash).unwrap();
+    encode::write_i64(&mut b, parent).unwrap();
+    w_tokens(&mut b, page);
+    encode::write_uint(&mut b, page.len() as u64).unwrap();
+    encode::write_nil(&mut b).unwrap(); // lora_id
+    encode::write_nil(&mut b).unwrap(); // dp rank
+    b
+}
+
+/// SGLang 0.4's radix cache gives a page under the tree's root the parent
+/// `hash(())` (the root's empty last page), so every chain it stored was
+/// dropped as having an unknown parent and the view stayed empty.
+#[test]
+fn sglang_04_pages_under_the_root_start_a_chain() {
+    const PY_HASH_OF_EMPTY_TUPLE: i64 = 5_740_354_900_026_072_187;
+    let first = sglang_04_store(11, PY_HASH_OF_EMPTY_TUPLE, &tokens(0..4));
+    let second = sglang_04_store(12, 11, &tokens(4..8));
+    let events: Vec<EngineEvent> = [&first, &second]
+        .iter()
+        .flat_map(|b| decode_batch(b, Dialect::Sglang).unwrap().events)
+        .collect();
+    let EngineEvent::Stored(stored) = &events[0] else {
+        panic!("expected stored: {events:?}");
+    };
+    assert_eq!(stored.parent, None);
+    let mut n = normalizer(4);
+    let (out, stats) = run(&mut n, &events);
+    assert_eq!(stats.unknown_parent, 0);
+    assert_eq!(stored_hashes(&out), seqs(4, &tokens(0..8)));
+    // vLLM has no such convention: the same bytes keep their parent.
+    let batch = decode_batch(&first, Dialect::Vllm).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored: {batch:?}");
+    };
+    assert_eq!(
+        stored.parent,
+        Some(EngineHash(PY_HASH_OF_EMPTY_TUPLE as u64))
+    );
+}
+
+/// SGLang with EAGLE keys its radix cache by bigrams and publishes each
+/// page's token ids as `(token, next token)` pairs.
+#[test]
+fn sglang_bigram_token_ids_are_their_first_tokens() {
+    let mut b = Buf::new();
+    encode::write_array_len(&mut b, 3).unwrap();
+    encode::write_f64(&mut b, 1.0).unwrap();
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_map_len(&mut b, 4).unwrap();
+    w_str(&mut b, "type");
+    w_str(&mut b, "BlockStored");
+    w_str(&mut b, "block_hashes");
+    encode::write_array_len(&mut b, 1).unwrap();
+    encode::write_i64(&mut b, 3).unwrap();
+    w_str(&mut b, "token_ids");
+    encode::write_array_len(&mut b, 4).unwrap();
+    for t in 0..4u64 {
+        encode::write_array_len(&mut b, 2).unwrap();
+        encode::write_uint(&mut b, t + 100).unwrap();
+        encode::write_uint(&mut b, t + 101).unwrap();
+    }
+    w_str(&mut b, "block_size");
+    encode::write_uint(&mut b, 4).unwrap();
+    encode::write_uint(&mut b, 0).unwrap();
+    let batch = decode_batch(&b, Dialect::Sglang).unwrap();
+    let EngineEvent::Stored(stored) = &batch.events[0] else {
+        panic!("expected stored: {batch:?}");
+    };
+    assert_eq!(stored.token_ids, tokens(100..104));
+}
+
+/// TensorRT-LLM's `removed` names no tier, and it evicts blocks from its
+/// secondary tier too: with that tier indexed, a block moved there and then
+/// removed leaves the index (it was kept as a false hit).
+#[test]
+fn trtllm_removal_finds_a_block_in_the_secondary_tier() {
+    let body = br#"[
+      {"event_id": 1, "data": {"type": "updated", "block_hash": 5,
+          "cache_level": {"type": "event_diff", "new_value": 1, "old_value": 0},
+          "priority": null}, "window_size": 32},
+      {"event_id": 2, "data": {"type": "removed", "block_hashes": [5]}, "window_size": 32}
+    ]"#;
+    let decoded: Vec<EngineEvent> = decode_events(body, 4)
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|numbered| match numbered.event {
+            Decoded::Event(event) => event,
+            other => panic!("expected an event: {other:?}"),
+        })
+        .collect();
+    let mut n = Normalizer::new(
+        MODEL,
+        BlockSize::new(4).unwrap(),
+        MediaPolicy::with_extra(vec!["cache_level_1".into()]),
+    );
+    let mut events = vec![stored(&[5], None, tokens(0..4), 4)];
+    events.extend(decoded);
+    let (out, stats) = run(&mut n, &events);
+    assert_eq!(stats.unknown_removed, 0, "{out:?}");
+    assert_eq!(n.block_count(), 0, "{out:?}");
+    assert_eq!(
+        out.last(),
+        Some(&NormEvent::Removed {
+            hashes: seqs(4, &tokens(0..4))
+        })
+    );
 }

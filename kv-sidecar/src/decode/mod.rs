@@ -28,6 +28,9 @@ impl EngineHash {
 pub enum Medium {
     Gpu,
     Other(String),
+    /// Whichever tier holds the block: TensorRT-LLM's removals do not say,
+    /// and it evicts blocks from its secondary tier too.
+    Unstated,
 }
 
 impl Medium {

@@ -185,7 +185,7 @@ fn convert(
                 .iter()
                 .map(RawHash::engine_hash)
                 .collect::<Result<_, _>>()?,
-            medium: Medium::Gpu,
+            medium: Medium::Unstated,
             group: 0,
         }),
         RawData::Updated {

@@ -34,6 +34,13 @@ pub enum Dialect {
     Sglang,
 }
 
+/// SGLang 0.4's radix cache links a page stored directly under the tree's
+/// root to the root's last page, whose tokens are none: the parent it
+/// publishes is Python's `hash(())`, the same in every CPython since 3.8.
+/// No page has that hash (its pages hash their tokens, never none), so it
+/// means "no parent". Later releases publish nil.
+const SGLANG_ROOT_PARENT: EngineHash = EngineHash(5_740_354_900_026_072_187);
+
 /// Decodes one ZMQ payload frame.
 pub fn decode_batch(payload: &[u8], dialect: Dialect) -> Result<EventBatch, DecodeError> {
     let mut reader = Reader::new(payload);
@@ -169,7 +176,10 @@ impl Fields {
         for position in 1..len {
             match (tag, position, dialect) {
                 (Tag::Stored | Tag::Removed, 1, _) => fields.block_hashes = Some(hashes(reader)?),
-                (Tag::Stored, 2, _) => fields.parent = optional_hash(reader)?,
+                (Tag::Stored, 2, Dialect::Vllm) => fields.parent = optional_hash(reader)?,
+                (Tag::Stored, 2, Dialect::Sglang) => {
+                    fields.parent = optional_hash(reader)?.filter(|p| *p != SGLANG_ROOT_PARENT)
+                }
                 (Tag::Stored, 3, _) => fields.token_ids = Some(token_ids(reader)?),
                 (Tag::Stored, 4, _) => fields.block_size = Some(reader.u32()?),
                 (Tag::Stored, 5, _) => fields.lora_id = optional_i64(reader)?,
@@ -403,11 +413,24 @@ fn hashes(reader: &mut Reader<'_>) -> Result<Vec<EngineHash>, DecodeError> {
     Ok(out)
 }
 
+/// Token ids, each a number or (SGLang with EAGLE's bigram keys) a pair of
+/// a token and the next one, whose first is the page's token.
 fn token_ids(reader: &mut Reader<'_>) -> Result<Vec<u32>, DecodeError> {
     let len = reader.array_len()?;
     let mut out = Vec::with_capacity(len.min(reader.remaining()));
     for _ in 0..len {
-        out.push(reader.u32()?);
+        if reader.next_is_array()? {
+            let pair = reader.array_len()?;
+            if pair == 0 {
+                return Err(DecodeError::BadBatch("an empty token id tuple"));
+            }
+            out.push(reader.u32()?);
+            for _ in 1..pair {
+                reader.skip()?;
+            }
+        } else {
+            out.push(reader.u32()?);
+        }
     }
     Ok(out)
 }
