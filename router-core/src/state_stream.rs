@@ -20,8 +20,10 @@ pub fn split_snapshot(update: StateUpdate, max_blocks: usize) -> Vec<StateUpdate
         continues: whole.continues,
     }];
     let mut room = max_blocks;
-    for worker in whole.workers {
-        let mut rest = worker.blocks.as_slice();
+    for mut worker in whole.workers {
+        // Each chunk copies the worker's other fields, never all its blocks.
+        let blocks = std::mem::take(&mut worker.blocks);
+        let mut rest = blocks.as_slice();
         loop {
             let (now, later) = rest.split_at(rest.len().min(room));
             if let Some(chunk) = chunks.last_mut() {
