@@ -164,18 +164,31 @@ impl Pipeline {
             );
         }
         for event in normalized {
-            let kind = match event {
-                NormEvent::Stored { parent, hashes } => {
-                    self.pending_hashes += hashes.len();
-                    Kind::Stored(BlocksStored { parent, hashes })
+            // One engine event may hold a whole prompt's blocks (SGLang
+            // merges a radix node's pages): split so every message stays
+            // far under NATS's payload limit, which would refuse it and
+            // leave a hole every subscriber resyncs over.
+            match event {
+                NormEvent::Stored { mut parent, hashes } => {
+                    for chunk in hashes.chunks(MAX_BATCH_HASHES) {
+                        self.pending_hashes += chunk.len();
+                        self.push(Kind::Stored(BlocksStored {
+                            parent,
+                            hashes: chunk.to_vec(),
+                        }));
+                        parent = chunk.last().copied();
+                    }
                 }
                 NormEvent::Removed { hashes } => {
-                    self.pending_hashes += hashes.len();
-                    Kind::Removed(BlocksRemoved { hashes })
+                    for chunk in hashes.chunks(MAX_BATCH_HASHES) {
+                        self.pending_hashes += chunk.len();
+                        self.push(Kind::Removed(BlocksRemoved {
+                            hashes: chunk.to_vec(),
+                        }));
+                    }
                 }
-                NormEvent::Cleared => Kind::Cleared(AllBlocksCleared {}),
-            };
-            self.push(kind);
+                NormEvent::Cleared => self.push(Kind::Cleared(AllBlocksCleared {})),
+            }
         }
         self.metrics
             .blocks
@@ -312,5 +325,65 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{BlockStored, EngineHash, GroupKind, Medium};
+    use crate::normalize::MediaPolicy;
+    use router_core::BlockSize;
+
+    #[test]
+    fn a_prompt_stored_in_one_engine_event_is_published_in_bounded_messages() {
+        let (outbox, mut published) = mpsc::channel(64);
+        let block_size = BlockSize::new(1).unwrap();
+        let mut pipeline = Pipeline::new(
+            Normalizer::new("m", block_size, MediaPolicy::default()),
+            "w".into(),
+            "m".into(),
+            "subject".into(),
+            1,
+            outbox,
+            RelayMetrics::new(&mut prometheus_client::registry::Registry::default()),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let blocks = 3 * MAX_BATCH_HASHES as u64 + 5;
+        pipeline.apply(&[EngineEvent::Stored(BlockStored {
+            block_hashes: (1..=blocks).map(EngineHash).collect(),
+            parent: None,
+            token_ids: (0..blocks as u32).collect(),
+            block_size: 1,
+            lora_id: None,
+            lora_name: None,
+            medium: Medium::Gpu,
+            cache_salt: None,
+            content_keys: Vec::new(),
+            group: 0,
+            group_kind: GroupKind::Unspecified,
+        })]);
+        pipeline.flush();
+        let mut stored = Vec::new();
+        while let Ok(message) = published.try_recv() {
+            assert!(
+                message.payload.len() < 64 * 1024,
+                "{}",
+                message.payload.len()
+            );
+            let batch = KvEventBatch::decode(message.payload).unwrap();
+            for event in batch.events {
+                if let Some(Kind::Stored(blocks)) = event.kind {
+                    assert!(blocks.hashes.len() <= MAX_BATCH_HASHES);
+                    stored.push(blocks);
+                }
+            }
+        }
+        assert_eq!(stored.len(), 4);
+        for pair in stored.windows(2) {
+            assert_eq!(pair[1].parent, pair[0].hashes.last().copied());
+        }
+        let total: usize = stored.iter().map(|s| s.hashes.len()).sum();
+        assert_eq!(total as u64, blocks);
     }
 }
