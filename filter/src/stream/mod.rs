@@ -395,13 +395,17 @@ impl<H: Host> InferenceStream<H> {
         let sidecar = self.config.sidecar.as_ref()?;
         let cluster = sidecar.http_cluster.as_ref()?;
         let now = self.now_ms();
-        let fresh = self
+        // Without workers in the view (the sidecar lost NATS, or another
+        // model's updates keep the stream fresh) routing is approximate
+        // whatever the hashes: the round trip would buy nothing.
+        let has_workers = self
             .state
             .borrow()
             .replica
             .as_ref()
-            .is_some_and(|r| r.fresh_view(model, now).is_some());
-        if !fresh {
+            .and_then(|r| r.fresh_view(model, now))
+            .is_some_and(|view| view.workers().next().is_some());
+        if !has_workers {
             return None;
         }
         let headers = [

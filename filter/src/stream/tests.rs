@@ -416,6 +416,25 @@ fn bad_requests_get_openai_errors() {
     assert_eq!(vm.destination(), None);
 }
 
+/// A fresh view without workers (the sidecar lost NATS) routes
+/// approximately whatever the hashes, so no tokenization is asked for.
+#[test]
+fn a_view_without_workers_asks_for_no_tokenization() {
+    let vm = Vm::new(&config(""));
+    vm.apply(&StateUpdate {
+        model: "m".into(),
+        version: 1,
+        kind: Some(state_update::Kind::Snapshot(Snapshot {
+            workers: Vec::new(),
+            continues: false,
+        })),
+    });
+    let (_stream, actions) = vm.send(CHAT, &chat(&["hello"]));
+    assert_eq!(actions, [Action::Pause, Action::Continue]);
+    assert!(vm.host.recorded().callouts.is_empty());
+    assert_eq!(vm.host.counter("kvmesh_tokenize_calls"), 0);
+}
+
 #[test]
 fn a_chat_waits_for_the_sidecars_block_hashes() {
     let vm = Vm::new(&config("")).with_fleet();
