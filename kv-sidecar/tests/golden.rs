@@ -1169,3 +1169,28 @@ fn trtllm_removal_finds_a_block_in_the_secondary_tier() {
         })
     );
 }
+
+/// With attention data parallelism one response gathers every rank's events,
+/// each rank numbering its own: only rank 0's are kept, so its ids stay
+/// consecutive and another rank's `created` never clears its blocks.
+#[test]
+fn trtllm_attention_dp_keeps_rank_zero() {
+    let body = br#"[
+      {"event_id": 0, "data": {"type": "created", "num_blocks_per_cache_level": [8]}, "window_size": 32, "attention_dp_rank": 0},
+      {"event_id": 0, "data": {"type": "created", "num_blocks_per_cache_level": [8]}, "window_size": 32, "attention_dp_rank": 1},
+      {"event_id": 1, "data": {"type": "stored", "parent_hash": null, "blocks": [
+          {"block_hash": 7, "tokens": [{"token_id": 1}, {"token_id": 2}], "cache_level": 0}]},
+          "window_size": 32, "attention_dp_rank": 1},
+      {"event_id": 1, "data": {"type": "stored", "parent_hash": null, "blocks": [
+          {"block_hash": 8, "tokens": [{"token_id": 3}, {"token_id": 4}], "cache_level": 0}]},
+          "window_size": 32, "attention_dp_rank": 0}
+    ]"#;
+    let poll = decode_events(body, 2).unwrap();
+    assert_eq!(poll.other_rank_events, 2);
+    let ids: Vec<u64> = poll.events.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, [0, 1]);
+    let Decoded::Event(EngineEvent::Stored(stored)) = &poll.events[1].event else {
+        panic!("expected rank 0's store: {poll:?}");
+    };
+    assert_eq!(stored.block_hashes, [EngineHash(8)]);
+}

@@ -16,6 +16,11 @@
 //!
 //! Events decode one by one: an event that does not decode keeps its
 //! `event_id` (so the sequence stays checkable) and is counted.
+//! - With attention data parallelism every rank numbers its own events and
+//!   keeps its own cache, and one response gathers all ranks' events
+//!   (`attention_dp_rank`). Only rank 0's are kept: interleaved, the ranks'
+//!   ids look like holes and restarts, and one rank's `created` would clear
+//!   the others' blocks. The rest are counted in [`Poll::other_rank_events`].
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -47,12 +52,16 @@ pub struct Poll {
     pub events: Vec<NumberedEvent>,
     /// Partial trailing blocks dropped from `stored` events.
     pub partial_blocks: u64,
+    /// Events of attention-DP ranks other than 0, left out.
+    pub other_rank_events: u32,
 }
 
 #[derive(Deserialize)]
 struct RawEvent {
     event_id: u64,
     data: Value,
+    #[serde(default)]
+    attention_dp_rank: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -149,8 +158,18 @@ pub fn decode_events(body: &[u8], block_size: u32) -> Result<Poll, DecodeError> 
     let mut poll = Poll {
         events: Vec::with_capacity(raw.len()),
         partial_blocks: 0,
+        other_rank_events: 0,
     };
-    for RawEvent { event_id, data } in raw {
+    for RawEvent {
+        event_id,
+        data,
+        attention_dp_rank,
+    } in raw
+    {
+        if attention_dp_rank.is_some_and(|rank| rank != 0) {
+            poll.other_rank_events = poll.other_rank_events.saturating_add(1);
+            continue;
+        }
         let event = match serde_json::from_value::<RawData>(data) {
             Ok(data) => convert(data, block_size, &mut poll.partial_blocks),
             Err(error) => Err(DecodeError::Json(error.to_string())),

@@ -34,6 +34,7 @@ impl TrtllmSource {
         let endpoint = format!("{}/kv_cache_events", self.url.trim_end_matches('/'));
         let mut backoff = Backoff::new(self.interval, Duration::from_secs(5));
         let mut expected: Option<u64> = None;
+        let mut warned_other_ranks = false;
         loop {
             let body = client
                 .post(&endpoint)
@@ -59,6 +60,13 @@ impl TrtllmSource {
             backoff.reset();
             match decode_events(&body, self.block_size) {
                 Ok(poll) => {
+                    if poll.other_rank_events > 0 && !warned_other_ranks {
+                        warned_other_ranks = true;
+                        tracing::warn!(
+                            "TensorRT-LLM runs attention data parallelism: only rank 0's \
+                             cache is indexed, the other ranks' events are ignored"
+                        );
+                    }
                     if !self.apply(poll, &mut expected).await {
                         return;
                     }
@@ -101,7 +109,10 @@ impl TrtllmSource {
             }
         }
         *expected = Some(last.saturating_add(1));
-        let mut batch = EventBatch::default();
+        let mut batch = EventBatch {
+            ignored_events: poll.other_rank_events,
+            ..EventBatch::default()
+        };
         for numbered in poll.events {
             match numbered.event {
                 Decoded::Event(event) => batch.events.push(event),
