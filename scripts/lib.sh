@@ -21,5 +21,6 @@ run_setup() {
     fi
     previous="$arg"
   done
-  "$ROOT/scripts/setup" "${setup_args[@]}" >&2
+  # (The `+` form: bash before 4.4 calls an empty array unbound.)
+  "$ROOT/scripts/setup" ${setup_args[@]+"${setup_args[@]}"} >&2
 }

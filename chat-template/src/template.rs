@@ -50,15 +50,24 @@ impl ChatTemplate {
         Self::from_config(template, &config)
     }
 
-    /// The template of a `tokenizer_config.json`-shaped file an operator
-    /// named, whatever its name: unlike the tokenizer's own, it must exist and
-    /// hold a `chat_template`, since falling back would tokenize differently
-    /// from the engine without anyone noticing.
+    /// The template of a file an operator named: a `.jinja` template (as
+    /// newer models ship `chat_template.jinja`), or a
+    /// `tokenizer_config.json`-shaped JSON file of any name. Unlike the
+    /// tokenizer's own, it must exist and hold a template, since falling
+    /// back would tokenize differently from the engine without anyone
+    /// noticing.
     pub fn from_config_file(path: &Path) -> Result<Self, ChatTemplateError> {
         let config_error = |message: &str| ChatTemplateError::Config {
             path: path.display().to_string(),
             message: message.to_owned(),
         };
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jinja"))
+        {
+            let source = std::fs::read_to_string(path).map_err(|e| config_error(&e.to_string()))?;
+            return Self::new(source, String::new(), String::new());
+        }
         let config = read_config(path)?.ok_or_else(|| config_error("no such file"))?;
         let template = template_source(&config).ok_or_else(|| config_error("no chat_template"))?;
         Self::from_config(template, &config)
@@ -145,7 +154,6 @@ impl ChatTemplate {
     }
 }
 
-/// `chat_template` is a string, or a list of `{name, template}` (pick "default").
 /// A `tokenizer_config.json`-shaped file's JSON, `None` when it does not exist.
 fn read_config(path: &Path) -> Result<Option<serde_json::Value>, ChatTemplateError> {
     let config_error = |message: String| ChatTemplateError::Config {
@@ -162,6 +170,7 @@ fn read_config(path: &Path) -> Result<Option<serde_json::Value>, ChatTemplateErr
         .map_err(|e| config_error(e.to_string()))
 }
 
+/// `chat_template` is a string, or a list of `{name, template}` (pick "default").
 fn template_source(config: &serde_json::Value) -> Option<String> {
     match config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),

@@ -106,8 +106,6 @@ impl KvmeshRoot {
                         })),
                     };
                     state.reporter.send(&EnvoyHost, &hello);
-                    let kept = state.reporter.send_kept_completions(&EnvoyHost);
-                    metrics.reports_sent.add(&EnvoyHost, kept as u64);
                 }
             }
             Err(err) => {
@@ -168,6 +166,8 @@ impl KvmeshRoot {
         histogram.record(&EnvoyHost, elapsed_us);
         match applied {
             Ok(applied) => {
+                let kept = state.borrow_mut().reporter.connected(&EnvoyHost);
+                metrics.reports_sent.add(&EnvoyHost, kept as u64);
                 if let Some(applied) = applied {
                     metrics.state_updates_applied.inc(&EnvoyHost);
                     if applied.shared_prompts > 0 {

@@ -44,8 +44,12 @@ pub struct Reporter {
     gateway_id: String,
     /// The open state stream, if any.
     stream: Option<u32>,
+    /// The sidecar answered on `stream`: Envoy opens a stream before it has
+    /// a connection, and what is sent on one that never connects is lost.
+    connected: bool,
     next_request: u64,
-    /// Completions of reported requests that ended while no stream was open.
+    /// Completions of reported requests that ended while no stream was
+    /// connected.
     /// Every sidecar that heard of the decision (over NATS too) counts its
     /// load until it hears the completion or the request expires, minutes
     /// later; so they wait here for the next stream.
@@ -57,6 +61,7 @@ impl Reporter {
         Self {
             gateway_id,
             stream: None,
+            connected: false,
             next_request: 0,
             unsent_completions: VecDeque::new(),
         }
@@ -68,34 +73,21 @@ impl Reporter {
 
     pub fn attach(&mut self, stream: u32) {
         self.stream = Some(stream);
+        self.connected = false;
     }
 
     pub fn detach(&mut self) {
         self.stream = None;
+        self.connected = false;
     }
 
-    /// A request id unique within this gateway.
-    pub fn next_request_id(&mut self) -> String {
-        self.next_request += 1;
-        format!("{}-{}", self.gateway_id, self.next_request)
-    }
-
-    /// Sends a request's completion, or keeps it for the next stream; false
-    /// when it was kept.
-    pub fn send_completion(&mut self, host: &impl Host, report: GatewayReport) -> bool {
-        if self.send(host, &report) {
-            return true;
+    /// The sidecar answered on the stream: it is connected, and the
+    /// completions kept meanwhile go out, oldest first. Returns how many.
+    pub fn connected(&mut self, host: &impl Host) -> usize {
+        if self.connected {
+            return 0;
         }
-        if self.unsent_completions.len() == MAX_UNSENT_COMPLETIONS {
-            self.unsent_completions.pop_front();
-        }
-        self.unsent_completions.push_back(report);
-        false
-    }
-
-    /// Sends the completions kept while no stream was open, oldest first;
-    /// returns how many were sent.
-    pub fn send_kept_completions(&mut self, host: &impl Host) -> usize {
+        self.connected = true;
         let mut sent = 0;
         while let Some(report) = self.unsent_completions.front() {
             if !self.send(host, report) {
@@ -105,6 +97,25 @@ impl Reporter {
             sent += 1;
         }
         sent
+    }
+
+    /// A request id unique within this gateway.
+    pub fn next_request_id(&mut self) -> String {
+        self.next_request += 1;
+        format!("{}-{}", self.gateway_id, self.next_request)
+    }
+
+    /// Sends a request's completion on a connected stream, or keeps it
+    /// until one is; false when it was kept.
+    pub fn send_completion(&mut self, host: &impl Host, report: GatewayReport) -> bool {
+        if self.connected && self.send(host, &report) {
+            return true;
+        }
+        if self.unsent_completions.len() == MAX_UNSENT_COMPLETIONS {
+            self.unsent_completions.pop_front();
+        }
+        self.unsent_completions.push_back(report);
+        false
     }
 
     /// Sends one report; false when no stream is open or the host refused it.

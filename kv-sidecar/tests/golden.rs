@@ -530,19 +530,12 @@ fn stored(
     token_ids: Vec<u32>,
     block_size: u32,
 ) -> EngineEvent {
-    EngineEvent::Stored(BlockStored {
-        block_hashes: hashes.iter().map(|h| EngineHash(*h)).collect(),
-        parent: parent.map(EngineHash),
+    EngineEvent::Stored(BlockStored::on_gpu(
+        hashes.iter().map(|h| EngineHash(*h)).collect(),
+        parent.map(EngineHash),
         token_ids,
         block_size,
-        lora_id: None,
-        lora_name: None,
-        medium: Medium::Gpu,
-        cache_salt: None,
-        content_keys: vec![],
-        group: 0,
-        group_kind: GroupKind::Unspecified,
-    })
+    ))
 }
 
 fn removed(hashes: &[u64]) -> EngineEvent {
@@ -771,20 +764,27 @@ fn sglang_salted_array_store_carries_its_salt() {
     );
 }
 
-/// SGLang ≥ 0.5.21 map events name the salt.
-#[test]
-fn sglang_map_store_carries_its_salt() {
+/// An SGLang map-format batch of one `BlockStored` (engine hash 3) with
+/// `fields` entries, written up to the value of its `token_ids`.
+fn sglang_map_store_head(fields: u32) -> Buf {
     let mut b = Buf::new();
     encode::write_array_len(&mut b, 3).unwrap();
     encode::write_f64(&mut b, 1.0).unwrap();
     encode::write_array_len(&mut b, 1).unwrap();
-    encode::write_map_len(&mut b, 6).unwrap();
+    encode::write_map_len(&mut b, fields).unwrap();
     w_str(&mut b, "type");
     w_str(&mut b, "BlockStored");
     w_str(&mut b, "block_hashes");
     encode::write_array_len(&mut b, 1).unwrap();
     encode::write_i64(&mut b, 3).unwrap();
     w_str(&mut b, "token_ids");
+    b
+}
+
+/// SGLang ≥ 0.5.21 map events name the salt.
+#[test]
+fn sglang_map_store_carries_its_salt() {
+    let mut b = sglang_map_store_head(6);
     w_tokens(&mut b, &tokens(0..4));
     w_str(&mut b, "block_size");
     encode::write_uint(&mut b, 4).unwrap();
@@ -1105,17 +1105,7 @@ fn sglang_04_pages_under_the_root_start_a_chain() {
 /// page's token ids as `(token, next token)` pairs.
 #[test]
 fn sglang_bigram_token_ids_are_their_first_tokens() {
-    let mut b = Buf::new();
-    encode::write_array_len(&mut b, 3).unwrap();
-    encode::write_f64(&mut b, 1.0).unwrap();
-    encode::write_array_len(&mut b, 1).unwrap();
-    encode::write_map_len(&mut b, 4).unwrap();
-    w_str(&mut b, "type");
-    w_str(&mut b, "BlockStored");
-    w_str(&mut b, "block_hashes");
-    encode::write_array_len(&mut b, 1).unwrap();
-    encode::write_i64(&mut b, 3).unwrap();
-    w_str(&mut b, "token_ids");
+    let mut b = sglang_map_store_head(4);
     encode::write_array_len(&mut b, 4).unwrap();
     for t in 0..4u64 {
         encode::write_array_len(&mut b, 2).unwrap();

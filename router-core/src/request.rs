@@ -461,13 +461,28 @@ impl<'de> Visitor<'de> for PromptVisitor {
                 }
                 Ok(Prompt::Tokens(tokens))
             }
+            // A batch of one is one prompt (it may be prefilled remotely).
             Some(BatchHead::Text(first)) => {
-                while seq.next_element::<StrOnly>()?.is_some() {}
-                Ok(Prompt::TextBatch(first))
+                let mut more = false;
+                while seq.next_element::<StrOnly>()?.is_some() {
+                    more = true;
+                }
+                Ok(if more {
+                    Prompt::TextBatch(first)
+                } else {
+                    Prompt::Text(first)
+                })
             }
             Some(BatchHead::Tokens(first)) => {
-                while seq.next_element::<TokensOnly>()?.is_some() {}
-                Ok(Prompt::TokenBatch(first))
+                let mut more = false;
+                while seq.next_element::<TokensOnly>()?.is_some() {
+                    more = true;
+                }
+                Ok(if more {
+                    Prompt::TokenBatch(first)
+                } else {
+                    Prompt::Tokens(first)
+                })
             }
         }
     }
@@ -726,6 +741,13 @@ mod tests {
         assert_eq!(batch.prompt.token_ids(), Some(&[4u32, 5][..]));
         let texts = parse(Endpoint::Completions, r#"{"model":"m","prompt":["a","b"]}"#).unwrap();
         assert_eq!(texts.prompt, Prompt::TextBatch("a".into()));
+        assert!(!texts.prompt.can_prefill_remotely());
+        // A batch of one is one prompt.
+        let one = parse(Endpoint::Completions, r#"{"model":"m","prompt":["a"]}"#).unwrap();
+        assert_eq!(one.prompt, Prompt::Text("a".into()));
+        let one = parse(Endpoint::Completions, r#"{"model":"m","prompt":[[4,5]]}"#).unwrap();
+        assert_eq!(one.prompt, Prompt::Tokens(vec![4, 5]));
+        assert!(one.prompt.can_prefill_remotely());
         for mixed in [
             r#"["a",[1]]"#,
             r#"[[1],"a"]"#,

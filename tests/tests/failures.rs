@@ -238,8 +238,8 @@ fn three_thousand_concurrent_streams_through_one_gateway_all_succeed_and_are_rou
 /// error at once (a broken connector, a bad adapter, a rate limiter in
 /// front), looks idle to the cost function: its requests end at once and
 /// its KV index keeps its old prefixes. Without the filter's hold it drew
-/// nearly every request (98.5% of this load failed); with it, each VM sends
-/// it about one request per hold.
+/// most requests (71% of this load failed); with it, each VM sends it a
+/// couple of requests per hold.
 #[test]
 fn an_engine_that_fails_fast_draws_few_requests() {
     let mut options = StackOptions::new(MODEL, WORKERS).unwrap();

@@ -311,6 +311,21 @@ fn a_chat_template_override_of_any_name_is_the_one_rendered() {
         tokenizer.encode_whole("[user] hello\n").unwrap()
     );
 
+    // A bare Jinja template, as newer models ship `chat_template.jinja`.
+    let jinja = overrides.path().join("chat_template.jinja");
+    std::fs::write(
+        &jinja,
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let tokenizer =
+        ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), Some(&jinja), BLOCK, 64)
+            .expect("tokenizer loads");
+    assert_eq!(
+        tokenizer.render(&messages, None, None).unwrap(),
+        "<user>hello"
+    );
+
     // A named file that is missing or holds no template is an error, not
     // the tokenizer's template or the fallback.
     std::fs::write(&template, "{}").unwrap();

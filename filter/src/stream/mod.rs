@@ -750,11 +750,12 @@ impl<H: Host> InferenceStream<H> {
     }
 
     /// Learns from where Envoy actually sent the request and how it went:
-    /// served elsewhere (or nowhere), the chosen worker refused it; served by
-    /// it with a 5xx or 429, the worker is failing or shedding load. Either
-    /// way it is left out for a while: an engine that fails fast looks idle
-    /// (its requests end at once), so the cost function alone would send it
-    /// ever more requests. Served by it otherwise, it is reachable.
+    /// served elsewhere (or nowhere), the chosen worker refused it and is
+    /// left out for a while; served by it with a 5xx or 429 (twice in a
+    /// row), it is failing or shedding load and left out too: an engine
+    /// that fails fast looks idle (its requests end at once), so the cost
+    /// function alone would send it ever more requests. Served by it
+    /// otherwise, it is reachable.
     fn observe_upstream(&self, chosen: &str) {
         let served = match self.host.property(&["upstream", "address"]) {
             Ok(served) => served,
@@ -770,8 +771,9 @@ impl<H: Host> InferenceStream<H> {
         match self.status(MapType::HttpResponseHeaders) {
             Some(status) if is_worker_failure(status) => {
                 self.metrics.upstream_errors.inc(&self.host);
-                log::info!("{chosen} answered {status}; leaving it out for now");
-                state.router.unreachable.mark(chosen, self.now_ms());
+                if state.router.unreachable.errored(chosen, self.now_ms()) {
+                    log::info!("{chosen} answered errors ({status}); leaving it out for now");
+                }
             }
             _ => state.router.unreachable.clear(chosen),
         }

@@ -96,14 +96,15 @@ impl<H: Host> InferenceStream<H> {
         if protocol == Protocol::Sglang {
             // Both legs at once: the decode engine meets the prefill at its
             // bootstrap server; the prefill's own answer is not needed.
-            let remote = self.replace_body(buffered.size, &leg);
-            if !remote {
-                log::info!("prefilling locally: {}", LocalPrefill::Body);
-                self.metrics.prefill_failures.inc(&self.host);
+            if !self.replace_body(buffered.size, &leg) {
+                // The leg already went: its answer, for no request now, is
+                // ignored (not blamed on its worker) when it comes.
+                self.finish(prefill_leg.ticket);
+                return self.decode_locally(&decode, block_size, LocalPrefill::Body);
             }
             return Phase::Routed(Routed {
                 prefill: Some(prefill_leg),
-                ..self.apply_decision(&decode, block_size, remote.then_some(address.as_str()))
+                ..self.apply_decision(&decode, block_size, Some(&address))
             });
         }
         Phase::AwaitingPrefill(PrefillWait {
@@ -192,17 +193,25 @@ impl<H: Host> InferenceStream<H> {
     }
 
     /// A prefill leg that timed out, could not connect or got a 5xx or 429
-    /// says its worker is failing: it is left out for a while, as a decode
-    /// worker would be. A 4xx is the request's fault, not the worker's.
+    /// says its worker is failing: after two in a row it is left out for a
+    /// while, as a decode worker would be. A 4xx is the request's fault.
     fn hold_failed_prefill_worker(&self, worker: &str) {
         let worker_failed = self
             .status(MapType::HttpCallResponseHeaders)
             .is_none_or(is_worker_failure);
-        if worker_failed {
-            self.metrics.upstream_errors.inc(&self.host);
-            log::info!("prefill worker {worker} failed; leaving it out for now");
-            let now = self.now_ms();
-            self.state.borrow_mut().router.unreachable.mark(worker, now);
+        if !worker_failed {
+            return;
+        }
+        self.metrics.upstream_errors.inc(&self.host);
+        let now = self.now_ms();
+        if self
+            .state
+            .borrow_mut()
+            .router
+            .unreachable
+            .errored(worker, now)
+        {
+            log::info!("prefill worker {worker} keeps failing; leaving it out for now");
         }
     }
 

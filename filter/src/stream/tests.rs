@@ -148,6 +148,13 @@ impl Vm {
         }
     }
 
+    /// A state stream on which the sidecar has answered.
+    fn attach_stream(&self) {
+        let mut state = self.state.borrow_mut();
+        state.reporter.attach(9);
+        state.reporter.connected(&self.host);
+    }
+
     fn stream(&self) -> InferenceStream<MockHost> {
         InferenceStream::new(
             self.host.clone(),
@@ -528,7 +535,7 @@ fn handshake_fields_are_removed_from_the_body() {
 #[test]
 fn the_response_releases_the_load_and_reports_progress() {
     let vm = Vm::new(&config("")).with_fleet();
-    vm.state.borrow_mut().reporter.attach(9);
+    vm.attach_stream();
     let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
     let Some(gateway_report::Kind::Decision(decision)) = vm.reports().pop() else {
         panic!("expected a decision report");
@@ -591,7 +598,7 @@ fn the_response_releases_the_load_and_reports_progress() {
 #[test]
 fn a_completion_without_a_stream_is_sent_on_the_next_one() {
     let vm = Vm::new(&config("")).with_fleet();
-    vm.state.borrow_mut().reporter.attach(9);
+    vm.attach_stream();
     let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
     vm.respond(&mut stream, B, &[]);
     vm.state.borrow_mut().reporter.detach();
@@ -605,18 +612,27 @@ fn a_completion_without_a_stream_is_sent_on_the_next_one() {
             .count()
     };
     assert_eq!(done(vm.reports()), 0);
+    // A new stream is not connected until the sidecar answers on it: a
+    // completion meanwhile is kept too, not sent into a stream that may
+    // never connect.
     let mut state = vm.state.borrow_mut();
     state.reporter.attach(10);
-    assert_eq!(state.reporter.send_kept_completions(&vm.host), 1);
-    assert_eq!(state.reporter.send_kept_completions(&vm.host), 0);
     drop(state);
-    assert_eq!(done(vm.reports()), 1);
+    let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
+    vm.respond(&mut stream, B, &[]);
+    stream.on_log();
+    assert_eq!(done(vm.reports()), 0);
+    let mut state = vm.state.borrow_mut();
+    assert_eq!(state.reporter.connected(&vm.host), 2);
+    assert_eq!(state.reporter.connected(&vm.host), 0);
+    drop(state);
+    assert_eq!(done(vm.reports()), 2);
 }
 
 #[test]
 fn its_decisions_share_the_prompt_being_computed() {
     let vm = Vm::new(&config("")).with_fleet();
-    vm.state.borrow_mut().reporter.attach(9);
+    vm.attach_stream();
     vm.send(COMPLETIONS, &completion(512, ""));
     assert_eq!(vm.destination().as_deref(), Some(B));
     let Some(gateway_report::Kind::Decision(decision)) = vm.reports().pop() else {
@@ -686,17 +702,20 @@ fn a_worker_that_answers_with_errors_is_left_out() {
     let vm = Vm::new(&config("")).with_fleet();
     for (status, held) in [("503", true), ("429", true), ("500", true), ("400", false)] {
         vm.state.borrow_mut().router.unreachable.clear(B);
-        let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
-        assert_eq!(vm.destination().as_deref(), Some(B), "{status}");
-        vm.respond(&mut stream, B, &[(":status", status)]);
-        stream.on_log();
+        // One error may be the request's; the second in a row is the worker.
+        for _ in 0..2 {
+            let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
+            assert_eq!(vm.destination().as_deref(), Some(B), "{status}");
+            vm.respond(&mut stream, B, &[(":status", status)]);
+            stream.on_log();
+        }
         let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
         let expected = if held { A } else { B };
         assert_eq!(vm.destination().as_deref(), Some(expected), "{status}");
         vm.respond(&mut stream, expected, &[]);
         stream.on_log();
     }
-    assert_eq!(vm.host.counter("kvmesh_upstream_errors"), 3);
+    assert_eq!(vm.host.counter("kvmesh_upstream_errors"), 6);
     assert_eq!(vm.host.counter("kvmesh_upstream_failovers"), 0);
 }
 
@@ -750,9 +769,10 @@ fn vllm_decode_waits_for_the_prefill_leg() {
     assert_eq!(vm.load(B), WorkerLoad::default());
 
     // A failed leg: the decode worker prefills the original request. A 4xx
-    // is the request's fault; a 5xx (or no answer) leaves the prefill
-    // worker out, so the next long prompt is not sent to it.
-    for (token, status, failures, held) in [(3, "400", 1, false), (4, "500", 2, true)] {
+    // is the request's fault; two 5xx (or no answer) in a row leave the
+    // prefill worker out, so the next long prompt is not sent to it.
+    for (token, status, failures, errors) in [(3, "400", 1, 0), (4, "500", 2, 1), (5, "500", 3, 2)]
+    {
         let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
         vm.answer(&mut stream, token, Some(status), "");
         assert_eq!(vm.host.counter("kvmesh_prefill_failures"), failures);
@@ -761,7 +781,7 @@ fn vllm_decode_waits_for_the_prefill_leg() {
         vm.respond(&mut stream, B, &[]);
         assert_eq!(vm.host.get(RESPONSE, "x-kvmesh-prefill-worker"), None);
         stream.on_log();
-        assert_eq!(vm.host.counter("kvmesh_upstream_errors"), i64::from(held));
+        assert_eq!(vm.host.counter("kvmesh_upstream_errors"), errors);
     }
     let callouts = vm.host.recorded().callouts.len();
     let (_stream, actions) = vm.send(COMPLETIONS, &completion(64, ""));

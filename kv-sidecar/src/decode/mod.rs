@@ -104,6 +104,31 @@ pub struct BlockStored {
     pub group_kind: GroupKind,
 }
 
+impl BlockStored {
+    /// Plain token blocks on the GPU: no adapter, salt, content keys or
+    /// cache group.
+    pub fn on_gpu(
+        block_hashes: Vec<EngineHash>,
+        parent: Option<EngineHash>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+    ) -> Self {
+        Self {
+            block_hashes,
+            parent,
+            token_ids,
+            block_size,
+            lora_id: None,
+            lora_name: None,
+            medium: Medium::Gpu,
+            cache_salt: None,
+            content_keys: Vec::new(),
+            group: 0,
+            group_kind: GroupKind::Unspecified,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockRemoved {
     pub block_hashes: Vec<EngineHash>,

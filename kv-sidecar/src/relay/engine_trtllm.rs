@@ -90,6 +90,12 @@ impl TrtllmSource {
         self.metrics
             .skipped_blocks("partial_block", poll.partial_blocks);
         let (Some(first), Some(last)) = (poll.events.first(), poll.events.last()) else {
+            // Other ranks' events alone: counted, nothing to apply.
+            let batch = EventBatch {
+                ignored_events: poll.other_rank_events,
+                ..EventBatch::default()
+            };
+            count_events(&self.metrics, &batch);
             return true;
         };
         let (first, last) = (first.event_id, last.event_id);

@@ -331,7 +331,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{BlockStored, EngineHash, GroupKind, Medium};
+    use crate::decode::{BlockStored, EngineHash};
     use crate::normalize::MediaPolicy;
     use router_core::BlockSize;
 
@@ -350,19 +350,12 @@ mod tests {
             Arc::new(AtomicU64::new(0)),
         );
         let blocks = 3 * MAX_BATCH_HASHES as u64 + 5;
-        pipeline.apply(&[EngineEvent::Stored(BlockStored {
-            block_hashes: (1..=blocks).map(EngineHash).collect(),
-            parent: None,
-            token_ids: (0..blocks as u32).collect(),
-            block_size: 1,
-            lora_id: None,
-            lora_name: None,
-            medium: Medium::Gpu,
-            cache_salt: None,
-            content_keys: Vec::new(),
-            group: 0,
-            group_kind: GroupKind::Unspecified,
-        })]);
+        pipeline.apply(&[EngineEvent::Stored(BlockStored::on_gpu(
+            (1..=blocks).map(EngineHash).collect(),
+            None,
+            (0..blocks as u32).collect(),
+            1,
+        ))]);
         pipeline.flush();
         let mut stored = Vec::new();
         while let Ok(message) = published.try_recv() {

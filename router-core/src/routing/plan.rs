@@ -303,10 +303,14 @@ fn decide(
     if let (Some(view), Some(exact)) = (live, prompt.exact) {
         return precise(model, pool, exact, view, signals, local);
     }
+    // Only for the decode pool: without the prefill pool's load, prefilling
+    // locally is the safer choice.
     let membership = match live {
         Some(view) => Membership::Live(view),
         None => match signals.last_known.filter(serves_pool) {
-            Some(view) if pool.endpoints().is_empty() => Membership::Remembered(view),
+            Some(view) if matches!(pool, Pool::Decode(_)) && pool.endpoints().is_empty() => {
+                Membership::Remembered(view)
+            }
             _ => Membership::Endpoints,
         },
     };
@@ -881,6 +885,17 @@ mod tests {
             matches!(d.address.as_deref(), Some("127.0.0.1:1" | "127.0.0.1:2")),
             "{d:?}"
         );
+        // Not for the prefill pool, whose load a stale view does not know.
+        let plan = vm.plan_with(
+            &no_endpoints,
+            Some(&prefill_pool(&[])),
+            Some(&exact),
+            &keys,
+            None,
+            Some(&stale),
+        );
+        assert_eq!(plan.decode.mode, Mode::Approximate);
+        assert_eq!(plan.prefill, None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use kv_sidecar::decode::{BlockRemoved, BlockStored, EngineEvent, EngineHash, GroupKind, Medium};
+use kv_sidecar::decode::{BlockRemoved, BlockStored, EngineEvent, EngineHash, Medium};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use router_core::BlockSize;
@@ -163,19 +163,12 @@ fn stored(
     token_ids: Vec<u32>,
     block_size: BlockSize,
 ) -> EngineEvent {
-    EngineEvent::Stored(BlockStored {
+    EngineEvent::Stored(BlockStored::on_gpu(
         block_hashes,
         parent,
         token_ids,
-        block_size: block_size.get(),
-        lora_id: None,
-        lora_name: None,
-        medium: Medium::Gpu,
-        cache_salt: None,
-        content_keys: Vec::new(),
-        group: 0,
-        group_kind: GroupKind::Unspecified,
-    })
+        block_size.get(),
+    ))
 }
 
 #[cfg(test)]
