@@ -462,30 +462,29 @@ impl<'de> Visitor<'de> for PromptVisitor {
                 Ok(Prompt::Tokens(tokens))
             }
             // A batch of one is one prompt (it may be prefilled remotely).
-            Some(BatchHead::Text(first)) => {
-                let mut more = false;
-                while seq.next_element::<StrOnly>()?.is_some() {
-                    more = true;
-                }
-                Ok(if more {
-                    Prompt::TextBatch(first)
-                } else {
-                    Prompt::Text(first)
-                })
-            }
-            Some(BatchHead::Tokens(first)) => {
-                let mut more = false;
-                while seq.next_element::<TokensOnly>()?.is_some() {
-                    more = true;
-                }
-                Ok(if more {
-                    Prompt::TokenBatch(first)
-                } else {
-                    Prompt::Tokens(first)
-                })
-            }
+            Some(BatchHead::Text(first)) => Ok(if more_prompts::<StrOnly, _>(&mut seq)? {
+                Prompt::TextBatch(first)
+            } else {
+                Prompt::Text(first)
+            }),
+            Some(BatchHead::Tokens(first)) => Ok(if more_prompts::<TokensOnly, _>(&mut seq)? {
+                Prompt::TokenBatch(first)
+            } else {
+                Prompt::Tokens(first)
+            }),
         }
     }
+}
+
+/// Reads a batch's remaining prompts (checked, not kept); true if it had any.
+fn more_prompts<'de, T: Deserialize<'de>, A: SeqAccess<'de>>(
+    seq: &mut A,
+) -> Result<bool, A::Error> {
+    let mut more = false;
+    while seq.next_element::<T>()?.is_some() {
+        more = true;
+    }
+    Ok(more)
 }
 
 /// The first element of a `prompt` array.
