@@ -402,3 +402,64 @@ fn generated_hostile_requests_never_fail_a_vm() {
         assert_eq!(fallbacks, 0.0);
     }
 }
+
+/// A disaggregated request waits for its prefill leg with its body in
+/// Envoy's buffer, not copied into the filter VM: many large requests
+/// waiting at once do not grow the VMs' memory by their bodies (they did,
+/// one copy per waiting request, until the filter read the body again when
+/// the leg answered).
+#[test]
+fn requests_waiting_for_their_prefill_leg_keep_no_body_in_the_vm() {
+    const WAITING: usize = 16;
+    const PADDING: usize = 4 << 20;
+    let mut options = StackOptions::disaggregated(
+        MODEL,
+        1,
+        1,
+        kvmesh_config::DisaggregationPolicy::Always,
+        kvmesh_config::EngineKind::Vllm,
+    )
+    .unwrap();
+    // The waiting requests' prefills batch into one step of ~2 s.
+    options.sim_args = vec!["--timing-compute-us-per-token=500".to_owned()];
+    let stack = Stack::start(options, |_| {}).unwrap();
+    let envoy = &stack.envoy;
+    let url = format!("{}/v1/completions", envoy.gateway_url());
+    let body = |i: usize| {
+        let tokens: Vec<u32> = (0..256).map(|t| 90_000 + i as u32 * 1_000 + t).collect();
+        json!({"model": MODEL, "prompt": tokens, "max_tokens": 1, "user": "u".repeat(PADDING)})
+    };
+    let send = |i: usize| {
+        let url = url.clone();
+        let body = body(i);
+        std::thread::spawn(move || post_json(&http_client(), &url, &body).unwrap().status)
+    };
+    // Every VM's one-off growth for a body of this size, paid up front.
+    for i in 0..4 {
+        assert_eq!(send(i).join().unwrap(), 200);
+    }
+    // VMs report their memory on their tick.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = counter(envoy, "kvmesh_vm_memory_bytes");
+    let remote_before = counter(envoy, "kvmesh_remote_prefills");
+    let waiting: Vec<_> = (100..100 + WAITING).map(send).collect();
+    for request in waiting {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let grown = counter(envoy, "kvmesh_vm_memory_bytes").saturating_sub(before);
+    let remote = counter(envoy, "kvmesh_remote_prefills") - remote_before;
+    println!(
+        "{WAITING} requests of {} MiB waiting for their prefill ({remote} remote): VM memory grew by {} MiB",
+        PADDING >> 20,
+        grown >> 20
+    );
+    assert!(remote >= WAITING as u64 / 2, "only {remote} went remote");
+    let bound = 2 * PADDING as u64 * ENVOY_WORKER_THREADS;
+    assert!(
+        grown <= bound,
+        "VM memory grew by {} MiB (bound {} MiB)",
+        grown >> 20,
+        bound >> 20
+    );
+}
