@@ -1,7 +1,7 @@
 //! Fault injection, set by flags at start and changed at runtime through
 //! `POST /sim/faults`, so tests can make a worker misbehave on cue.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use clap::Args;
@@ -40,6 +40,12 @@ pub struct FaultUpdate {
     pub pause_events: Option<bool>,
     #[serde(default, with = "double_option")]
     pub drop_every: Option<Option<u64>>,
+    /// An action, not a setting: before its next batch the publisher closes
+    /// its PUB socket and binds a new one on the same address, so
+    /// subscribers lose their connection while the engine, its seq and its
+    /// replay buffer go on.
+    #[serde(default)]
+    pub rebind_events: bool,
 }
 
 /// Distinguishes a missing field (no change) from an explicit `null` (clear).
@@ -104,6 +110,7 @@ pub enum RequestFault {
 pub struct Faults {
     settings: Mutex<FaultSettings>,
     requests_seen: AtomicU64,
+    rebind_requested: AtomicBool,
 }
 
 impl Faults {
@@ -111,6 +118,7 @@ impl Faults {
         Self {
             settings: Mutex::new(settings),
             requests_seen: AtomicU64::new(0),
+            rebind_requested: AtomicBool::new(false),
         }
     }
 
@@ -124,9 +132,13 @@ impl Faults {
     /// Applies a runtime update, rejecting invalid values without changing anything.
     pub fn update(&self, update: FaultUpdate) -> anyhow::Result<FaultSettings> {
         let mut settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let rebind = update.rebind_events;
         let next = settings.apply(update);
         next.validate()?;
         *settings = next.clone();
+        if rebind {
+            self.rebind_requested.store(true, Ordering::Relaxed);
+        }
         Ok(next)
     }
 
@@ -154,6 +166,11 @@ impl Faults {
 
     pub fn events_paused(&self) -> bool {
         self.settings().pause_events
+    }
+
+    /// True once after each `rebind_events` request.
+    pub fn take_rebind(&self) -> bool {
+        self.rebind_requested.swap(false, Ordering::Relaxed)
     }
 }
 

@@ -531,3 +531,41 @@ fn trtllm_partial_blocks_tier_moves_hex_hashes_and_one_reset() {
         1.0
     );
 }
+
+/// A lost connection to an engine that did not restart (its seq and replay
+/// buffer go on) keeps the worker's view: the relay applies only the batches
+/// it missed. Before, every reconnect reset the view and rebuilt it from the
+/// replay buffer, which holds only the last batches, so the prefixes stored
+/// earlier (and only hit since, which publishes nothing) left the view.
+#[test]
+fn lost_connection_to_the_same_engine_keeps_its_view() {
+    let nats = NatsServer::start().expect("nats-server starts");
+    let tap = NatsTap::subscribe(&nats.url(), "kvmesh.>").expect("tap subscribes");
+    let mut w = start_worker(&nats, "w-c", &["--kv-events-replay-buffer", "8"]);
+    w.sim.run_eviction_workload(0, 12).expect("workload");
+    assert_views_converge(&tap, &mut [&mut w]);
+    let resets_before = w.resets;
+    let replays = || {
+        w.relay
+            .metric("kvmesh_relay_replays_total", "result=\"ok\"")
+    };
+    let replays_before = replays();
+
+    // The publisher drops its subscribers before its next batch, which the
+    // relay then misses; the replay buffer still holds it.
+    set_faults(&w.sim, json!({"rebind_events": true}));
+    w.sim.run_eviction_workload(1, 1).expect("workload");
+    let reconnected = Instant::now() + SETTLE;
+    while replays() <= replays_before {
+        assert!(Instant::now() < reconnected, "the relay never caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.sim.run_eviction_workload(2, 3).expect("workload");
+    assert_views_converge(&tap, &mut [&mut w]);
+    assert_eq!(w.resets, resets_before, "a lost connection reset the view");
+    assert_eq!(
+        w.relay
+            .metric("kvmesh_relay_resets_total", "engine_restarted"),
+        0.0
+    );
+}

@@ -10,7 +10,10 @@
 //!   reset when the replay cannot deliver all of it;
 //! - `seq < expected`, or any jump right after the connection dropped: the
 //!   engine restarted (its seq starts at 0 again); reset, then replay what the
-//!   new engine already published.
+//!   new engine already published;
+//! - after a lost connection the replay buffer is asked at once: when it
+//!   still holds the last batch applied, byte for byte, the same engine's
+//!   stream goes on and only what was missed is applied, without a reset.
 //!
 //! A batch that does not decode (live or replayed) is skipped and counted in
 //! `decode_errors_total`; the sequence goes on past it. Replaying it again
@@ -80,10 +83,11 @@ fn replay_reply(mut frames: Vec<Bytes>) -> Result<(i64, Bytes), ReplayError> {
 }
 
 /// What a replay delivered: the decodable batches of the contiguous run of
-/// seqs `first..=last` the engine still buffered.
+/// seqs `first..=last` the engine still buffered, and every one's digest.
 #[derive(Default)]
 struct Replayed {
-    batches: Vec<EventBatch>,
+    batches: Vec<(u64, EventBatch)>,
+    digests: Vec<u64>,
     first: Option<u64>,
     last: Option<u64>,
 }
@@ -93,6 +97,39 @@ impl Replayed {
     fn covers(&self, from: u64, until: u64) -> bool {
         self.first == Some(from) && self.last.map(|l| l + 1) == Some(until)
     }
+
+    /// The replayed batch `seq`, as its digest.
+    fn applied_at(&self, seq: u64) -> Option<Applied> {
+        let index = usize::try_from(seq.checked_sub(self.first?)?).ok()?;
+        let digest = *self.digests.get(index)?;
+        Some(Applied { seq, digest })
+    }
+
+    fn last_applied(&self) -> Option<Applied> {
+        self.applied_at(self.last?)
+    }
+
+    /// The decodable batches after `seq` (all of them for `None`).
+    fn batches_after(self, seq: Option<u64>) -> Vec<EventBatch> {
+        self.batches
+            .into_iter()
+            .filter(|(s, _)| seq.is_none_or(|seq| *s > seq))
+            .map(|(_, batch)| batch)
+            .collect()
+    }
+}
+
+/// The last batch applied: its seq and a digest of its payload, which tells
+/// the same engine's stream, picked up again after a lost connection, from
+/// a restarted engine's (whose batch of that seq is another one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Applied {
+    seq: u64,
+    digest: u64,
+}
+
+fn digest(payload: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(payload)
 }
 
 pub struct ZmqSource {
@@ -113,6 +150,7 @@ struct SeqState {
     /// (seq below `expected`) are duplicates, not a restart — a restart would
     /// have broken the connection first.
     replayed: bool,
+    last_applied: Option<Applied>,
 }
 
 impl ZmqSource {
@@ -176,8 +214,11 @@ impl ZmqSource {
     /// After losing the engine: whatever comes back may be a restarted engine
     /// whose first events were published before this subscription reached it
     /// and are lost to PUB/SUB; if it then goes idle nothing would ever reveal
-    /// the restart. So rebuild the worker's view from the engine's replay
-    /// buffer right away. Returns false once the pipeline is gone.
+    /// the restart. So ask the engine's replay buffer right away: if it still
+    /// holds the last batch applied, unchanged, the same engine's stream goes
+    /// on and only what was missed is applied; otherwise the view is rebuilt
+    /// from the buffer (blocks stored before it stay unknown until stored
+    /// again). Returns false once the pipeline is gone.
     async fn catch_up(&self, state: &mut SeqState) -> bool {
         if self.replay_endpoint.is_none() {
             return true;
@@ -193,6 +234,19 @@ impl ZmqSource {
             }
         };
         self.metrics.replay("ok");
+        if let Some(last) = state.last_applied {
+            if replayed.applied_at(last.seq) == Some(last) {
+                tracing::info!(
+                    missed = replayed.last.map_or(0, |l| l.saturating_sub(last.seq)),
+                    "reconnected to the same engine's event stream; applying what was missed"
+                );
+                state.expected = replayed.last.map(|l| l + 1);
+                state.last_applied = replayed.last_applied();
+                state.peer_lost = false;
+                state.replayed = true;
+                return self.emit_all(replayed.batches_after(Some(last.seq))).await;
+            }
+        }
         tracing::info!(
             batches = replayed.batches.len(),
             "rebuilding the worker's view after reconnecting"
@@ -209,9 +263,10 @@ impl ZmqSource {
             );
         }
         state.expected = replayed.last.map(|last| last + 1);
+        state.last_applied = replayed.last_applied();
         state.peer_lost = state.expected.is_none();
         state.replayed = state.expected.is_some();
-        self.emit_all(replayed.batches).await
+        self.emit_all(replayed.batches_after(None)).await
     }
 
     /// Returns false once the pipeline is gone.
@@ -244,7 +299,7 @@ impl ZmqSource {
                 match self.replay(expected, seq).await {
                     Ok(replayed) if replayed.covers(expected, seq) => {
                         self.metrics.replay("ok");
-                        if !self.emit_all(replayed.batches).await {
+                        if !self.emit_all(replayed.batches_after(None)).await {
                             return false;
                         }
                     }
@@ -283,6 +338,10 @@ impl ZmqSource {
             }
         }
         state.expected = Some(seq.saturating_add(1));
+        state.last_applied = Some(Applied {
+            seq,
+            digest: digest(&payload),
+        });
         state.peer_lost = false;
         state.replayed = false;
         match decoded {
@@ -309,7 +368,7 @@ impl ZmqSource {
                         "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
                     );
                 }
-                if !self.emit_all(replayed.batches).await {
+                if !self.emit_all(replayed.batches_after(None)).await {
                     return false;
                 }
             }
@@ -357,8 +416,9 @@ impl ZmqSource {
             }
             replayed.first.get_or_insert(seq);
             replayed.last = Some(seq);
+            replayed.digests.push(digest(&payload));
             match decode_batch(&payload, self.dialect) {
-                Ok(batch) => replayed.batches.push(batch),
+                Ok(batch) => replayed.batches.push((seq, batch)),
                 Err(error) => {
                     self.metrics.decode_errors.inc();
                     tracing::warn!(%error, seq, "undecodable replayed batch skipped");

@@ -187,6 +187,9 @@ async fn run_publisher(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(seq, payload.clone());
+        if faults.take_rebind() {
+            socket = rebind(socket, &settings.endpoint).await;
+        }
         if faults.drops_batch(seq) {
             tracing::debug!(seq, "fault injection: dropping KV event batch");
             continue;
@@ -194,6 +197,30 @@ async fn run_publisher(
         held.push_back((seq, payload));
         flush_unless_paused(&mut socket, &topic, &faults, &mut held).await;
     }
+}
+
+/// Fault injection: closes the PUB socket, dropping every subscriber's
+/// connection, and binds a new one on the same address.
+async fn rebind(socket: PubSocket, endpoint: &str) -> PubSocket {
+    drop(socket.close().await);
+    let mut fresh = PubSocket::new();
+    for _ in 0..50 {
+        match fresh.bind(&bind_address(endpoint)).await {
+            Ok(_) => {
+                tracing::info!(endpoint, "fault injection: KV event PUB socket bound again");
+                return fresh;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "binding the KV event PUB socket again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    tracing::warn!(
+        endpoint,
+        "fault injection: the KV event PUB socket could not be bound again"
+    );
+    fresh
 }
 
 async fn flush_unless_paused(
