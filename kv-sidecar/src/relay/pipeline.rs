@@ -51,6 +51,10 @@ const MAX_BATCH_HASHES: usize = 4096;
 const FULL_STATE_PART: usize = 65_536;
 /// How often to retry a snapshot that did not fit in the outbox.
 const SNAPSHOT_RETRY: Duration = Duration::from_millis(100);
+/// How often refused block sizes are logged: a hybrid vLLM model whose KV
+/// cache groups use other block sizes has some in every store, and the
+/// metric counts them all.
+const BLOCK_SIZE_ERROR_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Pipeline {
     normalizer: Normalizer,
@@ -66,6 +70,7 @@ pub struct Pipeline {
     outbox: mpsc::Sender<Outgoing>,
     metrics: RelayMetrics,
     last_seq: Arc<AtomicU64>,
+    block_size_logged_at: Option<Instant>,
 }
 
 impl Pipeline {
@@ -94,6 +99,7 @@ impl Pipeline {
             outbox,
             metrics,
             last_seq,
+            block_size_logged_at: None,
         }
     }
 
@@ -157,10 +163,15 @@ impl Pipeline {
                  before this relay saw them; those blocks stay out of the view"
             );
         }
-        if stats.block_size_mismatch > 0 {
+        let log_block_size = self
+            .block_size_logged_at
+            .is_none_or(|at| at.elapsed() >= BLOCK_SIZE_ERROR_EVERY);
+        if stats.block_size_mismatch > 0 && log_block_size {
+            self.block_size_logged_at = Some(Instant::now());
             tracing::error!(
                 blocks = stats.block_size_mismatch,
-                "engine block size differs from --block-size; blocks refused"
+                "engine block size differs from --block-size; blocks refused \
+                 (kvmesh_relay_skipped_blocks_total counts them; logged at most once a minute)"
             );
         }
         for event in normalized {
