@@ -42,6 +42,7 @@ pub struct RelayMetrics {
     pub dropped: Family<TypeLabel, Counter>,
     pub load_scrape_errors: Counter,
     pub full_states: Counter,
+    pub sync_requests_coalesced: Counter,
     pub blocks: Gauge,
     pub last_event_age_seconds: Gauge<f64, AtomicU64>,
     pub nats_connected: Gauge,
@@ -65,6 +66,7 @@ impl RelayMetrics {
             dropped: Family::default(),
             load_scrape_errors: Counter::default(),
             full_states: Counter::default(),
+            sync_requests_coalesced: Counter::default(),
             blocks: Gauge::default(),
             last_event_age_seconds: Gauge::default(),
             nats_connected: Gauge::default(),
@@ -132,6 +134,11 @@ impl RelayMetrics {
             "full_states",
             "Full-state snapshots published",
             m.full_states.clone(),
+        );
+        r.register(
+            "sync_requests_coalesced",
+            "Full-state requests answered by one already on its way to the requester",
+            m.sync_requests_coalesced.clone(),
         );
         r.register(
             "blocks",

@@ -12,7 +12,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use kvmesh_config::{EngineKind, Role};
 use prost::Message;
-use router_core::protocol::{self, WorkerInfo, WorkerRole};
+use router_core::protocol::{self, SyncSeen, WorkerInfo, WorkerRole};
 use tokio::sync::{mpsc, Notify};
 
 use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
@@ -52,7 +52,12 @@ pub async fn connect(
                         // Anything published while disconnected may be lost:
                         // re-register and send the whole view.
                         registration.notify_one();
-                        let _ = control.send(Control::FullState { reply: None }).await;
+                        let _ = control
+                            .send(Control::FullState {
+                                reply: None,
+                                seen: None,
+                            })
+                            .await;
                     }
                     async_nats::Event::Disconnected => {
                         tracing::warn!("disconnected from NATS");
@@ -174,8 +179,13 @@ pub async fn serve_sync(
         }
     };
     while let Some(request) = subscription.next().await {
+        let seen = SyncSeen::decode(&request.payload);
         let reply = request.reply;
-        if control.send(Control::FullState { reply }).await.is_err() {
+        if control
+            .send(Control::FullState { reply, seen })
+            .await
+            .is_err()
+        {
             return;
         }
     }

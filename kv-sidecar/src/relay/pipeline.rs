@@ -10,7 +10,7 @@ use bytes::Bytes;
 use prost::Message;
 use router_core::protocol::{
     kv_event::Kind, AllBlocksCleared, BlocksRemoved, BlocksStored, FullState, KvEvent,
-    KvEventBatch, ResetReason, WorkerReset,
+    KvEventBatch, ResetReason, SyncSeen, WorkerReset,
 };
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
@@ -30,8 +30,13 @@ pub enum SourceMsg {
 /// Requests from the NATS side.
 #[derive(Debug)]
 pub enum Control {
-    /// Publish a full snapshot; answer `reply` with the seq of its first part.
-    FullState { reply: Option<async_nats::Subject> },
+    /// Publish a full snapshot (unless one is already on its way to a
+    /// requester that has seen `seen`); answer `reply` with the seq of its
+    /// first part.
+    FullState {
+        reply: Option<async_nats::Subject>,
+        seen: Option<SyncSeen>,
+    },
 }
 
 /// A message ready for the NATS publisher task.
@@ -71,6 +76,8 @@ pub struct Pipeline {
     metrics: RelayMetrics,
     last_seq: Arc<AtomicU64>,
     block_size_logged_at: Option<Instant>,
+    /// Seq of the first part of the last full state delivered to NATS.
+    last_full_state: Option<u64>,
 }
 
 impl Pipeline {
@@ -100,6 +107,7 @@ impl Pipeline {
             metrics,
             last_seq,
             block_size_logged_at: None,
+            last_full_state: None,
         }
     }
 
@@ -124,9 +132,8 @@ impl Pipeline {
                     Some(SourceMsg::Reset(reason)) => self.reset(reason),
                     None => break,
                 },
-                Some(Control::FullState { reply }) = control.recv() => {
-                    self.flush();
-                    let first = self.full_state();
+                Some(Control::FullState { reply, seen }) = control.recv() => {
+                    let first = self.full_state_for(seen);
                     if let Some(reply) = reply {
                         let answer = Outgoing {
                             subject: reply.to_string(),
@@ -250,6 +257,21 @@ impl Pipeline {
         }
     }
 
+    /// Answers a full-state request: with the last full state when it comes
+    /// after everything the requester has seen (every subscriber that saw
+    /// one hole asks, and one full state answers them all), else with a new
+    /// one. Returns its first part's seq.
+    fn full_state_for(&mut self, seen: Option<SyncSeen>) -> u64 {
+        if let (Some(seen), Some(first)) = (seen, self.last_full_state) {
+            if seen.epoch == self.epoch && first > seen.seq && !self.needs_full_state {
+                self.metrics.sync_requests_coalesced.inc();
+                return first;
+            }
+        }
+        self.flush();
+        self.full_state()
+    }
+
     /// Publishes the whole view as numbered parts; returns the first part's seq.
     pub fn full_state(&mut self) -> u64 {
         // Cleared first so that flush does not start a second snapshot.
@@ -281,6 +303,7 @@ impl Pipeline {
         if delivered {
             self.metrics.full_states.inc();
             self.last_seq.store(self.next_seq - 1, Ordering::Relaxed);
+            self.last_full_state = Some(first);
         }
         first
     }
@@ -346,20 +369,45 @@ mod tests {
     use crate::normalize::MediaPolicy;
     use router_core::BlockSize;
 
-    #[test]
-    fn a_prompt_stored_in_one_engine_event_is_published_in_bounded_messages() {
-        let (outbox, mut published) = mpsc::channel(64);
+    const EPOCH: u64 = 1;
+
+    /// A pipeline of a block size of 1, and what it publishes.
+    fn pipeline() -> (Pipeline, mpsc::Receiver<Outgoing>) {
+        let (outbox, published) = mpsc::channel(64);
         let block_size = BlockSize::new(1).unwrap();
-        let mut pipeline = Pipeline::new(
+        let pipeline = Pipeline::new(
             Normalizer::new("m", block_size, MediaPolicy::default()),
             "w".into(),
             "m".into(),
             "subject".into(),
-            1,
+            EPOCH,
             outbox,
             RelayMetrics::new(&mut prometheus_client::registry::Registry::default()),
             Arc::new(AtomicU64::new(0)),
         );
+        (pipeline, published)
+    }
+
+    #[test]
+    fn one_full_state_answers_every_requester_that_has_not_seen_it() {
+        let (mut pipeline, mut published) = pipeline();
+        let first = pipeline.full_state_for(None);
+        assert!(published.try_recv().is_ok());
+        let seen = |epoch, seq| Some(SyncSeen { epoch, seq });
+        // Seen up to just before it: it is still on its way there.
+        assert_eq!(pipeline.full_state_for(seen(EPOCH, first - 1)), first);
+        assert!(published.try_recv().is_err());
+        // Seen it already, another epoch, or no seq named: a new one.
+        for requester in [seen(EPOCH, first), seen(EPOCH + 1, 0), None] {
+            let next = pipeline.full_state_for(requester);
+            assert!(next > first, "{requester:?}");
+            assert!(published.try_recv().is_ok(), "{requester:?}");
+        }
+    }
+
+    #[test]
+    fn a_prompt_stored_in_one_engine_event_is_published_in_bounded_messages() {
+        let (mut pipeline, mut published) = pipeline();
         let blocks = 3 * MAX_BATCH_HASHES as u64 + 5;
         pipeline.apply(&[EngineEvent::Stored(BlockStored::on_gpu(
             (1..=blocks).map(EngineHash).collect(),

@@ -172,7 +172,10 @@ pub async fn send_sync_requests(
     while let Some(request) = requests.recv().await {
         let subject = subjects::sync(&prefix, &request.model, &request.worker_id);
         tracing::info!(model = %request.model, worker = %request.worker_id, "requesting a full state");
-        if let Err(error) = client.publish(subject, Vec::new().into()).await {
+        let body = request
+            .seen
+            .map_or_else(Vec::new, |seen| seen.encode().to_vec());
+        if let Err(error) = client.publish(subject, body.into()).await {
             tracing::warn!(%error, "sync request failed");
         }
     }

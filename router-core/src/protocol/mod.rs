@@ -49,10 +49,43 @@ pub mod subjects {
         format!("{prefix}.workers.{}", token(model))
     }
 
-    /// Request subject: any message here makes the relay publish a full state
-    /// on its events subject and reply with the seq of the snapshot's first part.
+    /// Request subject: a message here makes the relay publish a full state
+    /// on its events subject and reply with the seq of the snapshot's first
+    /// part. Its body is empty, or a [`super::SyncSeen`]: then a full state
+    /// the relay already published after that seq answers it.
     pub fn sync(prefix: &str, model: &str, worker_id: &str) -> String {
         format!("{prefix}.sync.{}.{}", token(model), token(worker_id))
+    }
+}
+
+/// The last event a full-state requester has seen from a relay, sent when
+/// its subscription is live: any full state the relay publishes after it is
+/// still on its way there. When every subscriber sees the same hole, one
+/// full state then answers them all instead of one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSeen {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl SyncSeen {
+    /// 16 bytes: epoch then seq, big-endian.
+    pub fn encode(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.epoch.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.seq.to_be_bytes());
+        bytes
+    }
+
+    /// `None` for any other body (an empty one asks for a full state
+    /// whatever was published before).
+    pub fn decode(body: &[u8]) -> Option<Self> {
+        let (epoch, seq) = body.split_first_chunk::<8>()?;
+        let seq: &[u8; 8] = seq.try_into().ok()?;
+        Some(Self {
+            epoch: u64::from_be_bytes(*epoch),
+            seq: u64::from_be_bytes(*seq),
+        })
     }
 }
 
@@ -60,6 +93,18 @@ pub mod subjects {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn sync_seen_round_trips_and_anything_else_is_none() {
+        let seen = SyncSeen {
+            epoch: 7,
+            seq: u64::MAX - 1,
+        };
+        assert_eq!(SyncSeen::decode(&seen.encode()), Some(seen));
+        assert_eq!(SyncSeen::decode(b""), None);
+        assert_eq!(SyncSeen::decode(&[0; 15]), None);
+        assert_eq!(SyncSeen::decode(&[0; 17]), None);
+    }
 
     #[test]
     fn batch_round_trips_and_keeps_large_hashes() {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use router_core::protocol::{kv_event::Kind, KvEventBatch};
+use router_core::protocol::{kv_event::Kind, KvEventBatch, SyncSeen};
 use router_core::state_stream::{change, BlocksChanged, Change, WorkerCleared};
 
 use super::{FleetRegistry, SyncRequest, WorkerMeta};
@@ -82,7 +82,12 @@ impl FleetRegistry {
             return None;
         }
         metrics.gaps.get_or_create(label).inc();
-        meta.request_sync(&config.name, retry, now)
+        // This batch just arrived: the subscription is live.
+        let seen = meta.tracker.epoch().map(|epoch| SyncSeen {
+            epoch,
+            seq: meta.tracker.last_seq(),
+        });
+        meta.request_sync(&config.name, retry, now, seen)
     }
 
     /// Our own NATS connection came (back) up: whatever relays published
@@ -109,6 +114,7 @@ impl WorkerMeta {
         model: &str,
         retry: Duration,
         now: Instant,
+        seen: Option<SyncSeen>,
     ) -> Option<SyncRequest> {
         if self
             .last_sync_request
@@ -120,6 +126,7 @@ impl WorkerMeta {
         Some(SyncRequest {
             model: model.to_owned(),
             worker_id: self.info.worker_id.clone(),
+            seen,
         })
     }
 }
@@ -230,6 +237,24 @@ mod tests {
             .events(&batch("w1", 8, vec![stored(1, &[9])]), h.at(10));
         assert_eq!(kinds(&h.commit(10)), ["cleared w1", "stored w1 [9]"]);
         assert_eq!(h.blocks("w1"), [9]);
+    }
+
+    /// Every sidecar sees a relay's hole; naming the last event seen lets
+    /// the relay answer them all with one full state.
+    #[test]
+    fn a_gap_names_the_last_event_seen_and_a_heartbeat_names_none() {
+        let mut h = synced();
+        let sync = h
+            .registry
+            .events(&batch("w1", 7, vec![stored(4, &[4])]), h.at(5_000));
+        assert_eq!(
+            sync.and_then(|s| s.seen),
+            Some(SyncSeen { epoch: 7, seq: 4 })
+        );
+        // Still out of sync at the next heartbeat past the retry interval:
+        // that request asks for a full state whatever came before.
+        let sync = h.registry.heartbeat(heartbeat("w1", 7, 4), h.at(10_000));
+        assert_eq!(sync.map(|s| s.seen), Some(None));
     }
 
     #[test]

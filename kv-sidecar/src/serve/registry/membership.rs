@@ -45,8 +45,9 @@ impl FleetRegistry {
         let behind = same_epoch && meta.tracker.last_seq() < meta.previous_heartbeat_seq;
         let sync = if !same_epoch || behind || !meta.tracker.in_sync() {
             // Never heard this epoch's events (joined mid-epoch or idle
-            // relay), lost its tail, or saw a hole: ask for everything.
-            meta.request_sync(&self.config.name, retry, now)
+            // relay), lost its tail, or saw a hole: ask for everything,
+            // whatever the relay published before.
+            meta.request_sync(&self.config.name, retry, now, None)
         } else {
             None
         };
@@ -182,7 +183,8 @@ mod tests {
             sync,
             Some(SyncRequest {
                 model: MODEL.into(),
-                worker_id: "w1".into()
+                worker_id: "w1".into(),
+                seen: None,
             })
         );
         assert_eq!(kinds(&h.commit(0)), ["joined w1"]);

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use router_core::fleet::FleetView;
-use router_core::protocol::{WorkerInfo, WorkerLoad};
+use router_core::protocol::{SyncSeen, WorkerInfo, WorkerLoad};
 use router_core::state_stream::{Change, LoadReport, StateUpdate};
 
 use crate::serve::config::{ModelConfig, StateConfig};
@@ -42,6 +42,9 @@ const DISCOVERY: Duration = Duration::from_millis(1500);
 pub struct SyncRequest {
     pub model: String,
     pub worker_id: String,
+    /// The last event seen on a live subscription, when a hole in it is
+    /// what asks: a full state the relay publishes after it answers too.
+    pub seen: Option<SyncSeen>,
 }
 
 struct WorkerMeta {
