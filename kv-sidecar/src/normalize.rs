@@ -30,6 +30,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::RangeInclusive;
 
 use router_core::{BlockHasher, BlockSize, HashSeed, LocalBlockHash, SeqHash};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -108,14 +109,12 @@ impl MediaPolicy {
         }
     }
 
-    /// The slots a block on `medium` may be in: every indexed one when the
-    /// engine does not say.
-    fn slots(&self, medium: &Medium) -> Vec<u8> {
+    /// The slots a block on `medium` may be in (`None` when not indexed):
+    /// every indexed one when the engine does not say.
+    fn slots(&self, medium: &Medium) -> Option<RangeInclusive<u8>> {
         match medium {
-            Medium::Unstated => (0..=self.extra.len())
-                .filter_map(|slot| u8::try_from(slot).ok())
-                .collect(),
-            _ => self.slot(medium).into_iter().collect(),
+            Medium::Unstated => Some(0..=u8::try_from(self.extra.len()).unwrap_or(u8::MAX)),
+            _ => self.slot(medium).map(|slot| slot..=slot),
         }
     }
 }
@@ -403,11 +402,10 @@ impl Normalizer {
     }
 
     fn removed(&mut self, event: &BlockRemoved, out: &mut Vec<NormEvent>, stats: &mut NormStats) {
-        let slots = self.media.slots(&event.medium);
-        if slots.is_empty() {
+        let Some(slots) = self.media.slots(&event.medium) else {
             stats.ignored_medium += event.block_hashes.len() as u64;
             return;
-        }
+        };
         if self.partial_groups.contains(&event.group) {
             stats.partial_attention_group += event.block_hashes.len() as u64;
             return;
@@ -415,8 +413,8 @@ impl Normalizer {
         let mut gone = Vec::new();
         for engine_hash in &event.block_hashes {
             let keys = slots
-                .iter()
-                .map(|&slot| (*engine_hash, Place::new(slot, event.group)));
+                .clone()
+                .map(|slot| (*engine_hash, Place::new(slot, event.group)));
             match keys.clone().find_map(|key| self.engine_to_seq.remove(&key)) {
                 Some(seq) => {
                     stats.blocks_removed += 1;

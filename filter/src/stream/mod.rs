@@ -517,14 +517,15 @@ impl<H: Host> InferenceStream<H> {
         let plan = {
             let mut guard = self.state.borrow_mut();
             let state = &mut *guard;
-            if state.replica_is_stale(now) {
+            let stale = state.replica_is_stale(now);
+            if stale {
                 self.metrics.stale_state.inc(&self.host);
             }
             let random = state.next_random();
-            let replica = state.replica.as_ref();
+            let last_known = state.replica.as_ref().and_then(|r| r.view(&model.name));
             let signals = Signals {
-                view: replica.and_then(|r| r.fresh_view(&model.name, now)),
-                last_known: replica.and_then(|r| r.view(&model.name)),
+                view: last_known.filter(|_| !stale),
+                last_known,
                 now_ms: now,
                 random,
             };
@@ -761,21 +762,32 @@ impl<H: Host> InferenceStream<H> {
             Ok(served) => served,
             Err(err) => return self.host_error(err),
         };
-        let mut state = self.state.borrow_mut();
+        let now = self.now_ms();
         if served.as_deref() != Some(chosen.as_bytes()) {
             self.metrics.upstream_failovers.inc(&self.host);
             log::info!("{chosen} did not serve a request routed to it; leaving it out for now");
-            state.router.unreachable.mark(chosen, self.now_ms());
+            self.state.borrow_mut().router.unreachable.mark(chosen, now);
             return;
         }
         match self.status(MapType::HttpResponseHeaders) {
-            Some(status) if is_worker_failure(status) => {
-                self.metrics.upstream_errors.inc(&self.host);
-                if state.router.unreachable.errored(chosen, self.now_ms()) {
-                    log::info!("{chosen} answered errors ({status}); leaving it out for now");
-                }
-            }
-            _ => state.router.unreachable.clear(chosen),
+            Some(status) if is_worker_failure(status) => self.worker_errored(chosen),
+            _ => self.state.borrow_mut().router.unreachable.clear(chosen),
+        }
+    }
+
+    /// `worker` (decode or prefill) answered with an error: counted, and
+    /// left out for a while after two in a row.
+    fn worker_errored(&self, worker: &str) {
+        self.metrics.upstream_errors.inc(&self.host);
+        let now = self.now_ms();
+        if self
+            .state
+            .borrow_mut()
+            .router
+            .unreachable
+            .errored(worker, now)
+        {
+            log::info!("{worker} keeps answering with errors; leaving it out for now");
         }
     }
 

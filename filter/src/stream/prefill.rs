@@ -10,12 +10,12 @@ use router_core::routing::Decision;
 use thiserror::Error;
 
 use super::{is_worker_failure, BufferedBody, InferenceStream, Phase, Routed, DESTINATION_HEADER};
-
-/// Client headers the prefill leg carries too.
-const FORWARDED_HEADERS: [&str; 4] = ["authorization", "traceparent", "tracestate", "baggage"];
 use crate::config::{Disaggregation, Protocol};
 use crate::disagg::body::{self, BodyError, ContextOutcome};
 use crate::host::Host;
+
+/// Client headers the prefill leg carries too.
+const FORWARDED_HEADERS: [&str; 4] = ["authorization", "traceparent", "tracestate", "baggage"];
 
 /// A prefill leg in flight: its callout, and the prefill worker's share of
 /// in-flight load until the leg answers.
@@ -193,25 +193,14 @@ impl<H: Host> InferenceStream<H> {
     }
 
     /// A prefill leg that timed out, could not connect or got a 5xx or 429
-    /// says its worker is failing: after two in a row it is left out for a
-    /// while, as a decode worker would be. A 4xx is the request's fault.
+    /// says its worker is failing (after two in a row it is left out, as a
+    /// decode worker would be). A 4xx is the request's fault.
     fn hold_failed_prefill_worker(&self, worker: &str) {
         let worker_failed = self
             .status(MapType::HttpCallResponseHeaders)
             .is_none_or(is_worker_failure);
-        if !worker_failed {
-            return;
-        }
-        self.metrics.upstream_errors.inc(&self.host);
-        let now = self.now_ms();
-        if self
-            .state
-            .borrow_mut()
-            .router
-            .unreachable
-            .errored(worker, now)
-        {
-            log::info!("prefill worker {worker} keeps failing; leaving it out for now");
+        if worker_failed {
+            self.worker_errored(worker);
         }
     }
 

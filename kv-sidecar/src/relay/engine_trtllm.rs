@@ -89,16 +89,30 @@ impl TrtllmSource {
     async fn apply(&self, poll: Poll, expected: &mut Option<u64>) -> bool {
         self.metrics
             .skipped_blocks("partial_block", poll.partial_blocks);
-        let (Some(first), Some(last)) = (poll.events.first(), poll.events.last()) else {
+        let ids = poll
+            .events
+            .first()
+            .zip(poll.events.last())
+            .map(|(first, last)| (first.event_id, last.event_id));
+        let mut batch = EventBatch {
+            ignored_events: poll.other_rank_events,
+            ..EventBatch::default()
+        };
+        for numbered in poll.events {
+            match numbered.event {
+                Decoded::Event(event) => batch.events.push(event),
+                Decoded::Ignored => batch.ignored_events = batch.ignored_events.saturating_add(1),
+                Decoded::Undecodable(error) => {
+                    tracing::warn!(%error, event_id = numbered.event_id, "undecodable TensorRT-LLM event skipped");
+                    batch.undecodable_events = batch.undecodable_events.saturating_add(1);
+                }
+            }
+        }
+        let Some((first, last)) = ids else {
             // Other ranks' events alone: counted, nothing to apply.
-            let batch = EventBatch {
-                ignored_events: poll.other_rank_events,
-                ..EventBatch::default()
-            };
             count_events(&self.metrics, &batch);
             return true;
         };
-        let (first, last) = (first.event_id, last.event_id);
         self.metrics.mark_event_received();
         let reset = match *expected {
             Some(next) if first < next => Some(ResetReason::EngineRestarted),
@@ -115,20 +129,6 @@ impl TrtllmSource {
             }
         }
         *expected = Some(last.saturating_add(1));
-        let mut batch = EventBatch {
-            ignored_events: poll.other_rank_events,
-            ..EventBatch::default()
-        };
-        for numbered in poll.events {
-            match numbered.event {
-                Decoded::Event(event) => batch.events.push(event),
-                Decoded::Ignored => batch.ignored_events = batch.ignored_events.saturating_add(1),
-                Decoded::Undecodable(error) => {
-                    tracing::warn!(%error, event_id = numbered.event_id, "undecodable TensorRT-LLM event skipped");
-                    batch.undecodable_events = batch.undecodable_events.saturating_add(1);
-                }
-            }
-        }
         self.metrics.engine_batches.inc();
         count_events(&self.metrics, &batch);
         self.send(SourceMsg::Batch(batch.events)).await

@@ -234,39 +234,39 @@ impl ZmqSource {
             }
         };
         self.metrics.replay("ok");
-        if let Some(last) = state.last_applied {
-            if replayed.applied_at(last.seq) == Some(last) {
+        // The same stream, picked up again: everything up to this is applied.
+        let resume_after = state
+            .last_applied
+            .filter(|last| replayed.applied_at(last.seq) == Some(*last))
+            .map(|last| last.seq);
+        match resume_after {
+            Some(seq) => tracing::info!(
+                missed = replayed.last.map_or(0, |l| l.saturating_sub(seq)),
+                "reconnected to the same engine's event stream; applying what was missed"
+            ),
+            None => {
                 tracing::info!(
-                    missed = replayed.last.map_or(0, |l| l.saturating_sub(last.seq)),
-                    "reconnected to the same engine's event stream; applying what was missed"
+                    batches = replayed.batches.len(),
+                    "rebuilding the worker's view after reconnecting"
                 );
-                state.expected = replayed.last.map(|l| l + 1);
-                state.last_applied = replayed.last_applied();
-                state.peer_lost = false;
-                state.replayed = true;
-                return self.emit_all(replayed.batches_after(Some(last.seq))).await;
+                if !self
+                    .send(SourceMsg::Reset(ResetReason::EngineRestarted))
+                    .await
+                {
+                    return false;
+                }
+                if replayed.first.is_some_and(|first| first != 0) {
+                    tracing::info!(
+                        "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
+                    );
+                }
             }
-        }
-        tracing::info!(
-            batches = replayed.batches.len(),
-            "rebuilding the worker's view after reconnecting"
-        );
-        if !self
-            .send(SourceMsg::Reset(ResetReason::EngineRestarted))
-            .await
-        {
-            return false;
-        }
-        if replayed.first.is_some_and(|first| first != 0) {
-            tracing::info!(
-                "engine's replay buffer no longer reaches seq 0; older blocks stay unknown"
-            );
         }
         state.expected = replayed.last.map(|last| last + 1);
         state.last_applied = replayed.last_applied();
         state.peer_lost = state.expected.is_none();
         state.replayed = state.expected.is_some();
-        self.emit_all(replayed.batches_after(None)).await
+        self.emit_all(replayed.batches_after(resume_after)).await
     }
 
     /// Returns false once the pipeline is gone.

@@ -187,24 +187,19 @@ impl Pipeline {
             // far under NATS's payload limit, which would refuse it and
             // leave a hole every subscriber resyncs over.
             match event {
-                NormEvent::Stored { mut parent, hashes } => {
-                    for chunk in hashes.chunks(MAX_BATCH_HASHES) {
-                        self.pending_hashes += chunk.len();
-                        self.push(Kind::Stored(BlocksStored {
-                            parent,
-                            hashes: chunk.to_vec(),
-                        }));
-                        parent = chunk.last().copied();
-                    }
-                }
-                NormEvent::Removed { hashes } => {
-                    for chunk in hashes.chunks(MAX_BATCH_HASHES) {
-                        self.pending_hashes += chunk.len();
-                        self.push(Kind::Removed(BlocksRemoved {
-                            hashes: chunk.to_vec(),
-                        }));
-                    }
-                }
+                NormEvent::Stored { mut parent, hashes } => self.push_blocks(&hashes, |chunk| {
+                    let stored = BlocksStored {
+                        parent,
+                        hashes: chunk.to_vec(),
+                    };
+                    parent = chunk.last().copied();
+                    Kind::Stored(stored)
+                }),
+                NormEvent::Removed { hashes } => self.push_blocks(&hashes, |chunk| {
+                    Kind::Removed(BlocksRemoved {
+                        hashes: chunk.to_vec(),
+                    })
+                }),
                 NormEvent::Cleared => self.push(Kind::Cleared(AllBlocksCleared {})),
             }
         }
@@ -220,6 +215,15 @@ impl Pipeline {
         self.push(Kind::Reset(WorkerReset {
             reason: reason as i32,
         }));
+    }
+
+    /// Pushes `hashes` as events of at most [`MAX_BATCH_HASHES`], each made
+    /// by `event` from its chunk, in order.
+    fn push_blocks(&mut self, hashes: &[u64], mut event: impl FnMut(&[u64]) -> Kind) {
+        for chunk in hashes.chunks(MAX_BATCH_HASHES) {
+            self.pending_hashes += chunk.len();
+            self.push(event(chunk));
+        }
     }
 
     fn push(&mut self, kind: Kind) {

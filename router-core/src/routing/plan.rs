@@ -306,10 +306,16 @@ fn decide(
     // Only for the decode pool: without the prefill pool's load, prefilling
     // locally is the safer choice.
     let membership = match live {
-        Some(view) => Membership::Live(view),
+        Some(view) => Membership::Fleet {
+            view,
+            reported_load: true,
+        },
         None => match signals.last_known.filter(serves_pool) {
             Some(view) if matches!(pool, Pool::Decode(_)) && pool.endpoints().is_empty() => {
-                Membership::Remembered(view)
+                Membership::Fleet {
+                    view,
+                    reported_load: false,
+                }
             }
             _ => Membership::Endpoints,
         },
@@ -320,10 +326,12 @@ fn decide(
 /// Where approximate mode takes its candidates from.
 #[derive(Clone, Copy)]
 enum Membership<'a> {
-    /// The fresh fleet view: its workers and the load they report.
-    Live(&'a FleetView),
-    /// A stale view's workers, their reported load ignored.
-    Remembered(&'a FleetView),
+    /// A fleet view's workers, with the load they report when the view is
+    /// fresh (a stale view's is not trusted).
+    Fleet {
+        view: &'a FleetView,
+        reported_load: bool,
+    },
     /// The pool's configured endpoints.
     Endpoints,
 }
@@ -421,20 +429,21 @@ fn approximate(
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
     // (address, worker id, load the fleet state reports)
     let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match membership {
-        Membership::Live(view) | Membership::Remembered(view) => {
-            let live = matches!(membership, Membership::Live(_));
-            view.workers()
-                .filter(|w| pool.admits(w.role, &w.address) && reachable(&w.address))
-                .map(|w| {
-                    let load = if live {
-                        reported(&w.load)
-                    } else {
-                        WorkerLoad::default()
-                    };
-                    (w.address.as_str(), Some(w.worker_id.as_str()), load)
-                })
-                .collect()
-        }
+        Membership::Fleet {
+            view,
+            reported_load,
+        } => view
+            .workers()
+            .filter(|w| pool.admits(w.role, &w.address) && reachable(&w.address))
+            .map(|w| {
+                let load = if reported_load {
+                    reported(&w.load)
+                } else {
+                    WorkerLoad::default()
+                };
+                (w.address.as_str(), Some(w.worker_id.as_str()), load)
+            })
+            .collect(),
         Membership::Endpoints => pool
             .endpoints()
             .iter()
