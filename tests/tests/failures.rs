@@ -3,7 +3,8 @@
 //! A killed engine costs only the requests in flight on it: Envoy retries a
 //! refused connection on another pool host and ejects the dead one, the
 //! filter leaves it out of its choices, and it is routed to again once it
-//! is back. Figures are in `docs/failures.md`.
+//! is back. A hung engine holds only the few requests sent to it before its
+//! relay reports it unreachable. Figures are in `docs/failures.md`.
 // Integration test: its helpers fail the test by panicking, like its tests
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -291,4 +292,84 @@ fn an_engine_that_fails_fast_draws_few_requests() {
         outcomes.len()
     );
     assert!(errors > 0, "the filter never counted the engine's errors");
+}
+
+/// A hung engine: its process stopped (SIGSTOP), so the kernel still accepts
+/// connections to it and nothing answers; no connection is refused and no
+/// error comes back. The requests it holds count as its load, so the
+/// filters send it few more, and its relay's scrapes time out until it is
+/// left out. Its requests finish once it runs again.
+#[test]
+fn a_hung_engine_draws_few_requests_and_is_left_out_until_it_answers() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = ["--speedup", "10"].map(str::to_owned).to_vec();
+    let mut stack = Stack::start(options, |_| {}).unwrap();
+    let victim = stack.workers[0].sim.worker_id().to_owned();
+    let routed_to_victim = format!(
+        "wasmcustom.kvmesh_routed_to_{}",
+        stack.workers[0].sim.address().replace(['.', ':'], "_")
+    );
+    let url = format!("{}/v1/completions", stack.envoy.gateway_url());
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || run_load(url, stop, started + Duration::from_secs(40)))
+    };
+    let wait_for_workers = |count: usize| {
+        let give_up = Instant::now() + Duration::from_secs(15);
+        while stack.sidecar.known_workers().unwrap() != count && Instant::now() < give_up {
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(stack.sidecar.known_workers().unwrap(), count);
+    };
+    thread::sleep(Duration::from_secs(3));
+    let sim = stack.workers[0].sim.process().unwrap();
+    sim.signal(libc::SIGSTOP);
+    let hung_at = Instant::now();
+    wait_for_workers(WORKERS - 1);
+    let left_out_after = hung_at.elapsed();
+    let routed_when_left_out = stack.envoy.stat(&routed_to_victim).unwrap();
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        stack.envoy.stat(&routed_to_victim).unwrap(),
+        routed_when_left_out,
+        "requests were routed to the hung engine after it was left out"
+    );
+    sim.signal(libc::SIGCONT);
+    let resumed_at = Instant::now();
+    wait_for_workers(WORKERS);
+    thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = load.join().unwrap();
+
+    let while_hung: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.started >= hung_at && o.started < resumed_at)
+        .collect();
+    let sent_to_hung = while_hung
+        .iter()
+        .filter(|o| o.worker.as_deref() == Some(victim.as_str()))
+        .count();
+    println!(
+        "left out after {left_out_after:?}; {} requests; while hung {} started, {sent_to_hung} of them on the hung engine",
+        outcomes.len(),
+        while_hung.len()
+    );
+    // Each request on the hung engine holds one client loop until it runs
+    // again: had the filters kept choosing it, every loop would be stuck.
+    assert!(
+        sent_to_hung < CLIENTS,
+        "{sent_to_hung} requests went to the hung engine: every client loop stalled"
+    );
+    assert!(
+        while_hung.len() >= 10 * CLIENTS,
+        "only {} requests started while the engine hung",
+        while_hung.len()
+    );
+    let failed = outcomes.iter().filter(|o| o.status != 200).count();
+    assert_eq!(
+        failed, 0,
+        "requests failed: a hung engine's requests finish when it runs again"
+    );
 }
