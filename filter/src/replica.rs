@@ -19,6 +19,9 @@ pub struct FleetReplica {
     views: HashMap<String, FleetView>,
     /// Host time (ms) of the last update received; `None` before the first.
     last_update_ms: Option<u64>,
+    /// The last update said the sidecar lost its feed of the fleet: its
+    /// view is kept, not current.
+    fleet_unheard: bool,
     stale_after_ms: u64,
 }
 
@@ -36,6 +39,7 @@ impl FleetReplica {
         Self {
             views,
             last_update_ms: None,
+            fleet_unheard: false,
             stale_after_ms: sidecar.stale_after_ms,
         }
     }
@@ -61,16 +65,22 @@ impl FleetReplica {
             None => None,
         };
         self.last_update_ms = Some(now_ms);
+        self.fleet_unheard = update.fleet_unheard;
         Ok(applied)
     }
 
-    /// The model's view if the stream delivered something recently enough.
+    /// The model's view if it is current: the stream delivered something
+    /// recently enough, and the sidecar still hears the fleet.
     pub fn fresh_view(&self, model: &str, now_ms: u64) -> Option<&FleetView> {
-        let last = self.last_update_ms?;
-        if now_ms.saturating_sub(last) > self.stale_after_ms {
+        if self.is_stale(now_ms) {
             return None;
         }
         self.views.get(model)
+    }
+
+    /// Whether the sidecar said, in its last update, that it hears the fleet.
+    pub fn fleet_heard(&self) -> bool {
+        !self.fleet_unheard
     }
 
     /// The model's view however old: who the workers were when the stream
@@ -79,10 +89,13 @@ impl FleetReplica {
         self.views.get(model)
     }
 
-    /// True once updates stopped arriving for longer than the staleness limit.
+    /// True once updates stopped arriving for longer than the staleness
+    /// limit, or the sidecar said it lost its feed of the fleet.
     pub fn is_stale(&self, now_ms: u64) -> bool {
-        self.last_update_ms
-            .is_none_or(|last| now_ms.saturating_sub(last) > self.stale_after_ms)
+        self.fleet_unheard
+            || self
+                .last_update_ms
+                .is_none_or(|last| now_ms.saturating_sub(last) > self.stale_after_ms)
     }
 }
 
@@ -138,6 +151,7 @@ mod tests {
             model: model.into(),
             version: 7,
             kind: Some(state_update::Kind::Snapshot(Snapshot::default())),
+            fleet_unheard: false,
         }
     }
 
@@ -153,6 +167,32 @@ mod tests {
         assert!(replica.fresh_view("m", 1101).is_none());
         assert!(replica.is_stale(1101));
         assert!(replica.fresh_view("other", 200).is_none());
+    }
+
+    #[test]
+    fn a_sidecar_that_lost_the_fleet_makes_the_view_stale_but_kept() {
+        let mut replica = replica();
+        let computing = &mut Computing::default();
+        replica.apply(&snapshot("m"), 0, computing).unwrap();
+        let unheard = StateUpdate {
+            model: "m".into(),
+            version: 8,
+            kind: Some(state_update::Kind::Delta(Delta::default())),
+            fleet_unheard: true,
+        };
+        replica.apply(&unheard, 10, computing).unwrap();
+        assert!(replica.is_stale(10));
+        assert!(!replica.fleet_heard());
+        assert!(replica.fresh_view("m", 10).is_none());
+        assert_eq!(replica.view("m").unwrap().version(), 8);
+        // Another model's update says so too: the answer is the sidecar's.
+        let heard = StateUpdate {
+            fleet_unheard: false,
+            ..snapshot("x")
+        };
+        replica.apply(&heard, 20, computing).unwrap();
+        assert!(replica.fleet_heard());
+        assert_eq!(replica.fresh_view("m", 20).unwrap().version(), 8);
     }
 
     #[test]
@@ -197,6 +237,7 @@ mod tests {
             model: "m".into(),
             version: 8,
             kind: Some(state_update::Kind::Delta(Delta { changes })),
+            fleet_unheard: false,
         };
         let applied = replica.apply(&delta, 10, computing).unwrap();
         assert_eq!(applied, Some(Applied { shared_prompts: 2 }));

@@ -176,8 +176,14 @@ impl KvmeshRoot {
                             .add(&EnvoyHost, applied.shared_prompts);
                     }
                     // A stream starts with snapshots, so any update applied
-                    // on it means this VM holds fleet state.
-                    self.set_synced(true);
+                    // on it means this VM holds fleet state: current unless
+                    // the sidecar lost its own feed of the fleet.
+                    let heard = state
+                        .borrow()
+                        .replica
+                        .as_ref()
+                        .is_some_and(FleetReplica::fleet_heard);
+                    self.set_synced(heard);
                 } else {
                     metrics.state_updates_skipped.inc(&EnvoyHost);
                 }

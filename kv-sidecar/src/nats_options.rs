@@ -1,6 +1,8 @@
-//! NATS authentication and TLS options, shared by `relay` and `serve`.
+//! NATS connection options shared by `relay` and `serve`: servers,
+//! authentication, TLS, and the reconnect schedule.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::{ConnectOptions, ServerAddr};
@@ -20,6 +22,15 @@ pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!addrs.is_empty(), "no NATS server URL given");
     Ok(addrs)
+}
+
+/// How long to wait before reconnect attempt `attempts`: quickly at first,
+/// then every 2 s (the NATS clients' usual wait), so a NATS that comes back
+/// is found within 2 s. Routing is approximate until then; each attempt
+/// costs the server one TCP connect.
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
+    Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(2))
 }
 
 /// Every way kvmesh can authenticate to NATS; unset fields are not used.
@@ -66,7 +77,9 @@ pub async fn with_credentials(
 
 #[cfg(test)]
 mod tests {
-    use super::server_addrs;
+    use std::time::Duration;
+
+    use super::{reconnect_delay, server_addrs};
 
     #[test]
     fn a_cluster_is_a_comma_separated_list() {
@@ -76,5 +89,13 @@ mod tests {
         assert!(server_addrs("").is_err());
         assert!(server_addrs(" , ").is_err());
         assert!(server_addrs("nats://127.0.0.1:4222,nats://[bad").is_err());
+    }
+
+    #[test]
+    fn reconnects_start_fast_and_wait_at_most_two_seconds() {
+        assert_eq!(reconnect_delay(1), Duration::from_millis(200));
+        let delays: Vec<Duration> = (0..100).map(reconnect_delay).collect();
+        assert!(delays.windows(2).all(|pair| pair[0] <= pair[1]));
+        assert_eq!(delays[99], Duration::from_secs(2));
     }
 }

@@ -148,6 +148,7 @@ impl FleetView {
             model: self.model.clone(),
             version: self.version,
             kind: Some(state_update::Kind::Delta(delta)),
+            fleet_unheard: false,
         };
         (update, stats)
     }
@@ -178,6 +179,7 @@ impl FleetView {
                 workers,
                 continues: false,
             })),
+            fleet_unheard: false,
         }
     }
 

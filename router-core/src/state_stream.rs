@@ -55,6 +55,7 @@ pub fn split_snapshot(update: StateUpdate, max_blocks: usize) -> Vec<StateUpdate
             model: update.model.clone(),
             version: update.version,
             kind: Some(state_update::Kind::Snapshot(chunk)),
+            fleet_unheard: update.fleet_unheard,
         })
         .collect()
 }

@@ -257,9 +257,50 @@ fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache(
 
     dashboard_queries_only_exported_metrics(&stack, &envoy);
 
-    // The sidecar gone: the manifests list no endpoints, so the workers of
-    // the last fleet state the filter heard are the candidates, rather than
-    // Envoy's own pick.
+    let counter = |name: &str| envoy.stat(&format!("wasmcustom.{name}")).unwrap();
+    let send_four = |from: u32| {
+        for prefix in from..from + 4 {
+            let response = post_json(&client, &url, &token_prompt(prefix, 512, 0)).unwrap();
+            assert_eq!(response.status, 200, "{}", response.text);
+        }
+    };
+
+    // NATS gone: the sidecar keeps the workers it last heard instead of
+    // expiring them and tells the filters it lost the fleet, so they route
+    // approximately over those workers, not by Envoy's own pick (the
+    // manifests list no endpoints).
+    let known_workers = stack.sidecar.known_workers().unwrap();
+    stack.nats.process().kill();
+    poll_until(
+        "the filter VMs to hear that the sidecar lost the fleet",
+        Duration::from_secs(30),
+        || counter("kvmesh_state_synced_vms") == 0,
+    )
+    .unwrap();
+    let (precise, approximate, fallback) = (
+        counter("kvmesh_requests_precise"),
+        counter("kvmesh_requests_approximate"),
+        counter("kvmesh_requests_fallback"),
+    );
+    // Past the sidecar's worker timeout (2.5 s).
+    std::thread::sleep(Duration::from_secs(3));
+    send_four(10);
+    assert_eq!(counter("kvmesh_requests_approximate"), approximate + 4);
+    assert_eq!(counter("kvmesh_requests_fallback"), fallback);
+    assert_eq!(counter("kvmesh_requests_precise"), precise);
+    assert_eq!(stack.sidecar.known_workers().unwrap(), known_workers);
+    stack.nats.restart().unwrap();
+    poll_until(
+        "the filter VMs to hold current fleet state again",
+        Duration::from_secs(30),
+        || counter("kvmesh_state_synced_vms") == vms,
+    )
+    .unwrap();
+    send_four(14);
+    assert_eq!(counter("kvmesh_requests_precise"), precise + 4);
+
+    // The sidecar gone: again the workers of the last fleet state the
+    // filter heard are the candidates.
     stack.sidecar.process().kill();
     poll_until(
         "the filter VMs to see their fleet state go stale",
@@ -274,16 +315,12 @@ fn the_gateway_envoyfilter_merged_into_istios_gateway_config_routes_by_kv_cache(
     .unwrap();
     // Past the staleness limit (`sidecar.stale_after_ms`, 5 s by default).
     std::thread::sleep(Duration::from_secs(6));
-    let counter = |name: &str| envoy.stat(&format!("wasmcustom.{name}")).unwrap();
     let (approximate, fallback, stale) = (
         counter("kvmesh_requests_approximate"),
         counter("kvmesh_requests_fallback"),
         counter("kvmesh_requests_stale_state"),
     );
-    for prefix in 20..24 {
-        let response = post_json(&client, &url, &token_prompt(prefix, 512, 0)).unwrap();
-        assert_eq!(response.status, 200, "{}", response.text);
-    }
+    send_four(20);
     assert_eq!(counter("kvmesh_requests_stale_state"), stale + 4);
     assert_eq!(counter("kvmesh_requests_approximate"), approximate + 4);
     assert_eq!(counter("kvmesh_requests_fallback"), fallback);

@@ -721,16 +721,21 @@ fn losing_nats_routes_approximately_and_recovery_restores_precise_routing() {
     stack.send("/v1/completions", &body(0));
     assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
 
-    // Without NATS the sidecar hears no heartbeats and drops the workers; the
-    // filters, still fed by the sidecar, route approximately on the learned
-    // table over the configured endpoints, not by Envoy's fallback.
+    // Without NATS the sidecar hears nothing, keeps the workers it last
+    // heard and tells the filters so: they route approximately (the learned
+    // table over the configured endpoints), not by Envoy's fallback, and
+    // count no VM as holding current fleet state.
+    let vms = stack.envoy.config().filter_vms();
     stack.nats.process().kill();
-    stack.wait_for("the sidecar to forget the silent workers", || {
-        stack.sidecar.known_workers().unwrap_or(usize::MAX) == 0
+    stack.wait_for("the filters to hear the sidecar lost the fleet", || {
+        stack.counter("kvmesh_state_synced_vms") == 0
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Past the sidecar's worker timeout (2.5 s): the workers are kept.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
     let fallback_before = stack.counter("kvmesh_requests_fallback");
     let approximate_before = stack.counter("kvmesh_requests_approximate");
+    let stale_before = stack.counter("kvmesh_requests_stale_state");
     for i in 1..6 {
         stack.send("/v1/completions", &body(i));
     }
@@ -739,6 +744,10 @@ fn losing_nats_routes_approximately_and_recovery_restores_precise_routing() {
     assert_eq!(
         stack.counter("kvmesh_requests_approximate"),
         approximate_before + 5
+    );
+    assert_eq!(
+        stack.counter("kvmesh_requests_stale_state"),
+        stale_before + 5
     );
 
     // Relays and the sidecar reconnect and rebuild; precise routing returns
@@ -752,4 +761,6 @@ fn losing_nats_routes_approximately_and_recovery_restores_precise_routing() {
         took < Duration::from_secs(5),
         "precise only {took:?} after NATS returned"
     );
+    assert_eq!(stack.counter("kvmesh_state_synced_vms"), vms);
+    assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
 }

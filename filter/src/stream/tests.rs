@@ -113,6 +113,7 @@ impl Vm {
                 workers: vec![worker("a", A, Vec::new()), worker("b", B, self.blocks(48))],
                 continues: false,
             })),
+            fleet_unheard: false,
         };
         self.apply(&update);
         self
@@ -145,6 +146,7 @@ impl Vm {
             kind: Some(state_update::Kind::Delta(Delta {
                 changes: vec![change],
             })),
+            fleet_unheard: false,
         }
     }
 
@@ -435,6 +437,7 @@ fn a_view_without_workers_asks_for_no_tokenization() {
             workers: Vec::new(),
             continues: false,
         })),
+        fleet_unheard: false,
     });
     let (_stream, actions) = vm.send(CHAT, &chat(&["hello"]));
     assert_eq!(actions, [Action::Pause, Action::Continue]);

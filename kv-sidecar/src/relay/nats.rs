@@ -15,7 +15,7 @@ use prost::Message;
 use router_core::protocol::{self, SyncSeen, WorkerInfo, WorkerRole};
 use tokio::sync::{mpsc, Notify};
 
-use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
+use crate::nats_options::{reconnect_delay, server_addrs, with_credentials, NatsCredentials};
 use crate::relay::args::RelayArgs;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
 use crate::relay::pipeline::{Control, Outgoing};
@@ -35,11 +35,7 @@ pub async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(3))
-        // Reconnect quickly at first, then at most every 5 s.
-        .reconnect_delay_callback(|attempts| {
-            let exponent = u32::try_from(attempts.min(6)).unwrap_or(6);
-            Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(5))
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let metrics = metrics.clone();
             let control = control.clone();

@@ -12,7 +12,7 @@ use router_core::gateway::{decisions_subject, SharedReport};
 use router_core::protocol::{subjects, KvEventBatch, WorkerInfo, WorkerLoad};
 use tokio::sync::mpsc;
 
-use crate::nats_options::{server_addrs, with_credentials, NatsCredentials};
+use crate::nats_options::{reconnect_delay, server_addrs, with_credentials, NatsCredentials};
 use crate::serve::config::NatsConfig;
 use crate::serve::metrics::KindLabel;
 use crate::serve::registry::SyncRequest;
@@ -29,10 +29,7 @@ pub async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(3))
-        .reconnect_delay_callback(|attempts| {
-            let exponent = u32::try_from(attempts.min(6)).unwrap_or(6);
-            Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(5))
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let state = state.clone();
             let inputs = inputs.clone();
@@ -45,8 +42,9 @@ pub async fn connect(
                         let _ = inputs.send(Input::Connected).await;
                     }
                     async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS");
+                        tracing::warn!("disconnected from NATS; keeping the fleet as last heard");
                         state.set_nats_connected(false);
+                        let _ = inputs.send(Input::Disconnected).await;
                     }
                     other => tracing::info!(event = %other, "NATS event"),
                 }

@@ -35,6 +35,8 @@ pub enum Input {
     },
     /// Our NATS connection came (back) up: messages may have been missed.
     Connected,
+    /// Our NATS connection went down: the fleet is unheard until `Connected`.
+    Disconnected,
 }
 
 /// One stream subscriber, as seen from the models it follows.
@@ -64,7 +66,6 @@ pub struct ServeState {
     by_name: HashMap<String, usize>,
     next_subscriber: AtomicU64,
     ready: AtomicBool,
-    nats_connected: AtomicBool,
     initial_sync_timeout: Duration,
     pub metrics: ServeMetrics,
 }
@@ -98,7 +99,6 @@ impl ServeState {
             by_name,
             next_subscriber: AtomicU64::new(1),
             ready: AtomicBool::new(false),
-            nats_connected: AtomicBool::new(false),
             initial_sync_timeout: Duration::from_millis(config.state.initial_sync_timeout_ms),
             metrics,
         }
@@ -131,12 +131,14 @@ impl ServeState {
         )
     }
 
+    /// The initial state is loaded. Not tied to NATS: without it this
+    /// sidecar still tokenizes and serves the view it last heard, marked
+    /// unheard, which beats none; `kvmesh_serve_nats_connected` tells.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.nats_connected.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed)
     }
 
     pub fn set_nats_connected(&self, connected: bool) {
-        self.nats_connected.store(connected, Ordering::Relaxed);
         self.metrics.nats_connected.set(i64::from(connected));
     }
 
@@ -155,7 +157,7 @@ impl ServeState {
         let mut snapshots = Vec::with_capacity(self.models.len());
         for index in 0..self.models.len() {
             if let Some(mut model) = self.lock_at(index) {
-                snapshots.push(model.registry.fleet().snapshot());
+                snapshots.push(model.registry.snapshot());
                 model.subscribers.push(subscriber.clone());
             }
         }
@@ -167,7 +169,7 @@ impl ServeState {
     /// resume right after it.
     pub fn resnapshot(&self, subscriber: &Subscriber, index: usize) -> Option<StateUpdate> {
         let model = self.lock_at(index)?;
-        let snapshot = model.registry.fleet().snapshot();
+        let snapshot = model.registry.snapshot();
         if let Some(paused) = subscriber.paused.get(index) {
             paused.store(false, Ordering::Release);
         }
@@ -244,12 +246,15 @@ impl StateTask {
                 }
             }
             Input::Report { gateway_id, report } => self.report(&gateway_id, report, now),
-            Input::Connected => {
-                for index in 0..self.state.model_count() {
-                    if let Some(mut model) = self.state.lock_at(index) {
-                        model.registry.messages_missed();
-                    }
-                }
+            Input::Connected => self.each_registry(|registry| registry.feed_restored(now)),
+            Input::Disconnected => self.each_registry(FleetRegistry::feed_lost),
+        }
+    }
+
+    fn each_registry(&self, mut action: impl FnMut(&mut FleetRegistry)) {
+        for index in 0..self.state.model_count() {
+            if let Some(mut model) = self.state.lock_at(index) {
+                action(&mut model.registry);
             }
         }
     }

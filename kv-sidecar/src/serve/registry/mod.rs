@@ -71,6 +71,12 @@ pub struct FleetRegistry {
     mismatched_block_size: HashMap<String, u32>,
     /// Changes since the last commit, in the order they happened.
     pending: Vec<Change>,
+    /// This sidecar does not hear the fleet (its NATS connection is down, or
+    /// not up yet): silent workers are kept as last heard, and every update
+    /// says the view is not current.
+    fleet_unheard: bool,
+    /// `fleet_unheard` changed since the last commit, which is then due at once.
+    feed_changed: bool,
     last_commit: Instant,
     metrics: ServeMetrics,
     label: ModelLabel,
@@ -93,6 +99,8 @@ impl FleetRegistry {
             inflight: InFlight::default(),
             mismatched_block_size: HashMap::new(),
             pending: Vec::new(),
+            fleet_unheard: true,
+            feed_changed: false,
             last_commit: now,
             metrics,
         }
@@ -105,6 +113,38 @@ impl FleetRegistry {
     /// The committed view: what every subscriber has (or gets in a snapshot).
     pub fn fleet(&self) -> &FleetView {
         &self.fleet
+    }
+
+    /// The committed view as one update, for a new or lagged subscriber.
+    pub fn snapshot(&self) -> StateUpdate {
+        StateUpdate {
+            fleet_unheard: self.fleet_unheard,
+            ..self.fleet.snapshot()
+        }
+    }
+
+    /// Our NATS connection went down. Workers fall silent because we do, not
+    /// because they died: they are kept as last heard instead of expiring,
+    /// and the updates tell routers the view is not current.
+    pub fn feed_lost(&mut self) {
+        if !self.fleet_unheard {
+            self.fleet_unheard = true;
+            self.feed_changed = true;
+        }
+    }
+
+    /// Our NATS connection came (back) up. Whatever was published meanwhile
+    /// is lost to us, so every worker must resync; and its silence was ours,
+    /// so each gets a whole `worker_timeout_ms` from `now` to be heard again.
+    pub fn feed_restored(&mut self, now: Instant) {
+        self.messages_missed();
+        for meta in self.workers.values_mut() {
+            meta.last_heartbeat = now;
+        }
+        if self.fleet_unheard {
+            self.fleet_unheard = false;
+            self.feed_changed = true;
+        }
     }
 
     /// Registered workers with their latest heartbeat and whether their
@@ -123,21 +163,28 @@ impl FleetRegistry {
         self.workers.values().all(|m| m.tracker.in_sync())
     }
 
-    /// Removes workers whose heartbeats stopped and decisions whose
-    /// completion never came.
+    /// Removes workers whose heartbeats stopped (unless it is this sidecar
+    /// that cannot hear them) and decisions whose completion never came.
     pub fn expire(&mut self, now: Instant) {
-        self.expire_workers(now);
+        if !self.fleet_unheard {
+            self.expire_workers(now);
+        }
         self.expire_decisions(now);
     }
 
     /// The delta of everything since the last commit, or an empty one when
     /// the model was quiet for [`KEEPALIVE`]; `None` while nothing is due.
     pub fn commit(&mut self, now: Instant) -> Option<StateUpdate> {
-        if self.pending.is_empty() && now.duration_since(self.last_commit) < KEEPALIVE {
+        if self.pending.is_empty()
+            && !self.feed_changed
+            && now.duration_since(self.last_commit) < KEEPALIVE
+        {
             return None;
         }
         self.last_commit = now;
-        let (update, stats) = self.fleet.commit(std::mem::take(&mut self.pending));
+        self.feed_changed = false;
+        let (mut update, stats) = self.fleet.commit(std::mem::take(&mut self.pending));
+        update.fleet_unheard = self.fleet_unheard;
         let (metrics, label) = (&self.metrics, &self.label);
         if stats.rejected_blocks > 0 {
             metrics
@@ -179,6 +226,35 @@ mod tests {
             Some(state_update::Kind::Delta(delta)) => Some(delta.changes.len()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn without_nats_the_workers_are_kept_and_every_update_says_unheard() {
+        let mut h = Harness::new(limits());
+        h.registry.heartbeat(heartbeat("w1", 7, 0), h.at(0));
+        let joined = h.registry.commit(h.at(0)).expect("joined");
+        assert!(!joined.fleet_unheard);
+
+        h.registry.feed_lost();
+        let lost = h.registry.commit(h.at(1)).expect("due at once");
+        assert!(lost.fleet_unheard);
+        assert!(h.registry.snapshot().fleet_unheard);
+        // Far past worker_timeout_ms (2.5 s): still there.
+        h.registry.expire(h.at(60_000));
+        let keepalive = h.registry.commit(h.at(60_000)).expect("keepalive");
+        assert_eq!(delta_len(&keepalive), Some(0));
+        assert!(keepalive.fleet_unheard);
+        assert_eq!(h.registry.worker_infos().len(), 1);
+
+        // Back: the worker gets a whole timeout from now to be heard again.
+        h.registry.feed_restored(h.at(61_000));
+        let restored = h.registry.commit(h.at(61_001)).expect("due at once");
+        assert!(!restored.fleet_unheard);
+        assert!(!h.registry.snapshot().fleet_unheard);
+        h.registry.expire(h.at(63_500));
+        assert_eq!(h.registry.worker_infos().len(), 1);
+        h.registry.expire(h.at(63_501));
+        assert_eq!(h.registry.worker_infos().len(), 0);
     }
 
     #[test]

@@ -51,8 +51,11 @@ impl Harness {
         let model = config.models[0].clone();
         let metrics = ServeMetrics::new(&mut Registry::default());
         let start = Instant::now();
+        let mut registry = FleetRegistry::new(model, &limits, metrics.clone(), start);
+        // Connected to NATS from the start, without a commit to announce it.
+        registry.fleet_unheard = false;
         Self {
-            registry: FleetRegistry::new(model, &limits, metrics.clone(), start),
+            registry,
             metrics,
             replica: FleetView::new(MODEL, limits.max_index_entries),
             start,
