@@ -9,6 +9,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kv_sidecar::serve::config::Config;
@@ -176,10 +177,9 @@ fn state_task(c: &mut Criterion) {
                 runtime.block_on(async {
                     let (tx, rx) = tokio::sync::mpsc::channel(inputs.len() + 1);
                     let (sync_tx, _sync_rx) = tokio::sync::mpsc::channel(16);
-                    let task = StateTask {
-                        state: state.clone(),
-                        sync_tx,
-                    };
+                    let (share_tx, _share_rx) = tokio::sync::mpsc::channel(16);
+                    let task =
+                        StateTask::new(state.clone(), sync_tx, share_tx, Duration::from_secs(15));
                     for input in inputs {
                         let _ = tx.send(input).await;
                     }

@@ -85,7 +85,7 @@ fn wait_for(sidecar: &Sidecar, what: &str, check: impl Fn(&[(String, u64)]) -> b
 
 /// A long streamed request through `envoy`, in the background: sends the
 /// worker that answers once the headers are in, then reads the answer to
-/// its end and returns its status.
+/// its end and returns its status (0 if the answer broke off).
 fn long_request(
     envoy: &Envoy,
     first_token: u32,
@@ -104,8 +104,11 @@ fn long_request(
             .to_owned();
         worker_tx.send(worker).unwrap();
         let mut answer = String::new();
-        response.read_to_string(&mut answer).unwrap();
-        response.status().as_u16()
+        // 0: the answer broke off (its gateway died).
+        match response.read_to_string(&mut answer) {
+            Ok(_) => response.status().as_u16(),
+            Err(_) => 0,
+        }
     });
     (worker_rx, request)
 }
@@ -207,6 +210,55 @@ fn a_completion_made_while_the_sidecar_was_down_frees_the_load_everywhere() {
     wait_for(peer, "the finished request still counts", |blocks| {
         blocks_of(blocks, &busy) == 0
     });
+}
+
+/// Envoy killed with requests in flight takes them along (its connections
+/// to the engines close), but no filter is left to report their
+/// completions, and every sidecar that heard of them (the other one over
+/// NATS) would count their load for `inflight_ttl_ms` (10 minutes). The
+/// dead gateway's sidecar sees its streams stay closed past
+/// `gateway_grace_ms` (15 s) and drops their requests, here and, over NATS,
+/// on every other sidecar.
+#[test]
+fn a_gateway_that_dies_with_requests_in_flight_frees_their_load_everywhere() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
+    let mut stack = Stack::start(options, |_| {}).unwrap();
+    stack.add_gateway(|_| {}).unwrap();
+    let (worker_rx, request) = long_request(&stack.envoy, 800_000);
+    let busy = worker_rx.recv_timeout(SETTLE).unwrap();
+    for sidecar in stack.sidecars() {
+        wait_for(sidecar, "the long request never showed", |blocks| {
+            blocks_of(blocks, &busy) >= LONG_PROMPT_BLOCKS
+        });
+    }
+    stack.envoy.process().kill();
+    let killed_at = Instant::now();
+    assert_eq!(
+        request.join().unwrap(),
+        0,
+        "the request outlived its gateway"
+    );
+    let grace = Duration::from_secs(15);
+    for sidecar in stack.sidecars() {
+        let deadline = killed_at + grace + SETTLE;
+        while blocks_of(&active_blocks(sidecar), &busy) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the dead gateway's request still counts"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            killed_at.elapsed() >= grace,
+            "dropped before the grace period ended"
+        );
+        assert_eq!(
+            sidecar.metric("kvmesh_serve_inflight_dropped_total", "gateway_gone"),
+            1.0
+        );
+    }
+    println!("load freed {:?} after the kill", killed_at.elapsed());
 }
 
 /// Simulated prefill time per prompt token (375× the timing model's), so a

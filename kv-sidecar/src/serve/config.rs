@@ -114,6 +114,9 @@ pub struct StateConfig {
     pub max_inflight_requests: usize,
     /// A decision whose completion never arrives stops counting after this.
     pub inflight_ttl_ms: u64,
+    /// A gateway whose state stream closed and stayed closed this long is
+    /// gone: its decisions stop counting, here and on every sidecar.
+    pub gateway_grace_ms: u64,
     /// Updates queued per stream subscriber before it gets a fresh snapshot.
     pub subscriber_buffer: usize,
     /// Minimum time between two full-state requests to the same relay.
@@ -132,6 +135,9 @@ impl Default for StateConfig {
             max_workers: 4096,
             max_inflight_requests: 100_000,
             inflight_ttl_ms: 600_000,
+            // Three times a filter's longest reconnect backoff (5 s): a
+            // live VM whose stream broke is back well before.
+            gateway_grace_ms: 15_000,
             subscriber_buffer: 1024,
             sync_retry_ms: 1000,
             initial_sync_timeout_ms: 5000,
@@ -303,6 +309,7 @@ impl Config {
             ("state.max_workers", state.max_workers),
             ("state.max_inflight_requests", state.max_inflight_requests),
             ("state.inflight_ttl_ms", state.inflight_ttl_ms as usize),
+            ("state.gateway_grace_ms", state.gateway_grace_ms as usize),
             ("state.subscriber_buffer", state.subscriber_buffer),
             ("state.sync_retry_ms", state.sync_retry_ms as usize),
         ] {

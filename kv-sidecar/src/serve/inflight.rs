@@ -88,17 +88,31 @@ impl InFlight {
 
     /// Drops decisions older than `ttl`.
     pub fn expire(&mut self, ttl: Duration, now: Instant) -> (usize, Vec<String>) {
-        let old: Vec<(String, String)> = self
+        self.drop_where(|(_, entry)| now.duration_since(entry.since) > ttl)
+    }
+
+    /// Drops the decisions of a gateway that is gone: its requests died with it.
+    pub fn forget_gateway(&mut self, gateway: &str) -> (usize, Vec<String>) {
+        self.drop_where(|((from, _), _)| from == gateway)
+    }
+
+    /// Drops the decisions `drop` picks; returns how many, and the workers
+    /// whose load changed.
+    fn drop_where(
+        &mut self,
+        drop: impl Fn(&(&(String, String), &Entry)) -> bool,
+    ) -> (usize, Vec<String>) {
+        let keys: Vec<(String, String)> = self
             .requests
             .iter()
-            .filter(|(_, e)| now.duration_since(e.since) > ttl)
+            .filter(drop)
             .map(|(k, _)| k.clone())
             .collect();
         let mut touched = Vec::new();
-        for key in &old {
+        for key in &keys {
             touched.extend(self.finish(key));
         }
-        (old.len(), touched)
+        (keys.len(), touched)
     }
 
     /// Forgets a worker that left: its requests died with it.

@@ -7,9 +7,11 @@
 //! membership, gaps, expiry, load; pure, time passed in), `state` (the task
 //! that feeds the registries and fans their deltas out, and the shared
 //! state), `seq` (relay sequence tracking), `inflight` (predicted load),
+//! `gateways` (which gateways have a stream open, and which are gone),
 //! `stream` (gRPC), `http` and `route` (HTTP API), `metrics`.
 
 pub mod config;
+pub mod gateways;
 pub mod http;
 pub mod inflight;
 pub mod metrics;
@@ -23,6 +25,7 @@ pub mod stream;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -68,10 +71,12 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let (share_tx, share_rx) = mpsc::channel(4096);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(
-        StateTask {
-            state: state.clone(),
+        StateTask::new(
+            state.clone(),
             sync_tx,
-        }
+            share_tx.clone(),
+            Duration::from_millis(config.state.gateway_grace_ms),
+        )
         .run(input_rx),
     );
 

@@ -191,6 +191,7 @@ pub async fn share_reports(
         let model = match &out.report.kind {
             Some(Kind::Decision(d)) => d.model.clone(),
             Some(Kind::Progress(p)) => p.model.clone(),
+            Some(Kind::Gone(g)) => g.model.clone(),
             Some(Kind::Hello(_)) | None => continue,
         };
         let shared = SharedReport {

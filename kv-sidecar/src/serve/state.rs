@@ -13,14 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use router_core::gateway::{gateway_report, GatewayReport};
+use router_core::gateway::{gateway_report, GatewayGone, GatewayReport};
 use router_core::protocol::{KvEventBatch, WorkerInfo, WorkerLoad, WorkerRole};
 use router_core::state_stream::StateUpdate;
 use tokio::sync::{mpsc, Notify};
 
 use crate::serve::config::Config;
+use crate::serve::gateways::GatewayPresence;
 use crate::serve::metrics::{KindLabel, ServeMetrics};
 use crate::serve::registry::{self, FleetRegistry, SyncRequest};
+use crate::serve::stream::SharedReportOut;
 
 /// Something the state task must apply.
 #[derive(Debug)]
@@ -37,6 +39,10 @@ pub enum Input {
     Connected,
     /// Our NATS connection went down: the fleet is unheard until `Connected`.
     Disconnected,
+    /// A gateway's state stream said hello under this id.
+    GatewayOpened(String),
+    /// A stream that said hello under this id ended.
+    GatewayClosed(String),
 }
 
 /// One stream subscriber, as seen from the models it follows.
@@ -188,8 +194,12 @@ impl ServeState {
 
 /// The state task: applies inputs in order, commits once per burst.
 pub struct StateTask {
-    pub state: Arc<ServeState>,
-    pub sync_tx: mpsc::Sender<SyncRequest>,
+    state: Arc<ServeState>,
+    sync_tx: mpsc::Sender<SyncRequest>,
+    /// To other sidecars over NATS: the gateways found gone here.
+    share: mpsc::Sender<SharedReportOut>,
+    gateways: GatewayPresence,
+    gateway_grace: Duration,
 }
 
 /// Upper bound on inputs folded into one commit, so one burst cannot delay
@@ -200,7 +210,24 @@ const MAX_BURST: usize = 1024;
 const TICK: Duration = Duration::from_millis(100);
 
 impl StateTask {
-    pub async fn run(self, mut inputs: mpsc::Receiver<Input>) {
+    /// A task feeding `state`'s registries; full-state requests go out on
+    /// `sync_tx`, gateways gone for `gateway_grace` on `share`.
+    pub fn new(
+        state: Arc<ServeState>,
+        sync_tx: mpsc::Sender<SyncRequest>,
+        share: mpsc::Sender<SharedReportOut>,
+        gateway_grace: Duration,
+    ) -> Self {
+        Self {
+            state,
+            sync_tx,
+            share,
+            gateways: GatewayPresence::default(),
+            gateway_grace,
+        }
+    }
+
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
         let started = Instant::now();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -226,7 +253,7 @@ impl StateTask {
         }
     }
 
-    fn apply(&self, input: Input, now: Instant) {
+    fn apply(&mut self, input: Input, now: Instant) {
         match input {
             Input::Events(batch) => {
                 let sync = self
@@ -248,6 +275,8 @@ impl StateTask {
             Input::Report { gateway_id, report } => self.report(&gateway_id, report, now),
             Input::Connected => self.each_registry(|registry| registry.feed_restored(now)),
             Input::Disconnected => self.each_registry(FleetRegistry::feed_lost),
+            Input::GatewayOpened(gateway_id) => self.gateways.opened(&gateway_id),
+            Input::GatewayClosed(gateway_id) => self.gateways.closed(&gateway_id, now),
         }
     }
 
@@ -274,7 +303,33 @@ impl StateTask {
                     model.registry.progress(gateway_id, &progress);
                 }
             }
+            Some(gateway_report::Kind::Gone(gone)) => {
+                reports.get_or_create(&KindLabel { kind: "gone" }).inc();
+                if let Some(mut model) = self.model(&gone.model, "report") {
+                    model.registry.gateway_gone(gateway_id);
+                }
+            }
             Some(gateway_report::Kind::Hello(_)) | None => {}
+        }
+    }
+
+    /// Drops the requests of the gateways whose streams stayed closed past
+    /// the grace period, and tells the other sidecars, which heard of those
+    /// requests from us.
+    fn forget_gone_gateways(&mut self, now: Instant) {
+        for gateway_id in self.gateways.gone(self.gateway_grace, now) {
+            for model in self.state.model_names() {
+                let report = GatewayReport {
+                    kind: Some(gateway_report::Kind::Gone(GatewayGone { model })),
+                };
+                // Best effort, as for decisions: a full queue leaves the
+                // other sidecars to `inflight_ttl_ms`.
+                let _ = self.share.try_send(SharedReportOut {
+                    gateway_id: gateway_id.clone(),
+                    report: report.clone(),
+                });
+                self.report(&gateway_id, report, now);
+            }
         }
     }
 
@@ -302,7 +357,8 @@ impl StateTask {
         }
     }
 
-    fn tick(&self, now: Instant, started: Instant) {
+    fn tick(&mut self, now: Instant, started: Instant) {
+        self.forget_gone_gateways(now);
         let mut all_in_sync = true;
         for index in 0..self.state.model_count() {
             if let Some(mut model) = self.state.lock_at(index) {

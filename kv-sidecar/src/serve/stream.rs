@@ -172,13 +172,29 @@ async fn send_snapshot(
     true
 }
 
-/// Gateway → sidecar half of the stream.
+/// Gateway → sidecar half of the stream. The gateway that said hello is
+/// present while it lasts (see `gateways.rs`).
 async fn receive_reports(
-    mut reports: Streaming<GatewayReport>,
-    mut gateway_id: String,
+    reports: Streaming<GatewayReport>,
+    gateway_id: String,
     inputs: mpsc::Sender<Input>,
     share: mpsc::Sender<SharedReportOut>,
     state: Arc<ServeState>,
+) {
+    let mut present = None;
+    forward_reports(reports, gateway_id, &inputs, &share, &state, &mut present).await;
+    if let Some(gateway_id) = present {
+        let _ = inputs.send(Input::GatewayClosed(gateway_id)).await;
+    }
+}
+
+async fn forward_reports(
+    mut reports: Streaming<GatewayReport>,
+    mut gateway_id: String,
+    inputs: &mpsc::Sender<Input>,
+    share: &mpsc::Sender<SharedReportOut>,
+    state: &ServeState,
+    present: &mut Option<String>,
 ) {
     loop {
         let report = match reports.message().await {
@@ -190,14 +206,23 @@ async fn receive_reports(
             }
         };
         if let Some(gateway_report::Kind::Hello(hello)) = &report.kind {
-            if !hello.gateway_id.is_empty() {
-                gateway_id = hello.gateway_id.clone();
-            }
             state
                 .metrics
                 .gateway_reports
                 .get_or_create(&crate::serve::metrics::KindLabel { kind: "hello" })
                 .inc();
+            // A stream is one gateway: only its first hello names it.
+            if present.is_none() && !hello.gateway_id.is_empty() {
+                gateway_id = hello.gateway_id.clone();
+                *present = Some(gateway_id.clone());
+                if inputs
+                    .send(Input::GatewayOpened(gateway_id.clone()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             continue;
         }
         // Sharing is best effort: a full queue loses other gateways' view of

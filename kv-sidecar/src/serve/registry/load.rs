@@ -73,11 +73,25 @@ impl FleetRegistry {
     /// may have died before reporting completion.
     pub(super) fn expire_decisions(&mut self, now: Instant) {
         let ttl = Duration::from_millis(self.limits.inflight_ttl_ms);
-        let (count, touched) = self.inflight.expire(ttl, now);
+        let dropped = self.inflight.expire(ttl, now);
+        self.dropped_decisions(dropped, "expired");
+    }
+
+    /// A gateway is gone (its stream stayed closed past `gateway_grace_ms`,
+    /// here or on the sidecar that told us): its decisions stop counting.
+    pub fn gateway_gone(&mut self, gateway: &str) {
+        let dropped = self.inflight.forget_gateway(gateway);
+        if dropped.0 > 0 {
+            tracing::info!(model = %self.config.name, %gateway, requests = dropped.0, "gateway gone; its requests stop counting");
+        }
+        self.dropped_decisions(dropped, "gateway_gone");
+    }
+
+    fn dropped_decisions(&mut self, (count, touched): (usize, Vec<String>), reason: &'static str) {
         if count > 0 {
             self.metrics
                 .inflight_dropped
-                .get_or_create(&ReasonLabel { reason: "expired" })
+                .get_or_create(&ReasonLabel { reason })
                 .inc_by(count as u64);
         }
         self.publish_loads(touched);
@@ -257,6 +271,29 @@ mod tests {
             ["load w1 running=0 active=1 queued=16"]
         );
         assert_eq!(dropped(&h, "expired"), 1);
+    }
+
+    #[test]
+    fn a_gone_gateways_decisions_stop_counting_and_only_its_own() {
+        let mut h = fleet(StateConfig {
+            max_inflight_requests: 10,
+            ..limits()
+        });
+        h.registry
+            .decision("gone", &decision("r1", "w1", 10, 160), h.at(0));
+        h.registry
+            .decision("gone", &decision("r2", "w1", 2, 32), h.at(0));
+        h.registry
+            .decision("stays", &decision("r1", "w1", 1, 16), h.at(0));
+        h.commit(0);
+        h.registry.gateway_gone("gone");
+        assert_eq!(
+            kinds(&h.commit(1)).last().map(String::as_str),
+            Some("load w1 running=0 active=1 queued=16")
+        );
+        assert_eq!(dropped(&h, "gateway_gone"), 2);
+        h.registry.gateway_gone("never-seen");
+        assert!(h.commit(2).is_empty());
     }
 
     #[test]
