@@ -24,11 +24,26 @@ pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
     Ok(addrs)
 }
 
+/// A connection that never gives up: it retries the first connect in the
+/// background and reconnects forever. Its server is pinged every 5 s (the
+/// client's default is 60 s), so one that hangs or is cut off without a
+/// reset (a node gone, a partition) is given up after about 10–15 s, and a
+/// cluster's other members are tried, instead of after 2–3 minutes.
+pub fn connect_options(name: String) -> ConnectOptions {
+    ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(3))
+        .ping_interval(Duration::from_secs(5))
+        .reconnect_delay_callback(reconnect_delay)
+}
+
 /// How long to wait before reconnect attempt `attempts`: quickly at first,
 /// then every 2 s (the NATS clients' usual wait), so a NATS that comes back
 /// is found within 2 s. Routing is approximate until then; each attempt
 /// costs the server one TCP connect.
-pub fn reconnect_delay(attempts: usize) -> Duration {
+fn reconnect_delay(attempts: usize) -> Duration {
     let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
     Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(2))
 }

@@ -622,6 +622,50 @@ fn losing_the_sidecar_fails_open_and_recovery_restores_precise_routing() {
     assert_eq!(stack.workers.len(), WORKERS);
 }
 
+/// A NATS server that hangs (SIGSTOP: connections stay up, nothing moves)
+/// gives no client a reason to reconnect for seconds. The sidecar's probe
+/// of its own feed stops coming back: the silence is the sidecar's, so it
+/// keeps the workers and says the fleet is unheard.
+#[test]
+fn a_hung_nats_keeps_the_workers_and_routes_approximately_until_it_delivers_again() {
+    let mut stack = Stack::start();
+    let base = 60_000;
+    let body = |i: u32| token_completion(base, i);
+    stack.send("/v1/completions", &body(0));
+    assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
+    let vms = stack.envoy.config().filter_vms();
+
+    stack.nats.process().signal(libc::SIGSTOP);
+    let hung_at = Instant::now();
+    stack.wait_for("the filters to hear the sidecar lost the fleet", || {
+        stack.counter("kvmesh_state_synced_vms") == 0
+    });
+    println!("fleet unheard {:?} after NATS hung", hung_at.elapsed());
+    // Past the sidecar's worker timeout (2.5 s).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
+    let (approximate, fallback) = (
+        stack.counter("kvmesh_requests_approximate"),
+        stack.counter("kvmesh_requests_fallback"),
+    );
+    for i in 1..6 {
+        stack.send("/v1/completions", &body(i));
+    }
+    assert_eq!(
+        stack.counter("kvmesh_requests_approximate"),
+        approximate + 5
+    );
+    assert_eq!(stack.counter("kvmesh_requests_fallback"), fallback);
+    assert_eq!(stack.counter("kvmesh_requests_precise"), 1);
+
+    stack.nats.process().signal(libc::SIGCONT);
+    stack.wait_for_precise_again(base);
+    stack.wait_for("every VM to hold current fleet state again", || {
+        stack.counter("kvmesh_state_synced_vms") == vms
+    });
+    assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
+}
+
 #[test]
 fn a_quiet_fleet_keeps_the_filters_fresh() {
     // No relays: nothing changes, and only the sidecar's keepalive deltas

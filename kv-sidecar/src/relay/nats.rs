@@ -15,7 +15,7 @@ use prost::Message;
 use router_core::protocol::{self, SyncSeen, WorkerInfo, WorkerRole};
 use tokio::sync::{mpsc, Notify};
 
-use crate::nats_options::{reconnect_delay, server_addrs, with_credentials, NatsCredentials};
+use crate::nats_options::{connect_options, server_addrs, with_credentials, NatsCredentials};
 use crate::relay::args::RelayArgs;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
 use crate::relay::pipeline::{Control, Outgoing};
@@ -30,13 +30,8 @@ pub async fn connect(
     control: mpsc::Sender<Control>,
     registration: Arc<Notify>,
 ) -> anyhow::Result<async_nats::Client> {
-    let options = async_nats::ConnectOptions::new()
-        .name(format!("kvmesh-relay-{}", args.worker_id))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(3))
-        .reconnect_delay_callback(reconnect_delay)
-        .event_callback(move |event| {
+    let options =
+        connect_options(format!("kvmesh-relay-{}", args.worker_id)).event_callback(move |event| {
             let metrics = metrics.clone();
             let control = control.clone();
             let registration = registration.clone();

@@ -87,6 +87,11 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         prefix.clone(),
         sync_rx,
     ));
+    tasks.spawn(nats::probe_feed(
+        client.clone(),
+        format!("{prefix}.serve-probe.{origin}"),
+        input_tx.clone(),
+    ));
     tasks.spawn(nats::share_reports(
         client.clone(),
         prefix,

@@ -12,7 +12,7 @@ use router_core::gateway::{decisions_subject, SharedReport};
 use router_core::protocol::{subjects, KvEventBatch, WorkerInfo, WorkerLoad};
 use tokio::sync::mpsc;
 
-use crate::nats_options::{reconnect_delay, server_addrs, with_credentials, NatsCredentials};
+use crate::nats_options::{connect_options, server_addrs, with_credentials, NatsCredentials};
 use crate::serve::config::NatsConfig;
 use crate::serve::metrics::KindLabel;
 use crate::serve::registry::SyncRequest;
@@ -24,32 +24,26 @@ pub async fn connect(
     state: Arc<ServeState>,
     inputs: mpsc::Sender<Input>,
 ) -> anyhow::Result<async_nats::Client> {
-    let options = async_nats::ConnectOptions::new()
-        .name("kvmesh-serve")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(3))
-        .reconnect_delay_callback(reconnect_delay)
-        .event_callback(move |event| {
-            let state = state.clone();
-            let inputs = inputs.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!("connected to NATS");
-                        state.set_nats_connected(true);
-                        // Whatever relays published meanwhile is lost to us.
-                        let _ = inputs.send(Input::Connected).await;
-                    }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; keeping the fleet as last heard");
-                        state.set_nats_connected(false);
-                        let _ = inputs.send(Input::Disconnected).await;
-                    }
-                    other => tracing::info!(event = %other, "NATS event"),
+    let options = connect_options("kvmesh-serve".to_owned()).event_callback(move |event| {
+        let state = state.clone();
+        let inputs = inputs.clone();
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    tracing::info!("connected to NATS");
+                    state.set_nats_connected(true);
+                    // Whatever relays published meanwhile is lost to us.
+                    let _ = inputs.send(Input::Connected).await;
                 }
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; keeping the fleet as last heard");
+                    state.set_nats_connected(false);
+                    let _ = inputs.send(Input::Disconnected).await;
+                }
+                other => tracing::info!(event = %other, "NATS event"),
             }
-        });
+        }
+    });
     let auth = config.auth.as_ref();
     let tls = config.tls.as_ref();
     let credentials = NatsCredentials {
@@ -157,6 +151,40 @@ async fn forward(
         };
         if inputs.send(input).await.is_err() {
             return;
+        }
+    }
+}
+
+/// How often this sidecar sends itself a message through NATS.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Proves, once a second, that NATS still delivers to this sidecar: a
+/// message to itself, on a subject of its own, comes back as
+/// [`Input::Heard`]. Relays' heartbeats prove it too while there are any;
+/// this holds with none (a fleet whose only worker died), and it stops
+/// the moment the server hangs or is cut off, long before the client's
+/// pings give up on the connection.
+pub async fn probe_feed(client: async_nats::Client, subject: String, inputs: mpsc::Sender<Input>) {
+    let mut echoes = match client.subscribe(subject.clone()).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(%error, %subject, "cannot subscribe to this sidecar's own probe subject");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(error) = client.publish(subject.clone(), Default::default()).await {
+                    tracing::debug!(%error, "publishing the feed probe failed");
+                }
+            }
+            echo = echoes.next() => {
+                if echo.is_none() || inputs.send(Input::Heard).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -39,6 +39,8 @@ pub enum Input {
     Connected,
     /// Our NATS connection went down: the fleet is unheard until `Connected`.
     Disconnected,
+    /// Our own probe came back through NATS (`nats::probe_feed`).
+    Heard,
     /// A gateway's state stream said hello under this id.
     GatewayOpened(String),
     /// A stream that said hello under this id ended.
@@ -200,7 +202,24 @@ pub struct StateTask {
     share: mpsc::Sender<SharedReportOut>,
     gateways: GatewayPresence,
     gateway_grace: Duration,
+    feed: Feed,
 }
+
+/// Whether NATS delivers to this sidecar. Workers expire only for a silence
+/// heard as such: one while nothing at all arrives is ours, not theirs.
+struct Feed {
+    connected: bool,
+    /// When NATS last delivered anything: a relay's message or our probe.
+    last_heard: Instant,
+    /// Connected, but nothing arrived for [`FEED_SILENCE`]: the server hangs
+    /// or we are cut off, and the client has not noticed yet.
+    silent: bool,
+}
+
+/// Nothing heard this long (the probe comes every second) makes the fleet
+/// unheard. Shorter than `worker_timeout_ms`' default, so filters hear it
+/// before anyone would have expired.
+const FEED_SILENCE: Duration = Duration::from_millis(2_000);
 
 /// Upper bound on inputs folded into one commit, so one burst cannot delay
 /// the subscribers' deltas for long.
@@ -224,6 +243,11 @@ impl StateTask {
             share,
             gateways: GatewayPresence::default(),
             gateway_grace,
+            feed: Feed {
+                connected: false,
+                last_heard: Instant::now(),
+                silent: false,
+            },
         }
     }
 
@@ -254,6 +278,12 @@ impl StateTask {
     }
 
     fn apply(&mut self, input: Input, now: Instant) {
+        if matches!(
+            input,
+            Input::Events(_) | Input::Worker(_) | Input::Load(_) | Input::Heard
+        ) {
+            self.heard(now);
+        }
         match input {
             Input::Events(batch) => {
                 let sync = self
@@ -273,10 +303,51 @@ impl StateTask {
                 }
             }
             Input::Report { gateway_id, report } => self.report(&gateway_id, report, now),
-            Input::Connected => self.each_registry(|registry| registry.feed_restored(now)),
-            Input::Disconnected => self.each_registry(FleetRegistry::feed_lost),
+            Input::Connected => {
+                self.feed = Feed {
+                    connected: true,
+                    last_heard: now,
+                    silent: false,
+                };
+                self.each_registry(|registry| {
+                    // Whatever relays published meanwhile is lost to us.
+                    registry.messages_missed();
+                    registry.feed_resumed(now);
+                });
+            }
+            Input::Disconnected => {
+                self.feed.connected = false;
+                self.each_registry(FleetRegistry::feed_lost);
+            }
+            Input::Heard => {}
             Input::GatewayOpened(gateway_id) => self.gateways.opened(&gateway_id),
             Input::GatewayClosed(gateway_id) => self.gateways.closed(&gateway_id, now),
+        }
+    }
+
+    /// NATS delivered something: a silence that made the fleet unheard is
+    /// over. Nothing need be lost (the sequence numbers tell), so workers
+    /// resync only where their events show a gap.
+    fn heard(&mut self, now: Instant) {
+        self.feed.last_heard = now;
+        if self.feed.silent {
+            self.feed.silent = false;
+            tracing::info!("NATS delivers again");
+            self.each_registry(|registry| registry.feed_resumed(now));
+        }
+    }
+
+    /// Connected, yet nothing arrived for [`FEED_SILENCE`]: until something
+    /// does, the fleet is unheard.
+    fn notice_silence(&mut self, now: Instant) {
+        let feed = &mut self.feed;
+        if feed.connected && !feed.silent && now.duration_since(feed.last_heard) > FEED_SILENCE {
+            feed.silent = true;
+            tracing::warn!(
+                silent_ms = now.duration_since(feed.last_heard).as_millis() as u64,
+                "NATS delivers nothing, not even our own probe; keeping the fleet as last heard"
+            );
+            self.each_registry(FleetRegistry::feed_lost);
         }
     }
 
@@ -359,10 +430,11 @@ impl StateTask {
 
     fn tick(&mut self, now: Instant, started: Instant) {
         self.forget_gone_gateways(now);
+        self.notice_silence(now);
         let mut all_in_sync = true;
         for index in 0..self.state.model_count() {
             if let Some(mut model) = self.state.lock_at(index) {
-                model.registry.expire(now);
+                model.registry.expire(now, self.feed.last_heard);
                 all_in_sync &= model.registry.all_in_sync();
             }
         }

@@ -93,7 +93,7 @@ impl FleetRegistry {
     /// Our own NATS connection came (back) up: whatever relays published
     /// meanwhile is lost to us, so every worker's next heartbeat asks for a
     /// full state, without waiting out an earlier request's retry interval.
-    pub(super) fn messages_missed(&mut self) {
+    pub fn messages_missed(&mut self) {
         for meta in self.workers.values_mut() {
             meta.tracker.mark_missed();
             meta.last_sync_request = None;

@@ -260,12 +260,12 @@ mod tests {
         h.registry
             .decision("g", &decision("r2", "w1", 1, 16), h.at(5000));
         h.commit(5000);
-        h.registry.expire(h.at(10_000));
+        h.expire(10_000);
         assert!(
             h.commit(10_000).is_empty(),
             "exactly the ttl is not past it"
         );
-        h.registry.expire(h.at(10_001));
+        h.expire(10_001);
         assert_eq!(
             kinds(&h.commit(10_001)),
             ["load w1 running=0 active=1 queued=16"]
@@ -319,7 +319,7 @@ mod tests {
         h.registry
             .decision("g", &decision("r1", "w1", 10, 160), h.at(0));
         h.registry.heartbeat(heartbeat("w2", 7, 0), h.at(2000));
-        h.registry.expire(h.at(2501));
+        h.expire(2501);
         assert_eq!(
             kinds(&h.commit(2501)),
             ["load w1 running=0 active=10 queued=160", "left w1"]

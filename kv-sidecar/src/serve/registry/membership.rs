@@ -253,19 +253,19 @@ mod tests {
         h.registry.heartbeat(heartbeat("w2", 7, 0), h.at(0));
         h.commit(0);
         h.registry.heartbeat(heartbeat("w2", 7, 0), h.at(2000));
-        h.registry.expire(h.at(2500));
+        h.expire(2500);
         assert!(
             h.commit(2500).is_empty(),
             "exactly the timeout is not past it"
         );
-        h.registry.expire(h.at(2501));
+        h.expire(2501);
         assert_eq!(kinds(&h.commit(2501)), ["left w1"]);
         assert!(h.worker("w2").is_some());
         assert_eq!(h.count(|m| &m.workers_expired), 1);
         // Its relay comes back: it joins as new.
         h.registry.heartbeat(heartbeat("w1", 7, 0), h.at(3000));
         assert_eq!(kinds(&h.commit(3000)), ["joined w1"]);
-        h.registry.expire(h.at(4501));
+        h.expire(4501);
         assert_eq!(kinds(&h.commit(4501)), ["left w2"]);
     }
 
@@ -277,7 +277,7 @@ mod tests {
         }
         assert_eq!(kinds(&h.commit(0)), ["joined w1", "joined w2"]);
         assert_eq!(h.count(|m| &m.workers_refused), 1);
-        h.registry.expire(h.at(2501));
+        h.expire(2501);
         h.commit(2501);
         assert_eq!(
             h.registry

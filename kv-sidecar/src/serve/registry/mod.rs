@@ -133,11 +133,9 @@ impl FleetRegistry {
         }
     }
 
-    /// Our NATS connection came (back) up. Whatever was published meanwhile
-    /// is lost to us, so every worker must resync; and its silence was ours,
-    /// so each gets a whole `worker_timeout_ms` from `now` to be heard again.
-    pub fn feed_restored(&mut self, now: Instant) {
-        self.messages_missed();
+    /// NATS delivers again. The workers' silence was ours, so each gets a
+    /// whole `worker_timeout_ms` from `now` to be heard again.
+    pub fn feed_resumed(&mut self, now: Instant) {
         for meta in self.workers.values_mut() {
             meta.last_heartbeat = now;
         }
@@ -163,11 +161,13 @@ impl FleetRegistry {
         self.workers.values().all(|m| m.tracker.in_sync())
     }
 
-    /// Removes workers whose heartbeats stopped (unless it is this sidecar
-    /// that cannot hear them) and decisions whose completion never came.
-    pub fn expire(&mut self, now: Instant) {
+    /// Removes workers whose heartbeats stopped and decisions whose
+    /// completion never came. A worker's silence counts only up to
+    /// `heard_at`, when NATS last delivered anything: past that it may be
+    /// ours (see `state.rs`), and while the fleet is unheard it is.
+    pub fn expire(&mut self, now: Instant, heard_at: Instant) {
         if !self.fleet_unheard {
-            self.expire_workers(now);
+            self.expire_workers(heard_at.min(now));
         }
         self.expire_decisions(now);
     }
@@ -240,21 +240,41 @@ mod tests {
         assert!(lost.fleet_unheard);
         assert!(h.registry.snapshot().fleet_unheard);
         // Far past worker_timeout_ms (2.5 s): still there.
-        h.registry.expire(h.at(60_000));
+        h.expire(60_000);
         let keepalive = h.registry.commit(h.at(60_000)).expect("keepalive");
         assert_eq!(delta_len(&keepalive), Some(0));
         assert!(keepalive.fleet_unheard);
         assert_eq!(h.registry.worker_infos().len(), 1);
 
         // Back: the worker gets a whole timeout from now to be heard again.
-        h.registry.feed_restored(h.at(61_000));
+        h.registry.feed_resumed(h.at(61_000));
         let restored = h.registry.commit(h.at(61_001)).expect("due at once");
         assert!(!restored.fleet_unheard);
         assert!(!h.registry.snapshot().fleet_unheard);
-        h.registry.expire(h.at(63_500));
+        h.expire(63_500);
         assert_eq!(h.registry.worker_infos().len(), 1);
-        h.registry.expire(h.at(63_501));
+        h.expire(63_501);
         assert_eq!(h.registry.worker_infos().len(), 0);
+    }
+
+    #[test]
+    fn a_silence_counts_only_up_to_when_nats_last_delivered() {
+        let mut h = Harness::new(limits());
+        h.registry.heartbeat(heartbeat("w1", 7, 0), h.at(0));
+        h.registry.heartbeat(heartbeat("w2", 7, 0), h.at(0));
+        // Nothing delivered since 1 s: nobody's silence is theirs yet.
+        h.registry.expire(h.at(10_000), h.at(1_000));
+        assert_eq!(h.registry.worker_infos().len(), 2);
+        // w2 was heard at 2 s; then something arrived at 2.501 s.
+        h.registry.heartbeat(heartbeat("w2", 7, 0), h.at(2_000));
+        h.registry.expire(h.at(10_000), h.at(2_501));
+        let left: Vec<&str> = h
+            .registry
+            .worker_infos()
+            .iter()
+            .map(|(info, _)| info.worker_id.as_str())
+            .collect();
+        assert_eq!(left, ["w2"]);
     }
 
     #[test]

@@ -62,6 +62,11 @@ impl Harness {
         }
     }
 
+    /// Expires at `ms`, NATS having delivered just then.
+    pub fn expire(&mut self, ms: u64) {
+        self.registry.expire(self.at(ms), self.at(ms));
+    }
+
     /// `ms` milliseconds after the registry was created.
     pub fn at(&self, ms: u64) -> Instant {
         self.start + Duration::from_millis(ms)
