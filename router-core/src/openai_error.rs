@@ -1,6 +1,45 @@
 //! OpenAI-shaped error bodies: `{"error":{"message","type","param","code"}}`.
 
+use std::fmt::{self, Write};
+
 use serde::Serialize;
+
+/// Longest message an error body carries. Messages may quote the request
+/// (a model name, a value that could not be read): an attacker's 8 MiB
+/// value must be neither sent back nor copied whole, escaped twice over,
+/// inside a filter VM whose memory never shrinks.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// Formats a message, stopping at [`MAX_MESSAGE_BYTES`] (cut at a character
+/// boundary, marked with `…`): what is past the limit is never formatted.
+pub fn bounded_message(args: fmt::Arguments<'_>) -> String {
+    let mut message = BoundedMessage::default();
+    // An error only says the limit was reached.
+    let _ = message.write_fmt(args);
+    message.text
+}
+
+#[derive(Default)]
+struct BoundedMessage {
+    text: String,
+}
+
+impl Write for BoundedMessage {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = MAX_MESSAGE_BYTES.saturating_sub(self.text.len());
+        if s.len() <= room {
+            self.text.push_str(s);
+            return Ok(());
+        }
+        let mut end = room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&s[..end]);
+        self.text.push('…');
+        Err(fmt::Error)
+    }
+}
 
 /// The error classes kvmesh returns to clients, each with its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +98,13 @@ struct Body<'a> {
 
 /// Serializes an OpenAI error body. Infallible: the envelope holds only strings.
 pub fn error_body(kind: ErrorKind, message: &str, param: Option<&str>) -> String {
+    let bounded;
+    let message = if message.len() > MAX_MESSAGE_BYTES {
+        bounded = bounded_message(format_args!("{message}"));
+        &bounded
+    } else {
+        message
+    };
     let envelope = Envelope {
         error: Body {
             message,
@@ -76,6 +122,20 @@ pub fn error_body(kind: ErrorKind, message: &str, param: Option<&str>) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let message = bounded_message(format_args!("The model '{long}' does not exist."));
+        assert!(message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert!(message.starts_with("The model 'éé"));
+        assert!(message.ends_with('…'));
+        let body: serde_json::Value =
+            serde_json::from_str(&error_body(ErrorKind::ModelNotFound, &long, None)).unwrap();
+        let sent = body["error"]["message"].as_str().unwrap();
+        assert!(sent.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert_eq!(bounded_message(format_args!("short {}", 1)), "short 1");
+    }
 
     #[test]
     fn body_has_openai_shape_and_escapes_message() {

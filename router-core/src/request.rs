@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::openai_error::{error_body, ErrorKind};
+use crate::openai_error::{bounded_message, error_body, ErrorKind};
 
 /// Which OpenAI endpoint a request targets; decides the body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +172,8 @@ pub enum RequestError {
     TooLarge { size: usize, limit: usize },
     #[error("request body is required")]
     EmptyBody,
+    #[error("request body must be a JSON object")]
+    NotAnObject,
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(#[source] serde_json::Error),
     #[error("missing required field '{0}'")]
@@ -203,10 +205,9 @@ impl RequestError {
     /// HTTP status and OpenAI error body for this error.
     pub fn to_response(&self) -> (u16, String) {
         let kind = self.kind();
-        (
-            kind.status(),
-            error_body(kind, &self.to_string(), self.param()),
-        )
+        // serde's errors quote the value they could not read, whole.
+        let message = bounded_message(format_args!("{self}"));
+        (kind.status(), error_body(kind, &message, self.param()))
     }
 }
 
@@ -306,8 +307,11 @@ pub fn parse_request(
             limit,
         });
     }
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(RequestError::EmptyBody);
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err(RequestError::EmptyBody),
+        // serde's derive also reads a JSON array, field by field in order.
+        Some(b'{') => {}
+        Some(_) => return Err(RequestError::NotAnObject),
     }
     let mut raw: RawRequest<'_> =
         serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;
@@ -712,6 +716,35 @@ mod tests {
 
     fn parse(endpoint: Endpoint, body: &str) -> Result<InferenceRequest, RequestError> {
         parse_request(endpoint, body.as_bytes(), LIMIT)
+    }
+
+    #[test]
+    fn only_an_object_is_a_request() {
+        let array = r#"["qwen3","hi",null,null,null,false,2,null,null,null,{"x":1}]"#;
+        for body in [array, " [] ", "\"qwen3\"", "7"] {
+            let err = parse(Endpoint::Completions, body).unwrap_err();
+            assert!(matches!(err, RequestError::NotAnObject), "{body}: {err}");
+            assert_eq!(err.to_response().0, 400);
+        }
+        assert!(matches!(
+            parse(Endpoint::Completions, " \n "),
+            Err(RequestError::EmptyBody)
+        ));
+    }
+
+    #[test]
+    fn an_error_quotes_at_most_a_bounded_part_of_the_request() {
+        let huge = format!(
+            r#"{{"model":"m","prompt":"x","stream":"{}"}}"#,
+            "\\\"".repeat(100_000)
+        );
+        let (status, body) = parse(Endpoint::Completions, &huge)
+            .unwrap_err()
+            .to_response();
+        assert_eq!(status, 400);
+        // JSON escaping may grow the cut message up to 6× (`\u00XX`).
+        let bound = 6 * crate::openai_error::MAX_MESSAGE_BYTES + 200;
+        assert!(body.len() < bound, "{}", body.len());
     }
 
     #[test]

@@ -140,7 +140,29 @@ fn adversarial_bodies(bytes: usize) -> Vec<(&'static str, Vec<u8>)> {
                 bytes,
             ),
         ),
+        // Values an error message quotes: an unknown model, and a value
+        // serde cannot read (which its message quotes escaped, then the
+        // error body escapes again).
+        (
+            "/v1/completions",
+            string_of(r#"{"prompt":"x","model":""#, "m", r#""}"#, bytes),
+        ),
+        (
+            "/v1/completions",
+            string_of(
+                r#"{"model":"qwen3","prompt":"x","stream":""#,
+                r#"\""#,
+                r#""}"#,
+                bytes,
+            ),
+        ),
     ]
+}
+
+/// `head`, `item` repeated to about `bytes`, then `tail`.
+fn string_of(head: &str, item: &str, tail: &str, bytes: usize) -> Vec<u8> {
+    let count = (bytes - head.len() - tail.len()) / item.len();
+    [head, &item.repeat(count), tail].concat().into_bytes()
 }
 
 #[test]

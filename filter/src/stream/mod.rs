@@ -13,7 +13,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use router_core::gateway::{
     gateway_report, GatewayReport, RequestPhase, RequestProgress, RoutingDecision,
 };
-use router_core::openai_error::{error_body, ErrorKind};
+use router_core::openai_error::{bounded_message, error_body, ErrorKind};
 use router_core::request::{parse_request, Endpoint, RequestError};
 use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::prefix_keys::PrefixKeys;
@@ -287,7 +287,10 @@ impl<H: Host> InferenceStream<H> {
         };
         let client_streams = request.stream;
         let Some(model) = self.config.model(&request.model) else {
-            let message = format!("The model '{}' does not exist.", request.model);
+            let message = bounded_message(format_args!(
+                "The model '{}' does not exist.",
+                request.model
+            ));
             return self.reject(
                 ErrorKind::ModelNotFound,
                 &error_body(ErrorKind::ModelNotFound, &message, Some("model")),
