@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -1099,4 +1101,52 @@ fn workers_hosted_in_one_process_are_independent_engines() {
 
     // One process: no worker can be killed alone.
     assert!(engines[1].process().is_err());
+}
+
+/// Long prompts are tokenized off the engine's async threads: while every
+/// one of them would be busy tokenizing, `/metrics` (what its relay judges
+/// it alive by) still answers, before any of those prompts is done.
+#[test]
+fn metrics_answer_while_long_prompts_are_tokenized() {
+    let engine = SimEngine::start(
+        SimEngineOptions::new(MODEL, "w0")
+            .tokenizer(qwen3_tokenizer())
+            .args(["--max-model-len", "16"]),
+    )
+    .unwrap();
+    let words: Vec<String> = (0..5_000u32)
+        .map(|i| format!("w{:x}q", i * 7_919))
+        .collect();
+    let text: String = (0..400_000usize)
+        .map(|i| words[(i * 31 + i / 7) % words.len()].as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let body =
+        serde_json::to_vec(&json!({"model": MODEL, "prompt": text, "max_tokens": 1})).unwrap();
+    let url = format!("{}/v1/completions", engine.url());
+    // More prompts than the engine's async threads (one per core).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+    let done = Arc::new(AtomicUsize::new(0));
+    let prompts: Vec<_> = (0..threads)
+        .map(|_| {
+            let (url, body, done) = (url.clone(), body.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let status = post(&http_client(), &url, body, &[]).unwrap().status;
+                done.fetch_add(1, Ordering::SeqCst);
+                status
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let metrics = reqwest::blocking::get(format!("{}/metrics", engine.url())).unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "/metrics answered only after a long prompt was done"
+    );
+    for prompt in prompts {
+        // Far past --max-model-len: refused once tokenized.
+        assert_eq!(prompt.join().unwrap(), 400);
+    }
 }

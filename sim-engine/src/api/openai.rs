@@ -92,7 +92,10 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse_body(&body)?;
     check_model(&state, &request.model)?;
-    let prompt = completion_prompt(&state, &request.prompt)?;
+    let prompt = {
+        let (state, prompt) = (Arc::clone(&state), request.prompt);
+        off_the_runtime(move || completion_prompt(&state, &prompt)).await?
+    };
     let handoff = request.handoff.handoff(state.model.role, &request_id.0)?;
     let prepared = prepare(
         &state,
@@ -121,23 +124,31 @@ pub async fn chat_completions(
             Some("messages"),
         ));
     }
-    let messages = request
-        .messages
-        .iter()
-        .map(|m| flatten_message(m).map_err(|e| ApiError::invalid(e.to_string(), Some("messages"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let rendered = state
-        .template
-        .render(
-            &messages,
-            request.tools.as_ref(),
-            request.chat_template_kwargs.as_ref(),
-        )
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let prompt = state
-        .codec
-        .encode(&rendered, false)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let prompt = {
+        let state = Arc::clone(&state);
+        let (messages, tools, kwargs) = (
+            request.messages,
+            request.tools,
+            request.chat_template_kwargs,
+        );
+        off_the_runtime(move || {
+            let invalid =
+                |e: &dyn std::fmt::Display| ApiError::invalid(e.to_string(), Some("messages"));
+            let messages = messages
+                .iter()
+                .map(|m| flatten_message(m).map_err(|e| invalid(&e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let rendered = state
+                .template
+                .render(&messages, tools.as_ref(), kwargs.as_ref())
+                .map_err(|e| invalid(&e))?;
+            state
+                .codec
+                .encode(&rendered, false)
+                .map_err(|e| invalid(&e))
+        })
+        .await?
+    };
     let handoff = request.handoff.handoff(state.model.role, &request_id.0)?;
     let prepared = prepare(
         &state,
@@ -200,6 +211,18 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::model_not_found(model))
     }
+}
+
+/// Runs prompt rendering and tokenization, which take the CPU for seconds on
+/// a long prompt, off the async threads: on them, `/metrics` and `/health`
+/// stop answering and the engine looks dead to its relay. vLLM tokenizes
+/// off its event loop too.
+async fn off_the_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::internal("preparing the prompt failed")))
 }
 
 /// A completion prompt: a string, token ids, or a one-element list of either.
