@@ -152,6 +152,9 @@ pub struct TokenizeConfig {
     pub cache_entries: usize,
     /// Largest request body accepted by `/v1/tokenize` and `/debug/route`.
     pub max_body_bytes: usize,
+    /// Request bytes tokenized at once; past it `/v1/tokenize` answers 503
+    /// (see `tokenize_budget.rs`). At least `max_body_bytes`.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for TokenizeConfig {
@@ -159,6 +162,7 @@ impl Default for TokenizeConfig {
         Self {
             cache_entries: 4096,
             max_body_bytes: 8 << 20,
+            max_inflight_bytes: 16 << 20,
         }
     }
 }
@@ -323,6 +327,12 @@ impl Config {
         if self.tokenize.max_body_bytes == 0 {
             fail("tokenize.max_body_bytes", "must be greater than 0");
         }
+        if self.tokenize.max_inflight_bytes < self.tokenize.max_body_bytes {
+            fail(
+                "tokenize.max_inflight_bytes",
+                "must be at least tokenize.max_body_bytes",
+            );
+        }
         let mut subject_tokens = HashMap::new();
         for (i, model) in self.models.iter().enumerate() {
             let at = |field: &str| format!("models[{i}].{field}");
@@ -415,6 +425,13 @@ models:
         assert_eq!(
             errors(&MINIMAL.replace("9101", "x")),
             "listen.grpc: '127.0.0.1:x' is not an ip:port address"
+        );
+        assert_eq!(
+            errors(&MINIMAL.replace(
+                "listen:",
+                "tokenize: {max_body_bytes: 2048, max_inflight_bytes: 1024}\nlisten:"
+            )),
+            "tokenize.max_inflight_bytes: must be at least tokenize.max_body_bytes"
         );
         // Every problem at once, shared fields first.
         assert_eq!(

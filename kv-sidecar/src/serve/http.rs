@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::serve::route;
 use crate::serve::state::{role_name, ServeState};
+use crate::serve::tokenize_budget::TokenizeBudget;
 use crate::tokenize::{ModelTokenizer, Tokenized};
 
 #[derive(Clone)]
@@ -25,6 +26,7 @@ pub struct HttpState {
     pub registry: Arc<Registry>,
     pub tokenizers: Arc<HashMap<String, Arc<ModelTokenizer>>>,
     pub max_body_bytes: usize,
+    pub tokenize_budget: TokenizeBudget,
 }
 
 pub fn router(http: HttpState) -> Router {
@@ -173,6 +175,13 @@ async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Val
 /// Tokenizes an OpenAI request body as the filter sends it to
 /// `/v1/tokenize`; returns the model and its tokens and block hashes.
 pub async fn tokenize_body(http: &HttpState, body: &[u8]) -> Result<(String, Tokenized), ApiError> {
+    let _budget = http.tokenize_budget.admit(body.len()).map_err(|_| {
+        http.state.metrics.tokenize_busy.inc();
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "tokenize.max_inflight_bytes are being tokenized; try later".into(),
+        )
+    })?;
     let request: TokenizeRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,

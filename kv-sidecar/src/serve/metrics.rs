@@ -55,6 +55,7 @@ pub struct ServeMetrics {
     pub inflight_dropped: Family<ReasonLabel, Counter>,
     pub tokenize_seconds: Histogram,
     pub tokenize_cache_hits: Counter,
+    pub tokenize_busy: Counter,
     pub tokenize_cache_misses: Counter,
     pub nats_connected: Gauge,
 }
@@ -83,6 +84,7 @@ impl ServeMetrics {
             inflight_dropped: Family::default(),
             tokenize_seconds: Histogram::new(exponential_buckets(1e-5, 3.0, 12)),
             tokenize_cache_hits: Counter::default(),
+            tokenize_busy: Counter::default(),
             tokenize_cache_misses: Counter::default(),
             nats_connected: Gauge::default(),
         };
@@ -188,6 +190,11 @@ impl ServeMetrics {
             "tokenize_cache_misses",
             "Text segments that had to be tokenized",
             m.tokenize_cache_misses.clone(),
+        );
+        r.register(
+            "tokenize_busy",
+            "/v1/tokenize requests refused while tokenize.max_inflight_bytes were being tokenized",
+            m.tokenize_busy.clone(),
         );
         r.register(
             "nats_connected",

@@ -8,7 +8,8 @@
 //! that feeds the registries and fans their deltas out, and the shared
 //! state), `seq` (relay sequence tracking), `inflight` (predicted load),
 //! `gateways` (which gateways have a stream open, and which are gone),
-//! `stream` (gRPC), `http` and `route` (HTTP API), `metrics`.
+//! `stream` (gRPC), `http` and `route` (HTTP API), `tokenize_budget` (bytes
+//! tokenized at once), `metrics`.
 
 pub mod config;
 pub mod gateways;
@@ -21,6 +22,7 @@ pub mod route;
 pub mod seq;
 pub mod state;
 pub mod stream;
+pub mod tokenize_budget;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,6 +37,7 @@ use crate::serve::config::Config;
 use crate::serve::metrics::ServeMetrics;
 use crate::serve::state::{ServeState, StateTask};
 use crate::serve::stream::{StateStreamServer, StateStreamService};
+use crate::serve::tokenize_budget::TokenizeBudget;
 use crate::tokenize::ModelTokenizer;
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +118,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         registry: Arc::new(registry),
         tokenizers: Arc::new(tokenizers),
         max_body_bytes: config.tokenize.max_body_bytes,
+        tokenize_budget: TokenizeBudget::new(config.tokenize.max_inflight_bytes),
     });
     let listener = http_listen::bind(http_addr).await?;
     tracing::info!(%http_addr, "HTTP API listening");
