@@ -32,7 +32,21 @@ pub enum Endpoint {
     ChatCompletions,
 }
 
+/// Header on a filter's `/v1/tokenize` call naming the body's field the
+/// engine reads the prompt from ([`Endpoint::prompt_field`]): a body may
+/// carry both, and a chat engine ignores a stray `prompt` (and a
+/// completions engine stray `messages`).
+pub const PROMPT_FIELD_HEADER: &str = "x-kvmesh-prompt-field";
+
 impl Endpoint {
+    /// The body field this endpoint's engines read the prompt from.
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            Self::Completions => "prompt",
+            Self::ChatCompletions => "messages",
+        }
+    }
+
     /// Recognizes routable paths, ignoring any query string.
     pub fn from_path(path: &str) -> Option<Self> {
         let path = path.split_once('?').map_or(path, |(p, _)| p);

@@ -205,6 +205,25 @@ fn shared_prefixes_land_where_they_are_cached() {
         16,
     );
 
+    // A stray field of the other endpoint's is ignored, as engines ignore
+    // it: the chat is tokenized by its messages.
+    let system = json!({"role": "system", "content": long_text("charter", 300)});
+    let first_turn = json!([system, {"role": "user", "content": "What is clause 3?"}]);
+    let second_turn = json!([
+        system,
+        {"role": "user", "content": "What is clause 3?"},
+        {"role": "assistant", "content": "Clause 3 says charter-3."},
+        {"role": "user", "content": "And clause 4?"}
+    ]);
+    let stray = |messages: &Value| json!({"model": MODEL, "messages": messages, "prompt": "z", "max_tokens": 2});
+    assert_follow_up_hits(
+        &stack,
+        "/v1/chat/completions",
+        stray(&first_turn),
+        stray(&second_turn),
+        16,
+    );
+
     assert!(
         stack.counter("kvmesh_requests_precise") >= 6,
         "precise / approximate / fallback: {} / {} / {}",

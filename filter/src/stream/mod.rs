@@ -14,7 +14,7 @@ use router_core::gateway::{
     gateway_report, GatewayReport, RequestPhase, RequestProgress, RoutingDecision,
 };
 use router_core::openai_error::{bounded_message, error_body, ErrorKind};
-use router_core::request::{parse_request, Endpoint, RequestError};
+use router_core::request::{parse_request, Endpoint, RequestError, PROMPT_FIELD_HEADER};
 use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::prefix_keys::PrefixKeys;
 use router_core::routing::prompt::{is_tokenizable, PromptIdentity};
@@ -348,7 +348,7 @@ impl<H: Host> InferenceStream<H> {
         }
         let tokenize = |stream: &Self| {
             stream
-                .dispatch_tokenize(&model_name, &body)
+                .dispatch_tokenize(&model_name, endpoint, &body)
                 .map(|token| TokenizeCall {
                     token,
                     cache_key: cache_keys.last().copied(),
@@ -394,7 +394,7 @@ impl<H: Host> InferenceStream<H> {
 
     /// Asks the sidecar for the prompt's block hashes when precise routing is
     /// possible at all; `None` when routing must go on without them.
-    fn dispatch_tokenize(&self, model: &str, body: &[u8]) -> Option<u32> {
+    fn dispatch_tokenize(&self, model: &str, endpoint: Endpoint, body: &[u8]) -> Option<u32> {
         let sidecar = self.config.sidecar.as_ref()?;
         let cluster = sidecar.http_cluster.as_ref()?;
         let now = self.now_ms();
@@ -416,6 +416,7 @@ impl<H: Host> InferenceStream<H> {
             (":path", "/v1/tokenize"),
             (":authority", "kv-sidecar"),
             ("content-type", "application/json"),
+            (PROMPT_FIELD_HEADER, endpoint.prompt_field()),
         ];
         match self
             .host

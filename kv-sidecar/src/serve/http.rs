@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
+use router_core::request::{Endpoint, PROMPT_FIELD_HEADER};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -160,8 +161,25 @@ enum TokenizeInput {
     Prompt(String),
 }
 
-async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let (model, tokenized) = tokenize_body(&http, &body).await?;
+async fn tokenize(
+    State(http): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let field = match headers.get(PROMPT_FIELD_HEADER) {
+        None => None,
+        Some(value) => Some(match value.as_bytes() {
+            b"messages" => Endpoint::ChatCompletions,
+            b"prompt" => Endpoint::Completions,
+            _ => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("{PROMPT_FIELD_HEADER} must be 'messages' or 'prompt'"),
+                ))
+            }
+        }),
+    };
+    let (model, tokenized) = tokenize_body(&http, &body, field).await?;
     let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
     Ok(Json(json!({
         "model": model,
@@ -173,8 +191,14 @@ async fn tokenize(State(http): State<HttpState>, body: Bytes) -> Result<Json<Val
 }
 
 /// Tokenizes an OpenAI request body as the filter sends it to
-/// `/v1/tokenize`; returns the model and its tokens and block hashes.
-pub async fn tokenize_body(http: &HttpState, body: &[u8]) -> Result<(String, Tokenized), ApiError> {
+/// `/v1/tokenize`; returns the model and its tokens and block hashes. The
+/// prompt is read as `endpoint`'s engines read it, the other field ignored;
+/// without an endpoint, the body must carry exactly one of them.
+pub async fn tokenize_body(
+    http: &HttpState,
+    body: &[u8],
+    endpoint: Option<Endpoint>,
+) -> Result<(String, Tokenized), ApiError> {
     let _budget = http.tokenize_budget.admit(body.len()).map_err(|_| {
         http.state.metrics.tokenize_busy.inc();
         ApiError(
@@ -188,18 +212,26 @@ pub async fn tokenize_body(http: &HttpState, body: &[u8]) -> Result<(String, Tok
             format!("invalid request body: {e}"),
         )
     })?;
-    let input = match (request.messages, request.prompt) {
-        (Some(messages), None) => TokenizeInput::Chat {
-            messages,
-            tools: request.tools,
-            kwargs: request.chat_template_kwargs,
-        },
-        (None, Some(prompt)) => TokenizeInput::Prompt(prompt),
-        _ => {
+    let missing = |field: &str| ApiError(StatusCode::BAD_REQUEST, format!("'{field}' is missing"));
+    let endpoint = match (endpoint, &request.messages, &request.prompt) {
+        (Some(endpoint), _, _) => endpoint,
+        (None, Some(_), None) => Endpoint::ChatCompletions,
+        (None, None, Some(_)) => Endpoint::Completions,
+        (None, _, _) => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
                 "give exactly one of 'messages' and 'prompt'".into(),
             ))
+        }
+    };
+    let input = match endpoint {
+        Endpoint::ChatCompletions => TokenizeInput::Chat {
+            messages: request.messages.ok_or_else(|| missing("messages"))?,
+            tools: request.tools,
+            kwargs: request.chat_template_kwargs,
+        },
+        Endpoint::Completions => {
+            TokenizeInput::Prompt(request.prompt.ok_or_else(|| missing("prompt"))?)
         }
     };
     let mut tokenized = run_tokenizer(http, &request.model, input).await?;

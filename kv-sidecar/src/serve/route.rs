@@ -24,9 +24,15 @@ use crate::serve::http::{tokenize_body, ApiError, HttpState};
 pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     let bad_request = |message: String| ApiError(StatusCode::BAD_REQUEST, message);
     // Chat bodies carry `messages`; anything else is read as a completion.
-    let request = parse_request(Endpoint::ChatCompletions, body, http.max_body_bytes)
-        .or_else(|_| parse_request(Endpoint::Completions, body, http.max_body_bytes))
-        .map_err(|e| bad_request(e.to_string()))?;
+    let (endpoint, request) =
+        match parse_request(Endpoint::ChatCompletions, body, http.max_body_bytes) {
+            Ok(request) => (Endpoint::ChatCompletions, request),
+            Err(_) => (
+                Endpoint::Completions,
+                parse_request(Endpoint::Completions, body, http.max_body_bytes)
+                    .map_err(|e| bad_request(e.to_string()))?,
+            ),
+        };
     let model = request.model.clone();
     // The model spec the gateway's filter reads too, so the plan is the same.
     let (block_size, weights, prefill) = match http.state.lock(&model) {
@@ -55,7 +61,7 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     let exact: Option<Vec<SeqHash>> = match identity.exact {
         Some(exact) => Some(exact),
         None if is_tokenizable(&request.prompt) => {
-            let (_, tokenized) = tokenize_body(http, body).await?;
+            let (_, tokenized) = tokenize_body(http, body, Some(endpoint)).await?;
             Some(tokenized.block_hashes.into_iter().map(SeqHash).collect())
         }
         None => None,
