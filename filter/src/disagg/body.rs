@@ -164,9 +164,20 @@ pub fn vllm_prefill(body: &[u8]) -> Result<Vec<u8>, BodyError> {
 /// The `kv_transfer_params` a vLLM prefill response hands to the decode leg,
 /// passed on as opaque JSON.
 pub fn vllm_transfer_params(response: &[u8]) -> Result<Value, BodyError> {
-    let response: Value = serde_json::from_slice(response).map_err(|_| BodyError::Response)?;
-    match response.get("kv_transfer_params") {
-        Some(params @ Value::Object(fields)) if !fields.is_empty() => Ok(params.clone()),
+    /// Only the handshake is read: the rest of the answer (a client may
+    /// have asked for `prompt_logprobs` of a long prompt: megabytes) is
+    /// skipped without building anything.
+    #[derive(Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow)]
+        kv_transfer_params: Option<&'a RawValue>,
+    }
+    let answer: Answer<'_> = serde_json::from_slice(response).map_err(|_| BodyError::Response)?;
+    let params = answer
+        .kv_transfer_params
+        .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+    match params {
+        Some(Value::Object(fields)) if !fields.is_empty() => Ok(Value::Object(fields)),
         _ => Err(BodyError::MissingParams("kv_transfer_params")),
     }
 }
@@ -216,21 +227,38 @@ pub enum ContextOutcome {
 }
 
 pub fn trtllm_context_outcome(response: &[u8]) -> Result<ContextOutcome, BodyError> {
-    let response: Value = serde_json::from_slice(response).map_err(|_| BodyError::Response)?;
-    let choice = response
-        .get("choices")
-        .and_then(|c| c.get(0))
+    /// Only what the handshake needs; the rest of the answer is skipped
+    /// without building anything (see `vllm_transfer_params`).
+    #[derive(Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        finish_reason: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        disaggregated_params: Option<&'a RawValue>,
+    }
+    let answer: Answer<'_> = serde_json::from_slice(response).map_err(|_| BodyError::Response)?;
+    let choice = answer
+        .choices
+        .into_iter()
+        .next()
         .ok_or(BodyError::MissingParams("choices"))?;
     let unfinished = matches!(
-        choice.get("finish_reason").and_then(Value::as_str),
+        choice.finish_reason.as_deref(),
         Some("length" | "not_finished")
     );
     if !unfinished {
         return Ok(ContextOutcome::Finished);
     }
-    match choice.get("disaggregated_params") {
-        Some(Value::Object(fields)) => {
-            let mut params = fields.clone();
+    let params = choice
+        .disaggregated_params
+        .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+    match params {
+        Some(Value::Object(mut params)) => {
             params.insert("request_type".into(), "generation_only".into());
             Ok(ContextOutcome::Generate(Value::Object(params)))
         }
@@ -347,6 +375,15 @@ mod tests {
         assert!(vllm_transfer_params(br#"{"choices":[]}"#).is_err());
         assert!(vllm_transfer_params(br#"{"kv_transfer_params":{}}"#).is_err());
         assert!(vllm_transfer_params(b"<html>").is_err());
+        assert!(vllm_transfer_params(br#"{"kv_transfer_params":null}"#).is_err());
+        // The rest of the answer, however large, is skipped.
+        let logprobs: Vec<Value> = (0..2_000)
+            .map(|t| json!({ t.to_string(): {"logprob": -1.5, "rank": 1, "decoded_token": "é"} }))
+            .collect();
+        let long = json!({"choices": [{"text": "x", "prompt_logprobs": logprobs}],
+            "kv_transfer_params": params, "usage": {"prompt_tokens": 2_000}})
+        .to_string();
+        assert_eq!(vllm_transfer_params(long.as_bytes()), Ok(params.clone()));
         let decode = object(&vllm_decode(original.as_bytes(), &params).unwrap());
         assert_eq!(decode["stream"], true);
         assert_eq!(decode["kv_transfer_params"], params);
