@@ -48,6 +48,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// 404: the model is not served here.
     ModelNotFound,
+    /// 405: an inference path asked with another method than POST.
+    MethodNotAllowed,
     /// 413: the body exceeds the configured limit.
     RequestTooLarge,
     /// 503: no worker can take the request.
@@ -59,6 +61,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest => 400,
             ErrorKind::ModelNotFound => 404,
+            ErrorKind::MethodNotAllowed => 405,
             ErrorKind::RequestTooLarge => 413,
             ErrorKind::NoWorkerAvailable => 503,
         }
@@ -66,7 +69,9 @@ impl ErrorKind {
 
     fn type_name(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge => "invalid_request_error",
+            ErrorKind::InvalidRequest
+            | ErrorKind::RequestTooLarge
+            | ErrorKind::MethodNotAllowed => "invalid_request_error",
             ErrorKind::ModelNotFound => "not_found_error",
             ErrorKind::NoWorkerAvailable => "service_unavailable_error",
         }
@@ -76,6 +81,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::ModelNotFound => "model_not_found",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::RequestTooLarge => "request_too_large",
             ErrorKind::NoWorkerAvailable => "no_worker_available",
         }

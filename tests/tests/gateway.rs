@@ -7,7 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use kvmesh_stack::harness::client::{http_client, post, post_json, prometheus_sum, JsonResponse};
+use kvmesh_stack::harness::client::{
+    http_client, post, post_json, prometheus_sum, send, JsonResponse,
+};
 use kvmesh_stack::harness::raw_http::{h1_chunked_post_with_trailers, h2_post, http1_exchange};
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::{
@@ -391,6 +393,19 @@ fn bad_requests_get_openai_errors_and_never_crash_the_vm() {
     assert_openai_error(&post(&client, &chat_url, no_messages, &[]).unwrap(), 400);
     let unknown = json!({"model": "no-such-model", "prompt": [1, 2, 3]});
     assert_openai_error(&post_json(&client, &url, &unknown).unwrap(), 404);
+    let array = r#"["qwen3","hi",null,null,null,false,2]"#;
+    assert_openai_error(&post(&client, &url, array, &[]).unwrap(), 400);
+    // Engines serve inference paths for POST alone: other methods get the
+    // filter's answer, not an engine's.
+    for request in [
+        client.get(&url),
+        client.put(&url).body("{}"),
+        client.delete(&chat_url),
+    ] {
+        let response = send(request).unwrap();
+        assert_openai_error(&response, 405);
+        assert_eq!(response.header("allow"), Some("POST"));
+    }
 
     // Over the limit with a Content-Length, and streamed (chunked) without one.
     let huge = format!(
@@ -405,7 +420,7 @@ fn bad_requests_get_openai_errors_and_never_crash_the_vm() {
     let body = json!({"model": MODEL, "prompt": token_prompt(1), "max_tokens": 1});
     served_by(&post_json(&client, &url, &body).unwrap());
     assert_eq!(counter(&fleet.envoy, "kvmesh_requests_approximate"), 1);
-    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_rejected_invalid"), 5);
+    assert_eq!(counter(&fleet.envoy, "kvmesh_requests_rejected_invalid"), 9);
     assert_eq!(
         counter(&fleet.envoy, "kvmesh_requests_rejected_unknown_model"),
         1

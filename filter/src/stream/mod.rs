@@ -239,15 +239,20 @@ impl<H: Host> InferenceStream<H> {
         let counter = match kind {
             ErrorKind::RequestTooLarge => self.metrics.rejected_too_large,
             ErrorKind::ModelNotFound => self.metrics.rejected_unknown_model,
-            ErrorKind::InvalidRequest | ErrorKind::NoWorkerAvailable => {
-                self.metrics.rejected_invalid
-            }
+            ErrorKind::InvalidRequest
+            | ErrorKind::NoWorkerAvailable
+            | ErrorKind::MethodNotAllowed => self.metrics.rejected_invalid,
         };
         counter.inc(&self.host);
-        let headers = [("content-type", "application/json")];
+        let headers: &[(&str, &str)] = match kind {
+            ErrorKind::MethodNotAllowed => {
+                &[("content-type", "application/json"), ("allow", "POST")]
+            }
+            _ => &[("content-type", "application/json")],
+        };
         if let Err(err) =
             self.host
-                .send_response(u32::from(kind.status()), &headers, body.as_bytes())
+                .send_response(u32::from(kind.status()), headers, body.as_bytes())
         {
             self.host_error(err);
         }
@@ -830,15 +835,29 @@ impl<H: Host> InferenceStream<H> {
 
     fn request_headers(&self, end_of_stream: bool) -> Phase {
         self.strip_reserved_headers();
-        let is_post = self.request_header(":method").as_deref() == Some("POST");
         let endpoint = self
             .request_header(":path")
             .as_deref()
             .and_then(Endpoint::from_path);
-        let Some(endpoint) = endpoint.filter(|_| is_post) else {
+        let Some(endpoint) = endpoint else {
             self.metrics.passthrough.inc(&self.host);
             return Phase::Passthrough;
         };
+        match self.request_header(":method").as_deref() {
+            Some("POST") => {}
+            // A browser's CORS preflight carries no body: the engine's to answer.
+            Some("OPTIONS") => {
+                self.metrics.passthrough.inc(&self.host);
+                return Phase::Passthrough;
+            }
+            // Engines serve these paths for POST alone; anything else would
+            // reach them unparsed, so it gets the filter's own answer.
+            _ => {
+                let kind = ErrorKind::MethodNotAllowed;
+                let body = error_body(kind, "only POST is allowed on this path", None);
+                return self.reject(kind, &body);
+            }
+        }
         if end_of_stream {
             return self.reject_request(&RequestError::EmptyBody);
         }

@@ -69,7 +69,12 @@ pub fn post(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = request.send().with_context(|| format!("POST {url}"))?;
+    send(request).with_context(|| format!("POST {url}"))
+}
+
+/// Sends any request and reads its whole answer.
+pub fn send(request: reqwest::blocking::RequestBuilder) -> anyhow::Result<JsonResponse> {
+    let response = request.send()?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let text = response.text().context("reading the response body")?;
