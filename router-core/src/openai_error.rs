@@ -11,7 +11,9 @@ use serde::Serialize;
 pub const MAX_MESSAGE_BYTES: usize = 512;
 
 /// Formats a message, stopping at [`MAX_MESSAGE_BYTES`] (cut at a character
-/// boundary, marked with `…`): what is past the limit is never formatted.
+/// boundary, marked with `…`): formatting ends there, so no copy of a long
+/// argument is made. (A serde error already holds the value it quotes; that
+/// copy is serde's, made once, and dropped with the error.)
 pub fn bounded_message(args: fmt::Arguments<'_>) -> String {
     let mut message = BoundedMessage::default();
     // An error only says the limit was reached.
@@ -22,10 +24,14 @@ pub fn bounded_message(args: fmt::Arguments<'_>) -> String {
 #[derive(Default)]
 struct BoundedMessage {
     text: String,
+    cut: bool,
 }
 
 impl Write for BoundedMessage {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.cut {
+            return Err(fmt::Error);
+        }
         let room = MAX_MESSAGE_BYTES.saturating_sub(self.text.len());
         if s.len() <= room {
             self.text.push_str(s);
@@ -37,6 +43,7 @@ impl Write for BoundedMessage {
         }
         self.text.push_str(&s[..end]);
         self.text.push('…');
+        self.cut = true;
         Err(fmt::Error)
     }
 }

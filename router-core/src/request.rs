@@ -32,6 +32,12 @@ pub enum Endpoint {
     ChatCompletions,
 }
 
+/// Whether `body` is a JSON object, as far as its first byte tells: serde's
+/// derive reads a struct from a JSON array too, field by field in order.
+pub fn is_json_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Header on a filter's `/v1/tokenize` call naming the body's field the
 /// engine reads the prompt from ([`Endpoint::prompt_field`]): a body may
 /// carry both, and a chat engine ignores a stray `prompt` (and a
@@ -321,11 +327,11 @@ pub fn parse_request(
             limit,
         });
     }
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => return Err(RequestError::EmptyBody),
-        // serde's derive also reads a JSON array, field by field in order.
-        Some(b'{') => {}
-        Some(_) => return Err(RequestError::NotAnObject),
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(RequestError::EmptyBody);
+    }
+    if !is_json_object(body) {
+        return Err(RequestError::NotAnObject);
     }
     let mut raw: RawRequest<'_> =
         serde_json::from_slice(body).map_err(RequestError::InvalidJson)?;

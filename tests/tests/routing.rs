@@ -225,13 +225,13 @@ fn shared_prefixes_land_where_they_are_cached() {
     );
 
     assert!(
-        stack.counter("kvmesh_requests_precise") >= 6,
+        stack.counter("kvmesh_requests_precise") >= 8,
         "precise / approximate / fallback: {} / {} / {}",
         stack.counter("kvmesh_requests_precise"),
         stack.counter("kvmesh_requests_approximate"),
         stack.counter("kvmesh_requests_fallback"),
     );
-    assert!(stack.counter("kvmesh_tokenize_calls") >= 4);
+    assert!(stack.counter("kvmesh_tokenize_calls") >= 6);
     assert_eq!(stack.counter("kvmesh_tokenize_failures"), 0);
     assert!(stack.counter("kvmesh_routed_cached_blocks") >= 50);
     // Every precise decision and its progress went back to the sidecar.
@@ -660,6 +660,7 @@ fn a_hung_nats_keeps_the_workers_and_routes_approximately_until_it_delivers_agai
         stack.counter("kvmesh_state_synced_vms") == 0
     });
     println!("fleet unheard {:?} after NATS hung", hung_at.elapsed());
+    assert_eq!(stack.sidecar.metric("kvmesh_serve_fleet_unheard", ""), 1.0);
     // Past the sidecar's worker timeout (2.5 s).
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
@@ -683,6 +684,23 @@ fn a_hung_nats_keeps_the_workers_and_routes_approximately_until_it_delivers_agai
         stack.counter("kvmesh_state_synced_vms") == vms
     });
     assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
+}
+
+/// With NATS healthy and every relay gone, nothing but the sidecar's own
+/// probe comes through: that proves the silence is the workers', and they
+/// expire, with the fleet heard all along.
+#[test]
+fn workers_whose_relays_all_died_expire_while_nats_delivers() {
+    let mut stack = Stack::start();
+    let vms = stack.envoy.config().filter_vms();
+    for worker in &mut stack.workers {
+        worker.relay.process().kill();
+    }
+    stack.wait_for("the sidecar to expire the silent workers", || {
+        stack.sidecar.known_workers().unwrap_or(usize::MAX) == 0
+    });
+    assert_eq!(stack.sidecar.metric("kvmesh_serve_fleet_unheard", ""), 0.0);
+    assert_eq!(stack.counter("kvmesh_state_synced_vms"), vms);
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use router_core::request::HANDSHAKE_FIELDS;
+use router_core::request::{is_json_object, HANDSHAKE_FIELDS};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -163,6 +163,14 @@ pub fn vllm_prefill(body: &[u8]) -> Result<Vec<u8>, BodyError> {
 
 /// The `kv_transfer_params` a vLLM prefill response hands to the decode leg,
 /// passed on as opaque JSON.
+/// A prefill leg's answer, read into `T`; it must be a JSON object.
+fn read_answer<'a, T: Deserialize<'a>>(response: &'a [u8]) -> Result<T, BodyError> {
+    if !is_json_object(response) {
+        return Err(BodyError::Response);
+    }
+    serde_json::from_slice(response).map_err(|_| BodyError::Response)
+}
+
 pub fn vllm_transfer_params(response: &[u8]) -> Result<Value, BodyError> {
     /// Only the handshake is read: the rest of the answer (a client may
     /// have asked for `prompt_logprobs` of a long prompt: megabytes) is
@@ -172,7 +180,7 @@ pub fn vllm_transfer_params(response: &[u8]) -> Result<Value, BodyError> {
         #[serde(borrow)]
         kv_transfer_params: Option<&'a RawValue>,
     }
-    let answer: Answer<'_> = serde_json::from_slice(response).map_err(|_| BodyError::Response)?;
+    let answer = read_answer::<Answer<'_>>(response)?;
     let params = answer
         .kv_transfer_params
         .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
@@ -241,7 +249,7 @@ pub fn trtllm_context_outcome(response: &[u8]) -> Result<ContextOutcome, BodyErr
         #[serde(borrow, default)]
         disaggregated_params: Option<&'a RawValue>,
     }
-    let answer: Answer<'_> = serde_json::from_slice(response).map_err(|_| BodyError::Response)?;
+    let answer = read_answer::<Answer<'_>>(response)?;
     let choice = answer
         .choices
         .into_iter()
@@ -376,6 +384,7 @@ mod tests {
         assert!(vllm_transfer_params(br#"{"kv_transfer_params":{}}"#).is_err());
         assert!(vllm_transfer_params(b"<html>").is_err());
         assert!(vllm_transfer_params(br#"{"kv_transfer_params":null}"#).is_err());
+        assert!(vllm_transfer_params(br#"[{"do_remote_prefill":true}]"#).is_err());
         // The rest of the answer, however large, is skipped.
         let logprobs: Vec<Value> = (0..2_000)
             .map(|t| json!({ t.to_string(): {"logprob": -1.5, "rank": 1, "decoded_token": "é"} }))

@@ -403,9 +403,10 @@ impl<H: Host> InferenceStream<H> {
         let sidecar = self.config.sidecar.as_ref()?;
         let cluster = sidecar.http_cluster.as_ref()?;
         let now = self.now_ms();
-        // Without workers in the view (the sidecar lost NATS, or another
-        // model's updates keep the stream fresh) routing is approximate
-        // whatever the hashes: the round trip would buy nothing.
+        // Without a fresh view holding workers (the stream went stale, the
+        // sidecar no longer hears the fleet, or another model's updates keep
+        // the stream fresh) routing is approximate whatever the hashes: the
+        // round trip would buy nothing.
         let has_workers = self
             .state
             .borrow()

@@ -47,6 +47,19 @@ impl GatewayPresence {
         }
     }
 
+    /// Whether a stream of `gateway_id` is open here.
+    pub fn is_open(&self, gateway_id: &str) -> bool {
+        matches!(self.gateways.get(gateway_id), Some(Presence::Open(_)))
+    }
+
+    /// Another sidecar shared a report of `gateway_id`: it lives, with its
+    /// stream there. It is not gone, whatever its closed stream here says.
+    pub fn heard_elsewhere(&mut self, gateway_id: &str) {
+        if matches!(self.gateways.get(gateway_id), Some(Presence::Closed { .. })) {
+            self.gateways.remove(gateway_id);
+        }
+    }
+
     /// Forgets and returns the gateways without a stream for longer than
     /// `grace` (sorted, so logs and shared messages come in a stable order).
     pub fn gone(&mut self, grace: Duration, now: Instant) -> Vec<String> {
@@ -100,6 +113,21 @@ mod tests {
         assert!(presence.gone(GRACE, start + GRACE * 2).is_empty());
         presence.closed("a", start + GRACE);
         assert_eq!(presence.gone(GRACE, start + GRACE * 3), ["a"]);
+    }
+
+    #[test]
+    fn a_gateway_heard_through_another_sidecar_is_not_gone() {
+        let start = Instant::now();
+        let mut presence = GatewayPresence::default();
+        presence.opened("a");
+        assert!(presence.is_open("a"));
+        presence.closed("a", start);
+        assert!(!presence.is_open("a"));
+        // Its stream reopened on another sidecar, which shared a decision.
+        presence.heard_elsewhere("a");
+        assert!(presence.gone(GRACE, start + GRACE * 2).is_empty());
+        presence.heard_elsewhere("never-here");
+        assert!(!presence.is_open("never-here"));
     }
 
     #[test]

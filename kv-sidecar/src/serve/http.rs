@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use router_core::request::{Endpoint, PROMPT_FIELD_HEADER};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::serve::route;
 use crate::serve::state::{role_name, ServeState};
@@ -199,7 +200,7 @@ pub async fn tokenize_body(
     body: &[u8],
     endpoint: Option<Endpoint>,
 ) -> Result<(String, Tokenized), ApiError> {
-    let _budget = http.tokenize_budget.admit(body.len()).map_err(|_| {
+    let budget = http.tokenize_budget.admit(body.len()).map_err(|_| {
         http.state.metrics.tokenize_busy.inc();
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -234,7 +235,7 @@ pub async fn tokenize_body(
             TokenizeInput::Prompt(request.prompt.ok_or_else(|| missing("prompt"))?)
         }
     };
-    let mut tokenized = run_tokenizer(http, &request.model, input).await?;
+    let mut tokenized = run_tokenizer(http, &request.model, input, budget).await?;
     let salt = request.cache_salt.as_deref().filter(|s| !s.is_empty());
     if let (Some(salt), Some(tokenizer)) = (salt, http.tokenizers.get(&request.model)) {
         tokenizer.salt(&mut tokenized, salt);
@@ -242,10 +243,13 @@ pub async fn tokenize_body(
     Ok((request.model, tokenized))
 }
 
+/// Tokenizes on the blocking pool, holding `budget` until done: a caller
+/// that gives up (the filter's 250 ms) drops this future, not the work.
 async fn run_tokenizer(
     http: &HttpState,
     model: &str,
     input: TokenizeInput,
+    budget: OwnedSemaphorePermit,
 ) -> Result<Tokenized, ApiError> {
     let Some(tokenizer) = http.tokenizers.get(model).cloned() else {
         let status = if http.state.lock(model).is_some() {
@@ -259,13 +263,16 @@ async fn run_tokenizer(
         ));
     };
     let started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || match input {
-        TokenizeInput::Chat {
-            messages,
-            tools,
-            kwargs,
-        } => tokenizer.tokenize_chat(&messages, tools.as_ref(), kwargs.as_ref()),
-        TokenizeInput::Prompt(prompt) => tokenizer.tokenize_prompt(&prompt),
+    let result = tokio::task::spawn_blocking(move || {
+        let _budget = budget;
+        match input {
+            TokenizeInput::Chat {
+                messages,
+                tools,
+                kwargs,
+            } => tokenizer.tokenize_chat(&messages, tools.as_ref(), kwargs.as_ref()),
+            TokenizeInput::Prompt(prompt) => tokenizer.tokenize_prompt(&prompt),
+        }
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?

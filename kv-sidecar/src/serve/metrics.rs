@@ -58,6 +58,7 @@ pub struct ServeMetrics {
     pub tokenize_busy: Counter,
     pub tokenize_cache_misses: Counter,
     pub nats_connected: Gauge,
+    pub fleet_unheard: Gauge,
 }
 
 impl ServeMetrics {
@@ -87,6 +88,7 @@ impl ServeMetrics {
             tokenize_busy: Counter::default(),
             tokenize_cache_misses: Counter::default(),
             nats_connected: Gauge::default(),
+            fleet_unheard: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kvmesh_serve");
         r.register("workers", "Registered workers", m.workers.clone());
@@ -163,7 +165,7 @@ impl ServeMetrics {
         );
         r.register(
             "gateway_reports",
-            "Reports received from gateways (stream) and other sidecars (nats)",
+            "Gateway reports by kind: received from gateways (stream) and other sidecars (nats), and `gone` ones this sidecar made",
             m.gateway_reports.clone(),
         );
         r.register(
@@ -201,6 +203,12 @@ impl ServeMetrics {
             "1 while connected to NATS",
             m.nats_connected.clone(),
         );
+        r.register(
+            "fleet_unheard",
+            "1 while NATS delivers nothing to this sidecar (down, hung or not reached yet): the fleet is kept as last heard and filters route approximately",
+            m.fleet_unheard.clone(),
+        );
+        m.fleet_unheard.set(1);
         m
     }
 

@@ -8,10 +8,12 @@
 //! that feeds the registries and fans their deltas out, and the shared
 //! state), `seq` (relay sequence tracking), `inflight` (predicted load),
 //! `gateways` (which gateways have a stream open, and which are gone),
+//! `feed` (whether NATS delivers),
 //! `stream` (gRPC), `http` and `route` (HTTP API), `tokenize_budget` (bytes
 //! tokenized at once), `metrics`.
 
 pub mod config;
+pub mod feed;
 pub mod gateways;
 pub mod http;
 pub mod inflight;
@@ -108,7 +110,13 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         share: share_tx,
         buffer: config.state.subscriber_buffer,
     };
+    // A gateway whose node vanished closes no connection: keepalives end
+    // its stream within seconds, so its presence (and then its requests)
+    // ends too, rather than after TCP's ~15 min of retransmissions.
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
         .add_service(StateStreamServer::new(service))
         .serve(grpc_addr);
     tracing::info!(%grpc_addr, "state stream listening");

@@ -136,7 +136,7 @@ async fn forward(
                     gateway_id,
                     report: Some(report),
                     ..
-                }) => Some(Input::Report { gateway_id, report }),
+                }) => Some(Input::PeerReport { gateway_id, report }),
                 _ => None,
             },
         };

@@ -19,6 +19,7 @@ use router_core::state_stream::StateUpdate;
 use tokio::sync::{mpsc, Notify};
 
 use crate::serve::config::Config;
+use crate::serve::feed::{FeedHealth, Transition};
 use crate::serve::gateways::GatewayPresence;
 use crate::serve::metrics::{KindLabel, ServeMetrics};
 use crate::serve::registry::{self, FleetRegistry, SyncRequest};
@@ -30,8 +31,13 @@ pub enum Input {
     Events(KvEventBatch),
     Worker(WorkerInfo),
     Load(WorkerLoad),
-    /// From a gateway on this sidecar's stream, or shared by another sidecar.
+    /// From a gateway on this sidecar's stream.
     Report {
+        gateway_id: String,
+        report: GatewayReport,
+    },
+    /// A gateway's report another sidecar shared over NATS.
+    PeerReport {
         gateway_id: String,
         report: GatewayReport,
     },
@@ -202,24 +208,8 @@ pub struct StateTask {
     share: mpsc::Sender<SharedReportOut>,
     gateways: GatewayPresence,
     gateway_grace: Duration,
-    feed: Feed,
+    feed: FeedHealth,
 }
-
-/// Whether NATS delivers to this sidecar. Workers expire only for a silence
-/// heard as such: one while nothing at all arrives is ours, not theirs.
-struct Feed {
-    connected: bool,
-    /// When NATS last delivered anything: a relay's message or our probe.
-    last_heard: Instant,
-    /// Connected, but nothing arrived for [`FEED_SILENCE`]: the server hangs
-    /// or we are cut off, and the client has not noticed yet.
-    silent: bool,
-}
-
-/// Nothing heard this long (the probe comes every second) makes the fleet
-/// unheard. Shorter than `worker_timeout_ms`' default, so filters hear it
-/// before anyone would have expired.
-const FEED_SILENCE: Duration = Duration::from_millis(2_000);
 
 /// Upper bound on inputs folded into one commit, so one burst cannot delay
 /// the subscribers' deltas for long.
@@ -243,16 +233,11 @@ impl StateTask {
             share,
             gateways: GatewayPresence::default(),
             gateway_grace,
-            feed: Feed {
-                connected: false,
-                last_heard: Instant::now(),
-                silent: false,
-            },
+            feed: FeedHealth::new(Instant::now()),
         }
     }
 
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
-        let started = Instant::now();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -270,7 +255,7 @@ impl StateTask {
                     }
                 }
                 _ = ticker.tick() => {
-                    self.tick(Instant::now(), started);
+                    self.tick(Instant::now());
                 }
             }
             self.commit(Instant::now());
@@ -280,9 +265,14 @@ impl StateTask {
     fn apply(&mut self, input: Input, now: Instant) {
         if matches!(
             input,
-            Input::Events(_) | Input::Worker(_) | Input::Load(_) | Input::Heard
+            Input::Events(_)
+                | Input::Worker(_)
+                | Input::Load(_)
+                | Input::PeerReport { .. }
+                | Input::Heard
         ) {
-            self.heard(now);
+            let transition = self.feed.heard(now);
+            self.feed_changed(transition, now);
         }
         match input {
             Input::Events(batch) => {
@@ -303,21 +293,16 @@ impl StateTask {
                 }
             }
             Input::Report { gateway_id, report } => self.report(&gateway_id, report, now),
+            Input::PeerReport { gateway_id, report } => {
+                self.peer_report(&gateway_id, report, now);
+            }
             Input::Connected => {
-                self.feed = Feed {
-                    connected: true,
-                    last_heard: now,
-                    silent: false,
-                };
-                self.each_registry(|registry| {
-                    // Whatever relays published meanwhile is lost to us.
-                    registry.messages_missed();
-                    registry.feed_resumed(now);
-                });
+                let transition = self.feed.connected(now);
+                self.feed_changed(transition, now);
             }
             Input::Disconnected => {
-                self.feed.connected = false;
-                self.each_registry(FleetRegistry::feed_lost);
+                let transition = self.feed.disconnected();
+                self.feed_changed(transition, now);
             }
             Input::Heard => {}
             Input::GatewayOpened(gateway_id) => self.gateways.opened(&gateway_id),
@@ -325,30 +310,49 @@ impl StateTask {
         }
     }
 
-    /// NATS delivered something: a silence that made the fleet unheard is
-    /// over. Nothing need be lost (the sequence numbers tell), so workers
-    /// resync only where their events show a gap.
-    fn heard(&mut self, now: Instant) {
-        self.feed.last_heard = now;
-        if self.feed.silent {
-            self.feed.silent = false;
-            tracing::info!("NATS delivers again");
-            self.each_registry(|registry| registry.feed_resumed(now));
+    /// Applies a change of whether NATS delivers to every registry.
+    fn feed_changed(&self, transition: Transition, now: Instant) {
+        match transition {
+            Transition::Unchanged => return,
+            Transition::Lost => {
+                tracing::warn!("NATS delivers nothing; keeping the fleet as last heard");
+                self.each_registry(FleetRegistry::feed_lost);
+            }
+            Transition::Resumed {
+                unheard_for,
+                missed,
+            } => {
+                tracing::info!(
+                    unheard_ms = unheard_for.as_millis() as u64,
+                    "NATS delivers again"
+                );
+                self.each_registry(|registry| {
+                    if missed {
+                        registry.messages_missed();
+                    }
+                    registry.feed_resumed(unheard_for, now);
+                });
+            }
         }
+        self.state
+            .metrics
+            .fleet_unheard
+            .set(i64::from(!self.feed.is_heard()));
     }
 
-    /// Connected, yet nothing arrived for [`FEED_SILENCE`]: until something
-    /// does, the fleet is unheard.
-    fn notice_silence(&mut self, now: Instant) {
-        let feed = &mut self.feed;
-        if feed.connected && !feed.silent && now.duration_since(feed.last_heard) > FEED_SILENCE {
-            feed.silent = true;
-            tracing::warn!(
-                silent_ms = now.duration_since(feed.last_heard).as_millis() as u64,
-                "NATS delivers nothing, not even our own probe; keeping the fleet as last heard"
-            );
-            self.each_registry(FleetRegistry::feed_lost);
+    /// A gateway's report another sidecar shared. It proves the gateway
+    /// alive (its stream is open there), whatever its presence here says;
+    /// and a `Gone` for a gateway whose stream is open here is not ours to
+    /// heed: it moved to this sidecar.
+    fn peer_report(&mut self, gateway_id: &str, report: GatewayReport, now: Instant) {
+        if matches!(report.kind, Some(gateway_report::Kind::Gone(_))) {
+            if self.gateways.is_open(gateway_id) {
+                return;
+            }
+        } else {
+            self.gateways.heard_elsewhere(gateway_id);
         }
+        self.report(gateway_id, report, now);
     }
 
     fn each_registry(&self, mut action: impl FnMut(&mut FleetRegistry)) {
@@ -428,17 +432,23 @@ impl StateTask {
         }
     }
 
-    fn tick(&mut self, now: Instant, started: Instant) {
+    fn tick(&mut self, now: Instant) {
         self.forget_gone_gateways(now);
-        self.notice_silence(now);
+        let transition = self.feed.tick(now);
+        self.feed_changed(transition, now);
         let mut all_in_sync = true;
         for index in 0..self.state.model_count() {
             if let Some(mut model) = self.state.lock_at(index) {
-                model.registry.expire(now, self.feed.last_heard);
+                model.registry.expire(now, self.feed.last_heard());
                 all_in_sync &= model.registry.all_in_sync();
             }
         }
-        let since_start = now.duration_since(started);
+        // Discovery starts once NATS is reached: before, an empty fleet is
+        // not a fleet heard to be empty.
+        let Some(connected) = self.feed.first_connected() else {
+            return;
+        };
+        let since_start = now.duration_since(connected);
         if registry::initial_sync_done(since_start, all_in_sync, self.state.initial_sync_timeout) {
             self.state.ready.store(true, Ordering::Relaxed);
         }

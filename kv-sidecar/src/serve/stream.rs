@@ -225,6 +225,10 @@ async fn forward_reports(
             }
             continue;
         }
+        // Only a sidecar says a gateway is gone.
+        if let Some(gateway_report::Kind::Gone(_)) = &report.kind {
+            continue;
+        }
         // Sharing is best effort: a full queue loses other gateways' view of
         // this decision, never this sidecar's.
         let _ = share.try_send(SharedReportOut {

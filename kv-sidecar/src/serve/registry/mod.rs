@@ -133,11 +133,12 @@ impl FleetRegistry {
         }
     }
 
-    /// NATS delivers again. The workers' silence was ours, so each gets a
-    /// whole `worker_timeout_ms` from `now` to be heard again.
-    pub fn feed_resumed(&mut self, now: Instant) {
+    /// NATS delivers again after `unheard_for` without it. That silence was
+    /// ours, not the workers': it does not count towards their timeouts.
+    /// Only it, so a feed that comes and goes never keeps a dead worker.
+    pub fn feed_resumed(&mut self, unheard_for: Duration, now: Instant) {
         for meta in self.workers.values_mut() {
-            meta.last_heartbeat = now;
+            meta.last_heartbeat = (meta.last_heartbeat + unheard_for).min(now);
         }
         if self.fleet_unheard {
             self.fleet_unheard = false;
@@ -246,14 +247,16 @@ mod tests {
         assert!(keepalive.fleet_unheard);
         assert_eq!(h.registry.worker_infos().len(), 1);
 
-        // Back: the worker gets a whole timeout from now to be heard again.
-        h.registry.feed_resumed(h.at(61_000));
+        // Back after 60 s unheard: the worker's silence before it counts,
+        // the outage does not.
+        h.registry
+            .feed_resumed(Duration::from_secs(60), h.at(61_000));
         let restored = h.registry.commit(h.at(61_001)).expect("due at once");
         assert!(!restored.fleet_unheard);
         assert!(!h.registry.snapshot().fleet_unheard);
-        h.expire(63_500);
+        h.expire(62_500);
         assert_eq!(h.registry.worker_infos().len(), 1);
-        h.expire(63_501);
+        h.expire(62_501);
         assert_eq!(h.registry.worker_infos().len(), 0);
     }
 
