@@ -661,6 +661,16 @@ fn a_hung_nats_keeps_the_workers_and_routes_approximately_until_it_delivers_agai
     });
     println!("fleet unheard {:?} after NATS hung", hung_at.elapsed());
     assert_eq!(stack.sidecar.metric("kvmesh_serve_fleet_unheard", ""), 1.0);
+    // The sidecar's explanation of a decision follows the filters'.
+    let explained: Value = post_json(
+        &http_client(),
+        &format!("{}/debug/route", stack.sidecar.http_url()),
+        &body(100),
+    )
+    .unwrap()
+    .json()
+    .unwrap();
+    assert_eq!(explained["mode"], "approximate", "{explained}");
     // Past the sidecar's worker timeout (2.5 s).
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);

@@ -129,6 +129,7 @@ async fn models(State(http): State<HttpState>) -> Json<Value> {
             "disaggregation": config.disaggregation,
             "tokenizer": http.tokenizers.contains_key(&model),
             "version": fleet.version(),
+            "fleet_unheard": guard.registry.fleet_unheard(),
             "workers": guard.registry.worker_infos().len(),
             "index_entries": fleet.index().entries(),
             "index_blocks": fleet.index().blocks(),

@@ -79,9 +79,11 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     };
     // This sidecar has no decisions of its own to learn from.
     let mut local = LocalState::new(LearnedTable::new(NonZeroUsize::MIN, 1));
+    // A fleet this sidecar no longer hears is stale to the filters too.
+    let fleet = guard.registry.fleet();
     let signals = Signals {
-        view: Some(guard.registry.fleet()),
-        last_known: None,
+        view: Some(fleet).filter(|_| !guard.registry.fleet_unheard()),
+        last_known: Some(fleet),
         now_ms: 0,
         // Only ties and temperature sampling use it; no need for a strong RNG.
         random: RandomState::new().hash_one(body.len()),

@@ -115,6 +115,12 @@ impl FleetRegistry {
         &self.fleet
     }
 
+    /// Whether this sidecar does not hear the fleet: its view is kept, not
+    /// current.
+    pub fn fleet_unheard(&self) -> bool {
+        self.fleet_unheard
+    }
+
     /// The committed view as one update, for a new or lagged subscriber.
     pub fn snapshot(&self) -> StateUpdate {
         StateUpdate {
