@@ -53,6 +53,13 @@ impl Endpoint {
         }
     }
 
+    /// The endpoint whose engines read the prompt from `field`.
+    pub fn from_prompt_field(field: &[u8]) -> Option<Self> {
+        [Self::Completions, Self::ChatCompletions]
+            .into_iter()
+            .find(|endpoint| endpoint.prompt_field().as_bytes() == field)
+    }
+
     /// Recognizes routable paths, ignoring any query string.
     pub fn from_path(path: &str) -> Option<Self> {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
@@ -736,6 +743,15 @@ mod tests {
 
     fn parse(endpoint: Endpoint, body: &str) -> Result<InferenceRequest, RequestError> {
         parse_request(endpoint, body.as_bytes(), LIMIT)
+    }
+
+    #[test]
+    fn each_endpoint_names_its_prompt_field() {
+        for endpoint in [Endpoint::Completions, Endpoint::ChatCompletions] {
+            let field = endpoint.prompt_field().as_bytes();
+            assert_eq!(Endpoint::from_prompt_field(field), Some(endpoint));
+        }
+        assert_eq!(Endpoint::from_prompt_field(b"Prompt"), None);
     }
 
     #[test]

@@ -168,20 +168,18 @@ async fn tokenize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let field = match headers.get(PROMPT_FIELD_HEADER) {
+    let endpoint = match headers.get(PROMPT_FIELD_HEADER) {
         None => None,
-        Some(value) => Some(match value.as_bytes() {
-            b"messages" => Endpoint::ChatCompletions,
-            b"prompt" => Endpoint::Completions,
-            _ => {
-                return Err(ApiError(
+        Some(field) => Some(
+            Endpoint::from_prompt_field(field.as_bytes()).ok_or_else(|| {
+                ApiError(
                     StatusCode::BAD_REQUEST,
                     format!("{PROMPT_FIELD_HEADER} must be 'messages' or 'prompt'"),
-                ))
-            }
-        }),
+                )
+            })?,
+        ),
     };
-    let (model, tokenized) = tokenize_body(&http, &body, field).await?;
+    let (model, tokenized) = tokenize_body(&http, &body, endpoint).await?;
     let segments: Vec<&[u32]> = tokenized.segments.iter().map(|s| &s[..]).collect();
     Ok(Json(json!({
         "model": model,

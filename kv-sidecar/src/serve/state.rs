@@ -145,9 +145,10 @@ impl ServeState {
         )
     }
 
-    /// The initial state is loaded. Not tied to NATS: without it this
-    /// sidecar still tokenizes and serves the view it last heard, marked
-    /// unheard, which beats none; `kvmesh_serve_nats_connected` tells.
+    /// The initial state is loaded (NATS reached, then discovery). Not tied
+    /// to NATS afterwards: without it this sidecar still tokenizes and serves
+    /// the view it last heard, marked unheard (`kvmesh_serve_fleet_unheard`),
+    /// which beats none.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -272,7 +273,7 @@ impl StateTask {
                 | Input::Heard
         ) {
             let transition = self.feed.heard(now);
-            self.feed_changed(transition, now);
+            self.apply_feed(transition, now);
         }
         match input {
             Input::Events(batch) => {
@@ -298,11 +299,11 @@ impl StateTask {
             }
             Input::Connected => {
                 let transition = self.feed.connected(now);
-                self.feed_changed(transition, now);
+                self.apply_feed(transition, now);
             }
             Input::Disconnected => {
                 let transition = self.feed.disconnected();
-                self.feed_changed(transition, now);
+                self.apply_feed(transition, now);
             }
             Input::Heard => {}
             Input::GatewayOpened(gateway_id) => self.gateways.opened(&gateway_id),
@@ -311,7 +312,7 @@ impl StateTask {
     }
 
     /// Applies a change of whether NATS delivers to every registry.
-    fn feed_changed(&self, transition: Transition, now: Instant) {
+    fn apply_feed(&self, transition: Transition, now: Instant) {
         match transition {
             Transition::Unchanged => return,
             Transition::Lost => {
@@ -435,7 +436,7 @@ impl StateTask {
     fn tick(&mut self, now: Instant) {
         self.forget_gone_gateways(now);
         let transition = self.feed.tick(now);
-        self.feed_changed(transition, now);
+        self.apply_feed(transition, now);
         let mut all_in_sync = true;
         for index in 0..self.state.model_count() {
             if let Some(mut model) = self.state.lock_at(index) {
