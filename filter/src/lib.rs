@@ -14,6 +14,7 @@ mod host;
 mod metrics;
 pub mod orca;
 pub mod replica;
+mod reporter;
 mod root;
 mod stream;
 mod vm_state;

@@ -8,7 +8,6 @@ use std::rc::Rc;
 use prost::Message;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
-use router_core::gateway::{gateway_report, GatewayHello, GatewayReport};
 use router_core::state_stream::{state_update, StateUpdate};
 
 use crate::config::PluginConfig;
@@ -98,14 +97,7 @@ impl KvmeshRoot {
                 metrics.state_stream_opened.inc(&EnvoyHost);
                 self.subscription = Subscription::Open { token, backoff_ms };
                 if let Some(state) = &self.state {
-                    let mut state = state.borrow_mut();
-                    state.reporter.attach(token);
-                    let hello = GatewayReport {
-                        kind: Some(gateway_report::Kind::Hello(GatewayHello {
-                            gateway_id: state.reporter.gateway_id().to_owned(),
-                        })),
-                    };
-                    state.reporter.send(&EnvoyHost, &hello);
+                    state.borrow_mut().reporter.attach(&EnvoyHost, token);
                 }
             }
             Err(err) => {
@@ -132,7 +124,8 @@ impl KvmeshRoot {
     /// Applies one state update; on failure the stream is dropped so the next
     /// one starts with a fresh snapshot.
     fn receive(&mut self, token: u32, size: usize) {
-        let (Some(metrics), Some(state)) = (self.metrics, &self.state) else {
+        let (Some(metrics), Some(state), Some(config)) = (self.metrics, &self.state, &self.config)
+        else {
             return;
         };
         let started_ns = EnvoyHost.now_ns().unwrap_or(0);
@@ -166,8 +159,9 @@ impl KvmeshRoot {
         histogram.record(&EnvoyHost, elapsed_us);
         match applied {
             Ok(applied) => {
-                let kept = state.borrow_mut().reporter.connected(&EnvoyHost);
-                metrics.reports_sent.add(&EnvoyHost, kept as u64);
+                let models = config.models().map(|model| model.name.as_str());
+                let resyncs = state.borrow_mut().reporter.connected(&EnvoyHost, models);
+                metrics.reports_sent.add(&EnvoyHost, resyncs as u64);
                 if let Some(applied) = applied {
                     metrics.state_updates_applied.inc(&EnvoyHost);
                     if applied.shared_prompts > 0 {

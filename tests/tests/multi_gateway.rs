@@ -90,9 +90,18 @@ fn long_request(
     envoy: &Envoy,
     first_token: u32,
 ) -> (mpsc::Receiver<String>, thread::JoinHandle<u16>) {
+    request_answering(envoy, first_token, LONG_ANSWER_TOKENS)
+}
+
+/// As [`long_request`], with an answer of `answer_tokens`.
+fn request_answering(
+    envoy: &Envoy,
+    first_token: u32,
+    answer_tokens: u32,
+) -> (mpsc::Receiver<String>, thread::JoinHandle<u16>) {
     let url = completions(envoy);
     let body = json!({"model": MODEL, "prompt": prompt(first_token, LONG_PROMPT_TOKENS),
-        "max_tokens": LONG_ANSWER_TOKENS, "stream": true});
+        "max_tokens": answer_tokens, "stream": true});
     let (worker_tx, worker_rx) = mpsc::channel();
     let request = thread::spawn(move || {
         let mut response = http_client().post(url).json(&body).send().unwrap();
@@ -210,6 +219,75 @@ fn a_completion_made_while_the_sidecar_was_down_frees_the_load_everywhere() {
     wait_for(peer, "the finished request still counts", |blocks| {
         blocks_of(blocks, &busy) == 0
     });
+}
+
+/// Predicted active blocks over all workers.
+fn total_blocks(sidecar: &Sidecar) -> u64 {
+    active_blocks(sidecar)
+        .iter()
+        .map(|(_, blocks)| blocks)
+        .sum()
+}
+
+/// A sidecar counts a gateway's requests from its reports, and a stream that
+/// breaks loses what was on it. Here the gateway's sidecar hangs (SIGSTOP)
+/// while one of two requests finishes, so that completion goes into a
+/// stream nobody reads; then it is killed and restarted, empty. Once the
+/// gateway's new stream connects, the gateway tells every sidecar which of
+/// its requests are open: the one still running counts again on the
+/// restarted sidecar (before: never again), and the finished one stops
+/// counting on the other (before: for `inflight_ttl_ms`, 10 minutes).
+#[test]
+fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests() {
+    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
+    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
+    let mut stack = Stack::start(options, |_| {}).unwrap();
+    stack.add_gateway(|_| {}).unwrap();
+    // ~2.4 s and ~18 s of answer.
+    let (short_rx, short) = request_answering(&stack.envoy, 900_000, 40);
+    let (long_rx, long) = request_answering(&stack.envoy, 950_000, 300);
+    short_rx.recv_timeout(SETTLE).unwrap();
+    long_rx.recv_timeout(SETTLE).unwrap();
+    let both = 2 * LONG_PROMPT_BLOCKS;
+    for sidecar in stack.sidecars() {
+        let deadline = Instant::now() + SETTLE;
+        while total_blocks(sidecar) != both {
+            assert!(Instant::now() < deadline, "{:?}", active_blocks(sidecar));
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stack.sidecar.process().signal(libc::SIGSTOP);
+    assert!(!short.is_finished(), "the short request ended too soon");
+    assert_eq!(short.join().unwrap(), 200);
+    stack.sidecar.restart().unwrap();
+    let restarted_at = Instant::now();
+    for sidecar in stack.sidecars() {
+        let deadline = Instant::now() + SETTLE;
+        while total_blocks(sidecar) != LONG_PROMPT_BLOCKS {
+            assert!(
+                Instant::now() < deadline,
+                "{} counts {:?} for one running request",
+                sidecar.http_url(),
+                active_blocks(sidecar)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            !long.is_finished(),
+            "the long request ended before the sidecars agreed"
+        );
+        assert!(sidecar.metric("kvmesh_serve_gateway_reports_total", "resync") >= 1.0);
+    }
+    println!(
+        "open requests resynced {:?} after the restart",
+        restarted_at.elapsed()
+    );
+    assert_eq!(long.join().unwrap(), 200);
+    for sidecar in stack.sidecars() {
+        wait_for(sidecar, "the finished request still counts", |blocks| {
+            blocks.iter().all(|(_, b)| *b == 0)
+        });
+    }
 }
 
 /// Envoy killed with requests in flight takes them along (its connections

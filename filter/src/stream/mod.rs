@@ -10,9 +10,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
-use router_core::gateway::{
-    gateway_report, GatewayReport, RequestPhase, RequestProgress, RoutingDecision,
-};
+use router_core::gateway::{RequestPhase, RequestProgress, RoutingDecision};
 use router_core::openai_error::{bounded_message, error_body, ErrorKind};
 use router_core::request::{parse_request, Endpoint, RequestError, PROMPT_FIELD_HEADER};
 use router_core::routing::inflight::{RequestLoad, Ticket};
@@ -55,7 +53,7 @@ pub struct InferenceStream<H: Host = EnvoyHost> {
     /// A tokenization that only fills the prompt cache: the request was
     /// routed from the cache without waiting for it.
     cache_fill: Option<TokenizeCall>,
-    /// A decision reported to the sidecar, whose progress is reported too.
+    /// The routed request, whose decision and progress the sidecar is told.
     reported: Option<Reported>,
 }
 
@@ -139,7 +137,7 @@ struct PendingTokenize {
     body: BufferedBody,
 }
 
-/// A decision reported to the sidecar.
+/// A routed request: its decision and progress go to the sidecar.
 struct Reported {
     model: String,
     request_id: String,
@@ -571,48 +569,46 @@ impl<H: Host> InferenceStream<H> {
         let uncached = decision
             .prompt_blocks
             .saturating_sub(decision.cached_blocks);
-        let report = GatewayReport {
-            kind: Some(gateway_report::Kind::Decision(RoutingDecision {
-                model: model.to_owned(),
-                request_id: request_id.clone(),
-                worker_id: worker_id.clone(),
-                prefill_worker_id: prefill_worker.unwrap_or_default().to_owned(),
-                prompt_blocks: decision.prompt_blocks,
-                cached_blocks: decision.cached_blocks,
-                prefill_tokens: u64::from(uncached) * block_size,
-                computing: plan
-                    .computing
-                    .iter()
-                    .flat_map(|strides| strides.iter().map(|s| s.0))
-                    .collect(),
-            })),
+        let decision = RoutingDecision {
+            model: model.to_owned(),
+            request_id: request_id.clone(),
+            worker_id: worker_id.clone(),
+            prefill_worker_id: prefill_worker.unwrap_or_default().to_owned(),
+            prompt_blocks: decision.prompt_blocks,
+            cached_blocks: decision.cached_blocks,
+            prefill_tokens: u64::from(uncached) * block_size,
+            computing: plan
+                .computing
+                .iter()
+                .flat_map(|strides| strides.iter().map(|s| s.0))
+                .collect(),
         };
-        if state.reporter.send(&self.host, &report) {
+        if state.reporter.decided(&self.host, decision) {
             self.metrics.reports_sent.inc(&self.host);
-            self.reported = Some(Reported {
-                model: model.to_owned(),
-                request_id,
-            });
         }
+        // Reported or not, its progress is: a stream connecting later is
+        // told it is open until then.
+        self.reported = Some(Reported {
+            model: model.to_owned(),
+            request_id,
+        });
     }
 
     fn report_progress(&self, phase: RequestPhase) {
         let Some(reported) = &self.reported else {
             return;
         };
-        let report = GatewayReport {
-            kind: Some(gateway_report::Kind::Progress(RequestProgress {
-                model: reported.model.clone(),
-                request_id: reported.request_id.clone(),
-                phase: phase as i32,
-            })),
+        let progress = RequestProgress {
+            model: reported.model.clone(),
+            request_id: reported.request_id.clone(),
+            phase: phase as i32,
         };
-        let mut state = self.state.borrow_mut();
-        let sent = match phase {
-            RequestPhase::Done => state.reporter.send_completion(&self.host, report),
-            _ => state.reporter.send(&self.host, &report),
-        };
-        if sent {
+        if self
+            .state
+            .borrow_mut()
+            .reporter
+            .progressed(&self.host, progress)
+        {
             self.metrics.reports_sent.inc(&self.host);
         }
     }

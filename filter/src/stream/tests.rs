@@ -153,8 +153,8 @@ impl Vm {
     /// A state stream on which the sidecar has answered.
     fn attach_stream(&self) {
         let mut state = self.state.borrow_mut();
-        state.reporter.attach(9);
-        state.reporter.connected(&self.host);
+        state.reporter.attach(&self.host, 9);
+        state.reporter.connected(&self.host, ["m"]);
     }
 
     fn stream(&self) -> InferenceStream<MockHost> {
@@ -597,39 +597,47 @@ fn the_response_releases_the_load_and_reports_progress() {
 }
 
 /// Sidecars count a reported request's load until they hear it ended (or
-/// for minutes): a completion the stream could not carry waits for the next.
+/// for minutes). A stream that breaks loses what was sent on it, so the
+/// next one to connect is told exactly which requests are still open:
+/// one that ended meanwhile is not, one routed meanwhile is.
 #[test]
-fn a_completion_without_a_stream_is_sent_on_the_next_one() {
+fn a_new_stream_is_told_the_requests_still_open() {
     let vm = Vm::new(&config("")).with_fleet();
     vm.attach_stream();
-    let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
-    vm.respond(&mut stream, B, &[]);
+    let (mut ended, _) = vm.send(COMPLETIONS, &completion(64, ""));
+    vm.respond(&mut ended, B, &[]);
     vm.state.borrow_mut().reporter.detach();
-    stream.on_log();
-    let done = |reports: Vec<gateway_report::Kind>| {
-        reports
-            .into_iter()
-            .filter(|kind| {
-                matches!(kind, gateway_report::Kind::Progress(p) if p.phase == RequestPhase::Done as i32)
-            })
-            .count()
+    ended.on_log();
+    let (mut running, _) = vm.send(COMPLETIONS, &completion(80, ""));
+    vm.respond(&mut running, B, &[]);
+    let before = vm.reports().len();
+    // A new stream is not connected until the sidecar answers on it.
+    let mut state = vm.state.borrow_mut();
+    state.reporter.attach(&vm.host, 10);
+    assert_eq!(state.reporter.connected(&vm.host, ["m"]), 1);
+    assert_eq!(state.reporter.connected(&vm.host, ["m"]), 0);
+    drop(state);
+    let reports = vm.reports();
+    let [gateway_report::Kind::Hello(_), gateway_report::Kind::Resync(resync)] = &reports[before..]
+    else {
+        panic!("{reports:?}");
     };
-    assert_eq!(done(vm.reports()), 0);
-    // A new stream is not connected until the sidecar answers on it: a
-    // completion meanwhile is kept too, not sent into a stream that may
-    // never connect.
+    let [open] = resync.requests.as_slice() else {
+        panic!("{resync:?}");
+    };
+    let decision = open.decision.as_ref().unwrap();
+    assert_eq!((decision.prompt_blocks, open.first_token), (5, true));
+    assert_eq!((resync.model.as_str(), resync.continues), ("m", false));
+    running.on_log();
     let mut state = vm.state.borrow_mut();
-    state.reporter.attach(10);
+    state.reporter.detach();
+    state.reporter.attach(&vm.host, 11);
+    state.reporter.connected(&vm.host, ["m"]);
     drop(state);
-    let (mut stream, _) = vm.send(COMPLETIONS, &completion(64, ""));
-    vm.respond(&mut stream, B, &[]);
-    stream.on_log();
-    assert_eq!(done(vm.reports()), 0);
-    let mut state = vm.state.borrow_mut();
-    assert_eq!(state.reporter.connected(&vm.host), 2);
-    assert_eq!(state.reporter.connected(&vm.host), 0);
-    drop(state);
-    assert_eq!(done(vm.reports()), 2);
+    let Some(gateway_report::Kind::Resync(resync)) = vm.reports().pop() else {
+        panic!("no resync");
+    };
+    assert!(resync.requests.is_empty(), "{resync:?}");
 }
 
 #[test]

@@ -4,10 +4,10 @@
 //! queued prefill, completion frees the rest. Bounded in count and age, since
 //! a gateway may die before reporting completions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use router_core::gateway::{RequestPhase, RoutingDecision};
+use router_core::gateway::{OpenRequest, RequestPhase, RoutingDecision};
 use router_core::routing::inflight::{self, RequestLoad, Ticket};
 use router_core::routing::select::WorkerLoad;
 
@@ -21,6 +21,19 @@ struct Entry {
 pub struct Full {
     /// Workers whose load still changed: the request id's earlier decision
     /// was replaced before the ledger turned out full.
+    pub touched: Vec<String>,
+}
+
+/// What a gateway's resync changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resynced {
+    /// Counted requests the gateway no longer has open.
+    pub dropped: usize,
+    /// Open requests that were not counted.
+    pub added: usize,
+    /// Open requests not counted because `max_inflight_requests` was reached.
+    pub full: usize,
+    /// Workers whose load may have changed.
     pub touched: Vec<String>,
 }
 
@@ -53,13 +66,7 @@ impl InFlight {
         if self.requests.len() >= limit {
             return Err(Full { touched });
         }
-        let prefill = decision.prefill_worker();
-        let ticket = self.ledger.admit(RequestLoad {
-            decode: &decision.worker_id,
-            prefill,
-            prefill_tokens: decision.prefill_tokens,
-            blocks: u64::from(decision.prompt_blocks),
-        });
+        let ticket = self.admit(decision);
         touched.extend(ticket.workers().map(str::to_owned));
         self.requests.insert(key, Entry { ticket, since: now });
         Ok(touched)
@@ -84,6 +91,67 @@ impl InFlight {
             RequestPhase::Done => self.finish(&key),
             RequestPhase::Unspecified => Vec::new(),
         }
+    }
+
+    /// Makes what is counted for `gateway` match what it says is open:
+    /// requests not among `open` ended (unless `continues`, which adds to
+    /// the previous resync), and those missing were routed unheard. Returns
+    /// how many were dropped and added, and the workers whose load changed.
+    pub fn resync(
+        &mut self,
+        gateway: &str,
+        open: &[OpenRequest],
+        continues: bool,
+        limit: usize,
+        now: Instant,
+    ) -> Resynced {
+        let mut resynced = Resynced::default();
+        if !continues {
+            let ids: HashSet<&str> = open
+                .iter()
+                .filter_map(|request| Some(request.decision.as_ref()?.request_id.as_str()))
+                .collect();
+            let (dropped, touched) =
+                self.drop_where(|((from, id), _)| from == gateway && !ids.contains(id.as_str()));
+            resynced.dropped = dropped;
+            resynced.touched = touched;
+        }
+        for request in open {
+            let Some(decision) = &request.decision else {
+                continue;
+            };
+            let key = (gateway.to_owned(), decision.request_id.clone());
+            if !self.requests.contains_key(&key) {
+                if self.requests.len() >= limit {
+                    resynced.full += 1;
+                    continue;
+                }
+                let ticket = self.admit(decision);
+                self.requests
+                    .insert(key.clone(), Entry { ticket, since: now });
+                resynced.added += 1;
+            }
+            if let Some(entry) = self.requests.get_mut(&key) {
+                if request.first_token {
+                    self.ledger.prefill_done(&mut entry.ticket);
+                }
+                resynced
+                    .touched
+                    .extend(entry.ticket.workers().map(str::to_owned));
+            }
+        }
+        resynced.touched.sort_unstable();
+        resynced.touched.dedup();
+        resynced
+    }
+
+    fn admit(&mut self, decision: &RoutingDecision) -> Ticket {
+        self.ledger.admit(RequestLoad {
+            decode: &decision.worker_id,
+            prefill: decision.prefill_worker(),
+            prefill_tokens: decision.prefill_tokens,
+            blocks: u64::from(decision.prompt_blocks),
+        })
     }
 
     /// Drops decisions older than `ttl`.
@@ -204,5 +272,74 @@ mod tests {
         assert_eq!(f.load_of("a"), WorkerLoad::default());
         assert_eq!(f.load_of("c"), WorkerLoad::default());
         assert_eq!(f.count(), 1);
+    }
+
+    fn open(id: &str, worker: &str, blocks: u32, tokens: u64, first_token: bool) -> OpenRequest {
+        OpenRequest {
+            decision: Some(decision(id, worker, blocks, tokens)),
+            first_token,
+        }
+    }
+
+    #[test]
+    fn a_resync_counts_exactly_what_the_gateway_has_open() {
+        let mut f = InFlight::default();
+        let now = Instant::now();
+        // Counted: r1 still open, r2 ended unheard; another gateway's r1.
+        f.decide("g", &decision("r1", "a", 10, 160), 10, now)
+            .unwrap();
+        f.decide("g", &decision("r2", "a", 5, 80), 10, now).unwrap();
+        f.decide("h", &decision("r1", "b", 7, 0), 10, now).unwrap();
+        // Open: r1 past its first token, r3 routed unheard.
+        let resynced = f.resync(
+            "g",
+            &[
+                open("r1", "a", 10, 160, true),
+                open("r3", "c", 2, 32, false),
+            ],
+            false,
+            10,
+            now,
+        );
+        assert_eq!(
+            resynced,
+            Resynced {
+                dropped: 1,
+                added: 1,
+                full: 0,
+                touched: vec!["a".into(), "c".into()],
+            }
+        );
+        assert_eq!(
+            f.load_of("a"),
+            WorkerLoad {
+                active_blocks: 10,
+                queued_prefill_tokens: 0
+            }
+        );
+        assert_eq!(
+            f.load_of("c"),
+            WorkerLoad {
+                active_blocks: 2,
+                queued_prefill_tokens: 32
+            }
+        );
+        assert_eq!(f.load_of("b").active_blocks, 7, "another gateway's");
+        // A continuation adds; an empty resync ends everything of `g`.
+        let more = f.resync("g", &[open("r4", "a", 1, 0, false)], true, 10, now);
+        assert_eq!((more.dropped, more.added), (0, 1));
+        assert_eq!(f.load_of("a").active_blocks, 11);
+        let none = f.resync("g", &[], false, 10, now);
+        assert_eq!((none.dropped, none.added), (3, 0));
+        assert_eq!(f.count(), 1);
+        // Past the limit, open requests are left uncounted.
+        let full = f.resync(
+            "g",
+            &[open("r5", "a", 1, 0, false), open("r6", "a", 1, 0, false)],
+            false,
+            2,
+            now,
+        );
+        assert_eq!((full.added, full.full), (1, 1));
     }
 }

@@ -220,6 +220,7 @@ pub async fn share_reports(
             Some(Kind::Decision(d)) => d.model.clone(),
             Some(Kind::Progress(p)) => p.model.clone(),
             Some(Kind::Gone(g)) => g.model.clone(),
+            Some(Kind::Resync(r)) => r.model.clone(),
             Some(Kind::Hello(_)) | None => continue,
         };
         let shared = SharedReport {

@@ -385,6 +385,12 @@ impl StateTask {
                     model.registry.gateway_gone(gateway_id);
                 }
             }
+            Some(gateway_report::Kind::Resync(resync)) => {
+                reports.get_or_create(&KindLabel { kind: "resync" }).inc();
+                if let Some(mut model) = self.model(&resync.model, "report") {
+                    model.registry.resync(gateway_id, &resync, now);
+                }
+            }
             Some(gateway_report::Kind::Hello(_)) | None => {}
         }
     }

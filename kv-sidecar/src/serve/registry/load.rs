@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use router_core::gateway::{RequestPhase, RequestProgress, RoutingDecision};
+use router_core::gateway::{GatewayResync, RequestPhase, RequestProgress, RoutingDecision};
 use router_core::protocol::WorkerLoad;
 use router_core::routing::computing::MAX_SHARED_STRIDES;
 use router_core::state_stream::{change, Change, LoadReport, PromptComputing};
 
 use super::FleetRegistry;
-use crate::serve::inflight::Full;
+use crate::serve::inflight::{Full, Resynced};
 use crate::serve::metrics::ReasonLabel;
 
 impl FleetRegistry {
@@ -67,6 +67,30 @@ impl FleetRegistry {
         let phase = RequestPhase::try_from(progress.phase).unwrap_or(RequestPhase::Unspecified);
         let touched = self.inflight.progress(gateway, &progress.request_id, phase);
         self.publish_loads(touched);
+    }
+
+    /// A gateway told which of its requests are open (a sidecar first
+    /// answered on its new stream): what is counted for it now matches.
+    pub fn resync(&mut self, gateway: &str, resync: &GatewayResync, now: Instant) {
+        let limit = self.limits.max_inflight_requests;
+        let Resynced {
+            dropped,
+            added,
+            full,
+            touched,
+        } = self
+            .inflight
+            .resync(gateway, &resync.requests, resync.continues, limit, now);
+        if dropped + added > 0 {
+            tracing::info!(model = %self.config.name, %gateway, ended = dropped, added, "gateway resynced its open requests");
+        }
+        if full > 0 {
+            self.metrics
+                .inflight_dropped
+                .get_or_create(&ReasonLabel { reason: "full" })
+                .inc_by(full as u64);
+        }
+        self.dropped_decisions((dropped, touched), "resync");
     }
 
     /// Decisions older than `inflight_ttl_ms` stop counting: their gateway
@@ -294,6 +318,37 @@ mod tests {
         assert_eq!(dropped(&h, "gateway_gone"), 2);
         h.registry.gateway_gone("never-seen");
         assert!(h.commit(2).is_empty());
+    }
+
+    #[test]
+    fn a_resync_replaces_what_a_gateway_had_counted() {
+        let mut h = fleet(StateConfig {
+            max_inflight_requests: 10,
+            ..limits()
+        });
+        h.registry
+            .decision("g", &decision("ended", "w1", 10, 160), h.at(0));
+        h.commit(0);
+        let open = |id, worker| router_core::gateway::OpenRequest {
+            decision: Some(decision(id, worker, 3, 48)),
+            first_token: false,
+        };
+        let resync = GatewayResync {
+            model: MODEL.to_owned(),
+            requests: vec![open("unheard", "w2")],
+            continues: false,
+        };
+        h.registry.resync("g", &resync, h.at(1));
+        assert_eq!(
+            kinds(&h.commit(1)),
+            [
+                "load w1 running=0 active=0 queued=0",
+                "load w2 running=0 active=3 queued=48"
+            ]
+        );
+        assert_eq!(dropped(&h, "resync"), 1);
+        h.registry.resync("g", &resync, h.at(2));
+        assert!(h.commit(2).is_empty(), "a repeated resync changes nothing");
     }
 
     #[test]
