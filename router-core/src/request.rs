@@ -25,6 +25,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::openai_error::{bounded_message, error_body, ErrorKind};
 
+pub mod lax;
+
 /// Which OpenAI endpoint a request targets; decides the body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -251,9 +253,11 @@ struct RawRequest<'a> {
     tools: Option<&'a RawValue>,
     #[serde(borrow, default)]
     chat_template_kwargs: Option<&'a RawValue>,
-    #[serde(default)]
-    stream: Option<bool>,
+    #[serde(default, deserialize_with = "lax::flag")]
+    stream: bool,
+    #[serde(default, deserialize_with = "lax::count")]
     max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "lax::count")]
     max_completion_tokens: Option<u32>,
     user: Option<String>,
     cache_salt: Option<String>,
@@ -383,7 +387,7 @@ pub fn parse_request(
         prompt,
         has_handshake_fields,
         raw_digests,
-        stream: raw.stream.unwrap_or(false),
+        stream: raw.stream,
         max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
         user: raw.user,
         cache_salt: raw.cache_salt,
@@ -794,6 +798,24 @@ mod tests {
         assert_eq!(r.prompt.token_ids(), Some(&[1u32, 2, 3][..]));
         assert!(r.stream);
         assert_eq!(r.max_tokens, Some(5));
+    }
+
+    /// Engines validate with pydantic's lax mode (`lax`), and so does this.
+    #[test]
+    fn loosely_typed_scalars_read_as_the_engines_read_them() {
+        let r = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":[1],"stream":"true","max_tokens":"5","max_completion_tokens":6.0}"#,
+        )
+        .unwrap();
+        assert_eq!((r.stream, r.max_tokens), (true, Some(6)));
+        let err = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":[1],"stream":"maybe"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_response().0, 400);
+        assert!(err.to_string().contains("maybe"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn real_vllm_fleet_routes_on_its_cache_and_the_sidecar_follows_it() -> anyhow::R
     eprintln!("stack up in {:?}", started.elapsed());
 
     let holder = repeated_prefix_goes_to_its_holder(&stack)?;
+    loosely_typed_fields_pass_as_vllm_takes_them(&stack)?;
     orca_headers_reach_the_filter(&stack)?;
     load_follows_the_engine(&stack, holder)?;
     reset_prefix_cache_empties_the_view(&stack, 1 - holder)?;
@@ -195,6 +196,31 @@ fn repeated_prefix_goes_to_its_holder(stack: &Stack) -> anyhow::Result<usize> {
         first_holder.get_or_insert(holder);
     }
     first_holder.context("no rounds")
+}
+
+/// vLLM validates with pydantic's lax mode, so `"stream": "true"` and
+/// `"max_tokens": "3"` work against it directly; through the gateway too.
+fn loosely_typed_fields_pass_as_vllm_takes_them(stack: &Stack) -> anyhow::Result<()> {
+    let body = json!({"model": MODEL, "prompt": text("loose", 40),
+        "stream": "true", "max_tokens": "3", "max_completion_tokens": 3.0});
+    let send = |url: String| -> anyhow::Result<JsonResponse> {
+        let response = post_json(&http_client(), &url, &body)?;
+        anyhow::ensure!(
+            response.status == 200 && response.text.starts_with("data: "),
+            "{url} answered {}: {}",
+            response.status,
+            response.text
+        );
+        Ok(response)
+    };
+    send(format!("{}/v1/completions", stack.worker_urls()[0]))?;
+    let routed = send(format!("{}/v1/completions", stack.envoy.gateway_url()))?;
+    anyhow::ensure!(
+        routed.header("x-kvmesh-mode") == Some("precise"),
+        "routed {:?}",
+        routed.header("x-kvmesh-mode")
+    );
+    Ok(())
 }
 
 /// The filter asks every request for vLLM's ORCA `endpoint-load-metrics`

@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream;
+use router_core::request::lax;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -24,9 +25,10 @@ use crate::scheduler::{NewSequence, SequenceSummary, SequenceUpdate};
 /// Simulated time to first token of a non-streaming response, in seconds.
 pub const TTFT_HEADER: &str = "x-sim-ttft-seconds";
 
+// Scalars are read as the engines' pydantic models read them (lax).
 #[derive(Debug, Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lax::flag")]
     include_usage: bool,
 }
 
@@ -34,8 +36,9 @@ struct StreamOptions {
 struct CompletionRequest {
     model: String,
     prompt: Value,
-    max_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lax::count")]
+    max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "lax::flag")]
     stream: bool,
     stream_options: Option<StreamOptions>,
     seed: Option<u64>,
@@ -47,9 +50,11 @@ struct CompletionRequest {
 struct ChatRequest {
     model: String,
     messages: Vec<Value>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lax::count")]
+    max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "lax::count")]
+    max_completion_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "lax::flag")]
     stream: bool,
     stream_options: Option<StreamOptions>,
     seed: Option<u64>,
@@ -102,7 +107,7 @@ pub async fn completions(
         Endpoint::Completions,
         &request_id,
         prompt,
-        handoff.max_tokens(request.max_tokens),
+        handoff.max_tokens(request.max_tokens.map(u64::from)),
         request.seed,
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
@@ -155,7 +160,12 @@ pub async fn chat_completions(
         Endpoint::Chat,
         &request_id,
         prompt,
-        handoff.max_tokens(request.max_completion_tokens.or(request.max_tokens)),
+        handoff.max_tokens(
+            request
+                .max_completion_tokens
+                .or(request.max_tokens)
+                .map(u64::from),
+        ),
         request.seed,
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
