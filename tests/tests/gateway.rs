@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use kvmesh_stack::harness::client::{
     http_client, post, post_json, prometheus_sum, send, JsonResponse,
@@ -532,13 +533,13 @@ fn unreachable_sidecar_fails_open() {
     assert_eq!(counter(envoy, "kvmesh_requests_approximate"), 5);
     assert_eq!(counter(envoy, "kvmesh_requests_stale_state"), 5);
     // The filter keeps trying to reach the sidecar with backoff.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while counter(envoy, "kvmesh_state_stream_closed") < 2 {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "no reconnect attempts seen"
         );
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(counter(envoy, "kvmesh_state_stream_opened") >= 2);
 }
@@ -586,9 +587,20 @@ fn each_model_is_routed_to_its_own_pool() {
 
 #[test]
 fn errors_envoy_makes_itself_are_openai_shaped() {
-    let mut fleet = Fleet::start(1, None);
+    let request_timeout = Duration::from_secs(2);
+    let mut fleet = Fleet::start_with(1, |config| {
+        config.limits.request_timeout_s = request_timeout.as_secs();
+    });
     let authority = authority(&fleet);
     let client = http_client();
+
+    // A body that never ends is cut at request_timeout (408).
+    let started = Instant::now();
+    let request = b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{\"model\"";
+    let response = http1_exchange(&authority, request).unwrap();
+    assert_eq!(response.status, 408);
+    assert_gateway_error(&String::from_utf8_lossy(&response.body));
+    assert!(started.elapsed() >= request_timeout, "{:?}", started.elapsed());
 
     // Headers too large for Envoy's codec (431).
     let huge = "x".repeat(100 * 1024);

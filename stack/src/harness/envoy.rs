@@ -149,6 +149,9 @@ pub struct GatewayLimits {
     pub sidecar_max_requests: u64,
     /// A client must have sent its request headers within this.
     pub request_headers_timeout_s: u64,
+    /// A client must have sent its whole request within this, counting the
+    /// filter's wait for a prefill leg; the answer itself may take longer.
+    pub request_timeout_s: u64,
     /// A downstream or upstream connection with no stream closes after this.
     pub idle_timeout_s: u64,
 }
@@ -160,6 +163,7 @@ impl Default for GatewayLimits {
             pool_max_requests: 16_384,
             sidecar_max_requests: 16_384,
             request_headers_timeout_s: 10,
+            request_timeout_s: 300,
             idle_timeout_s: 300,
         }
     }
