@@ -535,10 +535,7 @@ fn unreachable_sidecar_fails_open() {
     // The filter keeps trying to reach the sidecar with backoff.
     let deadline = Instant::now() + Duration::from_secs(10);
     while counter(envoy, "kvmesh_state_stream_closed") < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no reconnect attempts seen"
-        );
+        assert!(Instant::now() < deadline, "no reconnect attempts seen");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(counter(envoy, "kvmesh_state_stream_opened") >= 2);
@@ -596,11 +593,16 @@ fn errors_envoy_makes_itself_are_openai_shaped() {
 
     // A body that never ends is cut at request_timeout (408).
     let started = Instant::now();
-    let request = b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{\"model\"";
+    let request =
+        b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{\"model\"";
     let response = http1_exchange(&authority, request).unwrap();
     assert_eq!(response.status, 408);
     assert_gateway_error(&String::from_utf8_lossy(&response.body));
-    assert!(started.elapsed() >= request_timeout, "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= request_timeout,
+        "{:?}",
+        started.elapsed()
+    );
 
     // Headers too large for Envoy's codec (431).
     let huge = "x".repeat(100 * 1024);
@@ -613,6 +615,33 @@ fn errors_envoy_makes_itself_are_openai_shaped() {
     .unwrap();
     assert_eq!(response.status, 431, "{}", response.text);
     assert_gateway_error(&response.text);
+
+    // Requests Envoy refuses before any route, whose own text is empty:
+    // each still says what is wrong.
+    for (request, status, details) in [
+        (
+            "GET /v1/models HTTP/1.1\r\nhost: gw\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            403,
+            "upgrade_failed",
+        ),
+        (
+            "GET /v1/models%00 HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+            400,
+            "path_normalization_failed",
+        ),
+        ("CONNECT gw:443 HTTP/1.1\r\nhost: gw:443\r\n\r\n", 404, "route_not_found"),
+        (
+            "GET /v1/models HTTP/1.1\r\nconnection: close\r\n\r\n",
+            400,
+            "missing_host_header",
+        ),
+    ] {
+        let response = http1_exchange(&authority, request.as_bytes()).unwrap();
+        let body = String::from_utf8_lossy(&response.body);
+        assert_eq!(response.status, status, "{request}: {body}");
+        assert_gateway_error(&body);
+        assert_eq!(response.json().unwrap()["error"]["code"], details);
+    }
 
     // HTTP/1.0 is refused (426).
     let request = b"POST /v1/completions HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}";
