@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use kv_sidecar::tokenize::ModelTokenizer;
+use kv_sidecar::tokenize::{CacheLimits, ModelTokenizer};
 use kvmesh_stack::harness::sidecar::{check_config, Sidecar, SidecarModel};
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::{free_port, paths, NatsServer, SimEngine};
@@ -19,6 +19,13 @@ use serde_json::{json, Value};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B";
 const BLOCK: u32 = 16;
+
+fn entries(entries: usize) -> CacheLimits {
+    CacheLimits {
+        entries,
+        ..CacheLimits::default()
+    }
+}
 
 fn corpus() -> Vec<Value> {
     let long_system = "You are a careful assistant. ".repeat(40);
@@ -96,8 +103,8 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
             .args(["--block-size", "16", "--speedup", "200"]),
     )
     .expect("sim-engine starts");
-    let reference =
-        ModelTokenizer::load(MODEL, &tokenizer_json, None, BLOCK, 16).expect("tokenizer loads");
+    let reference = ModelTokenizer::load(MODEL, &tokenizer_json, None, BLOCK, entries(16))
+        .expect("tokenizer loads");
     let client = reqwest::blocking::Client::new();
 
     for messages in corpus() {
@@ -229,8 +236,9 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
 #[test]
 fn per_segment_ids_concatenate_to_whole_string_ids() {
     let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
-    let tokenizer = ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), None, BLOCK, 64)
-        .expect("tokenizer loads");
+    let tokenizer =
+        ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), None, BLOCK, entries(64))
+            .expect("tokenizer loads");
     let pieces = [
         "<|im_start|>",
         "<|im_end|>",
@@ -295,7 +303,7 @@ fn a_chat_template_override_of_any_name_is_the_one_rendered() {
         &dir.join("tokenizer.json"),
         Some(&template),
         BLOCK,
-        64,
+        entries(64),
     )
     .expect("tokenizer loads");
     let messages = [json!({"role": "user", "content": "hello"})];
@@ -318,9 +326,14 @@ fn a_chat_template_override_of_any_name_is_the_one_rendered() {
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
     )
     .unwrap();
-    let tokenizer =
-        ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), Some(&jinja), BLOCK, 64)
-            .expect("tokenizer loads");
+    let tokenizer = ModelTokenizer::load(
+        MODEL,
+        &dir.join("tokenizer.json"),
+        Some(&jinja),
+        BLOCK,
+        entries(64),
+    )
+    .expect("tokenizer loads");
     assert_eq!(
         tokenizer.render(&messages, None, None).unwrap(),
         "<user>hello"
@@ -330,10 +343,15 @@ fn a_chat_template_override_of_any_name_is_the_one_rendered() {
     // the tokenizer's template or the fallback.
     std::fs::write(&template, "{}").unwrap();
     for path in [template.clone(), overrides.path().join("missing.json")] {
-        let error =
-            ModelTokenizer::load(MODEL, &dir.join("tokenizer.json"), Some(&path), BLOCK, 64)
-                .err()
-                .expect("an unusable override is refused");
+        let error = ModelTokenizer::load(
+            MODEL,
+            &dir.join("tokenizer.json"),
+            Some(&path),
+            BLOCK,
+            entries(64),
+        )
+        .err()
+        .expect("an unusable override is refused");
         assert!(
             error.to_string().contains(&path.display().to_string()),
             "{error}"
@@ -438,4 +456,115 @@ fn check_config_reports_one_clear_error_per_problem() {
         assert!(out.contains(expected), "expected {expected:?}, got {out:?}");
         assert_eq!(out.trim().lines().count(), 1, "one error: {out}");
     }
+}
+
+/// `VmHWM` (peak resident memory) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Tokenizing takes ~300 bytes of memory per byte of prompt (the
+/// tokenizer's pre-tokens and encoding: +1 GB for one 3.5 MiB chat), so the
+/// sidecar tokenizes at most `tokenize.max_inflight_bytes` (4 MiB) of bodies
+/// at once: of a burst of such chats, those past it get a 503 at once (the
+/// filter then routes approximately), and the sidecar's memory stays within
+/// what one of them takes.
+#[test]
+fn a_burst_of_huge_prompts_is_tokenized_within_the_memory_budget() {
+    let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
+    let nats = NatsServer::start().expect("nats-server starts");
+    let mut sidecar = Sidecar::start(
+        &nats.url(),
+        &[SidecarModel {
+            name: MODEL.into(),
+            block_size: BLOCK,
+            tokenizer: Some(dir.join("tokenizer.json")),
+        }],
+        "",
+    )
+    .expect("sidecar starts");
+    let pid = sidecar.process().pid();
+    let client = reqwest::blocking::Client::new();
+    let url = format!("{}/v1/tokenize", sidecar.http_url());
+    let chat = |words: usize, seed: usize| {
+        let text: Vec<String> = (0..words)
+            .map(|i| format!("w{:x}", (i * 7_919 + seed) % 50_000))
+            .collect();
+        serde_json::to_vec(&json!({"model": MODEL,
+            "messages": [{"role": "user", "content": text.join(" ")}]}))
+        .unwrap()
+    };
+    // One alone first: what a single huge prompt costs.
+    let warm = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(chat(10_000, 0))
+        .send()
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+    let before = peak_rss(pid);
+    let one = chat(620_000, 1);
+    assert!(one.len() > 3 << 20 && one.len() < 4 << 20, "{}", one.len());
+    let alone = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(one.clone())
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    assert_eq!(alone.status(), 200);
+    let single = peak_rss(pid).saturating_sub(before);
+
+    let burst = 8;
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let sends: Vec<_> = (0..burst)
+            .map(|seed| {
+                let (client, url) = (&client, &url);
+                let body = chat(620_000, seed + 2);
+                scope.spawn(move || {
+                    client
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .timeout(Duration::from_secs(300))
+                        .send()
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        sends.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let peak = peak_rss(pid).saturating_sub(before);
+    println!(
+        "one {} MiB prompt: +{} MiB; a burst of {burst}: {statuses:?}, +{} MiB",
+        one.len() >> 20,
+        single >> 20,
+        peak >> 20
+    );
+    assert!(
+        statuses.iter().all(|s| [200, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    // One at a time fits the default budget (4 MiB); the previous 16 MiB
+    // let four run at once: +3,570 MiB.
+    assert!(
+        peak <= single + single / 2,
+        "+{} MiB for the burst against +{} MiB for one",
+        peak >> 20,
+        single >> 20
+    );
 }

@@ -150,6 +150,8 @@ impl Default for StateConfig {
 pub struct TokenizeConfig {
     /// Cached text segments (between special tokens) per model.
     pub cache_entries: usize,
+    /// Bytes those segments (text and ids) may hold per model.
+    pub cache_bytes: usize,
     /// Largest request body accepted by `/v1/tokenize` and `/debug/route`.
     pub max_body_bytes: usize,
     /// Request bytes tokenized at once; past it `/v1/tokenize` answers 503
@@ -161,8 +163,9 @@ impl Default for TokenizeConfig {
     fn default() -> Self {
         Self {
             cache_entries: 4096,
-            max_body_bytes: 8 << 20,
-            max_inflight_bytes: 16 << 20,
+            cache_bytes: 64 << 20,
+            max_body_bytes: 4 << 20,
+            max_inflight_bytes: 4 << 20,
         }
     }
 }
@@ -323,6 +326,9 @@ impl Config {
         }
         if self.tokenize.cache_entries == 0 {
             fail("tokenize.cache_entries", "must be greater than 0");
+        }
+        if self.tokenize.cache_bytes == 0 {
+            fail("tokenize.cache_bytes", "must be greater than 0");
         }
         if self.tokenize.max_body_bytes == 0 {
             fail("tokenize.max_body_bytes", "must be greater than 0");

@@ -40,7 +40,7 @@ use crate::serve::metrics::ServeMetrics;
 use crate::serve::state::{ServeState, StateTask};
 use crate::serve::stream::{StateStreamServer, StateStreamService};
 use crate::serve::tokenize_budget::TokenizeBudget;
-use crate::tokenize::ModelTokenizer;
+use crate::tokenize::{CacheLimits, ModelTokenizer};
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigArgs {
@@ -154,10 +154,14 @@ async fn load_tokenizers(config: &Config) -> anyhow::Result<HashMap<String, Arc<
             continue;
         };
         let (name, template) = (model.name.clone(), model.local.chat_template.clone());
-        let (block_size, entries) = (model.block_size, config.tokenize.cache_entries);
+        let block_size = model.block_size;
+        let cache = CacheLimits {
+            entries: config.tokenize.cache_entries,
+            bytes: config.tokenize.cache_bytes,
+        };
         // Loading takes ~0.4 s of CPU per tokenizer.
         let tokenizer = tokio::task::spawn_blocking(move || {
-            ModelTokenizer::load(&name, &path, template.as_deref(), block_size, entries)
+            ModelTokenizer::load(&name, &path, template.as_deref(), block_size, cache)
         })
         .await?
         .with_context(|| format!("models[{i}].tokenizer"))?;

@@ -6,17 +6,19 @@
 //! so the concatenated per-segment ids equal encoding the whole string — and
 //! each text segment (a system prompt, an earlier turn) can be cached.
 
-use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use lru::LruCache;
 use router_core::{BlockHasher, BlockSize, HashSeed};
 use serde_json::Value;
 use thiserror::Error;
 
 use chat_template::{flatten_message, ChatTemplate};
+
+mod segment_cache;
+pub use segment_cache::CacheLimits;
+use segment_cache::SegmentCache;
 
 #[derive(Debug, Error)]
 pub enum TokenizeError {
@@ -64,7 +66,7 @@ pub struct ModelTokenizer {
     added_ids: Vec<u32>,
     /// Ids a raw completion prompt gets around it (e.g. BOS), from encoding "".
     prompt_prefix: Vec<u32>,
-    cache: Mutex<LruCache<String, Arc<[u32]>>>,
+    cache: Mutex<SegmentCache>,
     hasher: BlockHasher,
 }
 
@@ -77,7 +79,7 @@ impl ModelTokenizer {
         tokenizer_json: &Path,
         template_config: Option<&Path>,
         block_size: u32,
-        cache_entries: usize,
+        cache: CacheLimits,
     ) -> Result<Self, TokenizeError> {
         let load_error = |message: String| TokenizeError::Load {
             path: tokenizer_json.display().to_string(),
@@ -119,14 +121,13 @@ impl ModelTokenizer {
             .to_vec();
         let block_size =
             BlockSize::new(block_size).map_err(|e| TokenizeError::BlockSize(e.to_string()))?;
-        let capacity = NonZeroUsize::new(cache_entries).unwrap_or(NonZeroUsize::MIN);
         Ok(Self {
             tokenizer,
             template,
             added: matcher,
             added_ids,
             prompt_prefix,
-            cache: Mutex::new(LruCache::new(capacity)),
+            cache: Mutex::new(SegmentCache::new(cache)),
             hasher: BlockHasher::new(block_size, HashSeed::for_model(model, None)),
         })
     }
@@ -271,19 +272,19 @@ impl ModelTokenizer {
     }
 
     fn push_text(&self, segment: &str, tokenized: &mut Tokenized) -> Result<(), TokenizeError> {
-        if let Some(ids) = self.cache_lock().get(segment).cloned() {
+        if let Some(ids) = self.cache_lock().get(segment) {
             tokenized.cache_hits += 1;
             tokenized.segments.push(ids);
             return Ok(());
         }
         tokenized.cache_misses += 1;
         let ids: Arc<[u32]> = Arc::from(self.encode_whole(segment)?);
-        self.cache_lock().put(segment.to_owned(), ids.clone());
+        self.cache_lock().put(segment, ids.clone());
         tokenized.segments.push(ids);
         Ok(())
     }
 
-    fn cache_lock(&self) -> std::sync::MutexGuard<'_, LruCache<String, Arc<[u32]>>> {
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, SegmentCache> {
         // The cache holds no invariant a panic could break: keep using it.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }

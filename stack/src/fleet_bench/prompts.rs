@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use kv_sidecar::tokenize::ModelTokenizer;
+use kv_sidecar::tokenize::{CacheLimits, ModelTokenizer};
 
 use crate::fleet_bench::bound::{BlockedPrompt, Held};
 use crate::fleet_bench::run::PolicyRun;
@@ -22,8 +22,14 @@ impl PromptBlocker {
         tokenizer_json: &std::path::Path,
         block_size: u32,
     ) -> anyhow::Result<Self> {
-        let tokenizer = ModelTokenizer::load(model, tokenizer_json, None, block_size, 4_096)
-            .with_context(|| format!("loading {}", tokenizer_json.display()))?;
+        let tokenizer = ModelTokenizer::load(
+            model,
+            tokenizer_json,
+            None,
+            block_size,
+            CacheLimits::default(),
+        )
+        .with_context(|| format!("loading {}", tokenizer_json.display()))?;
         Ok(Self { tokenizer })
     }
 
