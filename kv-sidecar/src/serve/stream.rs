@@ -34,7 +34,7 @@ const OUTBOUND: usize = 8;
 /// Blocks per snapshot message: a filter applies each message in one Envoy
 /// callback, which at a million indexed blocks must stay under 2 ms
 /// (docs/benchmarks.md#cost-curves).
-const SNAPSHOT_CHUNK_BLOCKS: usize = 4096;
+const SNAPSHOT_CHUNK_BLOCKS: usize = 2048;
 
 /// Decisions and progress from gateways, on their way to the state task and NATS.
 #[derive(Debug, Clone)]
