@@ -1,9 +1,10 @@
 //! This VM's reports to its sidecar on the state stream: each routing
 //! decision and its progress, so every sidecar (and through them every
-//! gateway) counts this VM's requests as load; and, whenever a sidecar first
-//! answers on a new stream, the whole set of requests still open
-//! (`GatewayResync`), so what a broken stream lost, or a restarted sidecar
-//! never heard, is made right instead of counting wrong for minutes.
+//! gateway) counts this VM's requests as load; and, when a sidecar first
+//! answers on a new stream and every minute after, the whole set of requests
+//! still open (`GatewayResync`), so what a broken stream or a lost shared
+//! report left wrong, or a restarted sidecar never heard, is made right
+//! instead of counting wrong for minutes.
 
 use std::collections::HashMap;
 
@@ -15,17 +16,23 @@ use router_core::gateway::{
 
 use crate::host::Host;
 
-/// Most requests one resync message carries. An entry is ~100 bytes, and
-/// sidecars share the message on NATS, whose default payload limit is 1 MiB.
+/// Most requests one resync message carries. An entry takes 100–250 bytes
+/// (ids, model and worker names), and sidecars share the message on NATS,
+/// whose default payload limit is 1 MiB.
 const RESYNC_CHUNK: usize = 1_024;
+
+/// How often a connected stream is told the open requests again: what a
+/// lost or late shared report left wrong on some sidecar lasts at most this.
+pub const RESYNC_INTERVAL_MS: u64 = 60_000;
 
 pub struct Reporter {
     gateway_id: String,
     /// The open state stream, if any.
     stream: Option<u32>,
-    /// The sidecar answered on `stream`: Envoy opens a stream before it has
-    /// a connection, and what is sent on one that never connects is lost.
-    connected: bool,
+    /// When the sidecar was last told the open requests on `stream`: none
+    /// until it first answers there (Envoy opens a stream before it has a
+    /// connection, and what is sent on one that never connects is lost).
+    resynced_at_ms: Option<u64>,
     next_request: u64,
     /// Requests routed and not finished, by request id: what sidecars should
     /// count for this gateway. One per live request, so bounded by Envoy's
@@ -38,7 +45,7 @@ impl Reporter {
         Self {
             gateway_id,
             stream: None,
-            connected: false,
+            resynced_at_ms: None,
             next_request: 0,
             open: HashMap::new(),
         }
@@ -47,7 +54,7 @@ impl Reporter {
     /// A new state stream: it names this gateway first.
     pub fn attach(&mut self, host: &impl Host, stream: u32) {
         self.stream = Some(stream);
-        self.connected = false;
+        self.resynced_at_ms = None;
         let hello = GatewayReport {
             kind: Some(gateway_report::Kind::Hello(GatewayHello {
                 gateway_id: self.gateway_id.clone(),
@@ -58,21 +65,26 @@ impl Reporter {
 
     pub fn detach(&mut self) {
         self.stream = None;
-        self.connected = false;
+        self.resynced_at_ms = None;
     }
 
-    /// The sidecar answered on the stream. The first time, it is told every
-    /// request still open, for each of `models` (an empty list too: it
-    /// means none). Returns how many messages went out.
+    /// The sidecar answered on the stream. The first time, and once
+    /// `RESYNC_INTERVAL_MS` has passed since the last time, it is told every
+    /// request still open, for each of `models` (an empty list too: it means
+    /// none). Returns how many messages went out.
     pub fn connected<'m>(
         &mut self,
         host: &impl Host,
         models: impl IntoIterator<Item = &'m str>,
+        now_ms: u64,
     ) -> usize {
-        if self.connected {
+        let due = self
+            .resynced_at_ms
+            .is_none_or(|last| now_ms.saturating_sub(last) >= RESYNC_INTERVAL_MS);
+        if !due {
             return 0;
         }
-        self.connected = true;
+        self.resynced_at_ms = Some(now_ms);
         let mut sent = 0;
         for model in models {
             for resync in self.resyncs(model) {
@@ -88,10 +100,10 @@ impl Reporter {
         sent
     }
 
-    /// The open requests of `model`, in messages of at most `RESYNC_CHUNK`;
+    /// The open requests of `model`, in parts of at most `RESYNC_CHUNK`;
     /// always at least one.
     fn resyncs(&self, model: &str) -> Vec<GatewayResync> {
-        let open: Vec<OpenRequest> = self
+        let open: Vec<&OpenRequest> = self
             .open
             .values()
             .filter(|request| {
@@ -100,16 +112,19 @@ impl Reporter {
                     .as_ref()
                     .is_some_and(|decision| decision.model == model)
             })
-            .cloned()
             .collect();
-        let mut chunks = open.chunks(RESYNC_CHUNK);
-        let first = chunks.next().unwrap_or_default();
-        std::iter::once((first, false))
-            .chain(chunks.map(|chunk| (chunk, true)))
-            .map(|(requests, continues)| GatewayResync {
+        let parts = open.len().div_ceil(RESYNC_CHUNK).max(1);
+        (0..parts)
+            .map(|part| GatewayResync {
                 model: model.to_owned(),
-                requests: requests.to_vec(),
-                continues,
+                requests: open
+                    .iter()
+                    .skip(part * RESYNC_CHUNK)
+                    .take(RESYNC_CHUNK)
+                    .map(|&request| request.clone())
+                    .collect(),
+                part: part as u32,
+                parts: parts as u32,
             })
             .collect()
     }
@@ -123,11 +138,11 @@ impl Reporter {
     /// A request was routed: it is open until [`progressed`](Self::progressed)
     /// says it is done. Returns whether the report went out now; if not, the
     /// next stream's resync carries it.
-    pub fn decided(&mut self, host: &impl Host, decision: RoutingDecision) -> bool {
-        let open = RoutingDecision {
-            computing: Vec::new(),
-            ..decision.clone()
-        };
+    pub fn decided(&mut self, host: &impl Host, mut decision: RoutingDecision) -> bool {
+        // Kept without the prompt's strides: only the sidecars' load needs it.
+        let computing = std::mem::take(&mut decision.computing);
+        let open = decision.clone();
+        decision.computing = computing;
         self.open.insert(
             decision.request_id.clone(),
             OpenRequest {
@@ -256,13 +271,13 @@ mod tests {
         );
         // Not connected yet: the resync waits for the sidecar's answer.
         assert!(resyncs(&host).is_empty());
-        assert_eq!(reporter.connected(&host, ["m", "other"]), 2);
-        assert_eq!(reporter.connected(&host, ["m", "other"]), 0);
+        assert_eq!(reporter.connected(&host, ["m", "other"], 1_000), 2);
+        assert_eq!(reporter.connected(&host, ["m", "other"], 2_000), 0);
         let resyncs = resyncs(&host);
         let [mine, other] = resyncs.as_slice() else {
             panic!("{resyncs:?}");
         };
-        assert_eq!((mine.model.as_str(), mine.continues), ("m", false));
+        assert_eq!((mine.model.as_str(), mine.part, mine.parts), ("m", 0, 1));
         assert_eq!(
             ids(mine),
             [("r1".to_owned(), false), ("r2".to_owned(), true)]
@@ -278,9 +293,52 @@ mod tests {
         assert!(reporter.progressed(&host, progress("r1", RequestPhase::Done)));
         reporter.detach();
         reporter.attach(&host, 5);
-        reporter.connected(&host, ["m"]);
+        reporter.connected(&host, ["m"], 3_000);
         let last = self::resyncs(&host).pop().unwrap();
         assert_eq!(ids(&last), [("r2".to_owned(), true)]);
+        // The decision itself goes out whole, strides included.
+        assert!(reporter.decided(&host, decision("m", "r4")));
+        assert!(
+            matches!(sent(&host).last(), Some(gateway_report::Kind::Decision(d)) if d.computing == [7])
+        );
+        // And the open requests again once a minute.
+        let count = self::resyncs(&host).len();
+        let later = 3_000 + RESYNC_INTERVAL_MS;
+        assert_eq!(reporter.connected(&host, ["m"], later - 1), 0);
+        assert_eq!(reporter.connected(&host, ["m"], later), 1);
+        let again = self::resyncs(&host);
+        assert_eq!(again.len(), count + 1);
+        assert_eq!(again.last().map(ids).unwrap().len(), 2);
+    }
+
+    /// Sidecars share each part on NATS, whose default payload limit is
+    /// 1 MiB: a full part with long names stays well under it.
+    #[test]
+    fn a_full_part_fits_a_nats_message() {
+        let long = |prefix: &str| format!("{prefix}-{}", "x".repeat(60));
+        let request = OpenRequest {
+            decision: Some(RoutingDecision {
+                model: long("model"),
+                request_id: long("envoy-vm-0123456789abcdef-123456789"),
+                worker_id: long("worker"),
+                prefill_worker_id: long("prefill"),
+                prompt_blocks: u32::MAX,
+                cached_blocks: u32::MAX,
+                prefill_tokens: u64::MAX,
+                computing: Vec::new(),
+            }),
+            first_token: true,
+        };
+        let part = GatewayResync {
+            model: long("model"),
+            requests: vec![request; RESYNC_CHUNK],
+            part: u32::MAX,
+            parts: u32::MAX,
+        };
+        let report = GatewayReport {
+            kind: Some(gateway_report::Kind::Resync(part)),
+        };
+        assert!(report.encoded_len() < 512 << 10, "{}", report.encoded_len());
     }
 
     #[test]
@@ -292,15 +350,15 @@ mod tests {
             reporter.decided(&host, decision("m", &format!("r{i}")));
         }
         reporter.attach(&host, 4);
-        assert_eq!(reporter.connected(&host, ["m"]), 3);
+        assert_eq!(reporter.connected(&host, ["m"], 0), 3);
         let resyncs = resyncs(&host);
-        let shape: Vec<(usize, bool)> = resyncs
+        let shape: Vec<(usize, u32, u32)> = resyncs
             .iter()
-            .map(|r| (r.requests.len(), r.continues))
+            .map(|r| (r.requests.len(), r.part, r.parts))
             .collect();
         assert_eq!(
             shape,
-            [(RESYNC_CHUNK, false), (RESYNC_CHUNK, true), (1, true)]
+            [(RESYNC_CHUNK, 0, 3), (RESYNC_CHUNK, 1, 3), (1, 2, 3)]
         );
         let all: std::collections::HashSet<String> =
             resyncs.iter().flat_map(ids).map(|(id, _)| id).collect();

@@ -160,7 +160,10 @@ impl KvmeshRoot {
         match applied {
             Ok(applied) => {
                 let models = config.models().map(|model| model.name.as_str());
-                let resyncs = state.borrow_mut().reporter.connected(&EnvoyHost, models);
+                let resyncs = state
+                    .borrow_mut()
+                    .reporter
+                    .connected(&EnvoyHost, models, now);
                 metrics.reports_sent.add(&EnvoyHost, resyncs as u64);
                 if let Some(applied) = applied {
                     metrics.state_updates_applied.inc(&EnvoyHost);

@@ -154,7 +154,7 @@ impl Vm {
     fn attach_stream(&self) {
         let mut state = self.state.borrow_mut();
         state.reporter.attach(&self.host, 9);
-        state.reporter.connected(&self.host, ["m"]);
+        state.reporter.connected(&self.host, ["m"], NOW_MS);
     }
 
     fn stream(&self) -> InferenceStream<MockHost> {
@@ -614,8 +614,8 @@ fn a_new_stream_is_told_the_requests_still_open() {
     // A new stream is not connected until the sidecar answers on it.
     let mut state = vm.state.borrow_mut();
     state.reporter.attach(&vm.host, 10);
-    assert_eq!(state.reporter.connected(&vm.host, ["m"]), 1);
-    assert_eq!(state.reporter.connected(&vm.host, ["m"]), 0);
+    assert_eq!(state.reporter.connected(&vm.host, ["m"], NOW_MS), 1);
+    assert_eq!(state.reporter.connected(&vm.host, ["m"], NOW_MS + 1), 0);
     drop(state);
     let reports = vm.reports();
     let [gateway_report::Kind::Hello(_), gateway_report::Kind::Resync(resync)] = &reports[before..]
@@ -627,12 +627,15 @@ fn a_new_stream_is_told_the_requests_still_open() {
     };
     let decision = open.decision.as_ref().unwrap();
     assert_eq!((decision.prompt_blocks, open.first_token), (5, true));
-    assert_eq!((resync.model.as_str(), resync.continues), ("m", false));
+    assert_eq!(
+        (resync.model.as_str(), resync.part, resync.parts),
+        ("m", 0, 1)
+    );
     running.on_log();
     let mut state = vm.state.borrow_mut();
     state.reporter.detach();
     state.reporter.attach(&vm.host, 11);
-    state.reporter.connected(&vm.host, ["m"]);
+    state.reporter.connected(&vm.host, ["m"], NOW_MS);
     drop(state);
     let Some(gateway_report::Kind::Resync(resync)) = vm.reports().pop() else {
         panic!("no resync");

@@ -155,8 +155,19 @@ pub struct TokenizeConfig {
     /// Largest request body accepted by `/v1/tokenize` and `/debug/route`.
     pub max_body_bytes: usize,
     /// Request bytes tokenized at once; past it `/v1/tokenize` answers 503
-    /// (see `tokenize_budget.rs`). At least `max_body_bytes`.
-    pub max_inflight_bytes: usize,
+    /// (see `tokenize_budget.rs`). At least `max_body_bytes`; unset, the
+    /// larger of 4 MiB and `max_body_bytes`.
+    max_inflight_bytes: Option<usize>,
+}
+
+impl TokenizeConfig {
+    /// Default of `max_inflight_bytes` when `max_body_bytes` is no larger.
+    const INFLIGHT_BYTES: usize = 4 << 20;
+
+    pub fn max_inflight_bytes(&self) -> usize {
+        self.max_inflight_bytes
+            .unwrap_or(Self::INFLIGHT_BYTES.max(self.max_body_bytes))
+    }
 }
 
 impl Default for TokenizeConfig {
@@ -165,7 +176,7 @@ impl Default for TokenizeConfig {
             cache_entries: 4096,
             cache_bytes: 64 << 20,
             max_body_bytes: 4 << 20,
-            max_inflight_bytes: 4 << 20,
+            max_inflight_bytes: None,
         }
     }
 }
@@ -333,7 +344,7 @@ impl Config {
         if self.tokenize.max_body_bytes == 0 {
             fail("tokenize.max_body_bytes", "must be greater than 0");
         }
-        if self.tokenize.max_inflight_bytes < self.tokenize.max_body_bytes {
+        if self.tokenize.max_inflight_bytes() < self.tokenize.max_body_bytes {
             fail(
                 "tokenize.max_inflight_bytes",
                 "must be at least tokenize.max_body_bytes",
@@ -439,6 +450,18 @@ models:
             )),
             "tokenize.max_inflight_bytes: must be at least tokenize.max_body_bytes"
         );
+        // A config written for the earlier 8 MiB body limit still loads: the
+        // budget follows the body limit it sets.
+        let config = Config::parse(
+            &MINIMAL.replace("listen:", "tokenize: {max_body_bytes: 8388608}\nlisten:"),
+            "x",
+        );
+        assert_eq!(
+            config.map(|c| c.tokenize.max_inflight_bytes()).ok(),
+            Some(8 << 20)
+        );
+        let defaults = Config::parse(MINIMAL, "x").map(|c| c.tokenize.max_inflight_bytes());
+        assert_eq!(defaults.ok(), Some(4 << 20));
         // Every problem at once, shared fields first.
         assert_eq!(
             errors(

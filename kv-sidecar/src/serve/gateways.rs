@@ -1,6 +1,6 @@
 //! Which gateways (filter VMs) have a state stream open on this sidecar. A
 //! VM whose stream breaks while it lives opens another within its reconnect
-//! backoff and sends the completions it kept; one that stays away past the
+//! backoff and resyncs its open requests; one that stays away past the
 //! grace period is gone (Envoy died or dropped the VM), and so are its
 //! requests, which would otherwise count as load until `inflight_ttl_ms`.
 

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use router_core::gateway::{OpenRequest, RequestPhase, RoutingDecision};
+use router_core::gateway::{GatewayResync, RequestPhase, RoutingDecision};
 use router_core::routing::inflight::{self, RequestLoad, Ticket};
 use router_core::routing::select::WorkerLoad;
 
@@ -37,11 +37,19 @@ pub struct Resynced {
     pub touched: Vec<String>,
 }
 
+/// A resync whose parts are still arriving: the requests they listed.
+struct PendingResync {
+    next_part: u32,
+    listed: HashSet<String>,
+}
+
 /// Requests by (gateway, request id), and the load they put on each worker.
 #[derive(Default)]
 pub struct InFlight {
     requests: HashMap<(String, String), Entry>,
     ledger: inflight::InFlight,
+    /// By gateway: at most one each, bounded by its open requests.
+    resyncs: HashMap<String, PendingResync>,
 }
 
 impl InFlight {
@@ -93,30 +101,53 @@ impl InFlight {
         }
     }
 
-    /// Makes what is counted for `gateway` match what it says is open:
-    /// requests not among `open` ended (unless `continues`, which adds to
-    /// the previous resync), and those missing were routed unheard. Returns
-    /// how many were dropped and added, and the workers whose load changed.
+    /// Applies one part of a gateway's resync: its listed requests count
+    /// (added if missing, confirmed if counted: their age starts again),
+    /// and once every part has arrived in order, the gateway's requests not
+    /// listed in any stop counting (they ended unheard). A part out of order
+    /// (one was lost) only adds, until the next resync starts.
     pub fn resync(
         &mut self,
         gateway: &str,
-        open: &[OpenRequest],
-        continues: bool,
+        resync: &GatewayResync,
         limit: usize,
         now: Instant,
     ) -> Resynced {
         let mut resynced = Resynced::default();
-        if !continues {
-            let ids: HashSet<&str> = open
-                .iter()
-                .filter_map(|request| Some(request.decision.as_ref()?.request_id.as_str()))
-                .collect();
-            let (dropped, touched) =
-                self.drop_where(|((from, id), _)| from == gateway && !ids.contains(id.as_str()));
-            resynced.dropped = dropped;
-            resynced.touched = touched;
+        let listed = resync
+            .requests
+            .iter()
+            .filter_map(|request| Some(request.decision.as_ref()?.request_id.clone()));
+        if resync.part == 0 {
+            self.resyncs.insert(
+                gateway.to_owned(),
+                PendingResync {
+                    next_part: 0,
+                    listed: HashSet::new(),
+                },
+            );
         }
-        for request in open {
+        let complete = match self.resyncs.get_mut(gateway) {
+            Some(pending) if pending.next_part == resync.part => {
+                pending.listed.extend(listed);
+                pending.next_part += 1;
+                pending.next_part >= resync.parts
+            }
+            _ => {
+                self.resyncs.remove(gateway);
+                false
+            }
+        };
+        // Dropping first leaves room under `limit` for the listed ones.
+        if complete {
+            if let Some(pending) = self.resyncs.remove(gateway) {
+                let (dropped, touched) = self
+                    .drop_where(|((from, id), _)| from == gateway && !pending.listed.contains(id));
+                resynced.dropped = dropped;
+                resynced.touched = touched;
+            }
+        }
+        for request in &resync.requests {
             let Some(decision) = &request.decision else {
                 continue;
             };
@@ -132,6 +163,7 @@ impl InFlight {
                 resynced.added += 1;
             }
             if let Some(entry) = self.requests.get_mut(&key) {
+                entry.since = now;
                 if request.first_token {
                     self.ledger.prefill_done(&mut entry.ticket);
                 }
@@ -161,6 +193,7 @@ impl InFlight {
 
     /// Drops the decisions of a gateway that is gone: its requests died with it.
     pub fn forget_gateway(&mut self, gateway: &str) -> (usize, Vec<String>) {
+        self.resyncs.remove(gateway);
         self.drop_where(|((from, _), _)| from == gateway)
     }
 
@@ -213,6 +246,7 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use router_core::gateway::OpenRequest;
 
     fn decision(id: &str, worker: &str, blocks: u32, tokens: u64) -> RoutingDecision {
         RoutingDecision {
@@ -281,6 +315,15 @@ mod tests {
         }
     }
 
+    fn part(requests: Vec<OpenRequest>, part: u32, parts: u32) -> GatewayResync {
+        GatewayResync {
+            model: "m".into(),
+            requests,
+            part,
+            parts,
+        }
+    }
+
     #[test]
     fn a_resync_counts_exactly_what_the_gateway_has_open() {
         let mut f = InFlight::default();
@@ -291,16 +334,16 @@ mod tests {
         f.decide("g", &decision("r2", "a", 5, 80), 10, now).unwrap();
         f.decide("h", &decision("r1", "b", 7, 0), 10, now).unwrap();
         // Open: r1 past its first token, r3 routed unheard.
-        let resynced = f.resync(
-            "g",
-            &[
+        let one = part(
+            vec![
                 open("r1", "a", 10, 160, true),
                 open("r3", "c", 2, 32, false),
             ],
-            false,
-            10,
-            now,
+            0,
+            1,
         );
+        let later = now + Duration::from_secs(5);
+        let resynced = f.resync("g", &one, 10, later);
         assert_eq!(
             resynced,
             Resynced {
@@ -325,21 +368,52 @@ mod tests {
             }
         );
         assert_eq!(f.load_of("b").active_blocks, 7, "another gateway's");
-        // A continuation adds; an empty resync ends everything of `g`.
-        let more = f.resync("g", &[open("r4", "a", 1, 0, false)], true, 10, now);
-        assert_eq!((more.dropped, more.added), (0, 1));
-        assert_eq!(f.load_of("a").active_blocks, 11);
-        let none = f.resync("g", &[], false, 10, now);
-        assert_eq!((none.dropped, none.added), (3, 0));
-        assert_eq!(f.count(), 1);
+        // Confirmed requests start their age again.
+        let (expired, _) = f.expire(Duration::from_secs(3), later + Duration::from_secs(1));
+        assert_eq!(expired, 1, "only the other gateway's, from `now`");
         // Past the limit, open requests are left uncounted.
-        let full = f.resync(
-            "g",
-            &[open("r5", "a", 1, 0, false), open("r6", "a", 1, 0, false)],
-            false,
-            2,
-            now,
+        let full = part(
+            vec![open("r5", "a", 1, 0, false), open("r6", "a", 1, 0, false)],
+            0,
+            1,
         );
-        assert_eq!((full.added, full.full), (1, 1));
+        let full = f.resync("g", &full, 1, later);
+        assert_eq!((full.dropped, full.added, full.full), (2, 1, 1));
+    }
+
+    #[test]
+    fn what_is_not_listed_stops_counting_only_once_every_part_arrived() {
+        let mut f = InFlight::default();
+        let now = Instant::now();
+        for id in ["r1", "r2", "ended"] {
+            f.decide("g", &decision(id, "a", 1, 0), 10, now).unwrap();
+        }
+        let first = part(vec![open("r1", "a", 1, 0, false)], 0, 2);
+        let second = part(vec![open("r2", "a", 1, 0, false)], 1, 2);
+        // In order: r2, listed in the second part, never stops counting.
+        let after_first = f.resync("g", &first, 10, now);
+        assert_eq!((after_first.dropped, f.count()), (0, 3));
+        let after_second = f.resync("g", &second, 10, now);
+        assert_eq!((after_second.dropped, f.count()), (1, 2));
+        // A part lost on the way: nothing is dropped.
+        f.decide("g", &decision("ended", "a", 1, 0), 10, now)
+            .unwrap();
+        f.resync("g", &second, 10, now);
+        assert_eq!(f.count(), 3, "the first part never came");
+        let third = part(vec![open("r3", "a", 1, 0, false)], 2, 3);
+        f.resync("g", &first, 10, now);
+        let skipped = f.resync("g", &third, 10, now);
+        assert_eq!(
+            (skipped.added, skipped.dropped),
+            (1, 0),
+            "part 1 of 3 was lost"
+        );
+        assert_eq!(f.count(), 4);
+        // The next whole resync sets it right; a gone gateway forgets its own.
+        let whole = part(vec![open("r1", "a", 1, 0, false)], 0, 1);
+        assert_eq!(f.resync("g", &whole, 10, now).dropped, 3);
+        f.resync("g", &first, 10, now);
+        f.forget_gateway("g");
+        assert_eq!(f.resync("g", &second, 10, now).dropped, 0);
     }
 }

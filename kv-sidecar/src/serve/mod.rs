@@ -126,7 +126,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         registry: Arc::new(registry),
         tokenizers: Arc::new(tokenizers),
         max_body_bytes: config.tokenize.max_body_bytes,
-        tokenize_budget: TokenizeBudget::new(config.tokenize.max_inflight_bytes),
+        tokenize_budget: TokenizeBudget::new(config.tokenize.max_inflight_bytes()),
     });
     let listener = http_listen::bind(http_addr).await?;
     tracing::info!(%http_addr, "HTTP API listening");

@@ -341,16 +341,16 @@ impl StateTask {
             .set(i64::from(!self.feed.is_heard()));
     }
 
-    /// A gateway's report another sidecar shared. It proves the gateway
-    /// alive (its stream is open there), whatever its presence here says;
-    /// and a `Gone` for a gateway whose stream is open here is not ours to
-    /// heed: it moved to this sidecar.
+    /// A gateway's report another sidecar shared. One about a gateway whose
+    /// stream is open here is stale, whatever its kind: the gateway moved
+    /// here and reports here, so a late decision or `Gone` from where it was
+    /// would undo what its resync here set right. Any other proves the
+    /// gateway alive elsewhere, whatever its presence here says.
     fn peer_report(&mut self, gateway_id: &str, report: GatewayReport, now: Instant) {
-        if matches!(report.kind, Some(gateway_report::Kind::Gone(_))) {
-            if self.gateways.is_open(gateway_id) {
-                return;
-            }
-        } else {
+        if self.gateways.is_open(gateway_id) {
+            return;
+        }
+        if !matches!(report.kind, Some(gateway_report::Kind::Gone(_))) {
             self.gateways.heard_elsewhere(gateway_id);
         }
         self.report(gateway_id, report, now);

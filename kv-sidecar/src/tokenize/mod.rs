@@ -285,7 +285,8 @@ impl ModelTokenizer {
     }
 
     fn cache_lock(&self) -> std::sync::MutexGuard<'_, SegmentCache> {
-        // The cache holds no invariant a panic could break: keep using it.
+        // A panic mid-update could leave its byte count off, which only
+        // makes it evict sooner or later (it saturates): keep using it.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -52,14 +52,14 @@ impl SegmentCache {
             return;
         }
         if let Some(old) = self.lru.put(segment.to_owned(), ids) {
-            self.bytes -= cost(segment, &old);
+            self.bytes = self.bytes.saturating_sub(cost(segment, &old));
         }
         self.bytes += added;
         while self.bytes > self.limits.bytes || self.lru.len() > self.limits.entries {
             let Some((text, ids)) = self.lru.pop_lru() else {
                 break;
             };
-            self.bytes -= cost(&text, &ids);
+            self.bytes = self.bytes.saturating_sub(cost(&text, &ids));
         }
     }
 

@@ -78,9 +78,7 @@ impl FleetRegistry {
             added,
             full,
             touched,
-        } = self
-            .inflight
-            .resync(gateway, &resync.requests, resync.continues, limit, now);
+        } = self.inflight.resync(gateway, resync, limit, now);
         if dropped + added > 0 {
             tracing::info!(model = %self.config.name, %gateway, ended = dropped, added, "gateway resynced its open requests");
         }
@@ -336,7 +334,8 @@ mod tests {
         let resync = GatewayResync {
             model: MODEL.to_owned(),
             requests: vec![open("unheard", "w2")],
-            continues: false,
+            part: 0,
+            parts: 1,
         };
         h.registry.resync("g", &resync, h.at(1));
         assert_eq!(
