@@ -141,7 +141,9 @@ impl Sidecar {
     }
 
     /// The sidecar's current state: the snapshot a fresh state-stream
-    /// subscription receives first.
+    /// subscription receives first, its chunks joined. The chunks come back
+    /// to back and the stream's next update (a delta, at least the
+    /// once-a-second keepalive) says the snapshot is whole.
     pub fn state_snapshot(&self) -> anyhow::Result<StateUpdate> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -151,10 +153,33 @@ impl Sidecar {
             let mut client = StateStreamClient::connect(self.grpc_url()).await?;
             let reports = futures_util::stream::pending::<GatewayReport>();
             let mut stream = client.subscribe(reports).await?.into_inner();
-            tokio::time::timeout(Duration::from_secs(10), stream.message())
+            let next = Duration::from_secs(10);
+            let mut whole = tokio::time::timeout(next, stream.message())
                 .await
                 .context("no snapshot within 10 s")??
-                .context("the stream ended before a snapshot")
+                .context("the stream ended before a snapshot")?;
+            while let Ok(Ok(Some(update))) = tokio::time::timeout(next, stream.message()).await {
+                let (
+                    Some(state_update::Kind::Snapshot(into)),
+                    Some(state_update::Kind::Snapshot(chunk)),
+                ) = (whole.kind.as_mut(), update.kind)
+                else {
+                    break;
+                };
+                if !chunk.continues || update.version != whole.version {
+                    break;
+                }
+                for worker in chunk.workers {
+                    match into.workers.last_mut() {
+                        // The rest of a worker the previous chunk ended in.
+                        Some(last) if last.worker_id == worker.worker_id => {
+                            last.blocks.extend(worker.blocks);
+                        }
+                        _ => into.workers.push(worker),
+                    }
+                }
+            }
+            Ok(whole)
         })
     }
 
@@ -177,11 +202,17 @@ impl Sidecar {
 /// Each worker's blocks in a state-stream snapshot (empty for other updates).
 pub fn blocks_by_worker(snapshot: &StateUpdate) -> BTreeMap<String, HashSet<u64>> {
     match &snapshot.kind {
-        Some(state_update::Kind::Snapshot(s)) => s
-            .workers
-            .iter()
-            .map(|w| (w.worker_id.clone(), w.blocks.iter().copied().collect()))
-            .collect(),
+        // A worker's blocks may span several chunks.
+        Some(state_update::Kind::Snapshot(s)) => {
+            s.workers
+                .iter()
+                .fold(BTreeMap::new(), |mut held: BTreeMap<_, HashSet<u64>>, w| {
+                    held.entry(w.worker_id.clone())
+                        .or_default()
+                        .extend(w.blocks.iter().copied());
+                    held
+                })
+        }
         _ => BTreeMap::new(),
     }
 }
