@@ -45,6 +45,20 @@ fn corpus() -> Vec<Value> {
     ]
 }
 
+/// A sidecar serving `MODEL` with `tokenizer_json`.
+fn tokenizing_sidecar(nats: &NatsServer, tokenizer_json: &std::path::Path) -> Sidecar {
+    Sidecar::start(
+        &nats.url(),
+        &[SidecarModel {
+            name: MODEL.into(),
+            block_size: BLOCK,
+            tokenizer: Some(tokenizer_json.to_owned()),
+        }],
+        "",
+    )
+    .expect("sidecar starts")
+}
+
 fn tokenize(client: &reqwest::blocking::Client, sidecar: &Sidecar, body: Value) -> Value {
     let response = client
         .post(format!("{}/v1/tokenize", sidecar.http_url()))
@@ -87,16 +101,7 @@ fn tokenize_service_matches_template_whole_string_and_sim_engine() {
     let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
     let tokenizer_json = dir.join("tokenizer.json");
     let nats = NatsServer::start().expect("nats-server starts");
-    let sidecar = Sidecar::start(
-        &nats.url(),
-        &[SidecarModel {
-            name: MODEL.into(),
-            block_size: BLOCK,
-            tokenizer: Some(tokenizer_json.clone()),
-        }],
-        "",
-    )
-    .expect("sidecar starts");
+    let sidecar = tokenizing_sidecar(&nats, &tokenizer_json);
     let sim = SimEngine::start(
         SimEngineOptions::new(MODEL, "w0")
             .tokenizer(tokenizer_json.clone())
@@ -483,16 +488,7 @@ fn peak_rss(pid: u32) -> u64 {
 fn a_burst_of_huge_prompts_is_tokenized_within_the_memory_budget() {
     let dir = paths::qwen3_tokenizer_dir().expect("Qwen3 tokenizer present");
     let nats = NatsServer::start().expect("nats-server starts");
-    let mut sidecar = Sidecar::start(
-        &nats.url(),
-        &[SidecarModel {
-            name: MODEL.into(),
-            block_size: BLOCK,
-            tokenizer: Some(dir.join("tokenizer.json")),
-        }],
-        "",
-    )
-    .expect("sidecar starts");
+    let mut sidecar = tokenizing_sidecar(&nats, &dir.join("tokenizer.json"));
     let pid = sidecar.process().pid();
     let client = reqwest::blocking::Client::new();
     let url = format!("{}/v1/tokenize", sidecar.http_url());
