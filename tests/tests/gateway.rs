@@ -676,3 +676,64 @@ fn assert_gateway_error(body: &str) {
     );
     assert!(error["error"]["code"].is_string(), "{body}");
 }
+
+/// Clients that send large bodies and never finish them hold Envoy's heap
+/// (HTTP/1.1 streams are not among those the overload manager can reset).
+/// Past 95% of `max_heap_bytes` the gateway refuses new requests with an
+/// OpenAI-shaped 503 instead of growing until the process is killed, and
+/// serves again once the memory is freed.
+#[test]
+fn a_gateway_under_heap_pressure_refuses_new_requests_and_recovers() {
+    use std::io::Write;
+    let fleet = Fleet::start_with(1, |config| {
+        config.max_body_bytes = Some(8 << 20);
+        config.limits.max_heap_bytes = 256 << 20;
+    });
+    let authority = authority(&fleet);
+    let client = http_client();
+    let request = json!({"model": MODEL, "prompt": token_prompt(1), "max_tokens": 1});
+    let refusing = || {
+        fleet
+            .envoy
+            .stat("overload.envoy.overload_actions.stop_accepting_requests.active")
+            .unwrap()
+            == 1
+    };
+    assert!(!refusing());
+    // 48 bodies one byte short of 8 MiB: 384 MiB held.
+    let body = vec![b' '; (8 << 20) - 2];
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len() + 1
+    );
+    let held: Vec<std::net::TcpStream> = (0..48)
+        .map(|_| {
+            let mut tcp = std::net::TcpStream::connect(&authority).unwrap();
+            // Once under pressure, Envoy refuses the later ones.
+            let _ = tcp
+                .write_all(head.as_bytes())
+                .and_then(|()| tcp.write_all(&body));
+            tcp
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !refusing() {
+        assert!(Instant::now() < deadline, "never under pressure");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = post_json(&client, &fleet.completions(), &request).unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_gateway_error(&refused.text);
+    assert_eq!(refused.json().unwrap()["error"]["code"], "overload");
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = post_json(&client, &fleet.completions(), &request).unwrap();
+        if response.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", response.text);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

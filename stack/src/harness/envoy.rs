@@ -154,6 +154,10 @@ pub struct GatewayLimits {
     pub request_timeout_s: u64,
     /// A downstream or upstream connection with no stream closes after this.
     pub idle_timeout_s: u64,
+    /// Envoy's heap (not the filter VMs' wasm memory) past which the
+    /// overload manager resets the streams buffering the most, then
+    /// refuses new requests.
+    pub max_heap_bytes: u64,
 }
 
 impl Default for GatewayLimits {
@@ -165,6 +169,7 @@ impl Default for GatewayLimits {
             request_headers_timeout_s: 10,
             request_timeout_s: 300,
             idle_timeout_s: 300,
+            max_heap_bytes: 2 << 30,
         }
     }
 }
