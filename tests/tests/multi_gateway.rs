@@ -122,12 +122,19 @@ fn request_answering(
     (worker_rx, request)
 }
 
-#[test]
-fn gateways_on_one_nats_see_each_others_in_flight_requests() {
+/// Two gateways, each with its own sidecar, on one NATS, before the
+/// slowed-down sim-engines.
+fn two_gateways() -> Stack {
     let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
     options.sim_args = vec![SIM_SPEEDUP.to_owned()];
     let mut stack = Stack::start(options, |_| {}).unwrap();
     stack.add_gateway(|_| {}).unwrap();
+    stack
+}
+
+#[test]
+fn gateways_on_one_nats_see_each_others_in_flight_requests() {
+    let stack = two_gateways();
     let envoys: Vec<&Envoy> = stack.envoys().collect();
     let sidecars: Vec<&Sidecar> = stack.sidecars().collect();
     assert_eq!((envoys.len(), sidecars.len()), (2, 2));
@@ -199,10 +206,7 @@ fn gateways_on_one_nats_see_each_others_in_flight_requests() {
 /// the filter sends the completion once its sidecar is back.
 #[test]
 fn a_completion_made_while_the_sidecar_was_down_frees_the_load_everywhere() {
-    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
-    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
-    let mut stack = Stack::start(options, |_| {}).unwrap();
-    stack.add_gateway(|_| {}).unwrap();
+    let mut stack = two_gateways();
     let (worker_rx, request) = long_request(&stack.envoy, 700_000);
     let busy = worker_rx.recv_timeout(SETTLE).unwrap();
     let peer = &stack.more_gateways[0].sidecar;
@@ -239,10 +243,7 @@ fn total_blocks(sidecar: &Sidecar) -> u64 {
 /// counting on the other (before: for `inflight_ttl_ms`, 10 minutes).
 #[test]
 fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests() {
-    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
-    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
-    let mut stack = Stack::start(options, |_| {}).unwrap();
-    stack.add_gateway(|_| {}).unwrap();
+    let mut stack = two_gateways();
     // ~2.4 s and ~18 s of answer.
     let (short_rx, short) = request_answering(&stack.envoy, 900_000, 40);
     let (long_rx, long) = request_answering(&stack.envoy, 950_000, 300);
@@ -299,10 +300,7 @@ fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests
 /// on every other sidecar.
 #[test]
 fn a_gateway_that_dies_with_requests_in_flight_frees_their_load_everywhere() {
-    let mut options = StackOptions::new(MODEL, WORKERS).unwrap();
-    options.sim_args = vec![SIM_SPEEDUP.to_owned()];
-    let mut stack = Stack::start(options, |_| {}).unwrap();
-    stack.add_gateway(|_| {}).unwrap();
+    let mut stack = two_gateways();
     let (worker_rx, request) = long_request(&stack.envoy, 800_000);
     let busy = worker_rx.recv_timeout(SETTLE).unwrap();
     for sidecar in stack.sidecars() {
