@@ -202,6 +202,7 @@ fn the_envoy_template_renders_a_valid_filter_config() {
             grpc: address(),
             http: address(),
         }),
+        sidecar_replicas: Vec::new(),
         debug_headers: true,
         worker_threads: 2,
         filter: true,

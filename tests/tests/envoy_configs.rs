@@ -59,6 +59,7 @@ fn example_config(wasm_path: &Path) -> GatewayConfig {
             grpc: "127.0.0.1:9101".to_owned(),
             http: "127.0.0.1:9100".to_owned(),
         }),
+        sidecar_replicas: Vec::new(),
         debug_headers: false,
         worker_threads: ENVOY_WORKER_THREADS,
         filter: true,

@@ -14,11 +14,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvmesh_stack::harness::client::{http_client, post_json, JsonResponse};
+use kvmesh_stack::harness::gateway::wait_for_fleet_state;
 use kvmesh_stack::harness::nats_tap::NatsTap;
 use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::sidecar::Sidecar;
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
-use kvmesh_stack::harness::{Envoy, GatewayConfig};
+use kvmesh_stack::harness::{free_port, Envoy, GatewayConfig};
 use prost::Message;
 use router_core::gateway::{decisions_subject, gateway_report, SharedReport};
 use serde_json::{json, Value};
@@ -90,16 +91,16 @@ fn long_request(
     envoy: &Envoy,
     first_token: u32,
 ) -> (mpsc::Receiver<String>, thread::JoinHandle<u16>) {
-    request_answering(envoy, first_token, LONG_ANSWER_TOKENS)
+    request_answering(completions(envoy), first_token, LONG_ANSWER_TOKENS)
 }
 
-/// As [`long_request`], with an answer of `answer_tokens`.
+/// As [`long_request`], to the completions `url`, with an answer of
+/// `answer_tokens`.
 fn request_answering(
-    envoy: &Envoy,
+    url: String,
     first_token: u32,
     answer_tokens: u32,
 ) -> (mpsc::Receiver<String>, thread::JoinHandle<u16>) {
-    let url = completions(envoy);
     let body = json!({"model": MODEL, "prompt": prompt(first_token, LONG_PROMPT_TOKENS),
         "max_tokens": answer_tokens, "stream": true});
     let (worker_tx, worker_rx) = mpsc::channel();
@@ -233,20 +234,24 @@ fn total_blocks(sidecar: &Sidecar) -> u64 {
         .sum()
 }
 
-/// A sidecar counts a gateway's requests from its reports, and a stream that
-/// breaks loses what was on it. Here the gateway's sidecar hangs (SIGSTOP)
-/// while one of two requests finishes, so that completion goes into a
-/// stream nobody reads; then it is killed and restarted, empty. Once the
-/// gateway's new stream connects, the gateway tells every sidecar which of
-/// its requests are open: the one still running counts again on the
-/// restarted sidecar (before: never again), and the finished one stops
-/// counting on the other (before: for `inflight_ttl_ms`, 10 minutes).
-#[test]
-fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests() {
-    let mut stack = two_gateways();
+/// What breaks the first gateway's sidecar's streams once it has hung.
+#[derive(Clone, Copy, PartialEq)]
+enum Break {
+    /// Killed and started again on the same ports, empty.
+    Restart,
+    /// Killed for good: its gateway's VMs move to another replica.
+    Kill,
+}
+
+/// Sends a short and a long request to `url`, which reports to the first
+/// sidecar of `stack`, and waits until every sidecar counts both. Hangs that
+/// sidecar (SIGSTOP) while the short one finishes, so its completion goes
+/// into a stream nobody reads, then breaks it; the sidecars still running
+/// must then count exactly the long one, and nothing once it ends.
+fn lose_a_completion_with_its_stream(stack: &mut Stack, url: &str, then: Break) {
     // ~2.4 s and ~18 s of answer.
-    let (short_rx, short) = request_answering(&stack.envoy, 900_000, 40);
-    let (long_rx, long) = request_answering(&stack.envoy, 950_000, 300);
+    let (short_rx, short) = request_answering(url.to_owned(), 900_000, 40);
+    let (long_rx, long) = request_answering(url.to_owned(), 950_000, 300);
     short_rx.recv_timeout(SETTLE).unwrap();
     long_rx.recv_timeout(SETTLE).unwrap();
     let both = 2 * LONG_PROMPT_BLOCKS;
@@ -260,9 +265,13 @@ fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests
     stack.sidecar.process().signal(libc::SIGSTOP);
     assert!(!short.is_finished(), "the short request ended too soon");
     assert_eq!(short.join().unwrap(), 200);
-    stack.sidecar.restart().unwrap();
-    let restarted_at = Instant::now();
-    for sidecar in stack.sidecars() {
+    match then {
+        Break::Restart => stack.sidecar.restart().unwrap(),
+        Break::Kill => stack.sidecar.process().kill(),
+    }
+    let broken_at = Instant::now();
+    let running = stack.sidecars().skip(usize::from(then == Break::Kill));
+    for sidecar in running {
         let deadline = Instant::now() + SETTLE;
         while total_blocks(sidecar) != LONG_PROMPT_BLOCKS {
             assert!(
@@ -280,15 +289,60 @@ fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests
         assert!(sidecar.metric("kvmesh_serve_gateway_reports_total", "resync") >= 1.0);
     }
     println!(
-        "open requests resynced {:?} after the restart",
-        restarted_at.elapsed()
+        "open requests resynced {:?} after the break",
+        broken_at.elapsed()
     );
     assert_eq!(long.join().unwrap(), 200);
-    for sidecar in stack.sidecars() {
+    for sidecar in stack.sidecars().skip(usize::from(then == Break::Kill)) {
         wait_for(sidecar, "the finished request still counts", |blocks| {
             blocks.iter().all(|(_, b)| *b == 0)
         });
     }
+}
+
+/// A sidecar counts a gateway's requests from its reports, and a stream that
+/// breaks loses what was on it: here the gateway's sidecar hangs while one
+/// of two requests finishes, then is killed and restarted, empty. Once the
+/// gateway's new stream connects, the gateway tells every sidecar which of
+/// its requests are open: the one still running counts again on the
+/// restarted sidecar (before: never again), and the finished one stops
+/// counting on the other (before: for `inflight_ttl_ms`, 10 minutes).
+#[test]
+fn after_a_broken_stream_every_sidecar_counts_exactly_the_gateways_open_requests() {
+    let mut stack = two_gateways();
+    let url = completions(&stack.envoy);
+    lose_a_completion_with_its_stream(&mut stack, &url, Break::Restart);
+}
+
+/// On Kubernetes, sidecar replicas sit behind one Service: a gateway whose
+/// replica dies moves its streams to another, which had heard of its
+/// requests only over NATS. Here an Envoy reports to the first of two
+/// replicas (the second was down when it started), that one hangs while
+/// one of two requests finishes and dies: the other replica then counts
+/// exactly the request still running (before: the finished one too, for
+/// `inflight_ttl_ms`).
+#[test]
+fn a_gateway_whose_sidecar_replica_dies_moves_to_another_that_counts_exactly_its_requests() {
+    let mut stack = two_gateways();
+    let replica = &mut stack.more_gateways[0].sidecar;
+    replica.process().kill();
+    let mut config = stack.envoy.config().clone();
+    config.gateway_port = free_port();
+    config.admin_port = free_port();
+    config.sidecar_replicas = vec![replica.endpoints()];
+    let envoy = Envoy::start(config).unwrap();
+    wait_for_fleet_state(&envoy, &stack.sidecar, WORKERS).unwrap();
+    let replica = &mut stack.more_gateways[0].sidecar;
+    replica.restart().unwrap();
+    poll_until("the restarted replica knows the workers", SETTLE, || {
+        replica.known_workers().ok() == Some(WORKERS)
+    })
+    .unwrap();
+    lose_a_completion_with_its_stream(&mut stack, &completions(&envoy), Break::Kill);
+    assert_eq!(
+        envoy.stat("wasmcustom.kvmesh_requests_fallback").unwrap(),
+        0
+    );
 }
 
 /// Envoy killed with requests in flight takes them along (its connections

@@ -116,6 +116,10 @@ pub struct GatewayConfig {
     /// `kv-sidecar serve`'s listeners; `None` runs the filter without fleet
     /// state.
     pub sidecar: Option<SidecarEndpoints>,
+    /// More `kv-sidecar serve` replicas behind the same two clusters, as a
+    /// Kubernetes Service of several replicas: each filter VM's state stream
+    /// goes to one of them, and to another when that one is gone.
+    pub sidecar_replicas: Vec<SidecarEndpoints>,
     /// The filter's opt-in `x-kvmesh-*` response headers.
     pub debug_headers: bool,
     /// Envoy worker threads (`--concurrency`), each with its own filter VM.
@@ -246,10 +250,11 @@ struct SidecarSettings {
     tokenize_timeout_ms: Option<u64>,
 }
 
+/// Every replica's listeners, in order.
 #[derive(Serialize)]
 struct SidecarAddresses {
-    grpc: WorkerAddress,
-    http: WorkerAddress,
+    grpc: Vec<WorkerAddress>,
+    http: Vec<WorkerAddress>,
 }
 
 #[derive(Serialize)]
@@ -288,6 +293,7 @@ impl GatewayConfig {
             models,
             wasm_path: paths::filter_wasm()?,
             sidecar: None,
+            sidecar_replicas: Vec::new(),
             debug_headers: false,
             // The tests tell workers apart by the sim's own header.
             expose_engine_headers: true,
@@ -349,10 +355,15 @@ impl GatewayConfig {
             sidecar: self
                 .sidecar
                 .as_ref()
-                .map(|s| -> anyhow::Result<SidecarAddresses> {
+                .map(|first| -> anyhow::Result<SidecarAddresses> {
+                    let replicas = || std::iter::once(first).chain(&self.sidecar_replicas);
                     Ok(SidecarAddresses {
-                        grpc: parse_worker(&s.grpc)?,
-                        http: parse_worker(&s.http)?,
+                        grpc: replicas()
+                            .map(|s| parse_worker(&s.grpc))
+                            .collect::<anyhow::Result<_>>()?,
+                        http: replicas()
+                            .map(|s| parse_worker(&s.http))
+                            .collect::<anyhow::Result<_>>()?,
                     })
                 })
                 .transpose()?,
