@@ -114,13 +114,14 @@ impl Reporter {
             })
             .collect();
         let parts = open.len().div_ceil(RESYNC_CHUNK).max(1);
+        let mut chunks = open.chunks(RESYNC_CHUNK);
         (0..parts)
             .map(|part| GatewayResync {
                 model: model.to_owned(),
-                requests: open
+                requests: chunks
+                    .next()
+                    .unwrap_or_default()
                     .iter()
-                    .skip(part * RESYNC_CHUNK)
-                    .take(RESYNC_CHUNK)
                     .map(|&request| request.clone())
                     .collect(),
                 part: part as u32,

@@ -270,8 +270,9 @@ fn lose_a_completion_with_its_stream(stack: &mut Stack, url: &str, then: Break) 
         Break::Kill => stack.sidecar.process().kill(),
     }
     let broken_at = Instant::now();
-    let running = stack.sidecars().skip(usize::from(then == Break::Kill));
-    for sidecar in running {
+    // The killed sidecar is the first.
+    let dead = usize::from(then == Break::Kill);
+    for sidecar in stack.sidecars().skip(dead) {
         let deadline = Instant::now() + SETTLE;
         while total_blocks(sidecar) != LONG_PROMPT_BLOCKS {
             assert!(
@@ -293,7 +294,7 @@ fn lose_a_completion_with_its_stream(stack: &mut Stack, url: &str, then: Break) 
         broken_at.elapsed()
     );
     assert_eq!(long.join().unwrap(), 200);
-    for sidecar in stack.sidecars().skip(usize::from(then == Break::Kill)) {
+    for sidecar in stack.sidecars().skip(dead) {
         wait_for(sidecar, "the finished request still counts", |blocks| {
             blocks.iter().all(|(_, b)| *b == 0)
         });

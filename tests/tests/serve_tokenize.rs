@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use kv_sidecar::tokenize::{CacheLimits, ModelTokenizer};
+use kvmesh_stack::harness::process::{memory_bytes, Memory};
 use kvmesh_stack::harness::sidecar::{check_config, Sidecar, SidecarModel};
 use kvmesh_stack::harness::sim::SimEngineOptions;
 use kvmesh_stack::harness::{free_port, paths, NatsServer, SimEngine};
@@ -463,19 +464,9 @@ fn check_config_reports_one_clear_error_per_problem() {
     }
 }
 
-/// `VmHWM` (peak resident memory) of a process, in bytes.
+/// The most memory a process ever held resident.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))
-        .unwrap();
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|kib| kib.parse().ok())
-        .unwrap();
-    kib * 1024
+    memory_bytes(pid, Memory::PeakResident).unwrap()
 }
 
 /// Tokenizing takes ~300 bytes of memory per byte of prompt (the

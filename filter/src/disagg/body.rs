@@ -161,8 +161,6 @@ pub fn vllm_prefill(body: &[u8]) -> Result<Vec<u8>, BodyError> {
     rewrite(body, &edits)
 }
 
-/// The `kv_transfer_params` a vLLM prefill response hands to the decode leg,
-/// passed on as opaque JSON.
 /// A prefill leg's answer, read into `T`; it must be a JSON object.
 fn read_answer<'a, T: Deserialize<'a>>(response: &'a [u8]) -> Result<T, BodyError> {
     if !is_json_object(response) {
@@ -171,6 +169,8 @@ fn read_answer<'a, T: Deserialize<'a>>(response: &'a [u8]) -> Result<T, BodyErro
     serde_json::from_slice(response).map_err(|_| BodyError::Response)
 }
 
+/// The `kv_transfer_params` a vLLM prefill response hands to the decode leg,
+/// passed on as opaque JSON.
 pub fn vllm_transfer_params(response: &[u8]) -> Result<Value, BodyError> {
     /// Only the handshake is read: the rest of the answer (a client may
     /// have asked for `prompt_logprobs` of a long prompt: megabytes) is

@@ -217,18 +217,18 @@ pub async fn share_reports(
     use router_core::gateway::gateway_report::Kind;
     while let Some(out) = reports.recv().await {
         let model = match &out.report.kind {
-            Some(Kind::Decision(d)) => d.model.clone(),
-            Some(Kind::Progress(p)) => p.model.clone(),
-            Some(Kind::Gone(g)) => g.model.clone(),
-            Some(Kind::Resync(r)) => r.model.clone(),
+            Some(Kind::Decision(d)) => &d.model,
+            Some(Kind::Progress(p)) => &p.model,
+            Some(Kind::Gone(g)) => &g.model,
+            Some(Kind::Resync(r)) => &r.model,
             Some(Kind::Hello(_)) | None => continue,
         };
+        let subject = decisions_subject(&prefix, model);
         let shared = SharedReport {
             origin: origin.clone(),
             gateway_id: out.gateway_id,
             report: Some(out.report),
         };
-        let subject = decisions_subject(&prefix, &model);
         if let Err(error) = client.publish(subject, shared.encode_to_vec().into()).await {
             tracing::debug!(%error, "sharing a decision failed");
         }

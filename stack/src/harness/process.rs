@@ -189,3 +189,29 @@ pub fn run_to_completion(mut command: Command) -> anyhow::Result<(bool, String)>
     text.push_str(&String::from_utf8_lossy(&output.stderr));
     Ok((output.status.success(), text))
 }
+
+/// Which memory figure of a process [`memory_bytes`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Memory {
+    /// `VmRSS`: resident now.
+    Resident,
+    /// `VmHWM`: the most ever resident.
+    PeakResident,
+}
+
+/// A memory figure of process `pid`, from `/proc/<pid>/status`.
+pub fn memory_bytes(pid: u32, memory: Memory) -> anyhow::Result<u64> {
+    let field = match memory {
+        Memory::Resident => "VmRSS:",
+        Memory::PeakResident => "VmHWM:",
+    };
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no {field} in {path}"))?;
+    Ok(kib * 1024)
+}

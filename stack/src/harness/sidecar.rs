@@ -10,6 +10,7 @@ use anyhow::Context;
 use kv_sidecar::serve::config::{ModelConfig, ModelFiles};
 use kv_sidecar::serve::stream::StateStreamClient;
 use kvmesh_config::ModelSpec;
+use router_core::fleet::FleetView;
 use router_core::gateway::GatewayReport;
 use router_core::state_stream::{state_update, StateUpdate};
 
@@ -141,9 +142,10 @@ impl Sidecar {
     }
 
     /// The sidecar's current state: the snapshot a fresh state-stream
-    /// subscription receives first, its chunks joined. The chunks come back
-    /// to back and the stream's next update (a delta, at least the
-    /// once-a-second keepalive) says the snapshot is whole.
+    /// subscription receives first, its chunks applied to a replica (as a
+    /// filter does) and taken back as one. The chunks come back to back and
+    /// the stream's next update (a delta, at least the once-a-second
+    /// keepalive) says the snapshot is whole.
     pub fn state_snapshot(&self) -> anyhow::Result<StateUpdate> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -154,32 +156,23 @@ impl Sidecar {
             let reports = futures_util::stream::pending::<GatewayReport>();
             let mut stream = client.subscribe(reports).await?.into_inner();
             let next = Duration::from_secs(10);
-            let mut whole = tokio::time::timeout(next, stream.message())
+            let first = tokio::time::timeout(next, stream.message())
                 .await
                 .context("no snapshot within 10 s")??
                 .context("the stream ended before a snapshot")?;
+            let mut replica = FleetView::new(&first.model, usize::MAX);
+            replica.apply(&first)?;
             while let Ok(Ok(Some(update))) = tokio::time::timeout(next, stream.message()).await {
-                let (
-                    Some(state_update::Kind::Snapshot(into)),
-                    Some(state_update::Kind::Snapshot(chunk)),
-                ) = (whole.kind.as_mut(), update.kind)
-                else {
-                    break;
-                };
-                if !chunk.continues || update.version != whole.version {
+                let continues = matches!(
+                    &update.kind,
+                    Some(state_update::Kind::Snapshot(chunk)) if chunk.continues
+                );
+                if !continues {
                     break;
                 }
-                for worker in chunk.workers {
-                    match into.workers.last_mut() {
-                        // The rest of a worker the previous chunk ended in.
-                        Some(last) if last.worker_id == worker.worker_id => {
-                            last.blocks.extend(worker.blocks);
-                        }
-                        _ => into.workers.push(worker),
-                    }
-                }
+                replica.apply(&update)?;
             }
-            Ok(whole)
+            Ok(replica.snapshot())
         })
     }
 
@@ -202,17 +195,11 @@ impl Sidecar {
 /// Each worker's blocks in a state-stream snapshot (empty for other updates).
 pub fn blocks_by_worker(snapshot: &StateUpdate) -> BTreeMap<String, HashSet<u64>> {
     match &snapshot.kind {
-        // A worker's blocks may span several chunks.
-        Some(state_update::Kind::Snapshot(s)) => {
-            s.workers
-                .iter()
-                .fold(BTreeMap::new(), |mut held: BTreeMap<_, HashSet<u64>>, w| {
-                    held.entry(w.worker_id.clone())
-                        .or_default()
-                        .extend(w.blocks.iter().copied());
-                    held
-                })
-        }
+        Some(state_update::Kind::Snapshot(s)) => s
+            .workers
+            .iter()
+            .map(|w| (w.worker_id.clone(), w.blocks.iter().copied().collect()))
+            .collect(),
         _ => BTreeMap::new(),
     }
 }
