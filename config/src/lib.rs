@@ -4,6 +4,7 @@
 //! drift apart. No I/O: the filter builds it for `wasm32-wasip1`.
 
 mod block_size;
+pub mod data_parallel;
 mod enums;
 mod error;
 mod limits;

@@ -123,7 +123,7 @@ fn credit_shared(
         };
         let strides = shared.strides.get(..budget).unwrap_or(&shared.strides);
         budget -= strides.len();
-        if computing.record_shared(&worker.address, strides, now_ms) {
+        if computing.record_shared(worker.target.key(), strides, now_ms) {
             credited += 1;
         }
     }
@@ -227,6 +227,7 @@ mod tests {
                 worker_id: "w".into(),
                 address: W.into(),
                 role: WorkerRole::Both.into(),
+                data_parallel_rank: None,
             })),
             shared("w", vec![1, 2]),
             shared("gone", vec![3]),

@@ -60,6 +60,7 @@ fn fleet(blocks_per_worker: u64) -> FleetView {
                 worker_id: id.clone(),
                 address: format!("10.0.0.{w}:8000"),
                 role: 2,
+                data_parallel_rank: None,
             })),
         });
         let start = w * blocks_per_worker / 2;

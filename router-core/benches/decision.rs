@@ -71,6 +71,7 @@ fn fleet(hasher: &BlockHasher, workers: u32) -> FleetView {
                 worker_id: format!("w{w}"),
                 address: format!("10.0.{}.{}:8000", w / 256, w % 256),
                 role: WorkerRole::Both as i32,
+                data_parallel_rank: None,
             })),
         })
         .collect();

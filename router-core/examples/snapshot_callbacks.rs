@@ -41,6 +41,7 @@ fn main() {
                 worker_id: worker_id.clone(),
                 address: format!("10.0.{}.{}:8000", w / 256, w % 256),
                 role: WorkerRole::Both as i32,
+                data_parallel_rank: None,
             })),
         });
         let hashes = (0..blocks).map(|_| random()).collect();

@@ -15,13 +15,15 @@ use crate::state_stream::{
     change, state_update, Change, Delta, LoadReport, Snapshot, StateUpdate, WorkerRole,
     WorkerSnapshot,
 };
+use crate::target::Target;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerEntry {
     pub slot: WorkerSlot,
     pub worker_id: String,
-    /// `ip:port` as Envoy's pool cluster knows the worker.
-    pub address: String,
+    /// `ip:port` as Envoy's pool cluster knows the worker, and its rank
+    /// there when the engine runs several data-parallel ranks.
+    pub target: Target,
     pub role: WorkerRole,
     pub load: LoadReport,
 }
@@ -164,10 +166,11 @@ impl FleetView {
                 blocks.sort_unstable();
                 WorkerSnapshot {
                     worker_id: w.worker_id.clone(),
-                    address: w.address.clone(),
+                    address: w.target.address().to_owned(),
                     role: w.role as i32,
                     blocks,
                     load: Some(w.load.clone()),
+                    data_parallel_rank: w.target.data_parallel_rank(),
                 }
             })
             .collect();
@@ -192,7 +195,8 @@ impl FleetView {
         let mut stats = ApplyStats::default();
         for worker in &snapshot.workers {
             let role = WorkerRole::try_from(worker.role).unwrap_or(WorkerRole::Unspecified);
-            let slot = self.join(&worker.worker_id, &worker.address, role);
+            let target = Target::new(&*worker.address, worker.data_parallel_rank);
+            let slot = self.join(&worker.worker_id, target, role);
             if let Some(load) = &worker.load {
                 self.set_load(load);
             }
@@ -211,7 +215,11 @@ impl FleetView {
                 None => true,
                 Some(change::Kind::Joined(j)) => {
                     let role = WorkerRole::try_from(j.role).unwrap_or(WorkerRole::Unspecified);
-                    self.join(&j.worker_id, &j.address, role);
+                    self.join(
+                        &j.worker_id,
+                        Target::new(&*j.address, j.data_parallel_rank),
+                        role,
+                    );
                     true
                 }
                 Some(change::Kind::Left(l)) => self.leave(&l.worker_id),
@@ -255,10 +263,10 @@ impl FleetView {
         self.workers.get(worker_id).map(|w| w.slot)
     }
 
-    /// Registers a worker (or updates its address and role); returns its slot.
-    fn join(&mut self, worker_id: &str, address: &str, role: WorkerRole) -> WorkerSlot {
+    /// Registers a worker (or updates its target and role); returns its slot.
+    fn join(&mut self, worker_id: &str, target: Target, role: WorkerRole) -> WorkerSlot {
         if let Some(entry) = self.workers.get_mut(worker_id) {
-            entry.address = address.to_owned();
+            entry.target = target;
             entry.role = role;
             return entry.slot;
         }
@@ -277,7 +285,7 @@ impl FleetView {
             WorkerEntry {
                 slot,
                 worker_id: worker_id.to_owned(),
-                address: address.to_owned(),
+                target,
                 role,
                 load: LoadReport {
                     worker_id: worker_id.to_owned(),
@@ -325,6 +333,7 @@ mod tests {
                 worker_id: id.into(),
                 address: format!("127.0.0.1:{}", 8000 + id.len()),
                 role: WorkerRole::Decode as i32,
+                data_parallel_rank: None,
             })),
         }
     }

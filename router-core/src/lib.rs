@@ -11,5 +11,7 @@ pub mod protocol;
 pub mod request;
 pub mod routing;
 pub mod state_stream;
+pub mod target;
 
 pub use hashing::{BlockHasher, BlockSize, HashSeed, LocalBlockHash, SeqHash};
+pub use target::Target;

@@ -59,6 +59,13 @@ pub struct Config {
     #[arg(long, default_value_t = 30_000)]
     pub num_gpu_blocks: usize,
     /// Most requests in one batch.
+    /// Data-parallel ranks behind each worker's one HTTP port, each with its
+    /// own KV cache, scheduler, metrics series (`engine="<rank>"`) and KV
+    /// event publisher on the endpoint's port plus the rank, as vLLM's
+    /// `--data-parallel-size` runs them. `X-Data-Parallel-Rank` picks the
+    /// rank; without it the least busy one serves.
+    #[arg(long, default_value_t = 1)]
+    pub data_parallel_size: usize,
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
     /// Most tokens (prefill chunks + decodes) in one iteration.
@@ -130,6 +137,10 @@ impl Config {
             "--num-gpu-blocks must be at least 1"
         );
         anyhow::ensure!(self.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
+        anyhow::ensure!(
+            (1..=256).contains(&self.data_parallel_size),
+            "--data-parallel-size must be 1 to 256"
+        );
         anyhow::ensure!(
             self.max_num_batched_tokens >= 1,
             "--max-num-batched-tokens must be at least 1"

@@ -1,8 +1,11 @@
-//! Prometheus metrics under vLLM's names, labelled `model_name`, so load
-//! scrapers written for vLLM work unchanged. prometheus-client appends
-//! `_total` to counters itself, so counters are registered without it.
+//! Prometheus metrics under vLLM's names, labelled `model_name` and
+//! `engine` (the data-parallel rank, `0` without data parallelism, as vLLM
+//! labels them), so load scrapers written for vLLM work unchanged.
+//! prometheus-client appends `_total` to counters itself, so counters are
+//! registered without it.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
@@ -47,11 +50,14 @@ pub struct EngineMetrics {
 }
 
 impl EngineMetrics {
-    pub fn new(model: &str) -> Self {
-        let mut registry = Registry::with_labels(std::iter::once((
-            Cow::Borrowed("model_name"),
-            Cow::Owned(model.to_owned()),
-        )));
+    pub fn new(model: &str, rank: usize) -> Self {
+        let mut registry = Registry::with_labels(
+            [
+                (Cow::Borrowed("engine"), Cow::Owned(rank.to_string())),
+                (Cow::Borrowed("model_name"), Cow::Owned(model.to_owned())),
+            ]
+            .into_iter(),
+        );
         let metrics = Self {
             running: Gauge::default(),
             waiting: Gauge::default(),
@@ -201,6 +207,45 @@ impl EngineMetrics {
     }
 }
 
+/// Several ranks' expositions as one, as one process serves them: each
+/// family's `# HELP`/`# TYPE` once, then every rank's samples of it.
+pub fn merge_expositions(texts: &[String]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut families: HashMap<&str, (Vec<&str>, Vec<&str>)> = HashMap::new();
+    for text in texts {
+        let mut family = None;
+        for line in text.lines() {
+            let header = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "));
+            if let Some(rest) = header {
+                let name = rest.split(' ').next().unwrap_or_default();
+                let (headers, _) = families.entry(name).or_insert_with(|| {
+                    order.push(name);
+                    Default::default()
+                });
+                if !headers.contains(&line) {
+                    headers.push(line);
+                }
+                family = Some(name);
+            } else if let Some((_, samples)) = family.and_then(|name| families.get_mut(name)) {
+                samples.push(line);
+            }
+        }
+    }
+    let mut merged = String::new();
+    for name in order {
+        let Some((headers, samples)) = families.get(name) else {
+            continue;
+        };
+        for line in headers.iter().chain(samples) {
+            merged.push_str(line);
+            merged.push('\n');
+        }
+    }
+    merged
+}
+
 /// prometheus-client writes OpenMetrics: counters' `# HELP`/`# TYPE` lines
 /// name the family without `_total`, and a `# EOF` line ends the text.
 /// Prometheus text 0.0.4 (what vLLM's Python client serves, with
@@ -239,7 +284,7 @@ mod tests {
 
     #[test]
     fn exposes_vllm_names_with_model_label() {
-        let metrics = EngineMetrics::new("qwen3");
+        let metrics = EngineMetrics::new("qwen3", 0);
         let counters = SchedulerCounters {
             prefix_cache_queries: 10,
             prefix_cache_hits: 4,
@@ -254,16 +299,48 @@ mod tests {
         metrics.record(load, counters, &[]);
         let text = metrics.render();
         for line in [
-            "vllm:num_requests_running{model_name=\"qwen3\"} 2",
-            "vllm:num_requests_waiting{model_name=\"qwen3\"} 1",
-            "vllm:kv_cache_usage_perc{model_name=\"qwen3\"} 0.25",
-            "vllm:prefix_cache_queries_total{model_name=\"qwen3\"} 10",
-            "vllm:prefix_cache_hits_total{model_name=\"qwen3\"} 4",
-            "vllm:time_to_first_token_seconds_count{model_name=\"qwen3\"} 1",
+            "vllm:num_requests_running{engine=\"0\",model_name=\"qwen3\"} 2",
+            "vllm:num_requests_waiting{engine=\"0\",model_name=\"qwen3\"} 1",
+            "vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"qwen3\"} 0.25",
+            "vllm:prefix_cache_queries_total{engine=\"0\",model_name=\"qwen3\"} 10",
+            "vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"qwen3\"} 4",
+            "vllm:time_to_first_token_seconds_count{engine=\"0\",model_name=\"qwen3\"} 1",
             "# TYPE vllm:prefix_cache_hits_total counter",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn ranks_share_one_exposition() {
+        let ranks: Vec<EngineMetrics> = (0..2).map(|r| EngineMetrics::new("m", r)).collect();
+        let load = |running| LoadSnapshot {
+            running,
+            waiting: 0,
+            kv_cache_usage: 0.0,
+        };
+        ranks[0].record(load(3), SchedulerCounters::default(), &[]);
+        ranks[1].record(load(5), SchedulerCounters::default(), &[0.1]);
+        let texts: Vec<String> = ranks.iter().map(EngineMetrics::render).collect();
+        let merged = merge_expositions(&texts);
+        let lines: Vec<&str> = merged.lines().collect();
+        let at = |line: &str| lines.iter().position(|l| *l == line);
+        let help = at("# TYPE vllm:num_requests_running gauge").unwrap();
+        let rank0 = at("vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3").unwrap();
+        let rank1 = at("vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 5").unwrap();
+        assert!(help < rank0 && rank0 < rank1);
+        assert_eq!(
+            lines.iter().filter(|l| l.starts_with("# TYPE ")).count(),
+            texts[0]
+                .lines()
+                .filter(|l| l.starts_with("# TYPE "))
+                .count()
+        );
+        assert_eq!(
+            merged.lines().count(),
+            texts.iter().map(|t| t.lines().count()).sum::<usize>()
+                - texts[1].lines().filter(|l| l.starts_with('#')).count()
+        );
     }
 }

@@ -1,7 +1,8 @@
-//! One simulated worker: its KV cache, scheduler and engine loop, metrics,
-//! fault settings, KV event sockets and HTTP listener, built from the
-//! process's flags and the worker's [`WorkerSlot`]. Workers hosted by one
-//! process share nothing else but the loaded tokenizer and chat template.
+//! One simulated worker: per data-parallel rank its KV cache, scheduler and
+//! engine loop, metrics and KV event sockets; its fault settings and HTTP
+//! listener, built from the process's flags and the worker's
+//! [`WorkerSlot`]. Workers hosted by one process share nothing else but the
+//! loaded tokenizer and chat template.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,10 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use chat_template::ChatTemplate;
+use kvmesh_config::data_parallel::offset_endpoint;
 use router_core::{BlockHasher, HashSeed};
 use tracing::Instrument;
 
 use crate::api::kv_transfer::{TransferSettings, Transfers};
+use crate::api::ranks::{Rank, Ranks};
 use crate::api::{self, AppState, ServedModel};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -61,47 +64,17 @@ pub async fn start(
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + Send + 'static> {
     let span = tracing::info_span!("worker", id = %slot.worker_id);
     let block_size = config.block_size;
-    let kvmesh_hasher = BlockHasher::new(block_size, HashSeed::for_model(&config.model, None));
-    let cache = KvCache::new(
-        config.num_gpu_blocks,
-        EngineHasher::new(&config.engine_hash_seed),
-        kvmesh_hasher,
-    );
-    let scheduler = Scheduler::new(
-        cache,
-        SchedulerLimits {
-            max_num_seqs: config.max_num_seqs,
-            max_num_batched_tokens: config.max_num_batched_tokens,
-        },
-    );
     let faults = Arc::new(Faults::new(config.faults.clone()));
-    let metrics = Arc::new(EngineMetrics::new(&config.model));
-    let events = match &slot.kv_events_endpoint {
-        Some(endpoint) => Some(
-            publisher::start(
-                PublisherSettings {
-                    endpoint: endpoint.clone(),
-                    replay_endpoint: slot.kv_events_replay_endpoint.clone(),
-                    topic: config.kv_events_topic.clone(),
-                    format: config.kv_events_format,
-                    block_size: block_size.get(),
-                    replay_capacity: config.kv_events_replay_buffer,
-                },
-                Arc::clone(&faults),
-            )
-            .instrument(span.clone())
-            .await?,
-        ),
-        None => None,
-    };
-    let engine = Arc::new(Engine::new(
-        scheduler,
-        config.timing.clone(),
-        config.speedup,
-        Arc::clone(&metrics),
-        events,
-    ));
-    tokio::spawn(Arc::clone(&engine).run().instrument(span.clone()));
+    let mut ranks = Vec::with_capacity(config.data_parallel_size);
+    for rank in 0..config.data_parallel_size {
+        let span = tracing::info_span!(parent: &span, "rank", rank);
+        let engine = start_rank(config, &slot, rank, &faults)
+            .instrument(span)
+            .await
+            .with_context(|| format!("starting data-parallel rank {rank}"))?;
+        ranks.push(engine);
+    }
+    let ranks = Ranks::new(ranks).context("--data-parallel-size must be at least 1")?;
 
     let address = format!("{}:{}", config.host, slot.port);
     let listener = http_listen::bind(&address).await?;
@@ -130,8 +103,7 @@ pub async fn start(
         &slot.worker_id,
         Arc::clone(&assets.codec),
         Arc::clone(&assets.template),
-        engine,
-        metrics,
+        ranks,
         faults,
         transfers,
         assets.started_unix,
@@ -142,6 +114,7 @@ pub async fn start(
             model = %config.model,
             blocks = config.num_gpu_blocks,
             block_size = block_size.get(),
+            data_parallel_size = config.data_parallel_size,
             speedup = config.speedup,
             "sim-engine listening"
         )
@@ -158,6 +131,65 @@ pub async fn start(
             .context("serving HTTP")
     }
     .instrument(span))
+}
+
+/// Starts one data-parallel rank: its cache, scheduler, engine loop and
+/// metrics, and its KV event publisher on the worker's endpoints offset by
+/// the rank, as vLLM binds them.
+async fn start_rank(
+    config: &Config,
+    slot: &WorkerSlot,
+    rank: usize,
+    faults: &Arc<Faults>,
+) -> anyhow::Result<Rank> {
+    let block_size = config.block_size;
+    let kvmesh_hasher = BlockHasher::new(block_size, HashSeed::for_model(&config.model, None));
+    let cache = KvCache::new(
+        config.num_gpu_blocks,
+        EngineHasher::new(&config.engine_hash_seed),
+        kvmesh_hasher,
+    );
+    let scheduler = Scheduler::new(
+        cache,
+        SchedulerLimits {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        },
+    );
+    let metrics = Arc::new(EngineMetrics::new(&config.model, rank));
+    let rank_number = u32::try_from(rank).context("too many ranks")?;
+    let offset = |endpoint: &String| offset_endpoint(endpoint, rank_number);
+    let events = match &slot.kv_events_endpoint {
+        Some(endpoint) => Some(
+            publisher::start(
+                PublisherSettings {
+                    endpoint: offset(endpoint)?,
+                    replay_endpoint: slot
+                        .kv_events_replay_endpoint
+                        .as_ref()
+                        .map(offset)
+                        .transpose()?,
+                    topic: config.kv_events_topic.clone(),
+                    format: config.kv_events_format,
+                    block_size: block_size.get(),
+                    replay_capacity: config.kv_events_replay_buffer,
+                    data_parallel_rank: rank_number,
+                },
+                Arc::clone(faults),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let engine = Arc::new(Engine::new(
+        scheduler,
+        config.timing.clone(),
+        config.speedup,
+        Arc::clone(&metrics),
+        events,
+    ));
+    tokio::spawn(Arc::clone(&engine).run().in_current_span());
+    Ok(Rank { engine, metrics })
 }
 
 /// Binds the SGLang-style rendezvous server of a prefill engine and serves

@@ -226,13 +226,16 @@ def main():
     parser.add_argument("--replay-port", type=int, required=True)
     parser.add_argument("--topic", default="kv-events")
     parser.add_argument("--hash-style", choices=["signed", "unsigned", "bytes"], required=True)
+    # The engine's own publisher binds the ports plus the rank and stamps
+    # every batch with it, as each data-parallel rank of an engine does.
+    parser.add_argument("--data-parallel-rank", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     module = load_kv_events(args.wheel, args.engine)
     engine = Engine(module, args.engine, args.hash_style)
     publisher = module.ZmqEventPublisher(
-        0,
+        args.data_parallel_rank,
         endpoint=f"tcp://*:{args.pub_port}",
         replay_endpoint=f"tcp://127.0.0.1:{args.replay_port}",
         topic=args.topic,

@@ -7,7 +7,10 @@
 //! relay must replay), undecodable batches inside a replay, a relay
 //! restart and an engine restart. After each phase the sidecar's index of the worker must equal
 //! the ground truth computed from the events, and no reset may report lost
-//! events: replay could repair every gap here.
+//! events: replay could repair every gap here. For the newest releases,
+//! two data-parallel ranks of one engine as well: each rank's own publisher
+//! binds the configured ports plus its rank and stamps its batches, and a
+//! relay per rank must index exactly its rank's cache.
 // Integration test: its helpers fail the test by panicking, like its tests
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -270,6 +273,21 @@ impl Bench {
     /// Starts a relay for `engine` and waits until its subscription is in
     /// (a PUB socket drops what it sends before then).
     fn relay(&self, release: &EngineRelease, engine: &EnginePublisher, worker: &str) -> Relay {
+        let endpoints = (engine.endpoint(), engine.replay_endpoint());
+        self.relay_at(release, endpoints, worker, &[])
+    }
+
+    /// As [`relay`](Self::relay), on the engine endpoints `(publish,
+    /// replay)` and with further flags.
+    fn relay_at(
+        &self,
+        release: &EngineRelease,
+        (publish, replay): (String, String),
+        worker: &str,
+        extra: &[&str],
+    ) -> Relay {
+        let mut extra_args = vec!["--zmq-topic".into(), "kv-events".into()];
+        extra_args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let relay = Relay::start(&RelayOptions {
             engine: release.engine,
             nats_url: self.nats.url(),
@@ -277,10 +295,10 @@ impl Bench {
             model: MODEL.into(),
             address: "127.0.0.1:9".into(),
             block_size: BLOCK,
-            zmq_endpoint: Some(engine.endpoint()),
-            zmq_replay_endpoint: Some(engine.replay_endpoint()),
+            zmq_endpoint: Some(publish),
+            zmq_replay_endpoint: Some(replay),
             metrics_url: None,
-            extra_args: vec!["--zmq-topic".into(), "kv-events".into()],
+            extra_args,
         })
         .expect("relay starts");
         let deadline = Instant::now() + SETTLE;
@@ -454,6 +472,64 @@ fn conform(release: EngineRelease, seed: u64) {
     );
 }
 
+/// Two data-parallel ranks of one engine, each running the release's own
+/// publisher with the engine's configured ports, and one relay per rank
+/// given those same ports and `--data-parallel-rank`: each relay must find
+/// its rank's sockets and index exactly its rank's cache, events published
+/// before it started included. A relay whose ports are one below the
+/// engine's lands, for rank 1, on rank 0's sockets: it must skip every batch
+/// (stamped rank 0 by the engine) and index nothing.
+fn data_parallel_ranks(release: EngineRelease, seed: u64) {
+    let bench = Bench::start();
+    let mut engines = EnginePublisher::start_ranks(&release, 2).expect("rank publishers start");
+    let mut truths: Vec<Truth> = (0..2u64)
+        .map(|rank| Truth::new(seed + rank, engines[0].capabilities))
+        .collect();
+    for (engine, truth) in engines.iter_mut().zip(&mut truths) {
+        for _ in 0..8 {
+            let events = truth.step();
+            engine.publish(&events, false).expect("engine publishes");
+        }
+    }
+    let configured = (engines[0].endpoint(), engines[0].replay_endpoint());
+    let relays: Vec<Relay> = (0..2)
+        .map(|rank| {
+            let rank = rank.to_string();
+            let worker = format!("dp-{rank}");
+            let flags = ["--data-parallel-rank", rank.as_str()];
+            bench.relay_at(&release, configured.clone(), &worker, &flags)
+        })
+        .collect();
+    let one_below = |endpoint: &str| {
+        let (host, port) = endpoint.rsplit_once(':').unwrap();
+        format!("{host}:{}", port.parse::<u16>().unwrap() - 1)
+    };
+    let misconfigured = bench.relay_at(
+        &release,
+        (one_below(&configured.0), one_below(&configured.1)),
+        "dp-misconfigured",
+        &["--data-parallel-rank", "1"],
+    );
+    for (engine, truth) in engines.iter_mut().zip(&mut truths) {
+        wake(engine, truth);
+    }
+    for (rank, (truth, relay)) in truths.iter().zip(&relays).enumerate() {
+        let worker = format!("dp-{rank}");
+        bench.assert_converges(&worker, truth, "data-parallel rank");
+        assert_nothing_lost(relay, &worker, "data-parallel rank");
+        assert_eq!(
+            relay.metric("kvmesh_relay_foreign_rank_batches_total", ""),
+            0.0,
+            "{worker}"
+        );
+    }
+    assert!(misconfigured.metric("kvmesh_relay_foreign_rank_batches_total", "") >= 2.0);
+    let indexed = bench.sidecar.blocks_by_worker().expect("sidecar snapshot");
+    assert!(indexed
+        .get("dp-misconfigured")
+        .is_none_or(HashSet::is_empty));
+}
+
 fn release(engine: EngineKind, version: &'static str, hash_style: HashStyle) -> EngineRelease {
     EngineRelease {
         engine,
@@ -525,5 +601,20 @@ fn sglang_newest() {
     conform(
         release(EngineKind::Sglang, "0.5.23", HashStyle::Signed),
         523,
+    );
+}
+
+/// vLLM's data-parallel ranks, newest release.
+#[test]
+fn vllm_data_parallel_ranks() {
+    data_parallel_ranks(release(EngineKind::Vllm, "0.33.0", HashStyle::Bytes), 330);
+}
+
+/// SGLang's data-parallel ranks, newest release.
+#[test]
+fn sglang_data_parallel_ranks() {
+    data_parallel_ranks(
+        release(EngineKind::Sglang, "0.5.23", HashStyle::Signed),
+        5230,
     );
 }

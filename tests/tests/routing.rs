@@ -855,3 +855,242 @@ fn losing_nats_routes_approximately_and_recovery_restores_precise_routing() {
     assert_eq!(stack.counter("kvmesh_state_synced_vms"), vms);
     assert_eq!(stack.sidecar.known_workers().unwrap(), WORKERS);
 }
+
+/// One sim-engine API server fronting two data-parallel ranks
+/// (`--data-parallel-size 2`), each rank with its own relay
+/// (`--data-parallel-rank`) reading the rank's own event socket and metrics
+/// series, as vLLM and SGLang deployments with data parallelism run. Both
+/// ranks share one address, so only the `X-Data-Parallel-Rank` header the
+/// filter sets can send a prompt back to the rank holding its prefix: the
+/// engine's own balancer would put every one of these sequential requests
+/// on idle rank 0.
+#[test]
+fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
+    use kvmesh_config::EngineKind;
+    use kvmesh_stack::harness::gateway::Gateway;
+    use kvmesh_stack::harness::relay::{Relay, RelayOptions};
+    use kvmesh_stack::harness::sim::KvEventEndpoints;
+    use kvmesh_stack::harness::SimEngine;
+
+    let nats = NatsServer::start().unwrap();
+    let events = KvEventEndpoints::on_free_ports_for_ranks(2).unwrap();
+    let sim = SimEngine::start(
+        SimEngineOptions::new(MODEL, "dp-engine")
+            .args(["--speedup", "20", "--data-parallel-size", "2"])
+            .args(["--block-size".to_owned(), BLOCK.to_string()])
+            .args(events.args()),
+    )
+    .unwrap();
+    let relays: Vec<Relay> = (0..2)
+        .map(|rank| {
+            Relay::start(&RelayOptions {
+                engine: EngineKind::Vllm,
+                nats_url: nats.url(),
+                worker_id: format!("dp-{rank}"),
+                model: MODEL.to_owned(),
+                address: sim.address(),
+                block_size: BLOCK,
+                // The engine's configured endpoints: each relay finds its
+                // rank's sockets from them.
+                zmq_endpoint: Some(events.publish.clone()),
+                zmq_replay_endpoint: Some(events.replay.clone()),
+                metrics_url: Some(format!("{}/metrics", sim.url())),
+                extra_args: vec![
+                    "--data-parallel-rank".into(),
+                    rank.to_string(),
+                    "--load-interval".into(),
+                    "200ms".into(),
+                ],
+            })
+            .unwrap()
+        })
+        .collect();
+    let model = SidecarModel {
+        name: MODEL.to_owned(),
+        block_size: BLOCK,
+        tokenizer: None,
+    }
+    .config();
+    let route = ModelRoute::new(MODEL, BLOCK, vec![sim.address()]);
+    let gateway = Gateway::start(&nats.url(), &[model], vec![route], |config| {
+        config.debug_headers = true;
+    })
+    .unwrap();
+    gateway.wait_for_fleet_state(2).unwrap();
+
+    let listed: Value = http_client()
+        .get(format!("{}/v1/workers", gateway.sidecar.http_url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut listed: Vec<(String, String, u64)> = listed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["worker_id"].as_str().unwrap().to_owned(),
+                w["address"].as_str().unwrap().to_owned(),
+                w["data_parallel_rank"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("dp-0".to_owned(), sim.address(), 0),
+            ("dp-1".to_owned(), sim.address(), 1)
+        ]
+    );
+
+    // Prefix r + 1 warmed on rank r, straight at the engine.
+    let blocks = 8;
+    let completions = format!("{}/v1/completions", sim.url());
+    for rank in 0..2u32 {
+        let response = http_client()
+            .post(&completions)
+            .header("x-data-parallel-rank", rank.to_string())
+            .json(&prefixed_completion(rank + 1, blocks, 0, 2))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["x-sim-data-parallel-rank"],
+            rank.to_string().as_str()
+        );
+    }
+    let hasher = router_core::BlockHasher::new(
+        router_core::BlockSize::new(BLOCK).unwrap(),
+        router_core::HashSeed::for_model(MODEL, None),
+    );
+    let prefix = |id: u32| -> HashSet<u64> {
+        let body = prefixed_completion(id, blocks, 0, 2);
+        let tokens: Vec<u32> = serde_json::from_value(body["prompt"].clone()).unwrap();
+        hasher
+            .sequence_hashes(&tokens)
+            .iter()
+            .map(|h| h.0)
+            .collect()
+    };
+    let (on_rank0, on_rank1) = (prefix(1), prefix(2));
+    poll_until(
+        "the sidecar to index each rank's own blocks",
+        SETTLE,
+        || {
+            let Ok(indexed) = gateway.sidecar.blocks_by_worker() else {
+                return false;
+            };
+            let (Some(rank0), Some(rank1)) = (indexed.get("dp-0"), indexed.get("dp-1")) else {
+                return false;
+            };
+            rank0.is_superset(&on_rank0) && rank1.is_superset(&on_rank1)
+        },
+    )
+    .unwrap();
+    let indexed = gateway.sidecar.blocks_by_worker().unwrap();
+    assert!(
+        indexed["dp-0"].is_disjoint(&on_rank1),
+        "rank 1's events reached rank 0's relay"
+    );
+    assert!(
+        indexed["dp-1"].is_disjoint(&on_rank0),
+        "rank 0's events reached rank 1's relay"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Follow-ups through the gateway return to the rank holding them, and a
+    // client's own rank header does not survive the filter.
+    let gateway_completions = format!("{}/v1/completions", gateway.envoy.gateway_url());
+    for rank in [1u32, 0, 1] {
+        let response = http_client()
+            .post(&gateway_completions)
+            .header("x-data-parallel-rank", "0")
+            .json(&prefixed_completion(rank + 1, blocks, 1 + rank, 2))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        let body: Value = response.json().unwrap();
+        let cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(cached >= u64::from(blocks * BLOCK), "rank {rank}: {body}");
+        assert_eq!(headers["x-kvmesh-mode"], "precise");
+        assert_eq!(
+            headers["x-kvmesh-worker"],
+            format!("{}#{rank}", sim.address()).as_str()
+        );
+        assert_eq!(
+            headers["x-sim-data-parallel-rank"],
+            rank.to_string().as_str()
+        );
+    }
+
+    // Each rank counted its own prompts, and each relay reads its own
+    // series of the engine's one /metrics: a long answer running on rank 1
+    // is rank 1's load only.
+    let metrics = format!("{}/metrics", sim.url());
+    let prompt_tokens = |rank: u32| {
+        prometheus_sum(
+            &metrics,
+            "vllm:prompt_tokens_total",
+            &format!("engine=\"{rank}\""),
+        )
+    };
+    let prompt = f64::from((blocks + 1) * BLOCK);
+    assert_eq!(prompt_tokens(0), 2.0 * prompt);
+    assert_eq!(prompt_tokens(1), 3.0 * prompt);
+    let mut long = prefixed_completion(9, 1, 0, 20_000);
+    long["stream"] = json!(true);
+    let running = http_client()
+        .post(&completions)
+        .header("x-data-parallel-rank", "1")
+        .json(&long)
+        .send()
+        .unwrap();
+    assert_eq!(running.status(), 200);
+    let running_by_worker = || -> BTreeMap<String, u64> {
+        let listed: Value = http_client()
+            .get(format!("{}/v1/workers", gateway.sidecar.http_url()))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        listed["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let id = w["worker_id"].as_str().unwrap().to_owned();
+                (id, w["load"]["running"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let expected = BTreeMap::from([("dp-0".to_owned(), 0), ("dp-1".to_owned(), 1)]);
+    poll_until(
+        "the running request to be rank 1's load only",
+        SETTLE,
+        || running_by_worker() == expected,
+    )
+    .unwrap();
+    drop(running);
+    for relay in &relays {
+        assert_eq!(
+            relay.metric("kvmesh_relay_foreign_rank_batches_total", ""),
+            0.0
+        );
+        assert_eq!(
+            relay.metric("kvmesh_relay_load_scrape_errors_total", ""),
+            0.0
+        );
+    }
+    assert_eq!(
+        gateway
+            .envoy
+            .stat("wasmcustom.kvmesh_forged_headers_removed")
+            .unwrap(),
+        3
+    );
+}

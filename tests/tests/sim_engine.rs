@@ -277,7 +277,8 @@ fn decode_batch(payload: &[u8], format: &str) -> Vec<Event> {
         fields[0].as_f64().expect("float ts") > 1.0e9,
         "unix seconds"
     );
-    assert!(fields[2].is_nil(), "data_parallel_rank");
+    // Stamped with the publishing rank, as vLLM's publisher stamps it.
+    assert_eq!(fields[2].as_u64(), Some(0), "data_parallel_rank");
     fields[1]
         .as_array()
         .expect("events")
@@ -739,13 +740,22 @@ fn scrape(engine: &SimEngine) -> Exposition {
     Exposition::parse(&response.text().unwrap())
 }
 
-/// The value of the sample `name` labelled with our model.
+/// The value of the sample `name` labelled with our model (and rank 0, as
+/// vLLM labels an engine without data parallelism).
 fn sample(exposition: &Exposition, name: &str) -> f64 {
-    let labels = BTreeMap::from([("model_name".to_owned(), MODEL.to_owned())]);
+    rank_sample(exposition, name, 0)
+}
+
+/// The value of data-parallel rank `rank`'s sample `name`.
+fn rank_sample(exposition: &Exposition, name: &str, rank: u32) -> f64 {
+    let labels = BTreeMap::from([
+        ("engine".to_owned(), rank.to_string()),
+        ("model_name".to_owned(), MODEL.to_owned()),
+    ]);
     *exposition
         .samples
         .get(&(name.to_owned(), labels))
-        .unwrap_or_else(|| panic!("no sample {name}"))
+        .unwrap_or_else(|| panic!("no sample {name} of rank {rank}"))
 }
 
 #[test]
@@ -798,6 +808,63 @@ fn metrics_parse_and_counters_follow_requests() {
         let header = response.header("endpoint-load-metrics").unwrap();
         assert!(header.starts_with(prefix), "{header}");
         assert!(header.contains("num_requests_waiting"), "{header}");
+    }
+}
+
+/// `--data-parallel-size 2`: two engines behind one port, chosen by
+/// `X-Data-Parallel-Rank` (else the least busy, rank 0 when idle), each
+/// with its own cache and metrics series in one valid exposition.
+#[test]
+fn data_parallel_ranks_are_engines_of_their_own_behind_one_port() {
+    let engine = byte_engine(&["--speedup", "100", "--data-parallel-size", "2"]);
+    let url = format!("{}/v1/completions", engine.url());
+    let prompt = tokens(0, 100);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2}).to_string();
+    let send = |rank: Option<&str>| {
+        let headers: Vec<(&str, &str)> = rank
+            .map(|r| ("x-data-parallel-rank", r))
+            .into_iter()
+            .collect();
+        post(&http_client(), &url, body.clone(), &headers).unwrap()
+    };
+    let first = send(Some("1"));
+    let again = send(Some("1"));
+    let unnamed = send(None);
+    for (response, rank, cached) in [(&first, "1", 0), (&again, "1", 96), (&unnamed, "0", 0)] {
+        assert_eq!(response.status, 200, "{}", response.text);
+        assert_eq!(response.header("x-sim-data-parallel-rank"), Some(rank));
+        assert_eq!(cached_tokens(response), cached, "rank {rank}");
+    }
+    for bad in ["2", "one", "-1"] {
+        let refused = send(Some(bad));
+        assert_eq!(refused.status, 400, "{bad}");
+        let error = refused.json().unwrap();
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    }
+    let metrics = scrape(&engine);
+    assert_eq!(rank_sample(&metrics, "vllm:prompt_tokens_total", 1), 200.0);
+    assert_eq!(rank_sample(&metrics, "vllm:prompt_tokens_total", 0), 100.0);
+    assert_eq!(
+        rank_sample(&metrics, "vllm:prefix_cache_hits_total", 1),
+        96.0
+    );
+    assert_eq!(
+        rank_sample(&metrics, "vllm:prefix_cache_hits_total", 0),
+        0.0
+    );
+    let cache = |rank: &str| -> Value {
+        http_client()
+            .get(format!("{}/sim/cache", engine.url()))
+            .header("x-data-parallel-rank", rank)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    for rank in ["0", "1"] {
+        let cache = cache(rank);
+        assert_eq!(cache["data_parallel_rank"].to_string(), rank);
+        assert_eq!(cache["blocks"].as_array().unwrap().len(), 6, "rank {rank}");
     }
 }
 

@@ -17,7 +17,8 @@ use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::prefix_keys::PrefixKeys;
 use router_core::routing::prompt::{is_tokenizable, PromptIdentity};
 use router_core::routing::{plan, Decision, Mode, RoutedPrompt, RoutingPlan, Signals};
-use router_core::SeqHash;
+use router_core::target::DATA_PARALLEL_RANK_HEADER;
+use router_core::{SeqHash, Target};
 use serde::Deserialize;
 
 mod prefill;
@@ -40,9 +41,14 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 pub const POOL_HEADER: &str = "x-kvmesh-pool";
 /// Prefix of kvmesh's internal headers; never accepted from clients.
 pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
-/// Request headers only the filter may send upstream: the routing headers,
-/// and the request for an engine's load report (its answer is the filter's).
-const RESERVED_HEADERS: [&str; 2] = [DESTINATION_HEADER, orca::FORMAT_HEADER];
+/// Request headers only the filter may send upstream: the routing headers
+/// (the worker, and its data-parallel rank behind that address), and the
+/// request for an engine's load report (its answer is the filter's).
+const RESERVED_HEADERS: [&str; 3] = [
+    DESTINATION_HEADER,
+    DATA_PARALLEL_RANK_HEADER,
+    orca::FORMAT_HEADER,
+];
 
 pub struct InferenceStream<H: Host = EnvoyHost> {
     host: H,
@@ -94,13 +100,19 @@ impl Phase {
 
 /// A routed request's hold on shared state until its stream ends.
 struct Routed {
-    /// Its share of the chosen worker's in-flight load; `None` when no
-    /// worker was chosen.
-    ticket: Option<Ticket>,
+    /// The chosen worker and its share of in-flight load there; `None` when
+    /// no worker was chosen.
+    steered: Option<Steered>,
     /// An SGLang prefill leg running beside the decode leg.
     prefill: Option<PrefillLeg>,
     /// What the opt-in debug response headers say.
     debug: Option<DebugHeaders>,
+}
+
+/// Where a request was steered, and the load it holds there.
+struct Steered {
+    target: Target,
+    ticket: Ticket,
 }
 
 /// The decision, and the worker that prefilled the prompt for the chosen
@@ -512,7 +524,7 @@ impl<H: Host> InferenceStream<H> {
         let Some(model) = config.model(model) else {
             self.metrics.fallback.inc(&self.host);
             return Phase::Routed(Routed {
-                ticket: None,
+                steered: None,
                 prefill: None,
                 debug: None,
             });
@@ -619,7 +631,10 @@ impl<H: Host> InferenceStream<H> {
         let most_cached = decision.most_cached_blocks.to_string();
         let headers = [
             ("x-kvmesh-mode", decision.mode.as_str()),
-            ("x-kvmesh-worker", decision.address.as_deref().unwrap_or("")),
+            (
+                "x-kvmesh-worker",
+                decision.target.as_ref().map_or("", Target::key),
+            ),
             ("x-kvmesh-cached-blocks", cached.as_str()),
             ("x-kvmesh-most-cached-blocks", most_cached.as_str()),
         ];
@@ -647,7 +662,7 @@ impl<H: Host> InferenceStream<H> {
         prefill_worker: Option<&str>,
     ) -> Routed {
         Routed {
-            ticket: self.steer(decision, block_size, prefill_worker.is_some()),
+            steered: self.steer(decision, block_size, prefill_worker.is_some()),
             prefill: None,
             debug: self.config.debug_headers.then(|| DebugHeaders {
                 decision: decision.clone(),
@@ -656,19 +671,17 @@ impl<H: Host> InferenceStream<H> {
         }
     }
 
-    fn steer(&self, decision: &Decision, block_size: u64, remote_prefill: bool) -> Option<Ticket> {
-        let Some(address) = &decision.address else {
+    fn steer(&self, decision: &Decision, block_size: u64, remote_prefill: bool) -> Option<Steered> {
+        let Some(target) = &decision.target else {
             self.metrics.fallback.inc(&self.host);
             return None;
         };
-        if let Err(err) =
-            self.host
-                .set_header(MapType::HttpRequestHeaders, DESTINATION_HEADER, address)
-        {
+        if let Err(err) = self.set_target_headers(target) {
             self.host_error(err);
             self.metrics.fallback.inc(&self.host);
             return None;
         }
+        let address = target.address();
         let mode = match decision.mode {
             Mode::Precise => self.metrics.precise,
             Mode::Approximate => self.metrics.approximate,
@@ -702,12 +715,34 @@ impl<H: Host> InferenceStream<H> {
         } else {
             uncached * block_size
         };
-        Some(state.router.inflight.admit(RequestLoad {
-            decode: address,
+        let ticket = state.router.inflight.admit(RequestLoad {
+            decode: target.key(),
             prefill: None,
             prefill_tokens,
             blocks: u64::from(decision.prompt_blocks),
-        }))
+        });
+        Some(Steered {
+            target: target.clone(),
+            ticket,
+        })
+    }
+
+    /// Points Envoy's load balancer at `target`'s address, and the engine
+    /// there at its rank.
+    fn set_target_headers(&self, target: &Target) -> Result<(), HostError> {
+        self.host.set_header(
+            MapType::HttpRequestHeaders,
+            DESTINATION_HEADER,
+            target.address(),
+        )?;
+        if let Some(rank) = target.data_parallel_rank() {
+            self.host.set_header(
+                MapType::HttpRequestHeaders,
+                DATA_PARALLEL_RANK_HEADER,
+                &rank.to_string(),
+            )?;
+        }
+        Ok(())
     }
 
     /// Gives a request's share of a worker's in-flight load back.
@@ -808,14 +843,14 @@ impl<H: Host> InferenceStream<H> {
                 self.on_prefill_response(wait, body_size)
             }
             Phase::Routed(Routed {
-                ticket,
+                steered,
                 prefill: Some(leg),
                 debug,
             }) if leg.token == token => {
                 // The decode leg never waited for it: nothing to resume.
                 self.on_prefill_beside(leg);
                 return Phase::Routed(Routed {
-                    ticket,
+                    steered,
                     prefill: None,
                     debug,
                 });
@@ -875,8 +910,9 @@ impl<H: Host> InferenceStream<H> {
     fn response_headers(&mut self) {
         let debug = match &mut self.phase {
             Phase::Routed(routed) => {
-                if let Some(ticket) = &mut routed.ticket {
-                    self.state.borrow_mut().router.inflight.prefill_done(ticket);
+                if let Some(steered) = &mut routed.steered {
+                    let inflight = &mut self.state.borrow_mut().router.inflight;
+                    inflight.prefill_done(&mut steered.ticket);
                 }
                 routed.debug.take()
             }
@@ -884,9 +920,9 @@ impl<H: Host> InferenceStream<H> {
         };
         let chosen = match &self.phase {
             Phase::Routed(Routed {
-                ticket: Some(ticket),
+                steered: Some(steered),
                 ..
-            }) => Some(ticket.address()),
+            }) => Some(steered.target.address()),
             _ => None,
         };
         if let Some(chosen) = chosen {
@@ -986,9 +1022,10 @@ impl<H: Host> HttpContext for InferenceStream<H> {
     fn on_log(&mut self) {
         match std::mem::replace(&mut self.phase, Phase::Passthrough) {
             Phase::Routed(Routed {
-                ticket, prefill, ..
+                steered, prefill, ..
             }) => {
-                for ticket in ticket.into_iter().chain(prefill.map(|leg| leg.ticket)) {
+                let tickets = steered.map(|s| s.ticket).into_iter();
+                for ticket in tickets.chain(prefill.map(|leg| leg.ticket)) {
                     self.finish(ticket);
                 }
             }

@@ -7,6 +7,8 @@
 use proxy_wasm::types::{BufferType, MapType};
 use router_core::routing::inflight::{RequestLoad, Ticket};
 use router_core::routing::Decision;
+use router_core::target::DATA_PARALLEL_RANK_HEADER;
+use router_core::Target;
 use thiserror::Error;
 
 use super::{is_worker_failure, BufferedBody, InferenceStream, Phase, Routed, DESTINATION_HEADER};
@@ -21,6 +23,8 @@ const FORWARDED_HEADERS: [&str; 4] = ["authorization", "traceparent", "tracestat
 /// in-flight load until the leg answers.
 pub(super) struct PrefillLeg {
     pub(super) token: u32,
+    /// The prefill worker, and its share of in-flight load there.
+    pub(super) target: Target,
     pub(super) ticket: Ticket,
 }
 
@@ -65,8 +69,8 @@ impl<H: Host> InferenceStream<H> {
         block_size: u64,
         buffered: BufferedBody,
     ) -> Phase {
-        let (Some(address), Some(body)) =
-            (prefill.address.clone(), self.buffered_body(buffered.size))
+        let (Some(target), Some(body)) =
+            (prefill.target.clone(), self.buffered_body(buffered.size))
         else {
             return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
@@ -75,7 +79,8 @@ impl<H: Host> InferenceStream<H> {
             Protocol::Vllm => body::vllm_prefill(&body),
             Protocol::Trtllm => body::trtllm_context(&body),
             Protocol::Sglang => {
-                let host = address
+                let host = target
+                    .address()
                     .parse::<std::net::SocketAddr>()
                     .map(|a| a.ip().to_string())
                     .unwrap_or_default();
@@ -87,12 +92,16 @@ impl<H: Host> InferenceStream<H> {
             return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
         drop(body);
-        let ticket = self.admit_prefill(prefill, &address, block_size);
-        let Some(token) = self.dispatch_prefill(disaggregation, &address, &leg) else {
+        let ticket = self.admit_prefill(prefill, target.key(), block_size);
+        let Some(token) = self.dispatch_prefill(disaggregation, &target, &leg) else {
             self.finish(ticket);
             return self.decode_locally(&decode, block_size, LocalPrefill::Dispatch);
         };
-        let prefill_leg = PrefillLeg { token, ticket };
+        let prefill_leg = PrefillLeg {
+            token,
+            target,
+            ticket,
+        };
         if protocol == Protocol::Sglang {
             // Both legs at once: the decode engine meets the prefill at its
             // bootstrap server; the prefill's own answer is not needed.
@@ -102,9 +111,10 @@ impl<H: Host> InferenceStream<H> {
                 self.finish(prefill_leg.ticket);
                 return self.decode_locally(&decode, block_size, LocalPrefill::Body);
             }
+            let prefill_worker = prefill_leg.target.key().to_owned();
             return Phase::Routed(Routed {
                 prefill: Some(prefill_leg),
-                ..self.apply_decision(&decode, block_size, Some(&address))
+                ..self.apply_decision(&decode, block_size, Some(&prefill_worker))
             });
         }
         Phase::AwaitingPrefill(PrefillWait {
@@ -130,13 +140,13 @@ impl<H: Host> InferenceStream<H> {
             decode,
             block_size,
         } = wait;
-        let prefill_worker = leg.ticket.address().to_owned();
+        let prefill_worker = leg.target;
         self.finish(leg.ticket);
         if let Some(hold) = decode_hold {
             self.finish(hold);
         }
         let outcome = if !self.call_succeeded() {
-            self.hold_failed_prefill_worker(&prefill_worker);
+            self.hold_failed_prefill_worker(prefill_worker.address());
             Err(LocalPrefill::Status)
         } else if let Some(body) = self.buffered_body(buffered_size) {
             let response = self
@@ -175,7 +185,7 @@ impl<H: Host> InferenceStream<H> {
         match outcome {
             Ok(()) => {
                 self.metrics.remote_prefills.inc(&self.host);
-                Phase::Routed(self.apply_decision(&decode, block_size, Some(&prefill_worker)))
+                Phase::Routed(self.apply_decision(&decode, block_size, Some(prefill_worker.key())))
             }
             Err(reason) => self.decode_locally(&decode, block_size, reason),
         }
@@ -186,7 +196,7 @@ impl<H: Host> InferenceStream<H> {
         if self.call_succeeded() {
             self.metrics.remote_prefills.inc(&self.host);
         } else {
-            self.hold_failed_prefill_worker(leg.ticket.address());
+            self.hold_failed_prefill_worker(leg.target.address());
             self.metrics.prefill_failures.inc(&self.host);
         }
         self.finish(leg.ticket);
@@ -206,9 +216,9 @@ impl<H: Host> InferenceStream<H> {
 
     /// The decode worker's share of load while the prefill leg runs.
     fn hold_decode_worker(&self, decode: &Decision) -> Option<Ticket> {
-        let address = decode.address.as_deref()?;
+        let target = decode.target.as_ref()?;
         Some(self.state.borrow_mut().router.inflight.admit(RequestLoad {
-            decode: address,
+            decode: target.key(),
             prefill: None,
             prefill_tokens: 0,
             blocks: u64::from(decode.prompt_blocks),
@@ -225,7 +235,7 @@ impl<H: Host> InferenceStream<H> {
     fn dispatch_prefill(
         &self,
         disaggregation: &Disaggregation,
-        address: &str,
+        target: &Target,
         leg: &[u8],
     ) -> Option<u32> {
         let path = self.request_header(":path")?;
@@ -242,8 +252,12 @@ impl<H: Host> InferenceStream<H> {
             (":authority", "kvmesh-prefill"),
             ("content-type", "application/json"),
             ("x-request-id", request_id.as_str()),
-            (DESTINATION_HEADER, address),
+            (DESTINATION_HEADER, target.address()),
         ];
+        let rank = target.data_parallel_rank().map(|rank| rank.to_string());
+        if let Some(rank) = &rank {
+            headers.push((DATA_PARALLEL_RANK_HEADER, rank));
+        }
         headers.extend(
             forwarded
                 .iter()
@@ -281,11 +295,11 @@ impl<H: Host> InferenceStream<H> {
         id
     }
 
-    fn admit_prefill(&self, prefill: &Decision, address: &str, block_size: u64) -> Ticket {
+    fn admit_prefill(&self, prefill: &Decision, key: &str, block_size: u64) -> Ticket {
         let uncached = u64::from(prefill.uncached_blocks());
         // The prefill worker holds the prompt's blocks until it hands them over.
         self.state.borrow_mut().router.inflight.admit(RequestLoad {
-            decode: address,
+            decode: key,
             prefill: None,
             prefill_tokens: uncached * block_size,
             blocks: u64::from(prefill.prompt_blocks),

@@ -105,6 +105,7 @@ impl Vm {
             role: WorkerRole::Decode as i32,
             blocks,
             load: None,
+            data_parallel_rank: None,
         };
         let update = StateUpdate {
             model: "m".into(),
@@ -280,6 +281,7 @@ fn reserved_headers() {
     assert!(is_reserved(b"x-kvmesh-mode"));
     assert!(is_reserved(b"X-KVMESH-anything"));
     assert!(is_reserved(b"Endpoint-Load-Metrics-Format"));
+    assert!(is_reserved(b"X-Data-Parallel-Rank"));
     assert!(!is_reserved(b"x-kvmes"));
     assert!(!is_reserved(b"x-request-id"));
 }
@@ -318,6 +320,49 @@ fn token_ids_go_precisely_to_the_worker_caching_them() {
     assert!(vm.host.recorded().callouts.is_empty());
 }
 
+/// Ranks 0 and 1 of one engine behind address `A`; rank 1 holds the first
+/// three blocks of token ids 0.., and the client asks for rank 0.
+#[test]
+fn a_data_parallel_rank_is_steered_to_by_its_header() {
+    let vm = Vm::new(&config(""));
+    let rank = |id: &str, rank: u32, blocks: Vec<u64>| WorkerSnapshot {
+        worker_id: id.into(),
+        address: A.into(),
+        role: WorkerRole::Decode as i32,
+        blocks,
+        load: None,
+        data_parallel_rank: Some(rank),
+    };
+    vm.apply(&StateUpdate {
+        model: "m".into(),
+        version: 1,
+        kind: Some(state_update::Kind::Snapshot(Snapshot {
+            workers: vec![rank("r0", 0, Vec::new()), rank("r1", 1, vm.blocks(48))],
+            continues: false,
+        })),
+        fleet_unheard: false,
+    });
+    let (mut stream, actions) = vm.send_with(
+        COMPLETIONS,
+        &completion(64, ""),
+        &[(DATA_PARALLEL_RANK_HEADER, "0")],
+    );
+    assert_eq!(actions, [Action::Pause, Action::Continue]);
+    assert_eq!(vm.destination().as_deref(), Some(A));
+    assert_eq!(
+        vm.host.get(REQUEST, DATA_PARALLEL_RANK_HEADER).as_deref(),
+        Some("1")
+    );
+    assert_eq!(vm.host.counter("kvmesh_routed_cached_blocks"), 3);
+    // The load is held for rank 1, not for the address both ranks share.
+    let rank1 = format!("{A}#1");
+    assert_eq!(vm.load(&rank1).active_blocks, 4);
+    assert_eq!(vm.load(A), WorkerLoad::default());
+    vm.respond(&mut stream, A, &[]);
+    stream.on_log();
+    assert_eq!(vm.load(&rank1), WorkerLoad::default());
+}
+
 #[test]
 fn forged_routing_headers_are_stripped() {
     let vm = Vm::new(&config(""));
@@ -326,12 +371,13 @@ fn forged_routing_headers_are_stripped() {
         ("x-kvmesh-pool", "attacker_pool"),
         ("x-kvmesh-anything", "1"),
         ("endpoint-load-metrics-format", "JSON"),
+        ("X-Data-Parallel-Rank", "3"),
     ];
     let mut headers = vec![(":method", "GET"), (":path", "/v1/models")];
     headers.extend_from_slice(&forged);
     vm.host.set_headers(REQUEST, &headers);
     assert_eq!(
-        vm.stream().on_http_request_headers(6, true),
+        vm.stream().on_http_request_headers(7, true),
         Action::Continue
     );
     assert_eq!(
@@ -341,7 +387,7 @@ fn forged_routing_headers_are_stripped() {
             (":path".to_owned(), "/v1/models".to_owned())
         ]
     );
-    assert_eq!(vm.host.counter("kvmesh_forged_headers_removed"), 4);
+    assert_eq!(vm.host.counter("kvmesh_forged_headers_removed"), 5);
     assert_eq!(vm.host.counter("kvmesh_requests_passthrough"), 1);
 
     // An inference call too: with less than a block to route by, no worker

@@ -39,6 +39,15 @@ pub struct RelayArgs {
     pub address: SocketAddr,
     #[arg(long, value_enum, default_value_t = Role::Both)]
     pub role: Role,
+    /// The data-parallel rank this relay's worker is, when the engine's one
+    /// API server at `--address` fronts several (vLLM
+    /// `--data-parallel-size`, SGLang `--dp-size`); run one relay per rank,
+    /// each with its own `--worker-id`. Events come from the rank's own
+    /// publisher (the `--zmq-endpoint` port plus the rank, as the engines
+    /// bind it), load from the metrics series labelled with the rank, and
+    /// gateways steer requests to it with `X-Data-Parallel-Rank`.
+    #[arg(long, env = "KVMESH_DATA_PARALLEL_RANK")]
+    pub data_parallel_rank: Option<u32>,
     #[arg(long, env = "KVMESH_MODEL")]
     pub model: String,
     /// KV block size; must equal the engine's, blocks of another size are refused.

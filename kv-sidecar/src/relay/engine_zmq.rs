@@ -135,6 +135,9 @@ fn digest(payload: &[u8]) -> u64 {
 pub struct ZmqSource {
     pub endpoint: String,
     pub replay_endpoint: Option<String>,
+    /// The data-parallel rank whose batches are this worker's; a batch
+    /// stamped with another rank is skipped and counted.
+    pub data_parallel_rank: Option<u32>,
     pub topic: String,
     pub dialect: Dialect,
     pub metrics: RelayMetrics,
@@ -439,6 +442,21 @@ impl ZmqSource {
 
     async fn emit(&self, batch: EventBatch) -> bool {
         self.metrics.engine_batches.inc();
+        if let (Some(rank), Some(stamped)) = (self.data_parallel_rank, batch.dp_rank) {
+            if i64::from(rank) != stamped {
+                // Every batch on a wrong endpoint is foreign: say so once.
+                if self.metrics.foreign_rank_batches.get() == 0 {
+                    tracing::warn!(
+                        rank,
+                        stamped,
+                        endpoint = %self.endpoint,
+                        "engine batches of another data-parallel rank are skipped: is --zmq-endpoint the engine's configured one?"
+                    );
+                }
+                self.metrics.foreign_rank_batches.inc();
+                return true;
+            }
+        }
         count_events(&self.metrics, &batch);
         self.send(SourceMsg::Batch(batch.events)).await
     }

@@ -9,6 +9,7 @@ use prost::Message;
 use router_core::protocol::WorkerLoad;
 use tokio::sync::Notify;
 
+use crate::relay::data_parallel::RankSeries;
 use crate::relay::metrics::{unix_ms, RelayMetrics};
 use kvmesh_config::EngineKind;
 
@@ -41,11 +42,12 @@ pub struct Load {
     pub kv_usage: f64,
 }
 
-/// Reads the three load figures from Prometheus text exposition, summing
-/// series that differ only in labels (one engine may report per-rank series).
+/// Reads the three load figures from Prometheus text exposition: of one
+/// data-parallel rank's series when `rank` is given, else summing series
+/// that differ only in labels (an engine's ranks, served as one worker).
 /// `None` when none of the metrics is present: that is a misconfiguration,
 /// not an idle engine.
-pub fn parse(engine: EngineKind, text: &str) -> Option<Load> {
+pub fn parse(engine: EngineKind, text: &str, rank: Option<&RankSeries>) -> Option<Load> {
     let (running_name, waiting_name, usage_names) = names(engine);
     let (mut running, mut waiting) = (None::<f64>, None::<f64>);
     let mut usage: Vec<Option<f64>> = vec![None; usage_names.len()];
@@ -54,9 +56,12 @@ pub fn parse(engine: EngineKind, text: &str) -> Option<Load> {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
-        let Some((name, value)) = sample(line) else {
+        let Some((name, labels, value)) = sample(line) else {
             continue;
         };
+        if rank.is_some_and(|rank| !rank.selects(labels)) {
+            continue;
+        }
         let add = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + value);
         if name == running_name {
             add(&mut running);
@@ -79,17 +84,20 @@ pub fn parse(engine: EngineKind, text: &str) -> Option<Load> {
     })
 }
 
-/// `name{labels} value [ts]` → (name, value).
-fn sample(line: &str) -> Option<(&str, f64)> {
+/// `name{labels} value [ts]` → (name, labels, value).
+fn sample(line: &str) -> Option<(&str, &str, f64)> {
     let name_end = line.find(['{', ' ', '\t'])?;
     let name = &line[..name_end];
     let rest = &line[name_end..];
-    let rest = match rest.strip_prefix('{') {
-        Some(labels) => &labels[labels.rfind('}')? + 1..],
-        None => rest,
+    let (labels, rest) = match rest.strip_prefix('{') {
+        Some(labelled) => {
+            let end = labelled.rfind('}')?;
+            (&labelled[..end], &labelled[end + 1..])
+        }
+        None => ("", rest),
     };
     let value = rest.split_whitespace().next()?.parse::<f64>().ok()?;
-    value.is_finite().then_some((name, value))
+    value.is_finite().then_some((name, labels, value))
 }
 
 /// Failed scrapes in a row after which the engine counts as unreachable:
@@ -98,6 +106,8 @@ const UNREACHABLE_AFTER: u32 = 2;
 
 pub struct LoadReporter {
     pub engine: EngineKind,
+    /// The data-parallel rank whose series are this worker's load.
+    pub rank: Option<RankSeries>,
     pub url: String,
     pub interval: Duration,
     pub subject: String,
@@ -136,9 +146,9 @@ impl LoadReporter {
                     continue;
                 }
             };
-            let Some(load) = parse(self.engine, &text) else {
+            let Some(load) = parse(self.engine, &text, self.rank.as_ref()) else {
                 self.metrics.load_scrape_errors.inc();
-                tracing::warn!(url = %self.url, "engine metrics lack the load series of this engine kind");
+                tracing::warn!(url = %self.url, rank = ?self.rank, "engine metrics lack the load series of this engine kind (and rank)");
                 continue;
             };
             let message = WorkerLoad {
@@ -196,7 +206,7 @@ mod tests {
             vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25 1700000000\n\
             vllm:prefix_cache_hits_total{model_name=\"m\"} 10\n";
         assert_eq!(
-            parse(EngineKind::Vllm, text),
+            parse(EngineKind::Vllm, text, None),
             Some(Load {
                 running: 3,
                 waiting: 2,
@@ -209,7 +219,7 @@ mod tests {
     fn sglang_and_trtllm_and_missing() {
         let sglang = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 4\nsglang:token_usage 0.5\n";
         assert_eq!(
-            parse(EngineKind::Sglang, sglang),
+            parse(EngineKind::Sglang, sglang, None),
             Some(Load {
                 running: 1,
                 waiting: 4,
@@ -217,12 +227,41 @@ mod tests {
             })
         );
         let trt = "trtllm_num_requests_running 2\ntrtllm_num_requests_waiting 0\ntrtllm_kv_cache_utilization 0.9\n";
-        assert_eq!(parse(EngineKind::Trtllm, trt).map(|l| l.running), Some(2));
-        assert_eq!(parse(EngineKind::Vllm, sglang), None);
+        assert_eq!(
+            parse(EngineKind::Trtllm, trt, None).map(|l| l.running),
+            Some(2)
+        );
+        assert_eq!(parse(EngineKind::Vllm, sglang, None), None);
         // Label values may contain braces and spaces.
         assert_eq!(
             sample("vllm:num_requests_running{model_name=\"a} b\"} 7"),
-            Some(("vllm:num_requests_running", 7.0))
+            Some(("vllm:num_requests_running", "model_name=\"a} b\"", 7.0))
         );
+    }
+
+    #[test]
+    fn a_rank_reads_its_own_series_of_a_shared_endpoint() {
+        // vLLM with --data-parallel-size 2: one /metrics, one series per
+        // engine core.
+        let text = "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
+            vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 1.0\n\
+            vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 5\n\
+            vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 0\n\
+            vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.75\n\
+            vllm:kv_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.125\n";
+        let rank = |r| RankSeries::new(EngineKind::Vllm, r).unwrap();
+        let load = |r| parse(EngineKind::Vllm, text, Some(&rank(r)));
+        assert_eq!(
+            load(1),
+            Some(Load {
+                running: 1,
+                waiting: 0,
+                kv_usage: 0.125
+            })
+        );
+        assert_eq!(load(0).map(|l| (l.running, l.waiting)), Some((3, 5)));
+        assert_eq!(load(2), None, "a rank the engine does not have");
+        let whole = parse(EngineKind::Vllm, text, None).unwrap();
+        assert_eq!((whole.running, whole.waiting), (4, 5));
     }
 }

@@ -34,6 +34,7 @@ pub struct RelayMetrics {
     pub published_events: Family<TypeLabel, Counter>,
     pub engine_batches: Counter,
     pub decode_errors: Counter,
+    pub foreign_rank_batches: Counter,
     pub gaps: Counter,
     pub replays: Family<ResultLabel, Counter>,
     pub resets: Family<ReasonLabel, Counter>,
@@ -58,6 +59,7 @@ impl RelayMetrics {
             published_events: Family::default(),
             engine_batches: Counter::default(),
             decode_errors: Counter::default(),
+            foreign_rank_batches: Counter::default(),
             gaps: Counter::default(),
             replays: Family::default(),
             resets: Family::default(),
@@ -94,6 +96,11 @@ impl RelayMetrics {
             "decode_errors",
             "Engine messages that could not be decoded",
             m.decode_errors.clone(),
+        );
+        r.register(
+            "foreign_rank_batches",
+            "Engine batches stamped with another data-parallel rank than --data-parallel-rank (skipped)",
+            m.foreign_rank_batches.clone(),
         );
         r.register(
             "gaps",

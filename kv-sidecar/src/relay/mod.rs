@@ -8,6 +8,7 @@
 
 pub mod args;
 mod backoff;
+pub mod data_parallel;
 mod engine_trtllm;
 mod engine_zmq;
 mod http;
@@ -29,6 +30,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::decode::vllm::Dialect;
 use crate::normalize::{MediaPolicy, Normalizer};
 use args::RelayArgs;
+use data_parallel::RankSeries;
+use kvmesh_config::data_parallel::offset_endpoint;
 use metrics::RelayMetrics;
 use pipeline::Pipeline;
 
@@ -43,6 +46,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let block_size = args.block_size;
     let prefix = args.subject_prefix.trim_end_matches('.').to_owned();
     anyhow::ensure!(!prefix.is_empty(), "--subject-prefix must not be empty");
+    let rank_series = args
+        .data_parallel_rank
+        .map(|rank| RankSeries::new(args.engine, rank))
+        .transpose()?;
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -97,6 +104,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 model: &args.model,
                 address: &args.address.to_string(),
                 role: args.role,
+                data_parallel_rank: args.data_parallel_rank,
                 engine: args.engine,
                 block_size: block_size.get(),
                 epoch,
@@ -117,6 +125,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         tasks.spawn(
             load::LoadReporter {
                 engine: args.engine,
+                rank: rank_series,
                 url: url.clone(),
                 interval: args.load_interval,
                 subject: subjects::load(&prefix, &args.model, &args.worker_id),
@@ -134,12 +143,19 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         EngineKind::Vllm | EngineKind::Sglang => {
             let endpoint = args
                 .zmq_endpoint
-                .clone()
+                .as_deref()
                 .context("--zmq-endpoint is required for vllm and sglang")?;
+            let rank = args.data_parallel_rank.unwrap_or(0);
+            let replay_endpoint = args
+                .zmq_replay_endpoint
+                .as_deref()
+                .map(|replay| offset_endpoint(replay, rank))
+                .transpose()?;
             tasks.spawn(
                 engine_zmq::ZmqSource {
-                    endpoint,
-                    replay_endpoint: args.zmq_replay_endpoint.clone(),
+                    endpoint: offset_endpoint(endpoint, rank)?,
+                    replay_endpoint,
+                    data_parallel_rank: args.data_parallel_rank,
                     topic: args.zmq_topic.clone(),
                     dialect: if args.engine == EngineKind::Sglang {
                         Dialect::Sglang

@@ -96,6 +96,8 @@ pub struct Registration<'a> {
     /// `ip:port` Envoy knows the worker as.
     pub address: &'a str,
     pub role: Role,
+    /// The engine's data-parallel rank behind `address`, if it has several.
+    pub data_parallel_rank: Option<u32>,
     pub engine: EngineKind,
     pub block_size: u32,
     /// This relay incarnation; its event seqs start at 1.
@@ -117,6 +119,7 @@ pub fn registration(worker: Registration<'_>) -> WorkerInfo {
         heartbeat_interval_ms: HEARTBEAT.as_millis() as u32,
         timestamp_ms: 0,
         engine_unreachable: false,
+        data_parallel_rank: worker.data_parallel_rank,
     }
 }
 

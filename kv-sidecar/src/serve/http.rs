@@ -97,6 +97,7 @@ async fn workers(State(http): State<HttpState>) -> Json<Value> {
                 "model": model,
                 "worker_id": info.worker_id,
                 "address": info.address,
+                "data_parallel_rank": info.data_parallel_rank,
                 "role": role_name(info.role),
                 "epoch": info.epoch,
                 "in_sync": in_sync,

@@ -106,7 +106,8 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
             };
             workers.push(json!({
                 "worker_id": entry.worker_id,
-                "address": entry.address,
+                "address": entry.target.address(),
+                "data_parallel_rank": entry.target.data_parallel_rank(),
                 "cached_blocks": candidate.cached_blocks,
                 "active_blocks": candidate.load.active_blocks,
                 "queued_prefill_tokens": candidate.load.queued_prefill_tokens,
@@ -117,10 +118,11 @@ pub async fn explain(http: &HttpState, body: &[u8]) -> Result<Value, ApiError> {
     }
     let decode = &plan.decode;
     let chosen = |decision: &Decision| {
-        decision.address.as_ref().map(|address| {
+        decision.target.as_ref().map(|target| {
             json!({
                 "worker_id": decision.worker_id,
-                "address": address,
+                "address": target.address(),
+                "data_parallel_rank": target.data_parallel_rank(),
                 "cached_blocks": decision.cached_blocks,
             })
         })

@@ -15,7 +15,7 @@ use crate::routing::score::{KvCost, PrefillCost, Scorer};
 use crate::routing::select::{select, Candidate, CostWeights, PromptShape, Selection, WorkerLoad};
 use crate::routing::unreachable::Unreachable;
 use crate::state_stream::{LoadReport, WorkerRole};
-use crate::{BlockSize, SeqHash};
+use crate::{BlockSize, SeqHash, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -41,8 +41,8 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub mode: Mode,
-    /// `ip:port` of the chosen worker; `None` in fallback mode.
-    pub address: Option<String>,
+    /// Where the chosen worker is; `None` in fallback mode.
+    pub target: Option<Target>,
     /// The chosen worker's id, known when fleet state is.
     pub worker_id: Option<String>,
     /// Prompt blocks cached on the chosen worker (estimated when approximate).
@@ -59,13 +59,18 @@ impl Decision {
     fn fallback(prompt_blocks: u32) -> Self {
         Self {
             mode: Mode::Fallback,
-            address: None,
+            target: None,
             worker_id: None,
             cached_blocks: 0,
             most_cached_blocks: 0,
             prompt_blocks,
             load: WorkerLoad::default(),
         }
+    }
+
+    /// `ip:port` of the chosen worker.
+    pub fn address(&self) -> Option<&str> {
+        self.target.as_ref().map(Target::address)
     }
 
     /// Prompt blocks the chosen worker must compute.
@@ -108,7 +113,7 @@ enum Pool<'a> {
     /// Workers that generate: the model's own pool.
     Decode(&'a ModelRouting),
     /// Workers that prefill for others, except the decode worker itself
-    /// (`exclude`, its address).
+    /// (`exclude`, its [`Target::key`]).
     Prefill {
         routing: &'a PrefillRouting,
         exclude: Option<&'a str>,
@@ -117,7 +122,7 @@ enum Pool<'a> {
 
 impl Pool<'_> {
     /// Whether a worker of the fleet state belongs to the pool.
-    fn admits(self, role: WorkerRole, address: &str) -> bool {
+    fn admits(self, role: WorkerRole, target: &Target) -> bool {
         match self {
             Pool::Decode(_) => matches!(
                 role,
@@ -126,16 +131,17 @@ impl Pool<'_> {
             Pool::Prefill { routing, .. } => {
                 let prefills = role == WorkerRole::Prefill
                     || (routing.spec.shared_workers && role == WorkerRole::Both);
-                prefills && self.admits_endpoint(address)
+                prefills && self.admits_endpoint(target.key())
             }
         }
     }
 
-    /// Whether a configured endpoint may be chosen.
-    fn admits_endpoint(self, address: &str) -> bool {
+    /// Whether a worker may be chosen, by its [`Target::key`] (a configured
+    /// endpoint's is its address).
+    fn admits_endpoint(self, key: &str) -> bool {
         match self {
             Pool::Decode(_) => true,
-            Pool::Prefill { exclude, .. } => exclude != Some(address),
+            Pool::Prefill { exclude, .. } => exclude != Some(key),
         }
     }
 
@@ -254,29 +260,29 @@ pub fn plan(
     let prefill = prefill.and_then(|routing| {
         let pool = Pool::Prefill {
             routing,
-            exclude: decode.address.as_deref(),
+            exclude: decode.target.as_ref().map(Target::key),
         };
         let chosen = decide(model, pool, prompt, signals, local);
         let block_size = model.block_size.get();
-        let wanted = chosen.address.is_some()
+        let wanted = chosen.target.is_some()
             && routing.wants_remote_prefill(
                 PrefillWork::of(&decode, block_size),
                 PrefillWork::of(&chosen, block_size),
             );
         wanted.then_some(chosen)
     });
-    if let Some(address) = &decode.address {
+    if let Some(target) = &decode.target {
         local
             .learned
-            .record(prompt.keys.keys(), address, signals.now_ms);
+            .record(prompt.keys.keys(), target.key(), signals.now_ms);
     }
     let computes = prefill.as_ref().unwrap_or(&decode);
-    let computing = match (prompt.exact, &computes.address, computes.mode) {
-        (Some(exact), Some(address), Mode::Precise) => {
+    let computing = match (prompt.exact, &computes.target, computes.mode) {
+        (Some(exact), Some(target), Mode::Precise) => {
             let cached = computes.cached_blocks;
             local
                 .computing
-                .record(address, exact, cached, signals.now_ms)
+                .record(target.key(), exact, cached, signals.now_ms)
         }
         _ => None,
     };
@@ -298,7 +304,7 @@ fn decide(
     // A view without a worker of this pool (the sidecar lost NATS and
     // forgot them, say) knows less than the configured endpoints and the
     // learned table: route approximately instead of not at all.
-    let serves_pool = |view: &&FleetView| view.workers().any(|w| pool.admits(w.role, &w.address));
+    let serves_pool = |view: &&FleetView| view.workers().any(|w| pool.admits(w.role, &w.target));
     let live = signals.view.filter(serves_pool);
     if let (Some(view), Some(exact)) = (live, prompt.exact) {
         return precise(model, pool, exact, view, signals, local);
@@ -357,13 +363,13 @@ fn precise(
     let overlaps = view.overlaps(prompt, &mut scratch.overlaps);
     let mut credit = computing.credit(prompt, signals.now_ms);
     for worker in view.workers().filter(|w| {
-        pool.admits(w.role, &w.address) && !unreachable.is_down(&w.address, signals.now_ms)
+        pool.admits(w.role, &w.target) && !unreachable.is_down(w.target.address(), signals.now_ms)
     }) {
         let indexed = overlaps
             .iter()
             .find(|o| o.worker == worker.slot)
             .map_or(0, |o| o.blocks);
-        let cached_blocks = credit.cached_on(&worker.address, indexed);
+        let cached_blocks = credit.cached_on(worker.target.key(), indexed);
         scratch.candidates.push(Candidate {
             worker: worker.slot,
             cached_blocks,
@@ -372,7 +378,8 @@ fn precise(
                 inflight,
                 orca,
                 signals,
-                &worker.address,
+                worker.target.key(),
+                worker.target.address(),
                 reported(&worker.load),
             ),
         });
@@ -389,7 +396,7 @@ fn precise(
     match chosen {
         Some((worker, cached_blocks, load)) => Decision {
             mode: Mode::Precise,
-            address: Some(worker.address.clone()),
+            target: Some(worker.target.clone()),
             worker_id: Some(worker.worker_id.clone()),
             cached_blocks,
             most_cached_blocks: most_cached(&scratch.candidates),
@@ -427,45 +434,53 @@ fn approximate(
         ..
     } = local;
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
-    // (address, worker id, load the fleet state reports)
-    let workers: Vec<(&str, Option<&str>, WorkerLoad)> = match membership {
+    // (place, worker id, load the fleet state reports)
+    let workers: Vec<(Place<'_>, Option<&str>, WorkerLoad)> = match membership {
         Membership::Fleet {
             view,
             reported_load,
         } => view
             .workers()
-            .filter(|w| pool.admits(w.role, &w.address) && reachable(&w.address))
+            .filter(|w| pool.admits(w.role, &w.target) && reachable(w.target.address()))
             .map(|w| {
                 let load = if reported_load {
                     reported(&w.load)
                 } else {
                     WorkerLoad::default()
                 };
-                (w.address.as_str(), Some(w.worker_id.as_str()), load)
+                (Place::Worker(&w.target), Some(w.worker_id.as_str()), load)
             })
             .collect(),
         Membership::Endpoints => pool
             .endpoints()
             .iter()
             .filter(|e| pool.admits_endpoint(e) && reachable(e))
-            .map(|e| (e.as_str(), None, WorkerLoad::default()))
+            .map(|e| (Place::Endpoint(e), None, WorkerLoad::default()))
             .collect(),
     };
     let mut matched = vec![0u32; workers.len()];
-    for (address, run) in learned.matches(keys.keys(), signals.now_ms) {
-        if let Some(index) = workers.iter().position(|w| w.0 == address) {
+    for (key, run) in learned.matches(keys.keys(), signals.now_ms) {
+        if let Some(index) = workers.iter().position(|w| w.0.key() == key) {
             if let Some(slot) = matched.get_mut(index) {
                 *slot = run;
             }
         }
     }
     scratch.candidates.clear();
-    for (index, (address, _, reported)) in workers.iter().enumerate() {
+    for (index, (place, _, reported)) in workers.iter().enumerate() {
         let run = matched.get(index).copied().unwrap_or(0);
         scratch.candidates.push(Candidate {
             worker: WorkerSlot(u32::try_from(index).unwrap_or(u32::MAX)),
             cached_blocks: keys.blocks(run, block_size).min(prompt_blocks),
-            load: current_load(model, inflight, orca, signals, address, *reported),
+            load: current_load(
+                model,
+                inflight,
+                orca,
+                signals,
+                place.key(),
+                place.address(),
+                *reported,
+            ),
         });
     }
     let shape = PromptShape {
@@ -481,9 +496,9 @@ fn approximate(
         workers.get(index).map(|w| (w, s.cached_blocks, load))
     });
     match chosen {
-        Some(((address, worker_id, _), cached_blocks, load)) => Decision {
+        Some(((place, worker_id, _), cached_blocks, load)) => Decision {
             mode: Mode::Approximate,
-            address: Some((*address).to_owned()),
+            target: Some(place.target()),
             worker_id: worker_id.map(str::to_owned),
             cached_blocks,
             most_cached_blocks: most_cached(&scratch.candidates),
@@ -494,20 +509,54 @@ fn approximate(
     }
 }
 
+/// Where an approximate-mode candidate is: a fleet worker, or one of the
+/// pool's configured endpoints.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Worker(&'a Target),
+    Endpoint(&'a str),
+}
+
+impl<'a> Place<'a> {
+    fn key(self) -> &'a str {
+        match self {
+            Place::Worker(target) => target.key(),
+            Place::Endpoint(address) => address,
+        }
+    }
+
+    fn address(self) -> &'a str {
+        match self {
+            Place::Worker(target) => target.address(),
+            Place::Endpoint(address) => address,
+        }
+    }
+
+    fn target(self) -> Target {
+        match self {
+            Place::Worker(target) => target.clone(),
+            Place::Endpoint(address) => Target::from(address),
+        }
+    }
+}
+
 /// The load a worker is under, by the freshest account of it: the fleet
-/// state, this router's in-flight requests and the engine's ORCA reports.
+/// state, this router's in-flight requests (by the worker's
+/// [`Target::key`]) and the engine's ORCA reports (by the address that
+/// answered).
 fn current_load(
     model: &ModelRouting,
     inflight: &InFlight,
     orca: &OrcaLoads,
     signals: Signals<'_>,
+    key: &str,
     address: &str,
     reported: WorkerLoad,
 ) -> WorkerLoad {
     let orca = orca
         .load(address, model.block_size.get(), signals.now_ms)
         .unwrap_or_default();
-    merged([reported, inflight.load(address), orca])
+    merged([reported, inflight.load(key), orca])
 }
 
 /// The part of a worker's load report the cost function uses.
@@ -579,6 +628,7 @@ mod tests {
                 worker_id: id.into(),
                 address: format!("127.0.0.1:{port}"),
                 role: role as i32,
+                data_parallel_rank: None,
             })),
         };
         let stored = |id: &str, hashes: Vec<u64>| Change {
@@ -655,9 +705,69 @@ mod tests {
     fn precise_prefers_cache_and_skips_prefill_only_workers() {
         let d = Vm::new().decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.mode, Mode::Precise);
-        assert_eq!(d.address.as_deref(), Some("127.0.0.1:11"));
+        assert_eq!(d.address(), Some("127.0.0.1:11"));
         assert_eq!((d.cached_blocks, d.prompt_blocks), (3, 4));
         assert_eq!(d.most_cached_blocks, 3);
+    }
+
+    /// Two data-parallel ranks of one engine, behind one address; rank 1
+    /// holds the prompt's first three blocks.
+    fn ranks_view() -> FleetView {
+        let mut view = FleetView::new("m", 1000);
+        let rank = |id: &str, rank: u32| Change {
+            kind: Some(change::Kind::Joined(WorkerJoined {
+                worker_id: id.into(),
+                address: "127.0.0.1:20".into(),
+                role: WorkerRole::Both as i32,
+                data_parallel_rank: Some(rank),
+            })),
+        };
+        view.commit(vec![
+            rank("dp0", 0),
+            rank("dp1", 1),
+            Change {
+                kind: Some(change::Kind::Stored(BlocksChanged {
+                    worker_id: "dp1".into(),
+                    hashes: vec![1, 2, 3],
+                })),
+            },
+        ]);
+        view
+    }
+
+    #[test]
+    fn ranks_behind_one_address_are_chosen_and_loaded_apart() {
+        let view = ranks_view();
+        let mut vm = Vm::new();
+        let d = vm.decide(Some(&prompt()), Some(&view));
+        let target = d.target.clone().unwrap();
+        assert_eq!(
+            (
+                target.address(),
+                target.data_parallel_rank(),
+                d.cached_blocks
+            ),
+            ("127.0.0.1:20", Some(1), 3)
+        );
+        // A cold prompt computing on one rank is credited to that rank only.
+        let cold: Vec<SeqHash> = (100..140).map(SeqHash).collect();
+        let chosen = vm.decide(Some(&cold), Some(&view)).target.unwrap();
+        let other = Target::new("127.0.0.1:20", chosen.data_parallel_rank().map(|r| 1 - r));
+        let mut credit = vm.local.computing.credit(&cold, 1_000);
+        assert_eq!(credit.cached_on(chosen.key(), 0), 32);
+        assert_eq!(credit.cached_on(other.key(), 0), 0);
+        // This router's in-flight load is held per rank: a heavy load on
+        // rank 1 moves the next request to rank 0, which the shared address
+        // could not express.
+        vm.local.inflight.admit(RequestLoad {
+            decode: "127.0.0.1:20#1",
+            prefill: None,
+            prefill_tokens: 16 * 400,
+            blocks: 400,
+        });
+        let d = vm.decide(Some(&prompt()), Some(&view));
+        assert_eq!(d.address(), Some("127.0.0.1:20"));
+        assert_eq!(d.target.and_then(|t| t.data_parallel_rank()), Some(0));
     }
 
     #[test]
@@ -670,7 +780,7 @@ mod tests {
             blocks: 50,
         });
         let d = vm.decide(Some(&prompt()), Some(&view()));
-        assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+        assert_eq!(d.address(), Some("127.0.0.1:10"));
         // The decision still says what the load cost it.
         assert_eq!((d.cached_blocks, d.most_cached_blocks), (0, 3));
     }
@@ -685,7 +795,7 @@ mod tests {
         let mut longer = long.clone();
         longer.extend((900..904).map(SeqHash));
         let second = vm.decide(Some(&longer), Some(&view()));
-        assert_eq!(second.address, first.address);
+        assert_eq!(second.address(), first.address());
         assert_eq!((second.cached_blocks, second.most_cached_blocks), (32, 32));
         // Another router (or the sidecar explaining) knows nothing of it.
         assert_eq!(
@@ -705,7 +815,7 @@ mod tests {
             })),
         }]);
         let d = Vm::new().decide(Some(&prompt()), Some(&view));
-        assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+        assert_eq!(d.address(), Some("127.0.0.1:10"));
     }
 
     #[test]
@@ -718,7 +828,7 @@ mod tests {
         };
         vm.local.orca.record("127.0.0.1:11", busy, 900);
         let d = vm.decide(Some(&prompt()), Some(&view()));
-        assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+        assert_eq!(d.address(), Some("127.0.0.1:10"));
     }
 
     #[test]
@@ -732,13 +842,13 @@ mod tests {
         // The plan remembered its choice: the prompt now goes there as a hit.
         let again = vm.decide(Some(&long), None);
         assert_eq!(
-            (again.address.clone(), again.cached_blocks),
-            (first.address.clone(), 32)
+            (again.address(), again.cached_blocks),
+            (first.address(), 32)
         );
         // Ties go the same way every time (every VM agrees on a new prefix).
         assert_eq!(Vm::new().decide(Some(&long), None), first);
         // Once the table says the other endpoint holds it, it goes there.
-        let other = if first.address.as_deref() == Some("127.0.0.1:1") {
+        let other = if first.address() == Some("127.0.0.1:1") {
             "127.0.0.1:2"
         } else {
             "127.0.0.1:1"
@@ -746,7 +856,7 @@ mod tests {
         let mut vm = Vm::new();
         vm.local.learned.record(keys.keys(), other, 1_000);
         let learned = vm.decide(Some(&long), None);
-        assert_eq!(learned.address.as_deref(), Some(other));
+        assert_eq!(learned.address(), Some(other));
         assert_eq!(learned.cached_blocks, 32);
         // Fresh fleet state without exact hashes (tokenization failed): the
         // table picks among the fleet's live workers.
@@ -754,7 +864,7 @@ mod tests {
         assert_eq!(vm.decide(None, Some(&view())).mode, Mode::Fallback);
         let d = vm.plan(None, None, &keys, Some(&view())).decode;
         assert_eq!(d.mode, Mode::Approximate);
-        assert_eq!(d.address.as_deref(), Some("127.0.0.1:10"));
+        assert_eq!(d.address(), Some("127.0.0.1:10"));
         assert_eq!(d.worker_id.as_deref(), Some("a"));
     }
 
@@ -775,7 +885,7 @@ mod tests {
         let pool = prefill_pool(&["127.0.0.1:9"]);
         let plan = vm.plan(Some(&pool), Some(&exact), &keys, None);
         let prefill = plan.prefill.expect("remote prefill on the endpoints");
-        assert_eq!(prefill.address.as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(prefill.address(), Some("127.0.0.1:9"));
     }
 
     #[test]
@@ -833,6 +943,7 @@ mod tests {
                 worker_id: "c".into(),
                 address: "127.0.0.1:13".into(),
                 role: WorkerRole::Both as i32,
+                data_parallel_rank: None,
             })),
         }]);
         let plan = vm.plan(Some(&shared), Some(&uncached), &keys, Some(&view));
@@ -863,7 +974,7 @@ mod tests {
         let empty = FleetView::new("m", 10);
         let d = Vm::new().decide(Some(&prompt()), Some(&empty));
         assert_eq!(d.mode, Mode::Approximate);
-        assert!(["127.0.0.1:1", "127.0.0.1:2"].contains(&d.address.as_deref().unwrap()));
+        assert!(["127.0.0.1:1", "127.0.0.1:2"].contains(&d.address().unwrap()));
     }
 
     /// On Kubernetes no endpoints are configured: a stale view (the sidecar
@@ -885,13 +996,13 @@ mod tests {
         let d = decide(&no_endpoints, Some(&stale));
         assert_eq!(d.mode, Mode::Approximate);
         assert!(
-            matches!(d.address.as_deref(), Some("127.0.0.1:10" | "127.0.0.1:11")),
+            matches!(d.address(), Some("127.0.0.1:10" | "127.0.0.1:11")),
             "{d:?}"
         );
         assert_eq!(decide(&no_endpoints, None).mode, Mode::Fallback);
         let d = decide(&model(), Some(&stale));
         assert!(
-            matches!(d.address.as_deref(), Some("127.0.0.1:1" | "127.0.0.1:2")),
+            matches!(d.address(), Some("127.0.0.1:1" | "127.0.0.1:2")),
             "{d:?}"
         );
         // Not for the prefill pool, whose load a stale view does not know.
@@ -912,10 +1023,7 @@ mod tests {
         let mut vm = Vm::new();
         vm.local.unreachable.mark("127.0.0.1:11", 900);
         let d = vm.decide(Some(&prompt()), Some(&view()));
-        assert_eq!(
-            (d.mode, d.address.as_deref()),
-            (Mode::Precise, Some("127.0.0.1:10"))
-        );
+        assert_eq!((d.mode, d.address()), (Mode::Precise, Some("127.0.0.1:10")));
         vm.local.unreachable.mark("127.0.0.1:10", 900);
         assert_eq!(
             vm.decide(Some(&prompt()), Some(&view())).mode,
@@ -923,6 +1031,6 @@ mod tests {
         );
         vm.local.unreachable.clear("127.0.0.1:11");
         let d = vm.decide(Some(&prompt()), Some(&view()));
-        assert_eq!(d.address.as_deref(), Some("127.0.0.1:11"));
+        assert_eq!(d.address(), Some("127.0.0.1:11"));
     }
 }

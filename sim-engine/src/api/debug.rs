@@ -5,19 +5,29 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use router_core::target::DATA_PARALLEL_RANK_HEADER;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::AppState;
 use crate::faults::FaultUpdate;
 
-/// Every cached block with its engine hash and kvmesh sequence hash, so a
-/// test can compare a router's view of this worker with the truth.
-pub async fn cache(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let view = state.engine.cache_view();
+/// Every cached block of one rank (the request's `X-Data-Parallel-Rank`,
+/// else rank 0) with its engine hash and kvmesh sequence hash, so a test
+/// can compare a router's view of this worker with the truth.
+pub async fn cache(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let rank = match headers.get(DATA_PARALLEL_RANK_HEADER) {
+        Some(_) => state.ranks.for_request(&headers)?,
+        None => state.ranks.first(),
+    };
+    let engine = &state.ranks.get(rank).engine;
+    let view = engine.cache_view();
     let blocks: Vec<Value> = view
         .blocks
         .iter()
@@ -32,16 +42,17 @@ pub async fn cache(State(state): State<Arc<AppState>>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({
+    Ok(Json(json!({
         "worker_id": state.worker_id.to_str().unwrap_or_default(),
+        "data_parallel_rank": rank.index(),
         "model": state.model.name,
         "block_size": state.model.block_size,
         "num_gpu_blocks": view.num_blocks,
         "num_free_blocks": view.num_free,
-        "kv_events_next_seq": state.engine.next_event_seq(),
+        "kv_events_next_seq": engine.next_event_seq(),
         "blocks": blocks,
         "eviction_order": view.eviction_order,
-    }))
+    })))
 }
 
 pub async fn get_faults(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -63,9 +74,12 @@ pub async fn set_faults(
     Ok(Json(json!(settings)))
 }
 
+/// Every rank's, as vLLM resets all its engines.
 pub async fn reset_prefix_cache(State(state): State<Arc<AppState>>) -> Response {
-    match state.engine.reset_prefix_cache() {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => ApiError::invalid(e.to_string(), None).into_response(),
+    for (_, rank) in state.ranks.iter() {
+        if let Err(e) = rank.engine.reset_prefix_cache() {
+            return ApiError::invalid(e.to_string(), None).into_response();
+        }
     }
+    StatusCode::OK.into_response()
 }

@@ -34,6 +34,7 @@ use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use super::error::ApiError;
+use super::ranks::RankId;
 use super::AppState;
 use crate::config::Role;
 
@@ -230,7 +231,9 @@ pub struct TransferSettings {
     pub speedup: f64,
 }
 
-type Held = HashMap<String, (Vec<u32>, Instant)>;
+/// Prompts held for decode engines: the prompt, the rank holding its KV,
+/// and when the hold expires.
+type Held = HashMap<String, (Vec<u32>, RankId, Instant)>;
 
 /// Prefilled prompts waiting for their decode engine.
 pub struct Transfers {
@@ -260,17 +263,20 @@ impl Transfers {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn hold(&self, key: &str, prompt: &[u32]) {
+    fn hold(&self, key: &str, prompt: &[u32], rank: RankId) {
         let now = Instant::now();
         let mut held = self.held();
-        held.retain(|_, (_, expires)| *expires > now);
-        held.insert(key.to_owned(), (prompt.to_vec(), now + self.settings.hold));
+        held.retain(|_, (_, _, expires)| *expires > now);
+        held.insert(
+            key.to_owned(),
+            (prompt.to_vec(), rank, now + self.settings.hold),
+        );
     }
 
     /// Hands a held prompt over, once; `None` if unknown or expired.
-    fn release(&self, key: &str) -> Option<Vec<u32>> {
-        let (prompt, expires) = self.held().remove(key)?;
-        (expires > Instant::now()).then_some(prompt)
+    fn release(&self, key: &str) -> Option<(Vec<u32>, RankId)> {
+        let (prompt, rank, expires) = self.held().remove(key)?;
+        (expires > Instant::now()).then_some((prompt, rank))
     }
 
     /// This engine as `host:port`.
@@ -311,12 +317,12 @@ impl Transfers {
 
 /// Hands a held prompt to the decode engine pulling it.
 fn hand_over(state: &AppState, key: &str) -> Result<Json<Value>, ApiError> {
-    let prompt = state
+    let (prompt, rank) = state
         .transfers
         .release(key)
         .ok_or_else(|| ApiError::not_found(format!("no KV held for '{key}'")))?;
     let blocks = prompt.len() / state.model.block_size;
-    state.metrics.kv_blocks_sent(blocks as u64);
+    state.ranks.get(rank).metrics.kv_blocks_sent(blocks as u64);
     Ok(Json(json!({"token_ids": prompt})))
 }
 
@@ -346,16 +352,17 @@ pub async fn serve_room(
     }
 }
 
-/// Decode side: pulls the prompt's KV into this engine's cache before the
+/// Decode side: pulls the prompt's KV into rank `rank`'s cache before the
 /// request is scheduled. Whatever goes wrong, the request still runs and
 /// prefills locally.
-pub async fn pull_remote_prefill(state: &AppState, source: &Source, prompt: &[u32]) {
+pub async fn pull_remote_prefill(state: &AppState, rank: RankId, source: &Source, prompt: &[u32]) {
     let block_size = state.model.block_size;
+    let rank = state.ranks.get(rank);
     let pulled = match state.transfers.pull(source, block_size).await {
         Ok(pulled) => pulled,
         Err(err) => {
             tracing::warn!(%err, "remote prefill failed; prefilling locally");
-            state.metrics.remote_prefill_fallback();
+            rank.metrics.remote_prefill_fallback();
             return;
         }
     };
@@ -367,17 +374,19 @@ pub async fn pull_remote_prefill(state: &AppState, source: &Source, prompt: &[u3
         .count();
     let blocks = shared / block_size;
     if blocks == 0 {
-        state.metrics.remote_prefill_fallback();
+        rank.metrics.remote_prefill_fallback();
         return;
     }
-    state.engine.import_prefix(&prompt[..blocks * block_size]);
-    state.metrics.kv_blocks_received(blocks as u64);
+    rank.engine.import_prefix(&prompt[..blocks * block_size]);
+    rank.metrics.kv_blocks_received(blocks as u64);
 }
 
-/// Prefill side: holds the prompt under `key` for the decode engine and adds
-/// what the decode leg needs to the (non-streaming) answer.
+/// Prefill side: holds the prompt `rank` computed under `key` for the
+/// decode engine and adds what the decode leg needs to the (non-streaming)
+/// answer.
 pub async fn offer_for_decode(
     state: &AppState,
+    rank: RankId,
     key: &str,
     answer: Answer,
     prompt: &[u32],
@@ -386,7 +395,7 @@ pub async fn offer_for_decode(
     if response.status() != StatusCode::OK {
         return response;
     }
-    state.transfers.hold(key, prompt);
+    state.transfers.hold(key, prompt, rank);
     if answer == Answer::Unchanged {
         return response;
     }

@@ -1,12 +1,14 @@
 //! HTTP surface: the OpenAI API, `/health`, `/metrics`, and `/sim/*` debug
 //! and fault endpoints. Every response carries `x-sim-worker-id` (so tests
-//! can tell which worker served a request) and `X-Request-Id`.
+//! can tell which worker served a request) and `X-Request-Id`; OpenAI
+//! answers also `x-sim-data-parallel-rank`, the rank that served them.
 
 pub mod debug;
 pub mod error;
 pub mod kv_transfer;
 pub mod load_header;
 pub mod openai;
+pub mod ranks;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,15 +21,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::engine::Engine;
 use crate::faults::{Faults, RequestFault};
-use crate::metrics::EngineMetrics;
 use crate::tokenizer::TextCodec;
 use chat_template::ChatTemplate;
 use error::ApiError;
+use ranks::Ranks;
 
 pub const WORKER_ID_HEADER: &str = "x-sim-worker-id";
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const RANK_HEADER: &str = "x-sim-data-parallel-rank";
 
 /// Limits the API checks requests against.
 #[derive(Debug, Clone)]
@@ -47,8 +49,8 @@ pub struct AppState {
     /// Shared with the other workers of the process.
     pub codec: Arc<TextCodec>,
     pub template: Arc<ChatTemplate>,
-    pub engine: Arc<Engine>,
-    pub metrics: Arc<EngineMetrics>,
+    /// The engine's data-parallel ranks (one without data parallelism).
+    pub ranks: Ranks,
     pub faults: Arc<Faults>,
     /// Prefilled prompts held for decode engines (vLLM-style disaggregation).
     pub transfers: kv_transfer::Transfers,
@@ -64,8 +66,7 @@ impl AppState {
         worker_id: &str,
         codec: Arc<TextCodec>,
         template: Arc<ChatTemplate>,
-        engine: Arc<Engine>,
-        metrics: Arc<EngineMetrics>,
+        ranks: Ranks,
         faults: Arc<Faults>,
         transfers: kv_transfer::Transfers,
         started_unix: u64,
@@ -77,8 +78,7 @@ impl AppState {
             worker_id,
             codec,
             template,
-            engine,
-            metrics,
+            ranks,
             faults,
             transfers,
             started_unix,
@@ -196,7 +196,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.ranks.render_metrics(),
     )
         .into_response()
 }

@@ -18,7 +18,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::error::ApiError;
 use super::kv_transfer::{self, Handoff, HandoffFields};
-use super::{load_header, AppState, RequestId};
+use super::ranks::RankId;
+use super::{load_header, AppState, RequestId, RANK_HEADER};
 use crate::determinism::seed_from_bytes;
 use crate::scheduler::{NewSequence, SequenceSummary, SequenceUpdate};
 
@@ -97,6 +98,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse_body(&body)?;
     check_model(&state, &request.model)?;
+    let rank = state.ranks.for_request(&headers)?;
     let prompt = {
         let (state, prompt) = (Arc::clone(&state), request.prompt);
         off_the_runtime(move || completion_prompt(&state, &prompt)).await?
@@ -112,7 +114,7 @@ pub async fn completions(
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
     )?;
-    Ok(serve_with_handoff(state, prepared, handoff, &headers).await)
+    Ok(serve_with_handoff(state, rank, prepared, handoff, &headers).await)
 }
 
 pub async fn chat_completions(
@@ -123,6 +125,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request: ChatRequest = parse_body(&body)?;
     check_model(&state, &request.model)?;
+    let rank = state.ranks.for_request(&headers)?;
     if request.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages must not be empty",
@@ -170,7 +173,7 @@ pub async fn chat_completions(
         request.stream,
         request.stream_options.is_some_and(|o| o.include_usage),
     )?;
-    Ok(serve_with_handoff(state, prepared, handoff, &headers).await)
+    Ok(serve_with_handoff(state, rank, prepared, handoff, &headers).await)
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -188,26 +191,33 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-/// Serves a request, running its side of a disaggregated handoff first
-/// (decode side: pull the KV) or after (prefill side: hold it and say where).
+/// Serves a request on rank `rank`, running its side of a disaggregated
+/// handoff first (decode side: pull the KV) or after (prefill side: hold it
+/// and say where).
 async fn serve_with_handoff(
     state: Arc<AppState>,
+    rank: RankId,
     prepared: Prepared,
     handoff: Handoff,
     headers: &HeaderMap,
 ) -> Response {
-    match handoff {
-        Handoff::None => serve(state, prepared, headers).await,
+    let mut response = match handoff {
+        Handoff::None => serve(state, rank, prepared, headers).await,
         Handoff::Decode(source) => {
-            kv_transfer::pull_remote_prefill(&state, &source, &prepared.prompt).await;
-            serve(state, prepared, headers).await
+            kv_transfer::pull_remote_prefill(&state, rank, &source, &prepared.prompt).await;
+            serve(state, rank, prepared, headers).await
         }
         Handoff::Prefill { key, answer } => {
             let prompt = prepared.prompt.clone();
-            let response = serve(Arc::clone(&state), prepared, headers).await;
-            kv_transfer::offer_for_decode(&state, &key, answer, &prompt, response).await
+            let response = serve(Arc::clone(&state), rank, prepared, headers).await;
+            kv_transfer::offer_for_decode(&state, rank, &key, answer, &prompt, response).await
         }
-    }
+    };
+    response.headers_mut().insert(
+        HeaderName::from_static(RANK_HEADER),
+        HeaderValue::from(rank.index()),
+    );
+    response
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -336,10 +346,15 @@ fn prepare(
     })
 }
 
-async fn serve(state: Arc<AppState>, prepared: Prepared, headers: &HeaderMap) -> Response {
+async fn serve(
+    state: Arc<AppState>,
+    rank: RankId,
+    prepared: Prepared,
+    headers: &HeaderMap,
+) -> Response {
     let (tx, rx) = unbounded_channel();
     let planned = prepared.output.len();
-    state.engine.submit(NewSequence {
+    state.ranks.get(rank).engine.submit(NewSequence {
         prompt: prepared.prompt,
         output: prepared.output,
         updates: tx,
@@ -359,7 +374,7 @@ async fn serve(state: Arc<AppState>, prepared: Prepared, headers: &HeaderMap) ->
             .get(load_header::FORMAT_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        full_response(state, reply, rx, format).await
+        full_response(state, rank, reply, rx, format).await
     }
 }
 
@@ -429,6 +444,7 @@ fn usage(summary: &SequenceSummary) -> Value {
 /// Collects every token, then answers once, with usage.
 async fn full_response(
     state: Arc<AppState>,
+    rank: RankId,
     reply: Reply,
     mut updates: UnboundedReceiver<SequenceUpdate>,
     load_format: Option<String>,
@@ -464,8 +480,8 @@ async fn full_response(
     if let Ok(value) = HeaderValue::from_str(&summary.time_to_first_token.to_string()) {
         headers.insert(HeaderName::from_static(TTFT_HEADER), value);
     }
-    let load_value =
-        load_format.and_then(|format| load_header::render(&format, state.engine.load()));
+    let load = state.ranks.get(rank).engine.load();
+    let load_value = load_format.and_then(|format| load_header::render(&format, load));
     if let Some(value) = load_value.and_then(|v| HeaderValue::from_str(&v).ok()) {
         headers.insert(HeaderName::from_static(load_header::LOAD_HEADER), value);
     }

@@ -1,8 +1,8 @@
 //! msgpack encoding of KV event batches, byte-compatible with vLLM's
 //! `msgspec` structs (docs/relay.md#input-formats-srcdecode). Pure: no I/O.
 //!
-//! A batch is the array `[ts, [event, ...], data_parallel_rank]` with
-//! `data_parallel_rank` nil. Events:
+//! A batch is the array `[ts, [event, ...], data_parallel_rank]`, stamped
+//! with the publishing rank as vLLM's publisher stamps it. Events:
 //!
 //! * `array` format (vLLM ≤ 0.23 `array_like` tagged structs):
 //!   `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name]`,
@@ -23,13 +23,21 @@ use crate::kv_cache::CacheEvent;
 /// Storage tier reported for every block: the simulated GPU.
 pub const MEDIUM_GPU: &str = "GPU";
 
+/// How a publisher encodes its batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchFormat {
+    pub format: EventFormat,
+    pub block_size: u32,
+    pub data_parallel_rank: u32,
+}
+
 /// Encodes one batch of events produced at wall-clock time `ts` (Unix seconds).
-pub fn encode_batch(
-    ts: f64,
-    events: &[CacheEvent],
-    block_size: u32,
-    format: EventFormat,
-) -> Vec<u8> {
+pub fn encode_batch(ts: f64, events: &[CacheEvent], batch: BatchFormat) -> Vec<u8> {
+    let BatchFormat {
+        format,
+        block_size,
+        data_parallel_rank,
+    } = batch;
     let mut out = ByteBuf::with_capacity(64 + events.len() * 32);
     ok(encode::write_array_len(&mut out, 3));
     ok(encode::write_f64(&mut out, ts));
@@ -40,7 +48,7 @@ pub fn encode_batch(
             EventFormat::Map => write_map_event(&mut out, event, block_size),
         }
     }
-    ok(encode::write_nil(&mut out));
+    ok(encode::write_uint(&mut out, u64::from(data_parallel_rank)));
     out.into_vec()
 }
 
@@ -182,9 +190,17 @@ mod tests {
         }
     }
 
+    fn format(format: EventFormat, block_size: u32) -> BatchFormat {
+        BatchFormat {
+            format,
+            block_size,
+            data_parallel_rank: 0,
+        }
+    }
+
     #[test]
     fn array_batch_bytes_are_exact() {
-        let bytes = encode_batch(1.5, &[stored()], 1, EventFormat::Array);
+        let bytes = encode_batch(1.5, &[stored()], format(EventFormat::Array, 1));
         let mut expected = vec![0x93, 0xcb];
         expected.extend_from_slice(&1.5f64.to_be_bytes());
         expected.push(0x91); // one event
@@ -200,7 +216,7 @@ mod tests {
         expected.push(0xc0); // lora_id
         expected.extend_from_slice(&[0xa3, b'G', b'P', b'U']);
         expected.push(0xc0); // lora_name
-        expected.push(0xc0); // data_parallel_rank
+        expected.push(0x00); // data_parallel_rank
         assert_eq!(bytes, expected);
     }
 
@@ -214,21 +230,23 @@ mod tests {
                 },
                 CacheEvent::AllCleared,
             ],
-            16,
-            EventFormat::Array,
+            BatchFormat {
+                data_parallel_rank: 3,
+                ..format(EventFormat::Array, 16)
+            },
         );
         let tail = &bytes[10..];
         let mut expected = vec![0x92, 0x93, 0xac];
         expected.extend_from_slice(b"BlockRemoved");
         expected.extend_from_slice(&[0x91, 0x05, 0xa3, b'G', b'P', b'U', 0x91, 0xb0]);
         expected.extend_from_slice(b"AllBlocksCleared");
-        expected.push(0xc0);
+        expected.push(0x03); // data_parallel_rank
         assert_eq!(tail, expected.as_slice());
     }
 
     #[test]
     fn map_form_names_fields_and_omits_nil_lora() {
-        let bytes = encode_batch(0.0, &[stored()], 16, EventFormat::Map);
+        let bytes = encode_batch(0.0, &[stored()], format(EventFormat::Map, 16));
         let event = &bytes[11..];
         assert_eq!(event[0], 0x86, "map of 6: lora fields omitted");
         let text = String::from_utf8_lossy(event);

@@ -17,7 +17,7 @@ use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage
 use crate::config::EventFormat;
 use crate::faults::Faults;
 use crate::kv_cache::CacheEvent;
-use crate::kv_events::encoding::encode_batch;
+use crate::kv_events::encoding::{encode_batch, BatchFormat};
 
 /// How often held batches are re-checked while publishing is paused.
 const PAUSE_POLL: Duration = Duration::from_millis(20);
@@ -42,6 +42,8 @@ pub struct PublisherSettings {
     pub format: EventFormat,
     pub block_size: u32,
     pub replay_capacity: usize,
+    /// The rank every batch is stamped with.
+    pub data_parallel_rank: u32,
 }
 
 /// Handle the engine loop uses to publish one batch per changing iteration.
@@ -159,6 +161,11 @@ async fn run_publisher(
     next_seq: Arc<AtomicU64>,
 ) {
     let topic = Bytes::from(settings.topic.clone().into_bytes());
+    let batch_format = BatchFormat {
+        format: settings.format,
+        block_size: settings.block_size,
+        data_parallel_rank: settings.data_parallel_rank,
+    };
     // Batches held while publishing is paused, in seq order.
     let mut held: VecDeque<(u64, Bytes)> = VecDeque::new();
     loop {
@@ -177,12 +184,7 @@ async fn run_publisher(
             break;
         };
         let seq = next_seq.fetch_add(1, Ordering::Relaxed);
-        let payload = Bytes::from(encode_batch(
-            unix_seconds(),
-            &events,
-            settings.block_size,
-            settings.format,
-        ));
+        let payload = Bytes::from(encode_batch(unix_seconds(), &events, batch_format));
         replay
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -10,6 +10,7 @@ use kvmesh_config::EngineKind;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::harness::ports::free_consecutive_ports;
 use crate::harness::{free_port, paths, ManagedProcess};
 
 /// How the engine release puts block hashes on the wire.
@@ -65,8 +66,11 @@ pub struct EnginePublisher {
     process: ManagedProcess,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// The ports the engine is configured with; a data-parallel rank binds
+    /// them plus its rank.
     pub_port: u16,
     replay_port: u16,
+    data_parallel_rank: u32,
     pub capabilities: Capabilities,
 }
 
@@ -74,8 +78,28 @@ impl EnginePublisher {
     /// Starts the release's `ZmqEventPublisher` on free ports and waits until
     /// its sockets are bound.
     pub fn start(release: &EngineRelease) -> anyhow::Result<Self> {
-        let (pub_port, replay_port) = (free_port(), free_port());
-        let (process, stdin, stdout) = Self::spawn(release, pub_port, replay_port)?;
+        Self::start_rank(release, (free_port(), free_port()), 0)
+    }
+
+    /// Starts the publishers of `ranks` data-parallel ranks of one engine,
+    /// configured with the same ports as the engine's ranks are.
+    pub fn start_ranks(release: &EngineRelease, ranks: u16) -> anyhow::Result<Vec<Self>> {
+        let ports = (
+            free_consecutive_ports(ranks)?,
+            free_consecutive_ports(ranks)?,
+        );
+        (0..u32::from(ranks))
+            .map(|rank| Self::start_rank(release, ports, rank))
+            .collect()
+    }
+
+    fn start_rank(
+        release: &EngineRelease,
+        (pub_port, replay_port): (u16, u16),
+        data_parallel_rank: u32,
+    ) -> anyhow::Result<Self> {
+        let (process, stdin, stdout) =
+            Self::spawn(release, pub_port, replay_port, data_parallel_rank)?;
         let mut publisher = Self {
             release: *release,
             process,
@@ -83,6 +107,7 @@ impl EnginePublisher {
             stdout,
             pub_port,
             replay_port,
+            data_parallel_rank,
             capabilities: Capabilities {
                 salt: false,
                 mm: false,
@@ -98,7 +123,12 @@ impl EnginePublisher {
     /// ports: its sequence starts at 0 again with an empty buffer.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.process.kill();
-        let (process, stdin, stdout) = Self::spawn(&self.release, self.pub_port, self.replay_port)?;
+        let (process, stdin, stdout) = Self::spawn(
+            &self.release,
+            self.pub_port,
+            self.replay_port,
+            self.data_parallel_rank,
+        )?;
         (self.process, self.stdin, self.stdout) = (process, stdin, stdout);
         let _: Ready = self.read_reply()?;
         Ok(())
@@ -108,6 +138,7 @@ impl EnginePublisher {
         release: &EngineRelease,
         pub_port: u16,
         replay_port: u16,
+        data_parallel_rank: u32,
     ) -> anyhow::Result<(ManagedProcess, ChildStdin, BufReader<ChildStdout>)> {
         let wheel = paths::engine_wheel(release.engine.as_str(), release.version)?;
         let script = paths::repo_root()
@@ -122,8 +153,12 @@ impl EnginePublisher {
             .args(["--engine", release.engine.as_str()])
             .args(["--pub-port", &pub_port.to_string()])
             .args(["--replay-port", &replay_port.to_string()])
-            .args(["--hash-style", release.hash_style.flag()]);
-        let name = format!("{}-{}", release.engine, release.version);
+            .args(["--hash-style", release.hash_style.flag()])
+            .args(["--data-parallel-rank", &data_parallel_rank.to_string()]);
+        let name = format!(
+            "{}-{}-dp{data_parallel_rank}",
+            release.engine, release.version
+        );
         let mut process = ManagedProcess::spawn_piped(&name, command)?;
         let (stdin, stdout) = process
             .take_stdio()
@@ -131,6 +166,8 @@ impl EnginePublisher {
         Ok((process, stdin, BufReader::new(stdout)))
     }
 
+    /// The PUB endpoint the engine is configured with (a rank's own is
+    /// this port plus the rank).
     pub fn endpoint(&self) -> String {
         format!("tcp://127.0.0.1:{}", self.pub_port)
     }

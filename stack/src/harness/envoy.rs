@@ -183,7 +183,7 @@ pub const INFERENCE_PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/completions
 
 /// Response headers the engines add for debugging, removed by the gateway
 /// unless `expose_engine_headers` is on.
-pub const ENGINE_DEBUG_HEADERS: [&str; 1] = ["x-sim-worker-id"];
+pub const ENGINE_DEBUG_HEADERS: [&str; 2] = ["x-sim-worker-id", "x-sim-data-parallel-rank"];
 
 /// Envoy's own load balancing policy of the pool clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,6 +47,29 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The first of `count` consecutive loopback ports that are free now and
+/// not yet handed out, as an engine with data-parallel ranks binds its KV
+/// event sockets at the configured port plus each rank.
+pub fn free_consecutive_ports(count: u16) -> anyhow::Result<u16> {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed_out = handed_out.get_or_insert_with(HashSet::new);
+    let candidates = below_ephemeral(ephemeral_range()).unwrap_or(LOWEST_PICKED..32_768);
+    let last_first = candidates.end.saturating_sub(count);
+    let mut rng = rand::rng();
+    for _ in 0..TRIES {
+        let first = rng.random_range(candidates.start..last_first.max(candidates.start + 1));
+        let ports = first..first.saturating_add(count);
+        if ports
+            .clone()
+            .all(|port| !handed_out.contains(&port) && bindable(port))
+        {
+            handed_out.extend(ports);
+            return Ok(first);
+        }
+    }
+    anyhow::bail!("no {count} consecutive free loopback ports in {candidates:?}")
+}
+
 /// The kernel's ephemeral port range, if this is Linux and it can be read.
 fn ephemeral_range() -> Option<(u16, u16)> {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -124,5 +147,14 @@ mod tests {
                 assert!(candidates.contains(&port), "port {port} is ephemeral");
             }
         }
+    }
+
+    #[test]
+    fn consecutive_ports_are_free_and_never_handed_out_again() {
+        let first = free_consecutive_ports(4).unwrap();
+        let run: HashSet<u16> = (first..first + 4).collect();
+        assert!(run.iter().all(|port| bindable(*port)));
+        let later: HashSet<u16> = (0..200).map(|_| free_port()).collect();
+        assert!(later.is_disjoint(&run));
     }
 }

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::harness::ports::free_consecutive_ports;
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
 /// How to start one simulated worker.
@@ -68,6 +69,15 @@ impl KvEventEndpoints {
             publish: format!("tcp://127.0.0.1:{}", free_port()),
             replay: format!("tcp://127.0.0.1:{}", free_port()),
         }
+    }
+
+    /// Both sockets of each of `ranks` data-parallel ranks: the ranks bind
+    /// these ports plus their rank, so each is the first of a free run.
+    pub fn on_free_ports_for_ranks(ranks: u16) -> anyhow::Result<Self> {
+        Ok(Self {
+            publish: format!("tcp://127.0.0.1:{}", free_consecutive_ports(ranks)?),
+            replay: format!("tcp://127.0.0.1:{}", free_consecutive_ports(ranks)?),
+        })
     }
 
     /// The sim-engine flags binding them, for a worker with a process of its own.

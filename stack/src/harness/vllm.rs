@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::harness::ports::free_consecutive_ports;
 use crate::harness::relay::{Relay, RelayOptions};
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
@@ -27,6 +28,9 @@ pub struct VllmOptions {
     /// KV cache capacity in blocks (`--kv-cache-memory-bytes`).
     pub cache_blocks: u64,
     pub max_model_len: u32,
+    /// `--data-parallel-size`: ranks behind the one API server, each
+    /// publishing its KV events on the configured ports plus its rank.
+    pub data_parallel_size: u16,
     /// Further engine flags passed verbatim.
     pub extra_args: Vec<String>,
 }
@@ -40,6 +44,7 @@ impl VllmOptions {
             block_size: 32,
             cache_blocks: 512,
             max_model_len: 4096,
+            data_parallel_size: 1,
             extra_args: Vec::new(),
         }
     }
@@ -66,7 +71,12 @@ impl VllmEngine {
     /// Starts the engine without waiting, so several can load at once; call
     /// [`wait_ready`](Self::wait_ready) before use.
     pub fn spawn(options: VllmOptions) -> anyhow::Result<Self> {
-        let (port, events_port, replay_port) = (free_port(), free_port(), free_port());
+        let ranks = options.data_parallel_size;
+        let (port, events_port, replay_port) = (
+            free_port(),
+            free_consecutive_ports(ranks)?,
+            free_consecutive_ports(ranks)?,
+        );
         let process = spawn_process(&options, port, events_port, replay_port)?;
         Ok(Self {
             process,
@@ -102,7 +112,8 @@ impl VllmEngine {
         &self.options
     }
 
-    /// Where the engine publishes KV events, for a relay.
+    /// Where the engine publishes KV events, for a relay (the endpoint it
+    /// is configured with: rank r of several publishes on this port + r).
     pub fn events_endpoint(&self) -> String {
         format!("tcp://127.0.0.1:{}", self.events_port)
     }
@@ -150,6 +161,10 @@ fn spawn_process(
             &(options.cache_blocks * TINY_QWEN3_BLOCK_BYTES).to_string(),
         ])
         .args(["--max-model-len", &options.max_model_len.to_string()])
+        .args([
+            "--data-parallel-size",
+            &options.data_parallel_size.to_string(),
+        ])
         .args(["--kv-events-config", &kv_events.to_string()])
         .args([
             "--enable-prefix-caching",

@@ -38,7 +38,10 @@ impl FleetRegistry {
         }
         let retry = self.sync_retry();
         let meta = self.workers.get_mut(&info.worker_id)?;
-        if meta.info.address != info.address || meta.info.role != info.role {
+        if meta.info.address != info.address
+            || meta.info.data_parallel_rank != info.data_parallel_rank
+            || meta.info.role != info.role
+        {
             self.pending.push(joined(&info));
         }
         let same_epoch = meta.tracker.epoch() == Some(info.epoch);
@@ -66,7 +69,7 @@ impl FleetRegistry {
                 .inc();
             return false;
         }
-        tracing::info!(model = %self.config.name, worker = %info.worker_id, address = %info.address, "worker joined");
+        tracing::info!(model = %self.config.name, worker = %info.worker_id, address = %info.address, data_parallel_rank = ?info.data_parallel_rank, "worker joined");
         self.pending.push(joined(info));
         self.workers.insert(
             info.worker_id.clone(),
@@ -164,6 +167,7 @@ fn joined(info: &WorkerInfo) -> Change {
             worker_id: info.worker_id.clone(),
             address: info.address.clone(),
             role: info.role,
+            data_parallel_rank: info.data_parallel_rank,
         })),
     }
 }
@@ -189,7 +193,7 @@ mod tests {
         );
         assert_eq!(kinds(&h.commit(0)), ["joined w1"]);
         let entry = h.worker("w1").expect("w1 joined");
-        assert_eq!(entry.address, "w1.pool:8000");
+        assert_eq!(entry.target.address(), "w1.pool:8000");
         assert_eq!(entry.role, WorkerRole::Decode);
         let infos = h.registry.worker_infos();
         assert_eq!(infos.len(), 1);
@@ -200,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn new_address_or_role_is_announced_again() {
+    fn new_address_rank_or_role_is_announced_again() {
         let mut h = Harness::new(limits());
         h.registry.heartbeat(heartbeat("w1", 7, 0), h.at(0));
         h.commit(0);
@@ -211,12 +215,22 @@ mod tests {
         h.registry.heartbeat(moved.clone(), h.at(100));
         assert_eq!(kinds(&h.commit(100)), ["joined w1"]);
         assert_eq!(
-            h.worker("w1").map(|w| w.address.as_str()),
+            h.worker("w1").map(|w| w.target.key()),
             Some("10.9.9.9:8001")
+        );
+        let ranked = WorkerInfo {
+            data_parallel_rank: Some(3),
+            ..moved
+        };
+        h.registry.heartbeat(ranked.clone(), h.at(150));
+        assert_eq!(kinds(&h.commit(150)), ["joined w1"]);
+        assert_eq!(
+            h.worker("w1").map(|w| w.target.key()),
+            Some("10.9.9.9:8001#3")
         );
         let prefill = WorkerInfo {
             role: WorkerRole::Prefill as i32,
-            ..moved
+            ..ranked
         };
         h.registry.heartbeat(prefill, h.at(200));
         assert_eq!(kinds(&h.commit(200)), ["joined w1"]);

@@ -252,6 +252,7 @@ impl WorkerRelay<'_> {
                 model,
                 address: &self.worker.address,
                 role: Role::Both,
+                data_parallel_rank: None,
                 engine: EngineKind::Vllm,
                 block_size: self.options.block_size.get(),
                 epoch: self.epoch,
