@@ -850,6 +850,61 @@ fn vllm_decode_waits_for_the_prefill_leg() {
     assert_eq!(vm.destination().as_deref(), Some(B));
 }
 
+/// The prefill pool is two data-parallel ranks of one engine at `PREFILL`;
+/// rank 1 holds two of the prompt's blocks, so it prefills.
+#[test]
+fn the_prefill_leg_goes_to_a_prefill_workers_rank() {
+    let vm = Vm::new(&disaggregated("vllm"));
+    let worker = |id: &str, address: &str, role: WorkerRole, rank, blocks| WorkerSnapshot {
+        worker_id: id.into(),
+        address: address.into(),
+        role: role as i32,
+        blocks,
+        load: None,
+        data_parallel_rank: rank,
+    };
+    let two_blocks: Vec<u64> = vm.blocks(32);
+    vm.apply(&StateUpdate {
+        model: "m".into(),
+        version: 1,
+        kind: Some(state_update::Kind::Snapshot(Snapshot {
+            workers: vec![
+                worker("b", B, WorkerRole::Decode, None, Vec::new()),
+                worker("p0", PREFILL, WorkerRole::Prefill, Some(0), Vec::new()),
+                worker("p1", PREFILL, WorkerRole::Prefill, Some(1), two_blocks),
+            ],
+            continues: false,
+        })),
+        fleet_unheard: false,
+    });
+    let (mut stream, actions) = vm.send(COMPLETIONS, &completion(64, ""));
+    assert_eq!(actions, [Action::Pause, Action::Pause]);
+    {
+        let recorded = vm.host.recorded();
+        let [call] = recorded.callouts.as_slice() else {
+            panic!("expected the prefill leg");
+        };
+        assert_eq!(call.header(DESTINATION_HEADER), Some(PREFILL));
+        assert_eq!(call.header(DATA_PARALLEL_RANK_HEADER), Some("1"));
+    }
+    let rank1 = format!("{PREFILL}#1");
+    assert_eq!(vm.load(&rank1).queued_prefill_tokens, 32);
+    assert_eq!(vm.load(PREFILL), WorkerLoad::default());
+    let params = json!({"remote_engine_id": "e", "remote_block_ids": [1, 2]});
+    let answer = json!({"choices": [], "kv_transfer_params": params}).to_string();
+    vm.answer(&mut stream, 1, Some("200"), &answer);
+    // The decode worker is a plain one: no rank for it.
+    assert_eq!(vm.destination().as_deref(), Some(B));
+    assert_eq!(vm.host.get(REQUEST, DATA_PARALLEL_RANK_HEADER), None);
+    assert_eq!(vm.load(&rank1), WorkerLoad::default());
+    vm.respond(&mut stream, B, &[]);
+    assert_eq!(
+        vm.host.get(RESPONSE, "x-kvmesh-prefill-worker").as_deref(),
+        Some(rank1.as_str())
+    );
+    stream.on_log();
+}
+
 #[test]
 fn the_prefill_leg_carries_the_clients_credentials_and_trace() {
     let vm = Vm::new(&disaggregated("vllm")).with_fleet();
