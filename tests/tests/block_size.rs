@@ -11,7 +11,7 @@ use kvmesh_stack::harness::free_port;
 use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::relay::{Relay, RelayOptions};
 use kvmesh_stack::harness::stack::{Stack, StackOptions};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MODEL: &str = "qwen3";
 const BLOCK: u32 = 32;
@@ -92,12 +92,8 @@ fn thirty_two_token_blocks_route_and_a_disagreeing_relay_is_refused() {
     // Heartbeats keep coming every second: still refused, counted once.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stack.sidecar.metric(metric, ""), 1.0);
-    let workers: Value = reqwest::blocking::get(format!("{}/v1/workers", stack.sidecar.http_url()))
-        .and_then(|r| r.json())
-        .expect("/v1/workers");
-    let ids: Vec<&str> = workers["workers"]
-        .as_array()
-        .expect("workers array")
+    let workers = stack.sidecar.workers().expect("/v1/workers");
+    let ids: Vec<&str> = workers
         .iter()
         .filter_map(|w| w["worker_id"].as_str())
         .collect();

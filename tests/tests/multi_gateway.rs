@@ -22,7 +22,7 @@ use kvmesh_stack::harness::stack::{Stack, StackOptions};
 use kvmesh_stack::harness::{free_port, Envoy, GatewayConfig};
 use prost::Message;
 use router_core::gateway::{decisions_subject, gateway_report, SharedReport};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MODEL: &str = "qwen3";
 const WORKERS: usize = 2;
@@ -47,12 +47,8 @@ fn prompt(first: u32, tokens: u32) -> Vec<u32> {
 
 /// Predicted active blocks of each worker in the sidecar's fleet state.
 fn active_blocks(sidecar: &Sidecar) -> Vec<(String, u64)> {
-    let body: Value = reqwest::blocking::get(format!("{}/v1/workers", sidecar.http_url()))
-        .unwrap()
-        .json()
-        .unwrap();
-    body["workers"]
-        .as_array()
+    sidecar
+        .workers()
         .unwrap()
         .iter()
         .map(|w| {

@@ -313,14 +313,9 @@ fn workers_hosted_by_one_sim_process_are_routed_as_separate_gpus() {
         "the workers share one process"
     );
     let ids: Vec<String> = (0..WORKERS).map(|i| format!("worker-{i}")).collect();
-    let listed: Value = http_client()
-        .get(format!("{}/v1/workers", stack.sidecar.http_url()))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let listed: BTreeMap<String, String> = listed["workers"]
-        .as_array()
+    let listed: BTreeMap<String, String> = stack
+        .sidecar
+        .workers()
         .unwrap()
         .iter()
         .map(|w| {
@@ -918,14 +913,9 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
     .unwrap();
     gateway.wait_for_fleet_state(2).unwrap();
 
-    let listed: Value = http_client()
-        .get(format!("{}/v1/workers", gateway.sidecar.http_url()))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let mut listed: Vec<(String, String, u64)> = listed["workers"]
-        .as_array()
+    let mut listed: Vec<(String, String, u64)> = gateway
+        .sidecar
+        .workers()
         .unwrap()
         .iter()
         .map(|w| {
@@ -1052,14 +1042,9 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
         .unwrap();
     assert_eq!(running.status(), 200);
     let running_by_worker = || -> BTreeMap<String, u64> {
-        let listed: Value = http_client()
-            .get(format!("{}/v1/workers", gateway.sidecar.http_url()))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        listed["workers"]
-            .as_array()
+        gateway
+            .sidecar
+            .workers()
             .unwrap()
             .iter()
             .map(|w| {

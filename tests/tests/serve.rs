@@ -41,10 +41,7 @@ fn start_worker(nats: &NatsServer, id: &str) -> Worker {
 }
 
 fn workers_json(sidecar: &Sidecar) -> Vec<Value> {
-    let body: Value = reqwest::blocking::get(format!("{}/v1/workers", sidecar.http_url()))
-        .and_then(|r| r.json())
-        .unwrap_or_default();
-    body["workers"].as_array().cloned().unwrap_or_default()
+    sidecar.workers().unwrap_or_default()
 }
 
 fn worker_listed(sidecar: &Sidecar, id: &str) -> bool {

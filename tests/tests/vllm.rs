@@ -152,16 +152,13 @@ fn prompt_hashes(stack: &Stack, prompt: &str) -> anyhow::Result<HashSet<u64>> {
 
 /// `/v1/workers` entry of `worker-<index>`.
 fn sidecar_worker(stack: &Stack, index: usize) -> Option<Value> {
-    let body: Value = reqwest::blocking::get(format!("{}/v1/workers", stack.sidecar.http_url()))
-        .ok()?
-        .json()
-        .ok()?;
     let id = format!("worker-{index}");
-    body["workers"]
-        .as_array()?
-        .iter()
+    stack
+        .sidecar
+        .workers()
+        .ok()?
+        .into_iter()
         .find(|w| w["worker_id"] == id.as_str())
-        .cloned()
 }
 
 /// Precise mode sends a repeated long prefix to the worker that cached it,
@@ -388,9 +385,11 @@ fn block_size_mismatch_is_refused(stack: &Stack) -> anyhow::Result<()> {
         stack.sidecar.metric(metric, "") >= 1.0
     })?;
     thread::sleep(Duration::from_secs(2));
-    let listed = reqwest::blocking::get(format!("{}/v1/workers", stack.sidecar.http_url()))?
-        .text()?
-        .contains("worker-wrong-block-size");
+    let listed = stack
+        .sidecar
+        .workers()?
+        .iter()
+        .any(|w| w["worker_id"] == "worker-wrong-block-size");
     anyhow::ensure!(!listed, "the mismatched worker was registered");
     eprintln!(
         "block size mismatch: refused, {metric} = {}",

@@ -112,11 +112,19 @@ impl Sidecar {
         Ok(())
     }
 
+    /// The entries of `GET /v1/workers`.
+    pub fn workers(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut body: serde_json::Value =
+            reqwest::blocking::get(format!("{}/v1/workers", self.http_url()))?.json()?;
+        match body["workers"].take() {
+            serde_json::Value::Array(workers) => Ok(workers),
+            other => anyhow::bail!("/v1/workers without a workers list: {other}"),
+        }
+    }
+
     /// Number of workers in `GET /v1/workers`.
     pub fn known_workers(&self) -> anyhow::Result<usize> {
-        let body: serde_json::Value =
-            reqwest::blocking::get(format!("{}/v1/workers", self.http_url()))?.json()?;
-        Ok(body["workers"].as_array().map_or(0, Vec::len))
+        Ok(self.workers()?.len())
     }
 
     /// `ip:port` of the gRPC and HTTP listeners, for Envoy's clusters.
