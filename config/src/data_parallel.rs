@@ -30,23 +30,40 @@ pub fn offset_endpoint(endpoint: &str, rank: u32) -> Result<String, EndpointOffs
     if endpoint.starts_with("inproc://") {
         return Ok(format!("{endpoint}_dp{rank}"));
     }
-    if !endpoint.starts_with("tcp://") {
-        return Err(error(
-            "only tcp:// and inproc:// endpoints are offset by rank",
-        ));
-    }
-    let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| error("no port"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| error("the port is not a number"))?;
+    let (host, port) = tcp_host_port(endpoint).map_err(error)?;
     if port == 0 {
         return Err(error(
             "port 0 is chosen by the OS, so the rank's port is unknown",
         ));
     }
-    let port = u16::try_from(u32::from(port) + rank)
-        .map_err(|_| error("the rank's port is past 65535"))?;
-    Ok(format!("{host}:{port}"))
+    let port = u32::from(port)
+        .checked_add(rank)
+        .and_then(|port| u16::try_from(port).ok())
+        .ok_or_else(|| error("the rank's port is past 65535"))?;
+    Ok(format!("tcp://{host}:{port}"))
+}
+
+/// `tcp://host:port` → (host, port).
+pub fn tcp_host_port(endpoint: &str) -> Result<(&str, u16), &'static str> {
+    let address = endpoint
+        .strip_prefix("tcp://")
+        .ok_or("only tcp:// and inproc:// endpoints are offset by rank")?;
+    let (host, port) = address.rsplit_once(':').ok_or("no port")?;
+    let port = port.parse().map_err(|_| "the port is not a number")?;
+    Ok((host, port))
+}
+
+/// Whether ranks `0..=rank` of an engine configured with these two TCP
+/// endpoints would bind one port twice: each rank binds both ports plus its
+/// rank, so ports on one host must lie more than `rank` apart (vLLM's
+/// `endpoint` 5557 and `replay_endpoint` 5558 cannot run two ranks).
+pub fn ranks_collide(publish: &str, replay: &str, rank: u32) -> bool {
+    match (tcp_host_port(publish), tcp_host_port(replay)) {
+        (Ok((publish_host, publish)), Ok((replay_host, replay))) => {
+            publish_host == replay_host && u32::from(publish.abs_diff(replay)) <= rank
+        }
+        _ => false,
+    }
 }
 
 /// The label naming a rank's series in the engine's `/metrics`: vLLM labels
@@ -87,5 +104,22 @@ mod tests {
         ] {
             assert!(offset_endpoint(bad, 1).is_err(), "{bad}");
         }
+        assert!(offset_endpoint("tcp://host:5557", u32::MAX).is_err());
+        assert_eq!(
+            offset_endpoint("tcp://host", 1).unwrap_err().reason,
+            "no port"
+        );
+    }
+
+    #[test]
+    fn ports_closer_than_the_ranks_collide() {
+        let (publish, replay) = ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558");
+        assert!(!ranks_collide(publish, replay, 0));
+        assert!(ranks_collide(publish, replay, 1));
+        assert!(ranks_collide(replay, publish, 1));
+        assert!(!ranks_collide(publish, "tcp://127.0.0.1:5657", 99));
+        assert!(ranks_collide(publish, "tcp://127.0.0.1:5657", 100));
+        assert!(!ranks_collide(publish, "tcp://10.0.0.2:5558", 1));
+        assert!(!ranks_collide("inproc://a", "inproc://b", 3));
     }
 }

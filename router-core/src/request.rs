@@ -103,12 +103,15 @@ impl Prompt {
     }
 }
 
-/// Body fields that steer a prefill/decode handshake: only the router may
-/// set them (a client's could make an engine fetch KV from any host, or
-/// crash a connector that expects the router's shape). vLLM also reads
-/// `kv_transfer_params` and `ec_transfer_params` (its encoder-cache
-/// transfer) from `vllm_xargs`, which is refused when it names one.
-pub const HANDSHAKE_FIELDS: [&str; 7] = [
+/// Body fields that steer a prefill/decode handshake, or the data-parallel
+/// rank that serves a request (SGLang's `routed_dp_rank` and its older
+/// name `data_parallel_rank`, as the `X-Data-Parallel-Rank` header does):
+/// only the router may set them (a client's could make an engine fetch KV
+/// from any host, crash a connector that expects the router's shape, or
+/// pick a rank the router did not). vLLM also reads `kv_transfer_params`
+/// and `ec_transfer_params` (its encoder-cache transfer) from `vllm_xargs`,
+/// which is refused when it names one.
+pub const HANDSHAKE_FIELDS: [&str; 9] = [
     "kv_transfer_params",
     "ec_transfer_params",
     "bootstrap_host",
@@ -116,6 +119,8 @@ pub const HANDSHAKE_FIELDS: [&str; 7] = [
     "bootstrap_room",
     "disagg_prefill_dp_rank",
     "disaggregated_params",
+    "routed_dp_rank",
+    "data_parallel_rank",
 ];
 
 /// Most token ids one prompt may hold: more than any model's context, and a
@@ -275,6 +280,10 @@ struct RawRequest<'a> {
     disagg_prefill_dp_rank: Present,
     #[serde(default)]
     disaggregated_params: Present,
+    #[serde(default)]
+    routed_dp_rank: Present,
+    #[serde(default)]
+    data_parallel_rank: Present,
     /// vLLM's extra sampling arguments: only their keys matter here.
     #[serde(default)]
     vllm_xargs: Option<HashMap<String, de::IgnoredAny>>,
@@ -301,6 +310,8 @@ impl RawRequest<'_> {
             self.bootstrap_room,
             self.disagg_prefill_dp_rank,
             self.disaggregated_params,
+            self.routed_dp_rank,
+            self.data_parallel_rank,
         ]
         .contains(&Present(true))
     }

@@ -45,6 +45,11 @@ impl Target {
     pub fn key(&self) -> &str {
         self.rank_key.as_deref().unwrap_or(&self.address)
     }
+
+    /// The address part of a [`key`](Self::key) (`ip:port` holds no `#`).
+    pub fn address_of_key(key: &str) -> &str {
+        key.split_once('#').map_or(key, |(address, _)| address)
+    }
 }
 
 impl From<&str> for Target {
@@ -68,5 +73,8 @@ mod tests {
         assert_eq!(rank1.address(), plain.address());
         assert_eq!(rank1.data_parallel_rank(), Some(1));
         assert_ne!(rank0, plain);
+        assert_eq!(Target::address_of_key(rank1.key()), "10.0.0.8:8000");
+        assert_eq!(Target::address_of_key(plain.key()), "10.0.0.8:8000");
+        assert_eq!(Target::address_of_key("[::1]:8000#2"), "[::1]:8000");
     }
 }

@@ -58,7 +58,6 @@ pub struct Config {
     /// KV blocks on the simulated GPU (default ≈ an 8B model on an 80 GB H100).
     #[arg(long, default_value_t = 30_000)]
     pub num_gpu_blocks: usize,
-    /// Most requests in one batch.
     /// Data-parallel ranks behind each worker's one HTTP port, each with its
     /// own KV cache, scheduler, metrics series (`engine="<rank>"`) and KV
     /// event publisher on the endpoint's port plus the rank, as vLLM's
@@ -66,6 +65,7 @@ pub struct Config {
     /// rank; without it the least busy one serves.
     #[arg(long, default_value_t = 1)]
     pub data_parallel_size: usize,
+    /// Most requests in one batch.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
     /// Most tokens (prefill chunks + decodes) in one iteration.

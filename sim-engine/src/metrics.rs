@@ -330,6 +330,28 @@ mod tests {
         let rank0 = at("vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3").unwrap();
         let rank1 = at("vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 5").unwrap();
         assert!(help < rank0 && rank0 < rank1);
+        // A counter renamed to `_total` and a histogram: one TYPE line and
+        // every rank's samples right after it, a family's lines together.
+        for (family, samples) in [
+            (
+                "vllm:prompt_tokens_total counter",
+                "vllm:prompt_tokens_total{",
+            ),
+            (
+                "vllm:time_to_first_token_seconds histogram",
+                "vllm:time_to_first_token_seconds_",
+            ),
+        ] {
+            let header = at(&format!("# TYPE {family}")).unwrap();
+            let own: Vec<usize> = (0..lines.len())
+                .filter(|i| lines[*i].starts_with(samples))
+                .collect();
+            let per_rank = texts[0].lines().filter(|l| l.starts_with(samples)).count();
+            assert_eq!(own.len(), 2 * per_rank, "{family}");
+            assert_eq!(own[0], header + 1, "{family}");
+            assert_eq!(own[own.len() - 1], header + own.len(), "{family}");
+            assert!(lines[own[per_rank]].contains("engine=\"1\""), "{family}");
+        }
         assert_eq!(
             lines.iter().filter(|l| l.starts_with("# TYPE ")).count(),
             texts[0]

@@ -196,16 +196,30 @@ pub fn vllm_decode(body: &[u8], params: &Value) -> Result<Vec<u8>, BodyError> {
     rewrite(body, &[("kv_transfer_params", Edit::Set(&params))])
 }
 
-/// SGLang: both legs carry the same rendezvous with the prefill engine.
-pub fn sglang(body: &[u8], host: &str, port: u16, room: u64) -> Result<Vec<u8>, BodyError> {
+/// SGLang: both legs carry the same rendezvous with the prefill engine,
+/// and, when it runs several data-parallel ranks, the rank prefilling: the
+/// decode engine otherwise looks for the KV on rank `room % ranks`, and a
+/// prefill rank chosen by the router would fail the room (SGLang 0.5.19+).
+pub fn sglang(
+    body: &[u8],
+    host: &str,
+    port: u16,
+    room: u64,
+    prefill_rank: Option<u32>,
+) -> Result<Vec<u8>, BodyError> {
     let host = Value::from(host).to_string();
     let (port, room) = (port.to_string(), room.to_string());
+    let rank = prefill_rank.map(|rank| rank.to_string());
     rewrite(
         body,
         &[
             ("bootstrap_host", Edit::Set(&host)),
             ("bootstrap_port", Edit::Set(&port)),
             ("bootstrap_room", Edit::Set(&room)),
+            (
+                "disagg_prefill_dp_rank",
+                rank.as_deref().map_or(Edit::Remove, Edit::Set),
+            ),
         ],
     )
 }
@@ -405,12 +419,21 @@ mod tests {
             "10.0.0.5",
             8998,
             42,
+            None,
         );
         assert_eq!(
             object(&leg.unwrap()),
             json!({"model": "m", "prompt": "p", "bootstrap_host": "10.0.0.5",
                 "bootstrap_port": 8998, "bootstrap_room": 42})
         );
+        let ranked = sglang(
+            br#"{"model":"m","prompt":"p"}"#,
+            "10.0.0.5",
+            8998,
+            42,
+            Some(3),
+        );
+        assert_eq!(object(&ranked.unwrap())["disagg_prefill_dp_rank"], 3);
     }
 
     #[test]

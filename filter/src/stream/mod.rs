@@ -109,6 +109,17 @@ struct Routed {
     debug: Option<DebugHeaders>,
 }
 
+/// The address a worker's ORCA load reports are recorded for: none for a
+/// data-parallel rank, since an engine's report covers every rank behind its
+/// address (vLLM lists each rank's series under one name), which would make
+/// all of them look as busy as the one listed last.
+fn orca_subject(target: &Target) -> Option<&str> {
+    target
+        .data_parallel_rank()
+        .is_none()
+        .then(|| target.address())
+}
+
 /// Where a request was steered, and the load it holds there.
 struct Steered {
     target: Target,
@@ -688,7 +699,7 @@ impl<H: Host> InferenceStream<H> {
             Mode::Fallback => self.metrics.fallback,
         };
         mode.inc(&self.host);
-        if self.config.orca_load_reports {
+        if self.config.orca_load_reports && orca_subject(target).is_some() {
             if let Err(err) = self.host.set_header(
                 MapType::HttpRequestHeaders,
                 orca::FORMAT_HEADER,
@@ -729,12 +740,9 @@ impl<H: Host> InferenceStream<H> {
 
     /// Points Envoy's load balancer at `target`'s address, and the engine
     /// there at its rank.
+    /// The rank first: the destination is what steers, so a request is
+    /// never steered to a rank's address without its rank.
     fn set_target_headers(&self, target: &Target) -> Result<(), HostError> {
-        self.host.set_header(
-            MapType::HttpRequestHeaders,
-            DESTINATION_HEADER,
-            target.address(),
-        )?;
         if let Some(rank) = target.data_parallel_rank() {
             self.host.set_header(
                 MapType::HttpRequestHeaders,
@@ -742,7 +750,20 @@ impl<H: Host> InferenceStream<H> {
                 &rank.to_string(),
             )?;
         }
-        Ok(())
+        let steered = self.host.set_header(
+            MapType::HttpRequestHeaders,
+            DESTINATION_HEADER,
+            target.address(),
+        );
+        if steered.is_err() && target.data_parallel_rank().is_some() {
+            // Envoy's own balancing picks the engine now, and its own
+            // balancer the rank.
+            let _ = self.host.remove_header(
+                MapType::HttpRequestHeaders,
+                DATA_PARALLEL_RANK_HEADER.as_bytes(),
+            );
+        }
+        steered
     }
 
     /// Gives a request's share of a worker's in-flight load back.
@@ -922,13 +943,13 @@ impl<H: Host> InferenceStream<H> {
             Phase::Routed(Routed {
                 steered: Some(steered),
                 ..
-            }) => Some(steered.target.address()),
+            }) => Some(&steered.target),
             _ => None,
         };
         if let Some(chosen) = chosen {
-            self.observe_upstream(chosen);
+            self.observe_upstream(chosen.address());
         }
-        self.take_load_report(chosen);
+        self.take_load_report(chosen.and_then(orca_subject));
         if let Some(debug) = debug {
             self.add_debug_headers(&debug);
         }

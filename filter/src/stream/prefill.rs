@@ -85,7 +85,8 @@ impl<H: Host> InferenceStream<H> {
                     .map(|a| a.ip().to_string())
                     .unwrap_or_default();
                 let room = self.state.borrow_mut().next_random() >> 1;
-                body::sglang(&body, &host, disaggregation.bootstrap_port, room)
+                let rank = target.data_parallel_rank();
+                body::sglang(&body, &host, disaggregation.bootstrap_port, room, rank)
             }
         };
         let Ok(leg) = leg else {

@@ -120,6 +120,35 @@ impl Vm {
         self
     }
 
+    /// Fresh fleet state: decode worker B (empty), and a prefill pool of
+    /// two data-parallel ranks of one engine at `PREFILL`, rank 1 holding
+    /// the first two blocks of token ids 0.., so that it prefills.
+    fn with_ranked_prefill_pool(self) -> Self {
+        let worker = |id: &str, address: &str, role: WorkerRole, rank, blocks| WorkerSnapshot {
+            worker_id: id.into(),
+            address: address.into(),
+            role: role as i32,
+            blocks,
+            load: None,
+            data_parallel_rank: rank,
+        };
+        let two_blocks = self.blocks(32);
+        self.apply(&StateUpdate {
+            model: "m".into(),
+            version: 1,
+            kind: Some(state_update::Kind::Snapshot(Snapshot {
+                workers: vec![
+                    worker("b", B, WorkerRole::Decode, None, Vec::new()),
+                    worker("p0", PREFILL, WorkerRole::Prefill, Some(0), Vec::new()),
+                    worker("p1", PREFILL, WorkerRole::Prefill, Some(1), two_blocks),
+                ],
+                continues: false,
+            })),
+            fleet_unheard: false,
+        });
+        self
+    }
+
     /// Applies a state update as the root context does; returns how many
     /// prompts other routers shared it credited.
     fn apply(&self, update: &StateUpdate) -> u64 {
@@ -358,7 +387,14 @@ fn a_data_parallel_rank_is_steered_to_by_its_header() {
     let rank1 = format!("{A}#1");
     assert_eq!(vm.load(&rank1).active_blocks, 4);
     assert_eq!(vm.load(A), WorkerLoad::default());
-    vm.respond(&mut stream, A, &[]);
+    // An engine's load report covers all its ranks: not asked for, and
+    // not recorded for any one rank if it comes anyway.
+    assert_eq!(vm.host.get(REQUEST, orca::FORMAT_HEADER), None);
+    let report = "TEXT named_metrics.num_requests_waiting=50";
+    vm.respond(&mut stream, A, &[(orca::LOAD_HEADER, report)]);
+    assert_eq!(vm.host.get(RESPONSE, orca::LOAD_HEADER), None);
+    assert_eq!(vm.host.counter("kvmesh_orca_reports"), 0);
+    assert_eq!(vm.host.counter("kvmesh_upstream_failovers"), 0);
     stream.on_log();
     assert_eq!(vm.load(&rank1), WorkerLoad::default());
 }
@@ -850,33 +886,9 @@ fn vllm_decode_waits_for_the_prefill_leg() {
     assert_eq!(vm.destination().as_deref(), Some(B));
 }
 
-/// The prefill pool is two data-parallel ranks of one engine at `PREFILL`;
-/// rank 1 holds two of the prompt's blocks, so it prefills.
 #[test]
 fn the_prefill_leg_goes_to_a_prefill_workers_rank() {
-    let vm = Vm::new(&disaggregated("vllm"));
-    let worker = |id: &str, address: &str, role: WorkerRole, rank, blocks| WorkerSnapshot {
-        worker_id: id.into(),
-        address: address.into(),
-        role: role as i32,
-        blocks,
-        load: None,
-        data_parallel_rank: rank,
-    };
-    let two_blocks: Vec<u64> = vm.blocks(32);
-    vm.apply(&StateUpdate {
-        model: "m".into(),
-        version: 1,
-        kind: Some(state_update::Kind::Snapshot(Snapshot {
-            workers: vec![
-                worker("b", B, WorkerRole::Decode, None, Vec::new()),
-                worker("p0", PREFILL, WorkerRole::Prefill, Some(0), Vec::new()),
-                worker("p1", PREFILL, WorkerRole::Prefill, Some(1), two_blocks),
-            ],
-            continues: false,
-        })),
-        fleet_unheard: false,
-    });
+    let vm = Vm::new(&disaggregated("vllm")).with_ranked_prefill_pool();
     let (mut stream, actions) = vm.send(COMPLETIONS, &completion(64, ""));
     assert_eq!(actions, [Action::Pause, Action::Pause]);
     {
@@ -947,6 +959,24 @@ fn a_batch_of_prompts_is_never_prefilled_remotely() {
     assert!(vm.host.recorded().callouts.is_empty());
     assert_eq!(vm.destination().as_deref(), Some(B));
     assert_eq!(vm.host.counter("kvmesh_prefill_failures"), 0);
+}
+
+/// SGLang's decode engine finds the KV on the prefill rank both legs name,
+/// not on `bootstrap_room % ranks`.
+#[test]
+fn sglang_legs_name_the_prefill_rank() {
+    let vm = Vm::new(&disaggregated("sglang")).with_ranked_prefill_pool();
+    let (_stream, actions) = vm.send(COMPLETIONS, &completion(64, ""));
+    assert_eq!(actions, [Action::Pause, Action::Continue]);
+    let recorded = vm.host.recorded();
+    let [call] = recorded.callouts.as_slice() else {
+        panic!("expected the prefill leg");
+    };
+    assert_eq!(call.header(DATA_PARALLEL_RANK_HEADER), Some("1"));
+    let prefill_leg: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(prefill_leg["disagg_prefill_dp_rank"], 1);
+    assert_eq!(vm.request_body()["disagg_prefill_dp_rank"], 1);
+    assert_eq!(vm.destination().as_deref(), Some(B));
 }
 
 #[test]

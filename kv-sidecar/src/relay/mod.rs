@@ -31,7 +31,7 @@ use crate::decode::vllm::Dialect;
 use crate::normalize::{MediaPolicy, Normalizer};
 use args::RelayArgs;
 use data_parallel::RankSeries;
-use kvmesh_config::data_parallel::offset_endpoint;
+use kvmesh_config::data_parallel::{offset_endpoint, ranks_collide};
 use metrics::RelayMetrics;
 use pipeline::Pipeline;
 
@@ -146,6 +146,14 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .context("--zmq-endpoint is required for vllm and sglang")?;
             let rank = args.data_parallel_rank.unwrap_or(0);
+            if let Some(replay) = args.zmq_replay_endpoint.as_deref() {
+                anyhow::ensure!(
+                    !ranks_collide(endpoint, replay, rank),
+                    "--zmq-endpoint {endpoint} and --zmq-replay-endpoint {replay} are at most {rank} ports apart: \
+                     ranks 0..={rank} of the engine bind both ports plus their rank, so one port twice; \
+                     configure the engine's two endpoints more ports apart than it has ranks (e.g. 5557 and 5657)"
+                );
+            }
             let replay_endpoint = args
                 .zmq_replay_endpoint
                 .as_deref()

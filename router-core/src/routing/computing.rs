@@ -68,7 +68,7 @@ pub struct Computing {
 }
 
 impl Computing {
-    /// `worker` (an address) was sent `prompt` to compute at `now_ms`,
+    /// `worker` (a [`Target::key`](crate::Target::key)) was sent `prompt` to compute at `now_ms`,
     /// holding (or being credited) its first `cached_blocks` already: only
     /// the strides past those need the credit, so a hit records little.
     /// A request reusing a prompt in progress therefore does not extend its
@@ -99,7 +99,7 @@ impl Computing {
         Some(strides)
     }
 
-    /// Credits a prompt another router sent `worker` (an address) to
+    /// Credits a prompt another router sent `worker` (a [`Target::key`](crate::Target::key)) to
     /// compute: its strides as that router recorded them. Only the strides
     /// not already credited to `worker` are recorded, so this router's own
     /// decision coming back (or a prompt shared twice) changes nothing and

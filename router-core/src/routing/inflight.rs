@@ -4,8 +4,10 @@
 //! until the engines' own metrics catch up, which is what stops a burst of
 //! requests with a shared prefix from all landing on one worker.
 //!
-//! One ledger serves both sides: a filter VM keys it by the address it routed
-//! to, the sidecar by the worker ids gateways report their decisions for.
+//! One ledger serves both sides: a filter VM keys it by the worker it routed
+//! to ([`Target::key`](crate::Target::key): its address, with its
+//! data-parallel rank if it has one), the sidecar by the worker ids gateways
+//! report their decisions for.
 
 use std::collections::HashMap;
 
@@ -42,11 +44,6 @@ pub struct RequestLoad<'a> {
 }
 
 impl Ticket {
-    /// The worker the request was sent to.
-    pub fn address(&self) -> &str {
-        &self.decode
-    }
-
     /// The workers whose load this ticket changes.
     pub fn workers(&self) -> impl Iterator<Item = &str> {
         let prefill = (self.prefill != self.decode).then_some(self.prefill.as_str());

@@ -20,7 +20,7 @@ use lru::LruCache;
 
 /// Workers remembered per key: a hot prefix spreads over a few workers.
 const HOLDERS: usize = 4;
-/// Distinct worker addresses remembered before the table starts over.
+/// Distinct workers remembered before the table starts over.
 const MAX_WORKERS: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +35,8 @@ type Holders = [Option<Holder>; HOLDERS];
 pub struct LearnedTable {
     entries: LruCache<u64, Holders>,
     ttl_ms: u64,
-    addresses: Vec<Arc<str>>,
+    /// Each worker's [`Target::key`](crate::Target::key), by number.
+    workers: Vec<Arc<str>>,
     numbers: HashMap<Arc<str>, u32>,
     /// (worker, leading keys matched) of the last lookup.
     matched: Vec<(u32, u32)>,
@@ -46,7 +47,7 @@ impl LearnedTable {
         Self {
             entries: LruCache::new(capacity),
             ttl_ms,
-            addresses: Vec::new(),
+            workers: Vec::new(),
             numbers: HashMap::new(),
             matched: Vec::new(),
         }
@@ -87,19 +88,20 @@ impl LearnedTable {
                 break;
             }
         }
-        let addresses = &self.addresses;
+        let workers = &self.workers;
         self.matched.iter().filter_map(|(worker, run)| {
             let index = usize::try_from(*worker).ok()?;
-            addresses.get(index).map(|a| (&**a, *run))
+            workers.get(index).map(|w| (&**w, *run))
         })
     }
 
-    /// Remembers that `keys` were sent to `address` at `now_ms`.
-    pub fn record(&mut self, keys: &[u64], address: &str, now_ms: u64) {
+    /// Remembers that `keys` were sent to `worker` (its
+    /// [`Target::key`](crate::Target::key)) at `now_ms`.
+    pub fn record(&mut self, keys: &[u64], worker: &str, now_ms: u64) {
         if keys.is_empty() {
             return;
         }
-        let worker = self.number(address);
+        let worker = self.number(worker);
         let seen = Holder {
             worker,
             seen_ms: now_ms,
@@ -120,20 +122,20 @@ impl LearnedTable {
         }
     }
 
-    fn number(&mut self, address: &str) -> u32 {
-        if let Some(number) = self.numbers.get(address) {
+    fn number(&mut self, worker: &str) -> u32 {
+        if let Some(number) = self.numbers.get(worker) {
             return *number;
         }
-        if self.addresses.len() >= MAX_WORKERS {
+        if self.workers.len() >= MAX_WORKERS {
             // Worker churn beyond any real pool: start over rather than grow.
             self.entries.clear();
-            self.addresses.clear();
+            self.workers.clear();
             self.numbers.clear();
         }
-        let number = u32::try_from(self.addresses.len()).unwrap_or(u32::MAX);
-        let address: Arc<str> = Arc::from(address);
-        self.addresses.push(Arc::clone(&address));
-        self.numbers.insert(address, number);
+        let number = u32::try_from(self.workers.len()).unwrap_or(u32::MAX);
+        let worker: Arc<str> = Arc::from(worker);
+        self.workers.push(Arc::clone(&worker));
+        self.numbers.insert(worker, number);
         number
     }
 }

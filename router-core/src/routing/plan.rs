@@ -113,10 +113,12 @@ enum Pool<'a> {
     /// Workers that generate: the model's own pool.
     Decode(&'a ModelRouting),
     /// Workers that prefill for others, except the decode worker itself
-    /// (`exclude`, its [`Target::key`]).
+    /// (`exclude`). Another data-parallel rank of its engine may prefill
+    /// for it; a configured endpoint at its address may not, since the
+    /// engine there would pick the rank.
     Prefill {
         routing: &'a PrefillRouting,
-        exclude: Option<&'a str>,
+        exclude: Option<&'a Target>,
     },
 }
 
@@ -131,18 +133,15 @@ impl Pool<'_> {
             Pool::Prefill { routing, .. } => {
                 let prefills = role == WorkerRole::Prefill
                     || (routing.spec.shared_workers && role == WorkerRole::Both);
-                prefills && self.admits_endpoint(target.key())
+                let excluded = exclude_of(self).is_some_and(|e| e.key() == target.key());
+                prefills && !excluded
             }
         }
     }
 
-    /// Whether a worker may be chosen, by its [`Target::key`] (a configured
-    /// endpoint's is its address).
-    fn admits_endpoint(self, key: &str) -> bool {
-        match self {
-            Pool::Decode(_) => true,
-            Pool::Prefill { exclude, .. } => exclude != Some(key),
-        }
+    /// Whether a configured endpoint may be chosen.
+    fn admits_endpoint(self, address: &str) -> bool {
+        exclude_of(self).is_none_or(|e| e.address() != address)
     }
 
     /// Chooses among the pool's candidates: a decode worker by the KV cost,
@@ -171,6 +170,14 @@ impl Pool<'_> {
             Pool::Decode(model) => &model.endpoints,
             Pool::Prefill { routing, .. } => &routing.endpoints,
         }
+    }
+}
+
+/// The worker a prefill pool must not choose.
+fn exclude_of(pool: Pool<'_>) -> Option<&Target> {
+    match pool {
+        Pool::Decode(_) => None,
+        Pool::Prefill { exclude, .. } => exclude,
     }
 }
 
@@ -260,7 +267,7 @@ pub fn plan(
     let prefill = prefill.and_then(|routing| {
         let pool = Pool::Prefill {
             routing,
-            exclude: decode.target.as_ref().map(Target::key),
+            exclude: decode.target.as_ref(),
         };
         let chosen = decide(model, pool, prompt, signals, local);
         let block_size = model.block_size.get();
@@ -460,9 +467,10 @@ fn approximate(
     };
     let mut matched = vec![0u32; workers.len()];
     for (key, run) in learned.matches(keys.keys(), signals.now_ms) {
-        if let Some(index) = workers.iter().position(|w| w.0.key() == key) {
+        if let Some(index) = workers.iter().position(|w| w.0.was_sent(key)) {
             if let Some(slot) = matched.get_mut(index) {
-                *slot = run;
+                // Several ranks of one engine map to its one endpoint.
+                *slot = (*slot).max(run);
             }
         }
     }
@@ -518,6 +526,16 @@ enum Place<'a> {
 }
 
 impl<'a> Place<'a> {
+    /// Whether what the learned table recorded under `key` (a
+    /// [`Target::key`]) went here: to this worker, or for an endpoint to
+    /// any rank behind its address.
+    fn was_sent(self, key: &str) -> bool {
+        match self {
+            Place::Worker(target) => target.key() == key,
+            Place::Endpoint(address) => Target::address_of_key(key) == address,
+        }
+    }
+
     fn key(self) -> &'a str {
         match self {
             Place::Worker(target) => target.key(),
@@ -768,6 +786,42 @@ mod tests {
         let d = vm.decide(Some(&prompt()), Some(&view));
         assert_eq!(d.address(), Some("127.0.0.1:20"));
         assert_eq!(d.target.and_then(|t| t.data_parallel_rank()), Some(0));
+    }
+
+    #[test]
+    fn a_ranks_engine_never_prefills_for_it_by_address() {
+        // The prefill pool is known only by its configured endpoints: the
+        // decode rank's own engine is left out, though its key differs.
+        let view = ranks_view();
+        let pool = prefill_pool(&["127.0.0.1:20", "127.0.0.1:30"]);
+        let exact = prompt();
+        let keys = PrefixKeys::from_blocks(&exact, model().block_size);
+        for _ in 0..8 {
+            let plan = Vm::new().plan(Some(&pool), Some(&exact), &keys, Some(&view));
+            assert_eq!(plan.decode.address(), Some("127.0.0.1:20"));
+            let prefill = plan.prefill.expect("always prefills remotely");
+            assert_eq!(prefill.address(), Some("127.0.0.1:30"));
+        }
+    }
+
+    #[test]
+    fn what_a_rank_was_sent_counts_for_its_engines_endpoint() {
+        // Learned while the fleet state was fresh, used once it is gone and
+        // only the engines' configured endpoints are left.
+        let routing = ModelRouting {
+            endpoints: vec!["127.0.0.1:21".into(), "127.0.0.1:20".into()],
+            ..model()
+        };
+        let exact = prompt();
+        let keys = PrefixKeys::from_blocks(&exact, routing.block_size);
+        let mut vm = Vm::new();
+        vm.local
+            .learned
+            .record(keys.keys(), "127.0.0.1:20#1", 1_000);
+        let d = vm.plan_with(&routing, None, None, &keys, None, None).decode;
+        assert_eq!(d.mode, Mode::Approximate);
+        assert_eq!(d.address(), Some("127.0.0.1:20"));
+        assert!(d.cached_blocks > 0);
     }
 
     #[test]

@@ -46,8 +46,9 @@ impl Ranks {
 
     /// The rank a request runs on: the one its header names (a 400 for a
     /// rank this server does not have, as vLLM refuses one), else the one
-    /// with the fewest requests waiting, then running (vLLM's own balancer
-    /// weighs the same two counts).
+    /// with the fewest requests waiting, then running: a simpler rule than
+    /// vLLM's own balancer (which also counts requests in flight to each
+    /// engine and rotates its starting engine), as deterministic when idle.
     pub fn for_request(&self, headers: &HeaderMap) -> Result<RankId, ApiError> {
         let Some(value) = headers.get(DATA_PARALLEL_RANK_HEADER) else {
             return Ok(self.least_busy());

@@ -205,8 +205,9 @@ routed_cached_blocks,most_cached_blocks,prefill_worker,first_block,ttft_ms,e2e_m
 /// `routed_cached_blocks` and `most_cached_blocks` are the prompt's blocks
 /// the router saw cached on the chosen worker and on the candidate holding
 /// the most, empty for the plain Envoy policies; `prefill_worker` is the
-/// address of the worker that prefilled the prompt for `worker`, empty when
-/// `worker` computed it).
+/// worker that prefilled the prompt for `worker` as the debug header names
+/// it (address, `#rank` for a data-parallel rank), empty when `worker`
+/// computed it).
 pub fn request_rows(run: &PolicyRun, prompts: &[BlockedPrompt], speedup: f64) -> String {
     let ms = speedup * 1e3;
     let mut out = String::new();

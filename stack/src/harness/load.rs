@@ -20,8 +20,9 @@ pub struct Streamed {
     /// What the router saw when it chose, when the gateway sends its debug
     /// headers.
     pub routed: Option<RoutedView>,
-    /// The address of the worker that prefilled the prompt for the one that
-    /// answered, when another did (`x-kvmesh-prefill-worker`, a debug header).
+    /// The worker that prefilled the prompt for the one that answered, when
+    /// another did (`x-kvmesh-prefill-worker`, a debug header: its address,
+    /// with `#rank` for a data-parallel rank).
     pub prefill_worker: Option<String>,
     /// The engine's final usage chunk, sent when the request asks for
     /// `stream_options.include_usage`.

@@ -1,5 +1,5 @@
 //! Who is in the fleet: a worker joins on its first heartbeat, re-announces
-//! itself when its address or role changes, and leaves when its relay says
+//! itself when its address, data-parallel rank or role changes, and leaves when its relay says
 //! the engine is unreachable, when its relay's block size disagrees with the
 //! model's, or when its heartbeats stop.
 
