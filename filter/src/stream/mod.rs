@@ -41,6 +41,11 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 pub const POOL_HEADER: &str = "x-kvmesh-pool";
 /// Prefix of kvmesh's internal headers; never accepted from clients.
 pub const RESERVED_PREFIX: &[u8] = b"x-kvmesh-";
+/// Prefixes of request headers never passed on from clients: kvmesh's own,
+/// and SGLang's `x-override-*`, which (with
+/// `SGLANG_ENABLE_REQUEST_HEADER_OVERRIDES`) override the body's bootstrap
+/// and rank fields the filter strips.
+const RESERVED_PREFIXES: [&[u8]; 2] = [RESERVED_PREFIX, b"x-override-"];
 /// Request headers only the filter may send upstream: the routing headers
 /// (the worker, and its data-parallel rank behind that address), and the
 /// request for an engine's load report (its answer is the filter's).
@@ -967,9 +972,10 @@ fn is_reserved(name: &[u8]) -> bool {
     RESERVED_HEADERS
         .iter()
         .any(|reserved| name.eq_ignore_ascii_case(reserved.as_bytes()))
-        || name
-            .get(..RESERVED_PREFIX.len())
-            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
+        || RESERVED_PREFIXES.iter().any(|reserved| {
+            name.get(..reserved.len())
+                .is_some_and(|prefix| prefix.eq_ignore_ascii_case(reserved))
+        })
 }
 
 impl<H: Host> Context for InferenceStream<H> {

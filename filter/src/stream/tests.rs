@@ -311,6 +311,8 @@ fn reserved_headers() {
     assert!(is_reserved(b"X-KVMESH-anything"));
     assert!(is_reserved(b"Endpoint-Load-Metrics-Format"));
     assert!(is_reserved(b"X-Data-Parallel-Rank"));
+    assert!(is_reserved(b"X-Override-Bootstrap-Host"));
+    assert!(is_reserved(b"x-override-routed-dp-rank"));
     assert!(!is_reserved(b"x-kvmes"));
     assert!(!is_reserved(b"x-request-id"));
 }

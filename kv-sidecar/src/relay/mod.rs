@@ -151,7 +151,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                     !ranks_collide(endpoint, replay, rank),
                     "--zmq-endpoint {endpoint} and --zmq-replay-endpoint {replay} are at most {rank} ports apart: \
                      ranks 0..={rank} of the engine bind both ports plus their rank, so one port twice; \
-                     configure the engine's two endpoints more ports apart than it has ranks (e.g. 5557 and 5657)"
+                     configure the engine's two endpoints at least as many ports apart as it has ranks (e.g. 5557 and 5657)"
                 );
             }
             let replay_endpoint = args

@@ -561,7 +561,8 @@ impl<'a> Place<'a> {
 /// The load a worker is under, by the freshest account of it: the fleet
 /// state, this router's in-flight requests (by the worker's
 /// [`Target::key`]) and the engine's ORCA reports (by the address that
-/// answered).
+/// answered; never for a data-parallel rank, whose engine's report covers
+/// all its ranks).
 fn current_load(
     model: &ModelRouting,
     inflight: &InFlight,
@@ -571,8 +572,9 @@ fn current_load(
     address: &str,
     reported: WorkerLoad,
 ) -> WorkerLoad {
-    let orca = orca
-        .load(address, model.block_size.get(), signals.now_ms)
+    let orca = (key == address)
+        .then(|| orca.load(address, model.block_size.get(), signals.now_ms))
+        .flatten()
         .unwrap_or_default();
     merged([reported, inflight.load(key), orca])
 }
@@ -870,6 +872,31 @@ mod tests {
         }]);
         let d = Vm::new().decide(Some(&prompt()), Some(&view));
         assert_eq!(d.address(), Some("127.0.0.1:10"));
+    }
+
+    #[test]
+    fn an_engines_orca_report_is_no_ranks_load() {
+        // A report recorded for the engine's address (routed while only
+        // endpoints were known) covers all its ranks: it must not make the
+        // rank holding the prompt look busy next to a plain worker.
+        let mut view = ranks_view();
+        view.commit(vec![Change {
+            kind: Some(change::Kind::Joined(WorkerJoined {
+                worker_id: "plain".into(),
+                address: "127.0.0.1:21".into(),
+                role: WorkerRole::Both as i32,
+                data_parallel_rank: None,
+            })),
+        }]);
+        let mut vm = Vm::new();
+        let busy = OrcaReport {
+            kv_cache_usage: 0.9,
+            waiting: 40,
+            running: 8,
+        };
+        vm.local.orca.record("127.0.0.1:20", busy, 900);
+        let d = vm.decide(Some(&prompt()), Some(&view));
+        assert_eq!(d.target.and_then(|t| t.data_parallel_rank()), Some(1));
     }
 
     #[test]
