@@ -861,59 +861,19 @@ fn losing_nats_routes_approximately_and_recovery_restores_precise_routing() {
 /// on idle rank 0.
 #[test]
 fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
-    use kvmesh_config::EngineKind;
-    use kvmesh_stack::harness::gateway::Gateway;
-    use kvmesh_stack::harness::relay::{Relay, RelayOptions};
-    use kvmesh_stack::harness::sim::KvEventEndpoints;
-    use kvmesh_stack::harness::SimEngine;
-
-    let nats = NatsServer::start().unwrap();
-    let events = KvEventEndpoints::on_free_ports_for_ranks(2).unwrap();
-    let sim = SimEngine::start(
-        SimEngineOptions::new(MODEL, "dp-engine")
-            .args(["--speedup", "20", "--data-parallel-size", "2"])
-            .args(["--block-size".to_owned(), BLOCK.to_string()])
-            .args(events.args()),
-    )
-    .unwrap();
-    let relays: Vec<Relay> = (0..2)
-        .map(|rank| {
-            Relay::start(&RelayOptions {
-                engine: EngineKind::Vllm,
-                nats_url: nats.url(),
-                worker_id: format!("dp-{rank}"),
-                model: MODEL.to_owned(),
-                address: sim.address(),
-                block_size: BLOCK,
-                // The engine's configured endpoints: each relay finds its
-                // rank's sockets from them.
-                zmq_endpoint: Some(events.publish.clone()),
-                zmq_replay_endpoint: Some(events.replay.clone()),
-                metrics_url: Some(format!("{}/metrics", sim.url())),
-                extra_args: vec![
-                    "--data-parallel-rank".into(),
-                    rank.to_string(),
-                    "--load-interval".into(),
-                    "200ms".into(),
-                ],
-            })
-            .unwrap()
-        })
-        .collect();
-    let model = SidecarModel {
-        name: MODEL.to_owned(),
-        block_size: BLOCK,
-        tokenizer: None,
-    }
-    .config();
-    let route = ModelRoute::new(MODEL, BLOCK, vec![sim.address()]);
-    let gateway = Gateway::start(&nats.url(), &[model], vec![route], |config| {
-        config.debug_headers = true;
-    })
-    .unwrap();
-    gateway.wait_for_fleet_state(2).unwrap();
-
-    let mut listed: Vec<(String, String, u64)> = gateway
+    // Two workers as the two ranks of one engine: the harness starts one
+    // sim-engine with `--data-parallel-size 2` on consecutive event ports,
+    // and a relay per rank given the engine's configured ports.
+    let mut options = StackOptions::new(MODEL, 2).unwrap();
+    options.block_size = BLOCK;
+    options.sim_args = vec!["--speedup".into(), "20".into()];
+    options.data_parallel_size = 2;
+    let stack =
+        harness::stack::Stack::start(options, |config| config.debug_headers = true).unwrap();
+    let sim = &stack.workers[0].sim;
+    assert_eq!(stack.worker_addresses(), [sim.address()], "one engine");
+    let relays: Vec<_> = stack.workers.iter().map(|w| &w.relay).collect();
+    let mut listed: Vec<(String, String, u64)> = stack
         .sidecar
         .workers()
         .unwrap()
@@ -930,8 +890,8 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
     assert_eq!(
         listed,
         [
-            ("dp-0".to_owned(), sim.address(), 0),
-            ("dp-1".to_owned(), sim.address(), 1)
+            ("worker-0".to_owned(), sim.address(), 0),
+            ("worker-1".to_owned(), sim.address(), 1)
         ]
     );
 
@@ -969,30 +929,31 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
         "the sidecar to index each rank's own blocks",
         SETTLE,
         || {
-            let Ok(indexed) = gateway.sidecar.blocks_by_worker() else {
+            let Ok(indexed) = stack.sidecar.blocks_by_worker() else {
                 return false;
             };
-            let (Some(rank0), Some(rank1)) = (indexed.get("dp-0"), indexed.get("dp-1")) else {
+            let (Some(rank0), Some(rank1)) = (indexed.get("worker-0"), indexed.get("worker-1"))
+            else {
                 return false;
             };
             rank0.is_superset(&on_rank0) && rank1.is_superset(&on_rank1)
         },
     )
     .unwrap();
-    let indexed = gateway.sidecar.blocks_by_worker().unwrap();
+    let indexed = stack.sidecar.blocks_by_worker().unwrap();
     assert!(
-        indexed["dp-0"].is_disjoint(&on_rank1),
+        indexed["worker-0"].is_disjoint(&on_rank1),
         "rank 1's events reached rank 0's relay"
     );
     assert!(
-        indexed["dp-1"].is_disjoint(&on_rank0),
+        indexed["worker-1"].is_disjoint(&on_rank0),
         "rank 0's events reached rank 1's relay"
     );
     std::thread::sleep(Duration::from_millis(300));
 
     // Follow-ups through the gateway return to the rank holding them, and a
     // client's own rank header does not survive the filter.
-    let gateway_completions = format!("{}/v1/completions", gateway.envoy.gateway_url());
+    let gateway_completions = format!("{}/v1/completions", stack.envoy.gateway_url());
     for rank in [1u32, 0, 1] {
         let response = http_client()
             .post(&gateway_completions)
@@ -1042,7 +1003,7 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
         .unwrap();
     assert_eq!(running.status(), 200);
     let running_by_worker = || -> BTreeMap<String, u64> {
-        gateway
+        stack
             .sidecar
             .workers()
             .unwrap()
@@ -1053,7 +1014,7 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
             })
             .collect()
     };
-    let expected = BTreeMap::from([("dp-0".to_owned(), 0), ("dp-1".to_owned(), 1)]);
+    let expected = BTreeMap::from([("worker-0".to_owned(), 0), ("worker-1".to_owned(), 1)]);
     poll_until(
         "the running request to be rank 1's load only",
         SETTLE,
@@ -1061,7 +1022,7 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
     )
     .unwrap();
     drop(running);
-    for relay in &relays {
+    for relay in relays {
         assert_eq!(
             relay.metric("kvmesh_relay_foreign_rank_batches_total", ""),
             0.0
@@ -1072,7 +1033,7 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
         );
     }
     assert_eq!(
-        gateway
+        stack
             .envoy
             .stat("wasmcustom.kvmesh_forged_headers_removed")
             .unwrap(),

@@ -187,8 +187,15 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
             gateways_description(fleet),
         );
     }
+    let ranks = match fleet.data_parallel_size {
+        1 => String::new(),
+        n => format!(
+            " as {} engines of {n} data-parallel ranks each (one address per engine)",
+            fleet.workers / usize::from(n)
+        ),
+    };
     format!(
-        "{} simulated GPUs (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, relays scraping load every {} ms, {}, one nats-server{}; every policy on a fresh fleet{}",
+        "{} simulated GPUs{ranks} (precise + P/D: {} prefill{} + {} decode), 8B-on-H100 timing model{}, {} KV blocks of {} tokens each, --speedup {}, relays scraping load every {} ms, {}, one nats-server{}; every policy on a fresh fleet{}",
         fleet.workers,
         fleet.prefill_workers,
         if fleet.dedicated_prefill {

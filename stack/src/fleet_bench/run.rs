@@ -78,6 +78,12 @@ pub struct FleetParams {
     /// at 200 ms make 320 scrapes/s).
     #[arg(long)]
     pub relay_load_interval_ms: Option<u64>,
+    /// Data-parallel ranks per simulated engine: the `--workers` GPUs run
+    /// as `workers / N` engines (one address each) of N ranks, as vLLM's
+    /// `--data-parallel-size` runs them. kvmesh routes to each rank; the
+    /// plain-Envoy policies pick an engine and its own balancer the rank.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub data_parallel_size: u16,
 }
 
 /// Largest fleet run as the published 4-worker results were (one sim
@@ -215,7 +221,12 @@ pub fn run_policy(
         }
     };
     options.sim_args = fleet.sim_args(workload);
-    options.sim_hosting = fleet.sim_hosting();
+    options.sim_hosting = if fleet.data_parallel_size > 1 {
+        SimHosting::ProcessPerWorker
+    } else {
+        fleet.sim_hosting()
+    };
+    options.data_parallel_size = fleet.data_parallel_size;
     options.relay_load_interval = fleet.relay_load_interval();
     options.prefill_workers = prefill_workers;
     options.disaggregation = (DisaggregationPolicy::Auto, EngineKind::Vllm);

@@ -46,6 +46,11 @@ pub struct SimFleet {
     pub hosting: SimHosting,
     /// The relays' `--load-interval`.
     pub load_interval: Duration,
+    /// Data-parallel ranks per engine: the workers are the ranks of
+    /// `workers / data_parallel_size` engines (one process and address
+    /// each, `--data-parallel-size`), each rank with its own relay
+    /// (`--data-parallel-rank`). 1: every worker is an engine.
+    pub data_parallel_size: u16,
 }
 
 impl SimFleet {
@@ -58,22 +63,21 @@ impl SimFleet {
             role,
             hosting: SimHosting::default(),
             load_interval: DEFAULT_LOAD_INTERVAL,
+            data_parallel_size: 1,
         }
     }
 
     /// Starts one worker per id, with ZMQ events and replay on free ports,
     /// then each worker's relay.
     pub fn start(&self, nats_url: &str, worker_ids: &[String]) -> anyhow::Result<Vec<KvWorker>> {
+        if self.data_parallel_size > 1 {
+            return self.start_ranked(nats_url, worker_ids);
+        }
         let events: Vec<KvEventEndpoints> = worker_ids
             .iter()
             .map(|_| KvEventEndpoints::on_free_ports())
             .collect();
-        let engine = self.engine.clone().args([
-            "--block-size".to_owned(),
-            self.block_size.to_string(),
-            "--role".to_owned(),
-            self.role.to_string(),
-        ]);
+        let engine = self.engine_options();
         let sims = match self.hosting {
             SimHosting::ProcessPerWorker => worker_ids
                 .iter()
@@ -104,11 +108,50 @@ impl SimFleet {
             .zip(&events)
             .map(|(sim, events)| {
                 let relay = self
-                    .start_relay(nats_url, &sim, events)
+                    .start_relay(nats_url, &sim, events, None)
                     .with_context(|| format!("starting the relay of {}", sim.worker_id()))?;
                 Ok(KvWorker { sim, relay })
             })
             .collect()
+    }
+
+    /// The workers as ranks of engines of `data_parallel_size` ranks, in
+    /// order: `worker_ids[0..n]` are the first engine's ranks 0..n.
+    fn start_ranked(&self, nats_url: &str, worker_ids: &[String]) -> anyhow::Result<Vec<KvWorker>> {
+        let ranks = usize::from(self.data_parallel_size);
+        anyhow::ensure!(
+            self.hosting == SimHosting::ProcessPerWorker,
+            "data-parallel ranks run one sim-engine process per engine"
+        );
+        anyhow::ensure!(
+            worker_ids.len().is_multiple_of(ranks),
+            "{} workers are not whole engines of {ranks} data-parallel ranks",
+            worker_ids.len()
+        );
+        let engine = self.engine_options();
+        let mut workers = Vec::with_capacity(worker_ids.len());
+        for ids in worker_ids.chunks(ranks) {
+            let events = KvEventEndpoints::on_free_ports_for_ranks(self.data_parallel_size)?;
+            let sims = SimEngine::start_ranks(&engine, ids, &events)
+                .with_context(|| format!("starting the engine of {}", ids.join(", ")))?;
+            for (rank, sim) in sims.into_iter().enumerate() {
+                let relay = self
+                    .start_relay(nats_url, &sim, &events, Some(rank))
+                    .with_context(|| format!("starting the relay of {}", sim.worker_id()))?;
+                workers.push(KvWorker { sim, relay });
+            }
+        }
+        Ok(workers)
+    }
+
+    /// Every engine's flags: the fleet's, then its block size and role.
+    fn engine_options(&self) -> SimEngineOptions {
+        self.engine.clone().args([
+            "--block-size".to_owned(),
+            self.block_size.to_string(),
+            "--role".to_owned(),
+            self.role.to_string(),
+        ])
     }
 
     fn start_relay(
@@ -116,7 +159,17 @@ impl SimFleet {
         nats_url: &str,
         sim: &SimEngine,
         events: &KvEventEndpoints,
+        rank: Option<usize>,
     ) -> anyhow::Result<Relay> {
+        let mut extra_args = vec![
+            "--load-interval".into(),
+            format!("{}ms", self.load_interval.as_millis()),
+            "--role".into(),
+            self.role.to_string(),
+        ];
+        if let Some(rank) = rank {
+            extra_args.extend(["--data-parallel-rank".to_owned(), rank.to_string()]);
+        }
         Relay::start(&RelayOptions {
             engine: EngineKind::Vllm,
             nats_url: nats_url.to_owned(),
@@ -127,12 +180,7 @@ impl SimFleet {
             zmq_endpoint: Some(events.publish.clone()),
             zmq_replay_endpoint: Some(events.replay.clone()),
             metrics_url: Some(format!("{}/metrics", sim.url())),
-            extra_args: vec![
-                "--load-interval".into(),
-                format!("{}ms", self.load_interval.as_millis()),
-                "--role".into(),
-                self.role.to_string(),
-            ],
+            extra_args,
         })
     }
 }

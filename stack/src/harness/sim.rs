@@ -178,6 +178,50 @@ impl SimEngine {
             .collect())
     }
 
+    /// Starts one sim-engine process running one data-parallel rank per
+    /// entry of `ranks` behind one free port (`--data-parallel-size`), with
+    /// KV events on `events` (each rank at the ports plus its rank), and
+    /// returns one handle per rank, named by `ranks`, sharing the process
+    /// as hosted workers do. The engine's own `x-sim-worker-id` is the
+    /// first rank's name.
+    pub fn start_ranks(
+        options: &SimEngineOptions,
+        ranks: &[String],
+        events: &KvEventEndpoints,
+    ) -> anyhow::Result<Vec<Self>> {
+        let Some(first) = ranks.first() else {
+            return Ok(Vec::new());
+        };
+        let port = free_port();
+        let mut per_engine = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--worker-id".to_owned(),
+            first.clone(),
+            "--data-parallel-size".to_owned(),
+            ranks.len().to_string(),
+        ];
+        per_engine.extend(events.args());
+        let mut process = ManagedProcess::spawn(
+            &format!("sim-engine-{first}"),
+            Self::command(options, &per_engine)?,
+        )?;
+        let health = format!("http://127.0.0.1:{port}/health");
+        readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
+        let process = Arc::new(process);
+        Ok(ranks
+            .iter()
+            .map(|rank| Self {
+                process: SimProcess::Hosted(Arc::clone(&process)),
+                port,
+                options: SimEngineOptions {
+                    worker_id: rank.clone(),
+                    ..options.clone()
+                },
+            })
+            .collect())
+    }
+
     fn spawn(options: &SimEngineOptions, port: u16) -> anyhow::Result<ManagedProcess> {
         let per_worker = [
             "--port".to_owned(),

@@ -67,6 +67,9 @@ pub struct StackOptions {
     pub sim_hosting: SimHosting,
     /// How often each sim worker's relay scrapes its engine's load.
     pub relay_load_interval: Duration,
+    /// Data-parallel ranks per sim engine: the (decode) workers are the
+    /// ranks of `workers / data_parallel_size` engines, one address each.
+    pub data_parallel_size: u16,
 }
 
 /// The real-vLLM workers of a stack; the block size is the stack's.
@@ -106,6 +109,7 @@ impl StackOptions {
             vllm: None,
             sim_hosting: SimHosting::default(),
             relay_load_interval: DEFAULT_LOAD_INTERVAL,
+            data_parallel_size: 1,
         })
     }
 
@@ -175,7 +179,7 @@ impl Stack {
         );
         let bootstrap_port = free_port();
         let disaggregated = options.prefill_workers > 0;
-        let start = |prefix: &str, count: usize, role: Role, extra: Vec<String>| {
+        let start = |prefix: &str, count: usize, role: Role, extra: Vec<String>, ranks: u16| {
             let engine = SimEngineOptions::new(&options.model, "")
                 .tokenizer(options.tokenizer.clone())
                 .args(options.sim_args.clone())
@@ -183,6 +187,7 @@ impl Stack {
             let fleet = SimFleet {
                 hosting: options.sim_hosting,
                 load_interval: options.relay_load_interval,
+                data_parallel_size: ranks,
                 ..SimFleet::new(engine, options.block_size, role)
             };
             let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
@@ -210,7 +215,13 @@ impl Stack {
         } else {
             Role::Both
         };
-        let workers = start("worker", sim_workers, role, Vec::new())?;
+        let workers = start(
+            "worker",
+            sim_workers,
+            role,
+            Vec::new(),
+            options.data_parallel_size,
+        )?;
         let bootstrap = if sglang {
             vec![
                 "--disaggregation-bootstrap-port".to_owned(),
@@ -224,7 +235,13 @@ impl Stack {
         } else {
             Role::Prefill
         };
-        let prefill_workers = start("prefill", options.prefill_workers, prefill_role, bootstrap)?;
+        let prefill_workers = start(
+            "prefill",
+            options.prefill_workers,
+            prefill_role,
+            bootstrap,
+            1,
+        )?;
         let gateway = Gateway::start(
             &nats.url(),
             &[sidecar_model(&options)],
@@ -294,7 +311,8 @@ impl Stack {
         )
     }
 
-    /// `ip:port` of every (decode) worker, simulated or vLLM.
+    /// `ip:port` of every (decode) engine, simulated or vLLM: once per
+    /// engine, however many data-parallel ranks it runs.
     pub fn worker_addresses(&self) -> Vec<String> {
         worker_addresses(&self.workers, &self.vllm_workers)
     }
@@ -359,12 +377,20 @@ fn start_vllm_workers(
     Ok(workers)
 }
 
+/// Each engine's address once: the data-parallel ranks of one engine share
+/// theirs.
 fn worker_addresses(workers: &[KvWorker], vllm_workers: &[VllmWorker]) -> Vec<String> {
-    workers
+    let mut addresses: Vec<String> = Vec::new();
+    let all = workers
         .iter()
         .map(|w| w.sim.address())
-        .chain(vllm_workers.iter().map(|w| w.engine.address()))
-        .collect()
+        .chain(vllm_workers.iter().map(|w| w.engine.address()));
+    for address in all {
+        if !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    addresses
 }
 
 fn model_route(
