@@ -16,7 +16,7 @@ use kvmesh_config::{
 };
 use router_core::routing::disagg::PrefillRouting;
 use router_core::routing::ModelRouting;
-use router_core::{BlockHasher, BlockSize, HashSeed};
+use router_core::{BlockHasher, BlockSize, HashSeed, Target};
 
 pub use crate::disagg::Protocol;
 use serde::Deserialize;
@@ -325,7 +325,7 @@ impl PluginConfig {
         let disaggregation = raw.remote_prefill().map(|d| Disaggregation {
             routing: PrefillRouting {
                 spec: d.shared,
-                endpoints: d.local.prefill_endpoints.clone(),
+                endpoints: targets(&d.local.prefill_endpoints),
             },
             protocol: d.local.protocol,
             prefill_cluster: d.local.prefill_cluster.clone(),
@@ -337,7 +337,7 @@ impl PluginConfig {
             routing: ModelRouting {
                 block_size,
                 weights: raw.weights(),
-                endpoints: raw.local.endpoints,
+                endpoints: targets(&raw.local.endpoints),
             },
             disaggregation,
             name: raw.shared.name,
@@ -352,6 +352,11 @@ impl PluginConfig {
     pub fn models(&self) -> impl Iterator<Item = &ModelConfig> {
         self.models.values()
     }
+}
+
+/// Configured endpoints as routing targets: engines without ranks.
+fn targets(addresses: &[String]) -> Vec<Target> {
+    addresses.iter().map(|a| Target::from(a.as_str())).collect()
 }
 
 fn is_cluster_name(name: &str) -> bool {

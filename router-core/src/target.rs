@@ -46,9 +46,14 @@ impl Target {
         self.rank_key.as_deref().unwrap_or(&self.address)
     }
 
-    /// The address part of a [`key`](Self::key) (`ip:port` holds no `#`).
-    pub fn address_of_key(key: &str) -> &str {
-        key.split_once('#').map_or(key, |(address, _)| address)
+    /// Whether what a ledger recorded under `key` went here: to this
+    /// worker, or, for a target without a rank (a configured endpoint), to
+    /// any rank behind its address (`ip:port` holds no `#`).
+    pub fn was_sent(&self, key: &str) -> bool {
+        match self.data_parallel_rank {
+            Some(_) => self.key() == key,
+            None => key.split_once('#').map_or(key, |(address, _)| address) == self.address,
+        }
     }
 }
 
@@ -73,8 +78,9 @@ mod tests {
         assert_eq!(rank1.address(), plain.address());
         assert_eq!(rank1.data_parallel_rank(), Some(1));
         assert_ne!(rank0, plain);
-        assert_eq!(Target::address_of_key(rank1.key()), "10.0.0.8:8000");
-        assert_eq!(Target::address_of_key(plain.key()), "10.0.0.8:8000");
-        assert_eq!(Target::address_of_key("[::1]:8000#2"), "[::1]:8000");
+        assert!(plain.was_sent(rank1.key()) && plain.was_sent(plain.key()));
+        assert!(rank1.was_sent(rank1.key()) && !rank1.was_sent(rank0.key()));
+        assert!(!rank1.was_sent(plain.key()));
+        assert!(Target::from("[::1]:8000").was_sent("[::1]:8000#2"));
     }
 }

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use kvmesh_stack::harness::client::{http_client, post_json, prometheus_sum, JsonResponse};
+use kvmesh_stack::harness::client::{
+    http_client, post_json, prometheus_rank_sum, prometheus_sum, JsonResponse,
+};
 use kvmesh_stack::harness::fleet::SimHosting;
 use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::sidecar::{Sidecar, SidecarModel};
@@ -983,13 +985,7 @@ fn data_parallel_ranks_behind_one_address_are_routed_as_separate_gpus() {
     // series of the engine's one /metrics: a long answer running on rank 1
     // is rank 1's load only.
     let metrics = format!("{}/metrics", sim.url());
-    let prompt_tokens = |rank: u32| {
-        prometheus_sum(
-            &metrics,
-            "vllm:prompt_tokens_total",
-            &format!("engine=\"{rank}\""),
-        )
-    };
+    let prompt_tokens = |rank| prometheus_rank_sum(&metrics, "vllm:prompt_tokens_total", rank);
     let prompt = f64::from((blocks + 1) * BLOCK);
     assert_eq!(prompt_tokens(0), 2.0 * prompt);
     assert_eq!(prompt_tokens(1), 3.0 * prompt);

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kvmesh_stack::harness::client::{http_client, post, prometheus_sum, JsonResponse};
+use kvmesh_stack::harness::client::{http_client, post, prometheus_rank_sum, JsonResponse};
 use kvmesh_stack::harness::gateway::Gateway;
 use kvmesh_stack::harness::readiness::poll_until;
 use kvmesh_stack::harness::relay::Relay;
@@ -96,13 +96,7 @@ fn real_vllm_data_parallel_ranks_are_routed_as_separate_gpus() -> anyhow::Result
     }
     // The engine's own counters show each rank computed its own prompt.
     let metrics = format!("{}/metrics", engine.url());
-    let prompt_tokens = |rank: u32| {
-        prometheus_sum(
-            &metrics,
-            "vllm:prompt_tokens_total",
-            &format!("engine=\"{rank}\""),
-        )
-    };
+    let prompt_tokens = |rank| prometheus_rank_sum(&metrics, "vllm:prompt_tokens_total", rank);
     let each = f64::from(blocks * BLOCK + 4);
     anyhow::ensure!(
         (prompt_tokens(0), prompt_tokens(1)) == (each, each),

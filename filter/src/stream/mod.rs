@@ -114,6 +114,13 @@ struct Routed {
     debug: Option<DebugHeaders>,
 }
 
+/// Where a request (or its prefill leg) was steered, and the load it holds
+/// there.
+struct Steered {
+    target: Target,
+    ticket: Ticket,
+}
+
 /// The address a worker's ORCA load reports are recorded for: none for a
 /// data-parallel rank, since an engine's report covers every rank behind its
 /// address (vLLM lists each rank's series under one name), which would make
@@ -123,12 +130,6 @@ fn orca_subject(target: &Target) -> Option<&str> {
         .data_parallel_rank()
         .is_none()
         .then(|| target.address())
-}
-
-/// Where a request was steered, and the load it holds there.
-struct Steered {
-    target: Target,
-    ticket: Ticket,
 }
 
 /// The decision, and the worker that prefilled the prompt for the chosen
@@ -744,9 +745,9 @@ impl<H: Host> InferenceStream<H> {
     }
 
     /// Points Envoy's load balancer at `target`'s address, and the engine
-    /// there at its rank.
-    /// The rank first: the destination is what steers, so a request is
-    /// never steered to a rank's address without its rank.
+    /// there at its rank. The rank goes first: the destination is what
+    /// steers, so a request is never steered to a rank's address without
+    /// its rank.
     fn set_target_headers(&self, target: &Target) -> Result<(), HostError> {
         if let Some(rank) = target.data_parallel_rank() {
             self.host.set_header(
@@ -1052,12 +1053,12 @@ impl<H: Host> HttpContext for InferenceStream<H> {
                 steered, prefill, ..
             }) => {
                 let tickets = steered.map(|s| s.ticket).into_iter();
-                for ticket in tickets.chain(prefill.map(|leg| leg.ticket)) {
+                for ticket in tickets.chain(prefill.map(|leg| leg.worker.ticket)) {
                     self.finish(ticket);
                 }
             }
             Phase::AwaitingPrefill(wait) => {
-                self.finish(wait.leg.ticket);
+                self.finish(wait.leg.worker.ticket);
                 if let Some(hold) = wait.decode_hold {
                     self.finish(hold);
                 }

@@ -11,7 +11,9 @@ use router_core::target::DATA_PARALLEL_RANK_HEADER;
 use router_core::Target;
 use thiserror::Error;
 
-use super::{is_worker_failure, BufferedBody, InferenceStream, Phase, Routed, DESTINATION_HEADER};
+use super::{
+    is_worker_failure, BufferedBody, InferenceStream, Phase, Routed, Steered, DESTINATION_HEADER,
+};
 use crate::config::{Disaggregation, Protocol};
 use crate::disagg::body::{self, BodyError, ContextOutcome};
 use crate::host::Host;
@@ -19,13 +21,11 @@ use crate::host::Host;
 /// Client headers the prefill leg carries too.
 const FORWARDED_HEADERS: [&str; 4] = ["authorization", "traceparent", "tracestate", "baggage"];
 
-/// A prefill leg in flight: its callout, and the prefill worker's share of
-/// in-flight load until the leg answers.
+/// A prefill leg in flight: its callout, and the prefill worker with its
+/// share of in-flight load until the leg answers.
 pub(super) struct PrefillLeg {
     pub(super) token: u32,
-    /// The prefill worker, and its share of in-flight load there.
-    pub(super) target: Target,
-    pub(super) ticket: Ticket,
+    pub(super) worker: Steered,
 }
 
 /// A request whose decode leg waits for its prefill leg.
@@ -100,8 +100,7 @@ impl<H: Host> InferenceStream<H> {
         };
         let prefill_leg = PrefillLeg {
             token,
-            target,
-            ticket,
+            worker: Steered { target, ticket },
         };
         if protocol == Protocol::Sglang {
             // Both legs at once: the decode engine meets the prefill at its
@@ -109,10 +108,10 @@ impl<H: Host> InferenceStream<H> {
             if !self.replace_body(buffered.size, &leg) {
                 // The leg already went: its answer, for no request now, is
                 // ignored (not blamed on its worker) when it comes.
-                self.finish(prefill_leg.ticket);
+                self.finish(prefill_leg.worker.ticket);
                 return self.decode_locally(&decode, block_size, LocalPrefill::Body);
             }
-            let prefill_worker = prefill_leg.target.key().to_owned();
+            let prefill_worker = prefill_leg.worker.target.key().to_owned();
             return Phase::Routed(Routed {
                 prefill: Some(prefill_leg),
                 ..self.apply_decision(&decode, block_size, Some(&prefill_worker))
@@ -141,8 +140,11 @@ impl<H: Host> InferenceStream<H> {
             decode,
             block_size,
         } = wait;
-        let prefill_worker = leg.target;
-        self.finish(leg.ticket);
+        let Steered {
+            target: prefill_worker,
+            ticket,
+        } = leg.worker;
+        self.finish(ticket);
         if let Some(hold) = decode_hold {
             self.finish(hold);
         }
@@ -197,10 +199,10 @@ impl<H: Host> InferenceStream<H> {
         if self.call_succeeded() {
             self.metrics.remote_prefills.inc(&self.host);
         } else {
-            self.hold_failed_prefill_worker(leg.target.address());
+            self.hold_failed_prefill_worker(leg.worker.target.address());
             self.metrics.prefill_failures.inc(&self.host);
         }
-        self.finish(leg.ticket);
+        self.finish(leg.worker.ticket);
     }
 
     /// A prefill leg that timed out, could not connect or got a 5xx or 429

@@ -1,6 +1,7 @@
 //! Whether a request's prompt is prefilled on the prefill pool.
 
 use crate::routing::plan::Decision;
+use crate::Target;
 pub use kvmesh_config::{DisaggregationPolicy as PrefillPolicy, DisaggregationSpec};
 
 /// A model's prefill pool, as routing sees it.
@@ -8,8 +9,9 @@ pub use kvmesh_config::{DisaggregationPolicy as PrefillPolicy, DisaggregationSpe
 pub struct PrefillRouting {
     /// The policy and its limits, from the model's configuration.
     pub spec: DisaggregationSpec,
-    /// `ip:port` of each prefill worker, used while no fleet state is known.
-    pub endpoints: Vec<String>,
+    /// Each prefill worker at its `ip:port`, used while no fleet state is
+    /// known.
+    pub endpoints: Vec<Target>,
 }
 
 /// The prefill a worker would do before this prompt's first token: the

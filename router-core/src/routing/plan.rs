@@ -102,9 +102,9 @@ impl RoutingPlan {
 pub struct ModelRouting {
     pub block_size: BlockSize,
     pub weights: CostWeights,
-    /// `ip:port` of each worker, exactly as the pool cluster lists it; used
-    /// only while no fleet state is available.
-    pub endpoints: Vec<String>,
+    /// Each worker, at its `ip:port` exactly as the pool cluster lists it;
+    /// used only while no fleet state is available.
+    pub endpoints: Vec<Target>,
 }
 
 /// Which of a model's pools a decision is for.
@@ -140,8 +140,8 @@ impl Pool<'_> {
     }
 
     /// Whether a configured endpoint may be chosen.
-    fn admits_endpoint(self, address: &str) -> bool {
-        exclude_of(self).is_none_or(|e| e.address() != address)
+    fn admits_endpoint(self, endpoint: &Target) -> bool {
+        exclude_of(self).is_none_or(|e| e.address() != endpoint.address())
     }
 
     /// Chooses among the pool's candidates: a decode worker by the KV cost,
@@ -165,7 +165,7 @@ impl Pool<'_> {
     }
 
     /// The pool's configured endpoints, used without fleet state.
-    fn endpoints(&self) -> &[String] {
+    fn endpoints(&self) -> &[Target] {
         match self {
             Pool::Decode(model) => &model.endpoints,
             Pool::Prefill { routing, .. } => &routing.endpoints,
@@ -385,8 +385,7 @@ fn precise(
                 inflight,
                 orca,
                 signals,
-                worker.target.key(),
-                worker.target.address(),
+                &worker.target,
                 reported(&worker.load),
             ),
         });
@@ -441,8 +440,8 @@ fn approximate(
         ..
     } = local;
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
-    // (place, worker id, load the fleet state reports)
-    let workers: Vec<(Place<'_>, Option<&str>, WorkerLoad)> = match membership {
+    // (target, worker id, load the fleet state reports)
+    let workers: Vec<(&Target, Option<&str>, WorkerLoad)> = match membership {
         Membership::Fleet {
             view,
             reported_load,
@@ -455,14 +454,14 @@ fn approximate(
                 } else {
                     WorkerLoad::default()
                 };
-                (Place::Worker(&w.target), Some(w.worker_id.as_str()), load)
+                (&w.target, Some(w.worker_id.as_str()), load)
             })
             .collect(),
         Membership::Endpoints => pool
             .endpoints()
             .iter()
-            .filter(|e| pool.admits_endpoint(e) && reachable(e))
-            .map(|e| (Place::Endpoint(e), None, WorkerLoad::default()))
+            .filter(|e| pool.admits_endpoint(e) && reachable(e.address()))
+            .map(|e| (e, None, WorkerLoad::default()))
             .collect(),
     };
     let mut matched = vec![0u32; workers.len()];
@@ -475,20 +474,12 @@ fn approximate(
         }
     }
     scratch.candidates.clear();
-    for (index, (place, _, reported)) in workers.iter().enumerate() {
+    for (index, (target, _, reported)) in workers.iter().enumerate() {
         let run = matched.get(index).copied().unwrap_or(0);
         scratch.candidates.push(Candidate {
             worker: WorkerSlot(u32::try_from(index).unwrap_or(u32::MAX)),
             cached_blocks: keys.blocks(run, block_size).min(prompt_blocks),
-            load: current_load(
-                model,
-                inflight,
-                orca,
-                signals,
-                place.key(),
-                place.address(),
-                *reported,
-            ),
+            load: current_load(model, inflight, orca, signals, target, *reported),
         });
     }
     let shape = PromptShape {
@@ -504,9 +495,9 @@ fn approximate(
         workers.get(index).map(|w| (w, s.cached_blocks, load))
     });
     match chosen {
-        Some(((place, worker_id, _), cached_blocks, load)) => Decision {
+        Some(((target, worker_id, _), cached_blocks, load)) => Decision {
             mode: Mode::Approximate,
-            target: Some(place.target()),
+            target: Some((*target).clone()),
             worker_id: worker_id.map(str::to_owned),
             cached_blocks,
             most_cached_blocks: most_cached(&scratch.candidates),
@@ -514,47 +505,6 @@ fn approximate(
             load,
         },
         None => Decision::fallback(prompt_blocks),
-    }
-}
-
-/// Where an approximate-mode candidate is: a fleet worker, or one of the
-/// pool's configured endpoints.
-#[derive(Clone, Copy)]
-enum Place<'a> {
-    Worker(&'a Target),
-    Endpoint(&'a str),
-}
-
-impl<'a> Place<'a> {
-    /// Whether what the learned table recorded under `key` (a
-    /// [`Target::key`]) went here: to this worker, or for an endpoint to
-    /// any rank behind its address.
-    fn was_sent(self, key: &str) -> bool {
-        match self {
-            Place::Worker(target) => target.key() == key,
-            Place::Endpoint(address) => Target::address_of_key(key) == address,
-        }
-    }
-
-    fn key(self) -> &'a str {
-        match self {
-            Place::Worker(target) => target.key(),
-            Place::Endpoint(address) => address,
-        }
-    }
-
-    fn address(self) -> &'a str {
-        match self {
-            Place::Worker(target) => target.address(),
-            Place::Endpoint(address) => address,
-        }
-    }
-
-    fn target(self) -> Target {
-        match self {
-            Place::Worker(target) => target.clone(),
-            Place::Endpoint(address) => Target::from(address),
-        }
     }
 }
 
@@ -568,15 +518,15 @@ fn current_load(
     inflight: &InFlight,
     orca: &OrcaLoads,
     signals: Signals<'_>,
-    key: &str,
-    address: &str,
+    target: &Target,
     reported: WorkerLoad,
 ) -> WorkerLoad {
-    let orca = (key == address)
-        .then(|| orca.load(address, model.block_size.get(), signals.now_ms))
-        .flatten()
-        .unwrap_or_default();
-    merged([reported, inflight.load(key), orca])
+    let orca = match target.data_parallel_rank() {
+        None => orca.load(target.address(), model.block_size.get(), signals.now_ms),
+        Some(_) => None,
+    }
+    .unwrap_or_default();
+    merged([reported, inflight.load(target.key()), orca])
 }
 
 /// The part of a worker's load report the cost function uses.
@@ -629,7 +579,7 @@ mod tests {
                 max_prefill_lag_tokens: u64::MAX,
                 shared_workers: false,
             },
-            endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+            endpoints: endpoints.iter().map(|e| Target::from(*e)).collect(),
         }
     }
 

@@ -76,7 +76,7 @@ pub async fn set_faults(
 
 /// Every rank's, as vLLM resets all its engines.
 pub async fn reset_prefix_cache(State(state): State<Arc<AppState>>) -> Response {
-    for (_, rank) in state.ranks.iter() {
+    for rank in state.ranks.iter() {
         if let Err(e) = rank.engine.reset_prefix_cache() {
             return ApiError::invalid(e.to_string(), None).into_response();
         }

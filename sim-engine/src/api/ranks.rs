@@ -71,18 +71,20 @@ impl Ranks {
     }
 
     fn least_busy(&self) -> RankId {
-        let busy = |rank: &Rank| {
-            let load = rank.engine.load();
-            (load.waiting, load.running)
-        };
-        let index = (0..self.0.len())
-            .min_by_key(|i| busy(&self.0[*i]))
-            .unwrap_or(0);
+        let index = self
+            .0
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, rank)| {
+                let load = rank.engine.load();
+                (load.waiting, load.running)
+            })
+            .map_or(0, |(index, _)| index);
         RankId(index)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (RankId, &Rank)> {
-        self.0.iter().enumerate().map(|(i, rank)| (RankId(i), rank))
+    pub fn iter(&self) -> impl Iterator<Item = &Rank> {
+        self.0.iter()
     }
 
     /// Every rank's metrics in one exposition, each family once.

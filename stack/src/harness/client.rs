@@ -107,3 +107,9 @@ pub fn prometheus_sum(url: &str, name: &str, labels: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// [`prometheus_sum`] of data-parallel rank `rank`'s series, labelled
+/// `engine="<rank>"` as vLLM (and the sim-engine) label them.
+pub fn prometheus_rank_sum(url: &str, name: &str, rank: u32) -> f64 {
+    prometheus_sum(url, name, &format!("engine=\"{rank}\""))
+}

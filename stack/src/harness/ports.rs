@@ -29,15 +29,10 @@ const TRIES: usize = 1_000;
 pub fn free_port() -> u16 {
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let handed_out = handed_out.get_or_insert_with(HashSet::new);
-    if let Some(candidates) = below_ephemeral(ephemeral_range()) {
-        let mut rng = rand::rng();
-        for _ in 0..TRIES {
-            let port = rng.random_range(candidates.clone());
-            if !handed_out.contains(&port) && bindable(port) {
-                handed_out.insert(port);
-                return port;
-            }
-        }
+    let picked = below_ephemeral(ephemeral_range())
+        .and_then(|candidates| pick_free_run(&candidates, 1, handed_out));
+    if let Some(port) = picked {
+        return port;
     }
     loop {
         let port = kernel_chosen_port();
@@ -54,20 +49,33 @@ pub fn free_consecutive_ports(count: u16) -> anyhow::Result<u16> {
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let handed_out = handed_out.get_or_insert_with(HashSet::new);
     let candidates = below_ephemeral(ephemeral_range()).unwrap_or(LOWEST_PICKED..32_768);
-    let last_first = candidates.end.saturating_sub(count);
+    pick_free_run(&candidates, count, handed_out).ok_or_else(|| {
+        anyhow::anyhow!("no {count} consecutive free loopback ports in {candidates:?}")
+    })
+}
+
+/// A random run of `count` ports starting in `candidates`, each bindable and
+/// none handed out yet; they are marked handed out.
+fn pick_free_run(
+    candidates: &Range<u16>,
+    count: u16,
+    handed_out: &mut HashSet<u16>,
+) -> Option<u16> {
+    let last_first = candidates.end.saturating_sub(count.saturating_sub(1));
+    let firsts = candidates.start..last_first.max(candidates.start + 1);
     let mut rng = rand::rng();
     for _ in 0..TRIES {
-        let first = rng.random_range(candidates.start..last_first.max(candidates.start + 1));
-        let ports = first..first.saturating_add(count);
-        if ports
+        let first = rng.random_range(firsts.clone());
+        let run = first..first.saturating_add(count);
+        if run
             .clone()
             .all(|port| !handed_out.contains(&port) && bindable(port))
         {
-            handed_out.extend(ports);
-            return Ok(first);
+            handed_out.extend(run);
+            return Some(first);
         }
     }
-    anyhow::bail!("no {count} consecutive free loopback ports in {candidates:?}")
+    None
 }
 
 /// The kernel's ephemeral port range, if this is Linux and it can be read.

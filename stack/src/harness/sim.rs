@@ -163,19 +163,27 @@ impl SimEngine {
             let health = format!("http://127.0.0.1:{port}/health");
             readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
         }
+        let named = workers.iter().map(|w| w.worker_id.as_str()).zip(ports);
+        Ok(Self::sharing(process, options, named))
+    }
+
+    /// One handle per `(worker id, port)` on a process they share.
+    fn sharing<'a>(
+        process: ManagedProcess,
+        options: &SimEngineOptions,
+        workers: impl Iterator<Item = (&'a str, u16)>,
+    ) -> Vec<Self> {
         let process = Arc::new(process);
-        Ok(workers
-            .iter()
-            .zip(ports)
-            .map(|(worker, port)| Self {
+        workers
+            .map(|(worker_id, port)| Self {
                 process: SimProcess::Hosted(Arc::clone(&process)),
                 port,
                 options: SimEngineOptions {
-                    worker_id: worker.worker_id.clone(),
+                    worker_id: worker_id.to_owned(),
                     ..options.clone()
                 },
             })
-            .collect())
+            .collect()
     }
 
     /// Starts one sim-engine process running one data-parallel rank per
@@ -208,18 +216,8 @@ impl SimEngine {
         )?;
         let health = format!("http://127.0.0.1:{port}/health");
         readiness::wait_http_ok(&mut process, &health, Duration::from_secs(30))?;
-        let process = Arc::new(process);
-        Ok(ranks
-            .iter()
-            .map(|rank| Self {
-                process: SimProcess::Hosted(Arc::clone(&process)),
-                port,
-                options: SimEngineOptions {
-                    worker_id: rank.clone(),
-                    ..options.clone()
-                },
-            })
-            .collect())
+        let named = ranks.iter().map(|rank| (rank.as_str(), port));
+        Ok(Self::sharing(process, options, named))
     }
 
     fn spawn(options: &SimEngineOptions, port: u16) -> anyhow::Result<ManagedProcess> {
