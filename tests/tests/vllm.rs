@@ -29,8 +29,7 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 #[test]
 fn real_vllm_fleet_routes_on_its_cache_and_the_sidecar_follows_it() -> anyhow::Result<()> {
-    if let Ok(reason) = std::env::var("KVMESH_SKIP_VLLM") {
-        eprintln!("\n!!!!! SKIPPING the real-vLLM e2e tests: {reason} !!!!!\n");
+    if kvmesh_stack::harness::vllm::skipped("the real-vLLM e2e tests") {
         return Ok(());
     }
     let started = Instant::now();

@@ -53,8 +53,7 @@ fn send(url: &str, body: &Value, rank: Option<u32>) -> anyhow::Result<JsonRespon
 
 #[test]
 fn real_vllm_data_parallel_ranks_are_routed_as_separate_gpus() -> anyhow::Result<()> {
-    if let Ok(reason) = std::env::var("KVMESH_SKIP_VLLM") {
-        eprintln!("\n!!!!! SKIPPING the real-vLLM e2e tests: {reason} !!!!!\n");
+    if kvmesh_stack::harness::vllm::skipped("the real-vLLM data-parallel test") {
         return Ok(());
     }
     let started = Instant::now();

@@ -23,8 +23,7 @@ fn component_lines(logs: &str) -> Vec<(String, String)> {
 
 #[test]
 fn quickstart_runs_real_vllm_workers_behind_the_gateway() {
-    if let Ok(reason) = std::env::var("KVMESH_SKIP_VLLM") {
-        eprintln!("\n!!!!! SKIPPING the real-vLLM quickstart test: {reason} !!!!!\n");
+    if kvmesh_stack::harness::vllm::skipped("the real-vLLM quickstart test") {
         return;
     }
     let mut command = Command::new(paths::binary("kvmesh-quickstart").unwrap());

@@ -10,6 +10,19 @@ use crate::harness::ports::free_consecutive_ports;
 use crate::harness::relay::{Relay, RelayOptions};
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
+/// Whether the real-vLLM tests are to be skipped: `KVMESH_SKIP_VLLM=<reason>`,
+/// which `scripts/test` sets only when vLLM could not be installed. Says so
+/// loudly on stderr for `what`.
+pub fn skipped(what: &str) -> bool {
+    match std::env::var("KVMESH_SKIP_VLLM") {
+        Ok(reason) => {
+            eprintln!("\n!!!!! SKIPPING {what}: {reason} !!!!!\n");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// Startup on a shared 2-core machine: ~25 s alone, slower beside another
 /// engine starting or a build running.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
