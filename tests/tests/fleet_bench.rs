@@ -1,7 +1,8 @@
 //! `scripts/bench`'s binary end to end on a tiny fleet: two policies on the
 //! multi-tenant workload behind two gateways, with the cache too small for
 //! every tenant on every worker, so where a tenant's requests go decides its
-//! hit rate; and a disaggregated run's remote prefills.
+//! hit rate; a disaggregated run's remote prefills; and the routers of
+//! SGLang and Dynamo, from their own packages, on the same fleet.
 // Integration test: its helpers fail the test by panicking, like its tests
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -145,6 +146,111 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
             "{plot}"
         );
     }
+}
+
+/// SGLang's router, from its PyPI package, routes the same fleet in place
+/// of Envoy: every request is answered, and its `cache_aware` policy shows
+/// in where requests went — each gateway's router keeps every tenant on the
+/// worker it first sent that tenant to (its loads never differ by its
+/// balancing threshold of 64 requests here), which no Envoy policy does.
+#[test]
+fn sglang_router_routes_the_same_fleet_by_its_own_prefix_tree() {
+    let out = run_bench(&[
+        "--gateways=2",
+        "--policies=sglang-cache-aware",
+        "--tenant-requests=48",
+    ]);
+    let csv = std::fs::read_to_string(out.path().join("multi-tenant.csv")).unwrap();
+    let rows = parse_csv(&csv);
+    assert_eq!(rows.len(), 1, "{csv}");
+    let row = &rows[0];
+    assert_eq!(row.policy, "sglang-cache-aware", "{row:?}");
+    assert_eq!((row.requests, row.errors), (48, 0), "{row:?}");
+    assert!(row.hit_rate > 0.0, "{row:?}");
+
+    let text = std::fs::read_to_string(out.path().join("multi-tenant-requests.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let mut workers_of_tenant: std::collections::HashMap<(String, String), Vec<String>> =
+        std::collections::HashMap::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        // No kvmesh filter saw the request.
+        assert_eq!(fields[column("routed_cached_blocks")], "", "{line}");
+        let tenant = (
+            fields[column("gateway")].to_owned(),
+            fields[column("first_block")].to_owned(),
+        );
+        workers_of_tenant
+            .entry(tenant)
+            .or_default()
+            .push(fields[column("worker")].to_owned());
+    }
+    // 4 tenants through each of 2 gateways.
+    assert_eq!(workers_of_tenant.len(), 8, "{text}");
+    for ((gateway, tenant), workers) in &workers_of_tenant {
+        assert!(
+            workers.len() > 1 && workers.iter().all(|w| w == &workers[0]),
+            "gateway {gateway} moved tenant {tenant}: {workers:?}"
+        );
+    }
+    let markdown = std::fs::read_to_string(out.path().join("multi-tenant.md")).unwrap();
+    assert!(
+        markdown.contains("| SGLang router cache_aware |"),
+        "{markdown}"
+    );
+}
+
+/// NVIDIA Dynamo's KV router, from its PyPI package, routes the same fleet
+/// from the engines' own KV events, one selector replica per gateway: every
+/// request is answered, straight from the worker it booked, and with the
+/// cache too small for every tenant on every worker its hit rate is a
+/// KV-aware router's, far above round robin's.
+#[test]
+fn dynamo_kv_router_routes_the_same_fleet_on_the_engines_events() {
+    let out = run_bench(&[
+        "--gateways=2",
+        "--policies=round-robin,dynamo-kv",
+        "--tenant-requests=48",
+        "--tenant-cache-blocks=170",
+    ]);
+    let csv = std::fs::read_to_string(out.path().join("multi-tenant.csv")).unwrap();
+    let rows = parse_csv(&csv);
+    let policies: Vec<&str> = rows.iter().map(|r| r.policy.as_str()).collect();
+    assert_eq!(policies, ["round-robin", "dynamo-kv"], "{csv}");
+    let (round_robin, dynamo) = (&rows[0], &rows[1]);
+    assert_eq!((dynamo.requests, dynamo.errors), (48, 0), "{dynamo:?}");
+    assert!(
+        dynamo.request_hit_rate > round_robin.request_hit_rate + 0.1,
+        "Dynamo's router should keep tenants cached: {rows:#?}"
+    );
+    let text = std::fs::read_to_string(out.path().join("multi-tenant-requests.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let mut answered_by = std::collections::HashSet::new();
+    let mut by_replica = [0; 2];
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields[column("policy")] != "dynamo-kv" {
+            continue;
+        }
+        // No kvmesh filter saw the request.
+        assert_eq!(fields[column("routed_cached_blocks")], "", "{line}");
+        answered_by.insert(fields[column("worker")].to_owned());
+        by_replica[fields[column("gateway")].parse::<usize>().unwrap()] += 1;
+    }
+    assert_eq!(
+        answered_by.len(),
+        2,
+        "one worker took every request: {answered_by:?}"
+    );
+    assert_eq!(
+        by_replica,
+        [24, 24],
+        "the client alternates the selector replicas"
+    );
 }
 
 /// Runs `kvmesh-bench` on the multi-tenant workload of 4 tenants of 3

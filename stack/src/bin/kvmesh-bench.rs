@@ -135,7 +135,8 @@ fn main() -> anyhow::Result<()> {
         let context = RunContext {
             command: command.clone(),
             workload: workload.description.clone(),
-            fleet: fleet_description(&args.fleet, &workload),
+            fleet: fleet_description(&args.fleet, &workload)
+                + &other_routers_description(&args.fleet, &args.policies),
             workers: args.fleet.workers,
             gateways: usize::from(args.fleet.gateways),
         };
@@ -160,6 +161,14 @@ fn run_workload(
     let mut rows = Vec::with_capacity(args.policies.len());
     let mut requests = report::REQUESTS_CSV_HEADER.to_owned();
     for &policy in &args.policies {
+        if workload.has_token_ids() && !policy.takes_token_ids() {
+            eprintln!(
+                "kvmesh-bench: skipping {} on {}: its gateway refuses token-id prompts",
+                policy.label(),
+                workload.name
+            );
+            continue;
+        }
         let progress = ProgressBar::new(workload.requests() as u64)
             .with_style(style.clone())
             .with_message(format!("{} / {}", workload.name, policy.label()));
@@ -224,6 +233,23 @@ fn fleet_description(fleet: &FleetParams, workload: &Workload) -> String {
             format!("; sim-engine {}", fleet.sim_args.join(" "))
         }
     )
+}
+
+/// How the routers that are not Envoy sit in front of the same fleet.
+fn other_routers_description(fleet: &FleetParams, policies: &[Policy]) -> String {
+    let mut routers = String::new();
+    if policies.contains(&Policy::SglangCacheAware) {
+        routers.push_str("; SGLang's router (PyPI `sglang-router`, one per gateway, each balancing what it sent) routes in place of the Envoys");
+    }
+    if policies.contains(&Policy::DynamoKv) {
+        let weight = fleet
+            .dynamo_overlap_score_weight
+            .map_or("its default weights".to_owned(), |w| {
+                format!("overlap score weight {w}")
+            });
+        routers.push_str(&format!("; Dynamo's KV router (PyPI `ai-dynamo`'s selection service, one replica per gateway sharing the load they book, on the engines' KV events, {weight}) picks each request's worker and the client sends it there"));
+    }
+    routers
 }
 
 fn gateways_description(fleet: &FleetParams) -> String {

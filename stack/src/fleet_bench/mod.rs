@@ -3,6 +3,7 @@
 
 pub mod bound;
 pub mod cpu;
+pub mod dynamo;
 pub mod mooncake;
 pub mod policy;
 pub mod prompts;

@@ -1,4 +1,5 @@
-//! The routing policies compared, each a way to configure the same gateway.
+//! The routing policies compared: ways to configure the same Envoy gateway,
+//! and the routers of SGLang and Dynamo on the same fleet.
 
 use crate::harness::{FallbackBalancing, GatewayConfig};
 
@@ -17,12 +18,20 @@ pub enum Policy {
     Precise,
     /// kvmesh precise on a fleet split into prefill and decode pools.
     PreciseDisagg,
+    /// SGLang's router (the SGLang Model Gateway from PyPI) with its default
+    /// `cache_aware` policy, instead of Envoy.
+    SglangCacheAware,
+    /// NVIDIA Dynamo's KV router (its selection service from PyPI, on the
+    /// engines' KV events), asked by the client where each request goes.
+    DynamoKv,
 }
 
 impl Policy {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::RoundRobin,
         Self::LeastRequest,
+        Self::SglangCacheAware,
+        Self::DynamoKv,
         Self::Approximate,
         Self::Precise,
         Self::PreciseDisagg,
@@ -36,6 +45,8 @@ impl Policy {
             Self::Approximate => "kvmesh approximate",
             Self::Precise => "kvmesh precise",
             Self::PreciseDisagg => "kvmesh precise + P/D",
+            Self::SglangCacheAware => "SGLang router cache_aware",
+            Self::DynamoKv => "Dynamo KV router",
         }
     }
 
@@ -47,7 +58,33 @@ impl Policy {
             Self::Approximate => "approximate",
             Self::Precise => "precise",
             Self::PreciseDisagg => "precise-disagg",
+            Self::SglangCacheAware => "sglang-cache-aware",
+            Self::DynamoKv => "dynamo-kv",
         }
+    }
+
+    /// Whether kvmesh's filter routes (and counts its routing modes).
+    pub fn kvmesh(self) -> bool {
+        matches!(
+            self,
+            Self::Approximate | Self::Precise | Self::PreciseDisagg
+        )
+    }
+
+    /// The policy SGLang's router runs, when it routes instead of Envoy.
+    pub fn sglang_router_policy(self) -> Option<&'static str> {
+        match self {
+            Self::SglangCacheAware => Some("cache_aware"),
+            _ => None,
+        }
+    }
+
+    /// Whether the policy's gateway takes token-id prompts. SGLang's router
+    /// answers a `/v1/completions` prompt of token ids with HTTP 422 (its
+    /// request type knows text prompts only), so it runs the chat
+    /// workloads only.
+    pub fn takes_token_ids(self) -> bool {
+        self.sglang_router_policy().is_none()
     }
 
     pub fn disaggregated(self) -> bool {
@@ -66,6 +103,8 @@ impl Policy {
                 config.filter = false;
                 config.fallback = FallbackBalancing::LeastRequest;
             }
+            // The fleet's Envoy stays idle beside the other router.
+            Self::SglangCacheAware | Self::DynamoKv => config.filter = false,
             Self::Approximate => config.sidecar = None,
             Self::Precise | Self::PreciseDisagg => {}
         }

@@ -11,13 +11,18 @@ use indicatif::ProgressBar;
 use serde_json::json;
 
 use crate::fleet_bench::cpu::{CpuShare, CpuTimes};
+use crate::fleet_bench::dynamo::DynamoRouting;
 use crate::fleet_bench::policy::Policy;
 use crate::fleet_bench::workload::{Conversation, Prompt, Workload};
 use crate::harness::client::prometheus_sum;
+use crate::harness::dynamo_selector::DynamoSelector;
 use crate::harness::fleet::SimHosting;
 use crate::harness::load::{stream_timed, Streamed};
+use crate::harness::paths;
+use crate::harness::sglang_router::SglangRouter;
 use crate::harness::stack::{Stack, StackOptions, WorkerEngine};
 use crate::harness::{Envoy, GatewayConfig};
+use kv_sidecar::tokenize::{CacheLimits, ModelTokenizer};
 use kvmesh_config::{DisaggregationPolicy, EngineKind};
 
 /// Longest a single request may take, real time.
@@ -65,6 +70,11 @@ pub struct FleetParams {
     /// filter's `overlap_weight`; its default when unset).
     #[arg(long)]
     pub overlap_weight: Option<f64>,
+    /// Dynamo's weight of a prompt's uncached blocks against its workers'
+    /// active blocks (`--kv-overlap-score-weight` of its frontend; its
+    /// default, 1, when unset), for `dynamo-kv`.
+    #[arg(long)]
+    pub dynamo_overlap_score_weight: Option<f64>,
     /// Extra sim-engine arguments for every worker, e.g.
     /// `--sim-arg=--timing-compute-us-per-token=40`.
     #[arg(long = "sim-arg", allow_hyphen_values = true)]
@@ -248,14 +258,14 @@ pub fn run_policy(
     for _ in 1..fleet.gateways {
         stack.add_gateway(configure)?;
     }
-    let gateways: Vec<String> = stack.envoys().map(Envoy::gateway_url).collect();
+    let routing = routing(policy, fleet, &stack)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let cpu = CpuTimes::now();
     let started = Instant::now();
     let records = runtime.block_on(replay(
         workload,
         &fleet.model,
-        &gateways,
+        routing,
         fleet.speedup(workload),
         progress,
     ))?;
@@ -285,14 +295,14 @@ pub fn run_policy(
         let name = format!("wasmcustom.kvmesh_{name}");
         stack.envoys().map(|envoy| envoy.stat(&name)).sum()
     };
-    let modes = if matches!(policy, Policy::RoundRobin | Policy::LeastRequest) {
-        None
-    } else {
+    let modes = if policy.kvmesh() {
         Some([
             stat("requests_precise")?,
             stat("requests_approximate")?,
             stat("requests_fallback")?,
         ])
+    } else {
+        None
     };
     let remote_prefills = if policy.disaggregated() {
         Some([stat("remote_prefills")?, stat("prefill_failures")?])
@@ -312,22 +322,73 @@ pub fn run_policy(
     })
 }
 
+/// Where the replay sends `policy`'s requests, with the processes of a
+/// router other than the fleet's Envoys.
+fn routing(policy: Policy, fleet: &FleetParams, stack: &Stack) -> anyhow::Result<Routing> {
+    if let Some(sglang_policy) = policy.sglang_router_policy() {
+        // One SGLang router per gateway, each over every worker: without a
+        // shared state each balances on what it sent itself, as Envoys do.
+        let routers = (0..fleet.gateways)
+            .map(|i| {
+                SglangRouter::start(
+                    &format!("sglang-router-{i}"),
+                    &stack.worker_urls(),
+                    sglang_policy,
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return Ok(Routing::gateways(
+            routers.iter().map(SglangRouter::url).collect(),
+            routers,
+        ));
+    }
+    if policy != Policy::DynamoKv {
+        return Ok(Routing::gateways(
+            stack.envoys().map(Envoy::gateway_url).collect(),
+            Vec::new(),
+        ));
+    }
+    // One selection service per gateway, replicas sharing the load they
+    // book, as several Dynamo frontends' routers; the client sends each
+    // request straight to the worker its replica books.
+    let selectors = DynamoSelector::start_replicas(
+        &fleet.model,
+        &stack.event_sources()?,
+        usize::from(fleet.gateways),
+        fleet.dynamo_overlap_score_weight,
+    )?;
+    let tokenizer = ModelTokenizer::load(
+        &fleet.model,
+        &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
+        None,
+        fleet.engine.block_size(),
+        CacheLimits::default(),
+    )
+    .context("loading the engines' tokenizer")?;
+    Ok(Routing::Dynamo {
+        client: DynamoRouting::new(
+            selectors.iter().map(DynamoSelector::url).collect(),
+            &fleet.model,
+            tokenizer,
+        ),
+        _selectors: selectors,
+    })
+}
+
 async fn replay(
     workload: &Workload,
     model: &str,
-    gateways: &[String],
+    routing: Routing,
     speedup: f64,
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<RequestRecord>> {
-    anyhow::ensure!(!gateways.is_empty(), "no gateway to send to");
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .pool_max_idle_per_host(256)
         .build()?;
     let context = Arc::new(Replay {
         client,
-        gateways: gateways.to_vec(),
-        next_gateway: AtomicUsize::new(0),
+        routing,
         model: model.to_owned(),
         speedup,
         started: tokio::time::Instant::now(),
@@ -351,12 +412,36 @@ async fn replay(
     Ok(records)
 }
 
+/// Where the client sends each request; the routers it started run until
+/// the replay drops it.
+enum Routing {
+    /// To the next gateway in turn, as an L4 balancer in front of them would.
+    Gateways {
+        /// Base URL of every gateway.
+        urls: Vec<String>,
+        next: AtomicUsize,
+        _sglang_routers: Vec<SglangRouter>,
+    },
+    /// Where the next of Dynamo's selector replicas books it.
+    Dynamo {
+        client: DynamoRouting,
+        _selectors: Vec<DynamoSelector>,
+    },
+}
+
+impl Routing {
+    fn gateways(urls: Vec<String>, sglang_routers: Vec<SglangRouter>) -> Self {
+        Self::Gateways {
+            urls,
+            next: AtomicUsize::new(0),
+            _sglang_routers: sglang_routers,
+        }
+    }
+}
+
 struct Replay {
     client: reqwest::Client,
-    /// Base URL of every gateway.
-    gateways: Vec<String>,
-    /// Round robin over `gateways`, request by request.
-    next_gateway: AtomicUsize,
+    routing: Routing,
     model: String,
     speedup: f64,
     started: tokio::time::Instant,
@@ -417,12 +502,16 @@ impl Replay {
         scheduled: Option<f64>,
     ) -> RequestRecord {
         let sent_at = self.started.elapsed().as_secs_f64();
-        let gateway = self.next_gateway.fetch_add(1, Ordering::Relaxed) % self.gateways.len();
-        let url = format!("{}{}", self.gateways[gateway], prompt.path());
         let body = prompt.body(&self.model, max_tokens);
-        let outcome = stream_timed(&self.client, &url, &body)
-            .await
-            .map_err(|e| format!("{e:#}"));
+        let (gateway, outcome) = match &self.routing {
+            Routing::Gateways { urls, next, .. } => {
+                let gateway = next.fetch_add(1, Ordering::Relaxed) % urls.len();
+                let url = format!("{}{}", urls[gateway], prompt.path());
+                (gateway, stream_timed(&self.client, &url, &body).await)
+            }
+            Routing::Dynamo { client, .. } => client.send(&self.client, &prompt, &body).await,
+        };
+        let outcome = outcome.map_err(|e| format!("{e:#}"));
         self.progress.inc(1);
         RequestRecord {
             conversation,

@@ -93,6 +93,19 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Whether any prompt is sent as token ids.
+    pub fn has_token_ids(&self) -> bool {
+        self.arrivals.iter().any(|a| {
+            matches!(
+                a.conversation,
+                Conversation::Single {
+                    prompt: Prompt::TokenIds(_),
+                    ..
+                }
+            )
+        })
+    }
+
     pub fn requests(&self) -> usize {
         self.arrivals
             .iter()
@@ -367,6 +380,29 @@ mod tests {
         // The same simulated span, within Poisson noise.
         let span = |w: &Workload| w.arrivals.last().unwrap().at;
         assert!((span(&big) / span(&base) - 1.0).abs() < 0.15);
+    }
+
+    #[test]
+    fn token_id_prompts_are_told_apart_from_chat() {
+        let workload = |prompt| Workload {
+            name: "w".into(),
+            description: String::new(),
+            arrivals: vec![Arrival {
+                at: 0.0,
+                conversation: Conversation::Single {
+                    prompt,
+                    max_tokens: 1,
+                },
+            }],
+            cache_blocks: 1,
+            max_model_len: 8,
+            sim_args: Vec::new(),
+            speedup: 1.0,
+        };
+        assert!(workload(Prompt::TokenIds(vec![1, 2])).has_token_ids());
+        assert!(
+            !workload(Prompt::Chat(vec![json!({"role": "user", "content": "hi"})])).has_token_ids()
+        );
     }
 
     #[test]

@@ -88,7 +88,20 @@ pub async fn stream_timed(
     url: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<Streamed> {
-    let started = Instant::now();
+    stream_timed_from(client, url, body, Instant::now(), || {}).await
+}
+
+/// As [`stream_timed`], with times from `started` (before the client chose
+/// where to send it, when it routes itself), calling `on_first_token` when
+/// the first generated text arrives.
+pub async fn stream_timed_from(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+    started: Instant,
+    on_first_token: impl FnOnce(),
+) -> anyhow::Result<Streamed> {
+    let mut on_first_token = Some(on_first_token);
     let response = client
         .post(url)
         .json(body)
@@ -128,6 +141,9 @@ pub async fn stream_timed(
             let event: Vec<u8> = pending.drain(..end + 2).collect();
             match parse_event(&event) {
                 Some(Event::Text(piece)) => {
+                    if let Some(first_token) = on_first_token.take() {
+                        first_token();
+                    }
                     streamed.token_times.push(at);
                     streamed.text.push_str(&piece);
                 }

@@ -1,6 +1,7 @@
 //! Process supervision and the components a test or the quickstart starts.
 
 pub mod client;
+pub mod dynamo_selector;
 pub mod engine_publisher;
 pub mod envoy;
 pub mod fleet;
@@ -15,6 +16,7 @@ pub mod process;
 pub mod raw_http;
 pub mod readiness;
 pub mod relay;
+pub mod sglang_router;
 pub mod sidecar;
 pub mod sim;
 pub mod stack;

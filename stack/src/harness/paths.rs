@@ -122,6 +122,32 @@ pub fn vllm_python() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// SGLang's router (the SGLang Model Gateway, PyPI `sglang-router`) from
+/// `.venv-sglang-router`, installed by `scripts/setup` for the fleet
+/// benchmark's side-by-side runs (`$KVMESH_SGLANG_ROUTER` overrides).
+pub fn sglang_router_binary() -> anyhow::Result<PathBuf> {
+    let path = env_path("KVMESH_SGLANG_ROUTER").unwrap_or_else(|| {
+        repo_root()
+            .join(".venv-sglang-router")
+            .join("bin")
+            .join("smg")
+    });
+    existing(
+        path,
+        "run scripts/setup to install sglang-router into .venv-sglang-router",
+    )
+}
+
+/// The Python of `.venv-dynamo`, where `scripts/setup` installs NVIDIA
+/// Dynamo's runtime (PyPI `ai-dynamo`) for the fleet benchmark's
+/// side-by-side runs.
+pub fn dynamo_python() -> anyhow::Result<PathBuf> {
+    existing(
+        repo_root().join(".venv-dynamo").join("bin").join("python"),
+        "run scripts/setup to install ai-dynamo into .venv-dynamo",
+    )
+}
+
 /// The tiny random-weight Qwen3 the real-vLLM tests serve
 /// (`scripts/setup --with-vllm`).
 pub fn tiny_qwen3_dir() -> anyhow::Result<PathBuf> {

@@ -83,6 +83,10 @@ impl Relay {
         Ok(process)
     }
 
+    pub fn options(&self) -> &RelayOptions {
+        &self.options
+    }
+
     pub fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.listen_port)
     }

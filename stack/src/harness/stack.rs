@@ -13,6 +13,7 @@ use kvmesh_config::{
     DisaggregationPolicy, DisaggregationSpec, EngineKind, NoLocalFields, Role, WithLocal,
 };
 
+use crate::harness::dynamo_selector::EventSource;
 use crate::harness::envoy::Disaggregation;
 use crate::harness::fleet::{KvWorker, SimFleet, SimHosting, DEFAULT_LOAD_INTERVAL};
 use crate::harness::gateway::{wait_for_fleet_state, Gateway};
@@ -322,6 +323,34 @@ impl Stack {
         self.worker_addresses()
             .iter()
             .map(|a| format!("http://{a}"))
+            .collect()
+    }
+
+    /// Every (decode) worker's engine and KV event sockets, as its relay
+    /// reads them: for a router that indexes the engines' events itself.
+    pub fn event_sources(&self) -> anyhow::Result<Vec<EventSource>> {
+        anyhow::ensure!(
+            self.options.data_parallel_size == 1,
+            "event sources of data-parallel ranks are not listed: each rank publishes on the engine's ports plus its rank"
+        );
+        self.workers
+            .iter()
+            .map(|w| &w.relay)
+            .chain(self.vllm_workers.iter().map(|w| &w.relay))
+            .map(|relay| {
+                let options = relay.options();
+                let socket = |endpoint: &Option<String>| {
+                    endpoint
+                        .clone()
+                        .with_context(|| format!("{} reads no KV events", options.worker_id))
+                };
+                Ok(EventSource {
+                    url: format!("http://{}", options.address),
+                    publish: socket(&options.zmq_endpoint)?,
+                    replay: socket(&options.zmq_replay_endpoint)?,
+                    block_size: options.block_size,
+                })
+            })
             .collect()
     }
 
