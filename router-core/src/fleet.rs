@@ -424,6 +424,7 @@ mod tests {
                     kv_usage: f64::from(n) / 10.0,
                     active_blocks: u64::from(n) * 3,
                     queued_prefill_tokens: u64::from(n) * 16,
+                    routed_requests: n,
                 })),
             },
         })

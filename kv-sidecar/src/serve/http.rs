@@ -108,6 +108,7 @@ async fn workers(State(http): State<HttpState>) -> Json<Value> {
                     "kv_usage": load.kv_usage,
                     "active_blocks": load.active_blocks,
                     "queued_prefill_tokens": load.queued_prefill_tokens,
+                    "routed_requests": load.routed_requests,
                 },
             }));
         }

@@ -61,6 +61,11 @@ impl InFlight {
         self.ledger.load(worker_id)
     }
 
+    /// Requests of gateways' decisions on the worker that have not ended.
+    pub fn requests_on(&self, worker_id: &str) -> u32 {
+        self.ledger.requests(worker_id)
+    }
+
     /// Records a decision; returns the workers whose predicted load changed.
     pub fn decide(
         &mut self,

@@ -15,7 +15,16 @@ use crate::routing::select::WorkerLoad;
 
 #[derive(Debug, Default)]
 pub struct InFlight {
-    by_worker: HashMap<String, WorkerLoad>,
+    by_worker: HashMap<String, Account>,
+}
+
+/// One worker's part of the ledger.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Account {
+    load: WorkerLoad,
+    /// Requests on the worker as its engine counts them (running or
+    /// waiting): those decoding there, and those it prefills for another.
+    requests: u32,
 }
 
 /// One routed request's contribution, returned by [`InFlight::admit`]; give
@@ -59,12 +68,17 @@ impl Ticket {
 impl InFlight {
     pub fn admit(&mut self, request: RequestLoad<'_>) -> Ticket {
         let prefill = request.prefill.unwrap_or(request.decode);
-        let decode_load = self.by_worker.entry(request.decode.to_owned()).or_default();
-        decode_load.active_blocks = decode_load.active_blocks.saturating_add(request.blocks);
-        let prefill_load = self.by_worker.entry(prefill.to_owned()).or_default();
-        prefill_load.queued_prefill_tokens = prefill_load
+        let decode = self.by_worker.entry(request.decode.to_owned()).or_default();
+        decode.load.active_blocks = decode.load.active_blocks.saturating_add(request.blocks);
+        decode.requests = decode.requests.saturating_add(1);
+        let prefilling = self.by_worker.entry(prefill.to_owned()).or_default();
+        prefilling.load.queued_prefill_tokens = prefilling
+            .load
             .queued_prefill_tokens
             .saturating_add(request.prefill_tokens);
+        if prefill != request.decode {
+            prefilling.requests = prefilling.requests.saturating_add(1);
+        }
         Ticket {
             decode: request.decode.to_owned(),
             prefill: prefill.to_owned(),
@@ -80,10 +94,15 @@ impl InFlight {
             return;
         }
         ticket.prefill_pending = false;
-        if let Some(load) = self.by_worker.get_mut(&ticket.prefill) {
-            load.queued_prefill_tokens = load
+        let remote = ticket.prefill != ticket.decode;
+        if let Some(account) = self.by_worker.get_mut(&ticket.prefill) {
+            account.load.queued_prefill_tokens = account
+                .load
                 .queued_prefill_tokens
                 .saturating_sub(ticket.prefill_tokens);
+            if remote {
+                account.requests = account.requests.saturating_sub(1);
+            }
         }
         self.drop_if_idle(&ticket.prefill);
     }
@@ -91,8 +110,9 @@ impl InFlight {
     /// The stream ended (completed, failed or reset).
     pub fn finish(&mut self, mut ticket: Ticket) {
         self.prefill_done(&mut ticket);
-        if let Some(load) = self.by_worker.get_mut(&ticket.decode) {
-            load.active_blocks = load.active_blocks.saturating_sub(ticket.blocks);
+        if let Some(account) = self.by_worker.get_mut(&ticket.decode) {
+            account.load.active_blocks = account.load.active_blocks.saturating_sub(ticket.blocks);
+            account.requests = account.requests.saturating_sub(1);
         }
         self.drop_if_idle(&ticket.decode);
     }
@@ -103,11 +123,21 @@ impl InFlight {
     }
 
     pub fn load(&self, worker: &str) -> WorkerLoad {
-        self.by_worker.get(worker).copied().unwrap_or_default()
+        self.by_worker
+            .get(worker)
+            .map(|account| account.load)
+            .unwrap_or_default()
+    }
+
+    /// Requests the ledger holds on `worker`, as its engine would count them.
+    pub fn requests(&self, worker: &str) -> u32 {
+        self.by_worker
+            .get(worker)
+            .map_or(0, |account| account.requests)
     }
 
     fn drop_if_idle(&mut self, worker: &str) {
-        if self.by_worker.get(worker) == Some(&WorkerLoad::default()) {
+        if self.by_worker.get(worker) == Some(&Account::default()) {
             self.by_worker.remove(worker);
         }
     }
@@ -131,6 +161,7 @@ mod tests {
         let mut inflight = InFlight::default();
         let mut a = inflight.admit(local("w:1", 320, 30));
         let b = inflight.admit(local("w:1", 16, 5));
+        assert_eq!(inflight.requests("w:1"), 2);
         assert_eq!(
             inflight.load("w:1"),
             WorkerLoad {
@@ -142,6 +173,7 @@ mod tests {
         inflight.prefill_done(&mut a);
         assert_eq!(inflight.load("w:1").queued_prefill_tokens, 16);
         inflight.finish(a);
+        assert_eq!(inflight.requests("w:1"), 1);
         inflight.finish(b);
         assert_eq!(inflight.load("w:1"), WorkerLoad::default());
         assert!(inflight.by_worker.is_empty());
@@ -162,8 +194,10 @@ mod tests {
         assert_eq!(inflight.load("d").active_blocks, 260);
         assert_eq!(inflight.load("p").queued_prefill_tokens, 4096);
         assert_eq!(inflight.load("p").active_blocks, 0);
+        assert_eq!((inflight.requests("d"), inflight.requests("p")), (1, 1));
         inflight.prefill_done(&mut ticket);
         assert_eq!(inflight.load("p"), WorkerLoad::default());
+        assert_eq!((inflight.requests("d"), inflight.requests("p")), (1, 0));
         inflight.finish(ticket);
         assert!(inflight.by_worker.is_empty());
     }

@@ -3,9 +3,13 @@
 //! decisions), this router's own in-flight requests, and the engine's ORCA
 //! load reports (fresher than anything relayed, but in requests, not blocks).
 //!
-//! The router does not know a worker's KV capacity, so ORCA's waiting and
-//! running requests are turned into the cost function's units with the mean
-//! prompt size this router routes.
+//! ORCA counts requests, not their sizes. The router knows the size of the
+//! requests gateways routed (its own ledger, and every gateway's decisions
+//! through the fleet state), so a report adds only the requests beyond
+//! those, each taken at the mean prompt size this router routes: counting
+//! every reported request at the mean instead made a queue of short prompts
+//! look as long as the trace's mean prompt (12k tokens on Mooncake) and
+//! outweighed the exact accounts (docs/benchmarks.md).
 
 use std::collections::HashMap;
 
@@ -54,17 +58,36 @@ impl OrcaLoads {
         self.mean_prompt_tokens += (tokens as f64 - self.mean_prompt_tokens) / 16.0;
     }
 
-    /// The worker's reported load in cost-function units, if fresh.
-    pub fn load(&self, address: &str, block_size: u32, now_ms: u64) -> Option<WorkerLoad> {
+    /// The worker's load by its latest report, if fresh: `known`, the load
+    /// of the `known_requests` gateways routed to it, plus the reported
+    /// requests beyond those at the mean prompt size, waiting ones first.
+    pub fn load(
+        &self,
+        address: &str,
+        block_size: u32,
+        now_ms: u64,
+        known: WorkerLoad,
+        known_requests: u32,
+    ) -> Option<WorkerLoad> {
         let (report, at) = self.by_address.get(address)?;
         if now_ms.saturating_sub(*at) > FRESH_MS {
             return None;
         }
+        let others = report
+            .waiting
+            .saturating_add(report.running)
+            .saturating_sub(known_requests);
+        let waiting = others.min(report.waiting);
+        let running = others - waiting;
         let prompt_tokens = self.mean_prompt_tokens.max(0.0);
         let prompt_blocks = prompt_tokens / f64::from(block_size.max(1));
         Some(WorkerLoad {
-            active_blocks: (f64::from(report.running) * prompt_blocks) as u64,
-            queued_prefill_tokens: (f64::from(report.waiting) * prompt_tokens) as u64,
+            active_blocks: known
+                .active_blocks
+                .saturating_add((f64::from(running) * prompt_blocks) as u64),
+            queued_prefill_tokens: known
+                .queued_prefill_tokens
+                .saturating_add((f64::from(waiting) * prompt_tokens) as u64),
         })
     }
 }
@@ -97,11 +120,42 @@ mod tests {
             running: 3,
         };
         loads.record("a", report, 1_000);
-        let load = loads.load("a", 16, 1_500).unwrap();
+        let none = WorkerLoad::default();
+        let load = loads.load("a", 16, 1_500, none, 0).unwrap();
         assert_eq!(load.queued_prefill_tokens, 320);
         assert_eq!(load.active_blocks, 30);
-        assert!(loads.load("a", 16, 3_001).is_none());
-        assert!(loads.load("b", 16, 1_500).is_none());
+        assert!(loads.load("a", 16, 3_001, none, 0).is_none());
+        assert!(loads.load("b", 16, 1_500, none, 0).is_none());
+    }
+
+    /// A report of the requests gateways routed adds nothing to what the
+    /// router knows of them: two short prompts waiting are 200 tokens, not
+    /// two prompts of the mean size. Requests beyond those count at the
+    /// mean, waiting ones first.
+    #[test]
+    fn reports_add_only_the_requests_the_router_did_not_send() {
+        let mut loads = OrcaLoads::default();
+        for _ in 0..200 {
+            loads.observe_prompt(12_000);
+        }
+        let report = OrcaReport {
+            kv_cache_usage: 0.5,
+            waiting: 2,
+            running: 1,
+        };
+        loads.record("a", report, 1_000);
+        let known = WorkerLoad {
+            active_blocks: 40,
+            queued_prefill_tokens: 200,
+        };
+        assert_eq!(loads.load("a", 16, 1_000, known, 3), Some(known));
+        let load = loads.load("a", 16, 1_000, known, 1).unwrap();
+        let mean = loads.mean_prompt_tokens;
+        assert!(mean > 11_000.0, "{mean}");
+        assert_eq!(load.queued_prefill_tokens, 200 + (2.0 * mean) as u64);
+        assert_eq!(load.active_blocks, 40);
+        let load = loads.load("a", 16, 1_000, known, 0).unwrap();
+        assert_eq!(load.active_blocks, 40 + (mean / 16.0) as u64);
     }
 
     #[test]

@@ -441,7 +441,7 @@ fn approximate(
     } = local;
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
     // (target, worker id, load the fleet state reports)
-    let workers: Vec<(&Target, Option<&str>, WorkerLoad)> = match membership {
+    let workers: Vec<(&Target, Option<&str>, Reported)> = match membership {
         Membership::Fleet {
             view,
             reported_load,
@@ -452,7 +452,7 @@ fn approximate(
                 let load = if reported_load {
                     reported(&w.load)
                 } else {
-                    WorkerLoad::default()
+                    Reported::default()
                 };
                 (&w.target, Some(w.worker_id.as_str()), load)
             })
@@ -461,7 +461,7 @@ fn approximate(
             .endpoints()
             .iter()
             .filter(|e| pool.admits_endpoint(e) && reachable(e.address()))
-            .map(|e| (e, None, WorkerLoad::default()))
+            .map(|e| (e, None, Reported::default()))
             .collect(),
     };
     let mut matched = vec![0u32; workers.len()];
@@ -510,30 +510,48 @@ fn approximate(
 
 /// The load a worker is under, by the freshest account of it: the fleet
 /// state, this router's in-flight requests (by the worker's
-/// [`Target::key`]) and the engine's ORCA reports (by the address that
-/// answered; never for a data-parallel rank, whose engine's report covers
-/// all its ranks).
+/// [`Target::key`]) and the engine's ORCA reports of requests beyond those
+/// (by the address that answered; never for a data-parallel rank, whose
+/// engine's report covers all its ranks).
 fn current_load(
     model: &ModelRouting,
     inflight: &InFlight,
     orca: &OrcaLoads,
     signals: Signals<'_>,
     target: &Target,
-    reported: WorkerLoad,
+    reported: Reported,
 ) -> WorkerLoad {
+    let known = merged([reported.load, inflight.load(target.key())]);
+    let known_requests = reported.requests.max(inflight.requests(target.key()));
     let orca = match target.data_parallel_rank() {
-        None => orca.load(target.address(), model.block_size.get(), signals.now_ms),
+        None => orca.load(
+            target.address(),
+            model.block_size.get(),
+            signals.now_ms,
+            known,
+            known_requests,
+        ),
         Some(_) => None,
     }
     .unwrap_or_default();
-    merged([reported, inflight.load(target.key()), orca])
+    merged([known, orca])
+}
+
+/// What the fleet state says of the requests gateways routed to a worker.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reported {
+    load: WorkerLoad,
+    requests: u32,
 }
 
 /// The part of a worker's load report the cost function uses.
-fn reported(load: &LoadReport) -> WorkerLoad {
-    WorkerLoad {
-        active_blocks: load.active_blocks,
-        queued_prefill_tokens: load.queued_prefill_tokens,
+fn reported(load: &LoadReport) -> Reported {
+    Reported {
+        load: WorkerLoad {
+            active_blocks: load.active_blocks,
+            queued_prefill_tokens: load.queued_prefill_tokens,
+        },
+        requests: load.routed_requests,
     }
 }
 
@@ -860,6 +878,32 @@ mod tests {
         vm.local.orca.record("127.0.0.1:11", busy, 900);
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address(), Some("127.0.0.1:10"));
+    }
+
+    /// The engine of b counts 48 requests, every one routed by gateways
+    /// whose decisions the fleet state holds (8 blocks in all): b is no
+    /// busier than that, so the prompt it caches still goes there. Counted
+    /// at the mean prompt size, the same report steers it away (above).
+    #[test]
+    fn orca_reports_of_routed_requests_add_nothing_to_their_load() {
+        let mut view = view();
+        view.commit(vec![Change {
+            kind: Some(change::Kind::Load(LoadReport {
+                worker_id: "b".into(),
+                active_blocks: 8,
+                routed_requests: 48,
+                ..LoadReport::default()
+            })),
+        }]);
+        let mut vm = Vm::new();
+        let busy = OrcaReport {
+            kv_cache_usage: 0.9,
+            waiting: 40,
+            running: 8,
+        };
+        vm.local.orca.record("127.0.0.1:11", busy, 900);
+        let d = vm.decide(Some(&prompt()), Some(&view));
+        assert_eq!(d.address(), Some("127.0.0.1:11"));
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl FleetRegistry {
             kv_usage: meta.engine.kv_usage,
             active_blocks: predicted.active_blocks,
             queued_prefill_tokens: predicted.queued_prefill_tokens,
+            routed_requests: self.inflight.requests_on(worker_id),
         };
         if load != meta.published_load {
             meta.published_load = load.clone();
@@ -188,7 +189,7 @@ mod tests {
         h.registry.engine_load(engine("w1", 3));
         assert_eq!(
             kinds(&h.commit(10)),
-            ["load w1 running=3 active=0 queued=0"]
+            ["load w1 running=3 active=0 queued=0 routed=0"]
         );
         let load = h.worker("w1").map(|w| w.load.clone()).unwrap_or_default();
         assert_eq!((load.running, load.waiting, load.kv_usage), (3, 1, 0.5));
@@ -212,25 +213,25 @@ mod tests {
         assert_eq!(
             kinds(&h.commit(10)),
             [
-                "load w1 running=3 active=0 queued=0",
-                "load w1 running=3 active=10 queued=160",
-                "load w1 running=3 active=15 queued=160",
-                "load w2 running=0 active=0 queued=80",
+                "load w1 running=3 active=0 queued=0 routed=0",
+                "load w1 running=3 active=10 queued=160 routed=1",
+                "load w1 running=3 active=15 queued=160 routed=2",
+                "load w2 running=0 active=0 queued=80 routed=1",
             ]
         );
         h.registry
             .progress("g", &progress("r1", RequestPhase::FirstToken));
         assert_eq!(
             kinds(&h.commit(20)),
-            ["load w1 running=3 active=15 queued=0"]
+            ["load w1 running=3 active=15 queued=0 routed=2"]
         );
         h.registry
             .progress("g", &progress("r2", RequestPhase::Done));
         assert_eq!(
             kinds(&h.commit(30)),
             [
-                "load w1 running=3 active=10 queued=0",
-                "load w2 running=0 active=0 queued=0",
+                "load w1 running=3 active=10 queued=0 routed=1",
+                "load w2 running=0 active=0 queued=0 routed=0",
             ]
         );
         // Request ids are per gateway: another gateway's r1 is another request.
@@ -290,7 +291,7 @@ mod tests {
         h.expire(10_001);
         assert_eq!(
             kinds(&h.commit(10_001)),
-            ["load w1 running=0 active=1 queued=16"]
+            ["load w1 running=0 active=1 queued=16 routed=1"]
         );
         assert_eq!(dropped(&h, "expired"), 1);
     }
@@ -311,7 +312,7 @@ mod tests {
         h.registry.gateway_gone("gone");
         assert_eq!(
             kinds(&h.commit(1)).last().map(String::as_str),
-            Some("load w1 running=0 active=1 queued=16")
+            Some("load w1 running=0 active=1 queued=16 routed=1")
         );
         assert_eq!(dropped(&h, "gateway_gone"), 2);
         h.registry.gateway_gone("never-seen");
@@ -341,8 +342,8 @@ mod tests {
         assert_eq!(
             kinds(&h.commit(1)),
             [
-                "load w1 running=0 active=0 queued=0",
-                "load w2 running=0 active=3 queued=48"
+                "load w1 running=0 active=0 queued=0 routed=0",
+                "load w2 running=0 active=3 queued=48 routed=1"
             ]
         );
         assert_eq!(dropped(&h, "resync"), 1);
@@ -360,8 +361,8 @@ mod tests {
         assert_eq!(
             kinds(&h.commit(0)),
             [
-                "load w1 running=0 active=1 queued=0",
-                "load w1 running=0 active=2 queued=0"
+                "load w1 running=0 active=1 queued=0 routed=1",
+                "load w1 running=0 active=2 queued=0 routed=2"
             ]
         );
         assert_eq!(dropped(&h, "full"), 1);
@@ -376,7 +377,7 @@ mod tests {
         h.expire(2501);
         assert_eq!(
             kinds(&h.commit(2501)),
-            ["load w1 running=0 active=10 queued=160", "left w1"]
+            ["load w1 running=0 active=10 queued=160 routed=1", "left w1"]
         );
         assert_eq!(dropped(&h, "worker_left"), 1);
         // Back again, it starts from no predicted load.
@@ -384,7 +385,7 @@ mod tests {
         h.registry.engine_load(engine("w1", 1));
         assert_eq!(
             kinds(&h.commit(3000)),
-            ["joined w1", "load w1 running=1 active=0 queued=0"]
+            ["joined w1", "load w1 running=1 active=0 queued=0 routed=0"]
         );
     }
 }

@@ -133,8 +133,8 @@ pub fn kinds(changes: &[Change]) -> Vec<String> {
             Some(change::Kind::Removed(b)) => format!("removed {} {:?}", b.worker_id, b.hashes),
             Some(change::Kind::Cleared(c)) => format!("cleared {}", c.worker_id),
             Some(change::Kind::Load(l)) => format!(
-                "load {} running={} active={} queued={}",
-                l.worker_id, l.running, l.active_blocks, l.queued_prefill_tokens
+                "load {} running={} active={} queued={} routed={}",
+                l.worker_id, l.running, l.active_blocks, l.queued_prefill_tokens, l.routed_requests
             ),
             Some(change::Kind::Computing(c)) => {
                 format!("computing {} {:?}", c.worker_id, c.strides)
