@@ -842,6 +842,15 @@ mod tests {
         assert_eq!(d.address(), Some("127.0.0.1:10"));
     }
 
+    /// An ORCA report of 48 requests.
+    fn busy_engine() -> OrcaReport {
+        OrcaReport {
+            kv_cache_usage: 0.9,
+            waiting: 40,
+            running: 8,
+        }
+    }
+
     #[test]
     fn an_engines_orca_report_is_no_ranks_load() {
         // A report recorded for the engine's address (routed while only
@@ -857,12 +866,7 @@ mod tests {
             })),
         }]);
         let mut vm = Vm::new();
-        let busy = OrcaReport {
-            kv_cache_usage: 0.9,
-            waiting: 40,
-            running: 8,
-        };
-        vm.local.orca.record("127.0.0.1:20", busy, 900);
+        vm.local.orca.record("127.0.0.1:20", busy_engine(), 900);
         let d = vm.decide(Some(&prompt()), Some(&view));
         assert_eq!(d.target.and_then(|t| t.data_parallel_rank()), Some(1));
     }
@@ -870,12 +874,7 @@ mod tests {
     #[test]
     fn orca_reports_count_as_load() {
         let mut vm = Vm::new();
-        let busy = OrcaReport {
-            kv_cache_usage: 0.9,
-            waiting: 40,
-            running: 8,
-        };
-        vm.local.orca.record("127.0.0.1:11", busy, 900);
+        vm.local.orca.record("127.0.0.1:11", busy_engine(), 900);
         let d = vm.decide(Some(&prompt()), Some(&view()));
         assert_eq!(d.address(), Some("127.0.0.1:10"));
     }
@@ -896,12 +895,7 @@ mod tests {
             })),
         }]);
         let mut vm = Vm::new();
-        let busy = OrcaReport {
-            kv_cache_usage: 0.9,
-            waiting: 40,
-            running: 8,
-        };
-        vm.local.orca.record("127.0.0.1:11", busy, 900);
+        vm.local.orca.record("127.0.0.1:11", busy_engine(), 900);
         let d = vm.decide(Some(&prompt()), Some(&view));
         assert_eq!(d.address(), Some("127.0.0.1:11"));
     }

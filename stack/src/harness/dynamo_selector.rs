@@ -121,19 +121,13 @@ impl DynamoSelector {
                 .and_then(reqwest::blocking::Response::error_for_status)
                 .with_context(|| format!("registering {} with Dynamo's selector", engine.url))?;
         }
-        let ready = format!("{base}/ready");
         let expected = engines.len();
-        readiness::wait_until(
+        readiness::wait_json(
             &mut process,
-            &format!("{expected} schedulable workers at GET {ready}"),
+            &format!("{base}/ready"),
+            &format!("{expected} schedulable workers"),
             READY_TIMEOUT,
-            || {
-                client
-                    .get(&ready)
-                    .send()
-                    .and_then(|r| r.json::<Ready>())
-                    .is_ok_and(|r| r.ready && r.schedulable_workers == expected)
-            },
+            |r: &Ready| r.ready && r.schedulable_workers == expected,
         )?;
         Ok(Self {
             _process: process,

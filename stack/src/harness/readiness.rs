@@ -65,6 +65,26 @@ pub fn tcp_open(addr: &str) -> bool {
         .is_some()
 }
 
+/// Waits until `url` answers JSON that `ready` accepts: for a service that
+/// is up before what it serves is.
+pub fn wait_json<T: serde::de::DeserializeOwned>(
+    process: &mut ManagedProcess,
+    url: &str,
+    what: &str,
+    timeout: Duration,
+    ready: impl Fn(&T) -> bool,
+) -> anyhow::Result<()> {
+    let client = reqwest::blocking::Client::new();
+    wait_until(process, &format!("{what} at GET {url}"), timeout, || {
+        client
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .and_then(|r| r.json::<T>())
+            .is_ok_and(|answer| ready(&answer))
+    })
+}
+
 /// Waits until `url` answers 2xx.
 pub fn wait_http_ok(
     process: &mut ManagedProcess,

@@ -44,21 +44,13 @@ impl SglangRouter {
             .args(["--prometheus-host", "127.0.0.1"])
             .args(["--log-level", "warn"]);
         let mut process = ManagedProcess::spawn(name, command)?;
-        let client = reqwest::blocking::Client::new();
-        let readiness = format!("http://127.0.0.1:{port}/readiness");
         let expected = workers.len();
-        readiness::wait_until(
+        readiness::wait_json(
             &mut process,
-            &format!("{expected} healthy workers at GET {readiness}"),
+            &format!("http://127.0.0.1:{port}/readiness"),
+            &format!("{expected} healthy workers"),
             READY_TIMEOUT,
-            || {
-                client
-                    .get(&readiness)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .and_then(|r| r.json::<Readiness>())
-                    .is_ok_and(|r| r.total_workers == expected && r.healthy_workers == expected)
-            },
+            |r: &Readiness| r.total_workers == expected && r.healthy_workers == expected,
         )?;
         Ok(Self {
             _process: process,
