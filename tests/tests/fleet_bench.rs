@@ -7,6 +7,7 @@
 // (clippy.toml allows that in test functions only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -110,7 +111,7 @@ fn kv_aware_routing_keeps_tenants_cached_where_round_robin_evicts_them() {
         "precise routing should keep tenants cached: {rows:#?}"
     );
 
-    check_per_request_csv(&out.path().join("multi-tenant-requests.csv"), &rows);
+    check_per_request_csv(out.path(), &rows);
 
     let markdown = std::fs::read_to_string(out.path().join("multi-tenant.md")).unwrap();
     for expected in [
@@ -168,27 +169,18 @@ fn sglang_router_routes_the_same_fleet_by_its_own_prefix_tree() {
     assert_eq!((row.requests, row.errors), (48, 0), "{row:?}");
     assert!(row.hit_rate > 0.0, "{row:?}");
 
-    let text = std::fs::read_to_string(out.path().join("multi-tenant-requests.csv")).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let mut workers_of_tenant: std::collections::HashMap<(String, String), Vec<String>> =
-        std::collections::HashMap::new();
-    for line in lines {
-        let fields: Vec<&str> = line.split(',').collect();
+    let mut workers_of_tenant: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for request in request_rows(out.path()) {
         // No kvmesh filter saw the request.
-        assert_eq!(fields[column("routed_cached_blocks")], "", "{line}");
-        let tenant = (
-            fields[column("gateway")].to_owned(),
-            fields[column("first_block")].to_owned(),
-        );
+        assert_eq!(request["routed_cached_blocks"], "", "{request:?}");
+        let tenant = (request["gateway"].clone(), request["first_block"].clone());
         workers_of_tenant
             .entry(tenant)
             .or_default()
-            .push(fields[column("worker")].to_owned());
+            .push(request["worker"].clone());
     }
     // 4 tenants through each of 2 gateways.
-    assert_eq!(workers_of_tenant.len(), 8, "{text}");
+    assert_eq!(workers_of_tenant.len(), 8, "{workers_of_tenant:?}");
     for ((gateway, tenant), workers) in &workers_of_tenant {
         assert!(
             workers.len() > 1 && workers.iter().all(|w| w == &workers[0]),
@@ -225,21 +217,16 @@ fn dynamo_kv_router_routes_the_same_fleet_on_the_engines_events() {
         dynamo.request_hit_rate > round_robin.request_hit_rate + 0.1,
         "Dynamo's router should keep tenants cached: {rows:#?}"
     );
-    let text = std::fs::read_to_string(out.path().join("multi-tenant-requests.csv")).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let mut answered_by = std::collections::HashSet::new();
     let mut by_replica = [0; 2];
-    for line in lines {
-        let fields: Vec<&str> = line.split(',').collect();
-        if fields[column("policy")] != "dynamo-kv" {
+    for request in request_rows(out.path()) {
+        if request["policy"] != "dynamo-kv" {
             continue;
         }
         // No kvmesh filter saw the request.
-        assert_eq!(fields[column("routed_cached_blocks")], "", "{line}");
-        answered_by.insert(fields[column("worker")].to_owned());
-        by_replica[fields[column("gateway")].parse::<usize>().unwrap()] += 1;
+        assert_eq!(request["routed_cached_blocks"], "", "{request:?}");
+        answered_by.insert(request["worker"].clone());
+        by_replica[request["gateway"].parse::<usize>().unwrap()] += 1;
     }
     assert_eq!(
         answered_by.len(),
@@ -315,24 +302,38 @@ fn a_disaggregated_run_reports_its_remote_prefills() {
     // Each tenant's cold first prompt (1,200 tokens) is prefilled remotely.
     assert!(remote >= 4, "{csv}");
 
-    let requests = std::fs::read_to_string(out.path().join("multi-tenant-requests.csv")).unwrap();
-    let mut lines = requests.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let prefill_workers: Vec<&str> = lines
-        .map(|line| line.split(',').nth(column("prefill_worker")).unwrap())
+    let requests = request_rows(out.path());
+    let prefill_workers: Vec<&str> = requests
+        .iter()
+        .map(|request| request["prefill_worker"].as_str())
         .filter(|worker| !worker.is_empty())
         .collect();
-    assert_eq!(prefill_workers.len(), remote, "{requests}");
+    assert_eq!(prefill_workers.len(), remote, "{requests:?}");
     assert!(
         prefill_workers.iter().all(|w| *w == prefill_workers[0]),
         "one prefill worker: {prefill_workers:?}"
     );
-    assert!(prefill_workers[0].starts_with("127.0.0.1:"), "{requests}");
+    assert!(prefill_workers[0].starts_with("127.0.0.1:"), "{requests:?}");
 
     let markdown = std::fs::read_to_string(out.path().join("multi-tenant.md")).unwrap();
     let row = table_row(&markdown, "| policy |", "kvmesh precise + P/D");
     assert!(row.ends_with(&format!("| {remote}/0 |")), "{row}");
+}
+
+/// Every request of `multi-tenant-requests.csv` in `out`, by column name.
+fn request_rows(out: &std::path::Path) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(out.join("multi-tenant-requests.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    lines
+        .map(|line| {
+            header
+                .iter()
+                .map(|h| (*h).to_owned())
+                .zip(line.split(',').map(str::to_owned))
+                .collect()
+        })
+        .collect()
 }
 
 /// The row of `policy` in the first table after `caption`.
@@ -351,39 +352,35 @@ fn table_row<'a>(markdown: &'a str, caption: &str, policy: &str) -> &'a str {
 /// per-request figures add up to each policy's hit rate in the summary.
 /// kvmesh's rows also say what its router saw cached on the chosen worker
 /// and on the one holding the most; plain Envoy's leave them empty.
-fn check_per_request_csv(path: &std::path::Path, rows: &[Row]) {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let mut per_policy: std::collections::HashMap<String, (usize, f64, f64)> =
-        std::collections::HashMap::new();
+fn check_per_request_csv(out: &std::path::Path, rows: &[Row]) {
+    let mut per_policy: HashMap<String, (usize, f64, f64)> = HashMap::new();
     let mut routed_hits = 0;
-    for line in lines {
-        let fields: Vec<&str> = line.split(',').collect();
-        let worker = fields[column("worker")];
-        assert!(worker.starts_with("worker-"), "{line}");
-        assert!(["0", "1"].contains(&fields[column("gateway")]), "{line}");
+    for request in request_rows(out) {
+        assert!(request["worker"].starts_with("worker-"), "{request:?}");
         assert!(
-            fields[column("ttft_ms")].parse::<f64>().unwrap() > 0.0,
-            "{line}"
+            ["0", "1"].contains(&request["gateway"].as_str()),
+            "{request:?}"
         );
-        let policy = fields[column("policy")];
-        let routed = fields[column("routed_cached_blocks")];
-        let most = fields[column("most_cached_blocks")];
+        assert!(
+            request["ttft_ms"].parse::<f64>().unwrap() > 0.0,
+            "{request:?}"
+        );
+        let policy = request["policy"].as_str();
+        let routed = request["routed_cached_blocks"].as_str();
+        let most = request["most_cached_blocks"].as_str();
         if policy == "round-robin" {
-            assert_eq!((routed, most), ("", ""), "{line}");
+            assert_eq!((routed, most), ("", ""), "{request:?}");
         } else {
             let (routed, most): (u64, u64) = (routed.parse().unwrap(), most.parse().unwrap());
-            assert!(routed <= most, "{line}");
+            assert!(routed <= most, "{request:?}");
             if most > 0 {
                 routed_hits += 1;
             }
         }
         let entry = per_policy.entry(policy.to_owned()).or_default();
         entry.0 += 1;
-        entry.1 += fields[column("cached_tokens")].parse::<f64>().unwrap();
-        entry.2 += fields[column("prompt_tokens")].parse::<f64>().unwrap();
+        entry.1 += request["cached_tokens"].parse::<f64>().unwrap();
+        entry.2 += request["prompt_tokens"].parse::<f64>().unwrap();
     }
     // Tenants repeat their system prompts: the router saw most of them.
     assert!(routed_hits > 0, "precise saw no prefix cached anywhere");

@@ -28,6 +28,14 @@ pub struct OrcaReport {
     pub running: u32,
 }
 
+/// What gateways routed to a worker and have not seen end: its load, and
+/// how many requests that is.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Routed {
+    pub load: WorkerLoad,
+    pub requests: u32,
+}
+
 /// The latest report of each worker this VM heard from.
 #[derive(Debug)]
 pub struct OrcaLoads {
@@ -58,16 +66,15 @@ impl OrcaLoads {
         self.mean_prompt_tokens += (tokens as f64 - self.mean_prompt_tokens) / 16.0;
     }
 
-    /// The worker's load by its latest report, if fresh: `known`, the load
-    /// of the `known_requests` gateways routed to it, plus the reported
-    /// requests beyond those at the mean prompt size, waiting ones first.
+    /// The worker's load by its latest report, if fresh: the load of the
+    /// requests gateways `routed` to it, plus the reported requests beyond
+    /// those at the mean prompt size, waiting ones first.
     pub fn load(
         &self,
         address: &str,
         block_size: u32,
         now_ms: u64,
-        known: WorkerLoad,
-        known_requests: u32,
+        routed: Routed,
     ) -> Option<WorkerLoad> {
         let (report, at) = self.by_address.get(address)?;
         if now_ms.saturating_sub(*at) > FRESH_MS {
@@ -76,16 +83,18 @@ impl OrcaLoads {
         let others = report
             .waiting
             .saturating_add(report.running)
-            .saturating_sub(known_requests);
+            .saturating_sub(routed.requests);
         let waiting = others.min(report.waiting);
         let running = others - waiting;
         let prompt_tokens = self.mean_prompt_tokens.max(0.0);
         let prompt_blocks = prompt_tokens / f64::from(block_size.max(1));
         Some(WorkerLoad {
-            active_blocks: known
+            active_blocks: routed
+                .load
                 .active_blocks
                 .saturating_add((f64::from(running) * prompt_blocks) as u64),
-            queued_prefill_tokens: known
+            queued_prefill_tokens: routed
+                .load
                 .queued_prefill_tokens
                 .saturating_add((f64::from(waiting) * prompt_tokens) as u64),
         })
@@ -120,12 +129,12 @@ mod tests {
             running: 3,
         };
         loads.record("a", report, 1_000);
-        let none = WorkerLoad::default();
-        let load = loads.load("a", 16, 1_500, none, 0).unwrap();
+        let none = Routed::default();
+        let load = loads.load("a", 16, 1_500, none).unwrap();
         assert_eq!(load.queued_prefill_tokens, 320);
         assert_eq!(load.active_blocks, 30);
-        assert!(loads.load("a", 16, 3_001, none, 0).is_none());
-        assert!(loads.load("b", 16, 1_500, none, 0).is_none());
+        assert!(loads.load("a", 16, 3_001, none).is_none());
+        assert!(loads.load("b", 16, 1_500, none).is_none());
     }
 
     /// A report of the requests gateways routed adds nothing to what the
@@ -148,13 +157,17 @@ mod tests {
             active_blocks: 40,
             queued_prefill_tokens: 200,
         };
-        assert_eq!(loads.load("a", 16, 1_000, known, 3), Some(known));
-        let load = loads.load("a", 16, 1_000, known, 1).unwrap();
+        let routed = |requests| Routed {
+            load: known,
+            requests,
+        };
+        assert_eq!(loads.load("a", 16, 1_000, routed(3)), Some(known));
+        let load = loads.load("a", 16, 1_000, routed(1)).unwrap();
         let mean = loads.mean_prompt_tokens;
         assert!(mean > 11_000.0, "{mean}");
         assert_eq!(load.queued_prefill_tokens, 200 + (2.0 * mean) as u64);
         assert_eq!(load.active_blocks, 40);
-        let load = loads.load("a", 16, 1_000, known, 0).unwrap();
+        let load = loads.load("a", 16, 1_000, routed(0)).unwrap();
         assert_eq!(load.active_blocks, 40 + (mean / 16.0) as u64);
     }
 

@@ -9,7 +9,7 @@ use crate::routing::computing::{Computing, Strides};
 use crate::routing::disagg::{PrefillRouting, PrefillWork};
 use crate::routing::inflight::InFlight;
 use crate::routing::learned::LearnedTable;
-use crate::routing::load::{merged, OrcaLoads};
+use crate::routing::load::{merged, OrcaLoads, Routed};
 use crate::routing::prefix_keys::PrefixKeys;
 use crate::routing::score::{KvCost, PrefillCost, Scorer};
 use crate::routing::select::{select, Candidate, CostWeights, PromptShape, Selection, WorkerLoad};
@@ -441,7 +441,7 @@ fn approximate(
     } = local;
     let reachable = |address: &str| !unreachable.is_down(address, signals.now_ms);
     // (target, worker id, load the fleet state reports)
-    let workers: Vec<(&Target, Option<&str>, Reported)> = match membership {
+    let workers: Vec<(&Target, Option<&str>, Routed)> = match membership {
         Membership::Fleet {
             view,
             reported_load,
@@ -452,7 +452,7 @@ fn approximate(
                 let load = if reported_load {
                     reported(&w.load)
                 } else {
-                    Reported::default()
+                    Routed::default()
                 };
                 (&w.target, Some(w.worker_id.as_str()), load)
             })
@@ -461,7 +461,7 @@ fn approximate(
             .endpoints()
             .iter()
             .filter(|e| pool.admits_endpoint(e) && reachable(e.address()))
-            .map(|e| (e, None, Reported::default()))
+            .map(|e| (e, None, Routed::default()))
             .collect(),
     };
     let mut matched = vec![0u32; workers.len()];
@@ -519,34 +519,28 @@ fn current_load(
     orca: &OrcaLoads,
     signals: Signals<'_>,
     target: &Target,
-    reported: Reported,
+    reported: Routed,
 ) -> WorkerLoad {
-    let known = merged([reported.load, inflight.load(target.key())]);
-    let known_requests = reported.requests.max(inflight.requests(target.key()));
+    let known = Routed {
+        load: merged([reported.load, inflight.load(target.key())]),
+        requests: reported.requests.max(inflight.requests(target.key())),
+    };
     let orca = match target.data_parallel_rank() {
         None => orca.load(
             target.address(),
             model.block_size.get(),
             signals.now_ms,
             known,
-            known_requests,
         ),
         Some(_) => None,
     }
     .unwrap_or_default();
-    merged([known, orca])
+    merged([known.load, orca])
 }
 
-/// What the fleet state says of the requests gateways routed to a worker.
-#[derive(Debug, Clone, Copy, Default)]
-struct Reported {
-    load: WorkerLoad,
-    requests: u32,
-}
-
-/// The part of a worker's load report the cost function uses.
-fn reported(load: &LoadReport) -> Reported {
-    Reported {
+/// What a worker's load report says of the requests gateways routed to it.
+fn reported(load: &LoadReport) -> Routed {
+    Routed {
         load: WorkerLoad {
             active_blocks: load.active_blocks,
             queued_prefill_tokens: load.queued_prefill_tokens,

@@ -18,7 +18,6 @@ use kvmesh_stack::fleet_bench::scale::{LoadScale, SIZED_FOR_WORKERS};
 use kvmesh_stack::fleet_bench::summary::Summary;
 use kvmesh_stack::fleet_bench::workload::{MultiTenant, MultiTurn, Workload};
 use kvmesh_stack::harness::fleet::SimHosting;
-use kvmesh_stack::harness::paths;
 use kvmesh_stack::harness::stack::WorkerEngine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -106,11 +105,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("kvmesh-bench: skipping the mooncake workload (no trace): {TRACE_HINT}");
     }
     let command = reported_command(std::env::args().skip(1));
-    let blocker = PromptBlocker::new(
-        &args.fleet.model,
-        &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
-        args.fleet.engine.block_size(),
-    )?;
+    let blocker = PromptBlocker::new(&args.fleet.model, args.fleet.engine.block_size())?;
     let factor = args.scale.factor(args.fleet.workers);
     for kind in &selection.workloads {
         let mut workload = match kind {

@@ -1,4 +1,5 @@
-//! Prompts as the engines block them, for the hit-rate bound.
+//! Prompts as the engines tokenize and block them, for the hit-rate bound
+//! and for the routers that take token ids.
 
 use std::collections::HashMap;
 
@@ -9,6 +10,21 @@ use crate::fleet_bench::bound::{BlockedPrompt, Held};
 use crate::fleet_bench::run::PolicyRun;
 use crate::fleet_bench::workload::Prompt;
 use crate::harness::load::Streamed;
+use crate::harness::paths;
+
+/// The tokenizer and chat template the benchmark's engines serve `model`
+/// with (the Qwen3 test tokenizer from `scripts/setup`).
+pub fn engine_tokenizer(model: &str, block_size: u32) -> anyhow::Result<ModelTokenizer> {
+    let tokenizer_json = paths::qwen3_tokenizer_dir()?.join("tokenizer.json");
+    ModelTokenizer::load(
+        model,
+        &tokenizer_json,
+        None,
+        block_size,
+        CacheLimits::default(),
+    )
+    .with_context(|| format!("loading {}", tokenizer_json.display()))
+}
 
 /// Token ids and chat messages to block hashes, with the engines'
 /// tokenizer, chat template and block size.
@@ -17,20 +33,10 @@ pub struct PromptBlocker {
 }
 
 impl PromptBlocker {
-    pub fn new(
-        model: &str,
-        tokenizer_json: &std::path::Path,
-        block_size: u32,
-    ) -> anyhow::Result<Self> {
-        let tokenizer = ModelTokenizer::load(
-            model,
-            tokenizer_json,
-            None,
-            block_size,
-            CacheLimits::default(),
-        )
-        .with_context(|| format!("loading {}", tokenizer_json.display()))?;
-        Ok(Self { tokenizer })
+    pub fn new(model: &str, block_size: u32) -> anyhow::Result<Self> {
+        Ok(Self {
+            tokenizer: engine_tokenizer(model, block_size)?,
+        })
     }
 
     pub fn block_size(&self) -> usize {

@@ -13,16 +13,15 @@ use serde_json::json;
 use crate::fleet_bench::cpu::{CpuShare, CpuTimes};
 use crate::fleet_bench::dynamo::DynamoRouting;
 use crate::fleet_bench::policy::Policy;
+use crate::fleet_bench::prompts::engine_tokenizer;
 use crate::fleet_bench::workload::{Conversation, Prompt, Workload};
 use crate::harness::client::prometheus_sum;
 use crate::harness::dynamo_selector::DynamoSelector;
 use crate::harness::fleet::SimHosting;
 use crate::harness::load::{stream_timed, Streamed};
-use crate::harness::paths;
 use crate::harness::sglang_router::SglangRouter;
 use crate::harness::stack::{Stack, StackOptions, WorkerEngine};
 use crate::harness::{Envoy, GatewayConfig};
-use kv_sidecar::tokenize::{CacheLimits, ModelTokenizer};
 use kvmesh_config::{DisaggregationPolicy, EngineKind};
 
 /// Longest a single request may take, real time.
@@ -357,14 +356,7 @@ fn routing(policy: Policy, fleet: &FleetParams, stack: &Stack) -> anyhow::Result
         usize::from(fleet.gateways),
         fleet.dynamo_overlap_score_weight,
     )?;
-    let tokenizer = ModelTokenizer::load(
-        &fleet.model,
-        &paths::qwen3_tokenizer_dir()?.join("tokenizer.json"),
-        None,
-        fleet.engine.block_size(),
-        CacheLimits::default(),
-    )
-    .context("loading the engines' tokenizer")?;
+    let tokenizer = engine_tokenizer(&fleet.model, fleet.engine.block_size())?;
     Ok(Routing::Dynamo {
         client: DynamoRouting::new(
             selectors.iter().map(DynamoSelector::url).collect(),

@@ -12,22 +12,11 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::harness::stack::EventSource;
 use crate::harness::{free_port, paths, readiness, ManagedProcess};
 
 /// Loading the runtime's native module takes a few seconds on a busy machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// An engine as the selector indexes it.
-#[derive(Debug, Clone)]
-pub struct EventSource {
-    /// Base URL requests go to.
-    pub url: String,
-    /// The engine's ZMQ PUB socket of KV event batches.
-    pub publish: String,
-    /// Its ZMQ ROUTER socket replaying missed batches.
-    pub replay: String,
-    pub block_size: u32,
-}
 
 pub struct DynamoSelector {
     _process: ManagedProcess,
@@ -56,21 +45,22 @@ impl DynamoSelector {
         let sync_ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
         (0..replicas)
             .map(|i| {
-                let peers: Vec<String> = sync_ports
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != i)
-                    .map(|(_, port)| format!("tcp://127.0.0.1:{port}"))
-                    .collect();
-                let mut sync = Vec::new();
-                if replicas > 1 {
-                    sync = vec![
+                let sync = if replicas > 1 {
+                    let peers: Vec<String> = sync_ports
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, _)| j != i)
+                        .map(|(_, port)| format!("tcp://127.0.0.1:{port}"))
+                        .collect();
+                    vec![
                         "--replica-sync-port".to_owned(),
                         sync_ports[i].to_string(),
                         "--replica-sync-peers".to_owned(),
                         peers.join(","),
-                    ];
-                }
+                    ]
+                } else {
+                    Vec::new()
+                };
                 let name = format!("dynamo-selector-{i}");
                 Self::start(&name, model, engines, &sync, overlap_score_weight)
             })
@@ -111,8 +101,8 @@ impl DynamoSelector {
                 "model_name": model,
                 "endpoint": engine.url,
                 "block_size": engine.block_size,
-                "kv_events_endpoints": {"0": engine.publish},
-                "replay_endpoint": engine.replay,
+                "kv_events_endpoints": {"0": engine.events.publish},
+                "replay_endpoint": engine.events.replay,
             });
             client
                 .post(format!("{base}/workers"))

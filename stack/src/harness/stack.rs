@@ -13,12 +13,11 @@ use kvmesh_config::{
     DisaggregationPolicy, DisaggregationSpec, EngineKind, NoLocalFields, Role, WithLocal,
 };
 
-use crate::harness::dynamo_selector::EventSource;
 use crate::harness::envoy::Disaggregation;
 use crate::harness::fleet::{KvWorker, SimFleet, SimHosting, DEFAULT_LOAD_INTERVAL};
 use crate::harness::gateway::{wait_for_fleet_state, Gateway};
 use crate::harness::sidecar::{Sidecar, SidecarModel};
-use crate::harness::sim::SimEngineOptions;
+use crate::harness::sim::{KvEventEndpoints, SimEngineOptions};
 use crate::harness::vllm::{VllmEngine, VllmOptions, VllmWorker};
 use crate::harness::{free_port, paths, Envoy, GatewayConfig, ModelRoute, NatsServer};
 
@@ -145,6 +144,16 @@ impl StackOptions {
             WorkerEngine::Vllm => Self::vllm(model, workers),
         }
     }
+}
+
+/// An engine as a router that indexes engines' KV events itself sees it.
+#[derive(Debug, Clone)]
+pub struct EventSource {
+    /// Base URL requests go to.
+    pub url: String,
+    /// The sockets its relay reads.
+    pub events: KvEventEndpoints,
+    pub block_size: u32,
 }
 
 /// Fields drop in order: the Envoys first, so no request reaches a dead
@@ -346,8 +355,10 @@ impl Stack {
                 };
                 Ok(EventSource {
                     url: format!("http://{}", options.address),
-                    publish: socket(&options.zmq_endpoint)?,
-                    replay: socket(&options.zmq_replay_endpoint)?,
+                    events: KvEventEndpoints {
+                        publish: socket(&options.zmq_endpoint)?,
+                        replay: socket(&options.zmq_replay_endpoint)?,
+                    },
                     block_size: options.block_size,
                 })
             })
